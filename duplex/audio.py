@@ -1,0 +1,109 @@
+"""PCM conversion, validation, streaming resampling and audio files.
+
+The pipeline's internal format is float32 mono in [-1, 1]: 16 kHz on the input side, the TTS model's
+rate on the output side. :func:`to_mono_float` is the one place user audio is checked and converted;
+:class:`StreamResampler` is the one streaming resampler (soxr, stateful across blocks, so block
+boundaries add no clicks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from duplex.errors import AudioFormatError
+
+
+def to_mono_float(pcm: np.ndarray, sample_rate: int, *, channels_last: bool = True) -> np.ndarray:
+    """Validate ``pcm`` and convert it to float32 mono in [-1, 1].
+
+    Accepts int16 (full scale 32768), int32 (full scale 2**31), float32/float64 in [-1, 1]; shapes
+    ``[T]`` or ``[T, C]`` (``[C, T]`` with ``channels_last=False``); channels are averaged. NaN and
+    infinite values are replaced by 0 (a broken microphone must not poison model state); float input
+    beyond [-1, 1] is clipped.
+    """
+    if not isinstance(pcm, np.ndarray):
+        pcm = np.asarray(pcm)
+    if not isinstance(sample_rate, (int, np.integer)) or isinstance(sample_rate, bool) or sample_rate <= 0:
+        raise AudioFormatError(f"sample_rate must be a positive integer in Hz, got {sample_rate!r}")
+    if pcm.ndim == 2 and not channels_last:
+        pcm = pcm.T
+    if pcm.ndim == 2 and pcm.shape[1] > 8 and pcm.shape[0] <= 8:
+        raise AudioFormatError(f"audio of shape {pcm.shape} looks channels-first; pass [samples, channels] "
+                               "(or channels_last=False)")
+    if pcm.ndim not in (1, 2):
+        raise AudioFormatError(f"audio must be 1-D [samples] or 2-D [samples, channels], got shape {pcm.shape}")
+    if pcm.dtype == np.int16:
+        out = pcm.astype(np.float32) / 32768.0
+    elif pcm.dtype == np.int32:
+        out = (pcm / 2147483648.0).astype(np.float32)
+    elif pcm.dtype == np.uint8:
+        out = (pcm.astype(np.float32) - 128.0) / 128.0
+    elif pcm.dtype.kind == "f":
+        out = pcm.astype(np.float32, copy=True)
+        out[~np.isfinite(out)] = 0.0
+        np.clip(out, -1.0, 1.0, out=out)
+    else:
+        raise AudioFormatError(f"unsupported sample type {pcm.dtype}; use int16, int32 or float32 in [-1, 1]")
+    if out.ndim == 2:
+        out = out.mean(axis=1, dtype=np.float32)
+    return out
+
+
+def to_int16(pcm: np.ndarray) -> np.ndarray:
+    """float32 in [-1, 1] to int16 (clipped)."""
+    return (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype(np.int16)
+
+
+class StreamResampler:
+    """Stateful streaming resampler for float32 mono blocks (soxr's stream API)."""
+
+    def __init__(self, in_rate: int, out_rate: int, quality: str = "HQ") -> None:
+        self.in_rate, self.out_rate = in_rate, out_rate
+        self._soxr = None
+        if in_rate != out_rate:
+            import soxr
+
+            self._soxr = soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality=quality)
+
+    def __call__(self, pcm: np.ndarray, last: bool = False) -> np.ndarray:
+        if self._soxr is None:
+            return pcm.astype(np.float32, copy=False)
+        return self._soxr.resample_chunk(pcm.astype(np.float32, copy=False), last=last)
+
+
+def resample(pcm: np.ndarray, in_rate: int, out_rate: int) -> np.ndarray:
+    """Resample a whole signal (offline)."""
+    if in_rate == out_rate:
+        return pcm.astype(np.float32, copy=False)
+    import soxr
+
+    return soxr.resample(pcm.astype(np.float32, copy=False), in_rate, out_rate, quality="HQ").astype(np.float32)
+
+
+def read_audio(path: str | Path, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
+    """Read an audio file as float32 mono, optionally resampled. Clear errors for missing/bad files."""
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.is_file():
+        raise AudioFormatError(f"audio file not found: {path}")
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as exc:  # soundfile raises its own LibsndfileError
+        raise AudioFormatError(f"cannot read {path} as audio ({exc}); use WAV, FLAC or OGG") from exc
+    if data.shape[0] == 0:
+        raise AudioFormatError(f"{path} holds no audio samples")
+    mono = to_mono_float(data, rate)
+    if sample_rate is not None and sample_rate != rate:
+        mono, rate = resample(mono, rate, sample_rate), sample_rate
+    return mono, rate
+
+
+def write_wav(path: str | Path, pcm: np.ndarray, sample_rate: int) -> None:
+    """Write float32 mono as 16-bit PCM WAV."""
+    import soundfile as sf
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), to_int16(pcm), sample_rate, subtype="PCM_16")

@@ -1,0 +1,61 @@
+"""``duplex bench``: run the benchmarks of each stage and of the whole pipeline.
+
+Each benchmark is a ``run(args) -> dict`` function in the package it measures; it prints its own table
+as it goes and returns its figures, which are written to ``<out>/<name>.json`` with the machine they
+were measured on. Speed lives here, never in test assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+BENCHES: dict[str, str] = {
+    "asr": "duplex.asr.bench:run",
+    "llm": "duplex.llm.bench:run",
+    "tts": "duplex.tts.bench:run",
+    "e2e": "duplex.e2e:run",
+}
+
+
+def machine() -> dict[str, object]:
+    """What the figures were measured on."""
+    import os
+
+    import torch
+
+    info: dict[str, object] = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main(args: argparse.Namespace) -> int:
+    names = list(BENCHES) if args.what == "all" else [args.what]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    print(f"# duplex bench {args.what}: profile={args.profile} device={args.device or 'auto'} {info}")
+    for name in names:
+        module_name, func = BENCHES[name].split(":")
+        run = getattr(importlib.import_module(module_name), func)
+        print(f"\n## {name}")
+        t0 = time.perf_counter()
+        figures = run(args)
+        elapsed = time.perf_counter() - t0
+        path = out / f"{name}.json"
+        path.write_text(json.dumps({"machine": info, "profile": args.profile, "seconds": round(elapsed, 1),
+                                    "figures": figures}, indent=2, default=str))
+        print(f"(wrote {path}; {elapsed:.0f} s)")
+    return 0

@@ -1,0 +1,131 @@
+"""The ``duplex`` command line.
+
+Every subcommand's options are declared here (argparse only, so ``duplex --help`` is instant); each
+runs a ``main(args)`` function imported lazily from the package that owns the work. Errors a user can
+fix (bad audio, bad config, a missing model) print one clear line and exit 2, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from duplex.config import PROFILES
+
+COMMANDS: dict[str, str] = {
+    "simulate": "duplex.simulate:main",
+    "serve": "duplex.transport.cli:serve_main",
+    "mic": "duplex.transport.cli:mic_main",
+    "transcribe": "duplex.asr.cli:transcribe_main",
+    "say": "duplex.tts.cli:say_main",
+    "bench": "duplex.bench:main",
+    "models": "duplex.models:main",
+}
+
+BENCHMARKS = ("asr", "llm", "tts", "e2e", "all")
+
+
+def add_agent_options(p: argparse.ArgumentParser, default_profile: str = "pretrained") -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--profile", choices=PROFILES, default=default_profile,
+                   help=f"which models fill the stages (default: {default_profile}): pretrained = real "
+                        "checkpoints; tiny = real architectures, tiny random weights; random = full-size, "
+                        "random weights; fake = scripted stages for testing the plumbing")
+    g.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    g.add_argument("--asr-model", default=None, help="ASR checkpoint: a .nemo file or a hub name")
+    g.add_argument("--asr-latency", default="[70,6]",
+                   help="cache-aware attention context [left,right]: [70,0] [70,1] [70,6] [70,13] "
+                        "= 80/160/560/1120 ms chunks (default [70,6])")
+    g.add_argument("--llm-model", default=None, help="LLM checkpoint: a directory or a hub name")
+    g.add_argument("--llm-window", type=int, default=2048, help="attention-sink KV cache size in tokens")
+    g.add_argument("--tts-model", default=None, help="TTS checkpoint: a directory or a hub name")
+    g.add_argument("--voice", default=None, help="reference clip (WAV, 2-20 s) that sets the agent's voice")
+    g.add_argument("--voice-text", default=None, help="transcript of the --voice clip")
+    g.add_argument("--system-prompt", default=None, help="the agent's instructions")
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`~duplex.config.AgentConfig` the agent options describe (validated)."""
+    from duplex.config import AgentConfig
+
+    cfg = AgentConfig(profile=args.profile, device=args.device, asr_model=args.asr_model,
+                      asr_latency=args.asr_latency, llm_model=args.llm_model, llm_window=args.llm_window,
+                      tts_model=args.tts_model, voice=args.voice, voice_text=args.voice_text, seed=args.seed)
+    if args.system_prompt:
+        cfg.system_prompt = args.system_prompt
+    return cfg.validate()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="duplex", description="A full-duplex speech agent.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and model loading")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("simulate", help="run a whole conversation from an audio file as if spoken live")
+    p.add_argument("input", help="the user's side of the conversation (WAV/FLAC, any rate)")
+    p.add_argument("--out", required=True, help="folder for agent.wav, timeline.jsonl, conversation.json")
+    p.add_argument("--realtime", action="store_true",
+                   help="run on the wall clock (default: virtual clock, as fast as the models compute)")
+    p.add_argument("--tail", type=float, default=4.0, help="seconds of silence fed after the file ends")
+    add_agent_options(p)
+
+    p = sub.add_parser("serve", help="WebRTC server with a browser client")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--max-sessions", type=int, default=4, help="concurrent sessions; more get HTTP 503")
+    add_agent_options(p)
+
+    p = sub.add_parser("mic", help="talk to the agent at this machine's microphone and speaker")
+    p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
+    p.add_argument("--input-device", default=None, help="microphone (index or name)")
+    p.add_argument("--output-device", default=None, help="speaker (index or name)")
+    p.add_argument("--record", default=None, help="folder to save the session's timeline and conversation")
+    add_agent_options(p)
+
+    p = sub.add_parser("transcribe", help="stream an audio file through the live ASR path")
+    p.add_argument("input", help="audio file")
+    p.add_argument("--latency", default=None, help="attention context, e.g. [70,1]; overrides --asr-latency")
+    p.add_argument("--packet-ms", type=int, default=20, help="size of the audio packets fed (10-20 ms)")
+    add_agent_options(p)
+
+    p = sub.add_parser("say", help="speak text through the streaming TTS path into a WAV file")
+    p.add_argument("text", help="what to say")
+    p.add_argument("--out", required=True, help="output WAV file")
+    add_agent_options(p)
+
+    p = sub.add_parser("bench", help="benchmarks that print figures (speed is measured here, not in tests)")
+    p.add_argument("what", choices=BENCHMARKS, help="which stage, e2e, or all")
+    p.add_argument("--out", default="artifacts/bench", help="folder for JSON results and plots")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and settings (a smoke run)")
+    add_agent_options(p, default_profile="random")
+
+    p = sub.add_parser("models", help="fetch or list the pretrained models")
+    p.add_argument("action", choices=("pull", "list"))
+    add_agent_options(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from duplex.errors import UserError
+
+    module_name, func = COMMANDS[args.command].split(":")
+    try:
+        run = getattr(importlib.import_module(module_name), func)
+        return int(run(args) or 0)
+    except UserError as exc:
+        print(f"duplex {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"duplex {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

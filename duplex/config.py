@@ -1,0 +1,114 @@
+"""Agent configuration: one dataclass, validated once, with clear errors for bad values."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from duplex.errors import ConfigError
+
+Profile = Literal["pretrained", "tiny", "random", "fake"]
+PROFILES: tuple[str, ...] = ("pretrained", "tiny", "random", "fake")
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a friendly voice assistant in a spoken conversation. Answer briefly, in one to three short "
+    "sentences of plain spoken English. Never use lists, markdown, emoji or symbols that cannot be "
+    "read aloud. If the user interrupts you, stop and listen."
+)
+
+
+@dataclass
+class TurnConfig:
+    """Turn-taking and barge-in timing (seconds)."""
+
+    # Silence after speech before the turn ends, when the ASR or the LLM says the message is complete ...
+    min_silence_s: float = 0.3
+    # ... and when neither does (the user may just be pausing).
+    max_silence_s: float = 1.0
+    # The LLM's end-of-turn probability at or above which the message counts as complete.
+    eot_threshold: float = 0.5
+    # A barge-in with no recognised words this long after the user's speech stopped is a false alarm
+    # (cough, noise): the agent resumes where it paused.
+    false_interruption_s: float = 0.6
+    # Whether to ask the LLM if words said over the agent are a backchannel to talk over.
+    backchannels: bool = True
+
+    def validate(self) -> None:
+        for name in ("min_silence_s", "max_silence_s", "false_interruption_s"):
+            value = getattr(self, name)
+            if not (0.0 <= value <= 10.0):
+                raise ConfigError(f"turn.{name} must be between 0 and 10 seconds, got {value}")
+        if self.min_silence_s > self.max_silence_s:
+            raise ConfigError(f"turn.min_silence_s ({self.min_silence_s}) must not exceed "
+                              f"turn.max_silence_s ({self.max_silence_s})")
+        if not (0.0 < self.eot_threshold <= 1.0):
+            raise ConfigError(f"turn.eot_threshold must be in (0, 1], got {self.eot_threshold}")
+
+
+@dataclass
+class AgentConfig:
+    """Everything an :class:`~duplex.agent.Agent` needs to load its models and run sessions.
+
+    ``asr_model``, ``llm_model`` and ``tts_model`` override the profile's checkpoint (a local path or a
+    Hugging Face hub name) for the ``pretrained`` profile, or the architecture name for ``random``.
+    """
+
+    profile: Profile = "pretrained"
+    device: str | None = None  # None: cuda if available, else cpu
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    asr_model: str | None = None
+    asr_latency: str = "[70,6]"  # cache-aware attention context [left, right]; see duplex.asr
+    llm_model: str | None = None
+    llm_window: int = 2048  # attention-sink cache size in tokens (sink + rolling window)
+    max_reply_tokens: int = 160
+    temperature: float = 0.7
+    tts_model: str | None = None
+    tts_chunk_frames: int = 2  # codec frames per decode call
+    voice: str | None = None  # path of a short reference clip that sets the agent's voice
+    voice_text: str | None = None  # its transcript
+    seed: int = 0
+    turn: TurnConfig = field(default_factory=TurnConfig)
+    fake: dict[str, object] = field(default_factory=dict)  # options of the fake stages (profile "fake")
+
+    def resolved_device(self) -> str:
+        if self.device:
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def validate(self) -> AgentConfig:
+        if self.profile not in PROFILES:
+            raise ConfigError(f"unknown profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
+        if self.device is not None and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.device is not None and self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device {self.device!r} asked for, but no CUDA GPU is available; "
+                                  "use --device cpu")
+        if self.llm_window < 64:
+            raise ConfigError(f"llm_window must be at least 64 tokens, got {self.llm_window}")
+        if not (1 <= self.max_reply_tokens <= 4096):
+            raise ConfigError(f"max_reply_tokens must be in 1..4096, got {self.max_reply_tokens}")
+        if not (0.0 <= self.temperature <= 2.0):
+            raise ConfigError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not (1 <= self.tts_chunk_frames <= 50):
+            raise ConfigError(f"tts_chunk_frames must be in 1..50, got {self.tts_chunk_frames}")
+        if (self.voice is None) != (self.voice_text is None):
+            raise ConfigError("a voice prompt needs both the clip (voice) and its transcript (voice_text)")
+        if self.voice is not None and not Path(self.voice).is_file():
+            raise ConfigError(f"voice clip not found: {self.voice}")
+        self.turn.validate()
+        return self
+
+
+def cache_dir() -> Path:
+    """Where duplex keeps what it builds (tiny models): $DUPLEX_CACHE, else ~/.cache/duplex."""
+    root = os.environ.get("DUPLEX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "duplex")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,55 @@
+"""Model profiles: which implementation fills each stage.
+
+- ``pretrained``: real checkpoints (the default for real use);
+- ``tiny``: the real architectures with tiny random weights, built once and cached (any machine);
+- ``random``: full-size architectures with random weights (speed measurements);
+- ``fake``: scripted ASR/LLM/TTS (:mod:`duplex.fakes`) with the real VAD, for orchestration tests.
+
+Each stage package exposes one builder, ``build_<role>(config, device) -> model``, that handles the
+real profiles; this table names them so nothing heavy is imported until a profile is built.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from duplex.config import AgentConfig
+from duplex.errors import ConfigError
+from duplex.stages import Stages
+
+log = logging.getLogger(__name__)
+
+BUILDERS: dict[str, str] = {
+    "vad": "duplex.asr.vad:build_vad",
+    "asr": "duplex.asr.profiles:build_asr",
+    "llm": "duplex.llm.profiles:build_llm",
+    "tts": "duplex.tts.profiles:build_tts",
+}
+
+
+def _builder(role: str):
+    module_name, func = BUILDERS[role].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"the {role} stage needs a package that is not installed ({exc.name}); "
+                          f"install duplex with its extras: pip install -e '.[asr,mic,test]'") from exc
+    return getattr(module, func)
+
+
+def build_stage(role: str, config: AgentConfig, device: str):
+    """Build one stage's model for ``config.profile`` (blocking: call it off the event loop)."""
+    if config.profile == "fake" and role != "vad":
+        from duplex import fakes
+
+        return fakes.build(role, config)
+    log.info("loading %s (%s profile) on %s", role, config.profile, device)
+    return _builder(role)(config, device)
+
+
+def build_stages(config: AgentConfig) -> Stages:
+    """Build all four stages (blocking)."""
+    config.validate()
+    device = config.resolved_device()
+    return Stages(**{role: build_stage(role, config, device) for role in ("vad", "asr", "llm", "tts")})
