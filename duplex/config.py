@@ -24,9 +24,9 @@ class TurnConfig:
     """Turn-taking and barge-in timing (seconds)."""
 
     # Silence after speech before the turn ends, when the ASR or the LLM says the message is complete ...
-    min_silence_s: float = 0.3
+    min_silence_s: float = 0.4
     # ... and when neither does (the user may just be pausing).
-    max_silence_s: float = 1.0
+    max_silence_s: float = 1.5
     # The LLM's end-of-turn probability at or above which the message counts as complete.
     eot_threshold: float = 0.5
     # A barge-in with no recognised words this long after the user's speech stopped is a false alarm

@@ -85,11 +85,13 @@ class TranscriptPartial(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class TranscriptFinal(Event):
-    """ASR: the utterance is complete (end-of-utterance token or silence)."""
+    """ASR: the utterance is complete. ``eou`` is True when the model itself detected its end (an
+    end-of-utterance token), False when it was closed because the VAD heard silence."""
 
     type: ClassVar[str] = "transcript.final"
     text: str
     words: tuple[Word, ...] = ()
+    eou: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -232,6 +234,6 @@ def to_json(event: Event) -> dict[str, Any]:
         value = getattr(event, f.name)
         if f.name == "words":
             value = [dataclasses.asdict(w) for w in value]
-        out[f.name] = value
+        out[f.name] = round(value, 4) if isinstance(value, float) else value
     out["stream_s"] = round(event.stream_s, 4)
     return out

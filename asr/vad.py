@@ -1,0 +1,158 @@
+"""Streaming voice activity detection on Silero VAD, batched across sessions.
+
+Silero VAD scores 512-sample windows (32 ms at 16 kHz), each prefixed by the last 64 samples of the
+previous window, with a recurrent state. We call its inner network with that state passed explicitly,
+so one loaded network serves every session: a :class:`~duplex.worker.BatchWorker` stacks the windows
+and states of all sessions that have audio ready into one step. Speech boundaries come from a
+hysteresis on the probabilities (start above ``threshold`` for ``min_speech_ms``, end below
+``neg_threshold`` for ``min_silence_ms``) and carry exact stream times.
+
+The weights ship inside the ``silero-vad`` package; we load the TorchScript file directly, without
+importing the package (whose import sets torch to one thread for the whole process).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from duplex.clock import now
+from duplex.config import AgentConfig
+from duplex.errors import ModelNotFoundError
+from duplex.events import SpeechStarted, SpeechStopped
+from duplex.worker import BatchWorker
+
+WINDOW = 512  # samples per Silero window at 16 kHz
+CONTEXT = 64  # samples of the previous window prefixed to each window
+STATE_SHAPE = (2, 128)  # recurrent state per stream: [2, B, 128] when batched
+
+
+@dataclass
+class VADSettings:
+    threshold: float = 0.5
+    neg_threshold: float = 0.35
+    min_speech_ms: int = 64
+    min_silence_ms: int = 200
+
+
+def silero_jit_path() -> Path:
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError("the silero-vad package is not installed; pip install silero-vad")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.jit"
+    if not path.is_file():
+        raise ModelNotFoundError(f"Silero VAD weights missing at {path}; reinstall silero-vad")
+    return path
+
+
+@dataclass
+class _Request:
+    windows: np.ndarray  # [N, CONTEXT + WINDOW] float32
+    state: np.ndarray  # [2, 128] float32
+
+
+@dataclass
+class VADStreamState:
+    """What one session's VAD carries between packets."""
+
+    pending: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    context: np.ndarray = field(default_factory=lambda: np.zeros(CONTEXT, np.float32))
+    state: np.ndarray = field(default_factory=lambda: np.zeros(STATE_SHAPE, np.float32))
+    scored: int = 0  # samples scored so far
+    speaking: bool = False
+    speech_start: int = 0
+    run_start: int | None = None  # start of the current run that may flip the state
+
+
+class SileroVAD:
+    """The VAD model: one Silero network shared by all sessions through a batching worker."""
+
+    def __init__(self, settings: VADSettings | None = None, device: str = "cpu", max_batch: int = 64) -> None:
+        import torch
+
+        self.settings = settings or VADSettings()
+        self.device = device
+        self._net = torch.jit.load(str(silero_jit_path()), map_location=device)._model.eval()
+        self.worker: BatchWorker[_Request, tuple[np.ndarray, np.ndarray]] = BatchWorker(
+            "vad", self._step, device=device, max_batch=max_batch)
+
+    def new_stream(self) -> SileroVADStream:
+        return SileroVADStream(self)
+
+    def _step(self, requests: Sequence[_Request]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Score the windows of many streams, window by window in lockstep (on the worker thread)."""
+        import torch
+
+        probs = [np.zeros(len(r.windows), np.float32) for r in requests]
+        states = [r.state for r in requests]
+        for k in range(max(len(r.windows) for r in requests)):
+            live = [i for i, r in enumerate(requests) if k < len(r.windows)]
+            x = torch.from_numpy(np.stack([requests[i].windows[k] for i in live])).to(self.device)  # [B, 576]
+            h = torch.from_numpy(np.stack([states[i] for i in live], axis=1)).to(self.device)  # [2, B, 128]
+            out, h = self._net(x, h)
+            out, h = out.float().cpu().numpy(), h.float().cpu().numpy()
+            for j, i in enumerate(live):
+                probs[i][k] = out[j, 0]
+                states[i] = h[:, j]
+        return list(zip(probs, states))
+
+
+class SileroVADStream:
+    """One session's VAD (see :class:`VADStreamState`)."""
+
+    def __init__(self, model: SileroVAD) -> None:
+        self.model = model
+        self.s = VADStreamState()
+        self.probs: list[float] = []  # every window's probability, for inspection
+
+    async def feed(self, pcm: np.ndarray) -> list[SpeechStarted | SpeechStopped]:
+        s = self.s
+        audio = np.concatenate([s.pending, pcm.astype(np.float32, copy=False)])
+        n = len(audio) // WINDOW
+        s.pending = audio[n * WINDOW:]
+        if n == 0:
+            return []
+        blocks = audio[: n * WINDOW].reshape(n, WINDOW)
+        contexts = np.concatenate([s.context[None], blocks[:-1, -CONTEXT:]], axis=0)
+        windows = np.concatenate([contexts, blocks], axis=1)  # [n, 576]
+        s.context = blocks[-1, -CONTEXT:].copy()
+        probs, s.state = await self.model.worker.submit(_Request(windows, s.state))
+        return self._detect(probs)
+
+    def _detect(self, probs: np.ndarray) -> list[SpeechStarted | SpeechStopped]:
+        s, cfg = self.s, self.model.settings
+        events: list[SpeechStarted | SpeechStopped] = []
+        for p in probs:
+            start = s.scored
+            s.scored += WINDOW
+            self.probs.append(float(p))
+            if not s.speaking:
+                if p >= cfg.threshold:
+                    s.run_start = start if s.run_start is None else s.run_start
+                    if s.scored - s.run_start >= cfg.min_speech_ms * 16:
+                        s.speaking, s.speech_start, s.run_start = True, s.run_start, None
+                        events.append(SpeechStarted(stream_samples=s.scored, wall=now(), start=s.speech_start))
+                else:
+                    s.run_start = None
+            else:
+                if p < cfg.neg_threshold:
+                    s.run_start = start if s.run_start is None else s.run_start
+                    if s.scored - s.run_start >= cfg.min_silence_ms * 16:
+                        events.append(SpeechStopped(stream_samples=s.scored, wall=now(),
+                                                    start=s.speech_start, end=s.run_start))
+                        s.speaking, s.run_start = False, None
+                elif p >= cfg.threshold:
+                    s.run_start = None
+        return events
+
+    async def aclose(self) -> None:
+        self.s = VADStreamState()
+
+
+def build_vad(config: AgentConfig, device: str) -> SileroVAD:
+    """The VAD for every profile: real Silero (it is small; CPU is fine even beside a GPU)."""
+    return SileroVAD(device="cpu")

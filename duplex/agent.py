@@ -1,0 +1,62 @@
+"""The Agent: loads the models once and opens sessions that share them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from typing import Any
+
+from duplex.config import AgentConfig
+from duplex.profiles import build_stages
+from duplex.session import Session
+from duplex.stages import Stages
+
+
+class Agent:
+    """Models loaded once (per ``config.profile``), shared by every :class:`Session` it opens.
+
+    >>> agent = await Agent.load(profile="tiny")     # doctest: +SKIP
+    >>> async with agent.session() as session: ...    # doctest: +SKIP
+    """
+
+    def __init__(self, stages: Stages, config: AgentConfig) -> None:
+        self.stages = stages
+        self.config = config
+        self._count = itertools.count(1)
+        self.sessions: set[Session] = set()
+
+    @classmethod
+    async def load(cls, config: AgentConfig | None = None, **overrides: Any) -> Agent:
+        """Build the profile's models on a thread (loading can take a while) and return the agent.
+
+        ``overrides`` set :class:`~duplex.config.AgentConfig` fields, e.g. ``profile="tiny"``."""
+        config = config or AgentConfig()
+        for key, value in overrides.items():
+            if not hasattr(config, key):
+                raise TypeError(f"unknown agent option {key!r}")
+            setattr(config, key, value)
+        config.validate()
+        stages = await asyncio.to_thread(build_stages, config)
+        return cls(stages, config)
+
+    @property
+    def output_rate(self) -> int:
+        return self.stages.tts.sample_rate
+
+    def session(self) -> Session:
+        """Open a session (call inside the running event loop; close it with ``await s.close()`` or
+        ``async with``)."""
+        session = Session(self.stages, self.config, name=f"session-{next(self._count)}",
+                          on_close=self.sessions.discard)
+        self.sessions.add(session)
+        return session
+
+    async def aclose(self) -> None:
+        """Close every open session, then the models' workers."""
+        await asyncio.gather(*(s.close() for s in list(self.sessions)), return_exceptions=True)
+        for model in (self.stages.vad, self.stages.asr, self.stages.llm, self.stages.tts):
+            close = getattr(model, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()

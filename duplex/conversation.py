@@ -1,0 +1,133 @@
+"""The conversation record: what the user said and what the agent said *that the user heard*.
+
+An agent turn keeps the full generated text, the spoken words with their spans in the reply audio
+(from the TTS), and how much of that audio was played. When a reply is interrupted, the heard text
+is cut at the playback position, to the word: a word counts as heard when at least half of it was
+played. The LLM's context is built from this record (:meth:`Conversation.messages`), so words the
+person never heard never enter it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from duplex.events import INPUT_RATE, Word
+from duplex.stages import Message
+
+
+@dataclass
+class UserTurn:
+    index: int
+    text: str
+    start: int  # stream samples where the user's speech began
+    end: int  # ... and where it stopped
+    ended_wall: float  # when the policy ended the turn
+    open: bool = False  # the reply to it was cancelled before being heard: the turn goes on
+
+    role = "user"
+
+
+@dataclass
+class AgentTurn:
+    reply_id: int
+    turn: int  # the user turn it answers
+    sample_rate: int
+    text: str = ""  # everything the LLM generated
+    words: list[Word] = field(default_factory=list)  # spoken words, spans in reply samples
+    played: int = 0  # reply samples played out
+    heard: str = ""
+    interrupted: bool = False
+    done: bool = False
+    started_wall: float = 0.0
+    first_audio_wall: float | None = None
+
+    role = "assistant"
+
+    def heard_words(self) -> list[Word]:
+        return [w for w in self.words if (w.start + w.end) / 2 <= self.played]
+
+
+class Conversation:
+    def __init__(self, system_prompt: str = "") -> None:
+        self.system_prompt = system_prompt
+        self.turns: list[UserTurn | AgentTurn] = []
+        self._replies: dict[int, AgentTurn] = {}
+
+    # -- user side ---------------------------------------------------------------------------------
+
+    def user_turn_ended(self, text: str, start: int, end: int, wall: float) -> UserTurn:
+        last = self.turns[-1] if self.turns else None
+        if isinstance(last, UserTurn) and last.open:
+            last.text, last.end, last.ended_wall, last.open = text, end, wall, False
+            return last
+        index = sum(isinstance(t, UserTurn) for t in self.turns)
+        turn = UserTurn(index=index, text=text, start=start, end=end, ended_wall=wall)
+        self.turns.append(turn)
+        return turn
+
+    # -- agent side --------------------------------------------------------------------------------
+
+    def reply_started(self, reply_id: int, turn: int, sample_rate: int, wall: float) -> AgentTurn:
+        reply = AgentTurn(reply_id=reply_id, turn=turn, sample_rate=sample_rate, started_wall=wall)
+        self.turns.append(reply)
+        self._replies[reply_id] = reply
+        return reply
+
+    def reply(self, reply_id: int) -> AgentTurn:
+        return self._replies[reply_id]
+
+    def reply_closed(self, reply_id: int, interrupted: bool) -> AgentTurn:
+        """The reply is over (played out, or interrupted at its current playback position)."""
+        reply = self._replies[reply_id]
+        reply.interrupted, reply.done = interrupted, True
+        reply.heard = " ".join(w.text for w in reply.heard_words())
+        return reply
+
+    def reply_cancelled_unheard(self, reply_id: int) -> None:
+        """The reply was dropped before any of it was heard: forget it; the user's turn reopens."""
+        reply = self._replies.pop(reply_id)
+        self.turns.remove(reply)
+        last = self.turns[-1] if self.turns else None
+        if isinstance(last, UserTurn):
+            last.open = True
+
+    # -- views -------------------------------------------------------------------------------------
+
+    def messages(self, pending_user_text: str = "") -> list[Message]:
+        """The dialogue for the LLM: user words, and agent words that were heard.
+
+        ``pending_user_text`` is the user's turn in progress (it replaces an open user turn).
+        Consecutive messages of one role are merged (chat templates expect alternation).
+        """
+        out: list[Message] = []
+
+        def add(role: str, text: str) -> None:
+            if not text:
+                return
+            if out and out[-1].role == role:
+                out[-1] = Message(role, f"{out[-1].content} {text}")  # type: ignore[arg-type]
+            else:
+                out.append(Message(role, text))  # type: ignore[arg-type]
+
+        for turn in self.turns:
+            if isinstance(turn, UserTurn):
+                if not turn.open:
+                    add("user", turn.text)
+            elif turn.done:
+                add("assistant", turn.heard)
+        add("user", pending_user_text)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        turns: list[dict[str, Any]] = []
+        for t in self.turns:
+            if isinstance(t, UserTurn):
+                turns.append({"role": "user", "index": t.index, "text": t.text,
+                              "start_s": round(t.start / INPUT_RATE, 3), "end_s": round(t.end / INPUT_RATE, 3)})
+            else:
+                turns.append({"role": "assistant", "reply_id": t.reply_id, "answers_turn": t.turn,
+                              "heard": t.heard, "text": t.text, "interrupted": t.interrupted,
+                              "played_s": round(t.played / t.sample_rate, 3),
+                              "words": [asdict(w) for w in t.words], "sample_rate": t.sample_rate})
+        return {"system_prompt": self.system_prompt, "turns": turns}

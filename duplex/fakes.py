@@ -1,0 +1,234 @@
+"""Scripted ASR, LLM and TTS stages with configurable delays: the ``fake`` profile.
+
+They implement the stage contracts of :mod:`duplex.stages` without models, so orchestration (turn
+taking, barge-in, cancellation, pacing, the record) is tested deterministically. They are for testing
+the plumbing, never the product. Options come from ``AgentConfig.fake[role]``:
+
+- ASR: ``words`` (script cycled through), ``word_s`` (voiced seconds per recognised word),
+  ``rms`` (voicing threshold), ``delay_s`` (await per packet), ``compute_s`` (blocking compute per
+  packet on a worker thread).
+- LLM: ``replies`` (cycled; default echoes the user), ``ttft_s``, ``token_s``, ``eot`` (the
+  end-of-turn probability ``listen`` reports, or None), ``compute_s``.
+- TTS: ``word_s`` (audio seconds per word), ``first_chunk_s``, ``rtf`` (await per chunk, as a
+  fraction of its duration), ``compute_s``.
+
+``delay_s``-style options wait on the loop clock (free of cost under virtual time); ``compute_s``
+blocks a worker thread, like a real model step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import zlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from duplex.clock import now
+from duplex.config import AgentConfig
+from duplex.errors import ConfigError
+from duplex.events import INPUT_RATE, TranscriptFinal, TranscriptPartial, Word
+from duplex.stages import AudioChunk, Message
+from duplex.worker import ModelWorker
+
+BACKCHANNELS = {"mm-hm", "mhm", "mm", "uh-huh", "yeah", "yes", "right", "okay", "ok", "sure", "i see"}
+
+
+def _compute(worker: ModelWorker, seconds: float):
+    import time
+
+    return worker.run(time.sleep, seconds)
+
+
+# -- ASR -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeASR:
+    words: Sequence[str] = tuple("the quick brown fox jumps over the lazy dog".split())
+    word_s: float = 0.3
+    rms: float = 0.02
+    delay_s: float = 0.0
+    compute_s: float = 0.0
+    worker: ModelWorker = field(default_factory=lambda: ModelWorker("fake-asr"))
+    _next_word: int = 0
+
+    def new_stream(self) -> FakeASRStream:
+        return FakeASRStream(self)
+
+    def take_word(self) -> str:
+        word = self.words[self._next_word % len(self.words)]
+        self._next_word += 1
+        return word
+
+
+class FakeASRStream:
+    """Recognises one scripted word per ``word_s`` of voiced audio (10 ms RMS above ``rms``)."""
+
+    def __init__(self, model: FakeASR) -> None:
+        self.m = model
+        self.pos = 0
+        self.voiced = 0
+        self.word_start: int | None = None
+        self.words: list[Word] = []
+
+    async def feed(self, pcm: np.ndarray) -> list[TranscriptPartial | TranscriptFinal]:
+        if self.m.delay_s:
+            await asyncio.sleep(self.m.delay_s)
+        if self.m.compute_s:
+            await _compute(self.m.worker, self.m.compute_s)
+        before = len(self.words)
+        hop = INPUT_RATE // 100
+        for i in range(0, len(pcm), hop):
+            block = pcm[i:i + hop]
+            if block.size and float(np.sqrt(np.mean(block ** 2))) >= self.m.rms:
+                if self.word_start is None:
+                    self.word_start = self.pos + i
+                self.voiced += block.size
+                if self.voiced >= self.m.word_s * INPUT_RATE:
+                    self.words.append(Word(self.m.take_word(), self.word_start, self.pos + i + block.size))
+                    self.voiced, self.word_start = 0, None
+        self.pos += len(pcm)
+        if len(self.words) == before:
+            return []
+        texts = [w.text for w in self.words]
+        return [TranscriptPartial(stream_samples=self.pos, wall=now(), stable=" ".join(texts[:-1]),
+                                  unstable=texts[-1], words=tuple(self.words))]
+
+    async def endpoint(self) -> list[TranscriptFinal]:
+        words, self.words = self.words, []
+        self.voiced, self.word_start = 0, None
+        if not words:
+            return []
+        return [TranscriptFinal(stream_samples=self.pos, wall=now(), text=" ".join(w.text for w in words),
+                                words=tuple(words))]
+
+    async def aclose(self) -> None:
+        self.words = []
+
+
+# -- LLM -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeLLM:
+    replies: Sequence[str] = ()
+    ttft_s: float = 0.2
+    token_s: float = 0.03
+    eot: float | None = None
+    compute_s: float = 0.0
+    worker: ModelWorker = field(default_factory=lambda: ModelWorker("fake-llm"))
+    listened: list[list[Message]] = field(default_factory=list)  # what each stream was shown
+    _next_reply: int = 0
+
+    def new_stream(self, system_prompt: str) -> FakeLLMStream:
+        return FakeLLMStream(self)
+
+    def reply_text(self, messages: Sequence[Message]) -> str:
+        if self.replies:
+            text = self.replies[self._next_reply % len(self.replies)]
+            self._next_reply += 1
+            return text
+        last = messages[-1].content if messages else ""
+        return f"You said: {last}."
+
+
+class FakeLLMStream:
+    def __init__(self, model: FakeLLM) -> None:
+        self.m = model
+
+    async def listen(self, messages: Sequence[Message]) -> float | None:
+        self.m.listened.append(list(messages))
+        if self.m.compute_s:
+            await _compute(self.m.worker, self.m.compute_s)
+        return self.m.eot
+
+    async def reply(self, messages: Sequence[Message]) -> AsyncIterator[str]:
+        self.m.listened.append(list(messages))
+        await asyncio.sleep(self.m.ttft_s)
+        for i, word in enumerate(self.m.reply_text(messages).split()):
+            if i:
+                await asyncio.sleep(self.m.token_s)
+            if self.m.compute_s:
+                await _compute(self.m.worker, self.m.compute_s)
+            yield word if i == 0 else " " + word
+
+    async def is_backchannel(self, messages: Sequence[Message], text: str) -> bool:
+        return re.sub(r"[^\w\s-]", "", text.lower()).strip() in BACKCHANNELS
+
+    async def aclose(self) -> None:
+        return None
+
+
+# -- TTS -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeTTS:
+    sample_rate: int = 24_000
+    word_s: float = 0.3
+    first_chunk_s: float = 0.1
+    rtf: float = 0.0
+    compute_s: float = 0.0
+    worker: ModelWorker = field(default_factory=lambda: ModelWorker("fake-tts"))
+
+    def new_stream(self) -> FakeTTSStream:
+        return FakeTTSStream(self)
+
+    def tone(self, word: str) -> np.ndarray:
+        """A beep per word: its pitch from the word, a short fade in and out."""
+        n = int(self.word_s * self.sample_rate)
+        freq = 220.0 + zlib.crc32(word.encode()) % 440
+        t = np.arange(n, dtype=np.float32) / self.sample_rate
+        env = np.minimum(1.0, np.minimum(t, t[::-1]) / 0.01).astype(np.float32)
+        return (0.3 * env * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+class FakeTTSStream:
+    """Speaks each complete word of the incoming text as a beep, with exact word spans."""
+
+    def __init__(self, model: FakeTTS) -> None:
+        self.m = model
+        self.sample_rate = model.sample_rate
+
+    async def synthesize(self, text: AsyncIterator[str]) -> AsyncIterator[AudioChunk]:
+        buffer, offset, first = "", 0, True
+
+        async def speak(word: str) -> AudioChunk:
+            nonlocal offset, first
+            if first:
+                await asyncio.sleep(self.m.first_chunk_s)
+                first = False
+            pcm = self.m.tone(word)
+            if self.m.rtf:
+                await asyncio.sleep(self.m.rtf * len(pcm) / self.sample_rate)
+            if self.m.compute_s:
+                await _compute(self.m.worker, self.m.compute_s)
+            chunk = AudioChunk(pcm, (Word(word, offset, offset + len(pcm)),))
+            offset += len(pcm)
+            return chunk
+
+        async for piece in text:
+            buffer += piece
+            *complete, buffer = re.split(r"\s+", buffer)
+            for word in complete:
+                if word:
+                    yield await speak(word)
+        if buffer.strip():
+            yield await speak(buffer.strip())
+
+    async def aclose(self) -> None:
+        return None
+
+
+def build(role: str, config: AgentConfig) -> Any:
+    """The fake model of ``role`` with options from ``config.fake[role]``."""
+    cls = {"asr": FakeASR, "llm": FakeLLM, "tts": FakeTTS}[role]
+    options = dict(config.fake.get(role, {}))  # type: ignore[call-overload]
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise ConfigError(f"bad option for the fake {role}: {exc}") from exc

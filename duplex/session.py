@@ -1,0 +1,513 @@
+"""One conversation: the pipeline of stages as asyncio tasks, and the public Session API.
+
+Tasks of a session (all on the event loop; model compute happens inside the stage streams, on
+worker threads)::
+
+    push_audio ─► [vad queue] ─► VAD task ─┐
+               └► [asr queue] ─► ASR task ─┼─► policy (duplex.turns) ─► actions
+                                           │        ▲
+    reply task: LLM.reply ─► TTS.synthesize ─► Playout ─► playout task (one frame / 20 ms) ─► audio()
+                                                          └─ playback position ─► conversation record
+
+Handlers of stage output are plain synchronous methods (no queue hop per frame): a barge-in pauses
+playout within the same loop iteration that sees the VAD's speech start, and the next 20 ms frame is
+silence. Each reply has an id; the playout refuses audio of any other id, so a cancelled reply can
+never reach the speaker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from duplex import events as ev
+from duplex.audio import StreamResampler, to_mono_float
+from duplex.clock import now
+from duplex.config import AgentConfig
+from duplex.conversation import AgentTurn, Conversation
+from duplex.errors import AudioFormatError
+from duplex.events import INPUT_RATE, Event
+from duplex.playout import Frame, Playout
+from duplex.stages import Stages
+from duplex.turns import (Action, CancelReply, CheckBargeIn, EndTurn, Interrupt, Pause, Phase, Resume,
+                          TurnPolicy)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_CLOSED = object()
+_ENDPOINT = object()  # marker in the ASR queue: the VAD heard the end of speech here
+
+MIN_RATE, MAX_RATE = 8_000, 192_000
+MAX_QUEUED_S = 10.0  # audio waiting for a lagging VAD/ASR before input is dropped
+PROGRESS_EVERY = 10  # frames between PlaybackProgress events (200 ms)
+
+
+class Subscription(Generic[T]):
+    """An async iterator over what a session publishes, registered when created (nothing is missed).
+
+    Bounded: a consumer that falls behind loses the oldest items, never blocks the session."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize)
+        self.dropped = 0
+
+    def _put(self, item: object) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()
+            self.dropped += 1
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> Subscription[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        item = await self._queue.get()
+        if item is _CLOSED:
+            self._queue.put_nowait(_CLOSED)  # stay closed for further reads
+            raise StopAsyncIteration
+        return item  # type: ignore[return-value]
+
+
+@dataclass
+class _TurnTiming:
+    """Wall times of one turn, for the latency breakdown."""
+
+    speech_end_wall: float
+    final_wall: float
+    turn_end_wall: float
+    first_token_wall: float | None = None
+    first_chunk_wall: float | None = None
+
+
+class Session:
+    """One conversation with the agent. Create it with :meth:`duplex.Agent.session` inside a running
+    event loop; feed it with :meth:`push_audio`; read :meth:`events` and :meth:`audio`; :meth:`close`."""
+
+    def __init__(self, stages: Stages, config: AgentConfig, *, name: str = "session",
+                 on_close: Callable[[Session], None] | None = None) -> None:
+        self.name = name
+        self._on_close = on_close
+        self.config = config
+        self.output_rate: int = stages.tts.sample_rate
+        self.conversation = Conversation(config.system_prompt)
+        self.policy = TurnPolicy(config.turn)
+        self.playout = Playout(self.output_rate)
+        self._vad = stages.vad.new_stream()
+        self._asr = stages.asr.new_stream()
+        self._llm = stages.llm.new_stream(config.system_prompt)
+        self._tts = stages.tts.new_stream()
+        self.t0 = now()
+        self.closed = False
+        self.state: ev.AgentStateName = "listening"
+        self._event_subs: list[Subscription[Event]] = []
+        self._audio_subs: list[Subscription[np.ndarray]] = []
+        self._resampler: StreamResampler | None = None
+        self._pushed = 0  # input samples (16 kHz) handed to the models
+        self._arrival_ends: list[int] = []  # stream sample at the end of each pushed block ...
+        self._arrival_walls: list[float] = []  # ... and when it arrived
+        self._queued_s = {"vad": 0.0, "asr": 0.0}  # seconds of audio waiting in each queue
+        self._vad_q: asyncio.Queue[object] = asyncio.Queue()
+        self._asr_q: asyncio.Queue[object] = asyncio.Queue()
+        self._vad_pos = 0
+        self._turn_start = 0
+        self._last_final_wall = self.t0
+        self._reply_id = 0
+        self._reply_task: asyncio.Task[None] | None = None
+        self._reply: AgentTurn | None = None
+        self._timing: dict[int, _TurnTiming] = {}
+        self._pause_start: int | None = None  # speech onset of a barge-in not yet silenced
+        self._listen_task: asyncio.Task[None] | None = None
+        self._listen_wanted = False
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._frames = 0
+        self._tasks = [
+            asyncio.create_task(self._guard(self._vad_loop(), "vad"), name=f"{name}-vad"),
+            asyncio.create_task(self._guard(self._asr_loop(), "asr"), name=f"{name}-asr"),
+            asyncio.create_task(self._guard(self._playout_loop(), "playout"), name=f"{name}-playout"),
+        ]
+
+    # -- public API ------------------------------------------------------------------------------
+
+    def push_audio(self, pcm: np.ndarray, sample_rate: int) -> None:
+        """Feed user audio: any rate in 8-192 kHz, mono ``[T]`` or ``[T, channels]``, int16/int32 or
+        float in [-1, 1]. It is converted to 16 kHz mono float32 here (see
+        :func:`duplex.audio.to_mono_float`). Raises :class:`~duplex.errors.AudioFormatError` for audio
+        that cannot be used. Feed it continuously, silence included, as a live source does: the
+        session's sense of time (end of turn, false interruptions) is the audio it has received."""
+        if self.closed:
+            raise RuntimeError(f"{self.name} is closed; start a new session")
+        if isinstance(sample_rate, (int, np.integer)) and not (MIN_RATE <= sample_rate <= MAX_RATE):
+            raise AudioFormatError(f"sample rate {sample_rate} Hz is not supported; give audio at "
+                                   f"{MIN_RATE}-{MAX_RATE} Hz (16000 or 48000 are typical)")
+        mono = to_mono_float(pcm, sample_rate)
+        if mono.size == 0:
+            raise AudioFormatError("empty audio block: push at least one sample")
+        if self._resampler is None or self._resampler.in_rate != sample_rate:
+            self._resampler = StreamResampler(sample_rate, INPUT_RATE)
+        block = self._resampler(mono)
+        if block.size == 0:
+            return
+        lag = max(self._queued_s.values())
+        if lag > MAX_QUEUED_S:
+            self._emit(ev.Error(stream_samples=self._pushed, wall=now(), stage="input",
+                                message=f"the models are {lag:.1f} s behind the audio; dropped "
+                                        f"{1000 * block.size / INPUT_RATE:.0f} ms of input"))
+            return
+        self._pushed += block.size
+        self._arrival_ends.append(self._pushed)
+        self._arrival_walls.append(now())
+        if len(self._arrival_ends) > 60_000:  # keep 10-20 minutes: lookups are for recent speech
+            del self._arrival_ends[:30_000], self._arrival_walls[:30_000]
+        for key, queue in (("vad", self._vad_q), ("asr", self._asr_q)):
+            self._queued_s[key] += block.size / INPUT_RATE
+            queue.put_nowait(block)
+        self._emit(ev.AudioIn(stream_samples=self._pushed, wall=now(), samples=block.size))
+
+    def events(self, maxsize: int = 10_000) -> Subscription[Event]:
+        """Every event from now on (see :mod:`duplex.events`)."""
+        sub: Subscription[Event] = Subscription(maxsize)
+        self._event_subs.append(sub)
+        if self.closed:
+            sub._put(_CLOSED)
+        return sub
+
+    def audio(self, maxsize: int = 50) -> Subscription[np.ndarray]:
+        """The agent's voice: one float32 frame of 20 ms at :attr:`output_rate` every 20 ms, silence
+        when it is not speaking."""
+        sub: Subscription[np.ndarray] = Subscription(maxsize)
+        self._audio_subs.append(sub)
+        if self.closed:
+            sub._put(_CLOSED)
+        return sub
+
+    def arrival(self, sample: int) -> float:
+        """The wall time at which input stream sample ``sample`` was spoken (arrived)."""
+        i = bisect.bisect_left(self._arrival_ends, sample)
+        if i >= len(self._arrival_ends):
+            return now()
+        return self._arrival_walls[i] - (self._arrival_ends[i] - sample) / INPUT_RATE
+
+    async def close(self) -> None:
+        """Stop every task, close the stage streams and keep the record whole: a reply being played
+        is kept as interrupted at its playback position; words not yet in a turn become one."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._reply is not None and not self._reply.done:
+            self._finish_reply(interrupted=True)
+        pending = self.policy.user_text
+        if pending:
+            self.conversation.user_turn_ended(pending, self._turn_start, self._pushed, now())
+        tasks = [*self._tasks, *self._side_tasks]
+        for t in (self._reply_task, self._listen_task):
+            if t is not None:
+                tasks.append(t)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in (self._vad, self._asr, self._llm, self._tts):
+            try:
+                await stream.aclose()
+            except Exception:  # closing must go on for the others
+                log.exception("%s: closing %s failed", self.name, type(stream).__name__)
+        for sub in (*self._event_subs, *self._audio_subs):
+            sub._put(_CLOSED)
+        if self._on_close is not None:
+            self._on_close(self)
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    def _emit(self, event: Event) -> None:
+        for sub in self._event_subs:
+            sub._put(event)
+
+    def _set_state(self, state: ev.AgentStateName) -> None:
+        if state != self.state:
+            self.state = state
+            self._emit(ev.AgentState(stream_samples=self._vad_pos, wall=now(), state=state))
+
+    async def _guard(self, coro: Awaitable[None], stage: str) -> None:
+        """Run a pipeline task; a failure becomes an Error event and ends the session cleanly."""
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("%s: %s failed", self.name, stage)
+            self._emit(ev.Error(stream_samples=self._vad_pos, wall=now(), stage=stage,
+                                message=f"{type(exc).__name__}: {exc}", fatal=True))
+            self._spawn(self.close())
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._side_tasks.add(task)  # type: ignore[arg-type]
+        task.add_done_callback(self._side_tasks.discard)  # type: ignore[arg-type]
+
+    # -- listening -------------------------------------------------------------------------------
+
+    async def _vad_loop(self) -> None:
+        while True:
+            block = await self._vad_q.get()
+            assert isinstance(block, np.ndarray)
+            found = await self._vad.feed(block)
+            self._vad_pos += block.size
+            self._queued_s["vad"] -= block.size / INPUT_RATE
+            for event in found:
+                self._emit(event)
+                if isinstance(event, ev.SpeechStarted):
+                    if not self.policy.user_text:
+                        self._turn_start = event.start
+                    self._apply(self.policy.speech_started(event.start))
+                else:
+                    self._asr_q.put_nowait(_ENDPOINT)
+                    self._apply(self.policy.speech_stopped(event.end))
+            self._apply(self.policy.advance(self._vad_pos))
+
+    async def _asr_loop(self) -> None:
+        while True:
+            item = await self._asr_q.get()
+            if item is _ENDPOINT:
+                finals = await self._asr.endpoint()
+                self._last_final_wall = now()
+                if not finals:
+                    self._apply(self.policy.final(""))
+            else:
+                assert isinstance(item, np.ndarray)
+                finals = await self._asr.feed(item)  # partials and model-detected finals
+                self._queued_s["asr"] -= item.size / INPUT_RATE
+            for event in finals:
+                self._emit(event)
+                if isinstance(event, ev.TranscriptFinal):
+                    self._last_final_wall = event.wall
+                    self._apply(self.policy.final(event.text, event.eou))
+                else:
+                    self._apply(self.policy.transcript(event.text))
+                self._want_listen()
+
+    def _want_listen(self) -> None:
+        """Let the LLM prefill the user's words as they come (coalesced: one call in flight)."""
+        if self.policy.phase is not Phase.LISTENING or not self.policy.user_text:
+            return
+        self._listen_wanted = True
+        if self._listen_task is None or self._listen_task.done():
+            self._listen_task = asyncio.create_task(self._guard_soft(self._listen_loop(), "llm"))
+
+    async def _listen_loop(self) -> None:
+        while self._listen_wanted and self.policy.phase is Phase.LISTENING:
+            self._listen_wanted = False
+            text = self.policy.user_text
+            p = await self._llm.listen(self.conversation.messages(text))
+            if p is not None:
+                self._emit(ev.EndOfTurnEstimate(stream_samples=self._vad_pos, wall=now(), probability=p))
+                self._apply(self.policy.eot_estimate(p, text))
+
+    async def _guard_soft(self, coro: Awaitable[None], stage: str) -> None:
+        """Run a helper task whose failure is reported but does not end the session."""
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("%s: %s failed", self.name, stage)
+            self._emit(ev.Error(stream_samples=self._vad_pos, wall=now(), stage=stage,
+                                message=f"{type(exc).__name__}: {exc}"))
+
+    # -- policy actions --------------------------------------------------------------------------
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, EndTurn):
+                self._end_turn(action)
+            elif isinstance(action, Pause):
+                self.playout.pause()
+                self._pause_start = action.speech_start
+                if self._reply is not None:
+                    self._emit(ev.BargeIn(stream_samples=self._vad_pos, wall=now(),
+                                          reply_id=self._reply.reply_id, speech_start=action.speech_start))
+                self._set_state("listening")
+            elif isinstance(action, CheckBargeIn):
+                self._spawn(self._guard_soft(self._check(action.text), "llm"))
+            elif isinstance(action, Resume):
+                self.playout.resume()
+                self._pause_start = None
+                if self._reply is not None:
+                    self._emit(ev.Resumed(stream_samples=self._vad_pos, wall=now(), reply_id=self._reply.reply_id))
+                    self._set_state("speaking")
+            elif isinstance(action, Interrupt):
+                self._stop_reply(heard=True)
+                self._want_listen()
+            elif isinstance(action, CancelReply):
+                self._stop_reply(heard=False)
+                self._want_listen()
+
+    async def _check(self, text: str) -> None:
+        backchannel = False
+        if self.config.turn.backchannels:
+            backchannel = await self._llm.is_backchannel(self.conversation.messages(), text)
+        self._apply(self.policy.barge_in_verdict(backchannel))
+
+    def _end_turn(self, action: EndTurn) -> None:
+        wall = now()
+        turn = self.conversation.user_turn_ended(action.text, self._turn_start, action.speech_end, wall)
+        self._emit(ev.TurnEnded(stream_samples=self._vad_pos, wall=wall, turn=turn.index, text=action.text,
+                                speech_end=action.speech_end))
+        self._reply_id += 1
+        rid = self._reply_id
+        self._reply = self.conversation.reply_started(rid, turn.index, self.output_rate, wall)
+        self._timing[rid] = _TurnTiming(speech_end_wall=self.arrival(action.speech_end),
+                                        final_wall=self._last_final_wall, turn_end_wall=wall)
+        self.playout.start_reply(rid)
+        self._emit(ev.ReplyStarted(stream_samples=self._vad_pos, wall=wall, reply_id=rid, turn=turn.index))
+        self._set_state("thinking")
+        self._reply_task = asyncio.create_task(self._reply_loop(rid, self.conversation.messages()),
+                                               name=f"{self.name}-reply-{rid}")
+
+    def _stop_reply(self, heard: bool) -> None:
+        """Barge-in confirmed (``heard``) or the user went on before any audio (not heard)."""
+        reply = self._reply
+        self.playout.drop()
+        if self._reply_task is not None:
+            self._reply_task.cancel()
+        self._pause_start = None
+        if reply is None or reply.done:
+            return
+        if heard:
+            self._finish_reply(interrupted=True)
+        else:
+            self.conversation.reply_cancelled_unheard(reply.reply_id)
+            self._emit(ev.ReplyDone(stream_samples=self._vad_pos, wall=now(), reply_id=reply.reply_id,
+                                    text=reply.text, heard="", interrupted=True))
+            self._reply = None
+            self._timing.pop(reply.reply_id, None)
+        self._set_state("listening")
+
+    def _finish_reply(self, interrupted: bool) -> None:
+        reply = self._reply
+        assert reply is not None
+        self.conversation.reply_closed(reply.reply_id, interrupted)
+        wall = now()
+        if interrupted:
+            self._emit(ev.Interrupted(stream_samples=self._vad_pos, wall=wall, reply_id=reply.reply_id,
+                                      heard=reply.heard, played=reply.played))
+        self._emit(ev.ReplyDone(stream_samples=self._vad_pos, wall=wall, reply_id=reply.reply_id,
+                                text=reply.text, heard=reply.heard, interrupted=interrupted))
+        self._timing.pop(reply.reply_id, None)
+        self._reply = None
+
+    # -- speaking --------------------------------------------------------------------------------
+
+    async def _reply_loop(self, rid: int, messages: list) -> None:
+        reply = self.conversation.reply(rid)
+        timing = self._timing[rid]
+        tokens = self._llm.reply(messages)
+
+        async def text() -> AsyncIterator[str]:
+            async for piece in tokens:
+                if timing.first_token_wall is None:
+                    timing.first_token_wall = now()
+                reply.text += piece
+                self._emit(ev.ReplyText(stream_samples=self._vad_pos, wall=now(), reply_id=rid, delta=piece))
+                yield piece
+
+        offset = 0
+        pieces = text()
+        try:
+            async with contextlib.aclosing(self._tts.synthesize(pieces)) as audio:
+                async for chunk in audio:
+                    if timing.first_chunk_wall is None:
+                        timing.first_chunk_wall = now()
+                    words = tuple(chunk.words)
+                    reply.words.extend(words)
+                    self._emit(ev.ReplyAudio(stream_samples=self._vad_pos, wall=now(), reply_id=rid,
+                                             offset=offset, samples=len(chunk.pcm), words=words))
+                    offset += len(chunk.pcm)
+                    if not await self.playout.put(rid, chunk.pcm):
+                        return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("%s: reply %d failed", self.name, rid)
+            self._emit(ev.Error(stream_samples=self._vad_pos, wall=now(), stage="reply",
+                                message=f"{type(exc).__name__}: {exc}"))
+        finally:
+            await pieces.aclose()
+            aclose = getattr(tokens, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            self.playout.end_reply(rid)
+
+    async def _playout_loop(self) -> None:
+        period = self.playout.frame_samples / self.output_rate
+        tick = now()
+        while True:
+            frame = self.playout.next_frame()
+            for sub in self._audio_subs:
+                sub._put(frame.pcm)
+            self._on_frame(frame)
+            tick += period
+            delay = tick - now()
+            if delay < -1.0:  # the loop was stalled for a long time: do not burst to catch up
+                tick = now()
+            await asyncio.sleep(max(0.0, delay))
+
+    def _on_frame(self, frame: Frame) -> None:
+        self._frames += 1
+        if self._pause_start is not None and self.playout.paused:
+            self._emit(ev.Metric(stream_samples=self._vad_pos, wall=now(), name="barge_in_s",
+                                 value=now() - self.arrival(self._pause_start),
+                                 reply_id=self._reply.reply_id if self._reply else None))
+            self._pause_start = None
+        reply = self._reply
+        if reply is None or reply.done:
+            return
+        if frame.reply_id == reply.reply_id:
+            reply.played = frame.played
+            if reply.first_audio_wall is None:
+                self._first_audio(reply)
+            elif self._frames % PROGRESS_EVERY == 0:
+                self._emit(ev.PlaybackProgress(stream_samples=self._vad_pos, wall=now(),
+                                               reply_id=reply.reply_id, played=reply.played))
+        if frame.finished:
+            if reply.played:
+                self._emit(ev.PlaybackProgress(stream_samples=self._vad_pos, wall=now(),
+                                               reply_id=reply.reply_id, played=reply.played))
+            self._finish_reply(interrupted=False)
+            self.policy.reply_finished()
+            self._set_state("listening")
+
+    def _first_audio(self, reply: AgentTurn) -> None:
+        wall = now()
+        reply.first_audio_wall = wall
+        self.policy.reply_audible()
+        self._emit(ev.AudioOut(stream_samples=self._vad_pos, wall=wall, reply_id=reply.reply_id))
+        self._set_state("speaking")
+        timing = self._timing.get(reply.reply_id)
+        if timing is None:
+            return
+        parts = {
+            "voice_to_voice_s": wall - timing.speech_end_wall,
+            "asr_final_s": max(0.0, timing.final_wall - timing.speech_end_wall),
+            "end_of_turn_s": timing.turn_end_wall - timing.speech_end_wall,
+            "llm_first_token_s": (timing.first_token_wall or wall) - timing.turn_end_wall,
+            "tts_first_audio_s": (timing.first_chunk_wall or wall) - (timing.first_token_wall or wall),
+            "playout_s": wall - (timing.first_chunk_wall or wall),
+        }
+        for name, value in parts.items():
+            if math.isfinite(value):
+                self._emit(ev.Metric(stream_samples=self._vad_pos, wall=wall, name=name, value=round(value, 4),
+                                     reply_id=reply.reply_id))

@@ -1,0 +1,153 @@
+"""``duplex simulate``: a whole conversation from an audio file, as if spoken live.
+
+The file is pushed in 20 ms packets at the pace a microphone would deliver them (then ``tail``
+seconds of silence, and more until the agent has finished speaking), on the wall clock with ``realtime`` or else on a virtual clock
+(:func:`duplex.clock.run_virtual`: model compute costs no time, so the figures are the pipeline's
+algorithmic latencies and repeat exactly). Writes to the output folder:
+
+- ``agent.wav``: what the agent said, time-aligned to the input (sample 0 = the file's start);
+- ``timeline.jsonl``: every event, one JSON object per line, with ``t`` = seconds since the start;
+- ``conversation.json``: the conversation record (user turns, agent words heard, interruptions);
+
+and returns (and prints) the per-turn latency breakdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from duplex import events as ev
+from duplex.agent import Agent
+from duplex.audio import read_audio, write_wav
+from duplex.clock import now, run_virtual
+from duplex.config import AgentConfig
+from duplex.events import to_json
+
+PACKET_S = 0.02
+
+
+@dataclass
+class SimulationResult:
+    out_dir: Path
+    turns: list[dict[str, float]] = field(default_factory=list)  # per reply: latency breakdown
+    barge_ins: list[float] = field(default_factory=list)
+    events: int = 0
+    conversation: dict = field(default_factory=dict)
+
+
+async def simulate(agent: Agent, pcm: np.ndarray, sample_rate: int, out_dir: Path, *,
+                   tail_s: float = 4.0, max_wait_s: float = 60.0) -> SimulationResult:
+    """Run one session over ``pcm`` with ``agent`` (in the running loop) and write the outputs.
+
+    After the file and ``tail_s`` of silence, silence goes on (at most ``max_wait_s``) until the
+    agent has finished speaking."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = SimulationResult(out_dir)
+    session = agent.session()
+    events, frames = session.events(maxsize=1_000_000), session.audio(maxsize=1_000_000)
+    t0 = session.t0
+    per_reply: dict[int, dict[str, float]] = {}
+
+    async def record_events() -> None:
+        with open(out_dir / "timeline.jsonl", "w") as f:
+            async for event in events:
+                row = to_json(event)
+                row["t"] = round(event.wall - t0, 4)
+                f.write(json.dumps(row) + "\n")
+                result.events += 1
+                if isinstance(event, ev.Metric):
+                    if event.name == "barge_in_s":
+                        result.barge_ins.append(event.value)
+                    elif event.reply_id is not None:
+                        per_reply.setdefault(event.reply_id, {"reply_id": event.reply_id})[event.name] = event.value
+
+    async def record_audio() -> list[np.ndarray]:
+        return [frame async for frame in frames]
+
+    event_task = asyncio.create_task(record_events())
+    audio_task = asyncio.create_task(record_audio())
+    packet = int(round(PACKET_S * sample_rate))
+    total = len(pcm) + int(tail_s * sample_rate)
+    padded = np.concatenate([pcm, np.zeros(total - len(pcm), np.float32)])
+    try:
+        for k, start in enumerate(range(0, total, packet)):
+            # Packet k holds [k*20 ms, (k+1)*20 ms) and is complete at (k+1)*20 ms, as from a microphone.
+            delay = t0 + (start + packet) / sample_rate - now()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            session.push_audio(padded[start:start + packet], sample_rate)
+            if session.closed:
+                break
+        # Let the agent finish what it is saying (silence keeps flowing, as from a live microphone).
+        silence = np.zeros(packet, np.float32)
+        deadline = now() + max_wait_s
+        while not session.closed and (session.state != "listening" or session.playout.active is not None):
+            if now() > deadline:
+                break
+            await asyncio.sleep(PACKET_S)
+            session.push_audio(silence, sample_rate)
+            total += packet
+        await asyncio.sleep(PACKET_S)
+    finally:
+        await session.close()
+    await event_task
+    chunks = await audio_task
+    out = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    n_out = int(round(total / sample_rate * session.output_rate))
+    out = np.concatenate([out, np.zeros(max(0, n_out - len(out)), np.float32)])[:n_out]
+    write_wav(out_dir / "agent.wav", out, session.output_rate)
+    result.conversation = session.conversation.to_json()
+    (out_dir / "conversation.json").write_text(json.dumps(result.conversation, indent=2))
+    result.turns = [per_reply[k] for k in sorted(per_reply)]
+    return result
+
+
+def format_turns(result: SimulationResult) -> str:
+    cols = ["voice_to_voice_s", "asr_final_s", "end_of_turn_s", "llm_first_token_s", "tts_first_audio_s",
+            "playout_s"]
+    lines = ["reply  " + "  ".join(f"{c[:-2]:>17}" for c in cols)]
+    for row in result.turns:
+        lines.append(f"{int(row['reply_id']):5d}  " + "  ".join(
+            f"{row[c]:17.3f}" if c in row else f"{'-':>17}" for c in cols))
+    if not result.turns:
+        lines.append("(the agent did not speak)")
+    for b in result.barge_ins:
+        lines.append(f"barge-in: audio silenced {b * 1000:.0f} ms after the user's speech onset")
+    return "\n".join(lines)
+
+
+async def run_simulation(config: AgentConfig, input_path: str | Path, out_dir: str | Path, *,
+                         tail_s: float = 4.0) -> SimulationResult:
+    pcm, rate = read_audio(input_path)
+    agent = await Agent.load(config)
+    try:
+        return await simulate(agent, pcm, rate, Path(out_dir), tail_s=tail_s)
+    finally:
+        await agent.aclose()
+
+
+def main(args: argparse.Namespace) -> int:
+    from duplex.cli import config_from_args
+
+    config = config_from_args(args)
+    read_audio(args.input)  # fail fast, before loading models, on a missing or unreadable file
+    started = time.perf_counter()
+    coro = run_simulation(config, args.input, args.out, tail_s=args.tail)
+    result = asyncio.run(coro) if args.realtime else run_virtual(coro)
+    clock = "wall clock" if args.realtime else "virtual clock (model compute not counted)"
+    print(f"simulated {args.input} with profile {config.profile} on the {clock} "
+          f"in {time.perf_counter() - started:.1f} s; {result.events} events")
+    print(format_turns(result))
+    for t in result.conversation["turns"]:
+        who = "user " if t["role"] == "user" else "agent"
+        text = t["text"] if t["role"] == "user" else t["heard"] + (" [interrupted]" if t["interrupted"] else "")
+        print(f"  {who}: {text}")
+    print(f"wrote {Path(args.out) / 'agent.wav'}, timeline.jsonl, conversation.json")
+    return 0

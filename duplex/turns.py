@@ -1,0 +1,203 @@
+"""Turn-taking and barge-in policy: a pure state machine on stream time.
+
+The policy sees what the listening side produces (VAD boundaries, ASR partials and finals, the LLM's
+end-of-turn estimate) and what the speaking side reports (reply audible, reply played out), and
+answers with actions for the session to carry out. It holds no tasks and no clock of its own: time is
+the input stream position (samples at 16 kHz), passed to :meth:`TurnPolicy.advance`, so decisions are
+deterministic and replayable.
+
+Phases::
+
+    LISTENING --turn ends--> THINKING --first audio heard--> SPEAKING --played out--> LISTENING
+                                |                               |
+                  user speaks again: CancelReply        user speaks: Pause --> PAUSED
+                  (nothing was heard; the turn goes on)                          |
+                              words (not a backchannel): Interrupt --> LISTENING |
+                              backchannel, or no words after the speech: Resume -> SPEAKING
+
+End of turn: the user's speech stopped, the ASR has closed the utterance (its final arrived), there
+are words, and the silence since the speech ended lasts ``min_silence_s`` when the message looks
+complete (the ASR's end-of-utterance token or the LLM's estimate at or above ``eot_threshold``) or
+``max_silence_s`` when it does not.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from duplex.config import TurnConfig
+from duplex.events import INPUT_RATE
+
+
+class Phase(enum.Enum):
+    LISTENING = "listening"
+    THINKING = "thinking"
+    SPEAKING = "speaking"
+    PAUSED = "paused"
+
+
+@dataclass(frozen=True)
+class EndTurn:
+    text: str
+    speech_end: int  # stream sample where the user's speech stopped
+
+
+@dataclass(frozen=True)
+class CancelReply:
+    """The user went on speaking before any reply audio was heard: drop the reply, keep listening."""
+
+
+@dataclass(frozen=True)
+class Pause:
+    """User speech over the agent: silence playback now, pending confirmation."""
+
+    speech_start: int
+
+
+@dataclass(frozen=True)
+class CheckBargeIn:
+    """Words over the agent: ask whether they are a backchannel, then call :meth:`barge_in_verdict`."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A false alarm (no words) or a backchannel: playback goes on where it paused."""
+
+
+@dataclass(frozen=True)
+class Interrupt:
+    """A real interruption: drop queued audio, cancel the reply, keep what was heard."""
+
+    text: str
+
+
+Action = EndTurn | CancelReply | Pause | CheckBargeIn | Resume | Interrupt
+
+
+class TurnPolicy:
+    def __init__(self, config: TurnConfig | None = None, rate: int = INPUT_RATE) -> None:
+        self.cfg = config or TurnConfig()
+        self.rate = rate
+        self.phase = Phase.LISTENING
+        self.now = 0  # stream samples seen
+        self.user_speaking = False
+        self.speech_start = 0
+        self.speech_end: int | None = None  # end of the user's last speech in this turn
+        self.awaiting_final = False  # speech stopped; the ASR's final for it has not arrived yet
+        self.finals: list[str] = []  # closed utterances of the current user turn
+        self.partial = ""  # the open utterance's hypothesis
+        self.eou = False  # the last final carried the model's end-of-utterance mark
+        self.eot: float | None = None  # the LLM's estimate for the current text
+        self.check_pending = False
+        self.discard_utterance = False  # the open utterance was a backchannel: not part of any turn
+        self._ended_text: list[str] = []  # the last ended turn, restored if its reply is cancelled
+
+    # -- what the user's side says ---------------------------------------------------------------
+
+    @property
+    def user_text(self) -> str:
+        return " ".join(t for t in (*self.finals, self.partial) if t)
+
+    def speech_started(self, start: int) -> list[Action]:
+        self.user_speaking, self.speech_start = True, start
+        if self.phase is Phase.THINKING:
+            self.phase = Phase.LISTENING
+            self.finals, self._ended_text = self._ended_text + self.finals, []
+            return [CancelReply()]
+        if self.phase is Phase.SPEAKING:
+            self.phase = Phase.PAUSED
+            return [Pause(start)]
+        return []
+
+    def speech_stopped(self, end: int) -> list[Action]:
+        self.user_speaking, self.speech_end, self.awaiting_final = False, end, True
+        return self.advance(self.now)
+
+    def transcript(self, text: str) -> list[Action]:
+        """A partial hypothesis of the open utterance."""
+        if self.discard_utterance:
+            return []
+        if text != self.partial:
+            self.partial, self.eot = text, None
+        return self._words_arrived()
+
+    def final(self, text: str, eou: bool = False) -> list[Action]:
+        """The ASR closed an utterance (``text`` may be empty: nothing was recognised)."""
+        self.partial = ""
+        if self.discard_utterance:
+            self.discard_utterance = False
+            text = ""
+        if text:
+            self.finals.append(text)
+            self.eou, self.eot = eou, None
+        if not self.user_speaking:
+            self.awaiting_final = False
+        return self._words_arrived() + self.advance(self.now)
+
+    def eot_estimate(self, probability: float, text: str) -> list[Action]:
+        """The LLM's estimate that ``text`` is a complete message (ignored if the text moved on)."""
+        if text == self.user_text:
+            self.eot = probability
+        return self.advance(self.now)
+
+    def _words_arrived(self) -> list[Action]:
+        text = self.user_text
+        if not text:
+            return []
+        if self.phase is Phase.SPEAKING:  # words before the VAD noticed: same as speech onset
+            self.phase = Phase.PAUSED
+            return [Pause(self.speech_start), *self._words_arrived()]
+        if self.phase is Phase.PAUSED and not self.check_pending:
+            self.check_pending = True
+            return [CheckBargeIn(text)]
+        return []
+
+    def barge_in_verdict(self, backchannel: bool) -> list[Action]:
+        """The answer to :class:`CheckBargeIn`."""
+        self.check_pending = False
+        if self.phase is not Phase.PAUSED:
+            return []
+        if backchannel:
+            self.phase = Phase.SPEAKING
+            self.finals, self.partial, self.discard_utterance = [], "", True
+            return [Resume()]
+        self.phase = Phase.LISTENING
+        text = self.user_text
+        return [Interrupt(text)]
+
+    # -- time --------------------------------------------------------------------------------------
+
+    def advance(self, now: int) -> list[Action]:
+        self.now = max(self.now, now)
+        if self.user_speaking or self.awaiting_final or self.speech_end is None:
+            return []
+        silence = (self.now - self.speech_end) / self.rate
+        if self.phase is Phase.LISTENING and self.user_text:
+            complete = self.eou or (self.eot is not None and self.eot >= self.cfg.eot_threshold)
+            if silence >= (self.cfg.min_silence_s if complete else self.cfg.max_silence_s):
+                text, end = self.user_text, self.speech_end
+                self._ended_text, self.finals, self.partial = [text], [], ""
+                self.eou, self.eot, self.phase = False, None, Phase.THINKING
+                return [EndTurn(text, end)]
+        if self.phase is Phase.PAUSED and not self.user_text and not self.check_pending:
+            if silence >= self.cfg.false_interruption_s:
+                self.phase = Phase.SPEAKING
+                return [Resume()]
+        return []
+
+    # -- what the agent's side says ----------------------------------------------------------------
+
+    def reply_audible(self) -> None:
+        """The first audio of the reply reached the speaker."""
+        if self.phase is Phase.THINKING:
+            self.phase = Phase.SPEAKING
+            self._ended_text = []
+
+    def reply_finished(self) -> None:
+        """The reply was played out completely (or produced nothing)."""
+        if self.phase in (Phase.THINKING, Phase.SPEAKING):
+            self.phase = Phase.LISTENING
+            self._ended_text = []

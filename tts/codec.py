@@ -1,0 +1,276 @@
+"""Exact streaming Mimi codec: a stateful decoder (codes to audio) and encoder (audio to codes).
+
+``MimiModel.decode`` in transformers keeps no state between calls except the decoder transformer's KV
+cache, so decoding in chunks clicks at every join. Here every piece of state a causal Mimi carries
+from one chunk to the next lives in a :class:`CodecState`:
+
+- the causal convolutions' left context (the last ``(kernel - 1) * dilation + 1 - stride`` input
+  samples of each :class:`MimiConv1d`),
+- the overlap tails of the transposed convolutions (the last ``kernel - stride`` output samples of
+  each :class:`MimiConvTranspose1d`, still to be summed with the next chunk's first outputs),
+- the transformer's KV cache, a fixed-size window of the last ``sliding_window - 1`` positions (the
+  attention span of the one-shot model), with absolute RoPE positions.
+
+So decoding frame by frame, or in chunks of any size, gives the samples of one-shot decoding (up to
+float rounding). The weights are the Hugging Face modules' own; only the forward pass is streamed.
+Codes are ``[B, K, T]`` (K codebooks, T frames at 12.5 Hz); each frame is ``frame_size`` samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # heavy imports stay lazy
+    import torch
+    from transformers import MimiModel
+
+
+@dataclass
+class WindowKV:
+    """KV cache of one streaming transformer: the last ``window - 1`` positions of every layer."""
+
+    keys: list[torch.Tensor]  # per layer [B, H_kv, window - 1, D]
+    values: list[torch.Tensor]
+    valid: int = 0  # how many of the slots hold real positions (the newest ones, at the end)
+    position: int = 0  # absolute position of the next input step
+
+    def copy(self) -> WindowKV:
+        return WindowKV([k.clone() for k in self.keys], [v.clone() for v in self.values], self.valid,
+                        self.position)
+
+
+@dataclass
+class CodecState:
+    """Everything a streaming Mimi half carries between chunks (one per reply or live input)."""
+
+    kv: WindowKV
+    conv_context: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> [B, C_in, pad]
+    overlap: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> [B, C_out, k - s]
+    frames: int = 0  # frames decoded (decoder) or encoded (encoder) so far
+    pending: torch.Tensor | None = None  # encoder only: input samples short of a whole frame [B, 1, n]
+
+    def copy(self) -> CodecState:
+        return CodecState(self.kv.copy(), {k: v.clone() for k, v in self.conv_context.items()},
+                          {k: v.clone() for k, v in self.overlap.items()}, self.frames,
+                          None if self.pending is None else self.pending.clone())
+
+
+# -- building blocks -------------------------------------------------------------------------------
+
+
+def conv_step(name: str, conv, x: torch.Tensor, state: CodecState) -> torch.Tensor:
+    """One chunk through a causal ``MimiConv1d``: prepend the kept left context, keep the new one.
+
+    ``x`` is ``[B, C, n * stride]``; the output is ``[B, C_out, n]``, the same frames one-shot gives.
+    """
+    import torch
+
+    pad = int(conv.padding_total)
+    context = state.conv_context.get(name)
+    if context is None:  # first chunk: the one-shot left padding
+        if conv.pad_mode == "replicate":
+            context = x[..., :1].expand(-1, -1, pad)
+        else:
+            context = x.new_zeros(x.shape[0], x.shape[1], pad)
+    full = torch.cat([context, x], dim=-1)
+    state.conv_context[name] = full[..., full.shape[-1] - pad:].clone()
+    return conv.conv(full)
+
+
+def conv_transpose_step(name: str, convtr, x: torch.Tensor, state: CodecState) -> torch.Tensor:
+    """One chunk through a causal ``MimiConvTranspose1d``: overlap-add the kept tail, keep the new one.
+
+    ``x`` is ``[B, C, n]``; the output is ``[B, C_out, n * stride]``. One-shot trims ``kernel - stride``
+    samples at the right of the whole output (``trim_right_ratio`` 1); streaming holds them back as the
+    tail that the next chunk's first outputs add onto.
+    """
+    import torch
+
+    conv = convtr.conv
+    stride = conv.stride[0]
+    y = torch.nn.functional.conv_transpose1d(x, conv.weight, None, stride=stride, groups=conv.groups)
+    tail = state.overlap.get(name)
+    if tail is not None:
+        y = torch.cat([y[..., : tail.shape[-1]] + tail, y[..., tail.shape[-1]:]], dim=-1)
+    keep = x.shape[-1] * stride
+    state.overlap[name] = y[..., keep:].clone()
+    out = y[..., :keep]
+    if conv.bias is not None:
+        out = out + conv.bias[None, :, None]
+    return out
+
+
+def _new_window(transformer, batch: int, device, dtype) -> WindowKV:
+    import torch
+
+    cfg = transformer.config
+    slots = max(int(cfg.sliding_window) - 1, 0)
+    shape = (batch, cfg.num_key_value_heads, slots, cfg.head_dim)
+    n = len(transformer.layers)
+    return WindowKV([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+                    [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)])
+
+
+def transformer_step(transformer, x: torch.Tensor, kv: WindowKV) -> torch.Tensor:
+    """``x`` ``[B, T, C]`` through a ``MimiTransformerModel`` with a sliding-window KV cache.
+
+    The cache has a fixed ``window - 1`` slots per layer; query ``i`` (absolute position ``p + i``)
+    sees the keys at positions ``(p + i - window, p + i]``, as the one-shot sliding-window mask does.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from transformers.models.mimi.modeling_mimi import apply_rotary_pos_emb
+
+    batch, steps, _ = x.shape
+    slots = kv.keys[0].shape[2] if kv.keys else 0
+    window = slots + 1
+    device = x.device
+    positions = torch.arange(kv.position, kv.position + steps, device=device)
+    cos, sin = transformer.rotary_emb(x, positions[None])
+    # mask [T, slots + T]: True = may attend
+    i = torch.arange(steps, device=device)[:, None]
+    j = torch.arange(slots, device=device)[None, :]
+    cached_ok = (j >= i) & (j >= slots - kv.valid)
+    new_j = torch.arange(steps, device=device)[None, :]
+    new_ok = (new_j <= i) & (new_j > i - window)
+    mask = torch.cat([cached_ok, new_ok], dim=1)[None, None]
+
+    for index, layer in enumerate(transformer.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(batch, steps, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(batch, steps, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(batch, steps, -1, attn.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        keys = torch.cat([kv.keys[index], k], dim=2)
+        values = torch.cat([kv.values[index], v], dim=2)
+        kv.keys[index] = keys[:, :, keys.shape[2] - slots:]
+        kv.values[index] = values[:, :, values.shape[2] - slots:]
+        groups = attn.num_key_value_groups
+        if groups > 1:
+            keys = keys.repeat_interleave(groups, dim=1)
+            values = values.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+        out = attn.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
+        x = x + layer.self_attn_layer_scale(out)
+        x = x + layer.mlp_layer_scale(layer.mlp(layer.post_attention_layernorm(x)))
+    kv.valid = min(slots, kv.valid + steps)
+    kv.position += steps
+    return x
+
+
+def _seanet_step(prefix: str, seanet, x: torch.Tensor, state: CodecState) -> torch.Tensor:
+    from transformers.models.mimi.modeling_mimi import MimiConv1d, MimiConvTranspose1d, MimiResnetBlock
+
+    for index, layer in enumerate(seanet.layers):
+        name = f"{prefix}.{index}"
+        if isinstance(layer, MimiConv1d):
+            x = conv_step(name, layer, x, state)
+        elif isinstance(layer, MimiConvTranspose1d):
+            x = conv_transpose_step(name, layer, x, state)
+        elif isinstance(layer, MimiResnetBlock):
+            residual = x
+            for sub_index, sub in enumerate(layer.block):
+                x = conv_step(f"{name}.{sub_index}", sub, x, state) if isinstance(sub, MimiConv1d) else sub(x)
+            shortcut = layer.shortcut
+            if isinstance(shortcut, MimiConv1d):
+                residual = conv_step(f"{name}.shortcut", shortcut, residual, state)
+            else:
+                residual = shortcut(residual)
+            x = residual + x
+        else:  # activations
+            x = layer(x)
+    return x
+
+
+def _check_causal(config) -> None:
+    if not config.use_causal_conv:
+        raise ValueError("streaming Mimi needs causal convolutions (use_causal_conv=True)")
+    if config.trim_right_ratio != 1.0:
+        raise ValueError("streaming Mimi needs trim_right_ratio=1.0 (all transposed-conv trimming on the right)")
+
+
+# -- decoder and encoder ---------------------------------------------------------------------------
+
+
+class StreamingDecoder:
+    """Decodes Mimi codes chunk by chunk, exactly as one-shot ``MimiModel.decode`` would."""
+
+    def __init__(self, codec: MimiModel) -> None:
+        if codec.decoder is None:
+            raise ValueError("this Mimi model has no decoder")
+        _check_causal(codec.config)
+        self.codec = codec
+        self.frame_size = int(codec.config.frame_size)
+        self.num_codebooks = int(codec.config.num_quantizers)
+
+    def new_state(self, batch: int = 1) -> CodecState:
+        p = next(self.codec.decoder.parameters())
+        return CodecState(_new_window(self.codec.decoder.decoder_transformer, batch, p.device, p.dtype))
+
+    def decode(self, codes: torch.Tensor, state: CodecState) -> torch.Tensor:
+        """``codes`` ``[B, K, T]`` (the next T frames) -> audio ``[B, T * frame_size]``."""
+        if codes.ndim != 3 or codes.shape[1] != self.num_codebooks:
+            raise ValueError(f"codes must be [B, {self.num_codebooks}, T], got {tuple(codes.shape)}")
+        decoder = self.codec.decoder
+        latents = self.codec.quantizer.decode(codes)  # [B, C, T]
+        p = next(decoder.parameters())
+        latents = latents.to(p.dtype)
+        x = conv_transpose_step("upsample", decoder.upsample, latents, state) if decoder.upsample is not None \
+            else latents  # [B, C, 2T]
+        x = transformer_step(decoder.decoder_transformer, x.transpose(1, 2), state.kv).transpose(1, 2)
+        audio = _seanet_step("seanet", decoder.decoder_seanet, x, state)  # [B, 1, T * frame_size]
+        state.frames += codes.shape[-1]
+        return audio[:, 0]
+
+
+class StreamingEncoder:
+    """Encodes audio to Mimi codes as it arrives (a voice prompt, or a live voice).
+
+    Samples are consumed in whole frames; the remainder waits in the state for the next call. Fed
+    whole frames, the codes equal those of one-shot ``MimiModel.encode`` on the same samples.
+    """
+
+    def __init__(self, codec: MimiModel) -> None:
+        if codec.encoder is None:
+            raise ValueError("this Mimi model has no encoder")
+        _check_causal(codec.config)
+        self.codec = codec
+        self.frame_size = int(codec.config.frame_size)
+        self.num_codebooks = int(codec.config.num_quantizers)
+
+    def new_state(self, batch: int = 1) -> CodecState:
+        p = next(self.codec.encoder.parameters())
+        return CodecState(_new_window(self.codec.encoder.encoder_transformer, batch, p.device, p.dtype))
+
+    def latents(self, audio: torch.Tensor, state: CodecState) -> torch.Tensor:
+        """``audio`` ``[B, n]`` -> continuous latents ``[B, C, frames]`` of the whole frames now complete."""
+        import torch
+
+        if audio.ndim != 2:
+            raise ValueError(f"audio must be [B, samples], got {tuple(audio.shape)}")
+        encoder = self.codec.encoder
+        p = next(encoder.parameters())
+        x = audio[:, None].to(device=p.device, dtype=p.dtype)
+        if state.pending is not None:
+            x = torch.cat([state.pending, x], dim=-1)
+        whole = (x.shape[-1] // self.frame_size) * self.frame_size
+        state.pending = x[..., whole:].clone()
+        x = x[..., :whole]
+        if whole == 0:
+            return x.new_zeros(x.shape[0], self.codec.config.hidden_size, 0)
+        x = _seanet_step("seanet", encoder.encoder_seanet, x, state)
+        x = transformer_step(encoder.encoder_transformer, x.transpose(1, 2), state.kv).transpose(1, 2)
+        if encoder.downsample is not None:
+            x = conv_step("downsample", encoder.downsample, x, state)
+        state.frames += x.shape[-1]
+        return x
+
+    def encode(self, audio: torch.Tensor, state: CodecState) -> torch.Tensor:
+        """``audio`` ``[B, n]`` -> codes ``[B, K, frames]`` of the whole frames now complete."""
+        latents = self.latents(audio, state)
+        if latents.shape[-1] == 0:
+            return latents.new_zeros(latents.shape[0], self.num_codebooks, 0).long()
+        return self.codec.quantizer.encode(latents, self.num_codebooks).transpose(0, 1)
