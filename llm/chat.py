@@ -1,0 +1,171 @@
+"""The model's chat template, taken apart into per-message wrappers, and dialogue tokenisation.
+
+:class:`ChatFormat` renders the real chat template once with placeholder contents and cuts it into
+the system block, a ``(prefix, suffix)`` pair per role and the generation prompt. A dialogue is then
+``system + wrap(m1) + wrap(m2) + ...``, each message tokenised on its own, which equals rendering
+the whole dialogue for message-local templates (ChatML, Llama 3; checked at load) and lets the
+stream re-tokenise only the messages that changed. The last user message can be rendered *open*
+(without its suffix), so the next-token distribution after it gives the probability that the
+message is complete: the suffix's first token (``<|im_end|>``, ``<|eot_id|>``).
+
+:class:`DialogueTokens` keeps the token ids of each rendered segment and says where a new rendering
+first differs from the previous one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from duplex.errors import ConfigError
+from duplex.stages import Message
+
+log = logging.getLogger(__name__)
+
+_A = "\ue000"  # placeholder contents: private-use characters no template touches
+_B = "\ue001"
+ROLES = ("user", "assistant")
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """The chat template of one tokenizer, as strings to put around each message."""
+
+    tokenizer: Any
+    system_text: str  # the rendered system block, with {system} already substituted by render_system
+    wrappers: dict[str, tuple[str, str]]  # role -> (prefix, suffix)
+    generation_prompt: str
+    end_of_message: int  # first token of the user suffix: "the user's message is complete"
+    stop_ids: frozenset[int]  # tokens that end a reply
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, generation_config: Any = None) -> ChatFormat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("the LLM's tokenizer has no chat template; use an instruct/chat checkpoint")
+
+        def render(messages: list[dict[str, str]], gen: bool = False) -> str:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen,
+                                                 enable_thinking=False)
+
+        system = [{"role": "system", "content": _A}]
+        s = render(system)
+        a = render(system + [{"role": "user", "content": _B}])
+        b = render(system + [{"role": "user", "content": _B}, {"role": "assistant", "content": _A}])
+        g = render(system + [{"role": "user", "content": _B}], gen=True)
+        if not (a.startswith(s) and b.startswith(a) and g.startswith(a) and s.count(_A) == 1):
+            raise ConfigError("the LLM's chat template does not render messages one after another; "
+                              "duplex.llm needs a message-local template (ChatML, Llama 3, ...)")
+        user_prefix, _, user_suffix = a[len(s):].partition(_B)
+        asst_prefix, _, asst_suffix = b[len(a):].partition(_A)
+        fmt_tokens = tokenizer(user_suffix, add_special_tokens=False)["input_ids"]
+        if not fmt_tokens:
+            raise ConfigError("the chat template puts nothing after a user message, so the end of a "
+                              "message cannot be read from the model")
+        stop = {tokenizer(asst_suffix, add_special_tokens=False)["input_ids"][0]}
+        for extra in (getattr(tokenizer, "eos_token_id", None),
+                      getattr(generation_config, "eos_token_id", None)):
+            if isinstance(extra, int):
+                stop.add(extra)
+            elif extra:
+                stop.update(int(t) for t in extra)
+        fmt = cls(tokenizer=tokenizer, system_text=s, wrappers={"user": (user_prefix, user_suffix),
+                  "assistant": (asst_prefix, asst_suffix)}, generation_prompt=g[len(a):],
+                  end_of_message=fmt_tokens[0], stop_ids=frozenset(stop))
+        fmt._check_local(render)
+        return fmt
+
+    def _check_local(self, render: Any) -> None:
+        sample = [Message("user", "Hello there."), Message("assistant", "Hi! How can I help?"),
+                  Message("user", "Tell me a joke.")]
+        whole = render([{"role": "system", "content": "Be brief."}]
+                       + [{"role": m.role, "content": m.content} for m in sample], True)
+        pieces = self.render_system("Be brief.") + "".join(self.render(m) for m in sample)
+        if whole != pieces + self.generation_prompt:
+            log.warning("the chat template is not message-local; duplex.llm renders each message with "
+                        "the wrappers of its role, which may differ slightly from the template")
+
+    def render_system(self, system_prompt: str) -> str:
+        return self.system_text.replace(_A, system_prompt.strip())
+
+    def render(self, message: Message, *, open_: bool = False) -> str:
+        """One message with its wrappers; ``open_`` leaves the suffix off (the message goes on)."""
+        if message.role not in self.wrappers:
+            raise ValueError(f"unknown message role {message.role!r}; expected one of {', '.join(ROLES)}")
+        prefix, suffix = self.wrappers[message.role]
+        return prefix + message.content.strip() + ("" if open_ else suffix)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+
+@dataclass
+class DialogueTokens:
+    """The token ids of a rendered dialogue, kept per segment: system, each message, generation prompt.
+
+    :meth:`update` re-renders a new version of the dialogue, re-tokenising only segments that
+    changed, and returns the dialogue index of the first token that differs from the previous version.
+    """
+
+    fmt: ChatFormat
+    system_prompt: str
+    keys: list[tuple[str, str, bool]] = field(default_factory=list)  # (role, content, open) per segment
+    segments: list[np.ndarray] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)  # dialogue index of each segment's first token
+    length: int = 0
+
+    def update(self, messages: Sequence[Message], *, open_last: bool = False,
+               generation_prompt: bool = False) -> int:
+        keys = [("system", self.system_prompt, False)]
+        keys += [(m.role, m.content, open_last and i == len(messages) - 1) for i, m in enumerate(messages)]
+        if generation_prompt:
+            keys.append(("generation", "", False))
+        same = 0
+        while same < min(len(keys), len(self.keys)) and keys[same] == self.keys[same]:
+            same += 1
+        old = self.segments[same] if same < len(self.segments) else None
+        del self.keys[same:], self.segments[same:], self.starts[same:]
+        self.length = self.starts[-1] + len(self.segments[-1]) if self.segments else 0
+        first_change = self.length
+        for i, key in enumerate(keys[same:]):
+            seg = self._encode(key)
+            if i == 0 and old is not None:
+                n = min(len(old), len(seg))
+                first_change += int(np.argmin(np.append(old[:n] == seg[:n], False)))
+            self.keys.append(key)
+            self.segments.append(seg)
+            self.starts.append(self.length)
+            self.length += len(seg)
+        return first_change
+
+    def _encode(self, key: tuple[str, str, bool]) -> np.ndarray:
+        role, content, open_ = key
+        if role == "system":
+            return self.fmt.encode(self.fmt.render_system(content))
+        if role == "generation":
+            return self.fmt.encode(self.fmt.generation_prompt)
+        return self.fmt.encode(self.fmt.render(Message(role, content), open_=open_))  # type: ignore[arg-type]
+
+    @property
+    def system_length(self) -> int:
+        return len(self.segments[0]) if self.segments else 0
+
+    def ids(self, start: int, end: int | None = None) -> np.ndarray:
+        """Dialogue tokens ``[start, end)``."""
+        end = self.length if end is None else end
+        if start >= end:
+            return np.zeros(0, dtype=np.int64)
+        first = max(0, int(np.searchsorted(self.starts, start, side="right")) - 1)
+        parts, i = [], first
+        while i < len(self.segments) and self.starts[i] < end:
+            s = self.starts[i]
+            parts.append(self.segments[i][max(0, start - s): end - s])
+            i += 1
+        return np.concatenate(parts)
+
+    def boundaries(self) -> list[int]:
+        """Dialogue indices where a message starts (the places eviction prefers to cut)."""
+        return list(self.starts[1:])

@@ -1,0 +1,169 @@
+"""One session of the dialogue LM: listen, reply, judge backchannels (:class:`duplex.stages.LLMStream`).
+
+All model work goes to the model's worker thread as separate jobs (one per reply token), so replies
+are cancellable between steps and the session's state only ever changes inside a job, in order.
+
+- :meth:`SinkLLMStream.listen` brings the cache up to the dialogue with the user's words so far
+  (the last message left open) and returns P(the chat template's end-of-message token), read from
+  the logits of that same prefill.
+- :meth:`SinkLLMStream.reply` runs its own decode loop: prefill up to the generation prompt, then
+  sample, detokenise and clean each token for speech, until an end-of-turn token, the token limit,
+  or the caller closes the iterator.
+- While a reply is being generated the cache belongs to it: ``listen`` and ``is_backchannel`` then
+  score a short tail (the user's words) on top of the cache and roll it back exactly, so the reply
+  goes on unchanged. Once the reply is closed, the next ``listen`` truncates the cache to the words
+  the person heard (the conversation record passes only those) and continues from there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from duplex.llm.context import SinkContext
+from duplex.llm.engine import TextDecoder, sample, token_probability
+from duplex.llm.speech_text import SpeechText
+from duplex.stages import Message
+
+if TYPE_CHECKING:
+    from duplex.llm.model import SinkLLM
+
+BACKCHANNEL_QUESTION = (
+    'While you were speaking, the user said: "{text}". Is that only a backchannel, like "mm-hm", '
+    '"yeah" or "right", so you should keep talking? Answer yes or no.'
+)
+
+
+@dataclass
+class _Reply:
+    """One reply being generated."""
+
+    decoder: TextDecoder
+    last: int | None = None  # sampled, not yet run through the model
+    count: int = 0
+
+
+@dataclass
+class SinkLLMStream:
+    model: SinkLLM
+    system_prompt: str
+    _ctx: SinkContext | None = None
+    _generator: torch.Generator | None = None
+    _active: _Reply | None = None
+    _closed: bool = False
+
+    @property
+    def context(self) -> SinkContext | None:
+        """The session's cache state (inspect it only between calls)."""
+        return self._ctx
+
+    # -- the LLMStream contract ------------------------------------------------------------------
+
+    async def listen(self, messages: Sequence[Message]) -> float | None:
+        self._check_open()
+        return await self.model.worker.run(self._listen, list(messages))
+
+    async def reply(self, messages: Sequence[Message]) -> AsyncIterator[str]:
+        self._check_open()
+        reply = _Reply(TextDecoder(self.model.engine.tokenizer))
+        self._active = reply
+        speech = SpeechText()
+        pending: list[Message] | None = list(messages)
+        try:
+            done = False
+            while not done:
+                done, text = await self.model.worker.run(self._reply_step, reply, pending)
+                pending = None
+                piece = speech.feed(text) if text else ""
+                if done:
+                    piece += speech.flush()
+                if piece:
+                    yield piece
+        finally:
+            if self._active is reply:
+                self._active = None
+
+    async def is_backchannel(self, messages: Sequence[Message], text: str) -> bool:
+        self._check_open()
+        words = text.split()
+        if not words:
+            return True  # nothing was said: keep talking
+        if len(words) > self.model.settings.backchannel_max_words:
+            return False
+        return await self.model.worker.run(self._backchannel, list(messages), " ".join(words))
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._active = None
+        await self.model.worker.run(self._release)
+
+    # -- jobs (worker thread) -------------------------------------------------------------------
+
+    def _context(self) -> SinkContext:
+        if self._ctx is None:
+            self._ctx = self.model.new_context(self.system_prompt)
+            device = self.model.engine.device
+            self._generator = torch.Generator(device=device).manual_seed(self.model.settings.seed)
+        return self._ctx
+
+    def _listen(self, messages: list[Message]) -> float | None:
+        ctx = self._context()
+        fmt = self.model.format
+        if not messages or messages[-1].role != "user":
+            if self._active is None:
+                ctx.sync(messages)
+            return None
+        if self._active is not None:
+            tail = self._close_open(ctx) + fmt.render(messages[-1], open_=True)
+            logits = ctx.score(fmt.encode(tail))
+        else:
+            logits = ctx.sync(messages, open_last=True)
+        return token_probability(logits, [fmt.end_of_message])
+
+    def _reply_step(self, reply: _Reply, messages: list[Message] | None) -> tuple[bool, str]:
+        """One decode step: returns (finished, new text)."""
+        if self._active is not reply:
+            return True, ""  # closed or superseded while this step waited
+        ctx = self._context()
+        if messages is not None:
+            logits = ctx.sync(messages, generation_prompt=True)
+        else:
+            assert reply.last is not None
+            logits = ctx.extend([reply.last])
+        settings = self.model.settings
+        token = sample(logits, settings.temperature, settings.top_p, self._generator)
+        if token in self.model.format.stop_ids:
+            return True, ""
+        reply.last = token
+        reply.count += 1
+        return reply.count >= settings.max_reply_tokens, reply.decoder.push(token)
+
+    def _backchannel(self, messages: list[Message], text: str) -> bool:
+        ctx = self._context()
+        fmt = self.model.format
+        if self._active is None:
+            ctx.sync(messages)
+        question = Message("user", BACKCHANNEL_QUESTION.format(text=text))
+        tail = self._close_open(ctx) + fmt.render(question) + fmt.generation_prompt
+        logits = ctx.score(fmt.encode(tail))
+        yes_ids, no_ids = self.model.answer_ids
+        return token_probability(logits, yes_ids) > token_probability(logits, no_ids)
+
+    def _close_open(self, ctx: SinkContext) -> str:
+        """The text that ends the message the cache currently stops inside, if any."""
+        if ctx.open_role is None:
+            return ""
+        return self.model.format.wrappers[ctx.open_role][1]
+
+    def _release(self) -> None:
+        self._ctx = None
+        self._generator = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this LLM stream is closed")
