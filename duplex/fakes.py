@@ -4,9 +4,10 @@ They implement the stage contracts of :mod:`duplex.stages` without models, so or
 taking, barge-in, cancellation, pacing, the record) is tested deterministically. They are for testing
 the plumbing, never the product. Options come from ``AgentConfig.fake[role]``:
 
-- ASR: ``words`` (script cycled through), ``word_s`` (voiced seconds per recognised word),
-  ``rms`` (voicing threshold), ``delay_s`` (await per packet), ``compute_s`` (blocking compute per
-  packet on a worker thread).
+- ASR: ``words`` (script cycled through), or ``utterances`` (utterance *i* of a stream recognises
+  at most the words of ``utterances[i]``, nothing once they run out), ``word_s`` (voiced seconds
+  per recognised word), ``rms`` (voicing threshold), ``delay_s`` (await per packet), ``compute_s``
+  (blocking compute per packet on a worker thread), ``fail_at_s`` (raise once the stream passes it).
 - LLM: ``replies`` (cycled; default echoes the user), ``ttft_s``, ``token_s``, ``eot`` (the
   end-of-turn probability ``listen`` reports, or None), ``compute_s``.
 - TTS: ``word_s`` (audio seconds per word), ``first_chunk_s``, ``rtf`` (await per chunk, as a
@@ -49,20 +50,16 @@ def _compute(worker: ModelWorker, seconds: float):
 @dataclass
 class FakeASR:
     words: Sequence[str] = tuple("the quick brown fox jumps over the lazy dog".split())
+    utterances: Sequence[str] | None = None
     word_s: float = 0.3
     rms: float = 0.02
     delay_s: float = 0.0
     compute_s: float = 0.0
+    fail_at_s: float | None = None
     worker: ModelWorker = field(default_factory=lambda: ModelWorker("fake-asr"))
-    _next_word: int = 0
 
     def new_stream(self) -> FakeASRStream:
         return FakeASRStream(self)
-
-    def take_word(self) -> str:
-        word = self.words[self._next_word % len(self.words)]
-        self._next_word += 1
-        return word
 
 
 class FakeASRStream:
@@ -73,13 +70,25 @@ class FakeASRStream:
         self.pos = 0
         self.voiced = 0
         self.word_start: int | None = None
-        self.words: list[Word] = []
+        self.words: list[Word] = []  # of the open utterance
+        self.utterance = 0
+        self.next_word = 0
+
+    def take_word(self) -> str | None:
+        if self.m.utterances is not None:
+            script = self.m.utterances[self.utterance].split() if self.utterance < len(self.m.utterances) else []
+            return script[len(self.words)] if len(self.words) < len(script) else None
+        word = self.m.words[self.next_word % len(self.m.words)]
+        self.next_word += 1
+        return word
 
     async def feed(self, pcm: np.ndarray) -> list[TranscriptPartial | TranscriptFinal]:
         if self.m.delay_s:
             await asyncio.sleep(self.m.delay_s)
         if self.m.compute_s:
             await _compute(self.m.worker, self.m.compute_s)
+        if self.m.fail_at_s is not None and self.pos >= self.m.fail_at_s * INPUT_RATE:
+            raise RuntimeError("scripted ASR failure")
         before = len(self.words)
         hop = INPUT_RATE // 100
         for i in range(0, len(pcm), hop):
@@ -89,7 +98,9 @@ class FakeASRStream:
                     self.word_start = self.pos + i
                 self.voiced += block.size
                 if self.voiced >= self.m.word_s * INPUT_RATE:
-                    self.words.append(Word(self.m.take_word(), self.word_start, self.pos + i + block.size))
+                    word = self.take_word()
+                    if word is not None:
+                        self.words.append(Word(word, self.word_start, self.pos + i + block.size))
                     self.voiced, self.word_start = 0, None
         self.pos += len(pcm)
         if len(self.words) == before:
@@ -100,6 +111,8 @@ class FakeASRStream:
 
     async def endpoint(self) -> list[TranscriptFinal]:
         words, self.words = self.words, []
+        if words:
+            self.utterance += 1
         self.voiced, self.word_start = 0, None
         if not words:
             return []
@@ -121,35 +134,37 @@ class FakeLLM:
     eot: float | None = None
     compute_s: float = 0.0
     worker: ModelWorker = field(default_factory=lambda: ModelWorker("fake-llm"))
-    listened: list[list[Message]] = field(default_factory=list)  # what each stream was shown
-    _next_reply: int = 0
+    streams: list[FakeLLMStream] = field(default_factory=list)
 
     def new_stream(self, system_prompt: str) -> FakeLLMStream:
-        return FakeLLMStream(self)
-
-    def reply_text(self, messages: Sequence[Message]) -> str:
-        if self.replies:
-            text = self.replies[self._next_reply % len(self.replies)]
-            self._next_reply += 1
-            return text
-        last = messages[-1].content if messages else ""
-        return f"You said: {last}."
+        stream = FakeLLMStream(self)
+        self.streams.append(stream)
+        return stream
 
 
 class FakeLLMStream:
     def __init__(self, model: FakeLLM) -> None:
         self.m = model
+        self.shown: list[list[Message]] = []  # the dialogue each call was given, for tests
+        self.replies = 0
+
+    def reply_text(self, messages: Sequence[Message]) -> str:
+        self.replies += 1
+        if self.m.replies:
+            return self.m.replies[(self.replies - 1) % len(self.m.replies)]
+        last = messages[-1].content if messages else ""
+        return f"You said: {last}."
 
     async def listen(self, messages: Sequence[Message]) -> float | None:
-        self.m.listened.append(list(messages))
+        self.shown.append(list(messages))
         if self.m.compute_s:
             await _compute(self.m.worker, self.m.compute_s)
         return self.m.eot
 
     async def reply(self, messages: Sequence[Message]) -> AsyncIterator[str]:
-        self.m.listened.append(list(messages))
+        self.shown.append(list(messages))
         await asyncio.sleep(self.m.ttft_s)
-        for i, word in enumerate(self.m.reply_text(messages).split()):
+        for i, word in enumerate(self.reply_text(messages).split()):
             if i:
                 await asyncio.sleep(self.m.token_s)
             if self.m.compute_s:

@@ -130,9 +130,9 @@ class Session:
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._frames = 0
         self._tasks = [
-            asyncio.create_task(self._guard(self._vad_loop(), "vad"), name=f"{name}-vad"),
-            asyncio.create_task(self._guard(self._asr_loop(), "asr"), name=f"{name}-asr"),
-            asyncio.create_task(self._guard(self._playout_loop(), "playout"), name=f"{name}-playout"),
+            asyncio.create_task(self._guard(self._vad_loop, "vad"), name=f"{name}-vad"),
+            asyncio.create_task(self._guard(self._asr_loop, "asr"), name=f"{name}-asr"),
+            asyncio.create_task(self._guard(self._playout_loop, "playout"), name=f"{name}-playout"),
         ]
 
     # -- public API ------------------------------------------------------------------------------
@@ -207,10 +207,9 @@ class Session:
         pending = self.policy.user_text
         if pending:
             self.conversation.user_turn_ended(pending, self._turn_start, self._pushed, now())
-        tasks = [*self._tasks, *self._side_tasks]
-        for t in (self._reply_task, self._listen_task):
-            if t is not None:
-                tasks.append(t)
+        me = asyncio.current_task()
+        tasks = [t for t in (*self._tasks, *self._side_tasks, self._reply_task, self._listen_task)
+                 if t is not None and t is not me]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -241,17 +240,17 @@ class Session:
             self.state = state
             self._emit(ev.AgentState(stream_samples=self._vad_pos, wall=now(), state=state))
 
-    async def _guard(self, coro: Awaitable[None], stage: str) -> None:
+    async def _guard(self, loop: Callable[[], Awaitable[None]], stage: str) -> None:
         """Run a pipeline task; a failure becomes an Error event and ends the session cleanly."""
         try:
-            await coro
+            await loop()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("%s: %s failed", self.name, stage)
             self._emit(ev.Error(stream_samples=self._vad_pos, wall=now(), stage=stage,
                                 message=f"{type(exc).__name__}: {exc}", fatal=True))
-            self._spawn(self.close())
+            self._spawn(self._guard_soft("session", self.close))
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -305,7 +304,7 @@ class Session:
             return
         self._listen_wanted = True
         if self._listen_task is None or self._listen_task.done():
-            self._listen_task = asyncio.create_task(self._guard_soft(self._listen_loop(), "llm"))
+            self._listen_task = asyncio.create_task(self._guard_soft("llm", self._listen_loop))
 
     async def _listen_loop(self) -> None:
         while self._listen_wanted and self.policy.phase is Phase.LISTENING:
@@ -316,10 +315,10 @@ class Session:
                 self._emit(ev.EndOfTurnEstimate(stream_samples=self._vad_pos, wall=now(), probability=p))
                 self._apply(self.policy.eot_estimate(p, text))
 
-    async def _guard_soft(self, coro: Awaitable[None], stage: str) -> None:
+    async def _guard_soft(self, stage: str, fn: Callable[..., Awaitable[None]], *args: object) -> None:
         """Run a helper task whose failure is reported but does not end the session."""
         try:
-            await coro
+            await fn(*args)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -341,7 +340,7 @@ class Session:
                                           reply_id=self._reply.reply_id, speech_start=action.speech_start))
                 self._set_state("listening")
             elif isinstance(action, CheckBargeIn):
-                self._spawn(self._guard_soft(self._check(action.text), "llm"))
+                self._spawn(self._guard_soft("llm", self._check, action.text))
             elif isinstance(action, Resume):
                 self.playout.resume()
                 self._pause_start = None

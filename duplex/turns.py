@@ -103,6 +103,7 @@ class TurnPolicy:
 
     def speech_started(self, start: int) -> list[Action]:
         self.user_speaking, self.speech_start = True, start
+        self.now = max(self.now, start)
         if self.phase is Phase.THINKING:
             self.phase = Phase.LISTENING
             self.finals, self._ended_text = self._ended_text + self.finals, []
@@ -114,6 +115,7 @@ class TurnPolicy:
 
     def speech_stopped(self, end: int) -> list[Action]:
         self.user_speaking, self.speech_end, self.awaiting_final = False, end, True
+        self.now = max(self.now, end)
         return self.advance(self.now)
 
     def transcript(self, text: str) -> list[Action]:

@@ -1,0 +1,240 @@
+"""Orchestration of a session: real Silero VAD on real speech, scripted ASR/LLM/TTS, virtual clock.
+
+Input audio is cut from JFK's speech; the fake stages have fixed delays, so every run is identical.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from duplex import events as ev
+from duplex.clock import now, run_virtual
+from duplex.errors import AudioFormatError
+from duplex.playout import Playout
+from duplex.stages import Message
+from tests.fake_agent import clip, drive, make_agent, silence
+
+REPLY = "one two three four five six seven eight nine ten"
+
+
+def _frames_between(run, t_from: float, t_to: float) -> list[np.ndarray]:
+    return [f for t, f in run.frames if t_from < t < t_to]
+
+
+def test_barge_in_silences_and_keeps_only_heard_words(vad_model, jfk16):
+    """Speech over the agent silences it within a frame; no audio of the interrupted reply is emitted
+    afterwards; the record holds exactly the words played, and the LLM's next context only those."""
+    agent = make_agent(vad_model, asr={"utterances": ["hello there", "stop now please"]},
+                       llm={"replies": [REPLY, "okay"]})
+    pcm = np.concatenate([clip(jfk16, 0.2, 2.4), silence(2.8), clip(jfk16, 5.3, 7.8), silence(4.0)])
+    run = run_virtual(drive(agent, pcm))
+
+    barge, = run.of(ev.BargeIn)
+    interrupted, = run.of(ev.Interrupted)
+    out1, out2 = run.of(ev.AudioOut)
+    assert barge.reply_id == interrupted.reply_id == out1.reply_id == 1
+    # Agent audio was flowing before the barge-in ...
+    assert any(np.abs(f).max() > 0.05 for f in _frames_between(run, out1.wall, barge.wall))
+    # ... and after it, nothing but silence until the next reply starts.
+    after = _frames_between(run, barge.wall + 0.021, out2.wall)
+    assert after and all(not f.any() for f in after)
+    # No reply-1 audio queued after the interruption either.
+    assert not [e for e in run.of(ev.ReplyAudio) if e.reply_id == 1 and e.wall > interrupted.wall]
+
+    # Heard = the words whose middle was played, and nothing more.
+    words = [w for e in run.of(ev.ReplyAudio) if e.reply_id == 1 for w in e.words]
+    heard = [w.text for w in words if (w.start + w.end) / 2 <= interrupted.played]
+    assert 0 < len(heard) < len(REPLY.split())
+    assert interrupted.heard == " ".join(heard)
+    played_frames = [f for t, f in run.frames if out1.wall <= t < barge.wall + 0.021 and f.any()]
+    assert abs(len(played_frames) * 480 - interrupted.played) <= 480
+    agent_turns = [t for t in run.conversation["turns"] if t["role"] == "assistant"]
+    assert agent_turns[0]["heard"] == interrupted.heard and agent_turns[0]["interrupted"]
+
+    # The interrupting words started the next turn, and the LLM saw only the heard words.
+    user_turns = [t["text"] for t in run.conversation["turns"] if t["role"] == "user"]
+    assert user_turns == ["hello there", "stop now please"]
+    stream, = agent.stages.llm.streams
+    assert stream.shown[-1] == [Message("user", "hello there"), Message("assistant", interrupted.heard),
+                                Message("user", "stop now please")]
+    latency, = [m.value for m in run.of(ev.Metric) if m.name == "barge_in_s"]
+    assert 0 < latency < 0.25
+
+
+def test_false_interruption_resumes(vad_model, jfk16):
+    """A short sound with no words pauses the agent, then it resumes and finishes its reply."""
+    agent = make_agent(vad_model, asr={"utterances": ["hello there"], "word_s": 0.35},
+                       llm={"replies": [REPLY]})
+    cough = clip(jfk16, 0.33, 0.6)  # "And": too short for a word
+    pcm = np.concatenate([clip(jfk16, 0.2, 2.4), silence(2.8), cough, silence(5.0)])
+    run = run_virtual(drive(agent, pcm))
+    assert run.of(ev.BargeIn) and run.of(ev.Resumed)
+    assert not run.of(ev.Interrupted)
+    done, = run.of(ev.ReplyDone)
+    assert not done.interrupted and done.heard == REPLY
+    assert run.of(ev.Resumed)[0].wall > run.of(ev.BargeIn)[0].wall
+
+
+def test_backchannel_is_talked_over(vad_model, jfk16):
+    """A word the LLM calls a backchannel resumes the agent and never becomes a user turn."""
+    agent = make_agent(vad_model, asr={"utterances": ["hello there", "yeah"]}, llm={"replies": [REPLY]})
+    pcm = np.concatenate([clip(jfk16, 0.2, 2.4), silence(2.8), clip(jfk16, 3.25, 3.9), silence(5.0)])
+    run = run_virtual(drive(agent, pcm))
+    assert run.of(ev.BargeIn) and run.of(ev.Resumed) and not run.of(ev.Interrupted)
+    assert [t["text"] for t in run.conversation["turns"] if t["role"] == "user"] == ["hello there"]
+    assert run.of(ev.ReplyDone)[0].heard == REPLY
+
+
+def test_user_going_on_while_agent_thinks(vad_model, jfk16):
+    """If the user speaks again before any reply audio, the reply is dropped unheard and the turn
+    continues: one user turn with all the words, one reply."""
+    agent = make_agent(vad_model, asr={"utterances": ["hello there", "how are you"]},
+                       llm={"ttft_s": 1.0, "replies": ["fine"]})
+    pcm = np.concatenate([clip(jfk16, 0.2, 2.4), silence(1.8), clip(jfk16, 5.3, 7.8), silence(4.0)])
+    run = run_virtual(drive(agent, pcm))
+    assert len(run.of(ev.TurnEnded)) == 2
+    assert run.of(ev.ReplyDone)[0].heard == "" and run.of(ev.ReplyDone)[0].interrupted
+    turns = run.conversation["turns"]
+    assert [t["role"] for t in turns] == ["user", "assistant"]
+    assert turns[0]["text"] == "hello there how are you" and turns[1]["heard"] == "fine"
+
+
+def test_agent_answers_after_the_user_stops(vad_model, jfk16):
+    """The reply's first audio comes after the user's speech ended, with the latency breakdown."""
+    agent = make_agent(vad_model, asr={"utterances": ["hello there"]}, llm={"replies": ["hi"]})
+    run = run_virtual(drive(agent, np.concatenate([clip(jfk16, 0.2, 2.4), silence(3.0)])))
+    stop, = run.of(ev.SpeechStopped)
+    out, = run.of(ev.AudioOut)
+    assert out.wall > stop.wall
+    metrics = {m.name: m.value for m in run.of(ev.Metric)}
+    parts = ("end_of_turn_s", "llm_first_token_s", "tts_first_audio_s", "playout_s")
+    assert metrics["voice_to_voice_s"] == pytest.approx(sum(metrics[p] for p in parts), abs=1e-3)
+    assert metrics["llm_first_token_s"] == pytest.approx(0.2, abs=1e-6)  # the fake's ttft_s
+
+
+def test_slow_asr_never_blocks_pacing_or_vad(vad_model, jfk16):
+    """An ASR that takes 0.3 s per 20 ms packet falls behind, yet output frames keep their 20 ms pace
+    and the VAD still reports speech on time (virtual clock: exact)."""
+    agent = make_agent(vad_model, asr={"delay_s": 0.3})
+    run = run_virtual(drive(agent, np.concatenate([clip(jfk16, 0.0, 2.4), silence(0.6)])))
+    walls = np.array([t for t, _ in run.frames])
+    assert np.allclose(np.diff(walls), 0.02, atol=1e-6)
+    assert len(walls) >= int(3.0 / 0.02) - 1
+    start, = [e for e in run.of(ev.SpeechStarted)][:1]
+    assert start.wall < 0.6  # speech begins at 0.35 s; the ASR is seconds behind by then
+
+
+def test_blocking_model_compute_does_not_stall_the_event_loop(vad_model, jfk16):
+    """Real clock: ASR compute that blocks its worker thread 0.3 s per packet leaves the 20 ms frame
+    clock running (no gap anywhere near the compute time)."""
+    agent = make_agent(vad_model, asr={"compute_s": 0.3})
+
+    async def main():
+        session = agent.session()
+        stamps: list[float] = []
+
+        async def frames():
+            async for _ in session.audio():
+                stamps.append(time.perf_counter())
+
+        task = asyncio.create_task(frames())
+        for k in range(50):  # one second of audio
+            session.push_audio(jfk16[k * 320:(k + 1) * 320], 16000)
+            await asyncio.sleep(0.02)
+        await session.close()
+        await task
+        return np.diff(stamps)
+
+    gaps = asyncio.run(main())
+    assert len(gaps) > 30
+    assert gaps.max() < 0.15
+
+
+def test_sessions_on_one_agent_do_not_share_state(vad_model, jfk16):
+    """Two concurrent sessions (one talking, one silent) keep separate records, streams and turns,
+    while their VAD windows are scored in shared batches."""
+    agent = make_agent(vad_model, asr={"utterances": ["hello there"]}, llm={"replies": ["hi"]})
+    talk = np.concatenate([clip(jfk16, 0.2, 2.4), silence(3.0)])
+
+    async def main():
+        a, b = agent.session(), agent.session()
+        return await asyncio.gather(drive(agent, talk, session=a), drive(agent, silence(len(talk) / 16000), session=b))
+
+    batches_before = len(vad_model.worker.batch_sizes)
+    ra, rb = run_virtual(main())
+    assert [t["role"] for t in ra.conversation["turns"]] == ["user", "assistant"]
+    assert rb.conversation["turns"] == [] and not rb.of(ev.SpeechStarted) and not rb.of(ev.ReplyStarted)
+    sa, sb = agent.stages.llm.streams
+    assert sa.shown and not sb.shown
+    assert max(vad_model.worker.batch_sizes[batches_before:]) == 2
+    assert not agent.sessions
+
+
+def test_bad_input_is_refused_or_converted(vad_model, jfk16):
+    """Wrong rates and empty blocks are refused with clear errors; int16 stereo at 48 kHz and NaN
+    input are converted and the session goes on hearing the speech."""
+    agent = make_agent(vad_model)
+
+    async def main():
+        session = agent.session()
+        with pytest.raises(AudioFormatError, match="sample rate 1000 Hz"):
+            session.push_audio(np.zeros(100, np.float32), 1000)
+        with pytest.raises(AudioFormatError, match="empty"):
+            session.push_audio(np.zeros(0, np.int16), 16000)
+        session.push_audio(np.full(960, np.nan, np.float32), 48000)  # NaN: treated as silence
+        await session.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            session.push_audio(np.zeros(10, np.float32), 16000)
+
+    run_virtual(main())
+
+    from duplex.audio import resample
+    speech = np.concatenate([clip(jfk16, 0.2, 2.4), silence(1.0)])
+    stereo48 = np.repeat((resample(speech, 16000, 48000) * 32767).astype(np.int16)[:, None], 2, axis=1)
+    a = run_virtual(drive(agent, speech))
+    b = run_virtual(drive(agent, stereo48, rate=48000))
+    starts_a = [e.start / 16000 for e in a.of(ev.SpeechStarted)]
+    starts_b = [e.start / 16000 for e in b.of(ev.SpeechStarted)]
+    assert len(starts_a) == len(starts_b) >= 1
+    assert np.allclose(starts_a, starts_b, atol=0.07)
+
+
+def test_playout_refuses_audio_of_a_cancelled_reply():
+    """Once a new reply starts (or the buffer is dropped), audio of the old reply is refused."""
+    async def main():
+        p = Playout(24000)
+        p.start_reply(1)
+        assert await p.put(1, np.ones(960, np.float32))
+        p.start_reply(2)
+        assert not await p.put(1, np.ones(960, np.float32))
+        assert await p.put(2, np.full(480, 0.5, np.float32))
+        p.end_reply(2)
+        frame = p.next_frame()
+        assert frame.reply_id == 2 and np.all(frame.pcm == 0.5) and frame.finished
+        p.drop()
+        assert p.next_frame().reply_id is None
+
+    run_virtual(main())
+
+
+def test_a_failing_stage_ends_only_its_session_and_keeps_the_record(vad_model, jfk16):
+    """An ASR crash is reported as a fatal Error event and closes that session; what was said before
+    stays in its record, and another session on the same agent carries on."""
+    failing = make_agent(vad_model, asr={"utterances": ["hello there"], "fail_at_s": 5.0},
+                         llm={"replies": ["hi"]})
+    pcm = np.concatenate([clip(jfk16, 0.2, 2.4), silence(4.0)])
+
+    async def main():
+        healthy = make_agent(vad_model, asr={"utterances": ["hello there"]}, llm={"replies": ["hi"]})
+        return await asyncio.gather(drive(failing, pcm), drive(healthy, pcm))
+
+    bad, good = run_virtual(main())
+    errors = bad.of(ev.Error)
+    assert errors and errors[0].fatal and errors[0].stage == "asr" and "scripted" in errors[0].message
+    assert [t["role"] for t in bad.conversation["turns"]][:1] == ["user"]
+    assert bad.conversation["turns"][0]["text"] == "hello there"
+    assert not good.of(ev.Error) and [t["role"] for t in good.conversation["turns"]] == ["user", "assistant"]

@@ -1,0 +1,117 @@
+"""The turn-taking and barge-in policy as a pure state machine (no audio, no models)."""
+
+from duplex.config import TurnConfig
+from duplex.turns import CancelReply, CheckBargeIn, EndTurn, Interrupt, Pause, Phase, Resume, TurnPolicy
+
+R = 16_000
+
+
+def s(seconds: float) -> int:
+    return int(seconds * R)
+
+
+def test_turn_ends_after_long_silence_without_completeness_signal():
+    """With words, a closed utterance and no sign the message is complete, the turn ends only after
+    max_silence_s of silence, and the action carries the text and where speech stopped."""
+    p = TurnPolicy(TurnConfig(min_silence_s=0.3, max_silence_s=1.0))
+    p.speech_started(s(0.5))
+    p.transcript("what time")
+    assert p.speech_stopped(s(2.0)) == []
+    assert p.final("what time is it") == []
+    assert p.advance(s(2.9)) == []
+    assert p.advance(s(3.0)) == [EndTurn("what time is it", s(2.0))]
+    assert p.phase is Phase.THINKING
+
+
+def test_llm_estimate_or_eou_token_shortens_the_wait():
+    """A high end-of-turn probability for the current text (or an EOU final) ends the turn after
+    min_silence_s; an estimate for stale text is ignored."""
+    p = TurnPolicy(TurnConfig(min_silence_s=0.3, max_silence_s=1.0))
+    p.speech_started(0)
+    p.speech_stopped(s(1.0))
+    p.final("book a table")
+    p.eot_estimate(0.9, "book a")  # stale: for older text
+    assert p.advance(s(1.3)) == []
+    assert p.eot_estimate(0.9, "book a table") == [EndTurn("book a table", s(1.0))]
+
+    q = TurnPolicy(TurnConfig(min_silence_s=0.3, max_silence_s=1.0))
+    q.speech_started(0)
+    q.speech_stopped(s(1.0))
+    q.advance(s(1.35))
+    assert q.final("thanks", eou=True) == [EndTurn("thanks", s(1.0))]
+
+
+def test_no_turn_without_words_or_before_the_final():
+    """Noise (speech with no words) never ends a turn, and the turn waits for the ASR's final."""
+    p = TurnPolicy(TurnConfig(max_silence_s=0.5))
+    p.speech_started(0)
+    p.speech_stopped(s(0.3))
+    p.final("")
+    assert p.advance(s(5)) == []
+    p.speech_started(s(5))
+    p.transcript("hello")
+    p.speech_stopped(s(6))
+    assert p.advance(s(7)) == []  # ASR has not closed the utterance yet
+    assert p.final("hello") == [EndTurn("hello", s(6))]
+
+
+def test_user_going_on_while_agent_thinks_cancels_reply_and_keeps_words():
+    """Speech during THINKING cancels the unheard reply; the next turn holds all the user's words."""
+    p = TurnPolicy(TurnConfig(max_silence_s=0.5))
+    p.speech_started(0)
+    p.speech_stopped(s(1))
+    p.final("I want")
+    assert p.advance(s(1.5)) == [EndTurn("I want", s(1))]
+    assert p.speech_started(s(1.6)) == [CancelReply()]
+    p.speech_stopped(s(2.5))
+    p.final("a pizza")
+    assert p.advance(s(3.0)) == [EndTurn("I want a pizza", s(2.5))]
+
+
+def _speaking_policy(**cfg) -> TurnPolicy:
+    p = TurnPolicy(TurnConfig(max_silence_s=0.5, **cfg))
+    p.speech_started(0)
+    p.speech_stopped(s(1))
+    p.final("hi")
+    p.advance(s(1.5))
+    p.reply_audible()
+    assert p.phase is Phase.SPEAKING
+    return p
+
+
+def test_barge_in_pauses_then_words_interrupt():
+    """Speech over the agent pauses at once; words that are not a backchannel interrupt, and they
+    start the user's next turn."""
+    p = _speaking_policy()
+    assert p.speech_started(s(3)) == [Pause(s(3))]
+    assert p.transcript("stop") == [CheckBargeIn("stop")]
+    assert p.transcript("stop please") == []  # one check at a time
+    assert p.barge_in_verdict(False) == [Interrupt("stop please")]
+    assert p.phase is Phase.LISTENING
+    p.speech_stopped(s(4))
+    assert p.final("stop please") == []
+    assert p.advance(s(4.5)) == [EndTurn("stop please", s(4))]
+
+
+def test_false_interruption_resumes_after_quiet():
+    """A barge-in with no words resumes once the speech has been over for false_interruption_s."""
+    p = _speaking_policy(false_interruption_s=0.6)
+    p.speech_started(s(3))
+    p.speech_stopped(s(3.2))
+    p.final("")
+    assert p.advance(s(3.7)) == []
+    assert p.advance(s(3.8)) == [Resume()]
+    assert p.phase is Phase.SPEAKING
+
+
+def test_backchannel_resumes_and_is_not_a_turn():
+    """A backchannel verdict resumes playback, and its words never become a user turn."""
+    p = _speaking_policy()
+    p.speech_started(s(3))
+    assert p.transcript("mm-hm") == [CheckBargeIn("mm-hm")]
+    assert p.barge_in_verdict(True) == [Resume()]
+    p.speech_stopped(s(3.4))
+    assert p.final("mm-hm") == []
+    p.reply_finished()
+    assert p.advance(s(10)) == []
+    assert p.user_text == ""
