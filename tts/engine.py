@@ -16,6 +16,7 @@ ends, decodes the chunk to audio: callers can stop between any two frames.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -86,6 +87,25 @@ class Step:
     done: bool
 
 
+def _no_grad_context():
+    import torch
+
+    return torch.no_grad()
+
+
+def _no_grad(fn: Callable) -> Callable:
+    """Run ``fn`` without autograd (worker threads have it off already; build-time callers may not)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
     """``logits`` ``[B, V]`` -> token ids ``[B]`` (top-k sampling at a temperature, or greedy)."""
     import torch
@@ -128,7 +148,9 @@ class CsmEngine:
         self.device = next(model.backbone_model.parameters()).device
         self.on_frame: Callable[[int], None] | None = None  # test hook, called on the worker before each frame
         self.frames_generated = 0
-        self._eos_embed = self._embed_frames(self._zeros_frame()[None])  # [1, 1, H]
+        self.frame_rate = self.sample_rate / self.frame_size
+        with _no_grad_context():
+            self._eos_embed = self._embed_frames(self._zeros_frame()[None])  # [1, 1, H]
 
     # -- prompt pieces ---------------------------------------------------------------------------
 
@@ -171,6 +193,7 @@ class CsmEngine:
 
     # -- voices ----------------------------------------------------------------------------------
 
+    @_no_grad
     def encode_voice(self, pcm: np.ndarray, text: str, block_frames: int = 10) -> Voice:
         """Encode a validated 24 kHz clip with the streaming encoder (in blocks, as a live voice would)."""
         import torch
@@ -198,6 +221,7 @@ class CsmEngine:
 
     # -- one reply -------------------------------------------------------------------------------
 
+    @_no_grad
     def new_reply(self, voice: Voice | None, seed: int, chunk_frames: int) -> Reply:
         import torch
 
@@ -206,6 +230,7 @@ class CsmEngine:
         return Reply(voice=voice, cache=self._prefix(voice), generator=generator, codec=self.decoder.new_state(),
                      chunk_frames=chunk_frames)
 
+    @_no_grad
     def begin_segment(self, reply: Reply, text: str, max_frames: int, *, stop_at_eos: bool = True) -> None:
         """Queue the next segment's text after what the reply has said so far."""
         import torch
@@ -241,6 +266,7 @@ class CsmEngine:
         reply.unfed = torch.cat([self._record_embeds(r) for r in kept], dim=1) if kept else None
         reply.history = kept
 
+    @_no_grad
     def step(self, reply: Reply) -> Step:
         """Make the next frame of the current segment; decode a chunk when one is full or the segment ends."""
         import torch

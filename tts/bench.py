@@ -1,0 +1,98 @@
+"""``duplex bench tts``: first-packet latency and real-time factor of the streaming TTS.
+
+Runs on the full-size CSM-1B + Mimi with random weights by default (``--profile random``): speed
+does not depend on the weight values, and every reply is held to a fixed number of frames so it does
+not depend on when generation would stop either. For each chunk size (codec frames per decode call)
+it speaks one reply through the same streaming path a session uses and measures:
+
+- first packet: text in (the whole text available) to the first audio chunk out;
+- RTF: wall time of the whole reply / seconds of audio it holds (below 1 = faster than real time);
+- ms per frame: the reply's wall time per codec frame (generation and decoding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from collections.abc import AsyncIterator
+
+TEXT = "Hello there, this is a benchmark of the streaming speech synthesizer reading one sentence aloud."
+CHUNKS = (1, 2, 4)
+
+
+async def _text(text: str) -> AsyncIterator[str]:
+    yield text
+
+
+async def _reply(tts, text: str) -> tuple[float, float, int]:
+    """(first chunk s, total s, samples) of one reply on a fresh stream."""
+    stream = tts.new_stream()
+    samples, first = 0, None
+    start = time.perf_counter()
+    async for chunk in stream.synthesize(_text(text)):
+        if first is None and len(chunk.pcm):
+            first = time.perf_counter() - start
+        samples += len(chunk.pcm)
+    total = time.perf_counter() - start
+    await stream.aclose()
+    return first or total, total, samples
+
+
+def run(args: argparse.Namespace) -> dict:
+    from duplex.config import AgentConfig
+    from duplex.errors import ConfigError
+    from duplex.tts.profiles import load_engine
+    from duplex.tts.stream import CsmTTS, TTSSettings
+    from duplex.tts.voice import load_voice
+
+    if args.profile == "fake":
+        raise ConfigError("the TTS benchmark needs a real profile: random (default), tiny or pretrained")
+    config = AgentConfig(profile=args.profile, device=args.device, tts_model=args.tts_model, voice=args.voice,
+                         voice_text=args.voice_text, seed=args.seed).validate()
+    device = config.resolved_device()
+    frames = 6 if args.quick else 40
+    repeats = 1 if args.quick else 2
+    voice = load_voice(config.voice, config.voice_text) if config.voice else None
+    t0 = time.perf_counter()
+    engine = load_engine(config, device)
+    load_s = time.perf_counter() - t0
+    params = sum(p.numel() for p in engine.model.parameters())
+    print(f"TTS {args.profile} on {device}: {params / 1e6:.0f} M parameters ({load_s:.1f} s to load); "
+          f"{frames} frames per reply ({frames / engine.frame_rate:.2f} s of audio), {repeats} repeat(s); "
+          f"voice prompt: {'yes' if voice else 'no'}")
+    print(f"{'chunk':>5} {'first packet ms':>16} {'RTF':>6} {'ms/frame':>9}")
+
+    async def measure() -> dict:
+        warm = CsmTTS(engine, device=device, voice=voice, settings=TTSSettings(seed=config.seed, fixed_frames=2))
+        try:  # warm-up: first-call costs (allocations, kernels) and the voice prompt's cached prefix
+            await _reply(warm, TEXT)
+        finally:
+            await warm.aclose()
+        figures: dict[str, dict[str, float]] = {}
+        for chunk in CHUNKS:
+            tts = CsmTTS(engine, device=device,
+                         settings=TTSSettings(chunk_frames=chunk, seed=config.seed, fixed_frames=frames))
+            tts.voice = warm.voice  # encoded once, prefix cached
+            try:
+                runs = [await _reply(tts, TEXT) for _ in range(repeats)]
+            finally:
+                await tts.aclose()
+            first = statistics.median(r[0] for r in runs)
+            total = statistics.median(r[1] for r in runs)
+            samples = runs[0][2]
+            if samples != frames * engine.frame_size:
+                raise RuntimeError(f"expected {frames} frames of audio, got {samples / engine.frame_size:.1f}")
+            audio_s = samples / engine.sample_rate
+            row = {"first_packet_ms": round(first * 1000, 1), "rtf": round(total / audio_s, 3),
+                   "ms_per_frame": round(total * 1000 / frames, 1)}
+            figures[str(chunk)] = row
+            print(f"{chunk:>5} {row['first_packet_ms']:>16.1f} {row['rtf']:>6.2f} {row['ms_per_frame']:>9.1f}",
+                  flush=True)
+        return figures
+
+    figures = asyncio.run(measure())
+    return {"device": device, "profile": args.profile, "frames_per_reply": frames, "repeats": repeats,
+            "voice_prompt": voice is not None, "parameters_m": round(params / 1e6, 1), "load_s": round(load_s, 1),
+            "chunk_frames": figures}

@@ -1,0 +1,176 @@
+"""The TTS stage: :class:`CsmTTS` (the model, shared by sessions) and :class:`CsmTTSStream` (one per session).
+
+``synthesize`` speaks one reply. A reader task pulls the LLM's text pieces as they come (so the LLM
+keeps running while the agent speaks) and cuts them into segments (:mod:`duplex.tts.segmenter`);
+the reply loop takes the next segment (merging any that queued up), and asks the engine for one frame
+at a time on the TTS worker thread, yielding an :class:`~duplex.stages.AudioChunk` whenever a chunk of
+``chunk_frames`` frames is decoded. Closing the iterator or cancelling its consumer stops it between
+two frames: at most the frame already being computed finishes, and the next reply starts from fresh
+state, so the model stays usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from duplex.stages import AudioChunk, VoicePrompt
+from duplex.tts.engine import CsmEngine, Reply, Voice
+from duplex.tts.segmenter import Segmenter, SegmenterConfig
+from duplex.tts.timing import TYPICAL_FRAMES_PER_CHAR, WordTimer
+from duplex.tts.voice import check_voice
+from duplex.worker import ModelWorker
+
+
+@dataclass
+class TTSSettings:
+    chunk_frames: int = 2  # codec frames per decode call (12.5 frames a second)
+    seed: int = 0  # reply n of a stream samples with seed + n
+    min_seconds: float = 1.0  # a segment stops after min_seconds + seconds_per_char * characters ...
+    seconds_per_char: float = 0.15  # ... if the model has not ended it (about 2.5x normal speech)
+    fixed_frames: int | None = None  # speak exactly this many frames per segment, ignoring its end (benchmarks)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.chunk_frames <= 50:
+            raise ValueError(f"chunk_frames must be in 1..50, got {self.chunk_frames}")
+
+
+_END = object()  # the text ended
+
+
+class CsmTTS:
+    """A CSM + Mimi TTS model (the :class:`~duplex.stages.TTSModel` of the real profiles)."""
+
+    def __init__(self, engine: CsmEngine, *, device: str = "cpu", settings: TTSSettings | None = None,
+                 voice: VoicePrompt | None = None) -> None:
+        self.engine = engine
+        self.device = device
+        self.settings = settings or TTSSettings()
+        self.sample_rate = engine.sample_rate
+        self.worker = ModelWorker("tts", device)
+        self.voice: Voice | None = None
+        if voice is not None:  # at build time, off the event loop
+            self.voice = self.engine.encode_voice(check_voice(voice, self.sample_rate), voice.text)
+
+    def new_stream(self) -> CsmTTSStream:
+        return CsmTTSStream(self)
+
+    async def encode_voice(self, prompt: VoicePrompt) -> Voice:
+        """Validate and encode a voice prompt (on the worker thread)."""
+        pcm = check_voice(prompt, self.sample_rate)
+        return await self.worker.run(self.engine.encode_voice, pcm, " ".join(prompt.text.split()))
+
+    async def set_voice(self, prompt: VoicePrompt | None) -> None:
+        """Set the default voice of every stream that has none of its own (None: the model's own voice)."""
+        self.voice = None if prompt is None else await self.encode_voice(prompt)
+
+    async def aclose(self) -> None:
+        self.worker.close()
+
+
+class CsmTTSStream:
+    """One session's TTS: speaks replies one at a time, in the session's voice."""
+
+    def __init__(self, model: CsmTTS) -> None:
+        self.model = model
+        self.sample_rate = model.sample_rate
+        self.voice: Voice | None = None  # this session's own voice, if set
+        self.replies = 0
+        self.last_reply: Reply | None = None
+
+    async def set_voice(self, prompt: VoicePrompt | None) -> None:
+        """Speak in the voice of ``prompt`` from the next reply on (None: the model's default)."""
+        self.voice = None if prompt is None else await self.model.encode_voice(prompt)
+
+    def last_codes(self):
+        """The codec frames of the last reply, ``[T, K]`` (CPU), or None before the first."""
+        import torch
+
+        if self.last_reply is None or not self.last_reply.frames:
+            return None
+        return torch.stack(self.last_reply.frames)
+
+    async def synthesize(self, text: AsyncIterator[str]) -> AsyncIterator[AudioChunk]:
+        """Speak one reply: text pieces in, audio chunks (with their words) out as soon as they are made."""
+        engine, worker, settings = self.model.engine, self.model.worker, self.model.settings
+        seed = settings.seed + self.replies
+        self.replies += 1
+        voice = self.voice if self.voice is not None else self.model.voice
+        queue: asyncio.Queue[Any] = asyncio.Queue()  # segments of text: a few short strings at most
+        reader = asyncio.create_task(_read_segments(text, Segmenter(settings.segmenter), queue),
+                                     name="tts-text-reader")
+        held: deque[Any] = deque()
+        rate = voice.frames / max(len(voice.text), 1) if voice is not None else TYPICAL_FRAMES_PER_CHAR
+        timer = WordTimer(engine.frame_size, frames_per_char=rate)
+        reply: Reply | None = None
+        offset = 0
+        try:
+            while True:
+                segment = await _next_segment(queue, held, settings.segmenter.max_words)
+                if segment is _END:
+                    break
+                if reply is None:
+                    reply = await worker.run(engine.new_reply, voice, seed, settings.chunk_frames)
+                    self.last_reply = reply
+                frames = settings.fixed_frames or math.ceil(
+                    engine.frame_rate * (settings.min_seconds + settings.seconds_per_char * len(segment)))
+                await worker.run(engine.begin_segment, reply, segment, frames,
+                                 stop_at_eos=settings.fixed_frames is None)
+                timer.begin_segment(segment, offset)
+                done = False
+                while not done:
+                    step = await worker.run(engine.step, reply)
+                    done = step.done
+                    pcm = step.pcm if step.pcm is not None else np.zeros(0, np.float32)
+                    offset += len(pcm)
+                    words = timer.advance(offset, done)
+                    if len(pcm) or words:  # an empty chunk only to release a segment's last words
+                        yield AudioChunk(pcm, tuple(words))
+        finally:
+            if reply is not None:
+                reply.closed = True  # a step already queued for it returns without work
+            reader.cancel()
+            await asyncio.wait([reader])  # never leaves the reader running on the caller's iterator
+
+    async def aclose(self) -> None:
+        self.last_reply = None
+
+
+async def _read_segments(text: AsyncIterator[str], segmenter: Segmenter, queue: asyncio.Queue[Any]) -> None:
+    """Pull text pieces as they come and queue the segments they complete; then ``_END``."""
+    try:
+        async for piece in text:
+            for segment in segmenter.push(piece):
+                queue.put_nowait(segment)
+        for segment in segmenter.flush():
+            queue.put_nowait(segment)
+        queue.put_nowait(_END)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the text source failed: the reply loop raises it
+        queue.put_nowait(exc)
+
+
+async def _next_segment(queue: asyncio.Queue[Any], held: deque[Any], max_words: int) -> Any:
+    """The next text to speak: the next segment, merged with those already waiting (up to ``max_words``)."""
+    item = held.popleft() if held else await queue.get()
+    if isinstance(item, BaseException):
+        raise item
+    if item is _END:
+        return item
+    parts, words = [item], len(item.split())
+    while not queue.empty():
+        nxt = queue.get_nowait()
+        if nxt is _END or isinstance(nxt, BaseException) or words + len(nxt.split()) > max_words:
+            held.append(nxt)
+            break
+        parts.append(nxt)
+        words += len(nxt.split())
+    return " ".join(parts)
