@@ -11,7 +11,8 @@ are cancellable between steps and the session's state only ever changes inside a
   or the caller closes the iterator.
 - While a reply is being generated the cache belongs to it: ``listen`` and ``is_backchannel`` then
   score a short tail (the user's words) on top of the cache and roll it back exactly, so the reply
-  goes on unchanged. Once the reply is closed, the next ``listen`` truncates the cache to the words
+  goes on unchanged. ``is_backchannel`` also scores on top of a finished reply still in the cache
+  (what the agent was saying is the context the question needs). Once the reply is closed, the next ``listen`` truncates the cache to the words
   the person heard (the conversation record passes only those) and continues from there.
 """
 
@@ -146,8 +147,8 @@ class SinkLLMStream:
     def _backchannel(self, messages: list[Message], text: str) -> bool:
         ctx = self._context()
         fmt = self.model.format
-        if self._active is None:
-            ctx.sync(messages)
+        if self._active is None and ctx.open_role != "assistant":
+            ctx.sync(messages)  # no reply in the cache: bring it up to the dialogue first
         question = Message("user", BACKCHANNEL_QUESTION.format(text=text))
         tail = self._close_open(ctx) + fmt.render(question) + fmt.generation_prompt
         logits = ctx.score(fmt.encode(tail))

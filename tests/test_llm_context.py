@@ -1,0 +1,153 @@
+"""Following the dialogue: incremental listening, rollback, the heard prefix after an interruption,
+eviction at message boundaries, and the end-of-turn estimate."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from duplex.stages import Message
+from llm_fixtures import ARCHS, SHORT_SYSTEM, make_llm, max_kv_diff, tiny_checkpoints  # noqa: F401
+
+SENTENCE = "could you tell me the weather for tomorrow in the city near the river"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+async def test_incremental_prefill_equals_one_prefill(make_llm, arch):
+    """Listening to the user's words one partial at a time leaves the cache, the logits and the
+    end-of-turn estimate equal to one prefill of the whole message, and runs each token about once."""
+    llm = make_llm(arch, window=512, max_reply_tokens=16)
+    history = [Message("user", "Hello there."), Message("assistant", "Hi! What can I do for you?")]
+    words = SENTENCE.split()
+    inc, whole = llm.new_stream(SHORT_SYSTEM), llm.new_stream(SHORT_SYSTEM)
+    for i in range(1, len(words) + 1):
+        p_inc = await inc.listen(history + [Message("user", " ".join(words[:i]))])
+    p_whole = await whole.listen(history + [Message("user", SENTENCE)])
+    a, b = inc.context, whole.context
+    assert a.ids == b.ids
+    assert max_kv_diff(a, b) < 1e-5
+    assert torch.allclose(a.logits, b.logits, atol=1e-5)
+    assert p_inc == pytest.approx(p_whole, abs=1e-6)
+    # Each new word re-runs at most the last token or two of the previous partial.
+    assert a.prefilled <= b.prefilled + 2 * len(words)
+    await inc.aclose()
+    await whole.aclose()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+async def test_truncate_then_reprefill_equals_never_prefilled(make_llm, arch):
+    """A revised partial rolls the cache back to the common prefix: afterwards it is the cache of a
+    session that never saw the dropped words, and only the new tail was run."""
+    llm = make_llm(arch, window=512, max_reply_tokens=16)
+    revised, direct = llm.new_stream(SHORT_SYSTEM), llm.new_stream(SHORT_SYSTEM)
+    await revised.listen([Message("user", "I want to book a table for two on Friday evening")])
+    before = revised.context.prefilled
+    await revised.listen([Message("user", "I want to look at the tables")])
+    await direct.listen([Message("user", "I want to look at the tables")])
+    a, b = revised.context, direct.context
+    assert a.ids == b.ids
+    assert max_kv_diff(a, b) < 1e-5
+    assert torch.allclose(a.logits, b.logits, atol=1e-5)
+    assert a.prefilled - before < b.prefilled - b.sink  # only the tail after "I want to" ran again
+    await revised.aclose()
+    await direct.aclose()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+async def test_cache_holds_exactly_the_heard_prefix_after_an_interruption(make_llm, arch):
+    """Interrupt a streaming reply: the next listen (the record passes only the heard words) leaves
+    exactly the heard prefix of the reply in the cache, equal token for token and in every key and
+    value to a session that was only ever told the heard words."""
+    llm = make_llm(arch, window=512, max_reply_tokens=40, temperature=0.0)
+    stream = llm.new_stream(SHORT_SYSTEM)
+    dialogue = [Message("user", "Tell me about the train to the city.")]
+    await stream.listen(dialogue)
+    pieces = []
+    async with contextlib.aclosing(stream.reply(dialogue)) as reply:
+        async for piece in reply:
+            pieces.append(piece)
+            if len(pieces) == 6:
+                break  # the user barges in: the reply is closed here
+    generated = stream.context.length
+    spoken = "".join(pieces).split()
+    assert len(spoken) >= 4
+    heard = " ".join(spoken[:3])
+    after = dialogue + [Message("assistant", heard), Message("user", "wait")]
+    await stream.listen(after)
+    fresh = llm.new_stream(SHORT_SYSTEM)
+    await fresh.listen(after)
+    a, b = stream.context, fresh.context
+    assert a.ids == b.ids
+    assert max_kv_diff(a, b) < 1e-5
+    # The assistant message in the cache decodes to the heard words and nothing more.
+    fmt = llm.format
+    start = a.dialogue.starts[2]  # system, user, assistant
+    end = a.dialogue.starts[3]
+    text = llm.engine.tokenizer.decode(a.ids[start:end], skip_special_tokens=False)
+    prefix, suffix = fmt.wrappers["assistant"]
+    assert text == prefix + heard + suffix
+    assert generated > a.dialogue.starts[3]  # more had been generated than was kept
+    await stream.aclose()
+    await fresh.aclose()
+
+
+async def test_end_of_turn_probability_comes_from_logits_already_computed(make_llm):
+    """listen() returns P(end-of-message token) from the prefill's own logits: asking again with the
+    same words runs nothing, and the value is that token's softmax probability."""
+    llm = make_llm("qwen2", window=256, max_reply_tokens=16)
+    stream = llm.new_stream(SHORT_SYSTEM)
+    msgs = [Message("user", "Please set a timer for ten minutes")]
+    p = await stream.listen(msgs)
+    ctx = stream.context
+    ran = ctx.prefilled
+    assert p == pytest.approx(float(torch.softmax(ctx.logits, -1)[llm.format.end_of_message]), rel=1e-6)
+    assert await stream.listen(msgs) == pytest.approx(p)
+    assert ctx.prefilled == ran
+    # The open message has no end-of-message token yet; the closed one ends with it.
+    eom = llm.format.end_of_message
+    assert ctx.ids[-1] != eom
+    await stream.listen(msgs + [Message("assistant", "Sure.")])
+    assert eom in ctx.ids[ctx.dialogue.starts[1]:ctx.dialogue.starts[2]]
+    await stream.aclose()
+
+
+async def test_eviction_keeps_the_sink_and_cuts_at_message_starts(make_llm):
+    """Over a dialogue many times the window, every held token maps onto the dialogue (sink =
+    system block, then a contiguous recent suffix), cuts land on message starts when one is near,
+    and the cache ends exactly at the rendered dialogue."""
+    llm = make_llm("llama", window=160, max_reply_tokens=16)
+    stream = llm.new_stream(SHORT_SYSTEM)
+    msgs: list[Message] = []
+    offsets = []
+    for i in range(40):
+        msgs.append(Message("user" if i % 2 == 0 else "assistant", f"turn {i}: the train leaves at nine fifteen"))
+        await stream.listen(msgs)
+        ctx = stream.context
+        assert ctx.length <= 160
+        assert ctx.ids[:ctx.sink] == ctx.dialogue.ids(0, ctx.sink).tolist()
+        assert ctx.ids[ctx.sink:] == ctx.dialogue.ids(ctx.offset, ctx.end).tolist()
+        assert ctx.end == ctx.dialogue.length
+        offsets.append(ctx.offset)
+    assert ctx.evictions >= 5
+    moved = sorted(set(offsets) - {ctx.sink})
+    assert moved and all(o in ctx.dialogue.boundaries() for o in moved)
+    await stream.aclose()
+
+
+async def test_change_before_the_window_rebuilds_from_recent_messages(make_llm):
+    """Editing a message that was already evicted cannot be compared with the cache: the context
+    starts over from the system block and the most recent messages, and maps exactly again."""
+    llm = make_llm("qwen2", window=160, max_reply_tokens=16)
+    stream = llm.new_stream(SHORT_SYSTEM)
+    msgs = [Message("user" if i % 2 == 0 else "assistant", f"message {i} about the weather tomorrow")
+            for i in range(30)]
+    await stream.listen(msgs)
+    ctx = stream.context
+    assert ctx.offset > ctx.sink
+    msgs[0] = Message("user", "an edited first message")
+    await stream.listen(msgs)
+    assert ctx.ids[ctx.sink:] == ctx.dialogue.ids(ctx.offset, ctx.end).tolist()
+    assert ctx.end == ctx.dialogue.length and ctx.length <= 160
+    await stream.aclose()
