@@ -129,6 +129,11 @@ class Session:
         self._listen_wanted = False
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._frames = 0
+        # Seconds from a frame leaving audio() to the listener's ear that the transport adds (a WebRTC
+        # jitter buffer, a sound card's output buffer); the transport sets it, and it counts in the
+        # voice-to-voice figure. It does not move the heard-word cut: transports never drop audio
+        # they have taken from audio(), so every frame emitted before a barge-in is played out.
+        self.output_latency_s = 0.0
         self._tasks = [
             asyncio.create_task(self._guard(self._vad_loop, "vad"), name=f"{name}-vad"),
             asyncio.create_task(self._guard(self._asr_loop, "asr"), name=f"{name}-asr"),
@@ -499,13 +504,15 @@ class Session:
         if timing is None:
             return
         parts = {
-            "voice_to_voice_s": wall - timing.speech_end_wall,
+            "voice_to_voice_s": wall + self.output_latency_s - timing.speech_end_wall,
             "asr_final_s": max(0.0, timing.final_wall - timing.speech_end_wall),
             "end_of_turn_s": timing.turn_end_wall - timing.speech_end_wall,
             "llm_first_token_s": (timing.first_token_wall or wall) - timing.turn_end_wall,
             "tts_first_audio_s": (timing.first_chunk_wall or wall) - (timing.first_token_wall or wall),
             "playout_s": wall - (timing.first_chunk_wall or wall),
         }
+        if self.output_latency_s:
+            parts["output_s"] = self.output_latency_s
         for name, value in parts.items():
             if math.isfinite(value):
                 self._emit(ev.Metric(stream_samples=self._vad_pos, wall=wall, name=name, value=round(value, 4),
