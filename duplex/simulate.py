@@ -1,9 +1,10 @@
 """``duplex simulate``: a whole conversation from an audio file, as if spoken live.
 
 The file is pushed in 20 ms packets at the pace a microphone would deliver them (then ``tail``
-seconds of silence, and more until the agent has finished speaking), on the wall clock with ``realtime`` or else on a virtual clock
-(:func:`duplex.clock.run_virtual`: model compute costs no time, so the figures are the pipeline's
-algorithmic latencies and repeat exactly). Writes to the output folder:
+seconds of silence, and more until the agent has finished speaking) by :mod:`duplex.scenario`, on
+the wall clock with ``--realtime`` or else on a virtual clock (:func:`duplex.clock.run_virtual`:
+model compute costs no time, so the figures are the pipeline's algorithmic latencies and repeat
+exactly). Writes to the output folder:
 
 - ``agent.wav``: what the agent said, time-aligned to the input (sample 0 = the file's start);
 - ``timeline.jsonl``: every event, one JSON object per line, with ``t`` = seconds since the start;
@@ -26,11 +27,10 @@ import numpy as np
 from duplex import events as ev
 from duplex.agent import Agent
 from duplex.audio import read_audio, write_wav
-from duplex.clock import now, run_virtual
+from duplex.clock import run_virtual
 from duplex.config import AgentConfig
 from duplex.events import to_json
-
-PACKET_S = 0.02
+from duplex.scenario import Say, Silence, WaitDone, run_scenario
 
 
 @dataclass
@@ -51,61 +51,23 @@ async def simulate(agent: Agent, pcm: np.ndarray, sample_rate: int, out_dir: Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     result = SimulationResult(out_dir)
     session = agent.session()
-    events, frames = session.events(maxsize=1_000_000), session.audio(maxsize=1_000_000)
-    t0 = session.t0
-    per_reply: dict[int, dict[str, float]] = {}
+    with open(out_dir / "timeline.jsonl", "w") as timeline:
 
-    async def record_events() -> None:
-        with open(out_dir / "timeline.jsonl", "w") as f:
-            async for event in events:
-                row = to_json(event)
-                row["t"] = round(event.wall - t0, 4)
-                f.write(json.dumps(row) + "\n")
-                result.events += 1
-                if isinstance(event, ev.Metric):
-                    if event.name == "barge_in_s":
-                        result.barge_ins.append(event.value)
-                    elif event.reply_id is not None:
-                        per_reply.setdefault(event.reply_id, {"reply_id": event.reply_id})[event.name] = event.value
+        def write(event: ev.Event) -> None:
+            row = to_json(event)
+            row["t"] = round(event.wall - session.t0, 4)
+            timeline.write(json.dumps(row) + "\n")
+            result.events += 1
 
-    async def record_audio() -> list[np.ndarray]:
-        return [frame async for frame in frames]
-
-    event_task = asyncio.create_task(record_events())
-    audio_task = asyncio.create_task(record_audio())
-    packet = int(round(PACKET_S * sample_rate))
-    total = len(pcm) + int(tail_s * sample_rate)
-    padded = np.concatenate([pcm, np.zeros(total - len(pcm), np.float32)])
-    try:
-        for k, start in enumerate(range(0, total, packet)):
-            # Packet k holds [k*20 ms, (k+1)*20 ms) and is complete at (k+1)*20 ms, as from a microphone.
-            delay = t0 + (start + packet) / sample_rate - now()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            session.push_audio(padded[start:start + packet], sample_rate)
-            if session.closed:
-                break
-        # Let the agent finish what it is saying (silence keeps flowing, as from a live microphone).
-        silence = np.zeros(packet, np.float32)
-        deadline = now() + max_wait_s
-        while not session.closed and (session.state != "listening" or session.playout.active is not None):
-            if now() > deadline:
-                break
-            await asyncio.sleep(PACKET_S)
-            session.push_audio(silence, sample_rate)
-            total += packet
-        await asyncio.sleep(PACKET_S)
-    finally:
-        await session.close()
-    await event_task
-    chunks = await audio_task
-    out = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-    n_out = int(round(total / sample_rate * session.output_rate))
+        run = await run_scenario(session, [Say(pcm, sample_rate), Silence(tail_s), WaitDone(max_wait_s)],
+                                 keep_events=False, on_event=write)
+    out = run.audio()
+    n_out = int(round(run.pushed_s * session.output_rate))
     out = np.concatenate([out, np.zeros(max(0, n_out - len(out)), np.float32)])[:n_out]
     write_wav(out_dir / "agent.wav", out, session.output_rate)
-    result.conversation = session.conversation.to_json()
+    result.conversation = run.conversation
     (out_dir / "conversation.json").write_text(json.dumps(result.conversation, indent=2))
-    result.turns = [per_reply[k] for k in sorted(per_reply)]
+    result.turns, result.barge_ins = run.turn_metrics(), run.barge_ins()
     return result
 
 
