@@ -1,0 +1,155 @@
+"""The LLM stream's own decode loop: stopping, token limit, cancellation, and listening or judging a
+backchannel while a reply is being generated."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+
+import pytest
+
+from duplex.llm.engine import sample
+from duplex.llm.speech_text import SpeechText
+from duplex.stages import Message
+from llm_fixtures import SHORT_SYSTEM, make_llm, tiny_checkpoints  # noqa: F401
+
+DIALOGUE = [Message("user", "Tell me about the train to the city.")]
+
+
+def greedy_tokens(llm, messages, n):
+    """The first ``n`` greedy reply tokens, computed directly on a fresh context (no stop tokens)."""
+    ctx = llm.new_context(SHORT_SYSTEM)
+    logits = ctx.sync(messages, generation_prompt=True)
+    out = []
+    for _ in range(n):
+        out.append(sample(logits, 0.0, 1.0, None))
+        logits = ctx.extend([out[-1]])
+    return out
+
+
+def spoken(llm, tokens):
+    text = SpeechText()
+    return text.feed(llm.engine.tokenizer.decode(tokens, skip_special_tokens=True)) + text.flush()
+
+
+async def collect(stream, messages):
+    return [piece async for piece in stream.reply(messages)]
+
+
+async def test_reply_streams_until_the_token_limit(make_llm):
+    """With no end-of-turn token sampled, a greedy reply is exactly max_reply_tokens tokens, streamed
+    in pieces that join to the cleaned decode of those tokens."""
+    llm = make_llm("qwen2", window=256, max_reply_tokens=12, temperature=0.0)
+    tokens = greedy_tokens(llm, DIALOGUE, 12)
+    llm.format = dataclasses.replace(llm.format, stop_ids=frozenset(set(llm.format.stop_ids) - set(tokens)))
+    stream = llm.new_stream(SHORT_SYSTEM)
+    pieces = await collect(stream, DIALOGUE)
+    assert len(pieces) > 1
+    assert "".join(pieces) == spoken(llm, tokens)
+    ctx = stream.context
+    assert ctx.ids[ctx.dialogue.length:] == tokens[:11]  # the last sampled token is never run
+    await stream.aclose()
+
+
+async def test_reply_stops_at_the_end_of_turn_token(make_llm):
+    """A sampled stop token ends the reply before it: the text is that of the tokens before it."""
+    llm = make_llm("llama", window=256, max_reply_tokens=12, temperature=0.0)
+    tokens = greedy_tokens(llm, DIALOGUE, 12)
+    k = next(i for i in range(4, 12) if tokens[i] not in tokens[:i])
+    llm.format = dataclasses.replace(llm.format, stop_ids=frozenset({tokens[k]}))
+    stream = llm.new_stream(SHORT_SYSTEM)
+    assert "".join(await collect(stream, DIALOGUE)) == spoken(llm, tokens[:k])
+    ctx = stream.context
+    assert ctx.ids[ctx.dialogue.length:] == tokens[:k]  # the stop token itself never entered the cache
+    await stream.aclose()
+
+
+async def test_closing_or_cancelling_a_reply_stops_decoding(make_llm):
+    """Closing the iterator, or cancelling the task that consumes it, stops the decode loop between
+    steps: the cache grows no further and the stream keeps working."""
+    llm = make_llm("qwen2", window=256, max_reply_tokens=40, temperature=0.0)
+    stream = llm.new_stream(SHORT_SYSTEM)
+    async with contextlib.aclosing(stream.reply(DIALOGUE)) as reply:
+        async for _ in reply:
+            length = stream.context.length
+            break
+    await stream.model.worker.run(lambda: None)  # every queued job has run
+    ctx = stream.context
+    assert ctx.length == length > ctx.dialogue.length  # no step ran after the close
+    p = await stream.listen(DIALOGUE + [Message("assistant", "Sure"), Message("user", "wait")])
+    assert p is not None and ctx.end == ctx.dialogue.length  # listening works after the close
+
+    started = asyncio.Event()
+
+    async def consume():
+        async for _ in stream.reply(DIALOGUE):
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await stream.model.worker.run(lambda: None)  # a step in flight when cancelled completes ...
+    length = stream.context.length
+    await asyncio.sleep(0.05)
+    await stream.model.worker.run(lambda: None)
+    assert stream.context.length == length  # ... but no further step is started
+    await stream.aclose()
+
+
+async def test_listening_and_backchannel_checks_leave_an_active_reply_unchanged(make_llm):
+    """While a reply is generated, listen() and is_backchannel() score the user's words on top of
+    the cache and roll back exactly: the reply comes out token for token as without them."""
+    llm = make_llm("qwen2", window=256, max_reply_tokens=24, temperature=0.0)
+    plain = llm.new_stream(SHORT_SYSTEM)
+    expected = await collect(plain, DIALOGUE)
+    stream = llm.new_stream(SHORT_SYSTEM)
+    got = []
+    async for piece in stream.reply(DIALOGUE):
+        got.append(piece)
+        if len(got) == 2:
+            length, ids = stream.context.length, list(stream.context.ids)
+            p = await stream.listen(DIALOGUE + [Message("user", "yeah")])
+            assert 0.0 <= p <= 1.0
+            assert isinstance(await stream.is_backchannel(DIALOGUE, "mm-hm"), bool)
+            assert stream.context.length == length and stream.context.ids == ids
+    assert got == expected
+    await plain.aclose()
+    await stream.aclose()
+
+
+async def test_backchannel_verdict_reads_the_yes_and_no_logits(make_llm):
+    """The verdict compares the probabilities of "yes" and "no" answers to a scoring prompt (swapping
+    them flips it), leaves the cache as it was, and skips the model for empty or long speech."""
+    llm = make_llm("qwen2", window=256, max_reply_tokens=16, temperature=0.0)
+    stream = llm.new_stream(SHORT_SYSTEM)
+    msgs = DIALOGUE + [Message("assistant", "The train leaves at nine.")]
+    await stream.listen(msgs)
+    ctx = stream.context
+    state = (list(ctx.ids), ctx.logits.clone())
+    verdict = await stream.is_backchannel(msgs, "right")
+    assert (ctx.ids, ctx.logits.tolist()) == (state[0], state[1].tolist())
+    yes, no = llm.answer_ids
+    llm.answer_ids = (no, yes)
+    assert await stream.is_backchannel(msgs, "right") is (not verdict)
+    ran = ctx.prefilled
+    assert await stream.is_backchannel(msgs, "") is True
+    assert await stream.is_backchannel(msgs, "no no wait I meant the other one") is False
+    assert ctx.prefilled == ran
+    await stream.aclose()
+
+
+async def test_sessions_keep_separate_caches(make_llm):
+    """Two streams of one model interleave on its worker without touching each other's cache."""
+    llm = make_llm("llama", window=256, max_reply_tokens=16)
+    a, b = llm.new_stream(SHORT_SYSTEM), llm.new_stream("You are a pirate.")
+    await asyncio.gather(a.listen([Message("user", "hello there")]), b.listen([Message("user", "good morning")]))
+    ref = llm.new_stream(SHORT_SYSTEM)
+    await ref.listen([Message("user", "hello there")])
+    assert a.context.ids == ref.context.ids != b.context.ids
+    for s in (a, b, ref):
+        await s.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        await a.listen([])
