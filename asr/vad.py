@@ -77,6 +77,11 @@ class SileroVAD:
         self.settings = settings or VADSettings()
         self.device = device
         self._net = torch.jit.load(str(silero_jit_path()), map_location=device)._model.eval()
+        # TorchScript profiles its first calls (about 80 ms each) per input shape: pay that at load,
+        # not in the first second of a conversation.
+        with torch.no_grad():
+            for batch in (1,) * 8 + (2,) * 4:
+                self._net(torch.zeros(batch, CONTEXT + WINDOW), torch.zeros(2, batch, STATE_SHAPE[1]))
         self.worker: BatchWorker[_Request, tuple[np.ndarray, np.ndarray]] = BatchWorker(
             "vad", self._step, device=device, max_batch=max_batch)
 

@@ -107,3 +107,19 @@ def write_wav(path: str | Path, pcm: np.ndarray, sample_rate: int) -> None:
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(path), to_int16(pcm), sample_rate, subtype="PCM_16")
+
+
+def espeak(text: str, sample_rate: int = 16_000, voice: str = "en-us", words_per_minute: int = 160) -> np.ndarray:
+    """Synthetic speech with known text from espeak-ng (for tests and benchmarks), float32 mono."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise AudioFormatError("espeak-ng is not installed; apt-get install espeak-ng")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "speech.wav"
+        subprocess.run([exe, "-v", voice, "-s", str(words_per_minute), "-w", str(path), text],
+                       check=True, capture_output=True)
+        return read_audio(path, sample_rate)[0]

@@ -161,7 +161,7 @@ class Session:
         block = self._resampler(mono)
         if block.size == 0:
             return
-        lag = max(self._queued_s.values())
+        lag = self.lag_s
         if lag > MAX_QUEUED_S:
             self._emit(ev.Error(stream_samples=self._pushed, wall=now(), stage="input",
                                 message=f"the models are {lag:.1f} s behind the audio; dropped "
@@ -193,6 +193,11 @@ class Session:
         if self.closed:
             sub._put(_CLOSED)
         return sub
+
+    @property
+    def lag_s(self) -> float:
+        """Seconds of input audio waiting for the VAD or the ASR (0 when the models keep up)."""
+        return max(self._queued_s.values())
 
     def arrival(self, sample: int) -> float:
         """The wall time at which input stream sample ``sample`` was spoken (arrived)."""
