@@ -1,0 +1,103 @@
+"""``duplex serve`` and ``duplex mic``: load the agent, run the transport until Ctrl-C, shut down cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Callable
+
+from duplex.config import AgentConfig
+from duplex.errors import ConfigError, UserError
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: asyncio.Event):
+    """Ctrl-C / SIGTERM set ``stop`` (so shutdown runs in order) instead of raising somewhere."""
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or not supported here
+            pass
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+async def serve(config: AgentConfig, host: str, port: int, max_sessions: int, *,
+                stop: asyncio.Event | None = None, on_ready: Callable[[str], None] | None = None) -> None:
+    """Run the WebRTC server until ``stop`` is set (or Ctrl-C), then close every session and the models."""
+    from aiohttp import web
+
+    from duplex.agent import Agent
+    from duplex.transport.ice import allow_loopback_candidates, is_loopback_host
+    from duplex.transport.server import Server, ServerOptions
+
+    stop = stop or asyncio.Event()
+    agent = await Agent.load(config)
+    runner = None
+    try:
+        if is_loopback_host(host):
+            allow_loopback_candidates()  # clients are on this machine, which may have no other interface
+        server = Server(agent, ServerOptions(max_sessions=max_sessions))
+        runner = web.AppRunner(server.app, handle_signals=False, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port "
+                            "or stop the program using it") from None
+        bound_port = runner.addresses[0][1] if runner.addresses else port
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        url = f"http://{shown}:{bound_port}/"
+        if on_ready is not None:
+            on_ready(url)
+        else:
+            print(f"duplex serve: open {url} in a browser (profile {config.profile}, at most {max_sessions} "
+                  "sessions); Ctrl-C stops", flush=True)
+            if not is_loopback_host(host):
+                print("duplex serve: browsers give the microphone only to https:// pages or localhost; "
+                      "from another machine, use an SSH tunnel (ssh -L) or an HTTPS proxy", flush=True)
+        with _stop_on_signals(stop):
+            await stop.wait()
+    finally:
+        if runner is not None:
+            await runner.cleanup()  # runs the app's on_shutdown: every peer and session closed
+        await agent.aclose()
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    from duplex.cli import config_from_args
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be 0-65535, got {args.port}")
+    if not 1 <= args.max_sessions <= 1000:
+        raise ConfigError(f"--max-sessions must be 1-1000, got {args.max_sessions}")
+    config = config_from_args(args)
+    asyncio.run(serve(config, args.host, args.port, args.max_sessions))
+    print("duplex serve: stopped", file=sys.stderr)
+    return 0
+
+
+def mic_main(args: argparse.Namespace) -> int:
+    from duplex.transport import devices
+
+    if args.list_devices:
+        print(devices.describe_devices())
+        return 0
+    from duplex.cli import config_from_args
+    from duplex.transport.mic import run_mic
+
+    config = config_from_args(args)
+    inp, out = devices.pick_devices(args.input_device, args.output_device)  # fail before loading models
+    asyncio.run(run_mic(config, inp, out, record=args.record))
+    print("duplex mic: stopped", file=sys.stderr)
+    return 0

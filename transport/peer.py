@@ -1,0 +1,234 @@
+"""One WebRTC peer: an aiortc peer connection and the Session it talks to, opened and closed as one.
+
+A :class:`Peer` owns three tasks, all ended by :meth:`Peer.close` (which every way out leads to: the
+peer hangs up, its connection fails, its microphone stays silent past ``idle_timeout_s`` because it
+vanished, the session ends on a fatal error, the server shuts down):
+
+- ``mic``: the remote audio track into ``session.push_audio`` (:func:`~.tracks.pump_microphone`);
+- ``events``: session events as JSON on the data channel the page opened (:mod:`.realtime`);
+- aiortc's own sender, which pulls the agent's voice from :func:`~.tracks.agent_audio_track`.
+
+The page may send ``{"type": "client.stats", "jitter_buffer_s": x}`` on the data channel: its
+measured playout delay, which (plus what waits on this side) becomes ``session.output_latency_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from duplex.agent import Agent
+from duplex.session import Session
+from duplex.transport.realtime import RealtimeEncoder
+from duplex.transport.signalling import Candidate, Offer
+from duplex.transport.tracks import InputStats, agent_audio_track, pump_microphone
+
+log = logging.getLogger(__name__)
+
+MAX_CLIENT_MESSAGE = 4_096
+MAX_BACKLOG = 500  # events kept for a data channel that is not open yet
+MAX_CHANNEL_BUFFER = 4 * 1024 * 1024  # bytes queued on the data channel before events are dropped
+
+
+@dataclass
+class PeerOptions:
+    idle_timeout_s: float = 15.0  # no microphone frame for this long: the peer is gone
+    ice_servers: tuple[str, ...] = ()  # STUN/TURN URLs; none by default (aiortc's default is Google's STUN)
+
+
+@dataclass
+class Peer:
+    pc_id: str
+    pc: Any  # aiortc RTCPeerConnection
+    session: Session
+    track: Any  # AgentAudioTrack
+    options: PeerOptions
+    on_closed: Callable[[Peer], None]
+    input: InputStats = field(default_factory=InputStats)
+    channel: Any = None  # RTCDataChannel opened by the page
+    sent: int = 0  # data-channel messages sent
+    dropped: int = 0  # ... and dropped because the channel was backed up
+    close_reason: str = ""
+    closed: bool = False
+    _backlog: list[str] = field(default_factory=list)
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _closing: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=f"{self.pc_id}-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def close_soon(self, reason: str) -> None:
+        """Start closing (safe from callbacks and from the peer's own tasks)."""
+        if self._closing is None:
+            self._closing = asyncio.create_task(self._close(reason), name=f"{self.pc_id}-close")
+
+    async def close(self, reason: str = "closed") -> None:
+        """Stop everything of this peer and wait for it (idempotent; every caller waits for the one
+        closing, which a cancelled caller does not interrupt)."""
+        self.close_soon(reason)
+        assert self._closing is not None
+        await asyncio.shield(self._closing)
+
+    async def _close(self, reason: str) -> None:
+        """Its tasks, the session (and with it the models' per-session state), the connection."""
+        self.closed = True
+        self.close_reason = reason
+        log.info("%s: closing (%s)", self.pc_id, reason)
+        try:
+            tasks = list(self._tasks)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.session.close()
+            self.track.stop()
+            await self.pc.close()
+        except Exception:
+            log.exception("%s: closing failed", self.pc_id)
+        finally:
+            self.on_closed(self)
+
+    # -- data channel ------------------------------------------------------------------------------
+
+    def attach_channel(self, channel: Any) -> None:
+        if self.channel is not None:
+            return  # the first channel the page opens carries the events
+        self.channel = channel
+
+        @channel.on("open")
+        def _open() -> None:
+            self._flush_backlog()
+
+        @channel.on("message")
+        def _message(message: object) -> None:
+            self.on_client_message(message)
+
+        if channel.readyState == "open":
+            self._flush_backlog()
+
+    def send(self, message: dict[str, Any]) -> None:
+        text = json.dumps(message, separators=(",", ":"))
+        channel = self.channel
+        if channel is None or channel.readyState != "open":
+            self._backlog.append(text)
+            if len(self._backlog) > MAX_BACKLOG:
+                del self._backlog[0]
+                self.dropped += 1
+            return
+        if channel.bufferedAmount > MAX_CHANNEL_BUFFER:
+            self.dropped += 1
+            return
+        channel.send(text)
+        self.sent += 1
+
+    def _flush_backlog(self) -> None:
+        backlog, self._backlog = self._backlog, []
+        for text in backlog:
+            self.channel.send(text)
+            self.sent += 1
+
+    def on_client_message(self, message: object) -> None:
+        """Messages from the page: its playout delay; anything else (keep-alive pings, junk) is ignored."""
+        if not isinstance(message, str) or len(message) > MAX_CLIENT_MESSAGE or not message.startswith("{"):
+            return
+        try:
+            data = json.loads(message)
+        except ValueError:
+            return
+        if not isinstance(data, dict) or data.get("type") != "client.stats":
+            return
+        jitter = data.get("jitter_buffer_s")
+        if isinstance(jitter, (int, float)) and not isinstance(jitter, bool) and 0 <= jitter <= 2.0:
+            self.session.output_latency_s = round(float(jitter) + self.track.buffered_s(), 4)
+
+    # -- tasks -------------------------------------------------------------------------------------
+
+    async def forward_events(self, events: Any) -> None:
+        encoder = RealtimeEncoder(self.session.t0, self.session.output_rate)
+        self.send({"type": "session.created", "session": {"id": self.pc_id, "output_rate": 48_000,
+                                                           "input_rate": 16_000}})
+        async for event in events:
+            message = encoder.encode(event)
+            if message is not None:
+                self.send(message)
+        self.close_soon("the session ended")
+
+    async def pump(self, track: Any) -> None:
+        reason = await pump_microphone(track, self.session, self.input, self.options.idle_timeout_s)
+        self.close_soon(reason)
+
+
+async def open_peer(agent: Agent, offer: Offer, options: PeerOptions, on_closed: Callable[[Peer], None]) -> tuple[Peer, dict[str, str]]:
+    """Answer ``offer`` with a new peer connection and session; returns the peer and the answer.
+
+    On any failure everything made so far is closed again before the exception propagates."""
+    from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+
+    config = RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in options.ice_servers])
+    pc = RTCPeerConnection(configuration=config)
+    session = agent.session()
+    track = agent_audio_track(session)
+    peer = Peer(pc_id=f"pc_{secrets.token_hex(8)}", pc=pc, session=session, track=track, options=options,
+                on_closed=on_closed)
+    try:
+        events = session.events()
+        wired = False
+
+        @pc.on("track")
+        def _track(remote: Any) -> None:
+            nonlocal wired
+            if remote.kind == "audio" and not wired:
+                wired = True
+                pc.addTrack(track)
+                peer.spawn(peer.pump(remote), "mic")
+
+        @pc.on("datachannel")
+        def _channel(channel: Any) -> None:
+            peer.attach_channel(channel)
+
+        @pc.on("connectionstatechange")
+        def _state() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                peer.close_soon(f"connection {pc.connectionState}")
+
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type=offer.type))
+        if not wired:
+            raise ValueError("the offer carries no audio track to receive")
+        await pc.setLocalDescription(await pc.createAnswer())
+        peer.spawn(peer.forward_events(events), "events")
+    except BaseException:
+        await peer.close("the offer could not be answered")
+        raise
+    return peer, {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "pc_id": peer.pc_id}
+
+
+async def renegotiate(peer: Peer, offer: Offer) -> dict[str, str]:
+    """A new offer on an existing connection (e.g. the page re-offers after a track change)."""
+    from aiortc import RTCSessionDescription
+
+    await peer.pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type=offer.type))
+    await peer.pc.setLocalDescription(await peer.pc.createAnswer())
+    local = peer.pc.localDescription
+    return {"sdp": local.sdp, "type": local.type, "pc_id": peer.pc_id}
+
+
+async def add_candidates(peer: Peer, candidates: tuple[Candidate, ...]) -> None:
+    from aiortc import RTCIceCandidate
+
+    for c in candidates:
+        if c.end_of_candidates:
+            await peer.pc.addIceCandidate(None)
+            continue
+        candidate = RTCIceCandidate(component=c.component, foundation=c.foundation, ip=c.ip, port=c.port,
+                                    priority=c.priority, protocol=c.protocol, type=c.type,
+                                    relatedAddress=c.related_address, relatedPort=c.related_port,
+                                    sdpMid=c.sdp_mid, sdpMLineIndex=c.sdp_mline_index, tcpType=c.tcp_type)
+        await peer.pc.addIceCandidate(candidate)

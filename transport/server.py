@@ -1,0 +1,183 @@
+"""The ``duplex serve`` web app: the browser client, WebRTC signalling, one Session per peer.
+
+Routes:
+
+- ``GET /``, ``GET /app.js`` ...: the page (files of web/);
+- ``POST /api/offer``: an SDP offer in, the answer out (:mod:`.signalling` has the shapes);
+- ``PATCH /api/offer``: trickle ICE candidates for a connection;
+- ``GET /api/status``: open sessions and the limits.
+
+Hygiene: request bodies are capped (``max_body`` bytes, 413 beyond), at most ``max_sessions`` peers
+at once (503 beyond, with ``Retry-After``), every refused request gets a JSON ``{"error": ...}`` with a
+4xx status and a message saying what was wrong, and nothing a client sends can raise out of a
+handler (an unexpected failure is a logged 500 for that request only). Peers that vanish are closed
+with their session (see :mod:`.peer`); :meth:`Server.close` closes them all on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from duplex.agent import Agent
+from duplex.transport.peer import Peer, PeerOptions, add_candidates, open_peer, renegotiate
+from duplex.transport.signalling import BadRequest, parse_json, parse_offer, parse_patch
+
+log = logging.getLogger(__name__)
+
+WEB_ROOT = Path(__file__).resolve().parents[1] / "web"
+OFFER_TIMEOUT_S = 20.0  # answering an offer (ICE gathering included) takes well under a second
+
+
+@dataclass
+class ServerOptions:
+    max_sessions: int = 4
+    max_body: int = 64 * 1024  # bytes of a signalling request
+    web_root: Path = WEB_ROOT
+    peer: PeerOptions = field(default_factory=PeerOptions)
+
+
+class Server:
+    """Holds the agent, the open peers and the aiohttp application that serves them."""
+
+    def __init__(self, agent: Agent, options: ServerOptions | None = None) -> None:
+        self.agent = agent
+        self.options = options or ServerOptions()
+        self.peers: dict[str, Peer] = {}
+        self.closed_peers = 0
+        self._opening = 0
+        self._closing = False
+        self.app = self._build_app()
+
+    # -- app ---------------------------------------------------------------------------------------
+
+    def _build_app(self):
+        from aiohttp import web
+
+        app = web.Application(client_max_size=self.options.max_body, middlewares=[self._errors])
+        app.router.add_post("/api/offer", self.post_offer)
+        app.router.add_patch("/api/offer", self.patch_offer)
+        app.router.add_get("/api/status", self.status)
+        app.router.add_get("/", self.index)
+        root = self.options.web_root
+        if root.is_dir():
+            app.router.add_static("/", root, show_index=False, follow_symlinks=False)
+        else:
+            log.warning("the web client folder %s is missing; only the API is served", root)
+        app.on_shutdown.append(lambda _app: self.close())
+        return app
+
+    @staticmethod
+    def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None):
+        from aiohttp import web
+
+        return web.json_response(body, status=status, headers=headers)
+
+    async def _errors(self, app, handler):  # aiohttp old-style middleware factory
+        from aiohttp import web
+
+        async def middleware(request):
+            try:
+                return await handler(request)
+            except BadRequest as exc:
+                return self._json(400, {"error": str(exc)})
+            except web.HTTPRequestEntityTooLarge:
+                return self._json(413, {"error": f"request body too large (at most {self.options.max_body} bytes)"})
+            except web.HTTPException as exc:
+                if exc.status >= 400 and request.path.startswith("/api/"):
+                    return self._json(exc.status, {"error": exc.reason}, headers=dict(exc.headers))
+                raise
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s %s failed", request.method, request.path)
+                return self._json(500, {"error": "internal error; see the server log"})
+
+        return middleware
+
+    async def _body(self, request) -> dict[str, Any]:
+        """The JSON object of a request; 413 before reading anything when the declared size is over
+        the cap (aiohttp enforces it too while reading a body sent without a length)."""
+        from aiohttp import web
+
+        if request.content_length is not None and request.content_length > self.options.max_body:
+            raise web.HTTPRequestEntityTooLarge(max_size=self.options.max_body, actual_size=request.content_length)
+        return parse_json(await request.read())
+
+    # -- handlers ----------------------------------------------------------------------------------
+
+    async def index(self, request):
+        from aiohttp import web
+
+        page = self.options.web_root / "index.html"
+        if not page.is_file():
+            return self._json(404, {"error": f"the web client is missing ({page})"})
+        return web.FileResponse(page, headers={"Cache-Control": "no-store"})
+
+    async def status(self, request):
+        return self._json(200, {"sessions": len(self.peers), "max_sessions": self.options.max_sessions,
+                                "closed_sessions": self.closed_peers,
+                                "peers": {pid: {"connection": p.pc.connectionState, "state": p.session.state,
+                                                "input_s": round(p.input.seconds, 2),
+                                                "input_peak_rms": round(p.input.peak_rms, 4),
+                                                "events_sent": p.sent}
+                                          for pid, p in self.peers.items()}})
+
+    async def post_offer(self, request):
+        offer = parse_offer(await self._body(request))
+        if self._closing:
+            return self._json(503, {"error": "the server is shutting down"})
+        existing = self.peers.get(offer.pc_id) if offer.pc_id else None
+        if existing is not None and not offer.restart_pc:
+            try:
+                answer = await asyncio.wait_for(renegotiate(existing, offer), OFFER_TIMEOUT_S)
+            except (ValueError, TypeError, KeyError, IndexError, AssertionError) as exc:
+                raise BadRequest(f"cannot use this offer: {exc}") from None
+            return self._json(200, answer)
+        if existing is not None:  # restart: the old connection makes room for the new one
+            await existing.close("restarted by the peer")
+        if len(self.peers) + self._opening >= self.options.max_sessions:
+            return self._json(503, {"error": f"the server is at its limit of {self.options.max_sessions} "
+                                             "concurrent sessions; try again later"},
+                              headers={"Retry-After": "10"})
+        self._opening += 1
+        try:
+            peer, answer = await asyncio.wait_for(
+                open_peer(self.agent, offer, self.options.peer, self._forget), OFFER_TIMEOUT_S)
+        except (ValueError, TypeError, KeyError, IndexError, AssertionError) as exc:
+            # aiortc's SDP parser reports what it cannot use this way
+            raise BadRequest(f"cannot use this offer: {exc or type(exc).__name__}") from None
+        finally:
+            self._opening -= 1
+        self.peers[peer.pc_id] = peer
+        if peer.closed:  # closed while answering (e.g. the session failed at once)
+            self.peers.pop(peer.pc_id, None)
+        log.info("%s: opened (%d/%d sessions)", peer.pc_id, len(self.peers), self.options.max_sessions)
+        return self._json(200, answer)
+
+    async def patch_offer(self, request):
+        patch = parse_patch(await self._body(request))
+        peer = self.peers.get(patch.pc_id)
+        if peer is None:
+            return self._json(404, {"error": f"no open connection {patch.pc_id}; post an offer first"})
+        try:
+            await asyncio.wait_for(add_candidates(peer, patch.candidates), 5.0)
+        except (ValueError, TypeError) as exc:
+            raise BadRequest(f"cannot use these candidates: {exc}") from None
+        return self._json(200, {"pc_id": patch.pc_id, "added": len(patch.candidates)})
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def _forget(self, peer: Peer) -> None:
+        if self.peers.pop(peer.pc_id, None) is not None:
+            self.closed_peers += 1
+            log.info("%s: closed: %s (%d open)", peer.pc_id, peer.close_reason, len(self.peers))
+
+    async def close(self) -> None:
+        """Close every peer (and its session); refuse new offers from now on."""
+        self._closing = True
+        await asyncio.gather(*(p.close("the server is shutting down") for p in list(self.peers.values())),
+                             return_exceptions=True)

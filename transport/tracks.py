@@ -1,0 +1,134 @@
+"""Audio between aiortc and a Session: the agent's voice as an outgoing track, the microphone in.
+
+Outgoing: :class:`AgentAudioTrack` reads the session's 20 ms frames (paced by the session, silence
+when idle, nothing left over after a barge-in) and hands them to aiortc's sender as 48 kHz s16 mono
+frames, resampled with the project's stateful streaming resampler. aiortc encodes and sends each frame
+as soon as ``recv`` returns it, so the session's pace is the wire's pace.
+
+Incoming: :func:`frame_to_pcm` turns one decoded frame into ``[samples, channels]`` int16 whatever
+its layout (aiortc's Opus decoder gives packed stereo s16 at 48 kHz; a planar frame comes as
+``[channels, samples]``), and :func:`pump_microphone` feeds a remote track into the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from duplex.audio import StreamResampler, to_int16
+from duplex.session import Session
+
+log = logging.getLogger(__name__)
+
+WIRE_RATE = 48_000  # Opus in WebRTC runs at 48 kHz
+
+
+def frame_to_pcm(frame) -> tuple[np.ndarray, int]:
+    """A decoded ``av.AudioFrame`` as ``([samples, channels] array, sample_rate)``, layout checked."""
+    channels = len(frame.layout.channels)
+    data = frame.to_ndarray()
+    if frame.format.is_planar:
+        assert data.shape[0] == channels, f"planar frame of shape {data.shape} for {channels} channels"
+        pcm = data.T  # [C, T] -> [T, C]
+    else:
+        assert data.shape[0] == 1 and data.shape[1] == frame.samples * channels, \
+            f"packed frame of shape {data.shape} for {frame.samples} samples x {channels} channels"
+        pcm = data.reshape(frame.samples, channels)  # interleaved L R L R ... -> [T, C]
+    return np.ascontiguousarray(pcm), int(frame.sample_rate)
+
+
+@dataclass
+class InputStats:
+    """What came in from the peer's microphone (for the status endpoint and tests)."""
+
+    frames: int = 0
+    seconds: float = 0.0
+    peak_rms: float = 0.0  # the loudest 20 ms block, full scale 1.0
+    layout: str = ""
+
+
+async def pump_microphone(track, session: Session, stats: InputStats, idle_timeout_s: float) -> str:
+    """Feed ``track``'s frames to ``session`` until the track ends, the session closes, or no frame
+    comes for ``idle_timeout_s`` (a peer that vanished without closing). Returns why it stopped."""
+    from aiortc.mediastreams import MediaStreamError
+
+    while not session.closed:
+        try:
+            frame = await asyncio.wait_for(track.recv(), idle_timeout_s)
+        except MediaStreamError:
+            return "track ended"
+        except TimeoutError:
+            return f"no audio for {idle_timeout_s:.0f} s"
+        pcm, rate = frame_to_pcm(frame)
+        stats.frames += 1
+        stats.seconds += pcm.shape[0] / rate
+        stats.layout = f"{frame.format.name} {frame.layout.name} {rate} Hz"
+        block = pcm.astype(np.float32) / (32768.0 if pcm.dtype == np.int16 else 1.0)
+        stats.peak_rms = max(stats.peak_rms, float(np.sqrt(np.mean(block * block))) if block.size else 0.0)
+        if session.closed:
+            break
+        session.push_audio(pcm, rate)
+    return "session closed"
+
+
+def agent_audio_track(session: Session, *, queue_frames: int = 10):
+    """The session's ``audio()`` as an aiortc ``MediaStreamTrack`` of 20 ms frames at 48 kHz.
+
+    ``queue_frames`` bounds the frames waiting between the session and aiortc's sender; if the sender
+    falls further behind, the oldest are dropped (counted in ``dropped``) rather than delaying the
+    voice. The streaming resampler returns its output in uneven bursts, so resampled audio goes
+    through a small FIFO; when it runs short (only at the start, until it holds the resampler's
+    slack of ~25 ms) silence is put in front, so every frame is exactly 20 ms."""
+    import av
+    from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+    wire_frame = WIRE_RATE // 50
+
+    class AgentAudioTrack(MediaStreamTrack):
+        kind = "audio"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.frames = session.audio(maxsize=queue_frames)
+            self.resampler = StreamResampler(session.output_rate, WIRE_RATE)
+            self.fifo = np.zeros(0, np.float32)  # resampled audio not yet sent, at 48 kHz
+            self.time_base = fractions.Fraction(1, WIRE_RATE)
+            self.pts = 0
+            self.sent_frames = 0
+            self.voiced_frames = 0  # frames carrying agent audio
+
+        @property
+        def dropped(self) -> int:
+            return self.frames.dropped
+
+        def buffered_s(self) -> float:
+            """Seconds of agent audio taken from the session but not yet on the wire."""
+            return self.frames._queue.qsize() * 0.02 + len(self.fifo) / WIRE_RATE
+
+        async def recv(self):
+            if self.readyState != "live":
+                raise MediaStreamError
+            try:
+                pcm = await anext(self.frames)  # float32 [20 ms] at session.output_rate
+            except StopAsyncIteration:
+                self.stop()
+                raise MediaStreamError from None
+            if pcm.any():
+                self.voiced_frames += 1
+            self.fifo = np.concatenate([self.fifo, self.resampler(pcm)])
+            if len(self.fifo) < wire_frame:
+                self.fifo = np.concatenate([np.zeros(wire_frame - len(self.fifo), np.float32), self.fifo])
+            out, self.fifo = self.fifo[:wire_frame], self.fifo[wire_frame:]
+            frame = av.AudioFrame.from_ndarray(to_int16(out)[None, :], format="s16", layout="mono")
+            frame.sample_rate = WIRE_RATE
+            frame.pts = self.pts
+            frame.time_base = self.time_base
+            self.pts += wire_frame
+            self.sent_frames += 1
+            return frame
+
+    return AgentAudioTrack()
