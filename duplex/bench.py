@@ -20,7 +20,9 @@ BENCHES: dict[str, str] = {
     "llm": "duplex.llm.bench:run",
     "tts": "duplex.tts.bench:run",
     "e2e": "duplex.e2e:run",
+    "endurance": "duplex.endurance:run",
 }
+ALL = ("asr", "llm", "tts", "e2e")  # what `bench all` runs (endurance is long: run it on its own)
 
 
 def machine() -> dict[str, object]:
@@ -42,7 +44,7 @@ def machine() -> dict[str, object]:
 
 
 def main(args: argparse.Namespace) -> int:
-    names = list(BENCHES) if args.what == "all" else [args.what]
+    names = list(ALL) if args.what == "all" else [args.what]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     info = machine()

@@ -25,7 +25,7 @@ COMMANDS: dict[str, str] = {
     "models": "duplex.models:main",
 }
 
-BENCHMARKS = ("asr", "llm", "tts", "e2e", "all")
+BENCHMARKS = ("asr", "llm", "tts", "e2e", "all", "endurance")
 
 
 def add_agent_options(p: argparse.ArgumentParser, default_profile: str = "pretrained") -> None:
@@ -98,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_agent_options(p)
 
     p = sub.add_parser("bench", help="benchmarks that print figures (speed is measured here, not in tests)")
-    p.add_argument("what", choices=BENCHMARKS, help="which stage, e2e, or all")
+    p.add_argument("what", choices=BENCHMARKS,
+                   help="a stage, e2e, all (the stages and e2e), or endurance (a long dialogue on the "
+                        "virtual clock; use --profile tiny)")
+    p.add_argument("--minutes", type=float, default=60.0, help="endurance: simulated minutes")
     p.add_argument("--out", default="artifacts/bench", help="folder for JSON results and plots")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and settings (a smoke run)")
     add_agent_options(p, default_profile="random")

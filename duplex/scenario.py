@@ -81,8 +81,11 @@ class ScenarioRun:
 
 
 async def run_scenario(session: Session, steps: Sequence[Step], *, keep_events: bool = True,
+                       keep_audio: bool = True,
                        on_event: Callable[[ev.Event], None] | None = None) -> ScenarioRun:
-    """Drive ``session`` through ``steps`` in live-paced 20 ms packets; close it at the end."""
+    """Drive ``session`` through ``steps`` in live-paced 20 ms packets; close it at the end.
+
+    ``keep_events``/``keep_audio`` False keep memory flat on long runs (``on_event`` still sees all)."""
     run = ScenarioRun(t0=session.t0)
     events, frames = session.events(maxsize=1_000_000), session.audio(maxsize=1_000_000)
 
@@ -95,8 +98,9 @@ async def run_scenario(session: Session, steps: Sequence[Step], *, keep_events: 
 
     async def collect_frames() -> None:
         async for f in frames:
-            run.frames.append(f)
-            run.frame_walls.append(now())
+            if keep_audio:
+                run.frames.append(f)
+                run.frame_walls.append(now())
 
     tasks = [asyncio.create_task(collect_events()), asyncio.create_task(collect_frames())]
     clock = session.t0  # when the next packet is complete, as from a microphone

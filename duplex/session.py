@@ -194,6 +194,15 @@ class Session:
             sub._put(_CLOSED)
         return sub
 
+    def stage_stats(self) -> dict[str, dict[str, float]]:
+        """Figures the stage streams report about themselves (e.g. the LLM's KV-cache size), by role."""
+        out: dict[str, dict[str, float]] = {}
+        for role, stream in (("vad", self._vad), ("asr", self._asr), ("llm", self._llm), ("tts", self._tts)):
+            stats = getattr(stream, "stats", None)
+            if callable(stats):
+                out[role] = stats()
+        return out
+
     @property
     def lag_s(self) -> float:
         """Seconds of input audio waiting for the VAD or the ASR (0 when the models keep up)."""
