@@ -62,7 +62,8 @@ def tiny_config(token_ids: dict[str, int]):
     mimi = dict(mimi_kwargs(), hidden_size=32, num_filters=8, codebook_size=codes, codebook_dim=16,
                 num_quantizers=codebooks, vector_quantization_hidden_dimension=16, upsample_groups=32,
                 num_hidden_layers=2, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4,
-                head_dim=8, sliding_window=8, max_position_embeddings=4000)
+                head_dim=8, sliding_window=8, max_position_embeddings=4000,
+                layer_scale_initial_scale=0.5)  # trained scales are far above the 0.01 init: let attention count
     depth = CsmDepthDecoderConfig(num_codebooks=codebooks, backbone_hidden_size=64, vocab_size=codes + 3,
                                   hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, max_position_embeddings=codebooks + 1,

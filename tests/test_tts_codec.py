@@ -1,0 +1,112 @@
+"""The streaming Mimi codec equals one-shot Mimi: decoder at any chunk size, encoder on uneven blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from duplex.tts.codec import StreamingDecoder, StreamingEncoder
+from tts_fixtures import relative_error, tiny_codec, tiny_tts_checkpoint  # noqa: F401
+
+FRAMES = 23  # 46 transformer steps at 25 Hz: far past the tiny codec's 8-step attention window
+
+
+@pytest.fixture(scope="module")
+def codes(tiny_codec) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, tiny_codec.config.codebook_size, (1, tiny_codec.config.num_quantizers, FRAMES),
+                         generator=generator)
+
+
+@pytest.fixture(scope="module")
+def one_shot(tiny_codec, codes) -> torch.Tensor:
+    return tiny_codec.decode(codes).audio_values[:, 0]  # [1, FRAMES * 1920]
+
+
+def decode_in_chunks(decoder: StreamingDecoder, codes: torch.Tensor, size: int, fresh_state=None) -> torch.Tensor:
+    state = decoder.new_state()
+    out = []
+    for start in range(0, codes.shape[-1], size):
+        if fresh_state is not None and start:
+            fresh_state(state, decoder)
+        out.append(decoder.decode(codes[..., start:start + size], state))
+    return torch.cat(out, dim=-1)
+
+
+def test_codebooks_hold_noise(tiny_codec):
+    """The tiny codec's codebooks are random (distinct codes decode differently), not all-zero."""
+    embed = tiny_codec.quantizer.semantic_residual_vector_quantizer.layers[0].codebook.embed
+    assert embed.abs().sum() > 0
+    assert torch.cdist(embed, embed).fill_diagonal_(1.0).min() > 0.1
+
+
+@pytest.mark.parametrize("size", [1, 2, 5])
+def test_streaming_decode_equals_one_shot(tiny_codec, codes, one_shot, size):
+    """Decoding 1, 2 or 5 frames per call gives one-shot MimiModel.decode's samples to 1e-5 relative,
+    while the transformer's KV cache stays bounded by its attention window."""
+    decoder = StreamingDecoder(tiny_codec)
+    state = decoder.new_state()
+    streamed = torch.cat([decoder.decode(codes[..., i:i + size], state) for i in range(0, FRAMES, size)], dim=-1)
+    assert streamed.shape == one_shot.shape == (1, FRAMES * decoder.frame_size)
+    assert one_shot.abs().max() > 1e-3  # a real signal, not silence
+    assert relative_error(streamed, one_shot) < 1e-5
+    window = tiny_codec.config.sliding_window
+    assert all(k.shape[2] == window - 1 for k in state.kv.keys)
+    assert state.kv.position == 2 * FRAMES and state.frames == FRAMES
+
+
+def test_independent_chunks_differ(tiny_codec, codes, one_shot):
+    """Negative control: decoding each 2-frame chunk from a fresh state (what stateless decoding does)
+    does not match one-shot decoding."""
+    decoder = StreamingDecoder(tiny_codec)
+    chunks = torch.cat([decoder.decode(codes[..., i:i + 2], decoder.new_state()) for i in range(0, FRAMES, 2)], -1)
+    assert relative_error(chunks, one_shot) > 1e-2
+
+
+def _drop_conv_context(state, decoder):
+    state.conv_context.clear()
+
+
+def _drop_overlap(state, decoder):
+    state.overlap.clear()
+
+
+def _drop_kv(state, decoder):
+    state.kv.valid = 0  # the cached keys become invisible; positions run on
+
+
+@pytest.mark.parametrize("drop", [_drop_conv_context, _drop_overlap, _drop_kv], ids=["conv", "overlap", "kv"])
+def test_every_piece_of_state_matters(tiny_codec, codes, one_shot, drop):
+    """Forgetting any one kind of state between chunks (conv left context, transposed-conv tails, the
+    attention window) breaks the equality: each is needed."""
+    decoder = StreamingDecoder(tiny_codec)
+    assert relative_error(decode_in_chunks(decoder, codes, 2, drop), one_shot) > 1e-4
+
+
+def test_state_copy_replays_identically(tiny_codec, codes):
+    """A copied decoder state continues exactly like the original (snapshot for rollback)."""
+    decoder = StreamingDecoder(tiny_codec)
+    state = decoder.new_state()
+    decoder.decode(codes[..., :7], state)
+    snapshot = state.copy()
+    a = decoder.decode(codes[..., 7:12], state)
+    b = decoder.decode(codes[..., 7:12], snapshot)
+    assert torch.equal(a, b)
+
+
+def test_streaming_encoder_equals_one_shot(tiny_codec):
+    """Audio fed in uneven blocks (not frame multiples) encodes to one-shot MimiModel.encode's latents
+    (1e-5 relative) and codes."""
+    frames = 12
+    audio = 0.3 * torch.randn(1, frames * 1920, generator=torch.Generator().manual_seed(2))
+    ref_latents = tiny_codec.encoder(audio[:, None]).latents
+    ref_codes = tiny_codec.encode(audio[:, None]).audio_codes
+    encoder = StreamingEncoder(tiny_codec)
+    state = encoder.new_state()
+    latents = torch.cat([encoder.latents(audio[:, i:i + 1000], state) for i in range(0, audio.shape[-1], 1000)], -1)
+    assert latents.shape == ref_latents.shape
+    assert relative_error(latents, ref_latents) < 1e-5
+    state = encoder.new_state()
+    codes = torch.cat([encoder.encode(audio[:, i:i + 2500], state) for i in range(0, audio.shape[-1], 2500)], -1)
+    assert torch.equal(codes, ref_codes)
+    assert state.pending.shape[-1] == 0  # every sample was consumed
