@@ -82,9 +82,16 @@ def file_track(pcm: np.ndarray, rate: int = 48_000):
             super().__init__()
             self.pos = 0
             self.start: float | None = None
+            self.frozen = asyncio.Event()
+
+        def freeze(self) -> None:
+            """Send nothing more, without hanging up (a frozen tab, a dropped network)."""
+            self.frozen.set()
 
         async def recv(self):
             loop = asyncio.get_running_loop()
+            if self.frozen.is_set():
+                await asyncio.Future()  # forever (until the connection is closed)
             if self.start is None:
                 self.start = loop.time()
             await asyncio.sleep(max(0.0, self.start + self.pos / rate - loop.time()))
@@ -111,6 +118,7 @@ class Client:
     frames: list[np.ndarray] = field(default_factory=list)  # received agent audio, [T] float32 mono
     frame_layouts: set[str] = field(default_factory=set)
     got: asyncio.Event = field(default_factory=asyncio.Event)  # set on every message
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # the connection closed or failed
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
     def of(self, kind: str) -> list[dict]:
@@ -124,6 +132,9 @@ class Client:
             return self.of(kind)
 
         return await asyncio.wait_for(until(), timeout)
+
+    async def wait_for_close(self, timeout: float = 10.0) -> None:
+        await asyncio.wait_for(self.ended.wait(), timeout)
 
     def audio(self) -> np.ndarray:
         return np.concatenate(self.frames) if self.frames else np.zeros(0, np.float32)
@@ -161,6 +172,11 @@ async def connect(base_url: str, mic, *, trickle: bool = False) -> Client:
                 client.frames.append(pcm.astype(np.float32).mean(axis=1) / 32768.0)
         except MediaStreamError:
             return
+
+    @pc.on("connectionstatechange")
+    def _state() -> None:
+        if pc.connectionState in ("closed", "failed"):
+            client.ended.set()
 
     @pc.on("track")
     def _track(track) -> None:

@@ -199,10 +199,9 @@ async def open_peer(agent: Agent, offer: Offer, options: PeerOptions, on_closed:
             if pc.connectionState in ("failed", "closed"):
                 peer.close_soon(f"connection {pc.connectionState}")
 
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type=offer.type))
+        await _negotiate(pc, offer)
         if not wired:
             raise ValueError("the offer carries no audio track to receive")
-        await pc.setLocalDescription(await pc.createAnswer())
         peer.spawn(peer.forward_events(events), "events")
     except BaseException:
         await peer.close("the offer could not be answered")
@@ -212,12 +211,27 @@ async def open_peer(agent: Agent, offer: Offer, options: PeerOptions, on_closed:
 
 async def renegotiate(peer: Peer, offer: Offer) -> dict[str, str]:
     """A new offer on an existing connection (e.g. the page re-offers after a track change)."""
-    from aiortc import RTCSessionDescription
-
-    await peer.pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type=offer.type))
-    await peer.pc.setLocalDescription(await peer.pc.createAnswer())
+    await _negotiate(peer.pc, offer)
     local = peer.pc.localDescription
     return {"sdp": local.sdp, "type": local.type, "pc_id": peer.pc_id}
+
+
+async def _negotiate(pc: Any, offer: Offer) -> None:
+    """Apply the offer and make the answer. The offer is the only input here, so whatever aiortc
+    raises on it (its parser signals bad input with assorted exception types) is the offer's fault:
+    it becomes a ValueError that the server answers with 400."""
+    from aiortc import RTCSessionDescription
+
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type=offer.type))
+        await pc.setLocalDescription(await pc.createAnswer())
+    except (asyncio.CancelledError, MemoryError):
+        raise
+    except Exception as exc:
+        log.info("refused an offer: %s: %s", type(exc).__name__, exc)
+        log.debug("refused offer", exc_info=True)
+        text = str(exc) or f"the WebRTC stack could not use it ({type(exc).__name__})"
+        raise ValueError(text) from exc
 
 
 async def add_candidates(peer: Peer, candidates: tuple[Candidate, ...]) -> None:

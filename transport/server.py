@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ class Server:
         self.options = options or ServerOptions()
         self.peers: dict[str, Peer] = {}
         self.closed_peers = 0
+        self.close_reasons: Counter[str] = Counter()  # why peers were closed, for status and tests
         self._opening = 0
         self._closing = False
         self.app = self._build_app()
@@ -57,7 +59,11 @@ class Server:
     def _build_app(self):
         from aiohttp import web
 
-        app = web.Application(client_max_size=self.options.max_body, middlewares=[self._errors])
+        @web.middleware
+        async def errors(request, handler):
+            return await self._errors(request, handler)
+
+        app = web.Application(client_max_size=self.options.max_body, middlewares=[errors])
         app.router.add_post("/api/offer", self.post_offer)
         app.router.add_patch("/api/offer", self.patch_offer)
         app.router.add_get("/api/status", self.status)
@@ -76,27 +82,26 @@ class Server:
 
         return web.json_response(body, status=status, headers=headers)
 
-    async def _errors(self, app, handler):  # aiohttp old-style middleware factory
+    async def _errors(self, request, handler):
+        """Every refusal as JSON ``{"error": message}``; nothing a client sends raises out of here."""
         from aiohttp import web
 
-        async def middleware(request):
-            try:
-                return await handler(request)
-            except BadRequest as exc:
-                return self._json(400, {"error": str(exc)})
-            except web.HTTPRequestEntityTooLarge:
-                return self._json(413, {"error": f"request body too large (at most {self.options.max_body} bytes)"})
-            except web.HTTPException as exc:
-                if exc.status >= 400 and request.path.startswith("/api/"):
-                    return self._json(exc.status, {"error": exc.reason}, headers=dict(exc.headers))
-                raise
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("%s %s failed", request.method, request.path)
-                return self._json(500, {"error": "internal error; see the server log"})
-
-        return middleware
+        try:
+            return await handler(request)
+        except BadRequest as exc:
+            return self._json(400, {"error": str(exc)})
+        except web.HTTPRequestEntityTooLarge:
+            return self._json(413, {"error": f"request body too large (at most {self.options.max_body} bytes)"})
+        except web.HTTPException as exc:
+            if exc.status >= 400 and request.path.startswith("/api/"):
+                return self._json(exc.status, {"error": exc.reason}, headers={
+                    k: v for k, v in exc.headers.items() if k.lower() == "allow"})
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return self._json(500, {"error": "internal error; see the server log"})
 
     async def _body(self, request) -> dict[str, Any]:
         """The JSON object of a request; 413 before reading anything when the declared size is over
@@ -119,7 +124,7 @@ class Server:
 
     async def status(self, request):
         return self._json(200, {"sessions": len(self.peers), "max_sessions": self.options.max_sessions,
-                                "closed_sessions": self.closed_peers,
+                                "closed_sessions": self.closed_peers, "close_reasons": dict(self.close_reasons),
                                 "peers": {pid: {"connection": p.pc.connectionState, "state": p.session.state,
                                                 "input_s": round(p.input.seconds, 2),
                                                 "input_peak_rms": round(p.input.peak_rms, 4),
@@ -135,7 +140,7 @@ class Server:
             try:
                 answer = await asyncio.wait_for(renegotiate(existing, offer), OFFER_TIMEOUT_S)
             except (ValueError, TypeError, KeyError, IndexError, AssertionError) as exc:
-                raise BadRequest(f"cannot use this offer: {exc}") from None
+                raise BadRequest(f"cannot use this offer: {_why(exc)}") from None
             return self._json(200, answer)
         if existing is not None:  # restart: the old connection makes room for the new one
             await existing.close("restarted by the peer")
@@ -149,7 +154,7 @@ class Server:
                 open_peer(self.agent, offer, self.options.peer, self._forget), OFFER_TIMEOUT_S)
         except (ValueError, TypeError, KeyError, IndexError, AssertionError) as exc:
             # aiortc's SDP parser reports what it cannot use this way
-            raise BadRequest(f"cannot use this offer: {exc or type(exc).__name__}") from None
+            raise BadRequest(f"cannot use this offer: {_why(exc)}") from None
         finally:
             self._opening -= 1
         self.peers[peer.pc_id] = peer
@@ -166,7 +171,7 @@ class Server:
         try:
             await asyncio.wait_for(add_candidates(peer, patch.candidates), 5.0)
         except (ValueError, TypeError) as exc:
-            raise BadRequest(f"cannot use these candidates: {exc}") from None
+            raise BadRequest(f"cannot use these candidates: {_why(exc)}") from None
         return self._json(200, {"pc_id": patch.pc_id, "added": len(patch.candidates)})
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -174,6 +179,7 @@ class Server:
     def _forget(self, peer: Peer) -> None:
         if self.peers.pop(peer.pc_id, None) is not None:
             self.closed_peers += 1
+            self.close_reasons[peer.close_reason] += 1
             log.info("%s: closed: %s (%d open)", peer.pc_id, peer.close_reason, len(self.peers))
 
     async def close(self) -> None:
@@ -181,3 +187,8 @@ class Server:
         self._closing = True
         await asyncio.gather(*(p.close("the server is shutting down") for p in list(self.peers.values())),
                              return_exceptions=True)
+
+
+def _why(exc: Exception) -> str:
+    text = str(exc)
+    return text if text else f"the WebRTC stack could not parse it ({type(exc).__name__})"

@@ -100,6 +100,9 @@ def check_sdp(sdp: str) -> None:
     bad = next((line for line in lines if len(line) < 2 or line[1] != "="), None)
     if bad is not None:
         raise BadRequest(f"sdp has a malformed line: {bad[:60]!r}")
+    mids = [line[6:].strip() for line in lines if line.startswith("a=mid:")]
+    if len(mids) != len(set(mids)):
+        raise BadRequest("sdp has two media sections with the same a=mid")
     if not any(line.startswith("m=audio ") for line in lines):
         raise BadRequest("the offer has no audio section (m=audio): send the microphone track")
 

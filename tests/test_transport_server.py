@@ -1,0 +1,204 @@
+"""Server hygiene: malformed and hostile requests, size limits, the session limit, vanished peers.
+
+Every refusal must be a 4xx with a JSON message saying what was wrong, and the server must go on
+serving real peers afterwards; peers that hang up or vanish mid-reply must leave no session, task
+or thread behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import aiohttp
+import numpy as np
+import pytest
+
+from tests.transport_fixtures import connect, file_track, jfk48, load_agent, running_server
+
+GOOD_HEAD = ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n")
+AUDIO = ("m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=ice-ufrag:abcd\r\n"
+         "a=ice-pwd:abcdefghijklmnopqrstuvwx\r\na=fingerprint:sha-256 00:11\r\na=setup:actpass\r\na=mid:0\r\n"
+         "a=sendrecv\r\na=rtcp-mux\r\na=rtpmap:111 opus/48000/2\r\n")
+
+BAD_OFFERS = [
+    # (body, what the error message must mention)
+    (b"not json at all", "not valid JSON"),
+    (b"\xff\xfe\x00garbage", "not UTF-8"),
+    (b"[1, 2, 3]", "JSON object"),
+    (b"{}", "'sdp'"),
+    (b'{"sdp": 42, "type": "offer"}', "'sdp'"),
+    (b'{"sdp": "v=0", "type": "answer"}', "'type'"),
+    (b'{"sdp": "hello", "type": "offer"}', "v=0"),
+    (b'{"sdp": "v=0\\r\\nm=video 9 RTP/AVP 96\\r\\n", "type": "offer"}', "no audio section"),
+    (b'{"sdp": "v=0\\r\\nthis is not sdp\\r\\nm=audio 9 x 0\\r\\n", "type": "offer"}', "malformed line"),
+    (b'{"sdp": "v=0\\r\\nm=audio 9 x 0\\r\\n", "type": "offer", "pc_id": "../../etc/passwd"}', "pc_id"),
+    (b'{"sdp": "v=0\\r\\nm=audio 9 x 0\\r\\n", "type": "offer", "restart_pc": "yes"}', "restart_pc"),
+    (b"[" * 100_00 + b"]" * 100_00, "JSON"),
+]
+BAD_OFFERS += [(json.dumps({"sdp": GOOD_HEAD + "a=group:BUNDLE 0 0\r\n" + AUDIO + AUDIO, "type": "offer"}).encode(),
+                "same a=mid")]
+
+# Offers that pass the first look but that aiortc's parser cannot use.
+HOSTILE_SDP = [
+    GOOD_HEAD + "m=audio abc UDP/TLS/RTP/SAVPF 111\r\n",  # port not a number
+    GOOD_HEAD + "m=audio 9 UDP/TLS/RTP/SAVPF 99999999999999999999\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\n",
+    GOOD_HEAD + "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:111 opus/48000/2\r\na=mid:0\r\n",
+    GOOD_HEAD + AUDIO + "a=fmtp:111 ;;;=;=\r\na=ssrc:abc cname:x\r\n",
+    GOOD_HEAD + AUDIO.replace("a=sendrecv", "a=recvonly"),  # no microphone to receive
+]
+
+
+async def _request(method: str, url: str, data: bytes | None = None, **kw) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as http:
+        async with http.request(method, url, data=data, **kw) as r:
+            body = await r.json(content_type=None) if r.content_type == "application/json" else {}
+            return r.status, {**body, "_headers": dict(r.headers)}
+
+
+async def test_malformed_and_hostile_offers_get_clear_4xx(vad_model, jfk_path):
+    """Broken JSON, wrong shapes and types, bad SDP, hostile SDP that reaches aiortc's parser, bad
+    trickle candidates and unknown connections all get a 4xx JSON message naming the problem; no
+    session is left open, and a real peer connects afterwards."""
+    agent = await load_agent()
+    try:
+        async with running_server(agent) as (server, url):
+            for body, needle in BAD_OFFERS:
+                status, reply = await _request("POST", f"{url}/api/offer", body)
+                assert status == 400, (body[:40], status, reply)
+                assert needle in reply["error"], (needle, reply["error"])
+            for sdp in HOSTILE_SDP:
+                status, reply = await _request("POST", f"{url}/api/offer", json={"sdp": sdp, "type": "offer"})
+                assert status == 400 and reply["error"].startswith("cannot use this offer"), (sdp, status, reply)
+            assert not server.peers and not agent.sessions
+
+            status, reply = await _request("PATCH", f"{url}/api/offer", json={"pc_id": "pc_nothere", "candidates": []})
+            assert status == 404 and "post an offer first" in reply["error"]
+            client = await connect(url, file_track(jfk48(jfk_path)))
+            try:
+                for candidates, needle in [
+                    ("nope", "list"),
+                    ([{"candidate": "candidate:1 1 udp 1 1.2.3.4 99999 typ host", "sdp_mid": "0"}], "out of range"),
+                    ([{"candidate": "candidate:1 1 udp 1 1.2.3.4 5 typ host"}], "sdp_mid"),
+                    ([{"candidate": "candidate:1 1 sctp 1 1.2.3.4 5 typ host", "sdp_mid": "0"}], "protocol"),
+                    ([{"candidate": "garbage", "sdp_mid": "0"}], "malformed ICE candidate"),
+                    ([{"candidate": "candidate:1 1 udp 1 1.2.3.4 5 typ host", "sdp_mid": "0"}] * 65, "too many"),
+                ]:
+                    status, reply = await _request("PATCH", f"{url}/api/offer",
+                                                   json={"pc_id": client.pc_id, "candidates": candidates})
+                    assert status == 400 and needle in reply["error"], (candidates, reply)
+                await client.wait_for("input_audio_buffer.speech_started", timeout=15)
+                status, reply = await _request("GET", f"{url}/api/status")
+                assert status == 200 and reply["sessions"] == 1
+                assert reply["peers"][client.pc_id]["input_peak_rms"] > 0.05
+            finally:
+                await client.close()
+            status, _ = await _request("GET", f"{url}/")
+            assert status == 200
+            status, reply = await _request("DELETE", f"{url}/api/offer")
+            assert status == 405 and reply["error"]
+    finally:
+        await agent.aclose()
+
+
+async def test_body_size_limits(vad_model):
+    """Bodies over the cap get 413 whether their length is declared or streamed in chunks, and
+    the server keeps answering."""
+    agent = await load_agent()
+    try:
+        async with running_server(agent, max_body=16_384) as (server, url):
+            big = b'{"sdp": "' + b"a" * 20_000 + b'", "type": "offer"}'
+            status, reply = await _request("POST", f"{url}/api/offer", big)
+            assert status == 413 and "at most 16384 bytes" in reply["error"]
+
+            async def chunks():
+                for _ in range(40):
+                    yield b"x" * 1024
+
+            status, reply = await _request("POST", f"{url}/api/offer", chunks())
+            assert status == 413 and "too large" in reply["error"]
+            status, reply = await _request("PATCH", f"{url}/api/offer", b"[" + b"0," * 10_000 + b"0]")
+            assert status == 413
+            long_sdp = "v=0\r\n" + "a=x\r\n" * 3_000 + "m=audio 9 x 0\r\n"
+            async with running_server(agent, max_body=64_000) as (_, url2):
+                status, reply = await _request("POST", f"{url2}/api/offer", json={"sdp": long_sdp, "type": "offer"})
+                assert status == 400 and "too many lines" in reply["error"]
+            status, _ = await _request("GET", f"{url}/api/status")
+            assert status == 200
+    finally:
+        await agent.aclose()
+
+
+async def test_session_limit_answers_503(vad_model, jfk_path):
+    """With max_sessions=2, a third offer gets 503 with Retry-After while two peers are connected;
+    once one hangs up, a new peer gets in."""
+    agent = await load_agent()
+    pcm = jfk48(jfk_path)
+    try:
+        async with running_server(agent, max_sessions=2) as (server, url):
+            a = await connect(url, file_track(pcm))
+            b = await connect(url, file_track(pcm))
+            await asyncio.gather(a.wait_for("session.created"), b.wait_for("session.created"))
+            offer = {"sdp": "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n", "type": "offer"}
+            status, reply = await _request("POST", f"{url}/api/offer", json=offer)
+            assert status == 503 and "limit of 2" in reply["error"]
+            assert reply["_headers"].get("Retry-After") == "10"
+            await a.close()
+            for _ in range(50):
+                if len(server.peers) < 2:
+                    break
+                await asyncio.sleep(0.1)
+            c = await connect(url, file_track(pcm))
+            await c.wait_for("session.created", timeout=10)
+            assert len(server.peers) == 2
+            await asyncio.gather(b.close(), c.close())
+    finally:
+        await agent.aclose()
+
+
+async def test_peers_leaving_mid_reply_leave_nothing_behind(vad_model, jfk_path):
+    """20 peers, 5 at a time, leave while the agent is answering them: half hang up, half just go
+    silent (a frozen tab, a dropped network) and are closed by the server's idle timeout. Afterwards
+    no peer, session, asyncio task or thread is left beyond what was there before."""
+    agent = await load_agent()
+    pcm = jfk48(jfk_path)
+    try:
+        async with running_server(agent, max_sessions=5, idle_timeout_s=1.0) as (server, url):
+            await _one_round(url, pcm, 1, vanish=False)  # warm up: codecs, executor threads
+            await _settle(server)
+            tasks_before = {t.get_name() for t in asyncio.all_tasks()}
+            threads_before = {t.ident for t in threading.enumerate()}
+            for round_ in range(4):
+                await _one_round(url, pcm, 5, vanish=bool(round_ % 2))
+                await _settle(server)
+            assert not server.peers and not agent.sessions
+            assert server.closed_peers == 21
+            assert server.close_reasons["no audio for 1 s"] == 10  # the silent ones: the idle timeout
+            await asyncio.sleep(0.2)
+            left_tasks = [t for t in asyncio.all_tasks() if t.get_name() not in tasks_before]
+            assert not left_tasks, left_tasks
+            new_threads = [t for t in threading.enumerate()
+                           if t.ident not in threads_before and not t.name.startswith("asyncio_")]
+            assert not new_threads, new_threads
+    finally:
+        await agent.aclose()
+
+
+async def _one_round(url: str, pcm: np.ndarray, n: int, vanish: bool) -> None:
+    mics = [file_track(pcm) for _ in range(n)]
+    clients = await asyncio.gather(*(connect(url, m) for m in mics))
+    await asyncio.gather(*(c.wait_for("output_audio_buffer.started", timeout=30) for c in clients))
+    if vanish:
+        for mic in mics:
+            mic.freeze()  # no more packets: the server must notice on its own
+        await asyncio.gather(*(c.wait_for_close(timeout=10) for c in clients))
+    await asyncio.gather(*(c.close() for c in clients))
+
+
+async def _settle(server, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if not server.peers:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"peers still open: {list(server.peers)}")

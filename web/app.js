@@ -1,0 +1,376 @@
+// The duplex browser client: WebRTC to `duplex serve`, the conversation as the server reports it on
+// the "events" data channel, and latency as the browser itself measures it from WebRTC stats.
+// Plain JavaScript, no build step. State for tests and curious people lives in `window.duplex`.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const MIC_LOUD = 0.02;    // media-source level above which the microphone counts as speech
+const AGENT_LOUD = 0.01;  // inbound level above which the agent counts as audible
+const STATS_MS = 50;      // getStats polling period (the browser latency's resolution)
+
+const duplex = window.duplex = {
+  pc: null, dc: null, pcId: null, stream: null,
+  messages: [],              // every data-channel message, in order
+  turns: new Map(),          // item_id -> user utterance view
+  replies: new Map(),        // response_id -> agent reply view
+  latency: new Map(),        // response_id -> {server: {...}, browser: seconds}
+  stats: {micLevel: 0, agentLevel: 0, bytesReceived: 0, audioLevel: 0, totalAudioEnergy: 0,
+          jitterBufferS: 0, packetsLost: 0},
+  micLoudAt: 0,              // Date.now() of the last loud microphone poll
+  speechEndAt: 0,            // ... as it was when the server last said the user stopped speaking
+  awaiting: null,            // {id, userEnd} of the reply whose first audio we are waiting to hear
+};
+let statsTimer = null, lastStats = null, pendingCandidates = [], candidateTimer = null, lastReport = 0;
+
+function showError(text) {
+  const el = $("error");
+  el.textContent = text || "";
+  el.hidden = !text;
+}
+
+function setConnection(text, cls) {
+  const el = $("connection");
+  el.textContent = text;
+  el.className = "badge " + (cls || "");
+}
+
+function setAgentState(state) {
+  const el = $("agent-state");
+  el.textContent = "agent: " + state;
+  el.className = "badge state-" + state;
+}
+
+// -- connection -------------------------------------------------------------------------------------
+
+async function connect() {
+  showError("");
+  $("connect").disabled = true;
+  setConnection("asking for the microphone...");
+  try {
+    duplex.stream = await navigator.mediaDevices.getUserMedia({
+      audio: {echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1},
+    });
+  } catch (err) {
+    showError("No microphone: " + err.message + ". Allow the microphone for this page and try again.");
+    setConnection("disconnected");
+    $("connect").disabled = false;
+    return;
+  }
+  const pc = duplex.pc = new RTCPeerConnection({iceServers: []});
+  pc.addTransceiver(duplex.stream.getAudioTracks()[0], {direction: "sendrecv", streams: [duplex.stream]});
+  const dc = duplex.dc = pc.createDataChannel("events", {ordered: true});
+  dc.onmessage = (e) => { try { onMessage(JSON.parse(e.data)); } catch (err) { console.error(err); } };
+  pc.ontrack = (e) => {
+    const audio = $("agent-audio");
+    audio.srcObject = e.streams[0] || new MediaStream([e.track]);
+    audio.play().catch((err) => showError("Cannot play the agent's voice: " + err.message));
+  };
+  pc.onicecandidate = (e) => {
+    if (!e.candidate || !e.candidate.candidate) return;
+    pendingCandidates.push(e.candidate);
+    if (!candidateTimer) candidateTimer = setTimeout(flushCandidates, 100);
+  };
+  pc.onconnectionstatechange = () => {
+    const s = pc.connectionState;
+    setConnection(s, s === "connected" ? "connected" : (s === "failed" ? "failed" : ""));
+    if (s === "failed" || s === "closed") disconnect(s === "failed" ? "The connection failed." : "");
+  };
+  setConnection("connecting...");
+  try {
+    await pc.setLocalDescription(await pc.createOffer());
+    const res = await fetch("api/offer", {
+      method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({sdp: pc.localDescription.sdp, type: "offer", pc_id: null}),
+    });
+    const body = await res.json().catch(() => ({error: res.statusText}));
+    if (!res.ok) throw new Error(body.error || ("HTTP " + res.status));
+    duplex.pcId = body.pc_id;
+    await pc.setRemoteDescription({sdp: body.sdp, type: body.type});
+    flushCandidates();
+  } catch (err) {
+    showError("Could not connect: " + err.message);
+    disconnect();
+    return;
+  }
+  $("disconnect").disabled = false;
+  $("mute").disabled = false;
+  statsTimer = setInterval(pollStats, STATS_MS);
+}
+
+async function flushCandidates() {
+  candidateTimer = null;
+  if (!duplex.pcId || !pendingCandidates.length) return;
+  const candidates = pendingCandidates.splice(0).map((c) => ({
+    candidate: c.candidate, sdp_mid: c.sdpMid, sdp_mline_index: c.sdpMLineIndex,
+  }));
+  try {
+    await fetch("api/offer", {method: "PATCH", headers: {"Content-Type": "application/json"},
+                              body: JSON.stringify({pc_id: duplex.pcId, candidates})});
+  } catch (err) { console.warn("trickle ICE failed", err); }
+}
+
+function disconnect(reason) {
+  if (statsTimer) clearInterval(statsTimer);
+  statsTimer = null;
+  if (duplex.dc) duplex.dc.close();
+  if (duplex.pc) duplex.pc.close();
+  if (duplex.stream) duplex.stream.getTracks().forEach((t) => t.stop());
+  duplex.pc = duplex.dc = duplex.stream = null;
+  duplex.pcId = null;
+  pendingCandidates = [];
+  $("agent-audio").srcObject = null;
+  $("connect").disabled = false;
+  $("disconnect").disabled = true;
+  $("mute").disabled = true;
+  setConnection("disconnected");
+  setAgentState("-");
+  if (reason) showError(reason);
+}
+
+// -- events from the server -------------------------------------------------------------------------
+
+function onMessage(m) {
+  m.received = Date.now();
+  duplex.messages.push(m);
+  switch (m.type) {
+    case "input_audio_buffer.speech_started":
+      userTurn(m.item_id);
+      break;
+    case "input_audio_buffer.speech_stopped":
+      duplex.speechEndAt = duplex.micLoudAt || m.received;
+      break;
+    case "conversation.item.input_audio_transcription.delta":
+      renderUser(userTurn(m.item_id), m.stable, m.unstable, false);
+      break;
+    case "conversation.item.input_audio_transcription.completed":
+      renderUser(userTurn(m.item_id), m.transcript, "", true);
+      break;
+    case "response.created":
+      reply(m.response_id);
+      duplex.awaiting = {id: m.response_id, userEnd: duplex.speechEndAt || duplex.micLoudAt};
+      break;
+    case "response.audio_transcript.delta": {
+      const r = reply(m.response_id);
+      r.text += m.delta;
+      renderReply(r);
+      break;
+    }
+    case "response.audio.words": {
+      const r = reply(m.response_id);
+      r.rate = m.sample_rate;
+      r.words.push(...m.words);
+      renderReply(r);
+      break;
+    }
+    case "response.audio.progress": {
+      const r = reply(m.response_id);
+      r.played = m.played;
+      renderReply(r);
+      break;
+    }
+    case "agent.interrupted":
+    case "response.done": {
+      const r = reply(m.response_id);
+      if (m.type === "response.done") {
+        r.done = true;
+        r.text = m.transcript || r.text;
+      }
+      if (m.interrupted || m.type === "agent.interrupted") {
+        r.interrupted = true;
+        r.heard = m.heard;
+      }
+      renderReply(r);
+      if (m.type === "response.done" && duplex.awaiting && duplex.awaiting.id === m.response_id) duplex.awaiting = null;
+      break;
+    }
+    case "agent.state":
+      setAgentState(m.state);
+      break;
+    case "agent.barge_in":
+      setAgentState("paused");
+      break;
+    case "agent.metric":
+      onMetric(m);
+      break;
+    case "error":
+      showError("Server: " + m.error.message);
+      break;
+  }
+}
+
+function userTurn(itemId) {
+  let t = duplex.turns.get(itemId);
+  if (!t) {
+    const li = document.createElement("li");
+    li.className = "turn user tentative";
+    li.dataset.item = itemId;
+    li.innerHTML = '<span class="who">you</span><span class="text"></span>';
+    $("transcript").appendChild(li);
+    t = {li, final: false};
+    duplex.turns.set(itemId, t);
+    li.scrollIntoView({block: "end"});
+  }
+  return t;
+}
+
+function renderUser(t, stable, unstable, final) {
+  if (t.final && !final) return;  // a late partial never overwrites the final transcript
+  t.final = final;
+  const text = t.li.querySelector(".text");
+  text.className = "text " + (final ? "final" : "partial");
+  text.textContent = "";
+  const s = document.createElement("span");
+  s.className = "stable";
+  s.textContent = stable || "";
+  const u = document.createElement("span");
+  u.className = "unstable";
+  u.textContent = unstable ? (stable ? " " : "") + unstable : "";
+  text.append(s, u);
+  t.li.classList.toggle("tentative", !final);
+}
+
+function reply(id) {
+  let r = duplex.replies.get(id);
+  if (!r) {
+    const li = document.createElement("li");
+    li.className = "turn agent";
+    li.dataset.response = id;
+    li.innerHTML = '<span class="who">agent</span><span class="text"></span><span class="note"></span>';
+    $("transcript").appendChild(li);
+    r = {id, li, text: "", words: [], played: 0, rate: 24000, heard: null, interrupted: false, done: false};
+    duplex.replies.set(id, r);
+    li.scrollIntoView({block: "end"});
+  }
+  return r;
+}
+
+function renderReply(r) {
+  // Words of the generated text; the first `heard` of them were played (their middle reached the
+  // speaker), the rest are pending, or struck out once the reply was interrupted.
+  const tokens = r.text.split(/\s+/).filter(Boolean);
+  let heard;
+  if (r.heard !== null) heard = r.heard.split(/\s+/).filter(Boolean).length;
+  else if (r.done) heard = tokens.length;
+  else heard = r.words.filter((w) => (w.start + w.end) / 2 <= r.played).length;
+  const text = r.li.querySelector(".text");
+  text.textContent = "";
+  tokens.forEach((tok, i) => {
+    const span = document.createElement("span");
+    span.className = "word " + (i < heard ? "heard" : (r.interrupted ? "unheard" : "pending"));
+    span.textContent = tok;
+    text.append(span, " ");
+  });
+  const note = r.li.querySelector(".note");
+  if (r.interrupted) note.textContent = heard ? "interrupted: you heard " + heard + " of " + tokens.length + " words"
+                                              : "dropped before you heard it";
+  else note.textContent = "";
+}
+
+// -- latency ----------------------------------------------------------------------------------------
+
+function latencyRow(id) {
+  let row = duplex.latency.get(id);
+  if (!row) {
+    const tr = document.createElement("tr");
+    tr.dataset.response = id;
+    tr.innerHTML = "<td></td><td class='server'>-</td><td class='browser'>-</td><td class='barge'>-</td>";
+    tr.cells[0].textContent = id.replace("resp_", "#");
+    document.querySelector("#latency tbody").appendChild(tr);
+    row = {tr, server: {}, browser: null, barge: null};
+    duplex.latency.set(id, row);
+  }
+  return row;
+}
+
+const ms = (s) => Math.round(s * 1000) + " ms";
+
+function onMetric(m) {
+  if (!m.response_id) return;
+  const row = latencyRow(m.response_id);
+  if (m.name === "barge_in_s") {
+    row.barge = m.value;
+    row.tr.querySelector(".barge").textContent = ms(m.value);
+    return;
+  }
+  row.server[m.name] = m.value;
+  if (row.server.voice_to_voice_s !== undefined) {
+    const cell = row.tr.querySelector(".server");
+    cell.textContent = ms(row.server.voice_to_voice_s);
+    cell.title = Object.entries(row.server).filter(([k]) => k !== "voice_to_voice_s")
+      .map(([k, v]) => k.replace(/_s$/, "") + ": " + ms(v)).join("\n");
+  }
+}
+
+async function pollStats() {
+  const pc = duplex.pc;
+  if (!pc) return;
+  let report;
+  try { report = await pc.getStats(); } catch (err) { return; }
+  const now = Date.now();
+  const cur = {};
+  report.forEach((s) => {
+    if (s.type === "media-source" && s.kind === "audio") {
+      cur.micEnergy = s.totalAudioEnergy; cur.micDuration = s.totalSamplesDuration; cur.micLevel = s.audioLevel;
+    } else if (s.type === "inbound-rtp" && s.kind === "audio") {
+      cur.energy = s.totalAudioEnergy; cur.duration = s.totalSamplesDuration; cur.audioLevel = s.audioLevel;
+      cur.bytes = s.bytesReceived; cur.jbDelay = s.jitterBufferDelay; cur.jbCount = s.jitterBufferEmittedCount;
+      cur.lost = s.packetsLost;
+    }
+  });
+  const prev = lastStats;
+  lastStats = cur;
+  if (!prev) return;
+  // Mean level over the last poll period, from the energy counters (audioLevel alone is too spiky).
+  const level = (e1, e0, d1, d0, fallback) =>
+    (d1 > d0 && e1 >= e0) ? Math.sqrt((e1 - e0) / (d1 - d0)) : (fallback || 0);
+  const mic = level(cur.micEnergy, prev.micEnergy, cur.micDuration, prev.micDuration, cur.micLevel);
+  const agent = level(cur.energy, prev.energy, cur.duration, prev.duration, cur.audioLevel);
+  const st = duplex.stats;
+  st.micLevel = mic; st.agentLevel = agent;
+  st.bytesReceived = cur.bytes || 0; st.audioLevel = cur.audioLevel || 0;
+  st.totalAudioEnergy = cur.energy || 0; st.packetsLost = cur.lost || 0;
+  if (cur.jbCount > (prev.jbCount || 0)) st.jitterBufferS = (cur.jbDelay - prev.jbDelay) / (cur.jbCount - prev.jbCount);
+  $("mic-level").value = Math.min(1, mic * 4);
+  $("agent-level").value = Math.min(1, agent * 4);
+  if (mic > MIC_LOUD) duplex.micLoudAt = now;
+  // Browser latency: the user's speech end as the microphone level saw it, to agent audio heard.
+  const a = duplex.awaiting;
+  if (a && agent > AGENT_LOUD) {
+    duplex.awaiting = null;
+    if (a.userEnd) {
+      const row = latencyRow(a.id);
+      row.browser = (now - a.userEnd) / 1000;
+      row.tr.querySelector(".browser").textContent = ms(row.browser);
+    }
+  }
+  if (now - lastReport > 1000 && duplex.dc && duplex.dc.readyState === "open") {
+    lastReport = now;
+    duplex.dc.send(JSON.stringify({type: "client.stats", jitter_buffer_s: st.jitterBufferS}));
+    renderLinkStats();
+  }
+}
+
+function renderLinkStats() {
+  const st = duplex.stats, dl = $("link-stats");
+  const rows = [["received", (st.bytesReceived / 1024).toFixed(0) + " kB"],
+                ["jitter buffer", ms(st.jitterBufferS)], ["packets lost", String(st.packetsLost)]];
+  dl.textContent = "";
+  for (const [k, v] of rows) {
+    const dt = document.createElement("dt"), dd = document.createElement("dd");
+    dt.textContent = k; dd.textContent = v;
+    dl.append(dt, dd);
+  }
+}
+
+// -- wiring -----------------------------------------------------------------------------------------
+
+$("connect").addEventListener("click", connect);
+$("disconnect").addEventListener("click", () => disconnect());
+$("mute").addEventListener("change", (e) => {
+  if (duplex.stream) duplex.stream.getAudioTracks().forEach((t) => { t.enabled = !e.target.checked; });
+});
+window.addEventListener("beforeunload", () => { if (duplex.pc) duplex.pc.close(); });
+if (!window.RTCPeerConnection || !navigator.mediaDevices) {
+  showError("This browser cannot do WebRTC here. Use a current browser, on https:// or http://localhost.");
+  $("connect").disabled = true;
+}
