@@ -134,8 +134,7 @@ function onMessage(m) {
   duplex.messages.push(m);
   switch (m.type) {
     case "input_audio_buffer.speech_started":
-      userTurn(m.item_id);
-      break;
+      break;  // the bubble appears with the first recognised words (a cough gets none)
     case "input_audio_buffer.speech_stopped":
       duplex.speechEndAt = duplex.micLoudAt || m.received;
       break;
@@ -180,6 +179,9 @@ function onMessage(m) {
         r.heard = m.heard;
       }
       renderReply(r);
+      if (r.done && !r.text.trim()) {  // dropped before the LLM said anything: nothing to show
+        r.li.remove();
+      }
       if (m.type === "response.done" && duplex.awaiting && duplex.awaiting.id === m.response_id) duplex.awaiting = null;
       break;
     }

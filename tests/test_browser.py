@@ -1,0 +1,138 @@
+"""End to end in a real browser: headless Chromium (Debian's chromium + chromium-driver, driven by
+Selenium over the WebDriver protocol) opens the page served by the duplex server, connects with a
+fake microphone playing JFK's speech from a WAV file, and talks to the agent over WebRTC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.transport_fixtures import load_agent, running_server, speech_wav
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def _driver(wav: Path, profile_dir: str):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--allow-loopback-in-peer-connection",
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                 f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required",
+                 "--disable-features=WebRtcHideLocalIpsWithMdns", f"--user-data-dir={profile_dir}",
+                 "--window-size=1280,900"):
+        opts.add_argument(flag)
+    return webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
+
+
+def _wait(driver, script: str, timeout: float, what: str):
+    """Poll a JS expression until it is truthy; its last value on timeout goes into the message."""
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = driver.execute_script("return " + script)
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last value {value!r}); "
+                         f"page messages: {driver.execute_script('return window.duplex.messages.map(m => m.type)')}")
+
+
+GET_STATS = """
+const done = arguments[arguments.length - 1];
+window.duplex.pc.getStats().then((report) => {
+  const out = {};
+  report.forEach((s) => {
+    if (s.type === 'inbound-rtp' && s.kind === 'audio')
+      Object.assign(out, {bytesReceived: s.bytesReceived, audioLevel: s.audioLevel,
+                          totalAudioEnergy: s.totalAudioEnergy, packetsReceived: s.packetsReceived});
+    if (s.type === 'media-source' && s.kind === 'audio')
+      Object.assign(out, {micEnergy: s.totalAudioEnergy});
+  });
+  done(out);
+});
+"""
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists() or not Path(CHROMEDRIVER).exists(),
+                    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+async def test_browser_talks_to_the_agent(vad_model, jfk_path, artifacts):
+    """The page connects with the fake microphone; the user's speech shows up as transcript events
+    and text on the page; the agent's reply arrives as audio (inbound bytes and audio energy above
+    zero in getStats) and as text with its heard words marked; both latencies are shown; the server
+    heard real speech; the screenshot is saved; disconnecting frees the server's session."""
+    pytest.importorskip("selenium")
+    wav = speech_wav(jfk_path, artifacts)  # Chromium plays FLAC (and missing files) as silence: WAV
+    agent = await load_agent()
+    profile_dir = tempfile.mkdtemp(prefix="duplex-chromium-")
+    try:
+        async with running_server(agent) as (server, url):
+            driver = await asyncio.to_thread(_driver, wav, profile_dir)
+            try:
+                def drive() -> dict:
+                    driver.get(url + "/")
+                    driver.find_element("id", "connect").click()
+                    _wait(driver, "window.duplex.messages.some(m => m.type === 'session.created')", 15,
+                          "the data channel")
+                    _wait(driver, "window.duplex.messages.some(m => "
+                                  "m.type === 'conversation.item.input_audio_transcription.delta')", 15,
+                          "a partial transcript")
+                    _wait(driver, "[...document.querySelectorAll('.turn.user .text')]"
+                                  ".map(e => e.textContent.trim()).join(' ')", 10, "user text on the page")
+                    _wait(driver, "window.duplex.messages.some(m => m.type === 'response.done')", 20,
+                          "a complete reply")
+                    _wait(driver, "document.querySelector('#latency tbody tr .browser')?.textContent.endsWith('ms')",
+                          10, "the browser-measured latency")
+                    stats = driver.execute_async_script(GET_STATS)
+                    page = driver.execute_script("""
+                        const d = window.duplex;
+                        return {types: d.messages.map(m => m.type),
+                                user: [...document.querySelectorAll('.turn.user .text')].map(e => e.textContent),
+                                heard: document.querySelectorAll('.turn.agent .word.heard').length,
+                                latency: [...d.latency.values()].map(r => [r.server.voice_to_voice_s, r.browser]),
+                                state: document.getElementById('agent-state').textContent,
+                                audioPlaying: !document.getElementById('agent-audio').paused};""")
+                    driver.save_screenshot(str(artifacts / "browser.png"))
+                    (artifacts / "messages.json").write_text(json.dumps(
+                        driver.execute_script("return window.duplex.messages"), indent=1))
+                    peak = max(p.input.peak_rms for p in server.peers.values())
+                    driver.find_element("id", "disconnect").click()
+                    return {"stats": stats, "page": page, "peak": peak}
+
+                result = await asyncio.to_thread(drive)
+                for _ in range(50):
+                    if not server.peers:
+                        break
+                    await asyncio.sleep(0.1)
+                assert not server.peers  # the page's hang-up closed the session
+            finally:
+                await asyncio.to_thread(driver.quit)
+    finally:
+        await agent.aclose()
+        shutil.rmtree(profile_dir, ignore_errors=True)
+
+    stats, page = result["stats"], result["page"]
+    assert result["peak"] > 0.05, "the server received silence: the fake microphone did not play the WAV"
+    assert stats["micEnergy"] > 0
+    assert stats["bytesReceived"] > 10_000 and stats["packetsReceived"] > 50
+    assert stats["totalAudioEnergy"] > 0 and page["audioPlaying"]
+    assert "input_audio_buffer.speech_started" in page["types"]
+    assert "conversation.item.input_audio_transcription.completed" in page["types"]
+    assert any(t.strip() for t in page["user"])
+    assert page["heard"] > 0
+    server_s, browser_s = page["latency"][0]
+    assert 0 < server_s < 5 and 0 < browser_s < 5
+    assert (artifacts / "browser.png").stat().st_size > 10_000
