@@ -52,6 +52,9 @@ def test_bench_tts_runs_quick_on_tiny(tmp_path, capsys):
     """`duplex bench tts --quick` runs every chunk size and writes its figures (values not asserted)."""
     assert main(["bench", "tts", "--profile", "tiny", "--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
     figures = json.loads((tmp_path / "tts.json").read_text())["figures"]
-    assert set(figures["chunk_frames"]) == {"1", "2", "4"}
-    assert all({"first_packet_ms", "rtf", "ms_per_frame"} <= set(row) for row in figures["chunk_frames"].values())
+    rows = figures["chunk_frames"]
+    assert set(rows) == {"1", "2", "4"}
+    assert all({"first_packet_ms", "rtf", "ms_per_frame"} <= set(row) for row in rows.values())
+    assert set(figures["breakdown_chunk_2"]) == {"backbone_ms_per_frame", "depth_ms_per_frame",
+                                                 "decode_ms_per_frame"}
     assert "first packet" in capsys.readouterr().out

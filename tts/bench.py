@@ -7,7 +7,9 @@ it speaks one reply through the same streaming path a session uses and measures:
 
 - first packet: text in (the whole text available) to the first audio chunk out;
 - RTF: wall time of the whole reply / seconds of audio it holds (below 1 = faster than real time);
-- ms per frame: the reply's wall time per codec frame (generation and decoding).
+- ms per frame: the reply's wall time per codec frame (generation and decoding);
+- a breakdown of a frame's time: backbone (incl. the text prefill, spread over the frames), depth
+  decoder (the other codebooks, sampled one by one), codec decoding.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> dict:
           f"voice prompt: {'yes' if voice else 'no'}")
     print(f"{'chunk':>5} {'first packet ms':>16} {'RTF':>6} {'ms/frame':>9}")
 
-    async def measure() -> dict:
+    async def measure() -> tuple[dict, dict]:
         warm = CsmTTS(engine, device=device, voice=voice, settings=TTSSettings(seed=config.seed, fixed_frames=2))
         try:  # warm-up: first-call costs (allocations, kernels) and the voice prompt's cached prefix
             await _reply(warm, TEXT)
@@ -90,9 +92,21 @@ def run(args: argparse.Namespace) -> dict:
             figures[str(chunk)] = row
             print(f"{chunk:>5} {row['first_packet_ms']:>16.1f} {row['rtf']:>6.2f} {row['ms_per_frame']:>9.1f}",
                   flush=True)
-        return figures
+        # where a frame's time goes (synchronised per stage on a GPU, so run apart from the figures above)
+        tts = CsmTTS(engine, device=device, settings=TTSSettings(chunk_frames=2, seed=config.seed,
+                                                                 fixed_frames=frames))
+        tts.voice = warm.voice
+        engine.stage_seconds = {}
+        try:
+            await _reply(tts, TEXT)
+        finally:
+            stages, engine.stage_seconds = engine.stage_seconds, None
+            await tts.aclose()
+        breakdown = {f"{stage}_ms_per_frame": round(seconds * 1000 / frames, 1) for stage, seconds in stages.items()}
+        print("per frame (chunk 2): " + ", ".join(f"{k.split('_')[0]} {v:.1f} ms" for k, v in breakdown.items()))
+        return figures, breakdown
 
-    figures = asyncio.run(measure())
+    figures, breakdown = asyncio.run(measure())
     return {"device": device, "profile": args.profile, "frames_per_reply": frames, "repeats": repeats,
             "voice_prompt": voice is not None, "parameters_m": round(params / 1e6, 1), "load_s": round(load_s, 1),
-            "chunk_frames": figures}
+            "chunk_frames": figures, "breakdown_chunk_2": breakdown}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -74,7 +75,7 @@ class Reply:
     max_frames: int = 0
     stop_at_eos: bool = True
     history: list[SegmentRecord] = field(default_factory=list)
-    frames: list[torch.Tensor] = field(default_factory=list)  # every frame of the reply (CPU), for inspection
+    frames: list[torch.Tensor] = field(default_factory=list)  # every frame of the reply, for inspection
     closed: bool = False
 
 
@@ -148,6 +149,7 @@ class CsmEngine:
         self.device = next(model.backbone_model.parameters()).device
         self.on_frame: Callable[[int], None] | None = None  # test hook, called on the worker before each frame
         self.frames_generated = 0
+        self.stage_seconds: dict[str, float] | None = None  # set to {} to time backbone / depth / decode
         self.frame_rate = self.sample_rate / self.frame_size
         with _no_grad_context():
             self._eos_embed = self._embed_frames(self._zeros_frame()[None])  # [1, 1, H]
@@ -275,18 +277,21 @@ class CsmEngine:
             raise RuntimeError("step on a closed reply or outside a segment")
         if self.on_frame is not None:
             self.on_frame(self.frames_generated)
+        t = self._lap(None, time.perf_counter())
         if reply.unfed is not None:
             reply.hidden = self._forward(reply.cache, reply.unfed)
             reply.unfed = None
+        t = self._lap("backbone", t)
         assert reply.hidden is not None
         codes = self._sample_frame(reply.hidden, reply.generator)  # [K]
+        t = self._lap("depth", t)
         self.frames_generated += 1
         segment = reply.segment
         eos = reply.stop_at_eos and not bool(codes.any())
         if not eos:
             segment.frames.append(codes)
             reply.pending.append(codes)
-            reply.frames.append(codes.cpu())
+            reply.frames.append(codes)
             reply.unfed = self._embed_frames(codes[None])
         done = eos or len(segment.frames) >= reply.max_frames
         pcm = None
@@ -295,11 +300,25 @@ class CsmEngine:
             reply.pending = []
             audio = self.decoder.decode(chunk, reply.codec)[0]
             pcm = audio.float().clamp_(-1.0, 1.0).cpu().numpy()
+            self._lap("decode", t)
         if done:
             reply.unfed = self._eos_embed if reply.unfed is None else torch.cat([reply.unfed, self._eos_embed], 1)
             reply.history.append(segment)
             reply.segment = None
         return Step(pcm=pcm, segment_frames=len(segment.frames), done=done)
+
+    def _lap(self, stage: str | None, start: float) -> float:
+        """With ``stage_seconds`` set (benchmarks), add the time since ``start`` to ``stage``."""
+        if self.stage_seconds is None:
+            return start
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if stage is not None:
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + now - start
+        return now
 
     def _sample_frame(self, hidden: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The backbone's hidden state ``[1, H]`` -> one frame of codes ``[K]`` (first codebook, then depth)."""

@@ -57,7 +57,11 @@ class CsmTTS:
         self.worker = ModelWorker("tts", device)
         self.voice: Voice | None = None
         if voice is not None:  # at build time, off the event loop
-            self.voice = self.engine.encode_voice(check_voice(voice, self.sample_rate), voice.text)
+            self.voice = self.engine.encode_voice(check_voice(voice, self.sample_rate), " ".join(voice.text.split()))
+            if self.engine.device.type == "cuda":  # made on this thread's stream, used on the worker's
+                import torch
+
+                torch.cuda.synchronize(self.engine.device)
 
     def new_stream(self) -> CsmTTSStream:
         return CsmTTSStream(self)
@@ -95,7 +99,7 @@ class CsmTTSStream:
 
         if self.last_reply is None or not self.last_reply.frames:
             return None
-        return torch.stack(self.last_reply.frames)
+        return torch.stack(self.last_reply.frames).cpu()
 
     async def synthesize(self, text: AsyncIterator[str]) -> AsyncIterator[AudioChunk]:
         """Speak one reply: text pieces in, audio chunks (with their words) out as soon as they are made."""
