@@ -107,3 +107,20 @@ def test_bad_files_are_refused(tmp_path):
         load_voice(bogus, "hello")
     with pytest.raises(AudioFormatError, match="not found"):
         load_voice(tmp_path / "missing.wav", "hello")
+
+
+async def test_stream_keeps_its_first_voice(make_tts):
+    """With no voice prompt anywhere, a stream's first finished segment becomes the prompt of its later
+    replies (the voice stays the same across replies); with keep_first_voice=False it does not."""
+    tts = make_tts(fixed_frames=20)
+    stream = tts.new_stream()
+    await collect(stream, "Hello there.")
+    assert stream.voice is not None and stream.voice.text == "Hello there."
+    assert torch.equal(stream.voice.codes.cpu(), stream.last_codes())
+    await collect(stream, "Second reply.")
+    kept = stream.last_codes()
+    plain = make_tts(fixed_frames=20, keep_first_voice=False).new_stream()
+    await collect(plain, "Hello there.")
+    assert plain.voice is None
+    await collect(plain, "Second reply.")
+    assert not torch.equal(plain.last_codes(), kept)

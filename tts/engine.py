@@ -55,6 +55,7 @@ class Voice:
 class SegmentRecord:
     """One segment of a reply as the backbone saw it (to rebuild the context when it runs out)."""
 
+    text: str
     ids: list[int]
     frames: list[torch.Tensor] = field(default_factory=list)  # each [K]
 
@@ -239,7 +240,7 @@ class CsmEngine:
 
         if reply.segment is not None:
             raise RuntimeError("begin_segment called before the previous segment ended")
-        record = SegmentRecord(self.text_ids(text))
+        record = SegmentRecord(text, self.text_ids(text))
         prefix_len = reply.voice.frames + len(self.text_ids(reply.voice.text)) + 1 if reply.voice else 0
         room = self.max_positions - prefix_len - len(record.ids) - 1
         if room < 1:

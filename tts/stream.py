@@ -7,6 +7,10 @@ at a time on the TTS worker thread, yielding an :class:`~duplex.stages.AudioChun
 ``chunk_frames`` frames is decoded. Closing the iterator or cancelling its consumer stops it between
 two frames: at most the frame already being computed finishes, and the next reply starts from fresh
 state, so the model stays usable.
+
+The voice of a reply is the stream's own voice prompt, else the model's (``config.voice``); with
+neither, the stream keeps the voice its first segment came out in, by using that segment as the
+prompt of its later replies (CSM otherwise picks a new voice for every reply).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class TTSSettings:
     min_seconds: float = 1.0  # a segment stops after min_seconds + seconds_per_char * characters ...
     seconds_per_char: float = 0.15  # ... if the model has not ended it (about 2.5x normal speech)
     fixed_frames: int | None = None  # speak exactly this many frames per segment, ignoring its end (benchmarks)
+    keep_first_voice: bool = True  # with no voice prompt, a stream keeps the voice its first segment came out in
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
 
     def __post_init__(self) -> None:
@@ -90,7 +95,8 @@ class CsmTTSStream:
         self.last_reply: Reply | None = None
 
     async def set_voice(self, prompt: VoicePrompt | None) -> None:
-        """Speak in the voice of ``prompt`` from the next reply on (None: the model's default)."""
+        """Speak in the voice of ``prompt`` from the next reply on (None: the model's default, or with no
+        default the voice the next reply's first segment comes out in)."""
         self.voice = None if prompt is None else await self.model.encode_voice(prompt)
 
     def last_codes(self):
@@ -137,6 +143,8 @@ class CsmTTSStream:
                     words = timer.advance(offset, done)
                     if len(pcm) or words:  # an empty chunk only to release a segment's last words
                         yield AudioChunk(pcm, tuple(words))
+                if voice is None and self.voice is None and self.model.voice is None and settings.keep_first_voice:
+                    self.voice = _voice_of(reply.history[-1], engine)
         finally:
             if reply is not None:
                 reply.closed = True  # a step already queued for it returns without work
@@ -145,6 +153,16 @@ class CsmTTSStream:
 
     async def aclose(self) -> None:
         self.last_reply = None
+
+
+def _voice_of(record, engine: CsmEngine) -> Voice | None:
+    """A finished segment as the voice prompt of later replies (long enough to carry a voice)."""
+    import torch
+
+    seconds = len(record.frames) / engine.frame_rate
+    if not 1.5 <= seconds <= 20.0:
+        return None
+    return Voice(text=record.text, codes=torch.stack(record.frames))
 
 
 async def _read_segments(text: AsyncIterator[str], segmenter: Segmenter, queue: asyncio.Queue[Any]) -> None:
