@@ -8,7 +8,7 @@ import json
 import soundfile as sf
 
 from duplex.cli import main
-from tts_fixtures import jfk24, voice_a  # noqa: F401
+from tts_fixtures import one_torch_thread, jfk24, voice_a  # noqa: F401
 
 
 def test_say_writes_the_reply(tmp_path, capsys):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from duplex.tts.codec import StreamingDecoder, StreamingEncoder
-from tts_fixtures import relative_error, tiny_codec, tiny_tts_checkpoint  # noqa: F401
+from tts_fixtures import one_torch_thread, relative_error, tiny_codec, tiny_tts_checkpoint  # noqa: F401
 
 FRAMES = 23  # 46 transformer steps at 25 Hz: far past the tiny codec's 8-step attention window
 

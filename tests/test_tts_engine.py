@@ -8,7 +8,7 @@ import torch
 
 from duplex.tts.engine import Sampling
 from duplex.tts.voice import check_voice
-from tts_fixtures import jfk24, make_engine, tiny_tts_checkpoint, voice_a  # noqa: F401
+from tts_fixtures import one_torch_thread, jfk24, make_engine, tiny_tts_checkpoint, voice_a  # noqa: F401
 
 GREEDY = Sampling(temperature=0.0)
 TEXT = "Hello there, how are you?"
@@ -91,18 +91,17 @@ def test_sampled_codes_are_decodable(make_engine):
     assert int(frames.max()) < engine.codebook_size and int(frames.min()) >= 0
 
 
-def test_long_reply_rebuilds_its_context(make_engine, voice_a):
-    """When the next segment would overflow the positions, the context restarts from the voice prefix plus
-    the newest segments that fit, so a long reply keeps speaking within the model's limit."""
+def test_long_reply_rebuilds_its_context(make_engine):
+    """When the next segment would overflow the positions, the context restarts from the voice prefix (none
+    here) plus the newest segments that fit, so a long reply keeps speaking within the model's limit."""
     engine = make_engine()
-    engine.max_positions = 200
-    voice = engine.encode_voice(check_voice(voice_a), voice_a.text)
-    reply = engine.new_reply(voice, seed=0, chunk_frames=2)
+    engine.max_positions = 110  # a segment below costs 33 text ids + 10 frames + 1 end frame
+    reply = engine.new_reply(None, seed=0, chunk_frames=5)
     longest = 0
     for index in range(6):
-        run_segment(engine, reply, f"Sentence number {index} is here.", 20)
-        longest = max(longest, reply.cache.get_seq_length())
+        run_segment(engine, reply, f"Sentence number {index} is here.", 10)
+        longest = max(longest, reply.cache.get_seq_length() + reply.unfed.shape[1])
         assert reply.cache.get_seq_length() + reply.unfed.shape[1] <= engine.max_positions
-    assert len(reply.frames) == 6 * 20
-    assert len(reply.history) < 6  # older segments were dropped from the context
-    assert longest >= engine.max_positions - 60  # it filled up (a segment costs ~57) before it was rebuilt
+    assert len(reply.frames) == 6 * 10
+    assert 1 < len(reply.history) < 6  # the oldest segments were dropped, the newest kept as context
+    assert longest > engine.max_positions - 44  # it filled up before it was rebuilt

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from duplex.stages import TTSStream
-from tts_fixtures import (collect, make_engine, make_tts, pieces, relative_error,  # noqa: F401
-                          tiny_tts_checkpoint)
+from tts_fixtures import (collect, make_engine, make_tts, one_torch_thread, pieces,  # noqa: F401
+                          relative_error, tiny_tts_checkpoint)
 
 REPLY = "Well, hello there. This is the second sentence of the reply! And a third one?"
 SHORT = dict(min_seconds=0.2, seconds_per_char=0.04)  # caps the babbling tiny model's segments

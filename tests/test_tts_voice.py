@@ -12,8 +12,8 @@ from duplex.config import AgentConfig
 from duplex.errors import AudioFormatError, ConfigError
 from duplex.stages import VoicePrompt
 from duplex.tts.voice import check_voice, load_voice
-from tts_fixtures import (collect, jfk24, make_engine, make_tts, tiny_tts_checkpoint, voice_a,  # noqa: F401
-                          voice_b)
+from tts_fixtures import (collect, jfk24, make_engine, make_tts, one_torch_thread,  # noqa: F401
+                          tiny_tts_checkpoint, voice_a, voice_b)
 
 TEXT = "Nice to meet you."
 

@@ -16,6 +16,18 @@ VOICE_A = (0.0, 4.5, "And so my fellow Americans, ask not")
 VOICE_B = (5.2, 10.8, "what your country can do for you, ask what you can do for your country.")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The tiny model's ops are so small that a second intra-op thread only adds sync cost (several times
+    slower on a busy 2-core machine): TTS test modules run on one torch thread, restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_tts_checkpoint():
     """(model, tokenizer) of the tiny CSM + Mimi, loaded through duplex.tts.loading.load_checkpoint."""
