@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from duplex.tts.codec import CodecState, StreamingDecoder, StreamingEncoder
+from duplex.tts.depth import DepthDecoder
 
 if TYPE_CHECKING:
     import torch
@@ -143,6 +144,7 @@ class CsmEngine:
         if int(codec_cfg.num_quantizers) != self.num_codebooks:
             raise ValueError(f"CSM predicts {self.num_codebooks} codebooks but its codec has "
                              f"{codec_cfg.num_quantizers}")
+        self.depth = DepthDecoder(model.depth_decoder)
         self.decoder = StreamingDecoder(model.codec_model)
         self.encoder = StreamingEncoder(model.codec_model)
         ids = token_ids(tokenizer)
@@ -323,27 +325,9 @@ class CsmEngine:
 
     def _sample_frame(self, hidden: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The backbone's hidden state ``[1, H]`` -> one frame of codes ``[K]`` (first codebook, then depth)."""
-        import torch
+        n_codes = self.codebook_size
 
-        vocab, n_codes = self.vocab_size, self.codebook_size
-        first = sample(self.model.lm_head(hidden)[:, :n_codes], self.sampling, generator)  # [1]
-        depth = self.model.depth_decoder
-        inner = depth.model
-        cache = self._new_cache()
-        x = torch.stack([hidden, inner.embed_tokens(first)], dim=1)  # [1, 2, H_backbone]
-        mask = torch.full((2, 2), torch.finfo(x.dtype).min, device=x.device, dtype=x.dtype).triu(1)[None, None]
-        codes = [first]
-        for index in range(1, self.num_codebooks):
-            h = inner.inputs_embeds_projector(x)
-            start = 0 if index == 1 else index
-            positions = torch.arange(start, start + h.shape[1], device=h.device)[None]
-            cos_sin = inner.rotary_emb(h, position_ids=positions)
-            for layer in inner.layers:
-                h = layer(h, attention_mask=mask if index == 1 else None, position_ids=positions, cache=cache,
-                          use_cache=True, position_embeddings=cos_sin)
-            h = inner.norm(h[:, -1])  # [1, H_depth]
-            logits = h @ depth.codebooks_head.weight[index - 1]  # [1, vocab]
-            code = sample(logits[:, :n_codes], self.sampling, generator)
-            codes.append(code)
-            x = inner.embed_tokens(code + index * vocab)[:, None]
-        return torch.cat(codes)
+        def draw(logits: torch.Tensor) -> torch.Tensor:  # only the codec's codes, never the LM's extra ids
+            return sample(logits[:, :n_codes], self.sampling, generator)
+
+        return self.depth.sample(hidden, draw(self.model.lm_head(hidden)), draw)
