@@ -68,7 +68,7 @@ class Reply:
     voice: Voice | None
     cache: Any  # the backbone's DynamicCache
     generator: torch.Generator
-    codec: CodecState
+    codec: CodecState | None  # None once released
     chunk_frames: int
     unfed: torch.Tensor | None = None  # [1, n, H] embeddings not yet through the backbone
     hidden: torch.Tensor | None = None  # [1, H] backbone output after the latest input
@@ -79,6 +79,11 @@ class Reply:
     history: list[SegmentRecord] = field(default_factory=list)
     frames: list[torch.Tensor] = field(default_factory=list)  # every frame of the reply, for inspection
     closed: bool = False
+
+    def release(self) -> None:
+        """Drop the KV cache and decoder state (the reply is over); its frames stay for inspection."""
+        self.closed = True
+        self.cache = self.codec = self.unfed = self.hidden = None
 
 
 @dataclass(frozen=True)
@@ -301,6 +306,7 @@ class CsmEngine:
         if reply.pending and (done or len(reply.pending) >= reply.chunk_frames):
             chunk = torch.stack(reply.pending, dim=-1)[None]  # [1, K, n]
             reply.pending = []
+            assert reply.codec is not None
             audio = self.decoder.decode(chunk, reply.codec)[0]
             pcm = audio.float().clamp_(-1.0, 1.0).cpu().numpy()
             self._lap("decode", t)

@@ -144,7 +144,9 @@ class CsmTTSStream:
                     if len(pcm) or words:  # an empty chunk only to release a segment's last words
                         yield AudioChunk(pcm, tuple(words))
                 if voice is None and self.voice is None and self.model.voice is None and settings.keep_first_voice:
-                    self.voice = _voice_of(reply.history[-1], engine)
+                    self.voice = await worker.run(_voice_of, reply.history[-1], engine)
+            if reply is not None:  # done (no step in flight): free its caches, keep its frames
+                reply.release()
         finally:
             if reply is not None:
                 reply.closed = True  # a step already queued for it returns without work
