@@ -77,3 +77,54 @@ async def test_trickle_ice_by_patch(jfk_path):
                 await client.close()
     finally:
         await agent.aclose()
+
+
+async def test_page_messages_renegotiation_and_restart(jfk_path):
+    """The page's playout delay report sets the session's output latency (out-of-range values and
+    junk on the data channel are ignored); a new offer on the same pc_id renegotiates in place; one
+    with restart_pc replaces the connection (new pc_id, old session closed)."""
+    import aiohttp
+    from aiortc import RTCSessionDescription
+
+    agent = await load_agent()
+    try:
+        async with running_server(agent) as (server, url):
+            client = await connect(url, file_track(jfk48(jfk_path)))
+            try:
+                await client.wait_for("input_audio_buffer.speech_started", timeout=15)
+                peer = server.peers[client.pc_id]
+                for junk in ("ping: 1234", "{not json", "x" * 10_000, '{"type": "client.stats", "jitter_buffer_s": 9}',
+                             '{"type": "client.stats", "jitter_buffer_s": "0.1"}', "[1, 2]"):
+                    client.channel.send(junk)
+                await asyncio.sleep(0.3)
+                assert peer.session.output_latency_s == 0.0 and not peer.closed
+                client.channel.send('{"type": "client.stats", "jitter_buffer_s": 0.045}')
+                for _ in range(50):
+                    if peer.session.output_latency_s:
+                        break
+                    await asyncio.sleep(0.02)
+                assert 0.045 <= peer.session.output_latency_s < 0.3
+
+                await client.pc.setLocalDescription(await client.pc.createOffer())
+                async with aiohttp.ClientSession() as http:
+                    body = {"sdp": client.pc.localDescription.sdp, "type": "offer", "pc_id": client.pc_id}
+                    async with http.post(f"{url}/api/offer", json=body) as r:
+                        assert r.status == 200, await r.text()
+                        answer = await r.json()
+                assert answer["pc_id"] == client.pc_id and len(server.peers) == 1
+                await client.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+                n = len(client.messages)
+                await client.wait_for("agent.state", timeout=15, count=len(client.of("agent.state")) + 1)
+                assert len(client.messages) > n and peer.pc.connectionState == "connected"
+
+                fresh = await connect(url, file_track(jfk48(jfk_path)), restart_of=client.pc_id)
+                try:
+                    await fresh.wait_for("session.created", timeout=10)
+                    assert fresh.pc_id != client.pc_id and list(server.peers) == [fresh.pc_id]
+                    assert peer.closed and peer.session.closed and peer.close_reason == "restarted by the peer"
+                finally:
+                    await fresh.close()
+            finally:
+                await client.close()
+    finally:
+        await agent.aclose()

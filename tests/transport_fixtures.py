@@ -146,8 +146,9 @@ class Client:
         await self.pc.close()
 
 
-async def connect(base_url: str, mic, *, trickle: bool = False) -> Client:
-    """Offer ``mic`` to the server like the page does (data channel "events", audio sendrecv)."""
+async def connect(base_url: str, mic, *, trickle: bool = False, restart_of: str | None = None) -> Client:
+    """Offer ``mic`` to the server like the page does (data channel "events", audio sendrecv);
+    ``restart_of`` sends the offer as a restart of that connection (Pipecat's ``restart_pc``)."""
     import aiohttp
     from aiortc import RTCPeerConnection, RTCSessionDescription
     from aiortc.mediastreams import MediaStreamError
@@ -192,7 +193,8 @@ async def connect(base_url: str, mic, *, trickle: bool = False) -> Client:
         sdp = "\r\n".join(line for line in lines
                            if not line.startswith(("a=candidate:", "a=end-of-candidates"))) + "\r\n"
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{base_url}/api/offer", json={"sdp": sdp, "type": "offer", "pc_id": None}) as r:
+        body = {"sdp": sdp, "type": "offer", "pc_id": restart_of, "restart_pc": restart_of is not None}
+        async with http.post(f"{base_url}/api/offer", json=body) as r:
             assert r.status == 200, await r.text()
             answer = await r.json()
         client.pc_id = answer["pc_id"]

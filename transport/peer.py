@@ -155,14 +155,27 @@ class Peer:
         encoder = RealtimeEncoder(self.session.t0, self.session.output_rate)
         self.send({"type": "session.created", "session": {"id": self.pc_id, "output_rate": 48_000,
                                                            "input_rate": 16_000}})
-        async for event in events:
-            message = encoder.encode(event)
-            if message is not None:
-                self.send(message)
-        self.close_soon("the session ended")
+        reason = "the session ended"
+        try:
+            async for event in events:
+                message = encoder.encode(event)
+                if message is not None:
+                    self.send(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # e.g. the data channel broke: the peer is unusable
+            log.exception("%s: sending events failed", self.pc_id)
+            reason = f"sending events failed: {exc}"
+        self.close_soon(reason)
 
     async def pump(self, track: Any) -> None:
-        reason = await pump_microphone(track, self.session, self.input, self.options.idle_timeout_s)
+        try:
+            reason = await pump_microphone(track, self.session, self.input, self.options.idle_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # audio the session cannot use
+            log.exception("%s: microphone audio failed", self.pc_id)
+            reason = f"microphone audio failed: {exc}"
         self.close_soon(reason)
 
 
