@@ -69,7 +69,7 @@ window.duplex.pc.getStats().then((report) => {
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists() or not Path(CHROMEDRIVER).exists(),
                     reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
-async def test_browser_talks_to_the_agent(vad_model, jfk_path, artifacts):
+async def test_browser_talks_to_the_agent(jfk_path, artifacts):
     """The page connects with the fake microphone; the user's speech shows up as transcript events
     and text on the page; the agent's reply arrives as audio (inbound bytes and audio energy above
     zero in getStats) and as text with its heard words marked; both latencies are shown; the server

@@ -10,7 +10,6 @@ import sys
 import types
 
 import numpy as np
-import pytest
 
 from duplex import events as ev
 from duplex.agent import Agent

@@ -13,7 +13,6 @@ import threading
 
 import aiohttp
 import numpy as np
-import pytest
 
 from tests.transport_fixtures import connect, file_track, jfk48, load_agent, running_server
 
@@ -57,7 +56,7 @@ async def _request(method: str, url: str, data: bytes | None = None, **kw) -> tu
             return r.status, {**body, "_headers": dict(r.headers)}
 
 
-async def test_malformed_and_hostile_offers_get_clear_4xx(vad_model, jfk_path):
+async def test_malformed_and_hostile_offers_get_clear_4xx(jfk_path):
     """Broken JSON, wrong shapes and types, bad SDP, hostile SDP that reaches aiortc's parser, bad
     trickle candidates and unknown connections all get a 4xx JSON message naming the problem; no
     session is left open, and a real peer connects afterwards."""
@@ -102,7 +101,7 @@ async def test_malformed_and_hostile_offers_get_clear_4xx(vad_model, jfk_path):
         await agent.aclose()
 
 
-async def test_body_size_limits(vad_model):
+async def test_body_size_limits():
     """Bodies over the cap get 413 whether their length is declared or streamed in chunks, and
     the server keeps answering."""
     agent = await load_agent()
@@ -130,7 +129,7 @@ async def test_body_size_limits(vad_model):
         await agent.aclose()
 
 
-async def test_session_limit_answers_503(vad_model, jfk_path):
+async def test_session_limit_answers_503(jfk_path):
     """With max_sessions=2, a third offer gets 503 with Retry-After while two peers are connected;
     once one hangs up, a new peer gets in."""
     agent = await load_agent()
@@ -157,7 +156,7 @@ async def test_session_limit_answers_503(vad_model, jfk_path):
         await agent.aclose()
 
 
-async def test_peers_leaving_mid_reply_leave_nothing_behind(vad_model, jfk_path):
+async def test_peers_leaving_mid_reply_leave_nothing_behind(jfk_path):
     """20 peers, 5 at a time, leave while the agent is answering them: half hang up, half just go
     silent (a frozen tab, a dropped network) and are closed by the server's idle timeout. Afterwards
     no peer, session, asyncio task or thread is left beyond what was there before."""

@@ -7,7 +7,6 @@ connection talking to the server through HTTP signalling and ICE/DTLS/SRTP/SCTP 
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import numpy as np
 import pytest

@@ -263,8 +263,11 @@ function renderReply(r) {
     text.append(span, " ");
   });
   const note = r.li.querySelector(".note");
-  if (r.interrupted) note.textContent = heard ? "interrupted: you heard " + heard + " of " + tokens.length + " words"
-                                              : "dropped before you heard it";
+  if (r.interrupted) {
+    note.textContent = !heard ? "dropped before you heard it"
+      : heard >= tokens.length ? "interrupted as it ended: you heard all of it"
+      : "interrupted: you heard " + heard + " of " + tokens.length + " words";
+  }
   else note.textContent = "";
 }
 
