@@ -63,6 +63,10 @@ class SinkLLM:
     def close(self) -> None:
         self.worker.close()
 
+    async def aclose(self) -> None:
+        """Stop the worker thread (the agent calls this after closing its sessions)."""
+        self.close()
+
 
 def _answer_ids(fmt: ChatFormat) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """First tokens of "yes" and of "no" answers, for the backchannel scoring pass."""

@@ -61,6 +61,14 @@ class SinkLLMStream:
         """The session's cache state (inspect it only between calls)."""
         return self._ctx
 
+    def stats(self) -> dict[str, float]:
+        """The session's cache figures: slots in use, bytes (constant), dialogue length, evictions."""
+        ctx = self._ctx
+        if ctx is None:
+            return {"cache_tokens": 0, "cache_bytes": 0, "dialogue_tokens": 0, "evictions": 0}
+        return {"cache_tokens": ctx.length, "cache_bytes": ctx.cache.nbytes(), "dialogue_tokens": ctx.end,
+                "evictions": ctx.evictions}
+
     # -- the LLMStream contract ------------------------------------------------------------------
 
     async def listen(self, messages: Sequence[Message]) -> float | None:

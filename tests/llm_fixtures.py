@@ -9,6 +9,7 @@ written out here; only the linear layers, norms and MLPs are the model's own mod
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,10 +26,26 @@ ARCHS = ("qwen2", "llama")
 SHORT_SYSTEM = "Be brief."
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_torch_thread() -> Iterator[None]:
+    """Tiny models run on one intra-op thread: their ops are too small to split, and spinning
+    OpenMP threads on a busy machine slow them down tenfold. Restored after each module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def _checkpoint(arch: str) -> tuple[object, object]:
+    # Cached here, not only by the fixture: each test module that imports a fixture gets its own copy.
+    return load_checkpoint(str(tiny_model_path(arch)), "cpu")
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints() -> dict[str, tuple[object, object]]:
     """(model, tokenizer) of each tiny architecture, built once under cache_dir() and loaded back."""
-    return {arch: load_checkpoint(str(tiny_model_path(arch)), "cpu") for arch in ARCHS}
+    return {arch: _checkpoint(arch) for arch in ARCHS}
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from duplex.stages import Message
-from llm_fixtures import ARCHS, SHORT_SYSTEM, make_llm, max_kv_diff, tiny_checkpoints  # noqa: F401
+from llm_fixtures import (  # noqa: F401 (fixtures)
+    ARCHS, SHORT_SYSTEM, make_llm, max_kv_diff, tiny_checkpoints, single_torch_thread,
+)
 
 SENTENCE = "could you tell me the weather for tomorrow in the city near the river"
 

@@ -11,6 +11,7 @@ from duplex.llm.model import SinkLLM
 from duplex.llm.profiles import ARCHITECTURES, build_llm, random_model
 from duplex.llm.tiny import tiny_model_path
 from duplex.stages import LLMStream, Message
+from llm_fixtures import single_torch_thread  # noqa: F401 (fixture)
 
 
 @pytest.mark.parametrize("choice", ["qwen2", "llama"])

@@ -8,7 +8,10 @@ import torch
 from duplex.errors import ConfigError
 from duplex.llm.sink_cache import SinkCache, rope_inv_freq, rope_shift, rotate_keys
 from duplex.stages import Message
-from llm_fixtures import ARCHS, SHORT_SYSTEM, ReferenceDecoder, Step, held_indices, make_llm, tiny_checkpoints  # noqa: F401
+from llm_fixtures import (  # noqa: F401 (fixtures)
+    ARCHS, SHORT_SYSTEM, ReferenceDecoder, Step, held_indices, make_llm, tiny_checkpoints,
+    single_torch_thread,
+)
 
 
 def _sink_run(llm, *, rerotate: bool, n_tokens: int = 300, seed: int = 0):
@@ -104,11 +107,14 @@ async def test_memory_after_100k_tokens_equals_memory_after_first_eviction(make_
         await stream.listen(messages)
         ctx = stream.context
         if snapshot is None and ctx.evictions:
-            snapshot = (ctx.cache.nbytes(), [lay.keys.data_ptr() for lay in ctx.cache.layers], ctx.capacity)
+            snapshot = (stream.stats()["cache_bytes"], [lay.keys.data_ptr() for lay in ctx.cache.layers],
+                        ctx.capacity)
         if ctx.end >= 100_000:
             break
     assert snapshot is not None and ctx.evictions > 100
-    assert (ctx.cache.nbytes(), [lay.keys.data_ptr() for lay in ctx.cache.layers], ctx.capacity) == snapshot
+    stats = stream.stats()
+    assert (stats["cache_bytes"], [lay.keys.data_ptr() for lay in ctx.cache.layers], ctx.capacity) == snapshot
+    assert stats["dialogue_tokens"] >= 100_000 and stats["cache_tokens"] <= 256
     assert ctx.length <= ctx.capacity == 256
     assert ctx.ids[:ctx.sink] == ctx.dialogue.ids(0, ctx.sink).tolist()
     assert ctx.ids[ctx.sink:] == ctx.dialogue.ids(ctx.offset, ctx.end).tolist()

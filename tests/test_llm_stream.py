@@ -12,7 +12,9 @@ import pytest
 from duplex.llm.engine import sample
 from duplex.llm.speech_text import SpeechText
 from duplex.stages import Message
-from llm_fixtures import SHORT_SYSTEM, make_llm, tiny_checkpoints  # noqa: F401
+from llm_fixtures import (  # noqa: F401 (fixtures)
+    SHORT_SYSTEM, make_llm, tiny_checkpoints, single_torch_thread,
+)
 
 DIALOGUE = [Message("user", "Tell me about the train to the city.")]
 

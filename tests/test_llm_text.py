@@ -11,7 +11,9 @@ from duplex.llm.chat import ChatFormat, DialogueTokens
 from duplex.llm.engine import TextDecoder
 from duplex.llm.speech_text import SpeechText
 from duplex.stages import Message
-from llm_fixtures import ARCHS, tiny_checkpoints  # noqa: F401
+from llm_fixtures import (  # noqa: F401 (fixtures)
+    ARCHS, tiny_checkpoints, single_torch_thread,
+)
 
 DIALOGUE = [Message("user", "Hello there."), Message("assistant", "Hi! How can I help?"),
             Message("user", "What's the weather like tomorrow? 😀"), Message("assistant", "Sunny, I think."),
