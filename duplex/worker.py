@@ -23,7 +23,8 @@ def _init_thread(device: str) -> None:
     if device.startswith("cuda"):
         import torch
 
-        torch.cuda.set_device(torch.device(device))
+        index = torch.device(device).index  # "cuda" has none: set_device() refuses it
+        torch.cuda.set_device(torch.cuda.current_device() if index is None else index)
         # The current stream is per thread: this worker's kernels go on a stream of their own.
         torch.cuda.set_stream(torch.cuda.Stream())
     import torch
