@@ -57,18 +57,27 @@ def build_sentencepiece(out_dir: Path, vocab_size: int, *, user_symbols: tuple[s
     out_dir = Path(out_dir)
     if (out_dir / "tokenizer.model").is_file() and (out_dir / "vocab.txt").is_file():
         return out_dir
-    from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
+    import sentencepiece as spm
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".spm-", dir=out_dir.parent))
     try:
         corpus = work / "text.txt"
         corpus.write_text("\n".join(training_text(n_sentences)) + "\n", encoding="utf-8")
-        create_spt_model(str(corpus), vocab_size, sample_size=-1, do_lower_case=False,
-                         tokenizer_type="unigram", output_dir=str(work / "spm"),
-                         user_defined_symbols=list(user_symbols) or None)
+        spm_dir = work / "spm"
+        spm_dir.mkdir()
+        spm.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(spm_dir / "tokenizer"), vocab_size=vocab_size,
+            model_type="unigram", character_coverage=1.0, bos_id=-1, eos_id=-1, hard_vocab_limit=False,
+            remove_extra_whitespaces=False, user_defined_symbols=list(user_symbols), minloglevel=2)
+        # vocab.txt as NeMo writes it: word-initial pieces bare, continuations with "##"
+        special = {"<s>", "</s>", "<pad>", "<unk>", *user_symbols}
+        pieces = [line.split("\t")[0] for line in
+                  (spm_dir / "tokenizer.vocab").read_text(encoding="utf-8").splitlines()]
+        vocab = [(p[1:] or p[0]) if p.startswith("\u2581") else f"##{p}" for p in pieces if p not in special]
+        (spm_dir / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
         try:
-            os.replace(work / "spm", out_dir)
+            os.replace(spm_dir, out_dir)
         except OSError:  # another process finished first
             if not (out_dir / "tokenizer.model").is_file():
                 raise

@@ -1,0 +1,140 @@
+"""Greedy RNNT and CTC decoding, batched across sessions, with decoding state carried across chunks.
+
+Each decoder keeps the state of every session in a slot (like the encoder's
+:class:`~duplex.asr.encoder.CachePool`): for RNNT the prediction network's LSTM state and its
+projected output for the last emitted label, for CTC the last frame's label. ``decode`` takes one
+chunk of encoder output for a batch of sessions and returns, per session, the tokens emitted as
+``(frame, token)`` with ``frame`` the index within the chunk. The decisions are NeMo's greedy ones
+(argmax of the joint, at most ``max_symbols`` labels per frame; CTC collapses repeats and drops
+blanks), so a stream decoded chunk by chunk gives the tokens the offline decoder gives.
+
+End-of-utterance labels (``reset_ids``, e.g. ``<EOU>``) are emitted and then reset the session's
+decoding state, so the next utterance decodes from a clean start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+Tokens = list[tuple[int, int]]  # (frame within the chunk, token id)
+
+
+class RNNTGreedy:
+    """Greedy transducer decoding (frame by frame, up to ``max_symbols`` labels per frame)."""
+
+    def __init__(self, decoder, joint, *, max_symbols: int, reset_ids: Iterable[int], capacity: int,
+                 device: str, dtype: torch.dtype) -> None:
+        import torch
+
+        self.decoder, self.joint = decoder, joint
+        self.blank = int(decoder.blank_idx)
+        self.max_symbols = max(1, int(max_symbols))
+        self.reset_ids = torch.tensor(sorted(set(reset_ids)), dtype=torch.int64, device=device)
+        self.device, self.dtype = device, dtype
+        # State after the start-of-sequence (blank) input: where every utterance begins.
+        sos = torch.full((1, 1), self.blank, dtype=torch.int64, device=device)
+        g, (h, c) = decoder.predict(sos, None, add_sos=False, batch_size=1)
+        self.g0 = joint.project_prednet(g)  # [1, 1, H]
+        self.h0, self.c0 = h, c  # [layers, 1, H]
+        self.capacity = 0
+        self.g = self.h = self.c = None
+        self.grow(capacity)
+
+    def grow(self, capacity: int) -> None:
+        if capacity <= self.capacity:
+            return
+        capacity = max(capacity, 2 * self.capacity)
+        g = self.g0.repeat(capacity, 1, 1)
+        h, c = self.h0.repeat(1, capacity, 1), self.c0.repeat(1, capacity, 1)
+        if self.capacity:
+            g[: self.capacity], h[:, : self.capacity], c[:, : self.capacity] = self.g, self.h, self.c
+        self.g, self.h, self.c, self.capacity = g, h, c, capacity
+
+    def reset(self, slots: torch.Tensor) -> None:
+        self.g[slots] = self.g0
+        self.h[:, slots] = self.h0
+        self.c[:, slots] = self.c0
+
+    def decode(self, encoded: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, *,
+               commit: bool) -> list[Tokens]:
+        """``encoded`` [B, D, T]; ``valid`` [B, T] bool: frames to decode (others are skipped)."""
+        import torch
+
+        batch, _, frames = encoded.shape
+        f = self.joint.project_encoder(encoded.transpose(1, 2))  # [B, T, H]
+        g = self.g.index_select(0, slots)  # [B, 1, H]
+        h, c = self.h.index_select(1, slots), self.c.index_select(1, slots)  # [layers, B, H]
+        out: list[Tokens] = [[] for _ in range(batch)]
+        check_reset = self.reset_ids.numel() > 0
+        for t in range(frames):
+            active = valid[:, t]
+            for _ in range(self.max_symbols):
+                logits = self.joint.joint_after_projection(f[:, t:t + 1], g)  # [B, 1, 1, V+1]
+                label = logits[:, 0, 0].argmax(dim=-1)  # [B]
+                emit = active & (label != self.blank)
+                emitted = emit.nonzero().flatten().tolist()  # the one host sync of the inner step
+                if not emitted:
+                    break
+                for b, k in zip(emitted, label[emit].tolist()):
+                    out[b].append((t, k))
+                g_new, (h_new, c_new) = self.decoder.predict(label.unsqueeze(1), (h, c), add_sos=False,
+                                                             batch_size=batch)
+                g_new = self.joint.project_prednet(g_new)
+                keep = emit
+                if check_reset:
+                    ended = emit & torch.isin(label, self.reset_ids)
+                    keep = emit & ~ended
+                    # an end-of-utterance label resets the state; decoding resumes on the next frame
+                    g = torch.where(ended.view(-1, 1, 1), self.g0, g)
+                    h = torch.where(ended.view(1, -1, 1), self.h0, h)
+                    c = torch.where(ended.view(1, -1, 1), self.c0, c)
+                g = torch.where(keep.view(-1, 1, 1), g_new, g)
+                h = torch.where(keep.view(1, -1, 1), h_new, h)
+                c = torch.where(keep.view(1, -1, 1), c_new, c)
+                active = keep
+        if commit:
+            self.g.index_copy_(0, slots, g)
+            self.h.index_copy_(1, slots, h)
+            self.c.index_copy_(1, slots, c)
+        return out
+
+
+class CTCGreedy:
+    """Greedy CTC decoding: argmax per frame, repeats collapsed across chunk boundaries."""
+
+    def __init__(self, ctc_decoder, *, blank: int, reset_ids: Iterable[int], capacity: int) -> None:
+        self.ctc_decoder = ctc_decoder
+        self.blank = int(blank)
+        self.reset_ids = frozenset(int(i) for i in reset_ids)
+        self.prev: list[int] = []
+        self.grow(capacity)
+
+    def grow(self, capacity: int) -> None:
+        if capacity > len(self.prev):
+            self.prev.extend([self.blank] * (capacity - len(self.prev)))
+
+    def reset(self, slots: torch.Tensor) -> None:
+        for s in slots.tolist():
+            self.prev[s] = self.blank
+
+    def decode(self, encoded: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, *,
+               commit: bool) -> list[Tokens]:
+        labels = self.ctc_decoder(encoder_output=encoded).argmax(dim=-1).tolist()  # [B, T]
+        valid_rows = valid.tolist()
+        out: list[Tokens] = []
+        for b, slot in enumerate(slots.tolist()):
+            prev, tokens = self.prev[slot], []
+            for t, (k, ok) in enumerate(zip(labels[b], valid_rows[b])):
+                if not ok:
+                    continue
+                if k != self.blank and k != prev:
+                    tokens.append((t, k))
+                prev = self.blank if k in self.reset_ids else k
+            out.append(tokens)
+            if commit:
+                self.prev[slot] = prev
+        return out

@@ -1,0 +1,350 @@
+"""The streaming ASR stage: one NeMo cache-aware model serving many sessions through one batch worker.
+
+:class:`StreamingASR` (the :class:`~duplex.stages.ASRModel`) owns the model, its chunk plan, the
+cache slots and a :class:`~duplex.worker.BatchWorker`. :class:`ASRSession` (the
+:class:`~duplex.stages.ASRStream`) buffers a session's audio on the event loop and, whenever a full
+chunk is there, submits its state to the worker; the worker gathers every session with a chunk
+ready and runs one step for all of them (exact log-mel frames, subsampling, conformer layers with
+cache slots, greedy decoding), and the session turns the tokens into partial and final events.
+
+The worker alone touches model tensors and session state during a step; a session never has more
+than one step in flight (a lock), and a step already handed to the worker always lands before the
+session goes on, even if the caller is cancelled, so the state never tears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
+
+import numpy as np
+
+from duplex.audio import to_mono_float
+from duplex.clock import now
+from duplex.errors import ConfigError
+from duplex.events import INPUT_RATE, TranscriptFinal, TranscriptPartial
+from duplex.worker import BatchWorker
+from duplex.asr.decoding import CTCGreedy, RNNTGreedy, Tokens
+from duplex.asr.encoder import CachePool, ChunkPlan, check_cache_aware, encode, pre_encode, select_context
+from duplex.asr.frontend import AudioBuffer, MelSpec, frame_segment, log_mel
+from duplex.asr.transcript import FrameTiming, Utterance
+from duplex.asr.vocab import Vocabulary
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class SessionState:
+    """What one session's stream must keep between chunks (mutated only by the worker in a step)."""
+
+    slot: int  # its row in the encoder cache pool and the decoder state
+    audio: AudioBuffer = field(default_factory=AudioBuffer.empty)
+    n_chunks: int = 0  # chunks encoded
+    n_mel: int = 0  # mel frames consumed by those chunks
+    n_enc: int = 0  # encoder frames produced
+    mel_cache: torch.Tensor | None = None  # [n_mels, <= pre_cache] float32: the last mel frames
+    skip_until: int = 0  # encoder frames before this were decoded provisionally by a flush: skip them
+    fresh: bool = True  # its slot still holds the previous owner's state
+    encoded: list[torch.Tensor] | None = None  # when a list: every chunk's encoder output [D, T] (tests)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    tokens: Tokens  # (encoder frame since stream start, token id)
+    horizon: int  # input samples the result depends on
+
+
+class StreamingASR:
+    """A cache-aware streaming FastConformer (NeMo) serving any number of sessions."""
+
+    def __init__(self, model, *, context: tuple[int, int], device: str = "cpu", decoder: str | None = None,
+                 max_batch: int = 32, name: str = "asr") -> None:
+        import torch
+
+        check_cache_aware(model)
+        self.device = device
+        self.dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        self.nemo = model.to(device=device, dtype=self.dtype).eval()
+        self.plan: ChunkPlan = select_context(model, context)
+        self.spec = MelSpec.from_nemo(model.preprocessor).to(device)
+        if self.spec.sample_rate != INPUT_RATE:
+            raise ConfigError(f"the ASR model expects {self.spec.sample_rate} Hz audio; duplex feeds "
+                              f"{INPUT_RATE} Hz")
+        self.vocab = Vocabulary.from_nemo(model)
+        self.timing = FrameTiming(self.plan.factor, self.spec.hop)
+        self.head = self._pick_head(model, decoder)
+        capacity = max(1, max_batch)
+        with torch.no_grad():
+            self.pool = CachePool(model.encoder, self.plan, capacity, device, self.dtype)
+            self.decoder = self._make_decoder(model, capacity)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()  # the worker thread runs on a stream of its own
+        self._batch: BatchWorker[SessionState, StepResult] = BatchWorker(name, self._step, device=device,
+                                                                         max_batch=max_batch)
+        self._free: list[int] = []
+        self._next_slot = 0
+
+    # -- construction helpers ----------------------------------------------------------------------
+
+    @staticmethod
+    def _pick_head(model, decoder: str | None) -> str:
+        has_rnnt = hasattr(model, "joint")
+        has_ctc = hasattr(model, "ctc_decoder") or not has_rnnt
+        default = getattr(model, "cur_decoder", "rnnt" if has_rnnt else "ctc")
+        head = decoder or default
+        if head not in ("rnnt", "ctc") or (head == "rnnt" and not has_rnnt) or (head == "ctc" and not has_ctc):
+            heads = [h for h, ok in (("rnnt", has_rnnt), ("ctc", has_ctc)) if ok]
+            raise ConfigError(f"the ASR model has no {head!r} decoder; it has: {', '.join(heads)}")
+        return head
+
+    def _make_decoder(self, model, capacity: int) -> RNNTGreedy | CTCGreedy:
+        if self.head == "rnnt":
+            greedy = model.cfg.get("decoding", {}).get("greedy", {}) or {}
+            return RNNTGreedy(model.decoder, model.joint, max_symbols=int(greedy.get("max_symbols", 10) or 10),
+                              reset_ids=self.vocab.end_ids, capacity=capacity, device=self.device,
+                              dtype=self.dtype)
+        ctc = model.ctc_decoder if hasattr(model, "ctc_decoder") else model.decoder
+        return CTCGreedy(ctc, blank=len(self.vocab.texts), reset_ids=self.vocab.end_ids, capacity=capacity)
+
+    # -- the ASRModel contract ------------------------------------------------------------------------
+
+    @property
+    def context(self) -> tuple[int, int]:
+        return self.plan.context
+
+    @property
+    def chunk_seconds(self) -> float:
+        """Audio per chunk (after the first): the step period of a live stream."""
+        return self.plan.mel * self.spec.hop / INPUT_RATE
+
+    def new_stream(self) -> ASRSession:
+        return ASRSession(self)
+
+    async def aclose(self) -> None:
+        await self._batch.aclose()
+
+    def close(self) -> None:
+        self._batch.worker.close()
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Sessions per step, one entry per step run so far (for tests and benchmarks)."""
+        return self._batch.batch_sizes
+
+    # -- slots (event loop) -------------------------------------------------------------------------
+
+    def _alloc_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        self._next_slot += 1
+        return self._next_slot - 1
+
+    def _release_slot(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def chunk_ready(self, state: SessionState) -> bool:
+        """Whether ``state`` has the audio for its next chunk (plain arithmetic)."""
+        needed = self.plan.mel_for_chunks(state.n_chunks + 1)
+        return self.spec.frames_ready(state.audio.fed) >= needed
+
+    def submit(self, state: SessionState) -> Awaitable[StepResult]:
+        return self._batch.submit(state)
+
+    def flush(self, state: SessionState) -> Awaitable[StepResult]:
+        return self._batch.worker.run(self._flush, state)
+
+    # -- worker thread ------------------------------------------------------------------------------
+
+    def _prepare(self, states: Sequence[SessionState]) -> None:
+        import torch
+
+        top = max(s.slot for s in states) + 1
+        self.pool.grow(top)
+        self.decoder.grow(top)
+        fresh = [s for s in states if s.fresh]
+        if fresh:
+            slots = torch.tensor([s.slot for s in fresh], dtype=torch.int64, device=self.device)
+            self.pool.reset(slots)
+            self.decoder.reset(slots)
+            for s in fresh:
+                s.fresh = False
+
+    def _new_mel(self, states: Sequence[SessionState], counts: Sequence[int], *, commit: bool) -> list[torch.Tensor]:
+        """The next ``counts[i]`` log-mel frames of each session, [n_mels, count] float32."""
+        import torch
+
+        out: list[torch.Tensor | None] = [None] * len(states)
+        for n in sorted(set(counts)):
+            idx = [i for i, c in enumerate(counts) if c == n]
+            segs = np.stack([frame_segment(self.spec, states[i].audio, states[i].n_mel, states[i].n_mel + n)
+                             for i in idx])
+            mel = log_mel(self.spec, torch.from_numpy(segs).to(self.device))  # [G, n_mels, n]
+            for j, i in enumerate(idx):
+                out[i] = mel[j]
+        if commit:
+            for s, n in zip(states, counts):
+                s.n_mel += n
+                s.audio.drop_before(self.spec.first_sample(s.n_mel) - 1)
+        return out  # type: ignore[return-value]
+
+    def _subsample(self, states: Sequence[SessionState], mels: Sequence[torch.Tensor], *,
+                   commit: bool) -> list[torch.Tensor]:
+        """Pre-encode each session's new mel frames, with its pre-encode cache, [T', d_model] each.
+
+        With a full cache (``pre_cache`` frames) the first ``drop`` outputs are dropped. Before the
+        stream has that many frames (only the second chunk at [70,0]), the input starts at the
+        stream's first frame, so the subsampling's own left padding is the offline one, and the
+        outputs already produced are dropped instead: zero mel frames would not be equivalent.
+        """
+        import torch
+
+        inputs, drops = [], []
+        for s, mel in zip(states, mels):
+            cache = s.mel_cache
+            x = mel if cache is None else torch.cat([cache, mel], dim=1)
+            full = cache is not None and cache.size(1) == self.plan.pre_cache
+            inputs.append(x)
+            drops.append(self.plan.drop if full else s.n_enc)
+            if commit:
+                s.mel_cache = x[:, -self.plan.pre_cache:].clone()
+        out: list[torch.Tensor | None] = [None] * len(states)
+        for key in sorted(set(zip((x.size(1) for x in inputs), drops))):
+            idx = [i for i, x in enumerate(inputs) if (x.size(1), drops[i]) == key]
+            batch = torch.stack([inputs[i] for i in idx]).to(self.dtype)
+            pre = pre_encode(self.nemo.encoder, self.plan, batch, first=True)[:, key[1]:]
+            for j, i in enumerate(idx):
+                out[i] = pre[j]
+        return out  # type: ignore[return-value]
+
+    def _valid(self, states: Sequence[SessionState], frames: int) -> torch.Tensor:
+        import torch
+
+        start = torch.tensor([s.n_enc - s.skip_until for s in states], device=self.device)
+        return (start.unsqueeze(1) + torch.arange(frames, device=self.device)) >= 0  # [B, T]
+
+    def _step(self, states: Sequence[SessionState]) -> list[StepResult]:
+        """One chunk for every session in ``states`` (each has one ready): the batched hot step."""
+        import torch
+
+        with torch.no_grad():
+            self._prepare(states)
+            counts = [self.plan.first_mel if s.n_chunks == 0 else self.plan.mel for s in states]
+            mels = self._new_mel(states, counts, commit=True)
+            x = torch.stack(self._subsample(states, mels, commit=True))  # [B, out, D]
+            slots = torch.tensor([s.slot for s in states], dtype=torch.int64, device=self.device)
+            encoded = encode(self.nemo.encoder, self.pool, x, slots, commit=True)  # [B, D, out]
+            tokens = self.decoder.decode(encoded, slots, self._valid(states, encoded.size(2)), commit=True)
+            results = []
+            for b, s in enumerate(states):
+                if s.encoded is not None:
+                    s.encoded.append(encoded[b].float().cpu())
+                results.append(StepResult([(s.n_enc + t, k) for t, k in tokens[b]],
+                                          min(s.audio.fed, self.spec.samples_needed(s.n_mel))))
+                s.n_enc += encoded.size(2)
+                s.n_chunks += 1
+            return results
+
+    def _flush(self, state: SessionState) -> StepResult:
+        """Decode what the stream holds beyond its last chunk, provisionally, then reset decoding.
+
+        The pending mel frames (padded at the end like the offline signal's end) run through the
+        encoder without committing its caches and are decoded from the current decoding state; the
+        encoder frames they covered are then skipped when their real chunk arrives, since the
+        utterance they belong to is closed.
+        """
+        import torch
+
+        with torch.no_grad():
+            self._prepare([state])
+            slots = torch.tensor([state.slot], dtype=torch.int64, device=self.device)
+            tokens: Tokens = []
+            pending = self.spec.offline_frames(state.audio.fed) - state.n_mel
+            if pending > 0:
+                mel = self._new_mel([state], [pending], commit=False)
+                x = self._subsample([state], mel, commit=False)[0].unsqueeze(0)
+                if x.size(1) > 0:
+                    encoded = encode(self.nemo.encoder, self.pool, x, slots, commit=False)
+                    found = self.decoder.decode(encoded, slots, self._valid([state], x.size(1)), commit=False)[0]
+                    tokens = [(state.n_enc + t, k) for t, k in found]
+                    state.skip_until = max(state.skip_until, state.n_enc + x.size(1))
+            self.decoder.reset(slots)
+            return StepResult(tokens, state.audio.fed)
+
+
+class ASRSession:
+    """One session's ASR stream (see the module docstring)."""
+
+    def __init__(self, model: StreamingASR) -> None:
+        self._model = model
+        self.state = SessionState(slot=model._alloc_slot())
+        self._utterance = Utterance()
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    @property
+    def samples_fed(self) -> int:
+        return self.state.audio.fed
+
+    async def feed(self, pcm: np.ndarray) -> list[TranscriptPartial | TranscriptFinal]:
+        """Consume the next 16 kHz samples; return the partials and EOU finals they produced."""
+        pcm = to_mono_float(np.asarray(pcm), INPUT_RATE)  # checks shape/type, zeroes NaN, clips
+        async with self._lock:
+            if self._closed:
+                raise RuntimeError("feed() on a closed ASR stream")
+            if pcm.size:
+                self.state.audio.append(pcm)
+            events: list[TranscriptPartial | TranscriptFinal] = []
+            while self._model.chunk_ready(self.state):
+                result = await self._land(self._model.submit(self.state))
+                events.extend(self._absorb(result, partial=True))
+            return events
+
+    async def endpoint(self) -> list[TranscriptFinal]:
+        """End the current utterance now (the VAD heard its end): its final, then a clean decoder."""
+        async with self._lock:
+            if self._closed:
+                return []
+            result = await self._land(self._model.flush(self.state))
+            finals = [e for e in self._absorb(result, partial=False) if isinstance(e, TranscriptFinal)]
+            final = self._utterance.final(self._model.vocab, self._model.timing, stream_samples=result.horizon,
+                                          wall=now())
+            return finals + ([final] if final else [])
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._model._release_slot(self.state.slot)
+
+    async def _land(self, job: Awaitable[T]) -> T:
+        """Await a worker job; if cancelled meanwhile, let the job finish with our state first."""
+        task = asyncio.ensure_future(job)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await asyncio.wait([task])
+            raise
+
+    def _absorb(self, result: StepResult, *, partial: bool) -> list[TranscriptPartial | TranscriptFinal]:
+        vocab, timing, utt = self._model.vocab, self._model.timing, self._utterance
+        events: list[TranscriptPartial | TranscriptFinal] = []
+        wall = now()
+        for frame, token in result.tokens:
+            if token in vocab.end_ids:
+                final = utt.final(vocab, timing, stream_samples=result.horizon, wall=wall)
+                if final is not None:
+                    events.append(final)
+            else:
+                utt.tokens.append((frame, token))
+        if partial:
+            event = utt.partial(vocab, timing, stream_samples=result.horizon, wall=wall)
+            if event is not None:
+                events.append(event)
+        return events
