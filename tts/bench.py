@@ -1,11 +1,12 @@
 """``duplex bench tts``: first-packet latency and real-time factor of the streaming TTS.
 
 Runs on the full-size CSM-1B + Mimi with random weights by default (``--profile random``): speed
-does not depend on the weight values, and every reply is held to a fixed number of frames so it does
-not depend on when generation would stop either. For each chunk size (codec frames per decode call)
-it speaks one reply through the same streaming path a session uses and measures:
+does not depend on the weight values, and every segment is held to a fixed number of frames so it
+does not depend on when generation would stop either. For each chunk size (codec frames per decode
+call) it speaks one reply through the same streaming path a session uses, its text streamed word by
+word as from an LLM (so it is spoken as a short first segment, then the rest), and measures:
 
-- first packet: text in (the whole text available) to the first audio chunk out;
+- first packet: text in (the first word available) to the first audio chunk out;
 - RTF: wall time of the whole reply / seconds of audio it holds (below 1 = faster than real time);
 - ms per frame: the reply's wall time per codec frame (generation and decoding);
 - a breakdown of a frame's time: backbone (incl. the text prefill, spread over the frames), depth
@@ -25,7 +26,9 @@ CHUNKS = (1, 2, 4)
 
 
 async def _text(text: str) -> AsyncIterator[str]:
-    yield text
+    for index, word in enumerate(text.split()):
+        yield word if index == 0 else " " + word
+        await asyncio.sleep(0)
 
 
 async def _reply(tts, text: str) -> tuple[float, float, int]:
@@ -54,16 +57,18 @@ def run(args: argparse.Namespace) -> dict:
     config = AgentConfig(profile=args.profile, device=args.device, tts_model=args.tts_model, voice=args.voice,
                          voice_text=args.voice_text, seed=args.seed).validate()
     device = config.resolved_device()
-    frames = 6 if args.quick else 40
+    frames = 6 if args.quick else 40  # per reply: two segments of frames // 2
     repeats = 1 if args.quick else 2
     voice = load_voice(config.voice, config.voice_text) if config.voice else None
     t0 = time.perf_counter()
     engine = load_engine(config, device)
     load_s = time.perf_counter() - t0
     params = sum(p.numel() for p in engine.model.parameters())
+    first_text = TEXT.split(",")[0] + ","
+    prompt_tokens = [len(engine.text_ids(t)) for t in (first_text, TEXT[len(first_text) + 1:])]
     print(f"TTS {args.profile} on {device}: {params / 1e6:.0f} M parameters ({load_s:.1f} s to load); "
-          f"{frames} frames per reply ({frames / engine.frame_rate:.2f} s of audio), {repeats} repeat(s); "
-          f"voice prompt: {'yes' if voice else 'no'}")
+          f"{frames} frames per reply ({frames / engine.frame_rate:.2f} s of audio) in 2 segments of "
+          f"{prompt_tokens} text tokens, {repeats} repeat(s); voice prompt: {'yes' if voice else 'no'}")
     print(f"{'chunk':>5} {'first packet ms':>16} {'RTF':>6} {'ms/frame':>9}")
 
     async def measure() -> tuple[dict, dict]:
@@ -75,7 +80,7 @@ def run(args: argparse.Namespace) -> dict:
         figures: dict[str, dict[str, float]] = {}
         for chunk in CHUNKS:
             tts = CsmTTS(engine, device=device,
-                         settings=TTSSettings(chunk_frames=chunk, seed=config.seed, fixed_frames=frames))
+                         settings=TTSSettings(chunk_frames=chunk, seed=config.seed, fixed_frames=frames // 2))
             tts.voice = warm.voice  # encoded once, prefix cached
             try:
                 runs = [await _reply(tts, TEXT) for _ in range(repeats)]
@@ -94,7 +99,7 @@ def run(args: argparse.Namespace) -> dict:
                   flush=True)
         # where a frame's time goes (synchronised per stage on a GPU, so run apart from the figures above)
         tts = CsmTTS(engine, device=device, settings=TTSSettings(chunk_frames=2, seed=config.seed,
-                                                                 fixed_frames=frames))
+                                                                 fixed_frames=frames // 2))
         tts.voice = warm.voice
         engine.stage_seconds = {}
         try:
@@ -108,5 +113,6 @@ def run(args: argparse.Namespace) -> dict:
 
     figures, breakdown = asyncio.run(measure())
     return {"device": device, "profile": args.profile, "frames_per_reply": frames, "repeats": repeats,
+            "segment_text_tokens": prompt_tokens,
             "voice_prompt": voice is not None, "parameters_m": round(params / 1e6, 1), "load_s": round(load_s, 1),
             "chunk_frames": figures, "breakdown_chunk_2": breakdown}
