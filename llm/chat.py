@@ -14,6 +14,7 @@ first differs from the previous one.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -108,50 +109,76 @@ class DialogueTokens:
 
     :meth:`update` re-renders a new version of the dialogue, re-tokenising only segments that
     changed, and returns the dialogue index of the first token that differs from the previous version.
+    Segments are recognised by role, a hash of their text and whether they are open, so the text is
+    not copied; :meth:`prune` drops the token ids of segments the cache has evicted (they are
+    re-tokenised from the latest messages if a rebuild ever needs them), so what is kept per message
+    is a few integers however long the dialogue runs.
     """
 
     fmt: ChatFormat
     system_prompt: str
-    keys: list[tuple[str, str, bool]] = field(default_factory=list)  # (role, content, open) per segment
-    segments: list[np.ndarray] = field(default_factory=list)
+    keys: list[tuple[str, int, bool]] = field(default_factory=list)  # (role, hash(content), open)
+    segments: list[np.ndarray | None] = field(default_factory=list)  # None: pruned
+    sizes: list[int] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)  # dialogue index of each segment's first token
     length: int = 0
+    _messages: Sequence[Message] = ()
+    _pruned: int = 1  # segments [1, _pruned) may be pruned
 
     def update(self, messages: Sequence[Message], *, open_last: bool = False,
                generation_prompt: bool = False) -> int:
-        keys = [("system", self.system_prompt, False)]
-        keys += [(m.role, m.content, open_last and i == len(messages) - 1) for i, m in enumerate(messages)]
+        self._messages = list(messages)  # references only: for re-tokenising pruned segments
+        keys = [("system", hash(self.system_prompt), False)]
+        keys += [(m.role, hash(m.content), open_last and i == len(messages) - 1) for i, m in enumerate(messages)]
         if generation_prompt:
-            keys.append(("generation", "", False))
+            keys.append(("generation", 0, False))
         same = 0
         while same < min(len(keys), len(self.keys)) and keys[same] == self.keys[same]:
             same += 1
         old = self.segments[same] if same < len(self.segments) else None
-        del self.keys[same:], self.segments[same:], self.starts[same:]
-        self.length = self.starts[-1] + len(self.segments[-1]) if self.segments else 0
+        del self.keys[same:], self.segments[same:], self.sizes[same:], self.starts[same:]
+        self._pruned = min(self._pruned, max(1, same))
+        self.length = self.starts[-1] + self.sizes[-1] if self.starts else 0
         first_change = self.length
         for i, key in enumerate(keys[same:]):
-            seg = self._encode(key)
+            seg = self._encode(same + i, key)
             if i == 0 and old is not None:
                 n = min(len(old), len(seg))
                 first_change += int(np.argmin(np.append(old[:n] == seg[:n], False)))
             self.keys.append(key)
             self.segments.append(seg)
+            self.sizes.append(len(seg))
             self.starts.append(self.length)
             self.length += len(seg)
         return first_change
 
-    def _encode(self, key: tuple[str, str, bool]) -> np.ndarray:
-        role, content, open_ = key
-        if role == "system":
-            return self.fmt.encode(self.fmt.render_system(content))
+    def _encode(self, index: int, key: tuple[str, int, bool]) -> np.ndarray:
+        role, _, open_ = key
+        if index == 0:
+            return self.fmt.encode(self.fmt.render_system(self.system_prompt))
         if role == "generation":
             return self.fmt.encode(self.fmt.generation_prompt)
-        return self.fmt.encode(self.fmt.render(Message(role, content), open_=open_))  # type: ignore[arg-type]
+        return self.fmt.encode(self.fmt.render(self._messages[index - 1], open_=open_))
+
+    def _segment(self, index: int) -> np.ndarray:
+        seg = self.segments[index]
+        return seg if seg is not None else self._encode(index, self.keys[index])
+
+    def prune(self, before: int) -> None:
+        """Forget the token ids of messages that end before dialogue index ``before``."""
+        i = self._pruned
+        while i < len(self.starts) and self.starts[i] + self.sizes[i] <= before:
+            self.segments[i] = None
+            i += 1
+        self._pruned = i
+
+    def retained(self) -> int:
+        """How many token ids are kept (for tests: bounded by the window plus a message or two)."""
+        return sum(len(seg) for seg in self.segments if seg is not None)
 
     @property
     def system_length(self) -> int:
-        return len(self.segments[0]) if self.segments else 0
+        return self.sizes[0] if self.sizes else 0
 
     def ids(self, start: int, end: int | None = None) -> np.ndarray:
         """Dialogue tokens ``[start, end)``."""
@@ -160,12 +187,17 @@ class DialogueTokens:
             return np.zeros(0, dtype=np.int64)
         first = max(0, int(np.searchsorted(self.starts, start, side="right")) - 1)
         parts, i = [], first
-        while i < len(self.segments) and self.starts[i] < end:
+        while i < len(self.starts) and self.starts[i] < end:
             s = self.starts[i]
-            parts.append(self.segments[i][max(0, start - s): end - s])
+            parts.append(self._segment(i)[max(0, start - s): end - s])
             i += 1
         return np.concatenate(parts)
 
     def boundaries(self) -> list[int]:
         """Dialogue indices where a message starts (the places eviction prefers to cut)."""
         return list(self.starts[1:])
+
+    def next_boundary(self, index: int) -> int | None:
+        """The first message start at or after dialogue index ``index``, if any."""
+        i = bisect.bisect_left(self.starts, index, lo=1)
+        return self.starts[i] if i < len(self.starts) else None

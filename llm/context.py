@@ -140,14 +140,14 @@ class SinkContext:
         amount = min(held, max(needed, self.evict_chunk))
         # Prefer to cut where a message starts, if one is within another chunk of the cut.
         reach = min(held, amount + self.evict_chunk)
-        for b in self.dialogue.boundaries():
-            if self.offset + amount <= b <= self.offset + reach:
-                amount = b - self.offset
-                break
+        cut = self.dialogue.next_boundary(self.offset + amount)
+        if cut is not None and cut <= self.offset + reach:
+            amount = cut - self.offset
         self.cache.evict(self.sink, amount)
         del self.ids[self.sink:self.sink + amount]
         self.offset += amount
         self.evictions += 1
+        self.dialogue.prune(self.offset)
         return amount
 
     def _rebuild(self) -> torch.Tensor:
@@ -159,10 +159,11 @@ class SinkContext:
         start = self.sink
         if total - self.sink > room:
             start = total - (room - self.evict_chunk)  # leave a chunk free
-            later = [b for b in self.dialogue.boundaries() if start <= b <= start + self.evict_chunk]
-            if later and later[0] < total:
-                start = later[0]
+            cut = self.dialogue.next_boundary(start)
+            if cut is not None and cut <= min(start + self.evict_chunk, total - 1):
+                start = cut
         self.offset = start
+        self.dialogue.prune(start)
         self.extend(self.dialogue.ids(0, self.sink))
         if total > start:
             self.extend(self.dialogue.ids(start, total))

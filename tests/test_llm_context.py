@@ -140,7 +140,8 @@ async def test_eviction_keeps_the_sink_and_cuts_at_message_starts(make_llm):
 
 async def test_change_before_the_window_rebuilds_from_recent_messages(make_llm):
     """Editing a message that was already evicted cannot be compared with the cache: the context
-    starts over from the system block and the most recent messages, and maps exactly again."""
+    starts over from the system block and the most recent messages, and maps exactly again; so does
+    a dialogue cut back to before the window."""
     llm = make_llm("qwen2", window=160, max_reply_tokens=16)
     stream = llm.new_stream(SHORT_SYSTEM)
     msgs = [Message("user" if i % 2 == 0 else "assistant", f"message {i} about the weather tomorrow")
@@ -152,4 +153,12 @@ async def test_change_before_the_window_rebuilds_from_recent_messages(make_llm):
     await stream.listen(msgs)
     assert ctx.ids[ctx.sink:] == ctx.dialogue.ids(ctx.offset, ctx.end).tolist()
     assert ctx.end == ctx.dialogue.length and ctx.length <= 160
+    # A dialogue cut back to before the window needs messages whose token ids were pruned: they
+    # are tokenised again, and the cache equals that of a session that only saw the short dialogue.
+    await stream.listen(msgs[:12])
+    fresh = llm.new_stream(SHORT_SYSTEM)
+    await fresh.listen(msgs[:12])
+    assert ctx.ids == fresh.context.ids and ctx.offset == fresh.context.offset
+    assert max_kv_diff(ctx, fresh.context) < 1e-5
     await stream.aclose()
+    await fresh.aclose()

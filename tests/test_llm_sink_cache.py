@@ -115,6 +115,8 @@ async def test_memory_after_100k_tokens_equals_memory_after_first_eviction(make_
     stats = stream.stats()
     assert (stats["cache_bytes"], [lay.keys.data_ptr() for lay in ctx.cache.layers], ctx.capacity) == snapshot
     assert stats["dialogue_tokens"] >= 100_000 and stats["cache_tokens"] <= 256
+    # The dialogue bookkeeping keeps the token ids of the window's messages only.
+    assert ctx.dialogue.retained() <= ctx.capacity + 2 * max(ctx.dialogue.sizes)
     assert ctx.length <= ctx.capacity == 256
     assert ctx.ids[:ctx.sink] == ctx.dialogue.ids(0, ctx.sink).tolist()
     assert ctx.ids[ctx.sink:] == ctx.dialogue.ids(ctx.offset, ctx.end).tolist()
