@@ -79,6 +79,11 @@ class SinkContext:
         """Dialogue index just after the last held token."""
         return self.length if self.length <= self.sink else self.offset + self.length - self.sink
 
+    @property
+    def max_tail(self) -> int:
+        """The longest tail :meth:`score` takes (half the window after the sink)."""
+        return (self.capacity - self.sink) // 2
+
     # -- following the dialogue ----------------------------------------------------------------
 
     def sync(self, messages: Sequence[Message], *, open_last: bool = False,
@@ -175,7 +180,7 @@ class SinkContext:
     def score(self, tokens: Sequence[int] | np.ndarray) -> torch.Tensor:
         """Logits after ``tokens`` appended to what the cache holds, then rolled back exactly."""
         tokens = [int(t) for t in tokens]
-        if len(tokens) > (self.capacity - self.sink) // 2:
+        if len(tokens) > self.max_tail:
             raise ValueError(f"a scoring tail of {len(tokens)} tokens does not fit the window")
         free = self.capacity - self.length
         if len(tokens) > free:

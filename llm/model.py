@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from duplex.errors import ConfigError
 from duplex.llm.chat import ChatFormat, DialogueTokens
 from duplex.llm.context import SinkContext, check_window
 from duplex.llm.engine import Engine
@@ -39,6 +40,10 @@ class SinkLLM:
     def __init__(self, model: Any, tokenizer: Any, device: str, settings: LLMSettings | None = None) -> None:
         self.settings = settings or LLMSettings()
         self.engine = Engine(model, tokenizer, device)
+        sliding = getattr(model.config, "sliding_window", None) if model.config.model_type == "mistral" else None
+        if sliding and self.settings.window > sliding:
+            raise ConfigError(f"llm_window={self.settings.window} exceeds this Mistral model's attention "
+                              f"window of {sliding} tokens; use --llm-window {sliding} or less")
         self.format = ChatFormat.from_tokenizer(tokenizer, getattr(model, "generation_config", None))
         self.answer_ids = _answer_ids(self.format)
         self.worker = ModelWorker("llm", device)

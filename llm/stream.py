@@ -128,8 +128,10 @@ class SinkLLMStream:
                 ctx.sync(messages)
             return None
         if self._active is not None:
-            tail = self._close_open(ctx) + fmt.render(messages[-1], open_=True)
-            logits = ctx.score(fmt.encode(tail))
+            tail = fmt.encode(self._close_open(ctx) + fmt.render(messages[-1], open_=True))
+            if len(tail) > ctx.max_tail:
+                return None  # too long to score on top of the reply; no estimate this time
+            logits = ctx.score(tail)
         else:
             logits = ctx.sync(messages, open_last=True)
         return token_probability(logits, [fmt.end_of_message])
@@ -158,8 +160,10 @@ class SinkLLMStream:
         if self._active is None and ctx.open_role != "assistant":
             ctx.sync(messages)  # no reply in the cache: bring it up to the dialogue first
         question = Message("user", BACKCHANNEL_QUESTION.format(text=text))
-        tail = self._close_open(ctx) + fmt.render(question) + fmt.generation_prompt
-        logits = ctx.score(fmt.encode(tail))
+        tail = fmt.encode(self._close_open(ctx) + fmt.render(question) + fmt.generation_prompt)
+        if len(tail) > ctx.max_tail:
+            return False  # cannot ask within this window: yield, the safe choice
+        logits = ctx.score(tail)
         yes_ids, no_ids = self.model.answer_ids
         return token_probability(logits, yes_ids) > token_probability(logits, no_ids)
 
