@@ -138,6 +138,22 @@ def test_models_without_rope_are_refused():
         rope_inv_freq(sliding)
 
 
+def test_mistral_window_beyond_its_attention_window_is_refused(tiny_checkpoints):
+    """A Mistral model attends over a sliding window: a sink cache larger than it is refused, one
+    within it is accepted."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from duplex.llm.model import LLMSettings, SinkLLM
+
+    tokenizer = tiny_checkpoints["qwen2"][1]
+    model = AutoModelForCausalLM.from_config(MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, sliding_window=96))
+    with pytest.raises(ConfigError, match="attention window of 96"):
+        SinkLLM(model, tokenizer, "cpu", LLMSettings(window=128, max_reply_tokens=16))
+    SinkLLM(model, tokenizer, "cpu", LLMSettings(window=96, max_reply_tokens=16)).close()
+
+
 def test_window_smaller_than_sink_plus_turn_is_refused(make_llm):
     """A window that cannot hold the system prompt (the sink) and one turn is a ConfigError naming
     the minimum."""
