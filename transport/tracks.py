@@ -49,6 +49,7 @@ class InputStats:
     seconds: float = 0.0
     peak_rms: float = 0.0  # the loudest 20 ms block, full scale 1.0
     layout: str = ""
+    first_loud_wall: float | None = None  # when the first block above -30 dBFS arrived (loop clock)
 
 
 async def pump_microphone(track, session: Session, stats: InputStats, idle_timeout_s: float) -> str:
@@ -68,7 +69,10 @@ async def pump_microphone(track, session: Session, stats: InputStats, idle_timeo
         stats.seconds += pcm.shape[0] / rate
         stats.layout = f"{frame.format.name} {frame.layout.name} {rate} Hz"
         block = pcm.astype(np.float32) / (32768.0 if pcm.dtype == np.int16 else 1.0)
-        stats.peak_rms = max(stats.peak_rms, float(np.sqrt(np.mean(block * block))) if block.size else 0.0)
+        rms = float(np.sqrt(np.mean(block * block))) if block.size else 0.0
+        stats.peak_rms = max(stats.peak_rms, rms)
+        if stats.first_loud_wall is None and rms > 0.03:
+            stats.first_loud_wall = asyncio.get_running_loop().time()
         if session.closed:
             break
         session.push_audio(pcm, rate)
