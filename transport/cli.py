@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import socket
 import sys
 from collections.abc import Callable
 
@@ -41,20 +42,24 @@ async def serve(config: AgentConfig, host: str, port: int, max_sessions: int, *,
     from duplex.transport.server import Server, ServerOptions
 
     stop = stop or asyncio.Event()
-    agent = await Agent.load(config)
+    try:  # bind first: a busy port fails at once, not after loading the models
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port "
+                        "or stop the program using it") from None
     runner = None
+    try:
+        agent = await Agent.load(config)
+    except BaseException:
+        sock.close()
+        raise
     try:
         if is_loopback_host(host):
             allow_loopback_candidates()  # clients are on this machine, which may have no other interface
         server = Server(agent, ServerOptions(max_sessions=max_sessions))
         runner = web.AppRunner(server.app, handle_signals=False, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise UserError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port "
-                            "or stop the program using it") from None
+        await web.SockSite(runner, sock).start()
         bound_port = runner.addresses[0][1] if runner.addresses else port
         shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         url = f"http://{shown}:{bound_port}/"
@@ -71,6 +76,7 @@ async def serve(config: AgentConfig, host: str, port: int, max_sessions: int, *,
     finally:
         if runner is not None:
             await runner.cleanup()  # runs the app's on_shutdown: every peer and session closed
+        sock.close()  # (already closed by the site when it started)
         await agent.aclose()
 
 
