@@ -12,8 +12,11 @@ are cancellable between steps and the session's state only ever changes inside a
 - While a reply is being generated the cache belongs to it: ``listen`` and ``is_backchannel`` then
   score a short tail (the user's words) on top of the cache and roll it back exactly, so the reply
   goes on unchanged. ``is_backchannel`` also scores on top of a finished reply still in the cache
-  (what the agent was saying is the context the question needs). Once the reply is closed, the next ``listen`` truncates the cache to the words
-  the person heard (the conversation record passes only those) and continues from there.
+  (what the agent was saying is the context the question needs). Once the reply is closed, the
+  next ``listen`` truncates the cache to the words the person heard (the conversation record passes
+  only those) and continues from there.
+- Reply text is released word by word (a word once the whitespace after it arrives), cleaned of
+  markdown and emoji (:mod:`duplex.llm.speech_text`).
 """
 
 from __future__ import annotations
