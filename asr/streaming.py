@@ -62,7 +62,11 @@ class StepResult:
 
 
 class StreamingASR:
-    """A cache-aware streaming FastConformer (NeMo) serving any number of sessions."""
+    """A cache-aware streaming FastConformer (NeMo) serving any number of sessions.
+
+    Several instances may share one NeMo model (say, one per latency in a benchmark) as long as
+    they do not step at the same time: each sets the encoder's attention context before its step.
+    """
 
     def __init__(self, model, *, context: tuple[int, int], device: str = "cpu", decoder: str | None = None,
                  max_batch: int = 32, name: str = "asr") -> None:
@@ -165,6 +169,9 @@ class StreamingASR:
     def _prepare(self, states: Sequence[SessionState]) -> None:
         import torch
 
+        encoder = self.nemo.encoder
+        if tuple(encoder.att_context_size) != self.plan.context:  # another StreamingASR shares the model
+            encoder.set_default_att_context_size(list(self.plan.context))
         top = max(s.slot for s in states) + 1
         self.pool.grow(top)
         self.decoder.grow(top)
@@ -338,7 +345,7 @@ class ASRSession:
         wall = now()
         for frame, token in result.tokens:
             if token in vocab.end_ids:
-                final = utt.final(vocab, timing, stream_samples=result.horizon, wall=wall)
+                final = utt.final(vocab, timing, stream_samples=result.horizon, wall=wall, eou=True)
                 if final is not None:
                     events.append(final)
             else:

@@ -56,12 +56,13 @@ class Utterance:
         return TranscriptPartial(stream_samples=stream_samples, wall=wall, stable=stable, unstable=unstable,
                                  words=tuple(words))
 
-    def final(self, vocab: Vocabulary, timing: FrameTiming, *, stream_samples: int,
-              wall: float) -> TranscriptFinal | None:
-        """The final of this utterance (None without words); the utterance is then empty."""
+    def final(self, vocab: Vocabulary, timing: FrameTiming, *, stream_samples: int, wall: float,
+              eou: bool = False) -> TranscriptFinal | None:
+        """The final of this utterance (None without words); the utterance is then empty. ``eou``: the
+        model itself ended it (an end-of-utterance token)."""
         words, _ = self.words(vocab, timing)
         self.tokens, self.shown = [], ("", "")
         if not words:
             return None
         return TranscriptFinal(stream_samples=stream_samples, wall=wall, text=" ".join(w.text for w in words),
-                               words=tuple(words))
+                               words=tuple(words), eou=eou)

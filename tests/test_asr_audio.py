@@ -1,0 +1,106 @@
+"""Bad audio reaches the ASR stream without crashing it or poisoning its state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from asr_fixtures import TokenLog, packets, stream_all, tiny_nemo  # noqa: F401 (fixture)
+from duplex.errors import AudioFormatError
+
+
+def make(model):
+    from duplex.asr.streaming import StreamingASR
+
+    asr = StreamingASR(model, context=(70, 1), decoder="rnnt", max_batch=2)
+    return asr, TokenLog(asr)
+
+
+async def run(model, pcm_packets):
+    """Encoder output, tokens and events of one stream fed ``pcm_packets``, then ended."""
+    asr, log = make(model)
+    stream = asr.new_stream()
+    stream.state.encoded = []
+    events = await stream_all(stream, pcm_packets)
+    events += await stream.endpoint()
+    await stream.aclose()
+    await asr.aclose()
+    encoded = torch.cat(stream.state.encoded, dim=1) if stream.state.encoded else torch.zeros(0)
+    return encoded, log.of(stream, flushed=True), events
+
+
+async def test_nan_and_inf_count_as_silence(tiny_nemo, jfk16):
+    """NaN and infinite samples (a broken microphone) are zeroed: the stream gives exactly what it gives
+    for the same audio with zeros there, and its state stays finite for the speech that follows."""
+    pcm = jfk16[: 4 * 16000].copy()
+    broken = pcm.copy()
+    broken[8000:12000] = np.nan
+    broken[20000:20100] = np.inf
+    broken[30000] = -np.inf
+    clean = pcm.copy()
+    clean[8000:12000] = 0.0
+    clean[20000:20100] = 0.0
+    clean[30000] = 0.0
+    enc_b, tok_b, _ = await run(tiny_nemo, packets(broken, seed=1))
+    enc_c, tok_c, _ = await run(tiny_nemo, packets(clean, seed=1))
+    assert torch.isfinite(enc_b).all()
+    assert torch.equal(enc_b, enc_c) and tok_b == tok_c
+
+
+async def test_clipping_and_int16(tiny_nemo, jfk16):
+    """Float input beyond [-1, 1] is clipped (same result as clipping it first); int16 packets are
+    scaled to [-1, 1] (same result as the float audio)."""
+    pcm = jfk16[: 3 * 16000]
+    loud = pcm * 20.0
+    enc_loud, tok_loud, _ = await run(tiny_nemo, packets(loud, seed=2))
+    enc_clip, tok_clip, _ = await run(tiny_nemo, packets(np.clip(loud, -1, 1), seed=2))
+    assert torch.equal(enc_loud, enc_clip) and tok_loud == tok_clip
+    as_int16 = (pcm * 32768).round().clip(-32768, 32767).astype(np.int16)
+    enc_i, tok_i, _ = await run(tiny_nemo, packets(as_int16, seed=2))
+    enc_f, tok_f, _ = await run(tiny_nemo, packets(as_int16.astype(np.float32) / 32768, seed=2))
+    assert torch.equal(enc_i, enc_f) and tok_i == tok_f
+
+
+async def test_silence_short_and_empty_input(tiny_nemo):
+    """Digital silence streams fine (finite encoder output); a single sample, an empty packet, an
+    endpoint before any audio and an endpoint right after another all answer without error."""
+    enc, _, _ = await run(tiny_nemo, packets(np.zeros(3 * 16000, dtype=np.float32), seed=3))
+    assert enc.size(1) > 30 and torch.isfinite(enc).all()
+    asr, _ = make(tiny_nemo)
+    stream = asr.new_stream()
+    assert await stream.endpoint() == []
+    assert await stream.feed(np.zeros(0, dtype=np.float32)) == []
+    assert await stream.feed(np.array([0.3], dtype=np.float32)) == []
+    finals = await stream.endpoint()
+    assert all(f.text for f in finals)
+    assert await stream.endpoint() == []
+    assert await stream.feed(np.zeros(100, dtype=np.float32)) == []
+    await stream.aclose()
+    await stream.aclose()  # twice is fine
+    with pytest.raises(RuntimeError, match="closed"):
+        await stream.feed(np.zeros(160, dtype=np.float32))
+    assert await stream.endpoint() == []
+    await asr.aclose()
+
+
+async def test_wrong_shapes_and_types(tiny_nemo, jfk16):
+    """Stereo [T, 2] packets are mixed down (same as mono); a channels-first [2, T] block, a 3-D array
+    or strings raise AudioFormatError naming the problem, and the stream keeps working after."""
+    pcm = jfk16[: 2 * 16000]
+    stereo = [np.stack([p, p], axis=1) for p in packets(pcm, seed=4)]
+    enc_s, tok_s, _ = await run(tiny_nemo, stereo)
+    enc_m, tok_m, _ = await run(tiny_nemo, packets(pcm, seed=4))
+    assert torch.equal(enc_s, enc_m) and tok_s == tok_m
+    asr, _ = make(tiny_nemo)
+    stream = asr.new_stream()
+    with pytest.raises(AudioFormatError, match="channels-first"):
+        await stream.feed(np.zeros((2, 4000), dtype=np.float32))
+    with pytest.raises(AudioFormatError, match="1-D"):
+        await stream.feed(np.zeros((2, 2, 2), dtype=np.float32))
+    with pytest.raises(AudioFormatError, match="unsupported sample type"):
+        await stream.feed(np.array(["a", "b"]))
+    assert stream.samples_fed == 0
+    await stream.feed(pcm)
+    assert stream.state.n_chunks > 5
+    await asr.aclose()

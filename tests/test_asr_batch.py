@@ -1,0 +1,73 @@
+"""One model serving many sessions: batched steps give each session exactly what it gets alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from asr_fixtures import TokenLog, packets, tiny_nemo  # noqa: F401 (fixture)
+
+
+async def alone(model, context, pcm, seed):
+    """Encoder output [D, T] and tokens of one session served by a model of its own."""
+    from duplex.asr.streaming import StreamingASR
+
+    asr = StreamingASR(model, context=context, decoder="rnnt", max_batch=1)
+    log = TokenLog(asr)
+    stream = asr.new_stream()
+    stream.state.encoded = []
+    for chunk in packets(pcm, seed=seed):
+        await stream.feed(chunk)
+    await asr.aclose()
+    return torch.cat(stream.state.encoded, dim=1), log.of(stream)
+
+
+@pytest.mark.parametrize("context", [(70, 0), (70, 6)], ids=lambda c: f"{c[0]}-{c[1]}")
+async def test_sessions_started_at_different_times_batch_exactly(tiny_nemo, jfk16, context):
+    """Four sessions share one model, fed 20 ms packets together: B starts two chunk periods after A,
+    C five, A leaves half-way and D joins later on A's freed slot. Steps batch first chunks
+    (and at [70,0] the short second chunk) with later ones, and sessions whose caches are filled to
+    different levels. Each session's encoder output equals its run alone (fed random packets) to
+    1e-5, and its tokens are identical."""
+    from duplex.asr.streaming import StreamingASR
+
+    rate = 16000
+    audio = {  # each session hears a different stretch of speech
+        "A": jfk16[: 6 * rate],
+        "B": jfk16[2 * rate: 10 * rate],
+        "C": jfk16[4 * rate:],
+        "D": np.concatenate([jfk16[7 * rate:], jfk16[: 2 * rate]]),
+    }
+    asr = StreamingASR(tiny_nemo, context=context, decoder="rnnt", max_batch=8)
+    period = asr.plan.mel * asr.spec.hop // 320  # 20 ms packets per chunk
+    start = {"A": 0, "B": 2 * period, "C": 5 * period, "D": 0}  # in packets: chunk steps coincide
+    log = TokenLog(asr)
+    streams = {}
+    queues = {name: [pcm[i:i + 320] for i in range(0, pcm.size, 320)] for name, pcm in audio.items()}
+    tick, a_left = 0, False
+    while any(queues.values()):
+        for name in audio:  # join when it is time (D once A has left)
+            if name not in streams and tick >= start[name] and (name != "D" or a_left):
+                streams[name] = asr.new_stream()
+                streams[name].state.encoded = []
+        ready = [name for name in streams if queues[name]]
+        await asyncio.gather(*(streams[n].feed(queues[n].pop(0)) for n in ready))
+        if not a_left and not queues["A"]:  # A leaves: its slot is freed for D
+            await streams["A"].aclose()
+            a_left = True
+        tick += 1
+    assert max(asr.batch_sizes) >= 3
+    mixed = [s for s in log.steps if 0 in s and any(n > 0 for n in s)]
+    assert mixed, "no step batched a first chunk with later ones"
+    for name, stream in streams.items():
+        encoded = torch.cat(stream.state.encoded, dim=1)
+        ref_encoded, ref_tokens = await alone(tiny_nemo, context, audio[name], list(audio).index(name))
+        assert encoded.shape == ref_encoded.shape
+        assert (encoded - ref_encoded).abs().max().item() < 1e-5, name
+        assert log.of(stream) == ref_tokens, name
+        assert len(ref_tokens) > 3
+    assert streams["D"].state.slot == 0  # D reused A's slot: its caches were reset, not inherited
+    await asr.aclose()

@@ -1,0 +1,78 @@
+"""End-of-utterance tokens (parakeet realtime EOU style): a final from feed(), then a clean restart."""
+
+from __future__ import annotations
+
+import torch
+
+from asr_fixtures import TokenLog, offline_encoder, offline_rnnt_tokens, packets, tiny_eou_nemo  # noqa: F401
+from duplex.events import TranscriptFinal, TranscriptPartial
+
+
+def decode_with_resets(model, encoded, end_ids) -> list[int]:
+    """Reference: NeMo's offline greedy decoding, restarted from scratch after every EOU token."""
+    tokens, start = [], 0
+    while start < encoded.size(1):
+        part = offline_rnnt_tokens(model, encoded[:, start:])
+        hits = [i for i, k in enumerate(part) if k in end_ids]
+        if not hits:
+            return tokens + part
+        # where was the first EOU emitted? the frame whose decoding produced it
+        first = hits[0]
+        frame = _frame_of(model, encoded[:, start:], first)
+        tokens += part[: first + 1]
+        start += frame + 1
+    return tokens
+
+
+def _frame_of(model, encoded, index) -> int:
+    """Frame at which NeMo's greedy decoding emits its ``index``-th token."""
+    with torch.no_grad():
+        hyp = model.decoding.rnnt_decoder_predictions_tensor(
+            encoder_output=encoded[None], encoded_lengths=torch.tensor([encoded.size(1)]),
+            return_hypotheses=True)[0]
+    steps = hyp.timestamp["timestep"] if isinstance(hyp.timestamp, dict) else hyp.timestamp
+    return int(steps[index])
+
+
+async def test_eou_token_gives_final_and_resets(tiny_eou_nemo, jfk16):
+    """The EOU model's <EOU>/<EOB> tokens end utterances from feed(): a final with eou=True holding the
+    words since the previous one, and the next partial starts empty. Decoding restarts from scratch
+    after each: the streamed tokens equal NeMo's offline greedy decoding restarted after every end
+    token, while the encoder keeps its context (the offline encoder output of the whole signal)."""
+    from duplex.asr.streaming import StreamingASR
+
+    context = (70, 1)
+    asr = StreamingASR(tiny_eou_nemo, context=context, max_batch=1)
+    log = TokenLog(asr)
+    stream = asr.new_stream()
+    stream.state.encoded = []
+    events = []
+    for chunk in packets(jfk16, seed=7):
+        events.extend(await stream.feed(chunk))
+    finals = [e for e in events if isinstance(e, TranscriptFinal)]
+    assert len(finals) >= 2 and all(f.eou for f in finals)
+    end_ids = asr.vocab.end_ids
+    assert {tiny_eou_nemo.tokenizer.ids_to_tokens([i])[0] for i in end_ids} == {"<EOU>", "<EOB>"}
+    # every final holds exactly the words of the partials since the previous final
+    last_partial = None
+    for event in events:
+        if isinstance(event, TranscriptPartial):
+            last_partial = event
+        elif last_partial is not None:
+            assert event.text.startswith(last_partial.stable)
+            assert "<" not in event.text
+            last_partial = None
+        else:  # a final right after another: words all decoded in one step
+            assert event.text
+    # after each final the next partial does not repeat the closed utterance's words
+    for i, event in enumerate(events[:-1]):
+        if isinstance(event, TranscriptFinal):
+            nxt = events[i + 1]
+            assert not isinstance(nxt, TranscriptPartial) or nxt.words[0].start >= event.words[-1].start
+    encoded = torch.cat(stream.state.encoded, dim=1)
+    _, offline = offline_encoder(tiny_eou_nemo, jfk16, context)
+    assert (encoded - offline[:, : encoded.size(1)]).abs().max().item() < 1e-5
+    assert log.of(stream) == decode_with_resets(tiny_eou_nemo, offline[:, : encoded.size(1)], end_ids)
+    tail = await stream.endpoint()
+    assert all(not f.eou for f in tail)
+    await asr.aclose()
