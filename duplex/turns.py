@@ -91,6 +91,7 @@ class TurnPolicy:
         self.partial = ""  # the open utterance's hypothesis
         self.eou = False  # the last final carried the model's end-of-utterance mark
         self.eot: float | None = None  # the LLM's estimate for the current text
+        self.in_utterance = False  # the VAD heard speech the ASR has not closed yet
         self.check_pending = False
         self.discard_utterance = False  # the open utterance was a backchannel: not part of any turn
         self._ended_text: list[str] = []  # the last ended turn, restored if its reply is cancelled
@@ -102,7 +103,7 @@ class TurnPolicy:
         return " ".join(t for t in (*self.finals, self.partial) if t)
 
     def speech_started(self, start: int) -> list[Action]:
-        self.user_speaking, self.speech_start = True, start
+        self.user_speaking, self.speech_start, self.in_utterance = True, start, True
         self.now = max(self.now, start)
         if self.phase is Phase.THINKING:
             self.phase = Phase.LISTENING
@@ -119,8 +120,9 @@ class TurnPolicy:
         return self.advance(self.now)
 
     def transcript(self, text: str) -> list[Action]:
-        """A partial hypothesis of the open utterance."""
-        if self.discard_utterance:
+        """A partial hypothesis of the open utterance. Words with no speech heard by the VAD (an ASR
+        hallucinating on silence or noise) are ignored: they neither interrupt nor make a turn."""
+        if self.discard_utterance or not self.in_utterance:
             return []
         if text != self.partial:
             self.partial, self.eot = text, None
@@ -129,9 +131,11 @@ class TurnPolicy:
     def final(self, text: str, eou: bool = False) -> list[Action]:
         """The ASR closed an utterance (``text`` may be empty: nothing was recognised)."""
         self.partial = ""
-        if self.discard_utterance:
+        if self.discard_utterance or not self.in_utterance:
             self.discard_utterance = False
             text = ""
+        if not self.user_speaking:
+            self.in_utterance = False
         if text:
             self.finals.append(text)
             self.eou, self.eot = eou, None

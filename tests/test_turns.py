@@ -115,3 +115,13 @@ def test_backchannel_resumes_and_is_not_a_turn():
     p.reply_finished()
     assert p.advance(s(10)) == []
     assert p.user_text == ""
+
+
+def test_words_without_speech_are_ignored():
+    """ASR output on silence (no VAD speech) neither interrupts the agent nor becomes a turn."""
+    p = _speaking_policy()
+    assert p.transcript("under under") == []
+    assert p.final("under under") == []
+    assert p.phase is Phase.SPEAKING
+    p.reply_finished()
+    assert p.transcript("under") == [] and p.advance(s(20)) == [] and p.user_text == ""
