@@ -1,8 +1,10 @@
 """Helpers for the transport tests: an agent, a live server on a free port, a simulated room, and the
 real aiortc client of :mod:`duplex.transport.client`.
 
-``PROFILE`` picks the models behind the server: ``fake`` (scripted ASR/LLM/TTS with the real Silero
-VAD) or ``tiny`` (the real architectures, tiny random weights). Switching is this one line.
+Which models stand behind the server: ``fake`` (scripted ASR/LLM/TTS with the real Silero VAD:
+deterministic and light, for the hygiene, browser and mic tests) or ``tiny`` (the real architectures
+with tiny random weights: every real stage on the path, for the main in-process WebRTC test).
+Switching either is its one line below.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from duplex.transport.ice import allow_loopback_candidates
 from duplex.transport.peer import PeerOptions
 from duplex.transport.server import Server, ServerOptions
 
-PROFILE = "fake"
+PROFILE = "fake"  # most transport tests
+PEER_PROFILE = "tiny"  # test_transport_webrtc.py::test_peer_talks_to_the_agent_over_webrtc
 
 # Fake stages tuned for quick turns: the LLM calls every message complete, so a turn ends after
 # min_silence_s (0.4 s) of silence; replies are a handful of beeps.
@@ -29,7 +32,9 @@ FAKE = {"llm": {"eot": 0.9, "ttft_s": 0.1, "token_s": 0.02}, "tts": {"word_s": 0
 
 
 def agent_config(profile: str = PROFILE) -> AgentConfig:
-    return AgentConfig(profile=profile, device="cpu", turn=TurnConfig(), fake=dict(FAKE)).validate()
+    # Real (tiny) models babble until max_reply_tokens: keep replies a few seconds long.
+    return AgentConfig(profile=profile, device="cpu", turn=TurnConfig(), fake=dict(FAKE),
+                       max_reply_tokens=12).validate()
 
 
 async def load_agent(profile: str = PROFILE) -> Agent:
