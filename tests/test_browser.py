@@ -71,8 +71,8 @@ window.duplex.pc.getStats().then((report) => {
                     reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
 async def test_browser_talks_to_the_agent(jfk_path, artifacts):
     """The page connects with the fake microphone; the user's speech shows up as transcript events
-    and text on the page; the agent's reply arrives as audio (inbound bytes and audio energy above
-    zero in getStats) and as text with its heard words marked; both latencies are shown; the server
+    and text on the page; the agent's reply arrives as audio (inbound bytes, audio energy and audio
+    level above zero in getStats) and as text with its heard words marked; both latencies are shown; the server
     heard real speech; the screenshot is saved; disconnecting frees the server's session."""
     pytest.importorskip("selenium")
     wav = speech_wav(jfk_path, artifacts)  # Chromium plays FLAC (and missing files) as silence: WAV
@@ -103,6 +103,7 @@ async def test_browser_talks_to_the_agent(jfk_path, artifacts):
                                 user: [...document.querySelectorAll('.turn.user .text')].map(e => e.textContent),
                                 heard: document.querySelectorAll('.turn.agent .word.heard').length,
                                 latency: [...d.latency.values()].map(r => [r.server.voice_to_voice_s, r.browser]),
+                                peakAudioLevel: d.stats.peakAudioLevel,
                                 state: document.getElementById('agent-state').textContent,
                                 audioPlaying: !document.getElementById('agent-audio').paused};""")
                     driver.save_screenshot(str(artifacts / "browser.png"))
@@ -128,7 +129,7 @@ async def test_browser_talks_to_the_agent(jfk_path, artifacts):
     assert result["peak"] > 0.05, "the server received silence: the fake microphone did not play the WAV"
     assert stats["micEnergy"] > 0
     assert stats["bytesReceived"] > 10_000 and stats["packetsReceived"] > 50
-    assert stats["totalAudioEnergy"] > 0 and page["audioPlaying"]
+    assert stats["totalAudioEnergy"] > 0 and page["peakAudioLevel"] > 0 and page["audioPlaying"]
     assert "input_audio_buffer.speech_started" in page["types"]
     assert "conversation.item.input_audio_transcription.completed" in page["types"]
     assert any(t.strip() for t in page["user"])

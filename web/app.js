@@ -14,8 +14,8 @@ const duplex = window.duplex = {
   turns: new Map(),          // item_id -> user utterance view
   replies: new Map(),        // response_id -> agent reply view
   latency: new Map(),        // response_id -> {server: {...}, browser: seconds}
-  stats: {micLevel: 0, agentLevel: 0, bytesReceived: 0, audioLevel: 0, totalAudioEnergy: 0,
-          jitterBufferS: 0, packetsLost: 0},
+  stats: {micLevel: 0, agentLevel: 0, bytesReceived: 0, audioLevel: 0, peakAudioLevel: 0,
+          totalAudioEnergy: 0, jitterBufferS: 0, packetsLost: 0},
   micLoudAt: 0,              // Date.now() of the last loud microphone poll
   speechEndAt: 0,            // ... as it was when the server last said the user stopped speaking
   awaiting: null,            // {id, userEnd} of the reply whose first audio we are waiting to hear
@@ -333,6 +333,7 @@ async function pollStats() {
   const st = duplex.stats;
   st.micLevel = mic; st.agentLevel = agent;
   st.bytesReceived = cur.bytes || 0; st.audioLevel = cur.audioLevel || 0;
+  st.peakAudioLevel = Math.max(st.peakAudioLevel, st.audioLevel);
   st.totalAudioEnergy = cur.energy || 0; st.packetsLost = cur.lost || 0;
   if (cur.jbCount > (prev.jbCount || 0)) st.jitterBufferS = (cur.jbDelay - prev.jbDelay) / (cur.jbCount - prev.jbCount);
   $("mic-level").value = Math.min(1, mic * 4);
