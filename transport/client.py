@@ -109,10 +109,10 @@ async def connect(base_url: str, mic, *, trickle: bool = False, restart_of: str 
     ``restart_of`` sends the offer as a restart of that connection (Pipecat's ``restart_pc``);
     ``prefetch`` sets this side's jitter buffer (frames held before decoding; aiortc's default 4)."""
     import aiohttp
-    from aiortc import RTCPeerConnection, RTCSessionDescription
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
     from aiortc.mediastreams import MediaStreamError
 
-    pc = RTCPeerConnection()
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # host candidates only (no STUN lookups)
     channel = pc.createDataChannel("events", ordered=True)
     client = Client(pc=pc, channel=channel)
 

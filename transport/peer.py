@@ -1,12 +1,12 @@
 """One WebRTC peer: an aiortc peer connection and the Session it talks to, opened and closed as one.
 
-A :class:`Peer` owns three tasks, all ended by :meth:`Peer.close` (which every way out leads to: the
-peer hangs up, its connection fails, its microphone stays silent past ``idle_timeout_s`` because it
-vanished, the session ends on a fatal error, the server shuts down):
+A :class:`Peer` owns two tasks, and feeds aiortc's sender; :meth:`Peer.close` ends them all, and
+every way out leads to it (the peer hangs up, its connection fails, its microphone stays silent past
+``idle_timeout_s`` because it vanished, the session ends on a fatal error, the server shuts down):
 
 - ``mic``: the remote audio track into ``session.push_audio`` (:func:`~.tracks.pump_microphone`);
 - ``events``: session events as JSON on the data channel the page opened (:mod:`.realtime`);
-- aiortc's own sender, which pulls the agent's voice from :func:`~.tracks.agent_audio_track`.
+- aiortc's sender pulls the agent's voice from :func:`~.tracks.agent_audio_track` (stopped on close).
 
 The page may send ``{"type": "client.stats", "jitter_buffer_s": x}`` on the data channel: its
 measured playout delay, which (plus what waits on this side) becomes ``session.output_latency_s``.
