@@ -134,3 +134,26 @@ async def test_page_messages_renegotiation_and_restart(jfk_path):
                 await client.close()
     finally:
         await agent.aclose()
+
+
+def test_frame_layouts_are_unpacked_by_channel():
+    """Decoded frames come as [samples, channels] whatever their layout: packed (interleaved) s16
+    stereo as aiortc's Opus decoder gives, planar float stereo, and mono; left and right differ, so
+    a wrong de-interleave would show."""
+    import av
+
+    from duplex.transport.tracks import frame_to_pcm
+
+    left, right = np.arange(960, dtype=np.int16), -np.arange(960, dtype=np.int16)
+    packed = av.AudioFrame.from_ndarray(np.stack([left, right], axis=1).reshape(1, -1), format="s16", layout="stereo")
+    planar = av.AudioFrame.from_ndarray(np.stack([left, right]).astype(np.float32) / 32768, format="fltp",
+                                        layout="stereo")
+    mono = av.AudioFrame.from_ndarray(left[None, :], format="s16", layout="mono")
+    for frame in (packed, planar, mono):
+        frame.sample_rate = 48_000
+    pcm, rate = frame_to_pcm(packed)
+    assert rate == 48_000 and pcm.shape == (960, 2) and (pcm[:, 0] == left).all() and (pcm[:, 1] == right).all()
+    pcm, _ = frame_to_pcm(planar)
+    assert pcm.shape == (960, 2) and np.allclose(pcm[:, 1] * 32768, right)
+    pcm, _ = frame_to_pcm(mono)
+    assert pcm.shape == (960, 1) and (pcm[:, 0] == left).all()

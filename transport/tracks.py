@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import fractions
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from duplex.audio import StreamResampler, to_int16
 from duplex.session import Session
-
-log = logging.getLogger(__name__)
 
 WIRE_RATE = 48_000  # Opus in WebRTC runs at 48 kHz
 
