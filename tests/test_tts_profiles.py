@@ -69,7 +69,8 @@ def test_full_size_configs_match_csm_1b():
     from duplex.tts.configs import csm_1b_config
 
     cfg = csm_1b_config()
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (2048, 16, 32, 8)
+    backbone = (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads)
+    assert backbone == (2048, 16, 32, 8)
     depth = cfg.depth_decoder_config
     assert (depth.hidden_size, depth.num_hidden_layers, depth.num_codebooks) == (1024, 4, 32)
     codec = cfg.codec_config
