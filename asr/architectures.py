@@ -93,7 +93,7 @@ def _rnnt_sections(size: EncoderSize) -> dict[str, Any]:
             "normalization_mode": None,
             "random_state_sampling": False,
             "blank_as_pad": True,
-            "prednet": {"pred_hidden": size.pred_hidden, "pred_rnn_layers": 1, "t_max": None, "dropout": 0.2},
+            "prednet": {"pred_hidden": size.pred_hidden, "pred_rnn_layers": 1, "t_max": None, "dropout": 0.0},
         },
         "joint": {
             "_target_": "nemo.collections.asr.modules.RNNTJoint",

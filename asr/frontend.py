@@ -118,7 +118,7 @@ class AudioBuffer:
         return cls(np.zeros(0, dtype=np.float32))
 
     def append(self, pcm: np.ndarray) -> None:
-        self.x = np.concatenate([self.x, pcm]) if self.x.size else pcm.copy()
+        self.x = np.concatenate([self.x, pcm]) if self.x.size else pcm.astype(np.float32, copy=True)
         self.fed += int(pcm.size)
 
     def window(self, start: int, stop: int) -> np.ndarray:
@@ -133,7 +133,7 @@ class AudioBuffer:
         """Forget samples before input index ``index``."""
         cut = min(max(0, index - self.base), self.x.size)
         if cut:
-            self.x = self.x[cut:].copy()
+            self.x = self.x[cut:]  # a view; the next append copies what is left
             self.base += cut
 
 

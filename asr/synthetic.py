@@ -22,7 +22,7 @@ from duplex.errors import ConfigError
 from duplex.asr import architectures as arch
 from duplex.asr.tokenizer import build_sentencepiece
 
-TINY_VERSION = 1
+TINY_VERSION = 3
 TINY_VARIANTS: dict[str, arch.Head] = {
     "tiny": "hybrid",  # RNNT + auxiliary CTC, SentencePiece vocabulary
     "tiny-eou": "rnnt_eou",  # RNNT with <EOU>/<EOB> tokens, like nvidia/parakeet_realtime_eou_120m-v1
@@ -57,9 +57,10 @@ def tiny_model_path(variant: str = "tiny") -> Path:
 
 def build_random_large(device: str = "cpu"):
     """FastConformer large hybrid streaming (~114M) with random weights (not saved: speed tests)."""
-    tokenizer = build_sentencepiece(cache_dir() / "asr" / f"spm{LARGE_VOCAB}-v{TINY_VERSION}", LARGE_VOCAB,
+    tokenizer = build_sentencepiece(cache_dir() / "asr" / f"spm{LARGE_VOCAB}-v1", LARGE_VOCAB,
                                     n_sentences=30000)
     model = _build(arch.LARGE, "hybrid", tokenizer, seed=0)
+    _shape_outputs(model)  # a realistic label rate: the decoding cost depends on it
     return model.to(device).eval()
 
 
@@ -101,64 +102,139 @@ def calibration_audio(seconds: float = 6.0, rate: int = 16000, seed: int = 7):
     return out.astype(np.float32)
 
 
-def _shape_outputs(model, *, spread: float = 3.0, pred_spread: float = 0.3, rnnt_rate: float = 0.5, ctc_share: float = 0.25,
-                   end_share: float = 0.02) -> None:
+def _shape_outputs(model, *, spread: float = 3.0, pred_spread: float = 0.3, label_share: float = 0.3,
+                   label_rate: float = 0.3, ctc_share: float = 0.25, end_share: float = 0.02,
+                   end_rate: float = 0.2,
+                   states: int = 64) -> None:
     """Make the random output heads follow the audio, with a realistic share of blanks.
 
     The random encoder's output varies little over time next to its per-channel offsets, so each
-    head's input projection is centred and scaled over a calibration signal (its frames then vary
-    by ``spread``), and so is the RNNT prediction network's (so emitting a label changes what comes
-    next). Then the blank bias is set so that greedy RNNT decoding of the calibration signal emits
-    about ``rnnt_rate`` labels per frame and CTC about ``ctc_share`` non-blank frames; the
-    end-of-utterance labels win about ``end_share`` of the frames.
+    head's input projection is centred and scaled over a calibration signal, run at every attention
+    context the model is built for (its frames then vary by ``spread``), and so is the RNNT
+    prediction network's output over the labels (so emitting a label changes what comes next). Then
+    the biases are set so that greedy RNNT decoding of those frames emits about ``label_rate`` labels
+    per frame (speech gives a few tokens a second: 0.2-0.4 per 80 ms frame) and end-of-utterance
+    labels about ``end_rate`` per frame of the calibration signal (real speech gets far fewer: about
+    one every two seconds on JFK), and CTC has ``ctc_share`` non-blank frames and ends in
+    ``end_share`` of them.
     """
     import torch
 
     vocab = model.tokenizer.vocab_size
     ends = [i for i in range(vocab) if model.tokenizer.ids_to_tokens([i])[0] in EOU_SYMBOLS]
+    words = [i for i in range(vocab) if i not in ends]  # labels that are neither blank nor an end
     clip = calibration_audio()
     audio = torch.from_numpy(np.concatenate([clip * g for g in (0.5, 1.0, 2.0)]))[None]
+    encoder = model.encoder
     with torch.no_grad():
         mel, n = model.preprocessor(input_signal=audio, length=torch.tensor([audio.size(1)]))
-        enc, n = model.encoder(audio_signal=mel, length=n)  # [1, D, T]
-        frames = enc.size(2)
+        frames = []
+        for context in encoder.att_context_size_all:
+            encoder.set_default_att_context_size(list(context))
+            frames.append(encoder(audio_signal=mel, length=n)[0][0].T)
+        encoder.set_default_att_context_size(list(encoder.att_context_size_all[0]))
+        x = torch.cat(frames)  # [T, D]: every frame at every context
         if hasattr(model, "joint"):
-            joint, decoder = model.joint, model.decoder
-            _standardise(joint.enc, enc[0].T, spread)
-            labels = torch.arange(vocab + 1).unsqueeze(1)  # every label after the start state
-            g, _ = decoder.predict(labels, None, add_sos=False, batch_size=vocab + 1)
+            joint = model.joint
+            _standardise(joint.enc, x, spread)
+            labels = torch.linspace(0, vocab, min(states, vocab + 1)).round().long().unsqueeze(1)
+            g, _ = model.decoder.predict(labels, None, add_sos=False, batch_size=labels.size(0))  # [K, 1, H]
             _standardise(joint.pred, g[:, 0], pred_spread)
+            f = joint.project_encoder(x[None])  # [1, T, H]
+            logits = joint.joint_after_projection(f, joint.project_prednet(g.transpose(0, 1)))[0].flatten(0, 1)
             bias = joint.joint_net[-1].bias
-            for i in ends:
-                bias[i] -= 1e4  # out of the way while the blank bias is searched
-            lo, hi = -50.0, 50.0
-            for _ in range(30):  # bisection: more blank bias, fewer labels
-                mid = (lo + hi) / 2
-                bias[vocab] += mid
-                hyp = model.decoding.rnnt_decoder_predictions_tensor(encoder_output=enc, encoded_lengths=n,
-                                                                     return_hypotheses=True)[0]
-                bias[vocab] -= mid
-                lo, hi = (mid, hi) if len(hyp.y_sequence) > rnnt_rate * frames else (lo, mid)
-            bias[vocab] += (lo + hi) / 2
-            for i in ends:
-                bias[i] += 1e4
-            # end-of-utterance labels: win about end_share of the frames from the start state
-            f = joint.project_encoder(enc.transpose(1, 2))
-            logits = joint.joint_after_projection(f, joint.project_prednet(g[-1:]))[0, :, 0]  # [T, V+1]
-            others = [i for i in range(vocab + 1) if i not in ends]
-            top = logits[:, others].max(dim=-1).values
-            for i in ends:
-                bias[i] += torch.quantile(top - logits[:, i], end_share)
+            encoded = torch.stack(frames).transpose(1, 2)  # [contexts, D, T]
+            saved = bias[ends].clone()
+            bias[ends] = -1e4  # out of the way while the blank bias is set
+            guess = _quantile(logits[:, words].max(dim=-1).values - logits[:, vocab], 1 - label_share)
+            bias[vocab] += _rate_bias(model, encoded, [vocab], None, guess, label_rate, fewer_when_higher=True)
+            bias[ends] = saved
+            if ends:
+                logits = joint.joint_after_projection(f, joint.project_prednet(g.transpose(0, 1)))[0].flatten(0, 1)
+                best = logits[:, words + [vocab]].max(dim=-1).values
+                guess = max(_quantile(best - logits[:, i], end_share) for i in ends)
+                bias[ends] += _rate_bias(model, encoded, ends, ends, guess, end_rate, fewer_when_higher=False)
         ctc = getattr(model, "ctc_decoder", None)
         if ctc is not None:
             conv = ctc.decoder_layers[-1]
-            _standardise(conv, enc[0].T, spread)
-            logits = ctc(encoder_output=enc)[0]
-            best = logits[:, :vocab].max(dim=-1).values
-            conv.bias[vocab] += torch.quantile(best - logits[:, vocab], 1 - ctc_share)
-            others = [i for i in range(vocab + 1) if i not in ends]
-            for i in ends:
-                conv.bias[i] += torch.quantile(logits[:, others].max(dim=-1).values - logits[:, i], end_share)
+            _standardise(conv, x, spread)
+            logits = ctc(encoder_output=x.T[None])[0]  # [T, V+1]
+            shift = _quantile(logits[:, words].max(dim=-1).values - logits[:, vocab], 1 - ctc_share)
+            conv.bias[vocab] += shift
+            logits[:, vocab] += shift
+            _end_biases(conv.bias, logits, words + [vocab], ends, end_share)
+
+
+def tune_label_rate(model, rate: float = 0.3) -> float:
+    """Re-set a random model's blank bias so that, at the encoder's current attention context, greedy
+    decoding of the calibration signal emits about ``rate`` labels per frame; returns the rate got.
+
+    Random encoders give very different outputs at different contexts, so a benchmark tunes this per
+    context: decoding cost depends on how many labels come out, and real speech gives 0.2-0.4 per
+    frame.
+    """
+    import torch
+
+    from duplex.asr.decoding import RNNTGreedy
+
+    audio = torch.from_numpy(calibration_audio())[None].to(next(model.parameters()).device)
+    with torch.no_grad():
+        mel, n = model.preprocessor(input_signal=audio, length=torch.tensor([audio.size(1)], device=audio.device))
+        encoded, _ = model.encoder(audio_signal=mel.to(next(model.parameters()).dtype), length=n)
+        blank = model.tokenizer.vocab_size
+        bias = model.joint.joint_net[-1].bias
+        bias[blank] += _rate_bias(model, encoded, [blank], None, 0.0, rate, fewer_when_higher=True)
+        decoder = RNNTGreedy(model.decoder, model.joint, max_symbols=int(model.cfg.decoding.greedy.max_symbols),
+                             reset_ids=(), capacity=1, device=str(audio.device), dtype=encoded.dtype)
+        found = decoder.decode(encoded, torch.zeros(1, dtype=torch.int64, device=audio.device),
+                               torch.ones(1, encoded.size(2), dtype=torch.bool, device=audio.device), commit=False)
+    return len(found[0]) / encoded.size(2)
+
+
+def _rate_bias(model, encoded, shifted: list[int], counted: list[int] | None, guess: float, rate: float,
+               *, fewer_when_higher: bool, iterations: int = 12) -> float:
+    """The shift of the biases of labels ``shifted`` (near ``guess``) at which greedy decoding of
+    ``encoded`` [B, D, T] emits about ``rate`` labels per frame, counting the labels in ``counted``
+    (all if None): a bisection, decoding with our own batched greedy decoder, end labels resetting
+    the decoder as they do live."""
+    import torch
+
+    from duplex.asr.decoding import RNNTGreedy
+
+    bias = model.joint.joint_net[-1].bias
+    vocab = model.tokenizer.vocab_size
+    ends = [i for i in range(vocab) if model.tokenizer.ids_to_tokens([i])[0] in EOU_SYMBOLS]
+    max_symbols = int(model.cfg.decoding.greedy.get("max_symbols", 10))
+    device = encoded.device
+    slots = torch.arange(encoded.size(0), device=device)
+    valid = torch.ones(encoded.size(0), encoded.size(2), dtype=torch.bool, device=device)
+    lo, hi = guess - 10.0, guess + 10.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        bias[shifted] += mid
+        decoder = RNNTGreedy(model.decoder, model.joint, max_symbols=max_symbols, reset_ids=ends,
+                             capacity=encoded.size(0), device=str(device), dtype=encoded.dtype)
+        found = decoder.decode(encoded, slots, valid, commit=False)
+        bias[shifted] -= mid
+        emitted = sum(1 for tokens in found for _, k in tokens if counted is None or k in counted)
+        too_many = emitted > rate * encoded.size(0) * encoded.size(2)
+        lo, hi = (mid, hi) if too_many == fewer_when_higher else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _end_biases(bias, logits, others: list[int], ends: list[int], share: float) -> None:
+    """End-of-utterance labels beat every other label (blank included) in ``share`` of ``logits`` rows."""
+    best = logits[:, others].max(dim=-1).values
+    for i in ends:
+        bias[i] += _quantile(best - logits[:, i], share)
+
+
+def _quantile(values, q: float) -> float:
+    """The ``q`` quantile of a 1-D tensor (torch.quantile refuses large inputs)."""
+    import torch
+
+    k = min(values.numel(), max(1, int(round(q * values.numel()))))
+    return float(torch.kthvalue(values.flatten().float(), k).values)
 
 
 def _standardise(layer, x, spread: float) -> None:

@@ -1,0 +1,170 @@
+"""``duplex bench asr``: the cost of a stream step per latency setting, alone and batched.
+
+For each attention context it measures, on the model of ``--profile`` (default ``random``: the
+full-size FastConformer large architecture with random weights; speed does not depend on the weight
+values, except that greedy decoding costs more the more labels come out, so the random model's
+blank bias is tuned at each context for about 0.3 labels per 80 ms frame, as speech gives; the rate
+measured is printed as ``lab/fr``):
+
+- ``step_ms[b]``: one batched stream step (exact log-mel of the chunk, subsampling, 17 conformer
+  layers with caches, greedy decoding) for ``b`` sessions at once, ``b`` in 1/8/32 (1/8 with
+  ``--quick``): the median of several steps, with the caches full as in steady state;
+- ``rtf``: step time over chunk duration at batch 1 (below 1: faster than real time);
+- ``rt_streams[b]``: streams one worker keeps in real time when it batches ``b`` at a time
+  (``b * chunk / step``; fewer than ``b`` means batch ``b`` is not real time);
+- ``live_rtf``: the whole live path at batch 1 (20 ms packets through ``ASRSession.feed``, event loop,
+  worker thread), wall time over audio time;
+- ``nemo_step_ms`` / ``nemo_rtf``: NeMo's own ``conformer_stream_step`` on the same chunk (features
+  computed beforehand, as NeMo's streaming buffer does), for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+
+CONTEXTS = [(70, 0), (70, 1), (70, 6), (70, 13)]
+QUICK_CONTEXTS = [(70, 1), (70, 6)]
+
+
+def run(args: argparse.Namespace) -> dict:
+    from duplex.cli import config_from_args
+
+    config = config_from_args(args)
+    device = config.resolved_device()
+    quick = bool(getattr(args, "quick", False))
+    contexts = QUICK_CONTEXTS if quick else CONTEXTS
+    batches = (1, 8) if quick else (1, 8, 32)
+    reps = 3 if quick else 8
+
+    import torch
+
+    from duplex.asr.profiles import load_model
+
+    t0 = time.perf_counter()
+    model = load_model(config, device)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"ASR {config.profile}: {type(model).__name__}, {params:.1f}M parameters, {device}, "
+          f"{torch.get_num_threads()} torch threads (built in {time.perf_counter() - t0:.0f} s)")
+    header = (f"{'context':>8} {'chunk':>7} " + " ".join(f"{'step@' + str(b):>9}" for b in batches)
+              + f" {'RTF@1':>6} {'live':>6} " + " ".join(f"{'rt@' + str(b):>6}" for b in batches)
+              + f" {'nemo':>9} {'nemoRTF':>7} {'lab/fr':>6}")
+    print(header)
+    rows: dict[str, dict] = {}
+    for context in contexts:
+        rows["[%d,%d]" % context] = row = _measure(model, context, device, batches, reps,
+                                                  tune=config.profile == "random")
+        print(f"{'[%d,%d]' % context:>8} {row['chunk_ms']:>5.0f}ms "
+              + " ".join(f"{row['step_ms'][b]:>7.1f}ms" for b in batches)
+              + f" {row['rtf']:>6.3f} {row['live_rtf']:>6.3f} "
+              + " ".join(f"{row['rt_streams'][b]:>6.1f}" for b in batches)
+              + f" {row['nemo_step_ms']:>7.1f}ms {row['nemo_rtf']:>7.3f} {row['labels_per_frame']:>6.2f}",
+              flush=True)
+    return {"device": device, "model": type(model).__name__, "params_m": round(params, 1),
+            "torch_threads": torch.get_num_threads(), "contexts": rows}
+
+
+def _audio(seconds: float):
+    """Speech-like signal for the benchmark (speed does not depend on it, the label rate a little)."""
+    import numpy as np
+
+    from duplex.asr.synthetic import calibration_audio
+
+    clip = calibration_audio()
+    reps = int(seconds * 16000 / clip.size) + 1
+    return np.tile(clip, reps)[: int(seconds * 16000)]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _measure(model, context, device: str, batches, reps: int, tune: bool) -> dict:
+    from duplex.asr.streaming import SessionState, StreamingASR
+
+    asr = StreamingASR(model, context=context, device=device, max_batch=max(batches))
+    if tune:
+        from duplex.asr.synthetic import tune_label_rate
+
+        tune_label_rate(model)
+    chunk_s = asr.chunk_seconds
+    audio = _audio(chunk_s * (reps + 4) + 1.0)
+    step_ms, labels, frames = {}, 0, 0
+    for b in batches:
+        states = [SessionState(slot=i) for i in range(b)]
+        for s in states:
+            s.audio.append(audio)
+        times = []
+        for i in range(reps + 2):  # the first two warm up (allocations, first chunk)
+            _sync(device)
+            t0 = time.perf_counter()
+            results = asr._step(states)
+            _sync(device)
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+                labels += sum(len(r.tokens) for r in results)
+                frames += len(results) * asr.plan.out
+        step_ms[b] = 1000 * statistics.median(times)
+    live_rtf = asyncio.run(_live(asr, audio[: int(16000 * min(6.0, audio.size / 16000))]))
+    asr.close()
+    nemo_ms = _nemo_step_ms(model, context, audio, reps)
+    return {
+        "chunk_ms": 1000 * chunk_s,
+        "step_ms": step_ms,
+        "rtf": step_ms[1] / 1000 / chunk_s,
+        "rt_streams": {b: b * chunk_s / (step_ms[b] / 1000) for b in batches},
+        "live_rtf": live_rtf,
+        "nemo_step_ms": nemo_ms,
+        "nemo_rtf": nemo_ms / 1000 / chunk_s,
+        "labels_per_frame": labels / max(frames, 1),
+    }
+
+
+async def _live(asr, audio) -> float:
+    """Wall time over audio time for one session fed 20 ms packets through the async path."""
+    stream = asr.new_stream()
+    t0 = time.perf_counter()
+    for i in range(0, audio.size, 320):
+        await stream.feed(audio[i:i + 320])
+    elapsed = time.perf_counter() - t0
+    await stream.aclose()
+    await asr.aclose()
+    return elapsed / (audio.size / 16000)
+
+
+def _nemo_step_ms(model, context, audio, reps: int) -> float:
+    """Median time of NeMo's ``conformer_stream_step`` (batch 1) on later chunks of ``audio``."""
+    import torch
+
+    from duplex.asr.encoder import select_context
+
+    plan = select_context(model, context)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        x = torch.from_numpy(audio)[None].to(device)
+        mel, _ = model.preprocessor(input_signal=x, length=torch.tensor([audio.size], device=device))
+        mel = mel.to(dtype)
+        cache = model.encoder.get_initial_cache_state(batch_size=1, dtype=dtype, device=device)
+        hyps, times, pos = None, [], plan.first_mel
+        for i in range(reps + 2):
+            chunk = mel[:, :, pos - plan.pre_cache: pos + plan.mel]
+            pos += plan.mel
+            _sync(str(device))
+            t0 = time.perf_counter()
+            out = model.conformer_stream_step(
+                processed_signal=chunk, processed_signal_length=torch.tensor([chunk.size(2)], device=device),
+                cache_last_channel=cache[0], cache_last_time=cache[1], cache_last_channel_len=cache[2],
+                keep_all_outputs=False, previous_hypotheses=hyps, drop_extra_pre_encoded=plan.drop,
+                return_transcription=True)
+            _sync(str(device))
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+            cache = out[2:5]
+            hyps = out[5] if out[5] is not None else None
+    return 1000 * statistics.median(times)
