@@ -151,7 +151,7 @@ def _nemo_step_ms(model, context, audio, reps: int) -> float:
         mel, _ = model.preprocessor(input_signal=x, length=torch.tensor([audio.size], device=device))
         mel = mel.to(dtype)
         cache = model.encoder.get_initial_cache_state(batch_size=1, dtype=dtype, device=device)
-        hyps, times, pos = None, [], plan.first_mel
+        hyps, times, pos = None, [], plan.first_mel + 2 * plan.mel  # later chunks: a full pre-encode cache
         for i in range(reps + 2):
             chunk = mel[:, :, pos - plan.pre_cache: pos + plan.mel]
             pos += plan.mel

@@ -200,3 +200,14 @@ def encode(encoder, pool: CachePool, x: torch.Tensor, slots: torch.Tensor, *, co
         pool.time.index_copy_(1, slots, time.to(pool.dtype))
         pool.length.index_copy_(0, slots, length.to(torch.int64))
     return encoded
+
+
+class NemoLayers:
+    """The conformer layers stepped by NeMo's own streaming forward (inputs cached, :class:`CachePool`)."""
+
+    def __init__(self, encoder, plan: ChunkPlan, capacity: int, device: str, dtype: torch.dtype) -> None:
+        self.encoder = encoder
+        self.pool = CachePool(encoder, plan, capacity, device, dtype)
+
+    def encode(self, x: torch.Tensor, slots: torch.Tensor, *, commit: bool) -> torch.Tensor:
+        return encode(self.encoder, self.pool, x, slots, commit=commit)

@@ -28,7 +28,8 @@ from duplex.errors import ConfigError
 from duplex.events import INPUT_RATE, TranscriptFinal, TranscriptPartial
 from duplex.worker import BatchWorker
 from duplex.asr.decoding import CTCGreedy, RNNTGreedy, Tokens
-from duplex.asr.encoder import CachePool, ChunkPlan, check_cache_aware, encode, pre_encode, select_context
+from duplex.asr import kv_encoder
+from duplex.asr.encoder import ChunkPlan, NemoLayers, check_cache_aware, pre_encode, select_context
 from duplex.asr.frontend import AudioBuffer, MelSpec, frame_segment, log_mel
 from duplex.asr.transcript import FrameTiming, Utterance
 from duplex.asr.vocab import Vocabulary
@@ -69,7 +70,7 @@ class StreamingASR:
     """
 
     def __init__(self, model, *, context: tuple[int, int], device: str = "cpu", decoder: str | None = None,
-                 max_batch: int = 32, name: str = "asr") -> None:
+                 max_batch: int = 32, fast: bool = True, name: str = "asr") -> None:
         import torch
 
         check_cache_aware(model)
@@ -85,8 +86,11 @@ class StreamingASR:
         self.timing = FrameTiming(self.plan.factor, self.spec.hop)
         self.head = self._pick_head(model, decoder)
         capacity = max(1, max_batch)
+        # the cached-keys step (kv_encoder) where the encoder allows it, else NeMo's own
+        self.fast = fast and kv_encoder.supported(model.encoder)
+        layers = kv_encoder.KVEncoder if self.fast else NemoLayers
         with torch.no_grad():
-            self.pool = CachePool(model.encoder, self.plan, capacity, device, self.dtype)
+            self.layers = layers(model.encoder, self.plan, capacity, device, self.dtype)
             self.decoder = self._make_decoder(model, capacity)
         if device.startswith("cuda"):
             torch.cuda.synchronize()  # the worker thread runs on a stream of its own
@@ -173,12 +177,12 @@ class StreamingASR:
         if tuple(encoder.att_context_size) != self.plan.context:  # another StreamingASR shares the model
             encoder.set_default_att_context_size(list(self.plan.context))
         top = max(s.slot for s in states) + 1
-        self.pool.grow(top)
+        self.layers.pool.grow(top)
         self.decoder.grow(top)
         fresh = [s for s in states if s.fresh]
         if fresh:
             slots = torch.tensor([s.slot for s in fresh], dtype=torch.int64, device=self.device)
-            self.pool.reset(slots)
+            self.layers.pool.reset(slots)
             self.decoder.reset(slots)
             for s in fresh:
                 s.fresh = False
@@ -246,7 +250,7 @@ class StreamingASR:
             mels = self._new_mel(states, counts, commit=True)
             x = torch.stack(self._subsample(states, mels, commit=True))  # [B, out, D]
             slots = torch.tensor([s.slot for s in states], dtype=torch.int64, device=self.device)
-            encoded = encode(self.nemo.encoder, self.pool, x, slots, commit=True)  # [B, D, out]
+            encoded = self.layers.encode(x, slots, commit=True)  # [B, D, out]
             tokens = self.decoder.decode(encoded, slots, self._valid(states, encoded.size(2)), commit=True)
             results = []
             for b, s in enumerate(states):
@@ -277,7 +281,7 @@ class StreamingASR:
                 mel = self._new_mel([state], [pending], commit=False)
                 x = self._subsample([state], mel, commit=False)[0].unsqueeze(0)
                 if x.size(1) > 0:
-                    encoded = encode(self.nemo.encoder, self.pool, x, slots, commit=False)
+                    encoded = self.layers.encode(x, slots, commit=False)
                     found = self.decoder.decode(encoded, slots, self._valid([state], x.size(1)), commit=False)[0]
                     tokens = [(state.n_enc + t, k) for t, k in found]
                     state.skip_until = max(state.skip_until, state.n_enc + x.size(1))

@@ -11,10 +11,10 @@ from asr_fixtures import (  # noqa: F401 (fixtures)
 from duplex.events import TranscriptFinal, TranscriptPartial
 
 
-def make(model, context, head=None):
+def make(model, context, head=None, fast=True):
     from duplex.asr.streaming import StreamingASR
 
-    asr = StreamingASR(model, context=context, decoder=head, max_batch=4)
+    asr = StreamingASR(model, context=context, decoder=head, max_batch=4, fast=fast)
     return asr, TokenLog(asr)
 
 
@@ -117,3 +117,28 @@ async def test_endpoint_resets_decoding_and_keeps_encoder_context(tiny_nemo, jfk
     first_after = next(e for e in after if isinstance(e, TranscriptPartial))
     assert first_after.words[0].start >= skip * 8 * 160 - 8 * 160
     await asr.aclose()
+
+
+@pytest.mark.parametrize("context", [(70, 0), (70, 13)], ids=lambda c: f"{c[0]}-{c[1]}")
+async def test_cached_keys_step_equals_nemo_step(tiny_nemo, jfk16, context):
+    """The fast step (projected keys/values cached, positions projected once) and NeMo's own streaming
+    forward give the same chunk outputs (to 1e-5; both equal offline), the same tokens, and the same
+    endpoint flush; the tiny model takes the fast step by default."""
+    results = {}
+    for fast in (True, False):
+        asr, log = make(tiny_nemo, context, "rnnt", fast=fast)
+        assert asr.fast == fast
+        stream = asr.new_stream()
+        stream.state.encoded = []
+        chunks = packets(jfk16[: 6 * 16000], seed=11)
+        await stream_all(stream, chunks[: len(chunks) // 2])
+        finals = await stream.endpoint()
+        await stream_all(stream, chunks[len(chunks) // 2:])
+        results[fast] = torch.cat(stream.state.encoded, dim=1), log.of(stream, flushed=True), finals
+        await asr.aclose()
+    (enc_fast, tok_fast, fin_fast), (enc_nemo, tok_nemo, fin_nemo) = results[True], results[False]
+    assert (enc_fast - enc_nemo).abs().max().item() < 1e-5
+    assert tok_fast == tok_nemo and len(tok_fast) > 5
+    assert [f.text for f in fin_fast] == [f.text for f in fin_nemo]
+    _, offline = offline_encoder(tiny_nemo, jfk16[: 6 * 16000], context)
+    assert (enc_nemo - offline[:, : enc_nemo.size(1)]).abs().max().item() < 1e-5
