@@ -25,8 +25,10 @@ def _line(event: TranscriptPartial | TranscriptFinal) -> str:
     return f"{stamp} partial: {event.stable}{tail}"
 
 
-async def transcribe(model, pcm, packet: int, out=sys.stdout) -> list[TranscriptFinal]:
-    """Feed ``pcm`` (16 kHz float32) in ``packet``-sample packets; print events; return the finals."""
+async def transcribe(model, pcm, packet: int, out=None) -> list[TranscriptFinal]:
+    """Feed ``pcm`` (16 kHz float32) in ``packet``-sample packets; print events (to ``out``, default
+    stdout); return the finals."""
+    out = out or sys.stdout
     stream = model.new_stream()
     finals: list[TranscriptFinal] = []
     try:

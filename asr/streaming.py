@@ -76,9 +76,13 @@ class StreamingASR:
         check_cache_aware(model)
         self.device = device
         self.dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        self.nemo = model.to(device=device, dtype=self.dtype).eval()
-        self.plan: ChunkPlan = select_context(model, context)
+        model.to(device).eval()
+        for name, child in model.named_children():  # the front end stays float32 (its filterbank too)
+            if name != "preprocessor":
+                child.to(self.dtype)
+        self.nemo = model
         self.spec = MelSpec.from_nemo(model.preprocessor).to(device)
+        self.plan: ChunkPlan = select_context(model, context)
         if self.spec.sample_rate != INPUT_RATE:
             raise ConfigError(f"the ASR model expects {self.spec.sample_rate} Hz audio; duplex feeds "
                               f"{INPUT_RATE} Hz")
