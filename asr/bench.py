@@ -2,13 +2,14 @@
 
 For each attention context it measures, on the model of ``--profile`` (default ``random``: the
 full-size FastConformer large architecture with random weights; speed does not depend on the weight
-values, except that greedy decoding costs more the more labels come out, so the random model's
-blank bias is tuned at each context for about 0.3 labels per 80 ms frame, as speech gives; the rate
-measured is printed as ``lab/fr``):
+values, except that greedy decoding costs one joint + prediction step per label: the random model's
+blank bias is tuned at each context for about 0.3 labels per 80 ms frame over the benchmark audio,
+as speech gives, though random weights emit them in bursts, and the rate actually decoded is printed
+as ``lab/fr``):
 
 - ``step_ms[b]``: one batched stream step (exact log-mel of the chunk, subsampling, 17 conformer
   layers with caches, greedy decoding) for ``b`` sessions at once, ``b`` in 1/8/32 (1/8 with
-  ``--quick``): the median of several steps, with the caches full as in steady state;
+  ``--quick``): the mean over every chunk of 6 s of audio (2 s with ``--quick``);
 - ``rtf``: step time over chunk duration at batch 1 (below 1: faster than real time);
 - ``rt_streams[b]``: streams one worker keeps in real time when it batches ``b`` at a time
   (``b * chunk / step``; fewer than ``b`` means batch ``b`` is not real time);
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> dict:
     quick = bool(getattr(args, "quick", False))
     contexts = QUICK_CONTEXTS if quick else CONTEXTS
     batches = (1, 8) if quick else (1, 8, 32)
-    reps = 3 if quick else 8
+    seconds = 2.0 if quick else 6.0  # audio stepped through per measurement
 
     import torch
 
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> dict:
     print(header)
     rows: dict[str, dict] = {}
     for context in contexts:
-        rows["[%d,%d]" % context] = row = _measure(model, context, device, batches, reps,
+        rows["[%d,%d]" % context] = row = _measure(model, context, device, batches, seconds,
                                                   tune=config.profile == "random")
         print(f"{'[%d,%d]' % context:>8} {row['chunk_ms']:>5.0f}ms "
               + " ".join(f"{row['step_ms'][b]:>7.1f}ms" for b in batches)
@@ -84,7 +85,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _measure(model, context, device: str, batches, reps: int, tune: bool) -> dict:
+def _measure(model, context, device: str, batches, seconds: float, tune: bool) -> dict:
     from duplex.asr.streaming import SessionState, StreamingASR
 
     asr = StreamingASR(model, context=context, device=device, max_batch=max(batches))
@@ -93,26 +94,27 @@ def _measure(model, context, device: str, batches, reps: int, tune: bool) -> dic
 
         tune_label_rate(model)
     chunk_s = asr.chunk_seconds
-    audio = _audio(chunk_s * (reps + 4) + 1.0)
+    steps = max(3, round(seconds / chunk_s))  # every chunk of the clip: its label rate is the tuned one
+    audio = _audio(chunk_s * (steps + 2) + 1.0)
     step_ms, labels, frames = {}, 0, 0
     for b in batches:
         states = [SessionState(slot=i) for i in range(b)]
         for s in states:
             s.audio.append(audio)
+        asr._step(states)  # the first chunk warms up (allocations, caches)
         times = []
-        for i in range(reps + 2):  # the first two warm up (allocations, first chunk)
+        for _ in range(steps):
             _sync(device)
             t0 = time.perf_counter()
             results = asr._step(states)
             _sync(device)
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-                labels += sum(len(r.tokens) for r in results)
-                frames += len(results) * asr.plan.out
-        step_ms[b] = 1000 * statistics.median(times)
-    live_rtf = asyncio.run(_live(asr, audio[: int(16000 * min(6.0, audio.size / 16000))]))
+            times.append(time.perf_counter() - t0)
+            labels += sum(len(r.tokens) for r in results)
+            frames += len(results) * asr.plan.out
+        step_ms[b] = 1000 * statistics.fmean(times)
+    live_rtf = asyncio.run(_live(asr, audio[: int(16000 * seconds)]))
     asr.close()
-    nemo_ms = _nemo_step_ms(model, context, audio, reps)
+    nemo_ms = _nemo_step_ms(model, context, audio, steps)
     return {
         "chunk_ms": 1000 * chunk_s,
         "step_ms": step_ms,
@@ -138,7 +140,7 @@ async def _live(asr, audio) -> float:
 
 
 def _nemo_step_ms(model, context, audio, reps: int) -> float:
-    """Median time of NeMo's ``conformer_stream_step`` (batch 1) on later chunks of ``audio``."""
+    """Mean time of NeMo's ``conformer_stream_step`` (batch 1) over later chunks of ``audio``."""
     import torch
 
     from duplex.asr.encoder import select_context
@@ -152,7 +154,7 @@ def _nemo_step_ms(model, context, audio, reps: int) -> float:
         mel = mel.to(dtype)
         cache = model.encoder.get_initial_cache_state(batch_size=1, dtype=dtype, device=device)
         hyps, times, pos = None, [], plan.first_mel + 2 * plan.mel  # later chunks: a full pre-encode cache
-        for i in range(reps + 2):
+        for i in range(min(reps + 2, (mel.size(2) - pos) // plan.mel)):
             chunk = mel[:, :, pos - plan.pre_cache: pos + plan.mel]
             pos += plan.mel
             _sync(str(device))
@@ -167,4 +169,4 @@ def _nemo_step_ms(model, context, audio, reps: int) -> float:
                 times.append(time.perf_counter() - t0)
             cache = out[2:5]
             hyps = out[5] if out[5] is not None else None
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.fmean(times)
