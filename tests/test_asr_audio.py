@@ -104,3 +104,30 @@ async def test_wrong_shapes_and_types(tiny_nemo, jfk16):
     await stream.feed(pcm)
     assert stream.state.n_chunks > 5
     await asr.aclose()
+
+
+async def test_cancelled_feed_keeps_state_whole(tiny_nemo, jfk16):
+    """Cancelling feed() while its steps run never tears the stream: the step in flight lands, the
+    cancellation propagates, and the next feed() carries on; encoder output and tokens end up equal to
+    an uninterrupted run's."""
+    import asyncio
+
+    pcm = jfk16[: 5 * 16000]
+    reference, ref_tokens, _ = await run(tiny_nemo, [pcm[:16000], pcm[16000:]])
+    asr, log = make(tiny_nemo)
+    stream = asr.new_stream()
+    stream.state.encoded = []
+    await stream.feed(pcm[:16000])
+    task = asyncio.create_task(stream.feed(pcm[16000:]))  # many chunks: several steps
+    while stream.state.n_chunks < 10:
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert stream.state.n_chunks < reference.size(1) // asr.plan.out  # it was stopped part-way
+    await stream.feed(np.zeros(0, dtype=np.float32))  # picks up the chunks already fed
+    await stream.endpoint()
+    encoded = torch.cat(stream.state.encoded, dim=1)
+    assert torch.equal(encoded, reference)
+    assert log.of(stream, flushed=True) == ref_tokens
+    await asr.aclose()
