@@ -15,10 +15,9 @@ session goes on, even if the caller is cancelled, so the state never tears.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,10 +35,6 @@ from duplex.asr.vocab import Vocabulary
 
 if TYPE_CHECKING:
     import torch
-
-log = logging.getLogger(__name__)
-T = TypeVar("T")
-
 
 @dataclass(eq=False)
 class SessionState:
@@ -77,8 +72,8 @@ class StreamingASR:
         self.device = device
         self.dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         model.to(device).eval()
-        for name, child in model.named_children():  # the front end stays float32 (its filterbank too)
-            if name != "preprocessor":
+        for part, child in model.named_children():  # the front end stays float32 (its filterbank too)
+            if part != "preprocessor":
                 child.to(self.dtype)
         self.nemo = model
         self.spec = MelSpec.from_nemo(model.preprocessor).to(device)
@@ -338,13 +333,17 @@ class ASRSession:
                 self._closed = True
                 self._model._release_slot(self.state.slot)
 
-    async def _land(self, job: Awaitable[T]) -> T:
-        """Await a worker job; if cancelled meanwhile, let the job finish with our state first."""
+    async def _land(self, job: Awaitable[StepResult]) -> StepResult:
+        """Await a worker job. If the caller is cancelled meanwhile, the job (which may already be
+        running on this session's state) still lands first, and its tokens join the utterance, so
+        the decoder state and the transcript stay in step; then the cancellation goes on."""
         task = asyncio.ensure_future(job)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             await asyncio.wait([task])
+            if not task.cancelled() and task.exception() is None:
+                self._absorb(task.result(), partial=False)
             raise
 
     def _absorb(self, result: StepResult, *, partial: bool) -> list[TranscriptPartial | TranscriptFinal]:

@@ -8,6 +8,7 @@ import torch
 
 from asr_fixtures import TokenLog, packets, stream_all, tiny_nemo  # noqa: F401 (fixture)
 from duplex.errors import AudioFormatError
+from duplex.events import TranscriptFinal
 
 
 def make(model):
@@ -107,27 +108,37 @@ async def test_wrong_shapes_and_types(tiny_nemo, jfk16):
 
 
 async def test_cancelled_feed_keeps_state_whole(tiny_nemo, jfk16):
-    """Cancelling feed() while its steps run never tears the stream: the step in flight lands, the
-    cancellation propagates, and the next feed() carries on; encoder output and tokens end up equal to
-    an uninterrupted run's."""
+    """Cancelling feed() while a step that emits words runs never tears the stream: the step lands,
+    its words join the transcript, the cancellation propagates, and the next feed() carries on;
+    encoder output, tokens and the final end up equal to an uninterrupted run's."""
     import asyncio
 
     pcm = jfk16[: 5 * 16000]
-    reference, ref_tokens, _ = await run(tiny_nemo, [pcm[:16000], pcm[16000:]])
+    reference, ref_tokens, ref_events = await run(tiny_nemo, [pcm[:16000], pcm[16000:]])
     asr, log = make(tiny_nemo)
+    loop = asyncio.get_running_loop()
+    feeding: dict[str, asyncio.Task] = {}
+    inner = asr._batch._step
+
+    def step(states):  # cancel the feed from inside the first later step that emits tokens
+        results = inner(states)
+        if "task" in feeding and results[0].tokens and not feeding.get("cancelled"):
+            feeding["cancelled"] = loop.call_soon_threadsafe(feeding["task"].cancel)
+        return results
+
+    asr._batch._step = step
     stream = asr.new_stream()
     stream.state.encoded = []
     await stream.feed(pcm[:16000])
-    task = asyncio.create_task(stream.feed(pcm[16000:]))  # many chunks: several steps
-    while stream.state.n_chunks < 10:
-        await asyncio.sleep(0)
-    task.cancel()
+    feeding["task"] = asyncio.create_task(stream.feed(pcm[16000:]))  # many chunks: several steps
     with pytest.raises(asyncio.CancelledError):
-        await task
+        await feeding["task"]
     assert stream.state.n_chunks < reference.size(1) // asr.plan.out  # it was stopped part-way
     await stream.feed(np.zeros(0, dtype=np.float32))  # picks up the chunks already fed
-    await stream.endpoint()
+    finals = await stream.endpoint()
     encoded = torch.cat(stream.state.encoded, dim=1)
     assert torch.equal(encoded, reference)
     assert log.of(stream, flushed=True) == ref_tokens
+    # the words of the step that landed under the cancellation are in the transcript too
+    assert [f.text for f in finals] == [e.text for e in ref_events if isinstance(e, TranscriptFinal)]
     await asr.aclose()
