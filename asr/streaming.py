@@ -297,10 +297,18 @@ class ASRSession:
         self._utterance = Utterance()
         self._lock = asyncio.Lock()
         self._closed = False
+        self._last_token_frame = -1
 
     @property
     def samples_fed(self) -> int:
         return self.state.audio.fed
+
+    @property
+    def trailing_blank_s(self) -> float:
+        """Seconds of audio decoded since the model last emitted a token (its own blank history): a
+        turn policy can weigh it with the VAD's silence before trusting that the words are over."""
+        frames = max(0, self.state.n_enc - 1 - self._last_token_frame)
+        return frames * self._model.timing.factor * self._model.timing.hop / INPUT_RATE
 
     async def feed(self, pcm: np.ndarray) -> list[TranscriptPartial | TranscriptFinal]:
         """Consume the next 16 kHz samples; return the partials and EOU finals they produced."""
@@ -351,6 +359,7 @@ class ASRSession:
         events: list[TranscriptPartial | TranscriptFinal] = []
         wall = now()
         for frame, token in result.tokens:
+            self._last_token_frame = max(self._last_token_frame, frame)
             if token in vocab.end_ids:
                 final = utt.final(vocab, timing, stream_samples=result.horizon, wall=wall, eou=True)
                 if final is not None:

@@ -91,7 +91,7 @@ class TokenLog:
     """Records the tokens a StreamingASR returns, per session, from its steps and its endpoint flushes."""
 
     def __init__(self, asr) -> None:
-        self.tokens: dict[int, list[tuple[str, int]]] = {}  # id(state) -> [(step|flush, token)]
+        self.tokens: dict[int, list[tuple[str, int, int]]] = {}  # id(state) -> [(step|flush, frame, token)]
         self.steps: list[list[int]] = []  # per step: n_chunks of each session before it
         step_inner, flush_inner = asr._batch._step, asr._flush
 
@@ -99,19 +99,23 @@ class TokenLog:
             self.steps.append([s.n_chunks for s in states])
             results = step_inner(states)
             for s, r in zip(states, results):
-                self.tokens.setdefault(id(s), []).extend(("step", k) for _, k in r.tokens)
+                self.tokens.setdefault(id(s), []).extend(("step", f, k) for f, k in r.tokens)
             return results
 
         def flush(state):
             result = flush_inner(state)
-            self.tokens.setdefault(id(state), []).extend(("flush", k) for _, k in result.tokens)
+            self.tokens.setdefault(id(state), []).extend(("flush", f, k) for f, k in result.tokens)
             return result
 
         asr._batch._step, asr._flush = step, flush
 
     def of(self, stream, flushed: bool = False) -> list[int]:
         """Tokens of ``stream``'s chunk steps (and of its flushes too with ``flushed``), in order."""
-        return [k for kind, k in self.tokens.get(id(stream.state), []) if flushed or kind == "step"]
+        return [k for kind, _, k in self.tokens.get(id(stream.state), []) if flushed or kind == "step"]
+
+    def frames(self, stream) -> list[int]:
+        """Encoder frames at which ``stream``'s tokens were emitted (steps and flushes)."""
+        return [f for _, f, _ in self.tokens.get(id(stream.state), [])]
 
 
 async def stream_all(stream, chunks: Sequence[np.ndarray]) -> list:

@@ -57,8 +57,9 @@ async def test_ctc_head_tokens_equal_offline(tiny_nemo, jfk16, context):
 
 async def test_partials_stable_prefix_and_final(tiny_nemo, jfk16):
     """Partials: the stable prefix only ever grows (never changes), stream times only increase and
-    never pass the audio fed, words lie inside it in order; the final at the endpoint holds every word
-    recognised (the tokenizer's own text of the tokens)."""
+    never pass the audio fed, words lie inside it in order; the blank history is the audio decoded
+    since the last token; the final at the endpoint holds every word recognised (the tokenizer's own
+    text of the tokens)."""
     asr, log = make(tiny_nemo, (70, 1), "rnnt")
     stream = asr.new_stream()
     fed, events = 0, []
@@ -76,6 +77,8 @@ async def test_partials_stable_prefix_and_final(tiny_nemo, jfk16):
     for p in partials:
         assert all(0 <= w.start < w.end <= p.stream_samples + 2000 for w in p.words)
         assert [w.start for w in p.words] == sorted(w.start for w in p.words)
+    frames = log.frames(stream)
+    assert stream.trailing_blank_s == pytest.approx((stream.state.n_enc - 1 - frames[-1]) * 0.08)
     finals = await stream.endpoint()
     assert len(finals) == 1 and not finals[0].eou
     final = finals[0]
