@@ -31,7 +31,8 @@ def quiet_nemo() -> None:
     nemo_logging.setLevel(logging.ERROR)
 
 
-def _hub_filename(name: str) -> str:
+def hub_filename(name: str) -> str:
+    """The .nemo file a NeMo model repository on the hub holds (``org/name`` -> ``name.nemo``)."""
     return name.rstrip("/").split("/")[-1] + ".nemo"
 
 
@@ -48,7 +49,7 @@ def resolve(name_or_path: str) -> Path:
                                  "name such as nvidia/stt_en_fastconformer_hybrid_large_streaming_multi)")
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(repo_id=name_or_path, filename=_hub_filename(name_or_path))
+    cached = try_to_load_from_cache(repo_id=name_or_path, filename=hub_filename(name_or_path))
     if isinstance(cached, str) and Path(cached).is_file():
         return Path(cached)
     raise ModelNotFoundError(f"ASR model {name_or_path} is not in the local Hugging Face cache; fetch it "
@@ -59,7 +60,7 @@ def download(name: str) -> Path:
     """Fetch a hub model's ``.nemo`` file into the Hugging Face cache (for ``duplex models pull``)."""
     from huggingface_hub import hf_hub_download
 
-    return Path(hf_hub_download(repo_id=name, filename=_hub_filename(name)))
+    return Path(hf_hub_download(repo_id=name, filename=hub_filename(name)))
 
 
 def load_nemo(name_or_path: str, device: str = "cpu"):
