@@ -21,6 +21,7 @@ BENCHES: dict[str, str] = {
     "tts": "duplex.tts.bench:run",
     "e2e": "duplex.e2e:run",
     "endurance": "duplex.endurance:run",
+    "transport": "duplex.transport.bench:run",
 }
 ALL = ("asr", "llm", "tts", "e2e")  # what `bench all` runs (endurance is long: run it on its own)
 

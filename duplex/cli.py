@@ -25,7 +25,7 @@ COMMANDS: dict[str, str] = {
     "models": "duplex.models:main",
 }
 
-BENCHMARKS = ("asr", "llm", "tts", "e2e", "all", "endurance")
+BENCHMARKS = ("asr", "llm", "tts", "e2e", "all", "endurance", "transport")
 
 
 def add_agent_options(p: argparse.ArgumentParser, default_profile: str = "pretrained") -> None:

@@ -69,6 +69,9 @@ class AgentConfig:
     voice: str | None = None  # path of a short reference clip that sets the agent's voice
     voice_text: str | None = None  # its transcript
     seed: int = 0
+    # Benchmarks: replies always run to max_reply_tokens, so figures do not depend on when random
+    # weights happen to stop.
+    fixed_lengths: bool = False
     turn: TurnConfig = field(default_factory=TurnConfig)
     fake: dict[str, object] = field(default_factory=dict)  # options of the fake stages (profile "fake")
 

@@ -21,6 +21,7 @@ import numpy as np
 from duplex.agent import Agent
 from duplex.audio import espeak, read_audio
 from duplex.clock import now
+from duplex.errors import AudioFormatError
 from duplex.scenario import Say, ScenarioRun, Silence, Step, WaitDone, WaitSpeaking, run_scenario
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,16 @@ def conversation_script(quick: bool = False) -> list[Step]:
     steps: list[Step] = [Say(fellow, label="jfk: and so my fellow Americans"), WaitSpeaking(), WaitDone()]
     if quick:
         return steps
-    weather = espeak("What will the weather be like tomorrow in Paris?")
-    steps += [Silence(0.5), Say(weather, label="espeak: weather question"), WaitSpeaking(), Silence(1.0),
+    try:
+        question = Say(espeak("What will the weather be like tomorrow in Paris?"), label="espeak: weather")
+        thanks = Say(espeak("Thank you, that is all for today."), label="espeak: thanks")
+    except AudioFormatError as exc:  # no espeak-ng on this machine: real speech only
+        print(f"({exc}; using JFK's phrases only)")
+        question = Say(jfk[int(5.25 * 16000):int(7.8 * 16000)], label="jfk: what your country can do for you")
+        thanks = Say(jfk[int(3.15 * 16000):int(4.6 * 16000)], label="jfk: ask not")
+    steps += [Silence(0.5), question, WaitSpeaking(), Silence(1.0),
               Say(ask, label="jfk barge-in: ask what you can do for your country"), WaitDone(),
-              Silence(0.5), Say(espeak("Thank you, that is all for today."), label="espeak: thanks"),
-              WaitSpeaking(), WaitDone()]
+              Silence(0.5), thanks, WaitSpeaking(), WaitDone()]
     return steps
 
 
@@ -165,6 +171,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, object]:
 def apply_bench_settings(config, quick: bool) -> None:
     """Fixed, short replies so figures do not depend on when random weights stop generating."""
     config.max_reply_tokens = 12 if quick else 24
+    config.fixed_lengths = True
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:

@@ -28,6 +28,7 @@ class LLMSettings:
     top_p: float = 0.9
     seed: int = 0
     backchannel_max_words: int = 4  # longer speech over the agent is always an interruption
+    fixed_length: bool = False  # never stop before max_reply_tokens (benchmarks on random weights)
 
     @property
     def min_turn(self) -> int:

@@ -36,7 +36,7 @@ def settings_from(config: AgentConfig):
     from duplex.llm.model import LLMSettings
 
     return LLMSettings(window=config.llm_window, max_reply_tokens=config.max_reply_tokens,
-                       temperature=config.temperature, seed=config.seed)
+                       temperature=config.temperature, seed=config.seed, fixed_length=config.fixed_lengths)
 
 
 def random_model(arch: str, device: str, *, seed: int = 0) -> Any:

@@ -150,6 +150,9 @@ class SinkLLMStream:
             assert reply.last is not None
             logits = ctx.extend([reply.last])
         settings = self.model.settings
+        if settings.fixed_length:  # benchmarks: every reply runs to max_reply_tokens
+            logits = logits.clone()
+            logits[list(self.model.format.stop_ids)] = float("-inf")
         token = sample(logits, settings.temperature, settings.top_p, self._generator)
         if token in self.model.format.stop_ids:
             return True, ""

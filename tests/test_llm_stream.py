@@ -67,6 +67,20 @@ async def test_reply_stops_at_the_end_of_turn_token(make_llm):
     await stream.aclose()
 
 
+async def test_fixed_length_replies_never_stop_early(make_llm):
+    """With fixed_length (benchmarks), the stop token is never sampled: the reply that stopped at it
+    now runs to max_reply_tokens."""
+    llm = make_llm("llama", window=256, max_reply_tokens=12, temperature=0.0, fixed_length=True)
+    tokens = greedy_tokens(llm, DIALOGUE, 12)
+    llm.format = dataclasses.replace(llm.format, stop_ids=frozenset({tokens[4]}))
+    stream = llm.new_stream(SHORT_SYSTEM)
+    await collect(stream, DIALOGUE)
+    ctx = stream.context
+    generated = ctx.ids[ctx.dialogue.length:]
+    assert len(generated) == 11 and tokens[4] not in generated
+    await stream.aclose()
+
+
 async def test_closing_or_cancelling_a_reply_stops_decoding(make_llm):
     """Closing the iterator, or cancelling the task that consumes it, stops the decode loop between
     steps: the cache grows no further and the stream keeps working."""
