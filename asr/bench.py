@@ -9,7 +9,8 @@ as ``lab/fr``):
 
 - ``step_ms[b]``: one batched stream step (exact log-mel of the chunk, subsampling, 17 conformer
   layers with caches, greedy decoding) for ``b`` sessions at once, ``b`` in 1/8/32 (1/8 with
-  ``--quick``): the mean over every chunk of 6 s of audio (2 s with ``--quick``);
+  ``--quick``): the median over every chunk of 6 s of audio (2 s with ``--quick``), on the ASR
+  worker thread as in a live session;
 - ``rtf``: step time over chunk duration at batch 1 (below 1: faster than real time);
 - ``rt_streams[b]``: streams one worker keeps in real time when it batches ``b`` at a time
   (``b * chunk / step``; fewer than ``b`` means batch ``b`` is not real time);
@@ -86,35 +87,34 @@ def _sync(device: str) -> None:
 
 
 def _measure(model, context, device: str, batches, seconds: float, tune: bool) -> dict:
-    from duplex.asr.streaming import SessionState, StreamingASR
+    from duplex.asr.streaming import StreamingASR
 
     asr = StreamingASR(model, context=context, device=device, max_batch=max(batches))
+    try:
+        return asyncio.run(_measure_on_worker(asr, model, context, device, batches, seconds, tune))
+    finally:
+        asr.close()
+
+
+async def _measure_on_worker(asr, model, context, device: str, batches, seconds: float, tune: bool) -> dict:
+    """Every measurement runs on the ASR worker thread, where live steps run: one thread's torch
+    (OpenMP) workers, not two teams spinning against each other on a small CPU."""
+    run = asr._batch.worker.run
     if tune:
         from duplex.asr.synthetic import tune_label_rate
 
-        tune_label_rate(model)
+        await run(tune_label_rate, model)
     chunk_s = asr.chunk_seconds
     steps = max(3, round(seconds / chunk_s))  # every chunk of the clip: its label rate is the tuned one
     audio = _audio(chunk_s * (steps + 2) + 1.0)
     step_ms, labels, frames = {}, 0, 0
     for b in batches:
-        states = [SessionState(slot=i) for i in range(b)]
-        for s in states:
-            s.audio.append(audio)
-        asr._step(states)  # the first chunk warms up (allocations, caches)
-        times = []
-        for _ in range(steps):
-            _sync(device)
-            t0 = time.perf_counter()
-            results = asr._step(states)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-            labels += sum(len(r.tokens) for r in results)
-            frames += len(results) * asr.plan.out
-        step_ms[b] = 1000 * statistics.fmean(times)
-    live_rtf = asyncio.run(_live(asr, audio[: int(16000 * seconds)]))
-    asr.close()
-    nemo_ms = _nemo_step_ms(model, context, audio, steps)
+        times, n_labels, n_frames = await run(_timed_steps, asr, b, audio, steps, device)
+        step_ms[b] = 1000 * statistics.median(times)
+        labels, frames = labels + n_labels, frames + n_frames
+    live_rtf = await _live(asr, audio[: int(16000 * seconds)])
+    nemo_ms = await run(_nemo_step_ms, model, context, audio, steps)
+    await asr.aclose()
     return {
         "chunk_ms": 1000 * chunk_s,
         "step_ms": step_ms,
@@ -127,6 +127,26 @@ def _measure(model, context, device: str, batches, seconds: float, tune: bool) -
     }
 
 
+def _timed_steps(asr, batch: int, audio, steps: int, device: str) -> tuple[list[float], int, int]:
+    """Seconds of each of ``steps`` batched steps of ``batch`` fresh sessions, labels and frames."""
+    from duplex.asr.streaming import SessionState
+
+    states = [SessionState(slot=i) for i in range(batch)]
+    for s in states:
+        s.audio.append(audio)
+    asr._step(states)  # the first chunk warms up (allocations, caches)
+    times, labels, frames = [], 0, 0
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        results = asr._step(states)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        labels += sum(len(r.tokens) for r in results)
+        frames += len(results) * asr.plan.out
+    return times, labels, frames
+
+
 async def _live(asr, audio) -> float:
     """Wall time over audio time for one session fed 20 ms packets through the async path."""
     stream = asr.new_stream()
@@ -135,12 +155,11 @@ async def _live(asr, audio) -> float:
         await stream.feed(audio[i:i + 320])
     elapsed = time.perf_counter() - t0
     await stream.aclose()
-    await asr.aclose()
     return elapsed / (audio.size / 16000)
 
 
 def _nemo_step_ms(model, context, audio, reps: int) -> float:
-    """Mean time of NeMo's ``conformer_stream_step`` (batch 1) over later chunks of ``audio``."""
+    """Median time of NeMo's ``conformer_stream_step`` (batch 1) over later chunks of ``audio``."""
     import torch
 
     from duplex.asr.encoder import select_context
@@ -169,4 +188,4 @@ def _nemo_step_ms(model, context, audio, reps: int) -> float:
                 times.append(time.perf_counter() - t0)
             cache = out[2:5]
             hyps = out[5] if out[5] is not None else None
-    return 1000 * statistics.fmean(times)
+    return 1000 * statistics.median(times)
