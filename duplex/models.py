@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from duplex.config import AgentConfig
-from duplex.errors import UserError
+from duplex.errors import ModelNotFoundError, UserError
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,16 @@ def status(config: AgentConfig) -> list[tuple[Checkpoint, str]]:
         except Exception:  # not cached, or unreadable: either way it must be pulled
             rows.append((ck, "missing: run `duplex models pull`"))
     return rows
+
+
+def require(config: AgentConfig) -> None:
+    """Raise one error naming every pretrained checkpoint that is not available locally."""
+    missing = [ck.repo for ck, state in status(config) if state.startswith("missing")]
+    if missing:
+        raise ModelNotFoundError(f"pretrained model{'s' if len(missing) > 1 else ''} not in the local Hugging "
+                                 f"Face cache: {', '.join(missing)}; fetch {'them' if len(missing) > 1 else 'it'} "
+                                 "with `duplex models pull` (or pass local paths with --asr-model/--llm-model/"
+                                 "--tts-model)")
 
 
 def main(args: argparse.Namespace) -> int:

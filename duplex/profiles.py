@@ -51,5 +51,9 @@ def build_stage(role: str, config: AgentConfig, device: str):
 def build_stages(config: AgentConfig) -> Stages:
     """Build all four stages (blocking)."""
     config.validate()
+    if config.profile == "pretrained":
+        from duplex.models import require
+
+        require(config)  # one message naming every missing checkpoint, before loading anything
     device = config.resolved_device()
     return Stages(**{role: build_stage(role, config, device) for role in ("vad", "asr", "llm", "tts")})

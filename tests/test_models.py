@@ -31,3 +31,4 @@ def test_list_pull_and_missing_models_offline(tmp_path, jfk_path):
     sim = _duplex("simulate", str(jfk_path), "--out", str(tmp_path / "sim"), home=tmp_path)
     assert sim.returncode == 2 and "Traceback" not in sim.stderr
     assert "not in the local Hugging Face cache" in sim.stderr and "duplex models pull" in sim.stderr
+    assert all(name in sim.stderr for name in ("stt_en_fastconformer", "Qwen2.5-1.5B", "csm-1b"))
