@@ -62,7 +62,9 @@ class AgentConfig:
     asr_latency: str = "[70,6]"  # cache-aware attention context [left, right]; see duplex.asr
     llm_model: str | None = None
     llm_window: int = 2048  # attention-sink cache size in tokens (sink + rolling window)
-    max_reply_tokens: int = 160
+    # Longest reply in tokens; None: 160 for pretrained models, 32 for random weights (which babble
+    # until the limit: the tiny profile stays quick).
+    max_reply_tokens: int | None = None
     temperature: float = 0.7
     tts_model: str | None = None
     tts_chunk_frames: int = 2  # codec frames per decode call
@@ -95,6 +97,8 @@ class AgentConfig:
                                   "use --device cpu")
         if self.llm_window < 64:
             raise ConfigError(f"llm_window must be at least 64 tokens, got {self.llm_window}")
+        if self.max_reply_tokens is None:
+            self.max_reply_tokens = 160 if self.profile == "pretrained" else 32
         if not (1 <= self.max_reply_tokens <= 4096):
             raise ConfigError(f"max_reply_tokens must be in 1..4096, got {self.max_reply_tokens}")
         if not (0.0 <= self.temperature <= 2.0):

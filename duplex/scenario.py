@@ -55,6 +55,7 @@ Step = Say | Silence | WaitSpeaking | WaitDone
 @dataclass
 class ScenarioRun:
     events: list[ev.Event] = field(default_factory=list)
+    metrics: list[ev.Metric] = field(default_factory=list)  # kept even when events are not
     frames: list[np.ndarray] = field(default_factory=list)  # every output frame, time-aligned from t0
     frame_walls: list[float] = field(default_factory=list)
     t0: float = 0.0
@@ -71,13 +72,13 @@ class ScenarioRun:
     def turn_metrics(self) -> list[dict[str, float]]:
         """Per reply, the latency breakdown the session measured."""
         rows: dict[int, dict[str, float]] = {}
-        for m in self.of(ev.Metric):
+        for m in self.metrics:
             if m.reply_id is not None and m.name != "barge_in_s":
                 rows.setdefault(m.reply_id, {"reply_id": m.reply_id})[m.name] = m.value
         return [rows[k] for k in sorted(rows)]
 
     def barge_ins(self) -> list[float]:
-        return [m.value for m in self.of(ev.Metric) if m.name == "barge_in_s"]
+        return [m.value for m in self.metrics if m.name == "barge_in_s"]
 
 
 async def run_scenario(session: Session, steps: Sequence[Step], *, keep_events: bool = True,
@@ -93,6 +94,8 @@ async def run_scenario(session: Session, steps: Sequence[Step], *, keep_events: 
         async for e in events:
             if keep_events:
                 run.events.append(e)
+            if isinstance(e, ev.Metric):
+                run.metrics.append(e)
             if on_event is not None:
                 on_event(e)
 
