@@ -12,8 +12,11 @@ import importlib
 import json
 import platform
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+
+from duplex.errors import UserError
 
 BENCHES: dict[str, str] = {
     "asr": "duplex.asr.bench:run",
@@ -50,15 +53,26 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     info = machine()
     print(f"# duplex bench {args.what}: profile={args.profile} device={args.device or 'auto'} {info}")
+    failed = []
     for name in names:
         module_name, func = BENCHES[name].split(":")
         run = getattr(importlib.import_module(module_name), func)
-        print(f"\n## {name}")
+        print(f"\n## {name}", flush=True)
         t0 = time.perf_counter()
-        figures = run(args)
+        try:
+            figures = run(args)
+        except UserError:
+            raise
+        except Exception as exc:  # one benchmark failing must not cost the figures of the others
+            traceback.print_exc()
+            print(f"(benchmark {name} failed: {type(exc).__name__}: {exc})")
+            failed.append(name)
+            continue
         elapsed = time.perf_counter() - t0
         path = out / f"{name}.json"
         path.write_text(json.dumps({"machine": info, "profile": args.profile, "seconds": round(elapsed, 1),
                                     "figures": figures}, indent=2, default=str))
-        print(f"(wrote {path}; {elapsed:.0f} s)")
-    return 0
+        print(f"(wrote {path}; {elapsed:.0f} s)", flush=True)
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
