@@ -51,6 +51,11 @@ def to_mono_float(pcm: np.ndarray, sample_rate: int, *, channels_last: bool = Tr
     return out
 
 
+SAMPLE_SPEECH = Path(__file__).resolve().parent / "data" / "jfk.flac"
+"""Real human speech shipped with the package (11 s, JFK: "And so my fellow Americans, ask not what your
+country can do for you, ask what you can do for your country."), for demos and benchmarks."""
+
+
 def to_int16(pcm: np.ndarray) -> np.ndarray:
     """float32 in [-1, 1] to int16 (clipped)."""
     return (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype(np.int16)

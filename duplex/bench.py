@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from duplex.errors import UserError
+from duplex.worker import configure_torch
 
 BENCHES: dict[str, str] = {
     "asr": "duplex.asr.bench:run",
@@ -51,6 +52,8 @@ def main(args: argparse.Namespace) -> int:
     names = list(ALL) if args.what == "all" else [args.what]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.device:
+        configure_torch(args.device)
     info = machine()
     print(f"# duplex bench {args.what}: profile={args.profile} device={args.device or 'auto'} {info}")
     failed = []

@@ -19,21 +19,20 @@ from pathlib import Path
 import numpy as np
 
 from duplex.agent import Agent
-from duplex.audio import espeak, read_audio
+from duplex.audio import SAMPLE_SPEECH, espeak, read_audio
 from duplex.clock import now
 from duplex.errors import AudioFormatError
 from duplex.scenario import Say, ScenarioRun, Silence, Step, WaitDone, WaitSpeaking, run_scenario
 
 log = logging.getLogger(__name__)
 
-JFK = Path(__file__).resolve().parents[1] / "tests" / "data" / "jfk.flac"
 MAX_LAG_S = 0.5
 BREAKDOWN = ("asr_final_s", "end_of_turn_s", "llm_first_token_s", "tts_first_audio_s", "playout_s")
 
 
 def conversation_script(quick: bool = False) -> list[Step]:
     """Turns from real and synthetic speech; the second reply is interrupted."""
-    jfk, _ = read_audio(JFK, 16_000)
+    jfk, _ = read_audio(SAMPLE_SPEECH, 16_000)
     fellow = jfk[int(0.2 * 16000):int(2.4 * 16000)]  # "And so my fellow Americans"
     ask = jfk[int(8.0 * 16000):int(10.8 * 16000)]  # "ask what you can do for your country"
     steps: list[Step] = [Say(fellow, label="jfk: and so my fellow Americans"), WaitSpeaking(), WaitDone()]

@@ -20,11 +20,10 @@ import numpy as np
 
 from duplex import events as ev
 from duplex.agent import Agent
-from duplex.audio import read_audio
+from duplex.audio import SAMPLE_SPEECH, read_audio
 from duplex.clock import run_virtual
 from duplex.scenario import Say, Silence, Step, WaitDone, WaitSpeaking, run_scenario
 
-JFK = Path(__file__).resolve().parents[1] / "tests" / "data" / "jfk.flac"
 PHRASES = [(0.2, 2.4), (3.15, 4.6), (5.25, 7.8), (8.0, 10.8)]
 
 
@@ -49,7 +48,7 @@ def rss_mb() -> float:
 
 def dialogue(minutes: float) -> list[Step]:
     """Enough turns to fill ``minutes``: each phrase, a reply, every fourth reply interrupted."""
-    jfk, _ = read_audio(JFK, 16_000)
+    jfk, _ = read_audio(SAMPLE_SPEECH, 16_000)
     clips = [jfk[int(a * 16000):int(b * 16000)] for a, b in PHRASES]
     steps: list[Step] = []
     seconds = 0.0

@@ -17,6 +17,7 @@ import logging
 from duplex.config import AgentConfig
 from duplex.errors import ConfigError
 from duplex.stages import Stages
+from duplex.worker import configure_torch
 
 log = logging.getLogger(__name__)
 
@@ -56,4 +57,5 @@ def build_stages(config: AgentConfig) -> Stages:
 
         require(config)  # one message naming every missing checkpoint, before loading anything
     device = config.resolved_device()
+    configure_torch(device)
     return Stages(**{role: build_stage(role, config, device) for role in ("vad", "asr", "llm", "tts")})

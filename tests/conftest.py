@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-JFK = ROOT.parent / "shared" / "data" / "jfk.flac"
-if not JFK.is_file():  # CI checks out the repo alone: a copy travels in tests/data
-    JFK = ROOT / "tests" / "data" / "jfk.flac"
+JFK = ROOT / "duplex" / "data" / "jfk.flac"  # the package ships a copy of ../shared/data/jfk.flac
 
 # Tiny models are built once and cached; a run reuses the cache of the previous one.
 os.environ.setdefault("DUPLEX_CACHE", str(ROOT / ".cache" / "duplex"))

@@ -30,12 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from duplex.agent import Agent
-from duplex.audio import read_audio, resample
+from duplex.audio import SAMPLE_SPEECH, read_audio, resample
 from duplex.config import AgentConfig
 
-JFK = Path(__file__).resolve().parents[2] / "shared" / "data" / "jfk.flac"
-if not JFK.is_file():
-    JFK = Path(__file__).resolve().parents[1] / "tests" / "data" / "jfk.flac"
+
 FAKE = {"llm": {"eot": 0.9, "ttft_s": 0.1, "token_s": 0.02}, "tts": {"word_s": 0.25, "first_chunk_s": 0.05}}
 
 
@@ -51,7 +49,7 @@ async def measure(peers: int, seconds: float) -> dict[str, float]:
     from duplex.transport.server import Server, ServerOptions
 
     allow_loopback_candidates()
-    pcm, rate = read_audio(JFK)
+    pcm, rate = read_audio(SAMPLE_SPEECH)
     speech = np.concatenate([resample(pcm, rate, 48_000), np.zeros(48_000 * 4, np.float32)])
     agent = await Agent.load(AgentConfig(profile="fake", device="cpu", fake=dict(FAKE)))
     server = Server(agent, ServerOptions(max_sessions=peers))
