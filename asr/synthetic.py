@@ -22,7 +22,7 @@ from duplex.errors import ConfigError
 from duplex.asr import architectures as arch
 from duplex.asr.tokenizer import build_sentencepiece
 
-TINY_VERSION = 3
+TINY_VERSION = 4
 TINY_VARIANTS: dict[str, arch.Head] = {
     "tiny": "hybrid",  # RNNT + auxiliary CTC, SentencePiece vocabulary
     "tiny-eou": "rnnt_eou",  # RNNT with <EOU>/<EOB> tokens, like nvidia/parakeet_realtime_eou_120m-v1
@@ -192,11 +192,13 @@ def tune_label_rate(model, rate: float = 0.3) -> float:
 
 
 def _rate_bias(model, encoded, shifted: list[int], counted: list[int] | None, guess: float, rate: float,
-               *, fewer_when_higher: bool, iterations: int = 12) -> float:
+               *, fewer_when_higher: bool, iterations: int = 12, skip: int = 20) -> float:
     """The shift of the biases of labels ``shifted`` (near ``guess``) at which greedy decoding of
-    ``encoded`` [B, D, T] emits about ``rate`` labels per frame, counting the labels in ``counted``
-    (all if None): a bisection, decoding with our own batched greedy decoder, end labels resetting
-    the decoder as they do live."""
+    ``encoded`` [B, D, T] emits labels in about ``rate`` of the frames, counting the labels in
+    ``counted`` (all if None): a bisection, decoding with our own batched greedy decoder, end labels
+    resetting the decoder as they do live. Frames are counted once however many labels they emit,
+    and the first ``skip`` frames not at all: a random encoder's first frames stand out, and counting
+    their bursts let the labels all land there, leaving the rest of any real input blank."""
     import torch
 
     from duplex.asr.decoding import RNNTGreedy
@@ -216,8 +218,9 @@ def _rate_bias(model, encoded, shifted: list[int], counted: list[int] | None, gu
                              capacity=encoded.size(0), device=str(device), dtype=encoded.dtype)
         found = decoder.decode(encoded, slots, valid, commit=False)
         bias[shifted] -= mid
-        emitted = sum(1 for tokens in found for _, k in tokens if counted is None or k in counted)
-        too_many = emitted > rate * encoded.size(0) * encoded.size(2)
+        emitted = len({(b, t) for b, tokens in enumerate(found) for t, k in tokens
+                       if t >= skip and (counted is None or k in counted)})
+        too_many = emitted > rate * encoded.size(0) * max(1, encoded.size(2) - skip)
         lo, hi = (mid, hi) if too_many == fewer_when_higher else (lo, mid)
     return (lo + hi) / 2
 
