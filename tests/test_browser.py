@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.transport_fixtures import load_agent, running_server, speech_wav
+from tests.transport_fixtures import PEER_PROFILE, load_agent, running_server, speech_wav
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -76,7 +76,7 @@ async def test_browser_talks_to_the_agent(jfk_path, artifacts):
     heard real speech; the screenshot is saved; disconnecting frees the server's session."""
     pytest.importorskip("selenium")
     wav = speech_wav(jfk_path, artifacts)  # Chromium plays FLAC (and missing files) as silence: WAV
-    agent = await load_agent()
+    agent = await load_agent(PEER_PROFILE)  # duplex serve --profile tiny: every real stage
     profile_dir = tempfile.mkdtemp(prefix="duplex-chromium-")
     try:
         async with running_server(agent) as (server, url):
