@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from duplex.audio import to_int16
+from duplex.audio import to_int16, to_mono_float
 from duplex.transport.peer import set_input_prefetch
 from duplex.transport.tracks import frame_to_pcm
 
@@ -130,7 +130,7 @@ async def connect(base_url: str, mic, *, trickle: bool = False, restart_of: str 
                 frame = await track.recv()
                 pcm, rate = frame_to_pcm(frame)
                 client.frame_layouts.add(f"{frame.layout.name} {rate}")
-                client.frames.append(pcm.astype(np.float32).mean(axis=1) / 32768.0)
+                client.frames.append(to_mono_float(pcm, rate))
                 client.frame_walls.append(loop.time())
         except MediaStreamError:
             return

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from duplex.audio import StreamResampler, to_int16
+from duplex.audio import StreamResampler, to_int16, to_mono_float
 from duplex.session import Session
 
 WIRE_RATE = 48_000  # Opus in WebRTC runs at 48 kHz
@@ -65,14 +65,14 @@ async def pump_microphone(track, session: Session, stats: InputStats, idle_timeo
         stats.frames += 1
         stats.seconds += pcm.shape[0] / rate
         stats.layout = f"{frame.format.name} {frame.layout.name} {rate} Hz"
-        block = pcm.astype(np.float32) / (32768.0 if pcm.dtype == np.int16 else 1.0)
+        block = to_mono_float(pcm, rate)  # the one conversion: push_audio takes it as is
         rms = float(np.sqrt(np.mean(block * block))) if block.size else 0.0
         stats.peak_rms = max(stats.peak_rms, rms)
         if stats.first_loud_wall is None and rms > 0.03:
             stats.first_loud_wall = asyncio.get_running_loop().time()
         if session.closed:
             break
-        session.push_audio(pcm, rate)
+        session.push_audio(block, rate)
     return "session closed"
 
 
