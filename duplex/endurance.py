@@ -14,7 +14,6 @@ import asyncio
 import itertools
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from duplex import events as ev
-from duplex.clock import now, run_virtual
+from duplex.clock import run_virtual
 from duplex.errors import AudioFormatError
 from duplex.playout import Playout
 from duplex.stages import Message

@@ -81,7 +81,7 @@ def test_word_timer_partitions_the_audio(seed):
             n = min(chunk, frames - done_frames)
             done_frames += n
             done = done_frames >= frames
-            chunk_start, offset = offset, offset + n * frame
+            offset += n * frame
             for word in timer.advance(offset, done):
                 assert word.start <= offset  # not announced before the chunk its audio starts in
                 released.append(word)

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 

@@ -186,7 +186,7 @@ async def open_peer(agent: Agent, offer: Offer, options: PeerOptions, on_closed:
     """Answer ``offer`` with a new peer connection and session; returns the peer and the answer.
 
     On any failure everything made so far is closed again before the exception propagates."""
-    from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+    from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 
     config = RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in options.ice_servers])
     pc = RTCPeerConnection(configuration=config)

@@ -77,24 +77,19 @@ class Segmenter:
 
     def _cut(self) -> list[str]:
         out: list[str] = []
+        c = self.config
         while True:
-            count = self._first_cut() if self.segments == 0 else self._later_cut()
+            count = (self._cut_point(c.first_min_words, c.first_max_words) if self.segments == 0
+                     else self._cut_point(c.clause_words, c.max_words))
             if not count:
                 return out
             out.append(self._take(count))
 
-    def _first_cut(self) -> int:
-        c = self.config
+    def _cut_point(self, clause_words: int, max_words: int) -> int:
+        """Words before the first cut: a sentence end, a clause end after ``clause_words`` words, or
+        ``max_words`` words (0 while no cut is possible yet)."""
         for index, word in enumerate(self.words):
             n = index + 1
-            if is_sentence_end(word) or (is_clause_end(word) and n >= c.first_min_words) or n >= c.first_max_words:
-                return n
-        return 0
-
-    def _later_cut(self) -> int:
-        c = self.config
-        for index, word in enumerate(self.words):
-            n = index + 1
-            if is_sentence_end(word) or (is_clause_end(word) and n >= c.clause_words) or n >= c.max_words:
+            if is_sentence_end(word) or (is_clause_end(word) and n >= clause_words) or n >= max_words:
                 return n
         return 0
