@@ -5,12 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 from typing import Any
 
 from duplex.config import AgentConfig
 from duplex.profiles import build_stages
 from duplex.session import Session
 from duplex.stages import Stages
+
+log = logging.getLogger(__name__)
+
+async def warm_up(stages: Stages) -> None:
+    """Let every stage that has one run its warm-up (CUDA graph capture) before the first session."""
+    for role in ("vad", "asr", "llm", "tts"):
+        model = getattr(stages, role)
+        warm = getattr(model, "warm_up", None)
+        if warm is not None:
+            await warm(lambda line: log.info("%s", line))
 
 
 class Agent:
@@ -38,6 +49,7 @@ class Agent:
             setattr(config, key, value)
         config.validate()
         stages = await asyncio.to_thread(build_stages, config)
+        await warm_up(stages)
         return cls(stages, config)
 
     @property

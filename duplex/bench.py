@@ -40,12 +40,24 @@ def machine() -> dict[str, object]:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
+        "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
     }
+    for package in ("transformers", "numpy", "nemo_toolkit", "aiortc"):
+        info[package] = _version(package)
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def main(args: argparse.Namespace) -> int:

@@ -46,6 +46,11 @@ def add_agent_options(p: argparse.ArgumentParser, default_profile: str = "pretra
     g.add_argument("--voice-text", default=None, help="transcript of the --voice clip")
     g.add_argument("--system-prompt", default=None, help="the agent's instructions")
     g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    g.add_argument("--engine-slots", type=int, default=None,
+                   help="sessions the LLM and TTS engines hold at once (rows of their batched steps; "
+                        "default 32 on a GPU, 4 on the CPU)")
+    g.add_argument("--no-graphs", dest="graphs", action="store_false",
+                   help="run the engines' batched steps eagerly instead of as captured CUDA graphs")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -54,7 +59,8 @@ def config_from_args(args: argparse.Namespace):
 
     cfg = AgentConfig(profile=args.profile, device=args.device, asr_model=args.asr_model,
                       asr_latency=args.asr_latency, llm_model=args.llm_model, llm_window=args.llm_window,
-                      tts_model=args.tts_model, voice=args.voice, voice_text=args.voice_text, seed=args.seed)
+                      tts_model=args.tts_model, voice=args.voice, voice_text=args.voice_text, seed=args.seed,
+                      engine_slots=args.engine_slots, graphs=args.graphs)
     if args.system_prompt:
         cfg.system_prompt = args.system_prompt
     return cfg.validate()
@@ -104,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=60.0, help="endurance: simulated minutes")
     p.add_argument("--out", default="artifacts/bench", help="folder for JSON results and plots")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and settings (a smoke run)")
+    p.add_argument("--batch", type=int, nargs="+", default=None, metavar="N",
+                   help="llm, tts: the batch sizes (concurrent sessions) to measure, e.g. --batch 1 8 32")
     add_agent_options(p, default_profile="random")
 
     p = sub.add_parser("models", help="fetch or list the pretrained models")

@@ -71,6 +71,11 @@ class AgentConfig:
     voice: str | None = None  # path of a short reference clip that sets the agent's voice
     voice_text: str | None = None  # its transcript
     seed: int = 0
+    # Sessions the LLM and TTS engines hold at once (rows of their K/V pools, the largest batched
+    # step); None: 32 on a GPU, 4 on the CPU.
+    engine_slots: int | None = None
+    # Capture the engines' batched steps in CUDA graphs at load (GPU only; --no-graphs to compare).
+    graphs: bool = True
     # Benchmarks: replies always run to max_reply_tokens, so figures do not depend on when random
     # weights happen to stop.
     fixed_lengths: bool = False
@@ -83,6 +88,12 @@ class AgentConfig:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def slots(self) -> int:
+        """``engine_slots``, or the default for the device."""
+        if self.engine_slots is not None:
+            return self.engine_slots
+        return 32 if self.resolved_device().startswith("cuda") else 4
 
     def validate(self) -> AgentConfig:
         if self.profile not in PROFILES:
@@ -103,6 +114,8 @@ class AgentConfig:
             raise ConfigError(f"max_reply_tokens must be in 1..4096, got {self.max_reply_tokens}")
         if not (0.0 <= self.temperature <= 2.0):
             raise ConfigError(f"temperature must be in [0, 2], got {self.temperature}")
+        if self.engine_slots is not None and not (1 <= self.engine_slots <= 256):
+            raise ConfigError(f"engine_slots must be in 1..256, got {self.engine_slots}")
         if not (1 <= self.tts_chunk_frames <= 50):
             raise ConfigError(f"tts_chunk_frames must be in 1..50, got {self.tts_chunk_frames}")
         if (self.voice is None) != (self.voice_text is None):

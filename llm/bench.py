@@ -1,26 +1,31 @@
-"""``duplex bench llm``: time to first token, decode rate and memory with the attention-sink cache.
+"""``duplex bench llm``: decode throughput per batch size, time to first token, the sink cache's cost.
 
 For each architecture (random profile: Qwen2.5-0.5B and 1.5B configurations with random weights;
-``--quick``: 0.5B only, short lengths), on fixed token counts (generation never stops early):
+``--quick`` or the tiny profile: one model, short lengths), on fixed token counts (replies never stop
+early), through the same engine, scheduler and streams a live session uses:
 
-- **TTFT after a user turn**, from the end of the turn to the first sampled reply token:
-  *incremental* (the user's words were prefilled word by word while they spoke, so only the end of
-  the message and the generation prompt remain), *turn-end* (the cache holds the dialogue up to the
-  previous turn, the whole user message is prefilled at the end of the turn) and *cold* (no cache:
-  the whole dialogue is prefilled);
-- **decode tokens/s** with the sink cache kept full (evictions included) against an ordinary growing
-  ``DynamicCache`` holding the same number of tokens;
+- **batches** (``--batch 1 8 32``): that many sessions reply at once; each tick of the engine runs one
+  decode step for all of them. Per batch size: ``step_ms`` (wall time of one step), tokens per
+  second for one session and in aggregate, and ``first_token_ms``: how long a new reply waits for
+  its first token while the others decode (its prefill runs between their steps). On a GPU with
+  graphs captured, every batch size is measured both ways: captured and eager (``*_eager`` keys).
+- **TTFT after a user turn**, from the end of the turn to the first reply token: *incremental* (the
+  user's words were prefilled word by word while they spoke), *turn-end* (the whole user message is
+  prefilled at the end of the turn) and *cold* (no cache: the whole dialogue is prefilled);
+- **the sink cache's decode cost**: one session decoding with the cache kept full, evicting a chunk
+  every quarter window (many times over the run), against the same session decoding with room to
+  spare (no eviction); the step shapes are static, so the difference is the eviction work;
 - **speedup over sliding-window recomputation**: re-running the model over the last ``window``
   tokens for every new token (what a model without a sink cache must do to stay within a window);
-- **cache memory**: the sink cache's bytes (constant) and the growing cache's after the same decode.
+- **cache memory**: bytes per session (constant).
 
-The same code paths as the live stream are timed (``SinkContext.sync`` / ``extend`` and ``sample``).
 On CPU compare the ratios; absolute times mean something on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import statistics
 import time
@@ -28,9 +33,10 @@ from typing import Any
 
 from duplex.stages import Message
 
-QUICK = dict(archs=("qwen2.5-0.5b",), window=192, decode=16, recompute_steps=2, repeats=2, partial_every=4)
-FULL = dict(archs=("qwen2.5-0.5b", "qwen2.5-1.5b"), window=2048, decode=64, recompute_steps=4, repeats=3,
-            partial_every=1)
+QUICK = dict(archs=("qwen2.5-0.5b",), window=192, decode=64, long_decode=160, recompute_steps=2, repeats=2,
+             partial_every=4, batches=(1, 8))
+FULL = dict(archs=("qwen2.5-0.5b", "qwen2.5-1.5b"), window=2048, decode=64, long_decode=2400, recompute_steps=4,
+            repeats=3, partial_every=1, batches=(1, 8, 32))
 SYSTEM = "You are a friendly voice assistant. Answer briefly, in plain spoken English."
 LINES = ["Could you tell me the weather for tomorrow in the city?",
          "It will be sunny in the morning and rainy in the evening, so take an umbrella.",
@@ -43,20 +49,26 @@ USER_TURN = ("and so my fellow americans ask not what your country can do for yo
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    plan = dict(QUICK if args.quick else FULL)
+    quick = args.quick or args.profile == "tiny"
+    plan = dict(QUICK if quick else FULL)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not args.quick and getattr(args, "llm_window", None):
+    if not args.quick and getattr(args, "llm_window", None) and args.llm_window != 2048:
         plan["window"] = args.llm_window
+    if getattr(args, "batch", None):
+        plan["batches"] = tuple(args.batch)
     archs = (args.llm_model,) if getattr(args, "llm_model", None) else plan["archs"]
     if args.profile in ("tiny", "pretrained") and not getattr(args, "llm_model", None):
         archs = (args.profile,)
-    print(f"window {plan['window']} tokens, decode {plan['decode']} tokens, device {device}, "
-          f"profile {args.profile}")
+    graphs = getattr(args, "graphs", True)
+    if device == "cpu" and args.profile == "tiny":
+        torch.set_num_threads(1)  # tiny ops: a second intra-op thread only adds sync cost
+    print(f"window {plan['window']} tokens, decode {plan['decode']} tokens per reply, batches "
+          f"{list(plan['batches'])}, device {device}, profile {args.profile}, graphs {graphs}")
     results: dict[str, Any] = {}
     for arch in archs:
-        llm = _load(args.profile, arch, device, plan["window"])
+        llm = _load(args.profile, arch, device, plan, graphs)
         try:
-            results[arch] = figures = _bench_one(llm, plan, device)
+            results[arch] = figures = asyncio.run(_bench_one(llm, plan, device))
         finally:
             llm.close()
             del llm
@@ -67,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def _load(profile: str, arch: str, device: str, window: int):
+def _load(profile: str, arch: str, device: str, plan: dict[str, Any], graphs: bool):
     from duplex.config import AgentConfig
     from duplex.llm.model import LLMSettings, SinkLLM
     from duplex.llm.profiles import load_model
@@ -75,10 +87,91 @@ def _load(profile: str, arch: str, device: str, window: int):
     config = AgentConfig(profile=profile, device=device,  # type: ignore[arg-type]
                          llm_model=None if arch in ("tiny", "pretrained") else arch)
     model, tokenizer = load_model(config, device)
-    return SinkLLM(model, tokenizer, device, LLMSettings(window=window, max_reply_tokens=64, temperature=0.0))
+    settings = LLMSettings(window=plan["window"], max_reply_tokens=plan["decode"], temperature=0.0,
+                           fixed_length=True)
+    return SinkLLM(model, tokenizer, device, settings, slots=max(plan["batches"]) + 1, graphs=graphs)
 
 
-def _bench_one(llm, plan: dict[str, Any], device: str) -> dict[str, Any]:
+async def _bench_one(llm, plan: dict[str, Any], device: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    await llm.warm_up(lambda line: None)
+    capture_s = time.perf_counter() - t0
+    run = llm.scheduler.run
+    figures: dict[str, Any] = await run(_single_session, llm, plan)
+    figures["graphs_captured"] = llm.engine.step.captured
+    figures["capture_s"] = round(capture_s, 2)
+    history = _history(llm, plan["window"] // 2)
+    batches = []
+    for b in plan["batches"]:
+        row = await _batch(llm, history, b, plan)
+        if llm.engine.step.captured:  # the same, eager, side by side
+            llm.engine.step.eager = True
+            try:
+                eager = await _batch(llm, history, b, plan)
+            finally:
+                llm.engine.step.eager = False
+            row.update({f"{k}_eager": v for k, v in eager.items() if k != "batch"})
+        batches.append(row)
+        print(f"  batch {b:>3}: step {row['step_ms']:.2f} ms, {row['per_session_per_s']:.1f} tok/s per session, "
+              f"{row['aggregate_per_s']:.0f} tok/s in all, first token {row['first_token_ms']:.1f} ms"
+              + (f" (eager: step {row['step_ms_eager']:.2f} ms, {row['aggregate_per_s_eager']:.0f} tok/s)"
+                 if "step_ms_eager" in row else ""), flush=True)
+    figures["batches"] = batches
+    figures["device"] = device
+    return figures
+
+
+async def _batch(llm, history: list[Message], b: int, plan: dict[str, Any]) -> dict[str, Any]:
+    """``b`` sessions reply at once (fixed length); then one more reply starts while they decode."""
+    n = plan["decode"]
+    streams = [llm.new_stream(SYSTEM) for _ in range(b + 1)]
+    user = Message("user", USER_TURN)
+    try:
+        for s in streams:
+            await s.listen(history + [user])
+        messages = history + [user]
+        first: list[float] = []
+        decoding = asyncio.Event()
+
+        async def reply(stream) -> None:
+            async for _ in stream.reply(messages):
+                decoding.set()
+
+        ticks0 = len(llm.scheduler.batch_sizes)
+        start = time.perf_counter()
+        tasks = [asyncio.create_task(reply(s)) for s in streams[:b]]
+        await decoding.wait()  # a new reply joins while the others decode: its prefill runs between steps
+        joiner = streams[b]
+        t_join = time.perf_counter()
+        await llm.scheduler.run(joiner._reply_start, _begin(joiner), messages)
+        first.append(time.perf_counter() - t_join)
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+        sizes = llm.scheduler.batch_sizes[ticks0:]
+        steps = sum(1 for size in sizes if size >= 1)
+        tokens = sum(sizes)
+    finally:
+        for s in streams:
+            await s.aclose()
+    step_s = elapsed / max(steps, 1)
+    per_session = tokens / b / elapsed
+    return {"batch": b, "step_ms": round(step_s * 1e3, 3), "per_session_per_s": round(per_session, 2),
+            "aggregate_per_s": round(tokens / elapsed, 1), "first_token_ms": round(first[0] * 1e3, 2),
+            "steps": steps}
+
+
+def _begin(stream):
+    """A reply object as ``reply()`` makes it (for timing its first token alone)."""
+    from duplex.llm.engine import TextDecoder
+    from duplex.llm.stream import _Reply
+
+    reply = _Reply(TextDecoder(stream.model.engine.tokenizer))
+    stream._active = reply
+    return reply
+
+
+def _single_session(llm, plan: dict[str, Any]) -> dict[str, Any]:
+    """TTFT, the sink cache's decode cost and recomputation (worker thread, one session at a time)."""
     window = plan["window"]
     history = _history(llm, window // 2)
     user = Message("user", USER_TURN)
@@ -88,14 +181,16 @@ def _bench_one(llm, plan: dict[str, Any], device: str) -> dict[str, Any]:
     history_tokens = probe.dialogue.length
     probe.sync(history + [user], generation_prompt=True)
     turn_tokens = probe.dialogue.length - history_tokens
-    del probe
+    probe.close()
 
     def first_token(ctx) -> float:
         t0 = time.perf_counter()
-        _first(llm, ctx.sync(history + [user], generation_prompt=True))
-        return time.perf_counter() - t0
+        _first(ctx.sync(history + [user], generation_prompt=True))
+        elapsed = time.perf_counter() - t0
+        ctx.close()
+        return elapsed
 
-    _first(llm, llm.new_context(SYSTEM).sync(history + [user], generation_prompt=True))  # warm-up
+    first_token(llm.new_context(SYSTEM))  # warm-up
     inc, turn_end, cold, inc_tail = [], [], [], []
     for _ in range(plan["repeats"]):
         ctx = llm.new_context(SYSTEM)
@@ -104,14 +199,15 @@ def _bench_one(llm, plan: dict[str, Any], device: str) -> dict[str, Any]:
             # user is still speaking; ASR partials arrive every few words
             ctx.sync(history + [Message("user", " ".join(words[:i]))], open_last=True)
         before = ctx.prefilled
+        inc_tail.append(-before)
         inc.append(first_token(ctx))
-        inc_tail.append(ctx.prefilled - before)
+        inc_tail[-1] += ctx.prefilled
         ctx = llm.new_context(SYSTEM)
         ctx.sync(history)
         turn_end.append(first_token(ctx))
         cold.append(first_token(llm.new_context(SYSTEM)))
 
-    sink_s, evictions, sink_bytes, dyn_s, dyn_bytes = _decode(llm, history, plan["decode"], window)
+    sink_s, plain_s, steps, evictions = _decode_cost(llm, history, plan["long_decode"])
     rec_s = _recompute(llm, window, plan["recompute_steps"])
     med = statistics.median
     return {
@@ -120,20 +216,18 @@ def _bench_one(llm, plan: dict[str, Any], device: str) -> dict[str, Any]:
         "ttft_cold_ms": round(1e3 * med(cold), 2), "incremental_tokens_at_turn_end": int(med(inc_tail)),
         "ttft_speedup_vs_turn_end": round(med(turn_end) / med(inc), 2),
         "ttft_speedup_vs_cold": round(med(cold) / med(inc), 2),
-        "decode_sink_tok_s": round(plan["decode"] / sink_s, 2), "decode_sink_evictions": evictions,
-        "decode_dynamic_tok_s": round(plan["decode"] / dyn_s, 2),
-        "sink_vs_dynamic_decode": round(dyn_s / sink_s, 3),
+        "decode_sink_tok_s": round(steps / sink_s, 2), "decode_sink_evictions": evictions,
+        "decode_plain_tok_s": round(steps / plain_s, 2), "decode_steps": steps,
+        "sink_overhead_pct": round(100.0 * (sink_s / plain_s - 1.0), 2),
         "recompute_tok_s": round(1.0 / rec_s, 3),
-        "speedup_vs_sliding_recompute": round(rec_s / (sink_s / plan["decode"]), 1),
-        "sink_cache_mib": round(sink_bytes / 2**20, 2), "dynamic_cache_mib": round(dyn_bytes / 2**20, 2),
-        "dtype": str(llm.engine.dtype).replace("torch.", ""), "device": device,
+        "speedup_vs_sliding_recompute": round(rec_s / (sink_s / steps), 1),
+        "cache_mib_per_session": round(llm.engine.kv.slot_nbytes() / 2**20, 2),
+        "dtype": str(llm.engine.dtype).replace("torch.", ""),
     }
 
 
-def _first(llm, logits) -> int:
-    from duplex.llm.engine import sample
-
-    return sample(logits, 0.0, 1.0, None)  # int(): waits for the device
+def _first(logits) -> int:
+    return int(logits.argmax())  # int(): waits for the device
 
 
 def _history(llm, tokens: int) -> list[Message]:
@@ -159,44 +253,38 @@ def _fill(llm, ctx, history: list[Message], total: int) -> None:
         ctx.extend(filler[: total - ctx.length])
 
 
-def _decode(llm, history: list[Message], n: int, window: int) -> tuple[float, int, int, float, int]:
-    """``n`` greedy decode steps with the sink cache kept full (it evicts chunks as it goes) and with
-    an ordinary growing cache that starts with as many tokens, steps interleaved so that both see
-    the same machine load. Returns (sink seconds, evictions, sink bytes, growing seconds, bytes)."""
-    import torch
-    from transformers import DynamicCache
+def _decode_cost(llm, history: list[Message], n: int) -> tuple[float, float, int, int]:
+    """``n`` greedy decode steps of one session through the engine's batched step with the cache kept
+    full (evicting a chunk at a time), then as many with room to spare (no eviction), on the same
+    engine row (so the same step shapes). Returns (sink seconds, plain seconds, steps, evictions)."""
+    from duplex.llm.engine import DecodeRequest, Draw
 
     engine = llm.engine
-    ctx = llm.new_context(SYSTEM)
-    _fill(llm, ctx, history, window - 1)
-    cache = DynamicCache(config=engine.model.config)
-    ids = ctx.ids[:]
-    pos = len(ids)
-    with torch.inference_mode():
-        out = engine.model(input_ids=torch.tensor([ids], device=engine.device), cache=cache, use_cache=True,
-                           logits_to_keep=1)
+    window = llm.settings.window
+    draw = Draw(0.0, 1.0, 0, 0)
 
-        def grow(tok: int) -> int:
-            nonlocal pos
-            o = engine.model(input_ids=torch.tensor([[tok]], device=engine.device),
-                             position_ids=torch.tensor([[pos]], device=engine.device), cache=cache,
-                             use_cache=True, logits_to_keep=1)
-            pos += 1
-            return int(o.logits[0, -1, : engine.vocab].argmax())
-
-        a = b = _first(llm, ctx.logits)
-        a, b = _first(llm, ctx.extend([a])), grow(int(out.logits[0, -1, : engine.vocab].argmax()))  # warm-up
-        evictions = ctx.evictions
-        sink_s = grow_s = 0.0
-        for _ in range(n):
+    def run(ctx, steps: int) -> float:
+        token = _first(ctx.logits)
+        for warm in (True, False):
             t0 = time.perf_counter()
-            a = _first(llm, ctx.extend([a]))
-            t1 = time.perf_counter()
-            b = grow(b)
-            t2 = time.perf_counter()
-            sink_s, grow_s = sink_s + t1 - t0, grow_s + t2 - t1
-    grow_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    return sink_s, ctx.evictions - evictions, ctx.cache.nbytes(), grow_s, grow_bytes
+            for _ in range(2 if warm else steps):
+                ctx.reserve(1)
+                nxt = engine.decode([DecodeRequest(ctx.cache, token, draw)])[0]
+                ctx.commit_decoded(token)
+                token = nxt
+        return time.perf_counter() - t0
+
+    sink = llm.new_context(SYSTEM)
+    _fill(llm, sink, history, window - 1)
+    sink_s = run(sink, n)
+    evictions = sink.evictions
+    sink.close()
+    plain = llm.new_context(SYSTEM)
+    steps = min(n, window - plain.sink - 8)  # the plain session never fills up
+    _fill(llm, plain, history[:2], window - steps - 4)
+    plain_s = run(plain, steps) * n / steps
+    plain.close()
+    return sink_s, plain_s, n, evictions
 
 
 def _recompute(llm, window: int, steps: int) -> float:
@@ -225,13 +313,20 @@ def _tokens(llm, n: int) -> list[int]:
 
 def _print(arch: str, f: dict[str, Any]) -> None:
     print(f"\n{arch} ({f['dtype']} on {f['device']}), window {f['window']}, history {f['history_tokens']} "
-          f"tokens, user turn {f['turn_tokens']} tokens")
+          f"tokens, user turn {f['turn_tokens']} tokens; graphs captured: {f['graphs_captured']} "
+          f"({f['capture_s']} s)")
     print(f"  TTFT after the turn: incremental {f['ttft_incremental_ms']:.1f} ms "
           f"({f['incremental_tokens_at_turn_end']} tokens left to prefill), turn-end prefill "
           f"{f['ttft_turn_end_ms']:.1f} ms, cold {f['ttft_cold_ms']:.1f} ms  -> "
           f"x{f['ttft_speedup_vs_turn_end']} / x{f['ttft_speedup_vs_cold']}")
-    print(f"  decode: sink cache {f['decode_sink_tok_s']:.1f} tok/s ({f['decode_sink_evictions']} evictions), "
-          f"growing cache {f['decode_dynamic_tok_s']:.1f} tok/s (sink/growing x{f['sink_vs_dynamic_decode']})")
+    print(f"  decode, one session: sink cache {f['decode_sink_tok_s']:.1f} tok/s over {f['decode_steps']} steps "
+          f"({f['decode_sink_evictions']} evictions), no eviction {f['decode_plain_tok_s']:.1f} tok/s "
+          f"(sink overhead {f['sink_overhead_pct']:+.1f}%)")
     print(f"  sliding-window recomputation {f['recompute_tok_s']:.2f} tok/s -> sink cache "
           f"x{f['speedup_vs_sliding_recompute']} faster")
-    print(f"  cache memory: sink {f['sink_cache_mib']} MiB (constant), growing {f['dynamic_cache_mib']} MiB")
+    print(f"  cache memory: {f['cache_mib_per_session']} MiB per session (constant)")
+    b1 = next((r for r in f["batches"] if r["batch"] == 1), None)
+    if b1:
+        for r in f["batches"]:
+            if r["batch"] > 1:
+                print(f"  batch {r['batch']} aggregate = x{r['aggregate_per_s'] / b1['aggregate_per_s']:.1f} batch 1")

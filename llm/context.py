@@ -30,7 +30,7 @@ import torch
 from duplex.errors import ConfigError
 from duplex.llm.chat import DialogueTokens
 from duplex.llm.engine import Engine
-from duplex.llm.sink_cache import SinkCache
+from duplex.llm.sink_cache import SinkSlot
 from duplex.stages import Message
 
 MIN_SINK = 4  # StreamingLLM: at least four initial tokens act as attention sinks
@@ -39,7 +39,7 @@ MIN_SINK = 4  # StreamingLLM: at least four initial tokens act as attention sink
 @dataclass
 class SinkContext:
     engine: Engine
-    cache: SinkCache
+    cache: SinkSlot  # this session's row of the engine's K/V pool
     dialogue: DialogueTokens
     evict_chunk: int  # evict at least this many tokens at a time (amortises the key re-rotation)
     ids: list[int] = field(default_factory=list)  # token id in each slot, len == cache length
@@ -53,7 +53,10 @@ class SinkContext:
     @classmethod
     def create(cls, engine: Engine, dialogue: DialogueTokens, window: int, *, min_turn: int,
                rerotate: bool = True) -> SinkContext:
-        """A context of ``window`` slots; the system block must leave room for ``min_turn`` tokens."""
+        """A context of ``window`` slots (the engine's window; it takes one of the engine's session
+        rows until :meth:`close`); the system block must leave room for ``min_turn`` tokens."""
+        if window != engine.window:
+            raise ConfigError(f"a context of {window} slots on an engine of {engine.window}")
         dialogue.update([])
         sink = dialogue.system_length
         if sink < MIN_SINK:
@@ -61,7 +64,7 @@ class SinkContext:
                               f"least {MIN_SINK}: give the LLM a system prompt")
         check_window(window, sink, min_turn)
         room = window - sink
-        return cls(engine=engine, cache=engine.new_cache(window, rerotate=rerotate), dialogue=dialogue,
+        return cls(engine=engine, cache=engine.new_slot(rerotate=rerotate), dialogue=dialogue,
                    evict_chunk=max(1, min(evict_chunk_default(room), room)), sink=sink, offset=sink)
 
     # -- mapping -------------------------------------------------------------------------------
@@ -120,15 +123,35 @@ class SinkContext:
         pos = 0
         while pos < len(tokens):
             piece = tokens[pos:pos + chunk]
-            free = self.capacity - self.length
-            if len(piece) > free:
-                self.evict(len(piece) - free)
-            self.logits = self.engine.forward(self.cache, piece)
+            self.reserve(len(piece))
+            self.logits = self.engine.prefill(self.cache, piece)
             self.ids.extend(piece)
             self.prefilled += len(piece)
             pos += len(piece)
         assert self.logits is not None
         return self.logits
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` more tokens (evicting old chunks if they do not fit)."""
+        free = self.capacity - self.length
+        if n > free:
+            self.evict(n - free)
+
+    def commit_decoded(self, token: int) -> None:
+        """A batched decode step ran ``token`` at position ``length`` (its K/V are written): count it."""
+        self.cache.length += 1
+        self.ids.append(int(token))
+        self.logits = None  # the step's logits live in the engine's buffers
+        self.prefilled += 1
+        assert self.cache.length == len(self.ids)
+
+    def close(self) -> None:
+        """Give the session's row back to the engine."""
+        if self.cache.row >= 0:
+            self.engine.release(self.cache)
+            self.cache.row = -1
+        self.ids.clear()
+        self.logits = None
 
     def truncate(self, length: int) -> None:
         """Forget every slot from ``length`` on (rollback)."""
@@ -182,11 +205,9 @@ class SinkContext:
         tokens = [int(t) for t in tokens]
         if len(tokens) > self.max_tail:
             raise ValueError(f"a scoring tail of {len(tokens)} tokens does not fit the window")
-        free = self.capacity - self.length
-        if len(tokens) > free:
-            self.evict(len(tokens) - free)
+        self.reserve(len(tokens))
         mark, saved = self.length, self.logits
-        logits = self.engine.forward(self.cache, tokens)
+        logits = self.engine.prefill(self.cache, tokens)
         self.prefilled += len(tokens)
         self.cache.truncate(mark)
         self.logits = saved

@@ -1,22 +1,75 @@
-"""Model compute for the dialogue LM: a forward pass over new tokens into a sink cache, sampling, and
-incremental detokenisation. Everything here is blocking and runs on the LLM's worker thread.
+"""Model compute for the dialogue LM: one engine for every session, static shapes, batched decode.
+
+:class:`Engine` owns the model's weights (run through :class:`~duplex.engine.decoder.LeanDecoder`),
+the K/V pool with one row per session (each session's attention-sink cache is a
+:class:`~duplex.llm.sink_cache.SinkSlot` on its row) and the batched decode step:
+
+- :meth:`Engine.prefill` runs new tokens into one session's row (listening, the start of a reply,
+  a scoring tail); eager, any length.
+- :meth:`Engine.decode` runs one token for each of several sessions at once and samples the next
+  one inside the step (:mod:`duplex.engine.sampling`, per-row settings and noise). The step covers
+  rows ``0..bucket-1``: rows without a token this step sit at the scratch position. Its shapes
+  depend only on the bucket, so on CUDA each bucket is one captured graph
+  (:mod:`duplex.engine.graphs`) and a step costs one replay and one host sync.
+
+Everything here is blocking and runs on the LLM's worker thread.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
-from duplex.llm.sink_cache import SinkCache, rope_inv_freq
+from duplex.engine.decoder import LeanDecoder
+from duplex.engine.graphs import BucketedStep, buckets_for
+from duplex.engine.sampling import sample as sample_rows
+from duplex.engine.sampling import token_keys
+from duplex.errors import ConfigError
+from duplex.llm.sink_cache import SinkSlot, rope_inv_freq
+
+
+@dataclass(frozen=True)
+class Draw:
+    """How one session samples: its settings and the number of draws it made before."""
+
+    temperature: float
+    top_p: float
+    seed: int
+    counter: int
+    ban_stop: bool = False  # never end the reply (benchmarks on random weights)
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    slot: SinkSlot
+    token: int  # run this token at position slot.length ...
+    draw: Draw  # ... and sample the next one this way
+
+
+@dataclass
+class _Buffers:
+    """The decode step's static inputs and outputs, one entry per row (``slots`` of them)."""
+
+    ints: torch.Tensor  # [5, S] long: token, position, seed, counter, ban
+    floats: torch.Tensor  # [2, S] float32: temperature, top_p
+    rows: torch.Tensor  # [S] arange
+    out: torch.Tensor  # [S] long: the sampled tokens
+    logits: torch.Tensor  # [S, V] float32
+    staging_ints: torch.Tensor = field(default=None)  # type: ignore[assignment]  # host copies
+    staging_floats: torch.Tensor = field(default=None)  # type: ignore[assignment]
 
 
 class Engine:
-    """A causal LM with RoPE, ready to run into attention-sink caches."""
+    """A causal LM with RoPE, its K/V pool of ``slots`` sessions of ``window`` positions, and its steps."""
 
-    def __init__(self, model: Any, tokenizer: Any, device: str) -> None:
+    def __init__(self, model: Any, tokenizer: Any, device: str, *, window: int, slots: int = 4,
+                 stop_ids: Sequence[int] = (), graphs: bool = True) -> None:
+        if slots < 1:
+            raise ConfigError(f"the LLM engine needs at least one session slot, got {slots}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device)
@@ -26,41 +79,140 @@ class Engine:
         # Checkpoints pad their embedding matrix (Qwen2.5: 151936 rows for 151665 tokens): never sample
         # an id the tokenizer cannot turn back into text.
         self.vocab = min(len(tokenizer), model.config.vocab_size)
+        self.window = window
+        self.slots = slots
+        self.decoder = LeanDecoder(model.model, model.config, positions=window)
+        self.embed = model.model.embed_tokens.weight  # [V, hidden]
+        self.lm_head = model.lm_head.weight  # [V, hidden]
+        self.lm_bias = getattr(model.lm_head, "bias", None)
+        self.kv = self.decoder.new_kv(slots)
+        self._free = list(range(slots))
+        rows = self.lm_head.shape[0]
+        ids = torch.arange(rows, device=self.device)
+        self._outside_vocab = ids >= self.vocab  # [V]
+        self._stop = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        self.set_stop_ids(stop_ids)
+        self._keys = token_keys(rows, self.device)
+        self._buf = _Buffers(
+            ints=torch.zeros(5, slots, dtype=torch.long, device=self.device),
+            floats=torch.ones(2, slots, dtype=torch.float32, device=self.device),
+            rows=torch.arange(slots, device=self.device),
+            out=torch.zeros(slots, dtype=torch.long, device=self.device),
+            logits=torch.zeros(slots, rows, dtype=torch.float32, device=self.device))
+        pin = self.device.type == "cuda"
+        self._buf.staging_ints = torch.zeros(5, slots, dtype=torch.long, pin_memory=pin)
+        self._buf.staging_floats = torch.zeros(2, slots, dtype=torch.float32, pin_memory=pin)
+        self.step = BucketedStep("llm decode", self._decode_fn, buckets_for(slots), device=str(self.device),
+                                 graphs=graphs)
+        self.shape_log: list[tuple] | None = None  # tests: the shapes each eager decode step saw
 
-    def new_cache(self, capacity: int, *, rerotate: bool = True) -> SinkCache:
-        cfg = self.model.config
-        cache = SinkCache(self.num_layers, capacity, self.inv_freq, rerotate=rerotate)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        cache.early_initialization(1, cfg.num_key_value_heads, head_dim, self.dtype, self.device)
-        return cache
+    def set_stop_ids(self, stop_ids: Sequence[int] | frozenset[int]) -> None:
+        """The tokens that end a reply (a fixed-length reply never samples them); updated in place,
+        so captured steps see the change."""
+        self._stop.zero_()
+        if stop_ids:
+            self._stop[sorted(int(t) for t in stop_ids)] = True
+
+    # -- slots -------------------------------------------------------------------------------------
+
+    def new_slot(self, *, rerotate: bool = True) -> SinkSlot:
+        """The lowest free row (rows stay compact, so decode buckets stay small)."""
+        if not self._free:
+            raise RuntimeError(f"all {self.slots} LLM session slots are in use; raise engine_slots "
+                               "(--engine-slots) to serve more sessions at once")
+        self._free.sort()
+        return SinkSlot(self.kv, self._free.pop(0), self.inv_freq, rerotate=rerotate)
+
+    def release(self, slot: SinkSlot) -> None:
+        if slot.row in self._free:
+            raise RuntimeError(f"LLM slot {slot.row} released twice")
+        slot.length = 0
+        self._free.append(slot.row)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    # -- compute -----------------------------------------------------------------------------------
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` ``[..., hidden]`` -> fp32 logits ``[..., V]``, ids beyond the tokenizer at -inf."""
+        logits = F.linear(hidden, self.lm_head, self.lm_bias).float()
+        return logits.masked_fill(self._outside_vocab, float("-inf"))
 
     @torch.inference_mode()
-    def forward(self, cache: Any, ids: Sequence[int]) -> torch.Tensor:
-        """Run ``ids`` after what ``cache`` holds; returns the next-token logits ``[V]`` (fp32)."""
+    def prefill(self, slot: SinkSlot, ids: Sequence[int]) -> torch.Tensor:
+        """Run ``ids`` after what ``slot`` holds; returns the next-token logits ``[V]`` (fp32)."""
         n = len(ids)
-        start = cache.get_seq_length()
-        input_ids = torch.as_tensor(list(ids), dtype=torch.long, device=self.device)[None]  # [1, T]
-        positions = torch.arange(start, start + n, device=self.device)[None]  # [1, T]: slot = position
-        out = self.model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True,
-                         logits_to_keep=1)
-        logits = out.logits[0, -1].float()  # [V]
-        if self.vocab < logits.shape[0]:
-            logits[self.vocab:] = float("-inf")
-        return logits
+        if slot.length + n > slot.capacity:
+            raise RuntimeError(f"sink cache overflow: {slot.length} + {n} > {slot.capacity} slots; "
+                               "evict before writing")
+        x = F.embedding(torch.as_tensor(list(ids), dtype=torch.long, device=self.device), self.embed)  # [T, H]
+        hidden = self.decoder.prefill(x, self.kv, slot.row, slot.length)
+        slot.length += n
+        return self._logits(hidden[-1])
 
+    def sample(self, logits: torch.Tensor, draw: Draw) -> int:
+        """One token from ``logits`` ``[V]`` with the same sampler the decode step uses."""
+        if draw.ban_stop:
+            logits = logits.masked_fill(self._stop, float("-inf"))
+        dev = logits.device
+        token = sample_rows(logits[None], torch.tensor([draw.temperature], device=dev),
+                            torch.tensor([draw.top_p], device=dev), torch.tensor([draw.seed], device=dev),
+                            torch.tensor([draw.counter], device=dev), self._keys)
+        return int(token[0])
 
-@torch.inference_mode()
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """One token from ``logits`` ``[V]``: greedy at temperature 0, else nucleus sampling."""
-    if temperature <= 0.0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    def _decode_fn(self, b: int) -> None:
+        """The captured step: rows ``0..b-1`` from the static buffers."""
+        buf = self._buf
+        tokens, positions, seed, counter, ban = buf.ints[:, :b]
+        x = F.embedding(tokens, self.embed)  # [b, H]
+        if self.shape_log is not None:
+            self.shape_log.append((tuple(x.shape), tuple(positions.shape), tuple(self.kv.keys[0][:b].shape)))
+        hidden = self.decoder.decode(x, positions, self.kv, buf.rows[:b])
+        logits = self._logits(hidden)  # [b, V]
+        logits = logits.masked_fill(ban.bool()[:, None] & self._stop, float("-inf"))
+        buf.logits[:b] = logits
+        temperature, top_p = buf.floats[:, :b]
+        buf.out[:b] = sample_rows(logits, temperature, top_p, seed, counter, self._keys)
+
+    @torch.inference_mode()
+    def decode(self, requests: Sequence[DecodeRequest]) -> list[int]:
+        """One batched step: each request's token runs at its slot's next position (written there)
+        and the next token is sampled. Slot lengths are *not* advanced: the caller commits them."""
+        if not requests:
+            return []
+        rows = max(r.slot.row for r in requests) + 1
+        bucket = self.step.bucket(rows)
+        ints, floats = self._buf.staging_ints, self._buf.staging_floats
+        ints[:, :bucket] = 0
+        ints[1, :bucket] = self.kv.scratch_position
+        floats[:, :bucket] = 0.0
+        for r in requests:
+            slot, d = r.slot, r.draw
+            if slot.length >= slot.capacity:
+                raise RuntimeError(f"LLM slot {slot.row} is full ({slot.length} positions); evict before decoding")
+            ints[:, slot.row] = torch.tensor([r.token, slot.length, d.seed, d.counter, int(d.ban_stop)])
+            floats[:, slot.row] = torch.tensor([d.temperature, d.top_p])
+        self._buf.ints[:, :bucket].copy_(ints[:, :bucket], non_blocking=True)
+        self._buf.floats[:, :bucket].copy_(floats[:, :bucket], non_blocking=True)
+        self.step.run(rows)
+        out = self._buf.out[:bucket].cpu()  # the step's one host sync
+        return [int(out[r.slot.row]) for r in requests]
+
+    def last_logits(self, slot: SinkSlot) -> torch.Tensor:
+        """The logits the latest decode step computed for ``slot`` (tests and inspection)."""
+        return self._buf.logits[slot.row].clone()
+
+    def capture(self, progress: Callable[[str], None] | None = None) -> None:
+        """Warm up and capture the decode step for every bucket (CUDA with graphs on; else nothing)."""
+        def prepare(b: int) -> None:
+            self._buf.ints[:, :b] = 0
+            self._buf.ints[1, :b] = self.kv.scratch_position  # every row writes only its scratch column
+            self._buf.floats[:, :b] = 1.0
+
+        with torch.inference_mode():
+            self.step.capture(prepare, progress)
 
 
 def token_probability(logits: torch.Tensor, token_ids: Sequence[int]) -> float:

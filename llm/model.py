@@ -1,21 +1,24 @@
 """The listen-while-speaking dialogue LM: one loaded model shared by the sessions of an agent.
 
-:class:`SinkLLM` implements :class:`duplex.stages.LLMModel`. It owns the model, its chat format and
-one :class:`~duplex.worker.ModelWorker` thread where every session's compute runs in order; each
-session's state (its own attention-sink cache) lives in a :class:`~duplex.llm.stream.SinkLLMStream`.
+:class:`SinkLLM` implements :class:`duplex.stages.LLMModel`. It owns the model's
+:class:`~duplex.llm.engine.Engine` (weights, the K/V pool with one row per session, the batched
+decode step) and its :class:`~duplex.engine.scheduler.Scheduler` (the worker thread; one decode
+step for every replying session per tick, listening prefills and backchannel checks between steps).
+Each session's dialogue state lives in a :class:`~duplex.llm.stream.SinkLLMStream`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from duplex.engine.scheduler import Output, Scheduler
 from duplex.errors import ConfigError
 from duplex.llm.chat import ChatFormat, DialogueTokens
 from duplex.llm.context import SinkContext, check_window
-from duplex.llm.engine import Engine
+from duplex.llm.engine import DecodeRequest, Engine
 from duplex.llm.stream import SinkLLMStream
-from duplex.worker import ModelWorker
 
 USER_TURN_TOKENS = 32  # room for a few words of the user, on top of a whole reply, in "one turn"
 
@@ -36,18 +39,39 @@ class LLMSettings:
 
 
 class SinkLLM:
-    """A causal LM with RoPE behind an attention-sink cache per session."""
+    """A causal LM with RoPE behind an attention-sink cache per session, all sessions on one engine.
 
-    def __init__(self, model: Any, tokenizer: Any, device: str, settings: LLMSettings | None = None) -> None:
+    ``slots`` is how many sessions can hold a cache at once (rows of the K/V pool, the largest decode
+    batch); ``graphs`` captures the decode step in CUDA graphs on a GPU (see :meth:`warm_up`)."""
+
+    def __init__(self, model: Any, tokenizer: Any, device: str, settings: LLMSettings | None = None, *,
+                 slots: int = 4, graphs: bool = True) -> None:
         self.settings = settings or LLMSettings()
-        self.engine = Engine(model, tokenizer, device)
         sliding = getattr(model.config, "sliding_window", None) if model.config.model_type == "mistral" else None
         if sliding and self.settings.window > sliding:
             raise ConfigError(f"llm_window={self.settings.window} exceeds this Mistral model's attention "
                               f"window of {sliding} tokens; use --llm-window {sliding} or less")
-        self.format = ChatFormat.from_tokenizer(tokenizer, getattr(model, "generation_config", None))
-        self.answer_ids = _answer_ids(self.format)
-        self.worker = ModelWorker("llm", device)
+        fmt = ChatFormat.from_tokenizer(tokenizer, getattr(model, "generation_config", None))
+        self.engine = Engine(model, tokenizer, device, window=self.settings.window, slots=slots,
+                             stop_ids=sorted(fmt.stop_ids), graphs=graphs)
+        self.format = fmt
+        self.answer_ids = _answer_ids(fmt)
+        self.scheduler: Scheduler = Scheduler("llm", self._decode_step, device=device, max_batch=slots,
+                                              job_budget=4)
+
+    @property
+    def format(self) -> ChatFormat:
+        return self._format
+
+    @format.setter
+    def format(self, fmt: ChatFormat) -> None:
+        self._format = fmt
+        self.engine.set_stop_ids(fmt.stop_ids)  # what a fixed-length reply never samples
+
+    async def warm_up(self, progress: Callable[[str], None] | None = None) -> None:
+        """Capture the decode step for every batch bucket (CUDA graphs; nothing on the CPU), on the
+        engine's own thread, before the first session needs it."""
+        await self.scheduler.run(self.engine.capture, progress)
 
     def check_system_prompt(self, system_prompt: str) -> int:
         """Raise :class:`ConfigError` if the window cannot hold this system prompt and one turn;
@@ -59,19 +83,42 @@ class SinkLLM:
         return sink
 
     def new_context(self, system_prompt: str, *, rerotate: bool = True) -> SinkContext:
-        """A fresh session state (blocking: allocates the cache; run it on the worker thread)."""
+        """A fresh session state on a free row of the engine (run it on the engine's thread)."""
         return SinkContext.create(self.engine, DialogueTokens(self.format, system_prompt), self.settings.window,
                                   min_turn=self.settings.min_turn, rerotate=rerotate)
 
     def new_stream(self, system_prompt: str) -> SinkLLMStream:
         return SinkLLMStream(self, system_prompt)
 
+    def _decode_step(self, rows: list[tuple[SinkLLMStream, Any]]) -> list[Output]:
+        """The batched decode step (worker thread): one token for every replying session."""
+        outputs: list[Output | None] = [None] * len(rows)
+        live: list[int] = []
+        requests: list[DecodeRequest] = []
+        for i, (stream, reply) in enumerate(rows):
+            ctx = stream.context
+            if stream._active is not reply or ctx is None or reply.last is None:
+                outputs[i] = Output((True, ""), done=True)  # closed or superseded meanwhile
+                continue
+            ctx.reserve(1)
+            requests.append(DecodeRequest(ctx.cache, reply.last, stream.draw()))
+            live.append(i)
+        tokens = self.engine.decode(requests)
+        for i, request, token in zip(live, requests, tokens):  # commit only once the whole step ran
+            stream, reply = rows[i]
+            assert stream.context is not None
+            stream.context.commit_decoded(request.token)
+            stream._draws += 1
+            done, text = stream.took(reply, token)
+            outputs[i] = Output((done, text), done=done)
+        return outputs  # type: ignore[return-value]
+
     def close(self) -> None:
-        self.worker.close()
+        self.scheduler.close()
 
     async def aclose(self) -> None:
-        """Stop the worker thread (the agent calls this after closing its sessions)."""
-        self.close()
+        """Stop the engine (the agent calls this after closing its sessions)."""
+        await self.scheduler.aclose()
 
 
 def _answer_ids(fmt: ChatFormat) -> tuple[tuple[int, ...], tuple[int, ...]]:

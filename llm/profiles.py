@@ -81,6 +81,6 @@ def build_llm(config: AgentConfig, device: str):
     from duplex.llm.model import SinkLLM
 
     model, tokenizer = load_model(config, device)
-    llm = SinkLLM(model, tokenizer, device, settings_from(config))
+    llm = SinkLLM(model, tokenizer, device, settings_from(config), slots=config.slots(), graphs=config.graphs)
     llm.check_system_prompt(config.system_prompt)
     return llm

@@ -1,6 +1,7 @@
-"""Attention-sink KV cache (StreamingLLM) on the transformers 5.x ``Cache`` / cache-layer API.
+"""Attention-sink KV cache (StreamingLLM): one session's row of the LLM engine's static K/V buffers.
 
-The cache holds ``capacity`` slots per layer, allocated up front (constant memory, fixed addresses).
+The cache holds ``capacity`` slots per layer, allocated up front in the engine's pool (constant
+memory, fixed addresses, the same shapes for every session).
 Slot ``i`` always carries RoPE position ``i``: keys are stored already rotated at their slot's
 position, exactly as the model wrote them. The first ``sink`` slots (the system prompt) are never
 evicted. Evicting ``n`` slots after the sink moves the survivors ``n`` slots down and rotates their
@@ -18,11 +19,12 @@ times at most on its way through the window (the sink never moves).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
 
+from duplex.engine.decoder import SlotKV
 from duplex.errors import ConfigError
 
 # Model families whose attention applies RoPE with ``rotate_half`` over the whole head dimension.
@@ -70,113 +72,53 @@ def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return (k * cos + rotated_half * sin).to(keys.dtype)
 
 
-class SinkLayer(CacheLayerMixin):
-    """One layer's slots: ``keys``/``values`` ``[B, H_kv, capacity, D]``, the first ``length`` in use."""
+@dataclass(eq=False)
+class SinkSlot:
+    """One session's attention-sink cache: row ``row`` of the engine's shared :class:`SlotKV`.
 
-    is_compileable = False
-    is_croppable = True
-    is_sliding = False
+    ``length`` slots are in use; slot ``i`` holds the key written at RoPE position ``i``. The row's
+    buffers never change shape or address (they are views into the engine's pool)."""
 
-    def __init__(self, capacity: int) -> None:
-        super().__init__()
-        self.capacity = capacity
-        self.length = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
-        self.device = key_states.device
-        self.keys = torch.zeros((b, h, self.capacity, d), dtype=key_states.dtype, device=self.device)
-        self.values = torch.zeros((b, h, self.capacity, value_states.shape[-1]), dtype=value_states.dtype,
-                                  device=self.device)
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
-        end = self.length + n
-        if end > self.capacity:
-            raise RuntimeError(f"sink cache overflow: {self.length} + {n} > {self.capacity} slots; "
-                               "evict before writing")
-        self.keys[:, :, self.length:end] = key_states
-        self.values[:, :, self.length:end] = value_states
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return self.capacity
-
-    def reset(self) -> None:
-        self.length = 0
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:  # transformers' legacy form: the size to keep
-            self.length = min(self.length, tokens_to_remove)
-        else:
-            self.length = max(0, self.length + tokens_to_remove)
-
-    def evict(self, start: int, count: int, rotation: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """Drop slots ``[start, start + count)``; later slots move down ``count`` places and their keys
-        are rotated by ``rotation`` (cos, sin), or only moved when it is None."""
-        if count <= 0 or not self.is_initialized:
-            return
-        end = self.length
-        moved_k = self.keys[:, :, start + count:end]  # [B, H, T, D]
-        moved_k = rotate_keys(moved_k, *rotation) if rotation is not None else moved_k.clone()
-        self.keys[:, :, start:end - count] = moved_k
-        self.values[:, :, start:end - count] = self.values[:, :, start + count:end].clone()
-        self.length = end - count
-
-
-class SinkCache(Cache):
-    """The attention-sink cache: one :class:`SinkLayer` per model layer, plus eviction and rollback."""
-
-    def __init__(self, num_layers: int, capacity: int, inv_freq: torch.Tensor, *, rerotate: bool = True):
-        super().__init__(layers=[SinkLayer(capacity) for _ in range(num_layers)])
-        self.capacity = capacity
-        self.inv_freq = inv_freq.to(torch.float32)
-        self.rerotate = rerotate  # False only for the negative control in tests
-
-    def __len__(self) -> int:
-        return len(self.layers)
+    kv: SlotKV
+    row: int
+    inv_freq: torch.Tensor  # fp32 [D/2]
+    rerotate: bool = True  # False only for the negative control in tests
+    length: int = 0
 
     @property
-    def length(self) -> int:
-        return self.layers[0].length
+    def capacity(self) -> int:
+        return self.kv.positions
 
     def truncate(self, length: int) -> None:
         """Roll back to the first ``length`` slots (cheap: later writes overwrite the rest)."""
         if not (0 <= length <= self.length):
             raise ValueError(f"cannot truncate a cache of {self.length} slots to {length}")
-        for layer in self.layers:
-            layer.length = length
+        self.length = length
 
     def evict(self, start: int, count: int) -> None:
-        """Drop ``count`` slots from ``start`` on; positions after them shift down by ``count``."""
+        """Drop slots ``[start, start + count)``; later slots move down ``count`` places and their keys
+        are rotated by ``-count`` positions (only moved when ``rerotate`` is off)."""
         if not (0 <= start and count >= 0 and start + count <= self.length):
             raise ValueError(f"cannot evict [{start}, {start + count}) from {self.length} slots")
         if count == 0:
             return
-        first = self.layers[0]
-        rotation = None
-        if self.rerotate and first.is_initialized:
-            rotation = rope_shift(-count, self.inv_freq, first.keys.device)
-        for layer in self.layers:
-            layer.evict(start, count, rotation)
+        end = self.length
+        keys0 = self.kv.keys[0]
+        rotation = rope_shift(-count, self.inv_freq, keys0.device) if self.rerotate else None
+        for keys, values in zip(self.kv.keys, self.kv.values):
+            moved = keys[self.row, :, start + count:end]  # [H, T, D]
+            moved = rotate_keys(moved, *rotation) if rotation is not None else moved.clone()
+            keys[self.row, :, start:end - count] = moved
+            values[self.row, :, start:end - count] = values[self.row, :, start + count:end].clone()
+        self.length = end - count
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s keys in use ``[H_kv, length, D]`` (a view; tests and inspection)."""
+        return self.kv.keys[layer][self.row, :, :self.length]
+
+    def values(self, layer: int) -> torch.Tensor:
+        return self.kv.values[layer][self.row, :, :self.length]
 
     def nbytes(self) -> int:
-        """Bytes held by the cache's tensors (constant once allocated)."""
-        total = 0
-        for layer in self.layers:
-            for t in (layer.keys, layer.values):
-                if t is not None:
-                    total += t.untyped_storage().nbytes()
-        return total
-
+        """Bytes of this session's row (constant)."""
+        return self.kv.slot_nbytes()

@@ -1,20 +1,23 @@
 """One session of the dialogue LM: listen, reply, judge backchannels (:class:`duplex.stages.LLMStream`).
 
-All model work goes to the model's worker thread as separate jobs (one per reply token), so replies
-are cancellable between steps and the session's state only ever changes inside a job, in order.
+The session's state (its attention-sink cache on one row of the engine's K/V pool) changes only on
+the engine's worker thread, in the order the scheduler runs the work (:mod:`duplex.engine.scheduler`):
 
-- :meth:`SinkLLMStream.listen` brings the cache up to the dialogue with the user's words so far
-  (the last message left open) and returns P(the chat template's end-of-message token), read from
-  the logits of that same prefill.
-- :meth:`SinkLLMStream.reply` runs its own decode loop: prefill up to the generation prompt, then
-  sample, detokenise and clean each token for speech, until an end-of-turn token, the token limit,
-  or the caller closes the iterator.
+- :meth:`SinkLLMStream.listen` is a job: it brings the cache up to the dialogue with the user's words
+  so far (the last message left open) and returns P(the chat template's end-of-message token), read
+  from the logits of that same prefill.
+- :meth:`SinkLLMStream.reply` starts with a job (prefill up to the generation prompt, sample the
+  first token), then joins the engine's batched decode step as a row: every step runs the last
+  sampled token of every replying session at once and samples the next ones. Pieces of text come
+  back through the row's bounded queue, a few tokens ahead of the consumer at most; closing the
+  iterator leaves the step (a step already running lands, no further one starts).
 - While a reply is being generated the cache belongs to it: ``listen`` and ``is_backchannel`` then
   score a short tail (the user's words) on top of the cache and roll it back exactly, so the reply
-  goes on unchanged. ``is_backchannel`` also scores on top of a finished reply still in the cache
-  (what the agent was saying is the context the question needs). Once the reply is closed, the
-  next ``listen`` truncates the cache to the words the person heard (the conversation record passes
-  only those) and continues from there.
+  goes on unchanged. ``is_backchannel`` runs as an *urgent* job (before the next decode step, never
+  behind bulk work) and also scores on top of a finished reply still in the cache (what the agent
+  was saying is the context the question needs). Once the reply is closed, the next ``listen``
+  truncates the cache to the words the person heard (the conversation record passes only those)
+  and continues from there.
 - Reply text is released word by word (a word once the whitespace after it arrives), cleaned of
   markdown and emoji (:mod:`duplex.llm.speech_text`).
 """
@@ -25,15 +28,15 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
 from duplex.llm.context import SinkContext
-from duplex.llm.engine import TextDecoder, sample, token_probability
+from duplex.llm.engine import Draw, TextDecoder, token_probability
 from duplex.llm.speech_text import SpeechText
 from duplex.stages import Message
 
 if TYPE_CHECKING:
     from duplex.llm.model import SinkLLM
+
+TOKENS_AHEAD = 4  # reply tokens the engine may make before the consumer takes them
 
 BACKCHANNEL_QUESTION = (
     'While you were speaking, the user said: "{text}". Is that only a backchannel, like "mm-hm", '
@@ -55,7 +58,7 @@ class SinkLLMStream:
     model: SinkLLM
     system_prompt: str
     _ctx: SinkContext | None = None
-    _generator: torch.Generator | None = None
+    _draws: int = 0  # tokens this session has sampled (the sampler's per-session counter)
     _active: _Reply | None = None
     _closed: bool = False
 
@@ -76,25 +79,32 @@ class SinkLLMStream:
 
     async def listen(self, messages: Sequence[Message]) -> float | None:
         self._check_open()
-        return await self.model.worker.run(self._listen, list(messages))
+        return await self.model.scheduler.run(self._listen, list(messages))
 
     async def reply(self, messages: Sequence[Message]) -> AsyncIterator[str]:
         self._check_open()
+        scheduler = self.model.scheduler
         reply = _Reply(TextDecoder(self.model.engine.tokenizer))
         self._active = reply
         speech = SpeechText()
-        pending: list[Message] | None = list(messages)
+        row = None
         try:
-            done = False
-            while not done:
-                done, text = await self.model.worker.run(self._reply_step, reply, pending)
-                pending = None
+            done, text = await scheduler.run(self._reply_start, reply, list(messages))
+            while True:
+                if not done and row is None:  # decode ahead while the consumer takes this piece
+                    row = scheduler.join((self, reply), room=TOKENS_AHEAD)
                 piece = speech.feed(text) if text else ""
                 if done:
                     piece += speech.flush()
                 if piece:
                     yield piece
+                if done:
+                    break
+                assert row is not None
+                done, text = (await scheduler.next(row)).value
         finally:
+            if row is not None:
+                scheduler.leave(row)
             if self._active is reply:
                 self._active = None
 
@@ -105,22 +115,20 @@ class SinkLLMStream:
             return True  # nothing was said: keep talking
         if len(words) > self.model.settings.backchannel_max_words:
             return False
-        return await self.model.worker.run(self._backchannel, list(messages), " ".join(words))
+        return await self.model.scheduler.run(self._backchannel, list(messages), " ".join(words), urgent=True)
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._active = None
-        await self.model.worker.run(self._release)
+        await self.model.scheduler.run(self._release)
 
     # -- jobs (worker thread) -------------------------------------------------------------------
 
     def _context(self) -> SinkContext:
         if self._ctx is None:
             self._ctx = self.model.new_context(self.system_prompt)
-            device = self.model.engine.device
-            self._generator = torch.Generator(device=device).manual_seed(self.model.settings.seed)
         return self._ctx
 
     def _listen(self, messages: list[Message]) -> float | None:
@@ -139,26 +147,27 @@ class SinkLLMStream:
             logits = ctx.sync(messages, open_last=True)
         return token_probability(logits, [fmt.end_of_message])
 
-    def _reply_step(self, reply: _Reply, messages: list[Message] | None) -> tuple[bool, str]:
-        """One decode step: returns (finished, new text)."""
-        if self._active is not reply:
-            return True, ""  # closed or superseded while this step waited
-        ctx = self._context()
-        if messages is not None:
-            logits = ctx.sync(messages, generation_prompt=True)
-        else:
-            assert reply.last is not None
-            logits = ctx.extend([reply.last])
+    def draw(self) -> Draw:
+        """How this session samples its next token."""
         settings = self.model.settings
-        if settings.fixed_length:  # benchmarks: every reply runs to max_reply_tokens
-            logits = logits.clone()
-            logits[list(self.model.format.stop_ids)] = float("-inf")
-        token = sample(logits, settings.temperature, settings.top_p, self._generator)
+        return Draw(settings.temperature, settings.top_p, settings.seed, self._draws, settings.fixed_length)
+
+    def _reply_start(self, reply: _Reply, messages: list[Message]) -> tuple[bool, str]:
+        """Prefill up to the generation prompt and sample the first token: (finished, new text)."""
+        if self._active is not reply:
+            return True, ""  # closed or superseded while this job waited
+        logits = self._context().sync(messages, generation_prompt=True)
+        token = self.model.engine.sample(logits, self.draw())
+        self._draws += 1
+        return self.took(reply, token)
+
+    def took(self, reply: _Reply, token: int) -> tuple[bool, str]:
+        """Book a sampled token: (finished, new text). A stop token ends the reply before it."""
         if token in self.model.format.stop_ids:
             return True, ""
         reply.last = token
         reply.count += 1
-        return reply.count >= settings.max_reply_tokens, reply.decoder.push(token)
+        return reply.count >= self.model.settings.max_reply_tokens, reply.decoder.push(token)
 
     def _backchannel(self, messages: list[Message], text: str) -> bool:
         ctx = self._context()
@@ -180,8 +189,9 @@ class SinkLLMStream:
         return self.model.format.wrappers[ctx.open_role][1]
 
     def _release(self) -> None:
+        if self._ctx is not None:
+            self._ctx.close()
         self._ctx = None
-        self._generator = None
 
     def _check_open(self) -> None:
         if self._closed:

@@ -53,9 +53,9 @@ def make_llm(tiny_checkpoints) -> Iterator:
     """``make_llm(arch, **settings) -> SinkLLM`` on a tiny checkpoint; workers closed at the end."""
     made: list[SinkLLM] = []
 
-    def make(arch: str = "qwen2", **settings) -> SinkLLM:
+    def make(arch: str = "qwen2", slots: int = 8, **settings) -> SinkLLM:
         model, tokenizer = tiny_checkpoints[arch]
-        llm = SinkLLM(model, tokenizer, "cpu", LLMSettings(**settings))
+        llm = SinkLLM(model, tokenizer, "cpu", LLMSettings(**settings), slots=slots)
         made.append(llm)
         return llm
 
@@ -66,8 +66,7 @@ def make_llm(tiny_checkpoints) -> Iterator:
 
 def kv_of(ctx: SinkContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The keys and values a context holds, per layer ``([H, T, D], [H, T, D])``."""
-    n = ctx.length
-    return [(layer.keys[0, :, :n].clone(), layer.values[0, :, :n].clone()) for layer in ctx.cache.layers]
+    return [(ctx.cache.keys(i).clone(), ctx.cache.values(i).clone()) for i in range(ctx.engine.num_layers)]
 
 
 def max_kv_diff(a: SinkContext, b: SinkContext) -> float:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from duplex.errors import ConfigError
-from duplex.llm.sink_cache import SinkCache, rope_inv_freq, rope_shift, rotate_keys
+from duplex.engine.decoder import SlotKV
+from duplex.llm.sink_cache import SinkSlot, rope_inv_freq, rope_shift, rotate_keys
 from duplex.stages import Message
 from llm_fixtures import (  # noqa: F401 (fixtures)
     ARCHS, SHORT_SYSTEM, ReferenceDecoder, Step, held_indices, make_llm, tiny_checkpoints,
@@ -75,20 +76,22 @@ def test_rotation_composes_and_matches_fresh_rope():
 
 
 def test_truncate_and_evict_bookkeeping():
-    """Truncation only moves the length (no copy); eviction moves later slots down by the count."""
+    """Truncation only moves the length (no copy); eviction moves later slots of its own row down by
+    the count and leaves the other rows of the pool alone."""
     inv_freq = torch.ones(2)
-    cache = SinkCache(1, 8, inv_freq, rerotate=False)
-    k = torch.arange(6, dtype=torch.float32).view(1, 1, 6, 1).expand(1, 1, 6, 4).contiguous()
-    keys, _ = cache.update(k, k, 0)
-    assert keys.shape[2] == 6 and cache.get_seq_length() == 6
-    ptr = cache.layers[0].keys.data_ptr()
-    cache.evict(2, 3)  # drop slots 2, 3, 4
-    assert cache.length == 3
-    assert cache.layers[0].keys[0, 0, :3, 0].tolist() == [0.0, 1.0, 5.0]
-    cache.truncate(1)
-    assert cache.length == 1 and cache.layers[0].keys.data_ptr() == ptr
-    with pytest.raises(RuntimeError, match="overflow"):
-        cache.update(torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 8, 4), 0)
+    k = torch.zeros(3, 1, 9, 4)  # 2 rows + scratch, 8 positions + scratch
+    k[:, 0, :6] = torch.arange(6, dtype=torch.float32)[:, None]
+    pool = SlotKV([k.clone()], [k.clone()])
+    slot = SinkSlot(pool, 1, inv_freq, rerotate=False, length=6)
+    ptr = pool.keys[0].data_ptr()
+    slot.evict(2, 3)  # drop slots 2, 3, 4
+    assert slot.length == 3
+    assert pool.keys[0][1, 0, :3, 0].tolist() == [0.0, 1.0, 5.0]
+    assert pool.keys[0][0, 0, :6, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # row 0 untouched
+    slot.truncate(1)
+    assert slot.length == 1 and pool.keys[0].data_ptr() == ptr
+    with pytest.raises(ValueError, match="cannot evict"):
+        slot.evict(0, 2)
 
 
 async def test_memory_after_100k_tokens_equals_memory_after_first_eviction(make_llm):
@@ -107,13 +110,14 @@ async def test_memory_after_100k_tokens_equals_memory_after_first_eviction(make_
         await stream.listen(messages)
         ctx = stream.context
         if snapshot is None and ctx.evictions:
-            snapshot = (stream.stats()["cache_bytes"], [lay.keys.data_ptr() for lay in ctx.cache.layers],
+            snapshot = (stream.stats()["cache_bytes"], [k.data_ptr() for k in ctx.cache.kv.keys], ctx.cache.row,
                         ctx.capacity)
         if ctx.end >= 100_000:
             break
     assert snapshot is not None and ctx.evictions > 100
     stats = stream.stats()
-    assert (stats["cache_bytes"], [lay.keys.data_ptr() for lay in ctx.cache.layers], ctx.capacity) == snapshot
+    assert (stats["cache_bytes"], [k.data_ptr() for k in ctx.cache.kv.keys], ctx.cache.row,
+            ctx.capacity) == snapshot
     assert stats["dialogue_tokens"] >= 100_000 and stats["cache_tokens"] <= 256
     # The dialogue bookkeeping keeps the token ids of the window's messages only.
     assert ctx.dialogue.retained() <= ctx.capacity + 2 * max(ctx.dialogue.sizes)

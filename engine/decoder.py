@@ -1,0 +1,272 @@
+"""A lean forward of Llama-family decoder layers over slot KV buffers: static shapes, per-row positions.
+
+The LLM (Llama, Qwen2, Qwen3, Mistral), CSM's backbone and CSM's depth decoder are all stacks of the
+same pre-norm layer: RMSNorm, attention with RoPE and grouped K/V heads, RMSNorm, gated MLP. This
+module reads the weights of a transformers model once (q/k/v and gate/up fused into one matrix
+each; the model's own parameters become views of the fused ones, so no memory is duplicated and the
+transformers model stays usable as a reference) and runs the layers itself:
+
+- K/V live in a :class:`SlotKV`: one buffer per layer, ``[slots + 1, H_kv, positions + 1, D]``,
+  allocated once. Row ``r`` is one session's cache, position ``p`` holds the key written at RoPE
+  position ``p``. The extra row and column are scratch: rows that take part in a batched step
+  without a token of their own write there, so a step can cover a fixed range of rows.
+- :meth:`LeanDecoder.forward` takes per-row positions ``[B, T]`` and a boolean mask ``[B, T, L]`` of
+  the keys each query may see: a decode step for rows ``0..b-1`` and a prefill of one row are the
+  same call with other shapes, and a decode step of ``b`` rows always has the same shapes (so it can
+  be captured in a CUDA graph).
+
+The numbers are those of the transformers modules (tests compare logits with the models' own
+forward); nothing here depends on how a transformers version names its cache argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from duplex.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class LayerWeights:
+    norm1: torch.Tensor
+    eps1: float
+    qkv: torch.Tensor  # [(H + 2 * H_kv) * D, hidden]
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None  # Qwen3: RMSNorm over each head's D dims, before RoPE
+    k_norm: torch.Tensor | None
+    qk_eps: float
+    out: torch.Tensor
+    out_bias: torch.Tensor | None
+    norm2: torch.Tensor
+    eps2: float
+    gate_up: torch.Tensor  # [2 * I, hidden]
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+@dataclass
+class SlotKV:
+    """K/V buffers of every layer: ``[slots + 1, H_kv, positions + 1, D]`` each, allocated once."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def slots(self) -> int:
+        return self.keys[0].shape[0] - 1
+
+    @property
+    def positions(self) -> int:
+        return self.keys[0].shape[2] - 1
+
+    @property
+    def scratch_row(self) -> int:
+        return self.slots
+
+    @property
+    def scratch_position(self) -> int:
+        return self.positions
+
+    def nbytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in (*self.keys, *self.values))
+
+    def slot_nbytes(self) -> int:
+        """Bytes one row holds (every layer's keys and values)."""
+        return sum(t[0].numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def copy_positions(self, src: int, dst: int, start: int, end: int) -> None:
+        """Copy positions ``[start, end)`` of row ``src`` to row ``dst``."""
+        for t in (*self.keys, *self.values):
+            t[dst, :, start:end] = t[src, :, start:end]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama RMSNorm: normalise in fp32, scale in the input dtype."""
+    import torch
+
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _fuse(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several ``nn.Linear`` on the same input; the modules' own parameters
+    become views of it, so the model keeps working and no memory is duplicated."""
+    import torch
+
+    weight = torch.cat([lin.weight.data for lin in linears])
+    biases = [lin.bias for lin in linears]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([b.data if b is not None else weight.new_zeros(lin.weight.shape[0])
+                          for b, lin in zip(biases, linears)])
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight.data = weight[start:start + rows]
+        if lin.bias is not None:
+            assert bias is not None
+            lin.bias.data = bias[start:start + rows]
+        start += rows
+    return weight, bias
+
+
+def _norm_weight(module) -> tuple[torch.Tensor, float]:
+    eps = getattr(module, "variance_epsilon", None)
+    if eps is None:
+        eps = getattr(module, "eps")
+    return module.weight, float(eps)
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+              scale: float) -> torch.Tensor:
+    """Grouped attention without copying K/V per query head.
+
+    ``q`` ``[B, T, H, D]``; ``keys``/``values`` ``[B, H_kv, L, D]``; ``mask`` ``[B, T, L]`` (True = may
+    attend) -> ``[B, T, H * D]``. Query head ``h`` reads K/V head ``h // (H / H_kv)``, as
+    transformers' ``repeat_kv`` arranges them; scores are softmaxed in fp32, as its eager path does."""
+    import torch
+
+    b, t, h, d = q.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    g = h // kv_heads
+    q = q.view(b, t, kv_heads, g, d).permute(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale  # [B, H_kv, G * T, L]
+    scores = scores.view(b, kv_heads, g, t, length).masked_fill(~mask[:, None, None], float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(weights.view(b, kv_heads, g * t, length), values)  # [B, H_kv, G * T, D]
+    return out.view(b, kv_heads, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, h * d)
+
+
+class LeanDecoder:
+    """The layers, final norm and RoPE tables of a Llama-family model, run over a :class:`SlotKV`.
+
+    ``inner`` is the model's decoder (the module with ``layers``, ``norm``, ``rotary_emb``);
+    ``positions`` is the longest sequence any row will hold (RoPE tables are precomputed up to it)."""
+
+    def __init__(self, inner: Any, config: Any, positions: int) -> None:
+        import torch
+
+        from transformers.activations import ACT2FN
+
+        self.hidden = int(config.hidden_size)
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or self.hidden // self.heads)
+        self.positions = int(positions)
+        self.act: Callable = ACT2FN[config.hidden_act]
+        self.layers: list[LayerWeights] = []
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if getattr(attn, "sliding_window", None):
+                raise ConfigError("the lean decoder supports full-attention layers only")
+            qkv, qkv_bias = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
+            gate_up, gate_up_bias = _fuse(mlp.gate_proj, mlp.up_proj)
+            q_norm = getattr(attn, "q_norm", None)
+            k_norm = getattr(attn, "k_norm", None)
+            norm1, eps1 = _norm_weight(layer.input_layernorm)
+            norm2, eps2 = _norm_weight(layer.post_attention_layernorm)
+            self.layers.append(LayerWeights(
+                norm1=norm1, eps1=eps1, qkv=qkv, qkv_bias=qkv_bias,
+                q_norm=None if q_norm is None else q_norm.weight, k_norm=None if k_norm is None else k_norm.weight,
+                qk_eps=0.0 if q_norm is None else _norm_weight(q_norm)[1],
+                out=attn.o_proj.weight, out_bias=attn.o_proj.bias, norm2=norm2, eps2=eps2,
+                gate_up=gate_up, gate_up_bias=gate_up_bias, down=mlp.down_proj.weight, down_bias=mlp.down_proj.bias))
+        self.scale = float(getattr(inner.layers[0].self_attn, "scaling", self.head_dim ** -0.5))
+        self.norm, self.norm_eps = _norm_weight(inner.norm)
+        weight = self.layers[0].qkv
+        self.device, self.dtype = weight.device, weight.dtype
+        # RoPE tables from the model's own rotary module (its scaling type and attention factor
+        # included), one row per position, plus the scratch position.
+        table = torch.arange(self.positions + 1, device=self.device)[None]
+        cos, sin = inner.rotary_emb(weight.new_zeros(1, dtype=self.dtype), position_ids=table)
+        self.cos, self.sin = cos[0], sin[0]  # [P + 1, D]
+
+    def new_kv(self, slots: int, positions: int | None = None) -> SlotKV:
+        """Zeroed K/V for ``slots`` rows of ``positions`` positions (each plus scratch)."""
+        import torch
+
+        positions = self.positions if positions is None else positions
+        if positions > self.positions:
+            raise ValueError(f"{positions} positions asked for; the RoPE tables reach {self.positions}")
+        shape = (slots + 1, self.kv_heads, positions + 1, self.head_dim)
+        return SlotKV([torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers],
+                      [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers])
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: SlotKV, rows: slice, write_rows: torch.Tensor,
+                length: int, mask: torch.Tensor) -> torch.Tensor:
+        """Run ``x`` ``[B, T, hidden]`` through the layers; returns the normed hidden states ``[B, T, hidden]``.
+
+        Token ``(b, t)`` is at RoPE position ``positions[b, t]`` and writes its K/V at
+        ``(write_rows[b], positions[b, t])``; attention reads positions ``[0, length)`` of the rows
+        ``rows`` (``B`` of them, in the order of ``x``), as ``mask`` ``[B, T, length]`` allows."""
+        import torch.nn.functional as F
+
+        b, t, _ = x.shape
+        cos = self.cos[positions][:, :, None]  # [B, T, 1, D]
+        sin = self.sin[positions][:, :, None]
+        row_index = write_rows[:, None].expand(b, t)
+        for index, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.norm1, layer.eps1)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(b, t, -1, self.head_dim)
+            q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=2)  # [B, T, H(kv), D]
+            if layer.q_norm is not None:
+                q = rms_norm(q, layer.q_norm, layer.qk_eps)
+                k = rms_norm(k, layer.k_norm, layer.qk_eps)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            keys, values = kv.keys[index], kv.values[index]
+            keys[row_index, :, positions] = k  # [B, T, H_kv, D] into [S, H_kv, P, D]
+            values[row_index, :, positions] = v
+            attn = attention(q, keys[rows, :, :length], values[rows, :, :length], mask, self.scale)
+            x = x + F.linear(attn, layer.out, layer.out_bias)
+            gate, up = F.linear(rms_norm(x, layer.norm2, layer.eps2), layer.gate_up, layer.gate_up_bias).chunk(2, -1)
+            x = x + F.linear(self.act(gate) * up, layer.down, layer.down_bias)
+        return rms_norm(x, self.norm, self.norm_eps)
+
+    # -- the two shapes every engine uses --------------------------------------------------------
+
+    def prefill(self, x: torch.Tensor, kv: SlotKV, row: int, start: int) -> torch.Tensor:
+        """Run ``x`` ``[T, hidden]`` into row ``row`` at positions ``start..start+T-1`` (causal);
+        returns the normed hidden states ``[T, hidden]``."""
+        import torch
+
+        t = x.shape[0]
+        end = start + t
+        if end > kv.positions:
+            raise RuntimeError(f"a prefill to position {end} does not fit {kv.positions} positions; "
+                               "evict or truncate first")
+        positions = torch.arange(start, end, device=self.device)[None]  # [1, T]
+        mask = torch.arange(end, device=self.device)[None, None, :] <= positions[:, :, None]  # [1, T, end]
+        rows = torch.tensor([row], device=self.device)
+        return self.forward(x[None], positions, kv, slice(row, row + 1), rows, end, mask)[0]
+
+    def decode(self, x: torch.Tensor, positions: torch.Tensor, kv: SlotKV, row_range: torch.Tensor) -> torch.Tensor:
+        """One token for each of rows ``0..B-1``: ``x`` ``[B, hidden]`` at ``positions`` ``[B]`` (a row
+        that has no token this step sits at the scratch position) -> normed hidden ``[B, hidden]``.
+        ``row_range`` is ``arange(B)`` (kept by the caller so a captured step allocates nothing)."""
+        b = x.shape[0]
+        length = kv.positions + 1
+        mask = self.key_index(length)[None, None, :] <= positions[:, None, None]  # [B, 1, P + 1]
+        return self.forward(x[:, None], positions[:, None], kv, slice(0, b), row_range, length, mask)[:, 0]
+
+    def key_index(self, length: int) -> torch.Tensor:
+        import torch
+
+        cached = getattr(self, "_key_index", None)
+        if cached is None or cached.shape[0] != length:
+            cached = self._key_index = torch.arange(length, device=self.device)
+        return cached

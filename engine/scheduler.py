@@ -1,0 +1,282 @@
+"""The scheduler of one engine: batched steps for every session that needs one, jobs between them.
+
+One :class:`Scheduler` owns a model's worker thread (:class:`~duplex.worker.ModelWorker`). Sessions
+reach the model in two ways:
+
+- **Rows** (:meth:`Scheduler.join`): a session that needs the same step again and again (an LLM
+  reply, a TTS reply, an ASR chunk) joins as a row. Every *tick* runs one batched step for the rows
+  that have room for another output, so sessions join and leave between any two steps (continuous
+  batching). Each row holds a bounded queue of outputs; a row whose consumer falls behind is not
+  stepped until it catches up. :meth:`Scheduler.submit` is a row that leaves after one output.
+- **Jobs** (:meth:`Scheduler.run`): one-off work for one session (an LLM prefill while the user
+  speaks, a backchannel check, the start of a TTS reply). *Urgent* jobs (barge-in checks) run at the
+  start of the next tick, before the step; the others after it, at most ``job_budget`` cost units
+  (prompt tokens, say) per tick while rows are waiting, so a long listen never stalls a reply.
+
+Scheduling is deadline-aware: when more rows are ready than ``max_batch``, the rows whose consumers
+run dry soonest (the smallest ``deadline``, a loop time) go first. A step that raises is re-run for
+each row alone (steps commit their state only after success, so a re-run is exact), and only the
+rows that fail alone get the error: one session's failure never ends the others.
+
+Everything here runs on the event loop, except ``step`` and the jobs, which run on the worker
+thread, one tick (one executor job) at a time, so the virtual clock (:mod:`duplex.clock`) sees
+every tick as compute in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from duplex.worker import ModelWorker
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S")
+Out = TypeVar("Out")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Output(Generic[Out]):
+    """What a step made for one row: its value, and whether the row is finished (it leaves)."""
+
+    value: Out
+    done: bool = False
+
+
+StepFn = Callable[[list[Any]], Sequence[Any]]  # states -> one Output (or an Exception) per state
+
+
+@dataclass(eq=False)
+class Row(Generic[S, Out]):
+    """One session's place in the batched step. Its ``state`` is read and updated by the step only
+    (on the worker thread); the consumer takes outputs with :meth:`Scheduler.next`."""
+
+    state: S
+    deadline: float
+    room: int  # outputs it may hold before its consumer takes them
+    queue: deque = field(default_factory=deque)  # Output values or one exception
+    done: bool = False  # no more steps (finished, failed or left)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def wants_step(self) -> bool:
+        return not self.done and len(self.queue) < self.room
+
+
+@dataclass(eq=False)
+class _Job:
+    fn: Callable[..., Any]
+    args: tuple
+    future: asyncio.Future
+    cost: int
+
+
+class Scheduler(Generic[S, Out]):
+    """Runs ``step`` over the rows that want one and jobs between steps, on one worker thread."""
+
+    def __init__(self, name: str, step: StepFn, *, device: str = "cpu", max_batch: int = 32,
+                 job_budget: int = 256, isolate_failures: bool = True) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.name = name
+        self.worker = ModelWorker(name, device)
+        self._step = step
+        self.max_batch = max_batch
+        self.job_budget = job_budget
+        self.isolate_failures = isolate_failures
+        self._rows: list[Row] = []
+        self._urgent: deque[_Job] = deque()
+        self._jobs: deque[_Job] = deque()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self.batch_sizes: list[int] = []  # rows in each step, for benchmarks and tests
+        self.ticks = 0
+
+    # -- rows --------------------------------------------------------------------------------------
+
+    def join(self, state: S, *, deadline: float | None = None, room: int = 2) -> Row[S, Out]:
+        """Add a row; it is stepped from the next tick on."""
+        loop = self._ensure_running()
+        row: Row[S, Out] = Row(state=state, deadline=loop.time() if deadline is None else deadline, room=room)
+        self._rows.append(row)
+        self._kick()
+        return row
+
+    async def next(self, row: Row[S, Out]) -> Output[Out]:
+        """The row's next output (raises what its step raised)."""
+        while not row.queue:
+            if row.done:
+                raise RuntimeError(f"{self.name}: the row has left and has no more output")
+            row.ready.clear()
+            await row.ready.wait()
+        item = row.queue.popleft()
+        self._kick()  # room again: the row may be stepped
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def leave(self, row: Row) -> None:
+        """Stop stepping ``row`` (a step in flight for it still lands, its output is dropped)."""
+        row.done = True
+        row.queue.clear()
+        if row in self._rows:
+            self._rows.remove(row)
+
+    async def submit(self, state: S, *, deadline: float | None = None) -> Out:
+        """One step for ``state``, batched with whatever else is waiting."""
+        row = self.join(state, deadline=deadline, room=1)
+        try:
+            out = await self.next(row)
+        finally:
+            self.leave(row)
+        return out.value
+
+    # -- jobs --------------------------------------------------------------------------------------
+
+    async def run(self, fn: Callable[..., T], *args: Any, urgent: bool = False, cost: int = 1) -> T:
+        """Run ``fn(*args)`` on the worker thread between steps (urgent: before the next step)."""
+        loop = self._ensure_running()
+        job = _Job(fn, args, loop.create_future(), max(1, int(cost)))
+        (self._urgent if urgent else self._jobs).append(job)
+        self._kick()
+        return await job.future
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _ensure_running(self) -> asyncio.AbstractEventLoop:
+        if self._closed:
+            raise RuntimeError(f"{self.name}: the engine is closed")
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._task is None or self._task.done():
+            self._loop = loop
+            self._wake = asyncio.Event()
+            self._rows = []  # rows of an earlier loop cannot be served on this one
+            self._task = loop.create_task(self._dispatch(), name=f"engine-{self.name}")
+        return loop
+
+    def _kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _plan(self) -> tuple[list[_Job], list[Row], list[_Job]]:
+        urgent = [j for j in self._urgent if not j.future.done()]
+        self._urgent.clear()
+        ready = sorted((r for r in self._rows if r.wants_step), key=lambda r: r.deadline)[: self.max_batch]
+        jobs: list[_Job] = []
+        spent = 0
+        while self._jobs:
+            job = self._jobs[0]
+            if job.future.done():  # its caller was cancelled while it waited
+                self._jobs.popleft()
+                continue
+            if jobs and ready and spent + job.cost > self.job_budget:
+                break
+            jobs.append(self._jobs.popleft())
+            spent += job.cost
+            if ready and spent >= self.job_budget:
+                break
+        return urgent, ready, jobs
+
+    async def _dispatch(self) -> None:
+        assert self._wake is not None
+        wake = self._wake
+        while True:
+            urgent, ready, jobs = self._plan()
+            if not (urgent or ready or jobs):
+                await wake.wait()
+                wake.clear()
+                continue
+            states = [r.state for r in ready]
+            if ready:
+                self.batch_sizes.append(len(ready))
+            self.ticks += 1
+            try:
+                job_results, outputs, late = await self.worker.run(self._tick, urgent, states, jobs)
+            except asyncio.CancelledError:
+                for job in (*urgent, *jobs):
+                    job.future.cancel()
+                raise
+            for job, (ok, value) in zip((*urgent, *late), job_results):
+                if job.future.done():
+                    continue
+                if ok:
+                    job.future.set_result(value)
+                else:
+                    job.future.set_exception(value)
+            for row, out in zip(ready, outputs):
+                if row.done:  # left while its step ran
+                    continue
+                row.queue.append(out)
+                if isinstance(out, BaseException) or out.done:
+                    row.done = True
+                    if row in self._rows:
+                        self._rows.remove(row)
+                row.ready.set()
+
+    def _tick(self, urgent: list[_Job], states: list[Any], jobs: list[_Job]):
+        """Worker thread: urgent jobs, one batched step, then the other jobs."""
+        results = [_call(job) for job in urgent]
+        outputs: list[Any] = []
+        if states:
+            outputs = self._run_step(states)
+        results += [_call(job) for job in jobs]
+        return results, outputs, jobs
+
+    def _run_step(self, states: list[Any]) -> list[Any]:
+        try:
+            outputs = list(self._step(states))
+            if len(outputs) != len(states):
+                raise RuntimeError(f"{self.name}: step returned {len(outputs)} outputs for {len(states)} rows")
+            return outputs
+        except Exception as exc:
+            if not self.isolate_failures or len(states) == 1:
+                return [exc] * len(states)
+            log.warning("%s: a batched step of %d rows failed (%s); re-running each row alone",
+                        self.name, len(states), exc)
+        outputs = []
+        for state in states:
+            try:
+                outputs.extend(self._step([state]))
+            except Exception as exc:  # this row's own failure
+                outputs.append(exc)
+        return outputs
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for row in self._rows:
+            row.done = True
+            row.ready.set()
+        self._rows = []
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for job in (*self._urgent, *self._jobs):
+            job.future.cancel()
+        self.worker.close()
+
+    def close(self) -> None:
+        """Stop the worker thread from outside a running loop (tests, shutdown)."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+        self.worker.close()
+
+
+def _call(job: _Job) -> tuple[bool, Any]:
+    """Run a job handed to the worker (even if its caller was cancelled since: it lands whole)."""
+    try:
+        return True, job.fn(*job.args)
+    except Exception as exc:
+        return False, exc

@@ -1,0 +1,164 @@
+"""The LLM engine's batched decode: each session gets exactly what it gets alone, static shapes, and
+one session's failure ends only that session."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from duplex.llm.engine import DecodeRequest, Draw
+from duplex.stages import Message
+from llm_fixtures import ARCHS, SHORT_SYSTEM, make_llm, tiny_checkpoints, single_torch_thread  # noqa: F401
+
+# (prompt length, the step it joins at, decode steps); sessions of different lengths that join and
+# leave at different times
+PLAN = [(7, 0, 12), (23, 0, 5), (15, 3, 9), (40, 4, 6), (3, 8, 7)]
+DRAWS = [Draw(0.0, 1.0, 0, 0), Draw(0.9, 0.8, 11, 0), Draw(1.3, 1.0, 5, 0), Draw(0.7, 0.95, 11, 0),
+         Draw(0.0, 1.0, 3, 0)]
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n, _, _ in PLAN]
+
+
+def _run(engine, prompts, *, together: bool):
+    """Decode every session of PLAN; returns per session (tokens, logits per step)."""
+    slots = [engine.new_slot() for _ in PLAN]
+    state = []
+    for slot, prompt, draw in zip(slots, prompts, DRAWS):
+        logits = engine.prefill(slot, prompt)
+        first = engine.sample(logits, draw)
+        state.append({"slot": slot, "last": first, "tokens": [first], "logits": [], "draw": draw, "n": 0})
+    schedule = [[i for i, (_, join, steps) in enumerate(PLAN) if join <= t < join + steps] for t in range(20)]
+    groups = [[i for i in rows] for rows in schedule] if together else \
+        [[i] for rows in schedule for i in rows]
+    for group in groups:
+        if not group:
+            continue
+        requests = []
+        for i in group:
+            s = state[i]
+            d = s["draw"]
+            requests.append(DecodeRequest(s["slot"], s["last"], Draw(d.temperature, d.top_p, d.seed, s["n"] + 1)))
+        tokens = engine.decode(requests)
+        for i, token in zip(group, tokens):
+            s = state[i]
+            s["logits"].append(engine.last_logits(s["slot"]))
+            s["slot"].length += 1
+            s["last"], s["n"] = token, s["n"] + 1
+            s["tokens"].append(token)
+    for slot in slots:
+        engine.release(slot)
+    return [(s["tokens"], s["logits"], s["slot"]) for s in state]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_decode_equals_each_session_alone_and_the_model(make_llm, tiny_checkpoints, arch):
+    """Sessions with different cache lengths, joining and leaving the batch at different steps, with
+    greedy and sampled draws: every session's logits (<= 1e-5) and tokens equal those of the same
+    session stepped alone, and the logits equal transformers' own forward over the whole sequence."""
+    llm = make_llm(arch, window=128, max_reply_tokens=8)
+    engine = llm.engine
+    prompts = _prompts(engine.vocab)
+    alone = _run(engine, prompts, together=False)
+    together = _run(engine, prompts, together=True)
+    model = tiny_checkpoints[arch][0]
+    for (tokens_a, logits_a, _), (tokens_b, logits_b, _), prompt in zip(alone, together, prompts):
+        assert tokens_a == tokens_b
+        assert max(float((a - b).abs().max()) for a, b in zip(logits_a, logits_b)) <= 1e-5
+        with torch.inference_mode():
+            ref = model(input_ids=torch.tensor([prompt + tokens_a[:-1]])).logits[0].float()
+        for step, logits in enumerate(logits_a):
+            expected = ref[len(prompt) + step, : engine.vocab]
+            assert float((logits[: engine.vocab] - expected).abs().max()) <= 1e-5
+    sampled = [t for (t, _, _), d in zip(alone, DRAWS) if d.temperature > 0]
+    assert sampled[0] != sampled[1]  # different settings and seeds draw differently
+
+
+def test_every_decode_step_of_a_session_sees_the_same_shapes(make_llm):
+    """A reply decoded across many evictions and a rollback runs its decode steps on identical tensor
+    shapes (the full window, whatever the cache holds), which is what lets a GPU replay one graph."""
+    llm = make_llm("qwen2", window=96, max_reply_tokens=40, temperature=0.0, fixed_length=True, slots=1)
+
+    async def main():
+        stream = llm.new_stream(SHORT_SYSTEM)
+        llm.engine.shape_log = []
+        dialogue = [Message("user", "tell me about the train")]
+        for _ in range(5):
+            text = "".join([piece async for piece in stream.reply(dialogue)])
+            dialogue += [Message("assistant", text[: len(text) // 2]), Message("user", "go on")]
+            await stream.listen(dialogue)
+        evictions = stream.context.evictions
+        await stream.aclose()
+        return evictions
+
+    evictions = asyncio.run(main())
+    shapes = llm.engine.shape_log
+    llm.engine.shape_log = None
+    assert evictions >= 3 and len(shapes) >= 5 * 39
+    assert set(shapes) == {((1, 64), (1,), (1, 2, 97, 16))}, set(shapes)
+
+
+async def test_concurrent_replies_equal_replies_alone(make_llm):
+    """Three sessions replying at once through the scheduler (batched decode steps) say exactly what
+    each says alone, sampled replies included."""
+    llm = make_llm("llama", window=192, max_reply_tokens=24, temperature=0.8)
+    dialogues = [[Message("user", "tell me about the train")], [Message("user", "what is the weather")],
+                 [Message("user", "hello"), Message("assistant", "hi there"), Message("user", "book a table")]]
+
+    async def speak(stream, dialogue):
+        return "".join([piece async for piece in stream.reply(dialogue)])
+
+    alone = []
+    for dialogue in dialogues:
+        stream = llm.new_stream(SHORT_SYSTEM)
+        alone.append(await speak(stream, dialogue))
+        await stream.aclose()
+    streams = [llm.new_stream(SHORT_SYSTEM) for _ in dialogues]
+    before = len(llm.scheduler.batch_sizes)
+    together = await asyncio.gather(*(speak(s, d) for s, d in zip(streams, dialogues)))
+    assert list(together) == alone and len(set(alone)) == 3
+    assert max(llm.scheduler.batch_sizes[before:]) == 3  # they really shared steps
+    for s in streams:
+        await s.aclose()
+
+
+async def test_a_failing_session_ends_alone(make_llm):
+    """A session whose decode fails inside a batched step (here: a corrupt token id) gets the error;
+    the other session in the same steps goes on and says exactly what it says alone."""
+    llm = make_llm("qwen2", window=192, max_reply_tokens=24, temperature=0.0, fixed_length=True)
+    dialogue = [Message("user", "tell me about the train")]
+    ref = llm.new_stream(SHORT_SYSTEM)
+    expected = "".join([p async for p in ref.reply(dialogue)])
+    await ref.aclose()
+    good, bad = llm.new_stream(SHORT_SYSTEM), llm.new_stream(SHORT_SYSTEM)
+
+    async def speak(stream, corrupt: bool):
+        out = []
+        async for piece in stream.reply(dialogue):
+            out.append(piece)
+            if corrupt and len(out) == 2:
+                stream._active.last = 10**9  # no such token: the embedding lookup fails
+        return "".join(out)
+
+    results = await asyncio.gather(speak(good, False), speak(bad, True), return_exceptions=True)
+    assert results[0] == expected
+    assert isinstance(results[1], IndexError)
+    assert await good.listen(dialogue + [Message("assistant", expected), Message("user", "thanks")]) is not None
+    for s in (good, bad):
+        await s.aclose()
+    assert llm.engine.free_slots == llm.engine.slots
+
+
+def test_all_slots_in_use_is_a_clear_error(make_llm):
+    """More sessions than engine slots: the next one is refused with a message naming the setting."""
+    llm = make_llm("qwen2", window=128, max_reply_tokens=8, slots=2)
+    a, b = llm.new_context(SHORT_SYSTEM), llm.new_context(SHORT_SYSTEM)
+    with pytest.raises(RuntimeError, match="engine-slots"):
+        llm.new_context(SHORT_SYSTEM)
+    a.close()
+    llm.new_context(SHORT_SYSTEM).close()  # a released slot serves the next session
+    b.close()
