@@ -1,7 +1,7 @@
 """The streaming ASR stage: one NeMo cache-aware model serving many sessions through one batch worker.
 
 :class:`StreamingASR` (the :class:`~duplex.stages.ASRModel`) owns the model, its chunk plan, the
-cache slots and a :class:`~duplex.worker.BatchWorker`. :class:`ASRSession` (the
+cache slots and a :class:`~duplex.engine.scheduler.Scheduler`. :class:`ASRSession` (the
 :class:`~duplex.stages.ASRStream`) buffers a session's audio on the event loop and, whenever a full
 chunk is there, submits its state to the worker; the worker gathers every session with a chunk
 ready and runs one step for all of them (exact log-mel frames, subsampling, conformer layers with
@@ -25,7 +25,7 @@ from duplex.audio import to_mono_float
 from duplex.clock import now
 from duplex.errors import ConfigError
 from duplex.events import INPUT_RATE, TranscriptFinal, TranscriptPartial
-from duplex.worker import BatchWorker
+from duplex.engine.scheduler import Scheduler
 from duplex.asr.decoding import CTCGreedy, RNNTGreedy, Tokens
 from duplex.asr import kv_encoder
 from duplex.asr.encoder import ChunkPlan, NemoLayers, check_cache_aware, pre_encode, select_context
@@ -93,8 +93,9 @@ class StreamingASR:
             self.decoder = self._make_decoder(model, capacity)
         if device.startswith("cuda"):
             torch.cuda.synchronize()  # the worker thread runs on a stream of its own
-        self._batch: BatchWorker[SessionState, StepResult] = BatchWorker(name, self._step, device=device,
-                                                                         max_batch=max_batch)
+        # The step commits each session's state as it goes: a failed batch is not re-run row by row.
+        self._batch: Scheduler[SessionState, StepResult] = Scheduler(name, self._step, device=device,
+                                                                     max_batch=max_batch, isolate_failures=False)
         self._free: list[int] = []
         self._next_slot = 0
 
@@ -138,7 +139,7 @@ class StreamingASR:
         await self._batch.aclose()
 
     def close(self) -> None:
-        self._batch.worker.close()
+        self._batch.close()
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -165,7 +166,7 @@ class StreamingASR:
         return self._batch.submit(state)
 
     def flush(self, state: SessionState) -> Awaitable[StepResult]:
-        return self._batch.worker.run(self._flush, state)
+        return self._batch.run(self._flush, state)
 
     # -- worker thread ------------------------------------------------------------------------------
 

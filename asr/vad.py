@@ -2,7 +2,7 @@
 
 Silero VAD scores 512-sample windows (32 ms at 16 kHz), each prefixed by the last 64 samples of the
 previous window, with a recurrent state. We call its inner network with that state passed explicitly,
-so one loaded network serves every session: a :class:`~duplex.worker.BatchWorker` stacks the windows
+so one loaded network serves every session: a :class:`~duplex.engine.scheduler.Scheduler` stacks the windows
 and states of all sessions that have audio ready into one step. Speech boundaries come from a
 hysteresis on the probabilities (start above ``threshold`` for ``min_speech_ms``, end below
 ``neg_threshold`` for ``min_silence_ms``) and carry exact stream times.
@@ -24,7 +24,7 @@ from duplex.clock import now
 from duplex.config import AgentConfig
 from duplex.errors import ModelNotFoundError
 from duplex.events import SpeechStarted, SpeechStopped
-from duplex.worker import BatchWorker
+from duplex.engine.scheduler import Scheduler
 
 WINDOW = 512  # samples per Silero window at 16 kHz
 CONTEXT = 64  # samples of the previous window prefixed to each window
@@ -82,7 +82,7 @@ class SileroVAD:
         with torch.no_grad():
             for batch in (1,) * 8 + (2,) * 4:
                 self._net(torch.zeros(batch, CONTEXT + WINDOW), torch.zeros(2, batch, STATE_SHAPE[1]))
-        self.worker: BatchWorker[_Request, tuple[np.ndarray, np.ndarray]] = BatchWorker(
+        self.worker: Scheduler[_Request, tuple[np.ndarray, np.ndarray]] = Scheduler(
             "vad", self._step, device=device, max_batch=max_batch)
 
     def new_stream(self) -> SileroVADStream:

@@ -3,8 +3,8 @@
 Each role has a *model* (loaded once by an :class:`~duplex.agent.Agent`, shared by its sessions) and a
 *stream* (one per session, holding exactly the state that must survive between chunks). Stream
 methods are coroutines: the backend decides how its compute leaves the event loop (a
-:class:`~duplex.worker.ModelWorker` thread, or a :class:`~duplex.worker.BatchWorker` that batches
-the steps of many sessions). Events returned by streams are made on the event loop, with
+:class:`~duplex.worker.ModelWorker` thread, or a :class:`~duplex.engine.scheduler.Scheduler` that
+batches the steps of many sessions). Events returned by streams are made on the event loop, with
 ``stream_samples`` in the 16 kHz input time base and ``wall`` from :func:`duplex.clock.now`.
 
 Audio handed to VAD and ASR streams is float32 mono at 16 kHz in [-1, 1], the next samples of the

@@ -49,7 +49,7 @@ class Output(Generic[Out]):
     done: bool = False
 
 
-StepFn = Callable[[list[Any]], Sequence[Any]]  # states -> one Output (or an Exception) per state
+StepFn = Callable[[list[Any]], Sequence[Any]]  # states -> one Output, value or Exception per state
 
 
 @dataclass(eq=False)
@@ -141,13 +141,14 @@ class Scheduler(Generic[S, Out]):
 
     # -- jobs --------------------------------------------------------------------------------------
 
-    async def run(self, fn: Callable[..., T], *args: Any, urgent: bool = False, cost: int = 1) -> T:
-        """Run ``fn(*args)`` on the worker thread between steps (urgent: before the next step)."""
+    def run(self, fn: Callable[..., T], *args: Any, urgent: bool = False, cost: int = 1) -> asyncio.Future[T]:
+        """Queue ``fn(*args)`` for the worker thread between steps (urgent: before the next step), in
+        call order; await the returned future for its result (cancelling it drops a job not started)."""
         loop = self._ensure_running()
         job = _Job(fn, args, loop.create_future(), max(1, int(cost)))
         (self._urgent if urgent else self._jobs).append(job)
         self._kick()
-        return await job.future
+        return job.future
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -170,6 +171,7 @@ class Scheduler(Generic[S, Out]):
         urgent = [j for j in self._urgent if not j.future.done()]
         self._urgent.clear()
         ready = sorted((r for r in self._rows if r.wants_step), key=lambda r: r.deadline)[: self.max_batch]
+        busy = bool(self._rows)  # rows are active: keep ticks short
         jobs: list[_Job] = []
         spent = 0
         while self._jobs:
@@ -177,15 +179,33 @@ class Scheduler(Generic[S, Out]):
             if job.future.done():  # its caller was cancelled while it waited
                 self._jobs.popleft()
                 continue
-            if jobs and ready and spent + job.cost > self.job_budget:
+            if jobs and busy and spent + job.cost > self.job_budget:
                 break
             jobs.append(self._jobs.popleft())
             spent += job.cost
-            if ready and spent >= self.job_budget:
+            if busy and spent >= self.job_budget:
                 break
         return urgent, ready, jobs
 
     async def _dispatch(self) -> None:
+        try:
+            await self._loop_forever()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must fail the waiting sessions, never leave them hanging
+            log.exception("%s: the scheduler failed", self.name)
+            for row in self._rows:
+                row.queue.append(exc)
+                row.done = True
+                row.ready.set()
+            self._rows = []
+            for job in (*self._urgent, *self._jobs):
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            self._urgent.clear()
+            self._jobs.clear()
+
+    async def _loop_forever(self) -> None:
         assert self._wake is not None
         wake = self._wake
         while True:
@@ -214,12 +234,16 @@ class Scheduler(Generic[S, Out]):
             for row, out in zip(ready, outputs):
                 if row.done:  # left while its step ran
                     continue
+                if not isinstance(out, (Output, BaseException)):
+                    out = Output(out)  # a plain value: one output, the row goes on
                 row.queue.append(out)
                 if isinstance(out, BaseException) or out.done:
                     row.done = True
                     if row in self._rows:
                         self._rows.remove(row)
                 row.ready.set()
+            if ready:
+                await asyncio.sleep(0)  # let the consumers take their outputs (and make room) first
 
     def _tick(self, urgent: list[_Job], states: list[Any], jobs: list[_Job]):
         """Worker thread: urgent jobs, one batched step, then the other jobs."""

@@ -1,0 +1,115 @@
+"""The engine scheduler: continuous batching of rows, jobs between steps, urgency, deadlines, and a
+failing row that ends alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from duplex.engine.scheduler import Output, Scheduler
+
+
+class Counter:
+    """A row state: counts its steps up to ``limit``; fails at step ``fail_at`` (if set)."""
+
+    def __init__(self, name: str, limit: int, fail_at: int | None = None) -> None:
+        self.name, self.limit, self.fail_at, self.steps = name, limit, fail_at, 0
+
+
+def make(log: list, **kwargs) -> Scheduler:
+    def step(rows: list[Counter]) -> list[Output]:
+        log.append(("step", tuple(r.name for r in rows)))
+        if any(r.fail_at is not None and r.steps == r.fail_at for r in rows):
+            raise ValueError("bad row")
+        for r in rows:
+            r.steps += 1
+        return [Output(r.steps, done=r.steps >= r.limit) for r in rows]
+
+    return Scheduler("test", step, **kwargs)
+
+
+async def consume(s: Scheduler, row) -> list[int]:
+    out = []
+    while True:
+        item = await s.next(row)
+        out.append(item.value)
+        if item.done:
+            return out
+
+
+async def test_rows_join_and_leave_between_steps():
+    """A row that joins later shares the following steps; a finished row leaves at once."""
+    log: list = []
+    s = make(log)
+    a = s.join(Counter("a", 4), room=1)
+    first = await s.next(a)
+    b = s.join(Counter("b", 2), room=1)
+    outs = await asyncio.gather(consume(s, a), consume(s, b))
+    assert [first.value] + outs[0] == [1, 2, 3, 4] and outs[1] == [1, 2]
+    steps = [names for kind, names in log if kind == "step"]
+    assert ("a", "b") in steps and steps[-1] == ("a",)  # b left after its last step
+    await s.aclose()
+
+
+async def test_urgent_jobs_run_before_the_step_and_others_after():
+    """A job marked urgent runs at the start of the next tick, ahead of the batched step; the jobs
+    after a step are bounded by the budget while rows wait."""
+    log: list = []
+    s = make(log, job_budget=2)
+    row = s.join(Counter("a", 3), room=1)
+    jobs = [s.run(log.append, ("job", i)) for i in range(5)]  # queued in call order, before any tick
+    urgent = s.run(log.append, ("urgent", 0), urgent=True)
+    await asyncio.gather(consume(s, row), *jobs, urgent)
+    kinds = [entry[0] for entry in log]
+    assert kinds.index("urgent") < kinds.index("step")
+    between = []  # jobs run between two steps
+    count = 0
+    for kind in kinds[kinds.index("step"):]:
+        if kind == "step":
+            between.append(count)
+            count = 0
+        elif kind == "job":
+            count += 1
+    assert max(between + [count]) <= 2
+    await s.aclose()
+
+
+async def test_rows_that_run_dry_soonest_go_first():
+    """With more rows ready than max_batch, the rows with the earliest deadlines are stepped."""
+    log: list = []
+    s = make(log, max_batch=2)
+    rows = [s.join(Counter(name, 1), deadline=d, room=1) for name, d in (("late", 9.0), ("soon", 1.0), ("mid", 5.0))]
+    await asyncio.gather(*(consume(s, r) for r in rows))
+    steps = [names for kind, names in log if kind == "step"]
+    assert set(steps[0]) == {"soon", "mid"} and steps[1] == ("late",)
+    await s.aclose()
+
+
+async def test_a_failing_row_ends_alone():
+    """A step that raises is re-run row by row: only the row that fails alone gets the error, the
+    others get their outputs and go on."""
+    log: list = []
+    s = make(log)
+    good, bad = s.join(Counter("good", 3), room=1), s.join(Counter("bad", 3, fail_at=1), room=1)
+    results = await asyncio.gather(consume(s, good), consume(s, bad), return_exceptions=True)
+    assert results[0] == [1, 2, 3]
+    assert isinstance(results[1], ValueError)
+    await s.aclose()
+
+
+async def test_a_row_is_not_stepped_while_its_consumer_lags():
+    """A row holds at most ``room`` outputs: it is not stepped again until they are taken."""
+    log: list = []
+    s = make(log)
+    row = s.join(Counter("a", 10), room=2)
+    await s.run(lambda: None)
+    await s.run(lambda: None)
+    assert row.state.steps == 2
+    await s.next(row)
+    await s.run(lambda: None)
+    assert row.state.steps == 3
+    s.leave(row)
+    await s.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        await s.run(lambda: None)
