@@ -6,8 +6,8 @@ whether it is stepped alone or in a batch of any size and composition, and a ste
 in a CUDA graph (no torch generator state, no ``.item()``). The draw is the exponential race
 ``argmax(p / E)``, ``E ~ Exp(1)``, which samples from ``p`` exactly (it is Gumbel-max in another form).
 
-Settings are ``[B]`` tensors: ``temperature`` (0 = greedy), ``top_p`` (1 = off); ``top_k`` is one
-integer for the whole engine (0 = off), since ``topk`` needs a static ``k``.
+Settings are ``[B]`` tensors: ``temperature`` (0 = greedy), ``top_p`` (1 = off; None = no nucleus step
+at all); ``top_k`` is one integer for the whole engine (0 = off), since ``topk`` needs a static ``k``.
 """
 
 from __future__ import annotations
@@ -44,13 +44,14 @@ def uniform(seed: torch.Tensor, counter: torch.Tensor, keys: torch.Tensor) -> to
     return (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seed: torch.Tensor,
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor | None, seed: torch.Tensor,
            counter: torch.Tensor, keys: torch.Tensor, *, top_k: int = 0) -> torch.Tensor:
     """One token per row of ``logits`` ``[B, V]`` -> ``[B]`` long.
 
     Rows with ``temperature`` 0 take the argmax; the others sample at their temperature from the top
     ``top_k`` logits (if ``top_k``), then from the smallest set of tokens whose probability reaches
-    ``top_p`` (the tokens before the one that crosses it, as nucleus sampling keeps them)."""
+    ``top_p`` (the tokens before the one that crosses it, as nucleus sampling keeps them; None: no
+    nucleus step, and no sort)."""
     import torch
 
     logits = logits.float()
@@ -60,9 +61,10 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
         kth = scaled.topk(top_k, dim=-1).values[:, -1:]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    outside = (sorted_probs.cumsum(-1) - sorted_probs > top_p[:, None]) & (top_p[:, None] < 1.0)
-    probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    if top_p is not None:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = (sorted_probs.cumsum(-1) - sorted_probs > top_p[:, None]) & (top_p[:, None] < 1.0)
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
     race = probs / -torch.log(uniform(seed, counter, keys[: logits.shape[-1]]))
     drawn = race.argmax(dim=-1)
     return torch.where(temperature > 0, drawn, greedy)

@@ -98,18 +98,18 @@ async def _bench_one(llm, plan: dict[str, Any], device: str) -> dict[str, Any]:
     capture_s = time.perf_counter() - t0
     run = llm.scheduler.run
     figures: dict[str, Any] = await run(_single_session, llm, plan)
-    figures["graphs_captured"] = llm.engine.step.captured
+    figures["graphs_captured"] = llm.engine.graphs.captured
     figures["capture_s"] = round(capture_s, 2)
     history = _history(llm, plan["window"] // 2)
     batches = []
     for b in plan["batches"]:
         row = await _batch(llm, history, b, plan)
-        if llm.engine.step.captured:  # the same, eager, side by side
-            llm.engine.step.eager = True
+        if llm.engine.graphs.captured:  # the same, eager, side by side
+            llm.engine.graphs.eager = True
             try:
                 eager = await _batch(llm, history, b, plan)
             finally:
-                llm.engine.step.eager = False
+                llm.engine.graphs.eager = False
             row.update({f"{k}_eager": v for k, v in eager.items() if k != "batch"})
         batches.append(row)
         print(f"  batch {b:>3}: step {row['step_ms']:.2f} ms, {row['per_session_per_s']:.1f} tok/s per session, "

@@ -102,7 +102,7 @@ class Engine:
         pin = self.device.type == "cuda"
         self._buf.staging_ints = torch.zeros(5, slots, dtype=torch.long, pin_memory=pin)
         self._buf.staging_floats = torch.zeros(2, slots, dtype=torch.float32, pin_memory=pin)
-        self.step = BucketedStep("llm decode", self._decode_fn, buckets_for(slots), device=str(self.device),
+        self.graphs = BucketedStep("llm decode", self._decode_fn, buckets_for(slots), device=str(self.device),
                                  graphs=graphs)
         self.shape_log: list[tuple] | None = None  # tests: the shapes each eager decode step saw
 
@@ -183,7 +183,7 @@ class Engine:
         if not requests:
             return []
         rows = max(r.slot.row for r in requests) + 1
-        bucket = self.step.bucket(rows)
+        bucket = self.graphs.bucket(rows)
         ints, floats = self._buf.staging_ints, self._buf.staging_floats
         ints[:, :bucket] = 0
         ints[1, :bucket] = self.kv.scratch_position
@@ -196,7 +196,7 @@ class Engine:
             floats[:, slot.row] = torch.tensor([d.temperature, d.top_p])
         self._buf.ints[:, :bucket].copy_(ints[:, :bucket], non_blocking=True)
         self._buf.floats[:, :bucket].copy_(floats[:, :bucket], non_blocking=True)
-        self.step.run(rows)
+        self.graphs.run(rows)
         out = self._buf.out[:bucket].cpu()  # the step's one host sync
         return [int(out[r.slot.row]) for r in requests]
 
@@ -212,7 +212,7 @@ class Engine:
             self._buf.floats[:, :b] = 1.0
 
         with torch.inference_mode():
-            self.step.capture(prepare, progress)
+            self.graphs.capture(prepare, progress)
 
 
 def token_probability(logits: torch.Tensor, token_ids: Sequence[int]) -> float:

@@ -44,7 +44,7 @@ async def test_build_tts_tiny_uses_the_config():
 def test_pretrained_loads_a_local_folder():
     """--tts-model may name a local checkpoint folder (here the tiny one) for the pretrained profile."""
     tts = build_tts(AgentConfig(profile="pretrained", tts_model=str(tiny_checkpoint())), "cpu")
-    tts.worker.close()
+    tts.close()
     assert tts.engine.num_codebooks == 8
 
 

@@ -84,7 +84,7 @@ async def test_cancel_mid_reply_stops_within_one_frame(make_tts):
     release.set()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await tts.worker.run(lambda: None)  # everything queued on the worker has run
+    await tts.scheduler.run(lambda: None)  # everything queued on the worker has run
     assert engine.frames_generated == stop_at + 1  # the frame in flight, and no other
     assert len(got) == stop_at
     engine.on_frame = None
@@ -117,7 +117,7 @@ async def test_closing_the_iterator_stops_generation(make_tts):
         async for _chunk in audio:
             break
     made = engine.frames_generated
-    await tts.worker.run(lambda: None)
+    await tts.scheduler.run(lambda: None)
     assert engine.frames_generated == made == 2
     assert closed.is_set()
 

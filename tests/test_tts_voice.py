@@ -70,7 +70,7 @@ def test_build_tts_reads_the_voice_from_the_config(voice_a, tmp_path):
         assert tts.voice is not None and tts.voice.text == voice_a.text
         assert tts.voice.frames == int(np.ceil(len(voice_a.pcm) / 1920))
     finally:
-        tts.worker.close()
+        tts.close()
 
 
 def test_loads_and_resamples_a_clip_file(jfk_path):

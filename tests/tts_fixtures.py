@@ -51,6 +51,7 @@ def make_engine(tiny_tts_checkpoint):
 
     def make(**kwargs):
         model, tokenizer = tiny_tts_checkpoint
+        kwargs.setdefault("slots", 16)
         return CsmEngine(model, tokenizer, **kwargs)
 
     return make
@@ -70,7 +71,7 @@ def make_tts(make_engine) -> Iterator:
 
     yield make
     for tts in made:
-        tts.worker.close()
+        tts.close()
 
 
 @pytest.fixture(scope="session")

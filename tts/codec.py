@@ -28,16 +28,21 @@ if TYPE_CHECKING:  # heavy imports stay lazy
 
 @dataclass
 class WindowKV:
-    """KV cache of one streaming transformer: the last ``window - 1`` positions of every layer."""
+    """KV cache of one streaming transformer: the last ``window - 1`` positions of every layer.
+
+    ``valid`` and ``position`` are per row (``[B]`` long, on the CPU; an int means every row), so
+    rows of different streams, at different points of their audio, can be decoded in one batch."""
 
     keys: list[torch.Tensor]  # per layer [B, H_kv, window - 1, D]
     values: list[torch.Tensor]
-    valid: int = 0  # how many of the slots hold real positions (the newest ones, at the end)
-    position: int = 0  # absolute position of the next input step
+    valid: torch.Tensor | int = 0  # how many of the slots hold real positions (the newest ones, at the end)
+    position: torch.Tensor | int = 0  # absolute position of the next input step
 
     def copy(self) -> WindowKV:
-        return WindowKV([k.clone() for k in self.keys], [v.clone() for v in self.values], self.valid,
-                        self.position)
+        import torch
+
+        return WindowKV([k.clone() for k in self.keys], [v.clone() for v in self.values],
+                        torch.as_tensor(self.valid).clone(), torch.as_tensor(self.position).clone())
 
 
 @dataclass
@@ -54,6 +59,37 @@ class CodecState:
         return CodecState(self.kv.copy(), {k: v.clone() for k, v in self.conv_context.items()},
                           {k: v.clone() for k, v in self.overlap.items()}, self.frames,
                           None if self.pending is None else self.pending.clone())
+
+    @staticmethod
+    def stack(states: list[CodecState]) -> CodecState:
+        """One batched state from single-row decoder states (a stream that has not decoded yet gets
+        zero left contexts and no overlap tails, which is what a first chunk sees)."""
+        import torch
+
+        def rows(dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+            out = {}
+            for name in {n for d in dicts for n in d}:
+                like = next(d[name] for d in dicts if name in d)
+                out[name] = torch.cat([d.get(name, torch.zeros_like(like)) for d in dicts])
+            return out
+
+        size = len(states[0].kv.keys)
+        kv = WindowKV([torch.cat([s.kv.keys[i] for s in states]) for i in range(size)],
+                      [torch.cat([s.kv.values[i] for s in states]) for i in range(size)],
+                      torch.cat([torch.as_tensor(s.kv.valid).reshape(-1) for s in states]),
+                      torch.cat([torch.as_tensor(s.kv.position).reshape(-1) for s in states]))
+        return CodecState(kv, rows([s.conv_context for s in states]), rows([s.overlap for s in states]))
+
+    def unstack(self, states: list[CodecState]) -> None:
+        """Write row ``i`` of this batched state back into ``states[i]``."""
+        for i, s in enumerate(states):
+            s.kv.keys = [k[i:i + 1] for k in self.kv.keys]
+            s.kv.values = [v[i:i + 1] for v in self.kv.values]
+            s.kv.valid = self.kv.valid[i:i + 1]  # type: ignore[index]
+            s.kv.position = self.kv.position[i:i + 1]  # type: ignore[index]
+            s.conv_context = {n: t[i:i + 1] for n, t in self.conv_context.items()}
+            s.overlap = {n: t[i:i + 1] for n, t in self.overlap.items()}
+            s.frames += self.frames
 
 
 # -- building blocks -------------------------------------------------------------------------------
@@ -109,7 +145,8 @@ def _new_window(transformer, batch: int, device, dtype) -> WindowKV:
     shape = (batch, cfg.num_key_value_heads, slots, cfg.head_dim)
     n = len(transformer.layers)
     return WindowKV([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
-                    [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)])
+                    [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+                    torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long))
 
 
 def transformer_step(transformer, x: torch.Tensor, kv: WindowKV) -> torch.Tensor:
@@ -127,15 +164,17 @@ def transformer_step(transformer, x: torch.Tensor, kv: WindowKV) -> torch.Tensor
     slots = kv.keys[0].shape[2] if kv.keys else 0
     window = slots + 1
     device = x.device
-    positions = torch.arange(kv.position, kv.position + steps, device=device)
-    cos, sin = transformer.rotary_emb(x, positions[None])
-    # mask [T, slots + T]: True = may attend
-    i = torch.arange(steps, device=device)[:, None]
-    j = torch.arange(slots, device=device)[None, :]
-    cached_ok = (j >= i) & (j >= slots - kv.valid)
-    new_j = torch.arange(steps, device=device)[None, :]
-    new_ok = (new_j <= i) & (new_j > i - window)
-    mask = torch.cat([cached_ok, new_ok], dim=1)[None, None]
+    valid = torch.as_tensor(kv.valid).reshape(-1).expand(batch)  # [B]
+    start = torch.as_tensor(kv.position).reshape(-1).expand(batch)  # [B]
+    positions = (start[:, None] + torch.arange(steps)).to(device)  # [B, T]
+    cos, sin = transformer.rotary_emb(x, positions)
+    # mask [B, 1, T, slots + T]: True = may attend
+    i = torch.arange(steps, device=device)[None, :, None]
+    j = torch.arange(slots, device=device)[None, None, :]
+    cached_ok = (j >= i) & (j >= slots - valid.to(device)[:, None, None])  # [B, T, slots]
+    new_j = torch.arange(steps, device=device)[None, None, :]
+    new_ok = ((new_j <= i) & (new_j > i - window)).expand(batch, steps, steps)
+    mask = torch.cat([cached_ok, new_ok], dim=2)[:, None]
 
     for index, layer in enumerate(transformer.layers):
         attn = layer.self_attn
@@ -156,8 +195,8 @@ def transformer_step(transformer, x: torch.Tensor, kv: WindowKV) -> torch.Tensor
         out = attn.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
         x = x + layer.self_attn_layer_scale(out)
         x = x + layer.mlp_layer_scale(layer.mlp(layer.post_attention_layernorm(x)))
-    kv.valid = min(slots, kv.valid + steps)
-    kv.position += steps
+    kv.valid = (valid + steps).clamp(max=slots)
+    kv.position = start + steps
     return x
 
 
@@ -205,6 +244,10 @@ class StreamingDecoder:
         self.codec = codec
         self.frame_size = int(codec.config.frame_size)
         self.num_codebooks = int(codec.config.num_quantizers)
+        from transformers.models.mimi.modeling_mimi import MimiConv1d
+
+        self._zero_padded = all(m.pad_mode == "constant" for m in codec.decoder.modules()
+                                if isinstance(m, MimiConv1d))
 
     def new_state(self, batch: int = 1) -> CodecState:
         p = next(self.codec.decoder.parameters())
@@ -224,6 +267,21 @@ class StreamingDecoder:
         audio = _seanet_step("seanet", decoder.decoder_seanet, x, state)  # [B, 1, T * frame_size]
         state.frames += codes.shape[-1]
         return audio[:, 0]
+
+    def decode_batch(self, codes: torch.Tensor, states: list[CodecState]) -> torch.Tensor:
+        """The next T frames of several single-row streams at once: ``codes`` ``[B, K, T]``, one state
+        per row -> audio ``[B, T * frame_size]``, each row exactly what it decodes alone."""
+        if len(states) == 1:
+            return self.decode(codes, states[0])
+        if not self._zero_padded and len({bool(s.conv_context) for s in states}) > 1:
+            # replicate padding: a first chunk's left context depends on its own input
+            import torch
+
+            return torch.cat([self.decode(codes[i:i + 1], s) for i, s in enumerate(states)])
+        batch = CodecState.stack(states)
+        audio = self.decode(codes, batch)
+        batch.unstack(states)
+        return audio
 
 
 class StreamingEncoder:

@@ -1,4 +1,4 @@
-"""CSM generation, one codec frame per call (blocking: it runs on the TTS worker thread).
+"""CSM generation for every spoken reply at once: one batched frame step, one batched codec decode.
 
 CSM is a Llama-style *backbone* over a sequence of text tokens and audio frames (a frame enters as the
 sum of its codebooks' embeddings) that predicts each frame's first codebook, and a small *depth
@@ -6,26 +6,38 @@ decoder* that predicts the other codebooks of that frame from the backbone's las
 prompt of one segment is ``<bos>[speaker]text<eos>`` followed by its audio frames and an all-zero
 end-of-audio frame; generation of a segment stops when the model samples that all-zero frame.
 
-One :class:`Reply` holds the state of one spoken reply: the backbone KV cache (starting from the voice
-prompt's cached prefix, then every earlier segment of the reply, so voice and prosody carry over),
-the streaming codec decoder's state (one per reply, so segment joins are seamless) and the sampler's
-random generator. :meth:`CsmEngine.step` makes one frame and, when a chunk is full or the segment
-ends, decodes the chunk to audio: callers can stop between any two frames.
+:class:`CsmEngine` owns the weights (backbone and depth decoder run through
+:class:`~duplex.engine.decoder.LeanDecoder`), a K/V pool with one backbone row per reply being
+spoken, and the **frame step**: for rows ``0..bucket-1`` at once, the backbone runs each row's next
+input (its previous frame, or the last token of a new segment's text), the first codebook is
+sampled, then all depth-decoder steps run unrolled with every codebook sampled inside the step
+(:mod:`duplex.engine.sampling`, per-row seeds and counters), and each row's next input is the new
+frame's embedding. Rows without a frame to make sit at the scratch position. The step's shapes
+depend only on the bucket, so on CUDA each bucket is one captured graph (:mod:`duplex.engine.graphs`)
+and a frame costs one replay and one host sync for every reply together. Chunks that are due are
+then decoded by the streaming Mimi codec in one batched call (:meth:`StreamingDecoder.decode_batch`).
+
+One :class:`Reply` holds what one reply carries from frame to frame: its backbone row (starting with
+the voice prompt's cached prefix, then every earlier segment of the reply, so voice and prosody carry
+over), its codec decoder state (one per reply, so segment joins are seamless) and its sampler counter.
+Everything here is blocking and runs on the TTS worker thread; callers can stop between any two steps.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from duplex.engine.decoder import LeanDecoder
+from duplex.engine.graphs import BucketedStep, buckets_for
+from duplex.engine.sampling import sample as sample_rows
+from duplex.engine.sampling import token_keys
 from duplex.tts.codec import CodecState, StreamingDecoder, StreamingEncoder
-from duplex.tts.depth import DepthDecoder
 
 if TYPE_CHECKING:
     import torch
@@ -41,11 +53,11 @@ class Sampling:
 
 @dataclass
 class Voice:
-    """An encoded voice prompt: transcript and codec frames, and the backbone KV cache of that prefix."""
+    """An encoded voice prompt: transcript and codec frames, and the backbone K/V of that prefix."""
 
     text: str
     codes: torch.Tensor  # [T, K] long
-    prefix: Any = None  # DynamicCache after the prefix, computed once on first use
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer ([H, n, D], [H, n, D]), once used
 
     @property
     def frames(self) -> int:
@@ -58,20 +70,23 @@ class SegmentRecord:
 
     text: str
     ids: list[int]
-    frames: list[torch.Tensor] = field(default_factory=list)  # each [K]
+    frames: list[torch.Tensor] = field(default_factory=list)  # each [K] (CPU)
 
 
-@dataclass
+@dataclass(eq=False)
 class Reply:
     """Everything one reply carries from frame to frame."""
 
     voice: Voice | None
-    cache: Any  # the backbone's DynamicCache
-    generator: torch.Generator
+    row: int  # its row of the backbone K/V pool and of the frame step (-1 once released)
+    seed: int
     codec: CodecState | None  # None once released
     chunk_frames: int
-    unfed: torch.Tensor | None = None  # [1, n, H] embeddings not yet through the backbone
-    hidden: torch.Tensor | None = None  # [1, H] backbone output after the latest input
+    prefix_length: int = 0  # backbone positions of the voice prefix
+    length: int = 0  # backbone positions filled
+    staged: bool = False  # the frame step's input buffer holds this reply's next input
+    ended_at_limit: bool = False  # the last segment stopped at its frame limit: an end frame must follow
+    drawn: int = 0  # frames sampled so far (the sampler's counter)
     pending: list[torch.Tensor] = field(default_factory=list)  # generated frames not yet decoded, each [K]
     segment: SegmentRecord | None = None
     max_frames: int = 0
@@ -80,25 +95,18 @@ class Reply:
     frames: list[torch.Tensor] = field(default_factory=list)  # every frame of the reply, for inspection
     closed: bool = False
 
-    def release(self) -> None:
-        """Drop the KV cache and decoder state (the reply is over); its frames stay for inspection."""
-        self.closed = True
-        self.cache = self.codec = self.unfed = self.hidden = None
+    @property
+    def active(self) -> bool:
+        return not self.closed and self.segment is not None
 
 
 @dataclass(frozen=True)
 class Step:
-    """What one :meth:`CsmEngine.step` made: audio when a chunk was decoded, and whether the segment ended."""
+    """What one frame step made for one reply: audio when a chunk was decoded, and whether the segment ended."""
 
     pcm: np.ndarray | None  # [n * frame_size] float32 in [-1, 1]
     segment_frames: int
     done: bool
-
-
-def _no_grad_context():
-    import torch
-
-    return torch.no_grad()
 
 
 def _no_grad(fn: Callable) -> Callable:
@@ -108,32 +116,23 @@ def _no_grad(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         import torch
 
-        with torch.no_grad():
+        with torch.inference_mode():
             return fn(*args, **kwargs)
 
     return wrapper
 
 
-def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
-    """``logits`` ``[B, V]`` -> token ids ``[B]`` (top-k sampling at a temperature, or greedy)."""
-    import torch
-
-    if sampling.temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / sampling.temperature
-    if sampling.top_k and sampling.top_k < logits.shape[-1]:
-        values, indices = logits.topk(sampling.top_k, dim=-1)
-        choice = torch.multinomial(torch.softmax(values, dim=-1), 1, generator=generator)
-        return indices.gather(-1, choice)[:, 0]
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
-
-
 class CsmEngine:
-    """A loaded CSM + Mimi and the blocking steps of streaming synthesis."""
+    """A loaded CSM + Mimi, its K/V pool of ``slots`` replies, and the blocking steps of synthesis."""
 
-    def __init__(self, model, tokenizer, *, speaker: int = 0, sampling: Sampling = Sampling()) -> None:
+    def __init__(self, model, tokenizer, *, speaker: int = 0, sampling: Sampling = Sampling(), slots: int = 4,
+                 graphs: bool = True) -> None:
+        import torch
+
         from duplex.tts.configs import token_ids
 
+        if slots < 1:
+            raise ValueError(f"the TTS engine needs at least one reply slot, got {slots}")
         self.model = model
         self.tokenizer = tokenizer
         self.speaker = speaker
@@ -149,18 +148,45 @@ class CsmEngine:
         if int(codec_cfg.num_quantizers) != self.num_codebooks:
             raise ValueError(f"CSM predicts {self.num_codebooks} codebooks but its codec has "
                              f"{codec_cfg.num_quantizers}")
-        self.depth = DepthDecoder(model.depth_decoder)
+        depth = model.depth_decoder
+        if cfg.attention_bias or depth.config.attention_bias:
+            raise ValueError("the CSM engine supports CSM's bias-free attention only")
+        self.backbone = LeanDecoder(model.backbone_model, cfg, positions=self.max_positions)
+        self.depth = LeanDecoder(depth.model, depth.config, positions=self.num_codebooks)
+        self.depth_embed = depth.model.embed_tokens.weight  # [K * V, H_backbone]
+        self.depth_project = depth.model.inputs_embeds_projector.weight  # [hidden, H_backbone]
+        self.codebook_heads = depth.codebooks_head.weight  # [K - 1, hidden, V]
         self.decoder = StreamingDecoder(model.codec_model)
         self.encoder = StreamingEncoder(model.codec_model)
         ids = token_ids(tokenizer)
         self.bos, self.eos = ids["bos"], ids["eos"]
-        self.device = next(model.backbone_model.parameters()).device
+        self.device = self.backbone.device
+        self.dtype = self.backbone.dtype
+        self.slots = slots
+        self.kv = self.backbone.new_kv(slots)
+        self.depth_kv = self.depth.new_kv(slots, positions=self.num_codebooks)
+        self._free = list(range(slots))
         self.on_frame: Callable[[int], None] | None = None  # test hook, called on the worker before each frame
         self.frames_generated = 0
-        self.stage_seconds: dict[str, float] | None = None  # set to {} to time backbone / depth / decode
+        self.stage_seconds: dict[str, float] | None = None  # set to {} to time frame steps / decode
         self.frame_rate = self.sample_rate / self.frame_size
-        with _no_grad_context():
-            self._eos_embed = self._embed_frames(self._zeros_frame()[None])  # [1, 1, H]
+        dev = self.device
+        k = self.num_codebooks
+        self._keys = token_keys(self.codebook_size, dev)
+        self._inputs = torch.zeros(slots, self.backbone.hidden, dtype=self.dtype, device=dev)  # next input per row
+        self._ints = torch.zeros(3, slots, dtype=torch.long, device=dev)  # position, seed, frame counter
+        self._temperature = torch.zeros(slots, dtype=torch.float32, device=dev)
+        self._codes = torch.zeros(slots, k, dtype=torch.long, device=dev)  # the step's output
+        self._rows = torch.arange(slots, device=dev)
+        self._depth_positions = torch.arange(k, device=dev)
+        self._causal2 = torch.ones(2, 2, dtype=torch.bool, device=dev).tril()
+        self._offsets = torch.arange(k, device=dev) * self.vocab_size  # codebook i's ids in the depth embedding
+        pin = dev.type == "cuda"
+        self._staging_ints = torch.zeros(3, slots, dtype=torch.long, pin_memory=pin)
+        self._staging_temp = torch.zeros(slots, dtype=torch.float32, pin_memory=pin)
+        self.graphs = BucketedStep("tts frame", self._frame_fn, buckets_for(slots), device=str(dev), graphs=graphs)
+        with torch.inference_mode():
+            self._eos_embed = self._embed_frames(self._zeros_frame()[None])[0]  # [1, H]
 
     # -- prompt pieces ---------------------------------------------------------------------------
 
@@ -176,30 +202,26 @@ class CsmEngine:
     def _embed_text(self, ids: list[int]) -> torch.Tensor:
         import torch
 
-        return self.model.embed_text_tokens(torch.tensor([ids], device=self.device))  # [1, n, H]
+        return self.model.embed_text_tokens(torch.tensor([ids], device=self.device))[0]  # [n, H]
 
     def _embed_frames(self, codes: torch.Tensor) -> torch.Tensor:
         """``codes`` ``[T, K]`` -> ``[1, T, H]`` (the sum of each frame's codebook embeddings)."""
         return self.model.backbone_model.embed_tokens(codes[None])
 
     def _record_embeds(self, record: SegmentRecord) -> torch.Tensor:
+        """A finished segment as the backbone saw it: text, frames, end frame ``[n, H]``."""
         import torch
 
         parts = [self._embed_text(record.ids)]
         if record.frames:
-            parts.append(self._embed_frames(torch.stack(record.frames)))
+            parts.append(self._embed_frames(torch.stack(record.frames).to(self.device))[0])
         parts.append(self._eos_embed)
-        return torch.cat(parts, dim=1)
+        return torch.cat(parts)
 
-    def _forward(self, cache, embeds: torch.Tensor) -> torch.Tensor:
-        out = self.model.backbone_model(inputs_embeds=embeds, cache=cache, use_cache=True)
-        return out.last_hidden_state[:, -1]  # [1, H]
-
-    @staticmethod
-    def _new_cache():
-        from transformers import DynamicCache
-
-        return DynamicCache()
+    def _prefill(self, reply: Reply, embeds: torch.Tensor) -> None:
+        """Run ``embeds`` ``[n, H]`` into the reply's row after what it holds."""
+        self.backbone.prefill(embeds, self.kv, reply.row, reply.length)
+        reply.length += embeds.shape[0]
 
     # -- voices ----------------------------------------------------------------------------------
 
@@ -216,53 +238,93 @@ class CsmEngine:
         codes = [self.encoder.encode(audio[:, i:i + block], state) for i in range(0, audio.shape[-1], block)]
         return Voice(text=text, codes=torch.cat(codes, dim=-1)[0].T.contiguous().to(self.device))
 
-    def _prefix(self, voice: Voice | None):
+    def _load_prefix(self, reply: Reply) -> None:
+        """Put the voice prompt's K/V at the start of the reply's row (computed there on first use)."""
         import torch
 
+        voice = reply.voice
         if voice is None:
-            return self._new_cache()
+            return
         if voice.prefix is None:
-            cache = self._new_cache()
-            embeds = torch.cat([self._embed_text(self.text_ids(voice.text)), self._embed_frames(voice.codes),
-                                self._eos_embed], dim=1)
-            self._forward(cache, embeds)
-            voice.prefix = cache
-        return copy.deepcopy(voice.prefix)
+            embeds = torch.cat([self._embed_text(self.text_ids(voice.text)),
+                                self._embed_frames(voice.codes)[0], self._eos_embed])
+            self._prefill(reply, embeds)
+            n = reply.length
+            voice.prefix = [(k[reply.row, :, :n].clone(), v[reply.row, :, :n].clone())
+                            for k, v in zip(self.kv.keys, self.kv.values)]
+        else:
+            n = voice.prefix[0][0].shape[1]
+            for (pk, pv), k, v in zip(voice.prefix, self.kv.keys, self.kv.values):
+                k[reply.row, :, :n] = pk
+                v[reply.row, :, :n] = pv
+            reply.length = n
+        reply.prefix_length = reply.length
 
     # -- one reply -------------------------------------------------------------------------------
 
     @_no_grad
     def new_reply(self, voice: Voice | None, seed: int, chunk_frames: int) -> Reply:
-        import torch
+        """A reply on the lowest free row (rows stay compact, so frame-step buckets stay small)."""
+        if not self._free:
+            raise RuntimeError(f"all {self.slots} TTS reply slots are in use; raise engine_slots "
+                               "(--engine-slots) to speak more replies at once")
+        self._free.sort()
+        reply = Reply(voice=voice, row=self._free.pop(0), seed=seed, codec=self.decoder.new_state(),
+                      chunk_frames=chunk_frames)
+        try:
+            self._load_prefix(reply)
+        except BaseException:
+            self.release(reply)
+            raise
+        return reply
 
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed)
-        return Reply(voice=voice, cache=self._prefix(voice), generator=generator, codec=self.decoder.new_state(),
-                     chunk_frames=chunk_frames)
+    def release(self, reply: Reply) -> None:
+        """Free the reply's row and codec state (the reply is over); its frames stay for inspection."""
+        if reply.row >= 0:
+            self._free.append(reply.row)
+            reply.row = -1
+        reply.closed = True
+        reply.codec = None
+        reply.segment = None
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
 
     @_no_grad
     def begin_segment(self, reply: Reply, text: str, max_frames: int, *, stop_at_eos: bool = True) -> None:
-        """Queue the next segment's text after what the reply has said so far."""
+        """Run the next segment's text after what the reply has said so far (its last token becomes
+        the next frame step's input)."""
         import torch
 
+        if reply.closed:
+            raise RuntimeError("begin_segment on a released reply")
         if reply.segment is not None:
             raise RuntimeError("begin_segment called before the previous segment ended")
         record = SegmentRecord(text, self.text_ids(text))
-        prefix_len = reply.voice.frames + len(self.text_ids(reply.voice.text)) + 1 if reply.voice else 0
-        room = self.max_positions - prefix_len - len(record.ids) - 1
+        room = self.max_positions - reply.prefix_length - len(record.ids) - 1
         if room < 1:
             raise ValueError(f"segment of {len(record.ids)} tokens does not fit the model's "
                              f"{self.max_positions} positions after the voice prompt")
         max_frames = min(max_frames, room)
-        text_embeds = self._embed_text(record.ids)
-        unfed_len = 0 if reply.unfed is None else reply.unfed.shape[1]
-        if reply.cache.get_seq_length() + unfed_len + len(record.ids) + max_frames + 1 > self.max_positions:
-            self._rebuild(reply, room - max_frames)
-        reply.unfed = text_embeds if reply.unfed is None else torch.cat([reply.unfed, text_embeds], dim=1)
+        feed = []
+        if reply.staged:  # the last frame of the previous segment, not yet run
+            feed.append(self._inputs[reply.row][None])
+        if reply.ended_at_limit:
+            feed.append(self._eos_embed)
+        feed.append(self._embed_text(record.ids))
+        embeds = torch.cat(feed)  # [n, H]
+        if reply.length + embeds.shape[0] + max_frames + 1 > self.max_positions:
+            embeds = self._rebuild(reply, room - max_frames, self._embed_text(record.ids))
+        if embeds.shape[0] > 1:
+            self._prefill(reply, embeds[:-1])
+        self._inputs[reply.row] = embeds[-1]
+        reply.staged, reply.ended_at_limit = True, False
         reply.segment, reply.max_frames, reply.stop_at_eos = record, max_frames, stop_at_eos
 
-    def _rebuild(self, reply: Reply, budget: int) -> None:
-        """The context would overflow: restart from the voice prefix plus the newest segments that fit."""
+    def _rebuild(self, reply: Reply, budget: int, text: torch.Tensor) -> torch.Tensor:
+        """The context would overflow: restart from the voice prefix plus the newest segments that fit;
+        returns what to feed (those segments, then ``text``)."""
         import torch
 
         kept: list[SegmentRecord] = []
@@ -272,52 +334,129 @@ class CsmEngine:
                 break
             kept.insert(0, record)
             budget -= cost
-        reply.cache = self._prefix(reply.voice)
-        reply.unfed = torch.cat([self._record_embeds(r) for r in kept], dim=1) if kept else None
+        reply.length = reply.prefix_length  # the prefix's K/V are still at the start of the row
         reply.history = kept
+        return torch.cat([*(self._record_embeds(r) for r in kept), text])
+
+    # -- the frame step ----------------------------------------------------------------------------
+
+    def _frame_fn(self, b: int) -> None:
+        """The captured step: one frame for rows ``0..b-1`` from the static buffers."""
+        import torch
+        import torch.nn.functional as F
+
+        positions, seed, counter = self._ints[:, :b]
+        temperature = self._temperature[:b]
+        rows = self._rows[:b]
+        n_codes, k, top_k = self.codebook_size, self.num_codebooks, self.sampling.top_k
+        t = self._lap(None, 0.0)
+        hidden = self.backbone.decode(self._inputs[:b], positions, self.kv, rows)  # [b, H]
+        t = self._lap("backbone", t)
+        draws = counter * k  # codebook i of frame n draws with counter n * K + i
+
+        def draw(logits: torch.Tensor, index: int) -> torch.Tensor:  # only the codec's codes
+            return sample_rows(logits[:, :n_codes], temperature, None, seed, draws + index, self._keys, top_k=top_k)
+
+        codes = [draw(F.linear(hidden, self.model.lm_head.weight), 0)]
+        x = torch.stack([hidden, F.embedding(codes[0], self.depth_embed)], dim=1)  # [b, 2, H]: positions 0, 1
+        pos = self._depth_positions[:2].expand(b, 2)
+        mask = self._causal2.expand(b, 2, 2)
+        h = self.depth.forward(F.linear(x, self.depth_project), pos, self.depth_kv, slice(0, b), rows, 2, mask)
+        for index in range(1, k):
+            codes.append(draw(h[:, -1] @ self.codebook_heads[index - 1], index))
+            if index == k - 1:
+                break
+            x = F.embedding(codes[-1] + self._offsets[index], self.depth_embed)[:, None]  # [b, 1, H]
+            p = index + 1
+            pos = self._depth_positions[p:p + 1].expand(b, 1)
+            mask = pos.new_ones(b, 1, p + 1, dtype=torch.bool)
+            h = self.depth.forward(F.linear(x, self.depth_project), pos, self.depth_kv, slice(0, b), rows, p + 1,
+                                   mask)
+        frame = torch.stack(codes, dim=1)  # [b, K]
+        self._codes[:b] = frame
+        active = positions < self.kv.scratch_position
+        following = self.model.backbone_model.embed_tokens(frame[:, None])[:, 0]  # [b, H]
+        self._inputs[:b] = torch.where(active[:, None], following, self._inputs[:b])
+        self._lap("depth", t)
 
     @_no_grad
-    def step(self, reply: Reply) -> Step:
-        """Make the next frame of the current segment; decode a chunk when one is full or the segment ends."""
+    def step_frames(self, replies: Sequence[Reply]) -> list[Step]:
+        """One frame for each of ``replies`` (each inside a segment), in one batched step; then one
+        batched codec decode for the replies whose chunk is full or whose segment ended."""
         import torch
 
-        if reply.closed or reply.segment is None:
-            raise RuntimeError("step on a closed reply or outside a segment")
-        if self.on_frame is not None:
-            self.on_frame(self.frames_generated)
-        t = self._lap(None, time.perf_counter())
-        if reply.unfed is not None:
-            reply.hidden = self._forward(reply.cache, reply.unfed)
-            reply.unfed = None
-        t = self._lap("backbone", t)
-        assert reply.hidden is not None
-        codes = self._sample_frame(reply.hidden, reply.generator)  # [K]
-        t = self._lap("depth", t)
-        self.frames_generated += 1
-        segment = reply.segment
-        eos = reply.stop_at_eos and not bool(codes.any())
-        if not eos:
-            segment.frames.append(codes)
-            reply.pending.append(codes)
-            reply.frames.append(codes)
-            reply.unfed = self._embed_frames(codes[None])
-        done = eos or len(segment.frames) >= reply.max_frames
-        pcm = None
-        if reply.pending and (done or len(reply.pending) >= reply.chunk_frames):
-            chunk = torch.stack(reply.pending, dim=-1)[None]  # [1, K, n]
-            reply.pending = []
-            assert reply.codec is not None
-            audio = self.decoder.decode(chunk, reply.codec)[0]
-            pcm = audio.float().clamp_(-1.0, 1.0).cpu().numpy()
+        for reply in replies:
+            if not reply.active or not reply.staged:
+                raise RuntimeError("step on a closed reply or outside a segment")
+            if reply.length >= self.kv.positions:
+                raise RuntimeError(f"TTS reply row {reply.row} is full ({reply.length} positions)")
+        rows = max(r.row for r in replies) + 1
+        bucket = self.graphs.bucket(rows)
+        ints, temp = self._staging_ints, self._staging_temp
+        ints[:, :bucket] = 0
+        ints[0, :bucket] = self.kv.scratch_position
+        temp[:bucket] = 0.0
+        for reply in replies:
+            ints[:, reply.row] = torch.tensor([reply.length, reply.seed, reply.drawn])
+            temp[reply.row] = self.sampling.temperature
+            if self.on_frame is not None:
+                self.on_frame(self.frames_generated)
+        self._ints[:, :bucket].copy_(ints[:, :bucket], non_blocking=True)
+        self._temperature[:bucket].copy_(temp[:bucket], non_blocking=True)
+        t = self._lap(None, time.perf_counter()) if self.stage_seconds is not None else 0.0
+        self.graphs.run(rows)
+        codes = self._codes[:bucket].cpu()  # the step's one host sync
+        if self.stage_seconds is not None and self.graphs.captured:
+            self._lap("frame", t)
+        results: list[tuple[Reply, int, bool]] = []
+        for reply in replies:  # commit only once the whole step ran
+            frame = codes[reply.row].clone()
+            reply.length += 1
+            reply.drawn += 1
+            self.frames_generated += 1
+            segment = reply.segment
+            assert segment is not None
+            eos = reply.stop_at_eos and not bool(frame.any())
+            if not eos:
+                segment.frames.append(frame)
+                reply.pending.append(frame)
+                reply.frames.append(frame)
+            done = eos or len(segment.frames) >= reply.max_frames
+            if done:
+                reply.history.append(segment)
+                reply.segment = None
+                reply.ended_at_limit = not eos
+            results.append((reply, len(segment.frames), done))
+        audio = self._decode_due([(r, done) for r, _, done in results])
+        return [Step(pcm=audio.get(id(r)), segment_frames=n, done=done) for r, n, done in results]
+
+    def _decode_due(self, replies: list[tuple[Reply, bool]]) -> dict[int, np.ndarray]:
+        """Decode the chunks that are due, one batched call per chunk length."""
+        import torch
+
+        due = [r for r, done in replies if r.pending and (done or len(r.pending) >= r.chunk_frames)]
+        t = time.perf_counter()
+        out: dict[int, np.ndarray] = {}
+        for n in sorted({len(r.pending) for r in due}):
+            group = [r for r in due if len(r.pending) == n]
+            codes = torch.stack([torch.stack(r.pending, dim=-1) for r in group]).to(self.device)  # [G, K, n]
+            states = [r.codec for r in group]
+            assert all(s is not None for s in states)
+            audio = self.decoder.decode_batch(codes, states).float().clamp_(-1.0, 1.0).cpu().numpy()  # type: ignore[arg-type]
+            for r, pcm in zip(group, audio):
+                r.pending = []
+                out[id(r)] = pcm
+        if due:
             self._lap("decode", t)
-        if done:
-            reply.unfed = self._eos_embed if reply.unfed is None else torch.cat([reply.unfed, self._eos_embed], 1)
-            reply.history.append(segment)
-            reply.segment = None
-        return Step(pcm=pcm, segment_frames=len(segment.frames), done=done)
+        return out
+
+    def step(self, reply: Reply) -> Step:
+        """One frame of one reply (the batched step with one row)."""
+        return self.step_frames([reply])[0]
 
     def _lap(self, stage: str | None, start: float) -> float:
-        """With ``stage_seconds`` set (benchmarks), add the time since ``start`` to ``stage``."""
+        """With ``stage_seconds`` set (benchmarks, eager steps only), add the time since ``start`` to
+        ``stage``."""
         if self.stage_seconds is None:
             return start
         if self.device.type == "cuda":
@@ -329,11 +468,16 @@ class CsmEngine:
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + now - start
         return now
 
-    def _sample_frame(self, hidden: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The backbone's hidden state ``[1, H]`` -> one frame of codes ``[K]`` (first codebook, then depth)."""
-        n_codes = self.codebook_size
+    def capture(self, progress: Callable[[str], None] | None = None) -> None:
+        """Warm up and capture the frame step for every bucket (CUDA with graphs on; else nothing)."""
+        import torch
 
-        def draw(logits: torch.Tensor) -> torch.Tensor:  # only the codec's codes, never the LM's extra ids
-            return sample(logits[:, :n_codes], self.sampling, generator)
+        def prepare(b: int) -> None:
+            self._ints[:, :b] = 0
+            self._ints[0, :b] = self.kv.scratch_position  # every row writes only its scratch column
+            self._temperature[:b] = 1.0
 
-        return self.depth.sample(hidden, draw(self.model.lm_head(hidden)), draw)
+        saved = self._inputs.clone()
+        with torch.inference_mode():
+            self.graphs.capture(prepare, progress)
+            self._inputs.copy_(saved)

@@ -2,11 +2,15 @@
 
 ``synthesize`` speaks one reply. A reader task pulls the LLM's text pieces as they come (so the LLM
 keeps running while the agent speaks) and cuts them into segments (:mod:`duplex.tts.segmenter`);
-the reply loop takes the next segment (merging any that queued up), and asks the engine for one frame
-at a time on the TTS worker thread, yielding an :class:`~duplex.stages.AudioChunk` whenever a chunk of
-``chunk_frames`` frames is decoded. Closing the iterator or cancelling its consumer stops it between
-two frames: at most the frame already being computed finishes, and the next reply starts from fresh
-state, so the model stays usable.
+the reply loop takes the next segment (merging any that queued up), runs its text into the reply's
+row as a job, then joins the engine's batched frame step as a row (:mod:`duplex.engine.scheduler`):
+every tick makes one frame for every reply being spoken, and decodes the chunks that are due in one
+batched codec call. An :class:`~duplex.stages.AudioChunk` is yielded whenever a chunk of
+``chunk_frames`` frames is decoded. The row's deadline is when its audio would run dry (the time of
+its first chunk plus the audio made since), so when more replies are ready than one step holds, the
+one closest to a gap goes first, and a new reply (no audio yet) counts as due now. Closing the
+iterator or cancelling its consumer stops it between two frames: at most the frame already being
+computed finishes, and the reply's row is given back, so the model stays usable.
 
 The voice of a reply is the stream's own voice prompt, else the model's (``config.voice``); with
 neither, the stream keeps the voice its first segment came out in, by using that segment as the
@@ -16,6 +20,7 @@ prompt of its later replies (CSM otherwise picks a new voice for every reply).
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections import deque
 from collections.abc import AsyncIterator
@@ -24,12 +29,13 @@ from typing import Any
 
 import numpy as np
 
+from duplex.clock import now
+from duplex.engine.scheduler import Output, Scheduler
 from duplex.stages import AudioChunk, VoicePrompt
 from duplex.tts.engine import CsmEngine, Reply, Voice
 from duplex.tts.segmenter import Segmenter, SegmenterConfig
 from duplex.tts.timing import TYPICAL_FRAMES_PER_CHAR, WordTimer
 from duplex.tts.voice import check_voice
-from duplex.worker import ModelWorker
 
 
 @dataclass
@@ -59,7 +65,8 @@ class CsmTTS:
         self.device = device
         self.settings = settings or TTSSettings()
         self.sample_rate = engine.sample_rate
-        self.worker = ModelWorker("tts", device)
+        self.scheduler: Scheduler = Scheduler("tts", self._frame_step, device=device, max_batch=engine.slots,
+                                              job_budget=2)
         self.voice: Voice | None = None
         if voice is not None:  # at build time, off the event loop
             self.voice = self.engine.encode_voice(check_voice(voice, self.sample_rate), " ".join(voice.text.split()))
@@ -71,17 +78,29 @@ class CsmTTS:
     def new_stream(self) -> CsmTTSStream:
         return CsmTTSStream(self)
 
+    async def warm_up(self, progress=None) -> None:
+        """Capture the frame step for every batch bucket (CUDA graphs; nothing on the CPU), on the
+        engine's own thread, before the first session needs it."""
+        await self.scheduler.run(self.engine.capture, progress)
+
+    def _frame_step(self, replies: list[Reply]) -> list[Output]:
+        """The batched step (worker thread): one frame for every reply being spoken."""
+        return [Output(step, done=step.done) for step in self.engine.step_frames(replies)]
+
     async def encode_voice(self, prompt: VoicePrompt) -> Voice:
         """Validate and encode a voice prompt (on the worker thread)."""
         pcm = check_voice(prompt, self.sample_rate)
-        return await self.worker.run(self.engine.encode_voice, pcm, " ".join(prompt.text.split()))
+        return await self.scheduler.run(self.engine.encode_voice, pcm, " ".join(prompt.text.split()))
 
     async def set_voice(self, prompt: VoicePrompt | None) -> None:
         """Set the default voice of every stream that has none of its own (None: the model's own voice)."""
         self.voice = None if prompt is None else await self.encode_voice(prompt)
 
     async def aclose(self) -> None:
-        self.worker.close()
+        await self.scheduler.aclose()
+
+    def close(self) -> None:
+        self.scheduler.close()
 
 
 class CsmTTSStream:
@@ -109,7 +128,7 @@ class CsmTTSStream:
 
     async def synthesize(self, text: AsyncIterator[str]) -> AsyncIterator[AudioChunk]:
         """Speak one reply: text pieces in, audio chunks (with their words) out as soon as they are made."""
-        engine, worker, settings = self.model.engine, self.model.worker, self.model.settings
+        engine, scheduler, settings = self.model.engine, self.model.scheduler, self.model.settings
         seed = settings.seed + self.replies
         self.replies += 1
         voice = self.voice if self.voice is not None else self.model.voice
@@ -120,41 +139,56 @@ class CsmTTSStream:
         rate = voice.frames / max(len(voice.text), 1) if voice is not None else TYPICAL_FRAMES_PER_CHAR
         timer = WordTimer(engine.frame_size, frames_per_char=rate)
         reply: Reply | None = None
+        row = None
         offset = 0
+        first_audio: float | None = None  # when this reply's first chunk came out (its playback start)
         try:
             while True:
                 segment = await _next_segment(queue, held, settings.segmenter.max_words)
                 if segment is _END:
                     break
                 if reply is None:
-                    reply = await worker.run(engine.new_reply, voice, seed, settings.chunk_frames)
+                    reply = await scheduler.run(engine.new_reply, voice, seed, settings.chunk_frames)
                     self.last_reply = reply
                 frames = settings.fixed_frames or math.ceil(
                     engine.frame_rate * (settings.min_seconds + settings.seconds_per_char * len(segment)))
-                await worker.run(engine.begin_segment, reply, segment, frames,
-                                 stop_at_eos=settings.fixed_frames is None)
+                await scheduler.run(functools.partial(engine.begin_segment, stop_at_eos=settings.fixed_frames is None),
+                                    reply, segment, frames)
                 timer.begin_segment(segment, offset)
+                row = scheduler.join(reply, deadline=_run_dry(first_audio, offset, self.sample_rate), room=1)
                 done = False
                 while not done:
-                    step = await worker.run(engine.step, reply)
+                    step = (await scheduler.next(row)).value
                     done = step.done
                     pcm = step.pcm if step.pcm is not None else np.zeros(0, np.float32)
+                    if len(pcm) and first_audio is None:
+                        first_audio = now()
                     offset += len(pcm)
+                    row.deadline = _run_dry(first_audio, offset, self.sample_rate)
                     words = timer.advance(offset, done)
                     if len(pcm) or words:  # an empty chunk only to release a segment's last words
                         yield AudioChunk(pcm, tuple(words))
+                row = None
                 if voice is None and self.voice is None and self.model.voice is None and settings.keep_first_voice:
-                    self.voice = await worker.run(_voice_of, reply.history[-1], engine)
-            if reply is not None:  # done (no step in flight): free its caches, keep its frames
-                reply.release()
+                    self.voice = await scheduler.run(_voice_of, reply.history[-1], engine)
         finally:
-            if reply is not None:
-                reply.closed = True  # a step already queued for it returns without work
+            if row is not None:
+                scheduler.leave(row)  # a frame in flight lands; no other starts
+            if reply is not None:  # free its row and codec state (after any step in flight); keep its frames
+                try:
+                    scheduler.run(engine.release, reply)
+                except RuntimeError:  # the engine is closed
+                    pass
             reader.cancel()
             await asyncio.wait([reader])  # never leaves the reader running on the caller's iterator
 
     async def aclose(self) -> None:
         self.last_reply = None
+
+
+def _run_dry(first_audio: float | None, samples: int, rate: int) -> float:
+    """When a reply's audio runs out if played from its first chunk on (now, before any audio)."""
+    return now() if first_audio is None else first_audio + samples / rate
 
 
 def _voice_of(record, engine: CsmEngine) -> Voice | None:
@@ -164,7 +198,7 @@ def _voice_of(record, engine: CsmEngine) -> Voice | None:
     seconds = len(record.frames) / engine.frame_rate
     if not 1.5 <= seconds <= 20.0:
         return None
-    return Voice(text=record.text, codes=torch.stack(record.frames))
+    return Voice(text=record.text, codes=torch.stack(record.frames).to(engine.device))
 
 
 async def _read_segments(text: AsyncIterator[str], segmenter: Segmenter, queue: asyncio.Queue[Any]) -> None:
