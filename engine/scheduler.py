@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ class Scheduler(Generic[S, Out]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self.batch_sizes: list[int] = []  # rows in each step, for benchmarks and tests
+        self.step_seconds: list[float] = []  # wall time of each tick that ran a step (same order)
         self.ticks = 0
 
     # -- rows --------------------------------------------------------------------------------------
@@ -218,12 +220,15 @@ class Scheduler(Generic[S, Out]):
             if ready:
                 self.batch_sizes.append(len(ready))
             self.ticks += 1
+            started = time.perf_counter()
             try:
                 job_results, outputs, late = await self.worker.run(self._tick, urgent, states, jobs)
             except asyncio.CancelledError:
                 for job in (*urgent, *jobs):
                     job.future.cancel()
                 raise
+            if ready:
+                self.step_seconds.append(time.perf_counter() - started)
             for job, (ok, value) in zip((*urgent, *late), job_results):
                 if job.future.done():
                     continue

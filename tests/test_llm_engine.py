@@ -162,3 +162,20 @@ def test_all_slots_in_use_is_a_clear_error(make_llm):
     a.close()
     llm.new_context(SHORT_SYSTEM).close()  # a released slot serves the next session
     b.close()
+
+
+def test_bench_llm_reports_every_batch_size(tmp_path, capsys):
+    """`duplex bench llm --profile tiny --batch 1 2` measures each batch size through the engine and
+    writes step time, per-session and aggregate tokens/s and first-token latency (values not asserted)."""
+    import json
+
+    from duplex.cli import main
+
+    assert main(["bench", "llm", "--profile", "tiny", "--device", "cpu", "--batch", "1", "2",
+                 "--out", str(tmp_path)]) == 0
+    figures = json.loads((tmp_path / "llm.json").read_text())["figures"]["tiny"]
+    assert [r["batch"] for r in figures["batches"]] == [1, 2]
+    assert all({"step_ms", "per_session_per_s", "aggregate_per_s", "first_token_ms"} <= set(r)
+               for r in figures["batches"])
+    assert figures["decode_sink_evictions"] >= 3
+    assert "batch   2" in capsys.readouterr().out

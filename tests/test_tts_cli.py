@@ -49,12 +49,17 @@ def test_say_refuses_bad_input(tmp_path, capsys):
 
 
 def test_bench_tts_runs_quick_on_tiny(tmp_path, capsys):
-    """`duplex bench tts --quick` runs every chunk size and writes its figures (values not asserted)."""
-    assert main(["bench", "tts", "--profile", "tiny", "--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    """`duplex bench tts --quick --batch 1 2` runs every chunk size and batch size and writes its figures
+    (values not asserted)."""
+    assert main(["bench", "tts", "--profile", "tiny", "--device", "cpu", "--quick", "--batch", "1", "2",
+                 "--out", str(tmp_path)]) == 0
     figures = json.loads((tmp_path / "tts.json").read_text())["figures"]
     rows = figures["chunk_frames"]
     assert set(rows) == {"1", "2", "4"}
-    assert all({"first_packet_ms", "rtf", "ms_per_frame"} <= set(row) for row in rows.values())
-    assert set(figures["breakdown_chunk_2"]) == {"backbone_ms_per_frame", "depth_ms_per_frame",
-                                                 "decode_ms_per_frame"}
-    assert "first packet" in capsys.readouterr().out
+    assert all({"first_audio_ms", "rtf", "ms_per_frame"} <= set(row) for row in rows.values())
+    assert [r["batch"] for r in figures["batches"]] == [1, 2]
+    assert all({"step_ms", "per_session_per_s", "aggregate_per_s", "rtf", "first_audio_ms"} <= set(r)
+               for r in figures["batches"])
+    assert set(figures["breakdown_eager_chunk_2"]) == {"backbone_ms_per_frame", "depth_ms_per_frame",
+                                                       "decode_ms_per_frame"}
+    assert "first audio" in capsys.readouterr().out

@@ -171,6 +171,9 @@ class CsmTTSStream:
                 row = None
                 if voice is None and self.voice is None and self.model.voice is None and settings.keep_first_voice:
                     self.voice = await scheduler.run(_voice_of, reply.history[-1], engine)
+            if reply is not None:  # done (no step in flight): free its row and codec state, keep its frames
+                done_reply, reply = reply, None
+                await scheduler.run(engine.release, done_reply)
         finally:
             if row is not None:
                 scheduler.leave(row)  # a frame in flight lands; no other starts

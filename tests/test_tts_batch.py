@@ -1,0 +1,144 @@
+"""The TTS engine's batched frame step: every reply gets exactly the codes and audio it gets alone,
+static shapes, and one reply's failure ends only that reply."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from duplex.tts.engine import Sampling
+from tts_fixtures import (collect, jfk24, make_engine, make_tts, one_torch_thread,  # noqa: F401
+                          tiny_tts_checkpoint, voice_a)
+
+# (text, frames per segment, the step it starts at, seed); replies joining and leaving at different times
+PLAN = [("Hello there, how are you?", 9, 0, 1), ("A second voice speaks here.", 4, 0, 2),
+        ("Third one joins later on.", 7, 3, 3), ("Short.", 3, 5, 4)]
+
+
+def _run(engine, *, together: bool, voice=None):
+    """Speak every reply of PLAN; returns per reply (codes [T, K], audio)."""
+    replies = [engine.new_reply(voice if i % 2 else None, seed=seed, chunk_frames=2)
+               for i, (_, _, _, seed) in enumerate(PLAN)]
+    audio: list[list[np.ndarray]] = [[] for _ in PLAN]
+    started = [False] * len(PLAN)
+    done = [False] * len(PLAN)
+    t = 0
+    while not all(done):
+        for i, (text, frames, start, _) in enumerate(PLAN):
+            if not started[i] and t >= start:
+                engine.begin_segment(replies[i], text, frames, stop_at_eos=False)
+                started[i] = True
+        live = [i for i in range(len(PLAN)) if started[i] and not done[i]]
+        groups = [live] if together else [[i] for i in live]
+        for group in groups:
+            if not group:
+                continue
+            for i, step in zip(group, engine.step_frames([replies[i] for i in group])):
+                if step.pcm is not None:
+                    audio[i].append(step.pcm)
+                done[i] = step.done
+        t += 1
+    out = [(torch.stack(r.frames), np.concatenate(a)) for r, a in zip(replies, audio)]
+    for r in replies:
+        engine.release(r)
+    return out
+
+
+def test_batched_frames_equal_each_reply_alone(make_engine, voice_a):
+    """Replies with different prompts, voices and seeds, starting at different steps and ending after
+    different numbers of frames, sampled (top-k at temperature 0.9): each one's codes are identical
+    and its audio equal to 1e-5 to what it makes stepped alone."""
+    from duplex.tts.voice import check_voice
+
+    engine = make_engine(sampling=Sampling())
+    voice = engine.encode_voice(check_voice(voice_a), voice_a.text)
+    alone = _run(engine, together=False, voice=voice)
+    together = _run(engine, together=True, voice=voice)
+    for (codes_a, audio_a), (codes_b, audio_b), (_, frames, _, _) in zip(alone, together, PLAN):
+        assert codes_a.shape == (frames, engine.num_codebooks)
+        assert torch.equal(codes_a, codes_b)
+        assert float(np.abs(audio_a - audio_b).max()) <= 1e-5 * max(1e-3, float(np.abs(audio_a).max()))
+    assert not torch.equal(alone[0][0][:3], alone[2][0][:3])  # other seeds and texts say other things
+
+
+async def test_concurrent_streams_equal_streams_alone(make_tts):
+    """Three sessions speaking at once through the scheduler (batched frame steps) make exactly the
+    audio each makes alone. (Each text is one segment: how streamed text is cut into segments
+    depends on timing, which is not what this compares.)"""
+    tts = make_tts(chunk_frames=2, fixed_frames=6, seed=3)
+    texts = ["Hello there my friend.", "The train leaves at nine.", "Yes."]
+    alone = []
+    for text in texts:
+        stream = tts.new_stream()
+        alone.append(np.concatenate([c.pcm for c in await collect(stream, [text])]))
+    streams = [tts.new_stream() for _ in texts]
+    before = len(tts.scheduler.batch_sizes)
+    together = await asyncio.gather(*(collect(s, [t]) for s, t in zip(streams, texts)))
+    assert max(tts.scheduler.batch_sizes[before:]) == 3
+    for a, chunks in zip(alone, together):
+        b = np.concatenate([c.pcm for c in chunks])
+        assert a.shape == b.shape and float(np.abs(a - b).max()) <= 1e-5
+    assert tts.engine.free_slots == tts.engine.slots  # every reply gave its row back
+
+
+def test_every_frame_step_sees_the_same_shapes(make_engine):
+    """The frame step of one reply runs on identical tensor shapes across segments and a context
+    rebuild (the full position range, whatever the row holds)."""
+    engine = make_engine(slots=1)
+    engine.max_positions = 90
+    seen = []
+    inner = engine.backbone.forward
+
+    def spy(x, positions, kv, rows, write_rows, length, mask):
+        if x.shape[1] == 1:  # a decode step (prefills have several positions)
+            seen.append((tuple(x.shape), tuple(positions.shape), length, tuple(mask.shape)))
+        return inner(x, positions, kv, rows, write_rows, length, mask)
+
+    engine.backbone.forward = spy
+    reply = engine.new_reply(None, seed=0, chunk_frames=4)
+    for index in range(5):
+        engine.begin_segment(reply, f"Sentence {index} here.", 8, stop_at_eos=False)
+        while not engine.step(reply).done:
+            pass
+    assert len(reply.history) < 5  # the context was rebuilt on the way
+    assert len(seen) == 40 and len(set(seen)) == 1, set(seen)
+    engine.release(reply)
+
+
+async def test_a_failing_reply_ends_alone(make_tts):
+    """A reply whose frame fails inside a batched step (here: its row pointed past the pool) gets the
+    error; the reply sharing its steps goes on and makes exactly its audio alone."""
+    tts = make_tts(chunk_frames=2, fixed_frames=8, seed=5)
+    ref = np.concatenate([c.pcm for c in await collect(tts.new_stream(), "Hello there.")])
+    good, bad = tts.new_stream(), tts.new_stream()
+
+    async def speak(stream, corrupt: bool):
+        out = []
+        async for chunk in stream.synthesize(_text("Hello there." if not corrupt else "Broken one.")):
+            out.append(chunk.pcm)
+            if corrupt:
+                stream.last_reply.length = 10**6  # no such position: the step refuses this row
+        return np.concatenate(out)
+
+    results = await asyncio.gather(speak(good, False), speak(bad, True), return_exceptions=True)
+    assert isinstance(results[1], RuntimeError) and "full" in str(results[1])
+    assert results[0].shape == ref.shape and float(np.abs(results[0] - ref).max()) <= 1e-5
+    await tts.scheduler.run(lambda: None)
+    assert tts.engine.free_slots == tts.engine.slots
+
+
+async def _text(text: str):
+    yield text
+
+
+def test_all_rows_in_use_is_a_clear_error(make_engine):
+    """More replies than rows: the next one is refused with a message naming the setting."""
+    engine = make_engine(slots=1)
+    reply = engine.new_reply(None, seed=0, chunk_frames=2)
+    with pytest.raises(RuntimeError, match="engine-slots"):
+        engine.new_reply(None, seed=0, chunk_frames=2)
+    engine.release(reply)
+    engine.release(engine.new_reply(None, seed=0, chunk_frames=2))
