@@ -6,6 +6,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 from duplex.config import AgentConfig
@@ -15,13 +18,17 @@ from duplex.stages import Stages
 
 log = logging.getLogger(__name__)
 
-async def warm_up(stages: Stages) -> None:
-    """Let every stage that has one run its warm-up (CUDA graph capture) before the first session."""
+async def warm_up(stages: Stages, progress: Callable[[str], None] | None = None) -> None:
+    """Let every stage that has one run its warm-up (CUDA graph capture: a line per captured batch
+    size to ``progress``, default stderr) before the first session needs it."""
+    report = progress or (lambda line: print(f"duplex: {line}", file=sys.stderr, flush=True))
     for role in ("vad", "asr", "llm", "tts"):
         model = getattr(stages, role)
         warm = getattr(model, "warm_up", None)
         if warm is not None:
-            await warm(lambda line: log.info("%s", line))
+            t0 = time.perf_counter()
+            await warm(report)
+            log.info("%s warm-up took %.1f s", role, time.perf_counter() - t0)
 
 
 class Agent:

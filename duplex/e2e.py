@@ -156,7 +156,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, object]:
         print(f"(plot: {out / 'e2e.png'})")
         print("concurrent sessions:")
         short = conversation_script(quick=True)
-        rows = await concurrency(agent, short, max_sessions=4 if args.quick else 64)
+        rows = await concurrency(agent, short, max_sessions=max_sessions(config, args.quick))
         best = max([r["sessions"] for r in rows if r["real_time"]], default=0)
         print(f"largest number of concurrent sessions in real time: {best}")
         return {"turns": turns, "barge_in_s": barge, "timeouts": run.timeouts,
@@ -168,9 +168,17 @@ async def _bench(args: argparse.Namespace) -> dict[str, object]:
 
 
 def apply_bench_settings(config, quick: bool) -> None:
-    """Fixed, short replies so figures do not depend on when random weights stop generating."""
+    """Fixed, short replies so figures do not depend on when random weights stop generating, and
+    engine rows for every session the concurrency test may open."""
     config.max_reply_tokens = 12 if quick else 24
     config.fixed_lengths = True
+    if config.engine_slots is None:
+        config.engine_slots = max_sessions(config, quick)
+
+
+def max_sessions(config, quick: bool) -> int:
+    """The most concurrent sessions the benchmark tries: 4 on the CPU or with --quick, 64 on a GPU."""
+    return 4 if quick or not config.resolved_device().startswith("cuda") else 64
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:

@@ -254,19 +254,23 @@ class LeanDecoder:
         rows = torch.tensor([row], device=self.device)
         return self.forward(x[None], positions, kv, slice(row, row + 1), rows, end, mask)[0]
 
-    def decode(self, x: torch.Tensor, positions: torch.Tensor, kv: SlotKV, row_range: torch.Tensor) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, positions: torch.Tensor, kv: SlotKV, row_range: torch.Tensor,
+               length: int | None = None) -> torch.Tensor:
         """One token for each of rows ``0..B-1``: ``x`` ``[B, hidden]`` at ``positions`` ``[B]`` (a row
         that has no token this step sits at the scratch position) -> normed hidden ``[B, hidden]``.
-        ``row_range`` is ``arange(B)`` (kept by the caller so a captured step allocates nothing)."""
+        Attention reads the first ``length`` positions of every row (all of them by default; a row's
+        position must be below it unless the row is at the scratch position). ``row_range`` is
+        ``arange(B)`` (kept by the caller so a captured step allocates nothing)."""
         b = x.shape[0]
-        length = kv.positions + 1
-        mask = self.key_index(length)[None, None, :] <= positions[:, None, None]  # [B, 1, P + 1]
+        length = kv.positions + 1 if length is None else length
+        mask = self.key_index(length)[None, None, :] <= positions[:, None, None]  # [B, 1, L]
         return self.forward(x[:, None], positions[:, None], kv, slice(0, b), row_range, length, mask)[:, 0]
 
     def key_index(self, length: int) -> torch.Tensor:
+        """``arange(length)`` (one allocation per engine, sliced, so captured steps allocate nothing)."""
         import torch
 
         cached = getattr(self, "_key_index", None)
-        if cached is None or cached.shape[0] != length:
-            cached = self._key_index = torch.arange(length, device=self.device)
-        return cached
+        if cached is None or cached.shape[0] < length:
+            cached = self._key_index = torch.arange(max(length, self.positions + 1), device=self.device)
+        return cached[:length]

@@ -1,8 +1,11 @@
 """One captured step per batch-size bucket: CUDA graphs over static buffers, eager elsewhere.
 
-An engine writes its step as ``fn(bucket)``: read the inputs of rows ``0..bucket-1`` from static
-buffers, compute, write the outputs into static buffers; no allocation is visible outside, no host
-sync inside. :class:`BucketedStep` runs it for the smallest bucket that holds the rows asked for.
+An engine writes its step as ``fn(bucket, length)``: read the inputs of rows ``0..bucket-1`` from
+static buffers, attend over the first ``length`` positions of each row, compute, write the outputs
+into static buffers; no allocation is visible outside, no host sync inside. :class:`BucketedStep`
+runs it for the smallest batch bucket that holds the rows asked for and the smallest length bucket
+that holds the longest row (an engine whose rows are usually short, the TTS, skips attending over
+the empty end of its buffers; one with a single length bucket always attends over all of them).
 On CUDA (unless disabled) each bucket is warmed up and captured once, at load, largest first into
 one shared memory pool (smaller buckets reuse the largest one's memory), and a step is one graph
 replay. On the CPU, or with graphs off (``--no-graphs``), ``fn`` simply runs eagerly: the same
@@ -29,17 +32,28 @@ def buckets_for(max_batch: int) -> tuple[int, ...]:
     return (*sizes, max_batch)
 
 
+def lengths_for(positions: int, shortest: int = 256) -> tuple[int, ...]:
+    """Attention lengths: powers of two from ``shortest`` below ``positions``, then ``positions``."""
+    sizes = []
+    n = shortest
+    while n < positions:
+        sizes.append(n)
+        n *= 2
+    return (*sizes, positions)
+
+
 class BucketedStep:
     """``fn(bucket)`` for a set of buckets, captured per bucket on CUDA when ``graphs`` is true."""
 
-    def __init__(self, name: str, fn: Callable[[int], Any], buckets: Sequence[int], *, device: str,
-                 graphs: bool) -> None:
+    def __init__(self, name: str, fn: Callable[[int, int], Any], buckets: Sequence[int], lengths: Sequence[int], *,
+                 device: str, graphs: bool) -> None:
         self.name = name
         self.fn = fn
         self.buckets = tuple(sorted(set(int(b) for b in buckets)))
+        self.lengths = tuple(sorted(set(int(n) for n in lengths)))
         self.device = device
         self.graphs_enabled = bool(graphs) and device.startswith("cuda")
-        self._graphs: dict[int, Any] = {}
+        self._graphs: dict[tuple[int, int], Any] = {}
         self.capture_s = 0.0
         self.eager = False  # benchmarks: run the captured buckets eagerly, to compare
 
@@ -50,13 +64,20 @@ class BucketedStep:
                 return b
         raise ValueError(f"{self.name}: {rows} rows exceed the largest bucket ({self.buckets[-1]})")
 
+    def length(self, needed: int) -> int:
+        """The shortest attention length holding ``needed`` positions."""
+        for n in self.lengths:
+            if n >= needed:
+                return n
+        raise ValueError(f"{self.name}: {needed} positions exceed the longest length ({self.lengths[-1]})")
+
     @property
     def captured(self) -> bool:
         return bool(self._graphs)
 
     def capture(self, prepare: Callable[[int], None] | None = None, progress: Callable[[str], None] | None = None,
                 warmup: int = 2) -> None:
-        """Warm up and capture every bucket, largest first, into one memory pool (CUDA only).
+        """Warm up and capture every (batch, length) bucket, largest first, into one memory pool (CUDA only).
 
         ``prepare(bucket)`` puts harmless inputs into the static buffers first (rows at their scratch
         positions), so the warm-up steps change no session's state."""
@@ -65,36 +86,41 @@ class BucketedStep:
         import torch
 
         start = time.perf_counter()
+        keys = [(b, n) for b in reversed(self.buckets) for n in reversed(self.lengths)]
+        if progress is not None:
+            progress(f"{self.name}: capturing {len(keys)} CUDA graphs (batch {','.join(map(str, self.buckets))}"
+                     f" x length {','.join(map(str, self.lengths))})")
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for b in reversed(self.buckets):
+            for b, n in keys:
                 if prepare is not None:
                     prepare(b)
                 for _ in range(warmup):
-                    self.fn(b)
+                    self.fn(b, n)
         torch.cuda.current_stream().wait_stream(side)
-        for b in reversed(self.buckets):
+        for b, n in keys:
             if prepare is not None:
                 prepare(b)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.fn(b)
-            self._graphs[b] = graph
-            if progress is not None:
-                progress(f"{self.name}: captured batch {b}")
+                self.fn(b, n)
+            self._graphs[(b, n)] = graph
+        if progress is not None:
+            progress(f"{self.name}: captured in {time.perf_counter() - start:.1f} s")
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - start
         log.info("%s: captured %d CUDA graphs (buckets %s) in %.1f s", self.name, len(self._graphs),
                  ",".join(map(str, self.buckets)), self.capture_s)
 
-    def run(self, rows: int) -> int:
-        """Run the step for ``rows`` rows (padded up to a bucket); returns the bucket used."""
-        b = self.bucket(rows)
-        graph = None if self.eager else self._graphs.get(b)
+    def run(self, rows: int, needed: int) -> tuple[int, int]:
+        """Run the step for ``rows`` rows and ``needed`` positions (each padded up to a bucket);
+        returns the (batch, length) bucket used."""
+        key = (self.bucket(rows), self.length(needed))
+        graph = None if self.eager else self._graphs.get(key)
         if graph is not None:
             graph.replay()
         else:
-            self.fn(b)
-        return b
+            self.fn(*key)
+        return key

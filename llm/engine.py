@@ -102,8 +102,10 @@ class Engine:
         pin = self.device.type == "cuda"
         self._buf.staging_ints = torch.zeros(5, slots, dtype=torch.long, pin_memory=pin)
         self._buf.staging_floats = torch.zeros(2, slots, dtype=torch.float32, pin_memory=pin)
-        self.graphs = BucketedStep("llm decode", self._decode_fn, buckets_for(slots), device=str(self.device),
-                                 graphs=graphs)
+        # one attention length: sink windows are nearly full once a dialogue runs, so every decode
+        # step of a session has the same shapes
+        self.graphs = BucketedStep("llm decode", self._decode_fn, buckets_for(slots), (self.kv.positions + 1,),
+                                   device=str(self.device), graphs=graphs)
         self.shape_log: list[tuple] | None = None  # tests: the shapes each eager decode step saw
 
     def set_stop_ids(self, stop_ids: Sequence[int] | frozenset[int]) -> None:
@@ -162,14 +164,14 @@ class Engine:
                             torch.tensor([draw.counter], device=dev), self._keys)
         return int(token[0])
 
-    def _decode_fn(self, b: int) -> None:
-        """The captured step: rows ``0..b-1`` from the static buffers."""
+    def _decode_fn(self, b: int, length: int) -> None:
+        """The captured step: rows ``0..b-1`` from the static buffers, over their whole window."""
         buf = self._buf
         tokens, positions, seed, counter, ban = buf.ints[:, :b]
         x = F.embedding(tokens, self.embed)  # [b, H]
         if self.shape_log is not None:
             self.shape_log.append((tuple(x.shape), tuple(positions.shape), tuple(self.kv.keys[0][:b].shape)))
-        hidden = self.decoder.decode(x, positions, self.kv, buf.rows[:b])
+        hidden = self.decoder.decode(x, positions, self.kv, buf.rows[:b], length)
         logits = self._logits(hidden)  # [b, V]
         logits = logits.masked_fill(ban.bool()[:, None] & self._stop, float("-inf"))
         buf.logits[:b] = logits
@@ -184,7 +186,7 @@ class Engine:
             return []
         rows = max(r.slot.row for r in requests) + 1
         bucket = self.graphs.bucket(rows)
-        ints, floats = self._buf.staging_ints, self._buf.staging_floats
+        ints, floats = self._buf.staging_ints.numpy(), self._buf.staging_floats.numpy()  # views of the host buffers
         ints[:, :bucket] = 0
         ints[1, :bucket] = self.kv.scratch_position
         floats[:, :bucket] = 0.0
@@ -192,11 +194,11 @@ class Engine:
             slot, d = r.slot, r.draw
             if slot.length >= slot.capacity:
                 raise RuntimeError(f"LLM slot {slot.row} is full ({slot.length} positions); evict before decoding")
-            ints[:, slot.row] = torch.tensor([r.token, slot.length, d.seed, d.counter, int(d.ban_stop)])
-            floats[:, slot.row] = torch.tensor([d.temperature, d.top_p])
-        self._buf.ints[:, :bucket].copy_(ints[:, :bucket], non_blocking=True)
-        self._buf.floats[:, :bucket].copy_(floats[:, :bucket], non_blocking=True)
-        self.graphs.run(rows)
+            ints[:, slot.row] = (r.token, slot.length, d.seed, d.counter, int(d.ban_stop))
+            floats[:, slot.row] = (d.temperature, d.top_p)
+        self._buf.ints[:, :bucket].copy_(self._buf.staging_ints[:, :bucket], non_blocking=True)
+        self._buf.floats[:, :bucket].copy_(self._buf.staging_floats[:, :bucket], non_blocking=True)
+        self.graphs.run(rows, self.kv.positions + 1)
         out = self._buf.out[:bucket].cpu()  # the step's one host sync
         return [int(out[r.slot.row]) for r in requests]
 

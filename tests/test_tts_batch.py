@@ -86,7 +86,7 @@ async def test_concurrent_streams_equal_streams_alone(make_tts):
 
 def test_every_frame_step_sees_the_same_shapes(make_engine):
     """The frame step of one reply runs on identical tensor shapes across segments and a context
-    rebuild (the full position range, whatever the row holds)."""
+    rebuild (a fixed attention length, whatever the row holds: here the shortest length bucket)."""
     engine = make_engine(slots=1)
     engine.max_positions = 90
     seen = []

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from duplex.engine.decoder import LeanDecoder
-from duplex.engine.graphs import BucketedStep, buckets_for
+from duplex.engine.graphs import BucketedStep, buckets_for, lengths_for
 from duplex.engine.sampling import sample as sample_rows
 from duplex.engine.sampling import token_keys
 from duplex.tts.codec import CodecState, StreamingDecoder, StreamingEncoder
@@ -184,7 +184,9 @@ class CsmEngine:
         pin = dev.type == "cuda"
         self._staging_ints = torch.zeros(3, slots, dtype=torch.long, pin_memory=pin)
         self._staging_temp = torch.zeros(slots, dtype=torch.float32, pin_memory=pin)
-        self.graphs = BucketedStep("tts frame", self._frame_fn, buckets_for(slots), device=str(dev), graphs=graphs)
+        # attention lengths in powers of two: a reply's row is usually far from full
+        self.graphs = BucketedStep("tts frame", self._frame_fn, buckets_for(slots), lengths_for(self.kv.positions + 1),
+                                   device=str(dev), graphs=graphs)
         with torch.inference_mode():
             self._eos_embed = self._embed_frames(self._zeros_frame()[None])[0]  # [1, H]
 
@@ -340,8 +342,9 @@ class CsmEngine:
 
     # -- the frame step ----------------------------------------------------------------------------
 
-    def _frame_fn(self, b: int) -> None:
-        """The captured step: one frame for rows ``0..b-1`` from the static buffers."""
+    def _frame_fn(self, b: int, length: int) -> None:
+        """The captured step: one frame for rows ``0..b-1`` from the static buffers, the backbone
+        attending over the first ``length`` positions of each row."""
         import torch
         import torch.nn.functional as F
 
@@ -350,7 +353,7 @@ class CsmEngine:
         rows = self._rows[:b]
         n_codes, k, top_k = self.codebook_size, self.num_codebooks, self.sampling.top_k
         t = self._lap(None, time.perf_counter())
-        hidden = self.backbone.decode(self._inputs[:b], positions, self.kv, rows)  # [b, H]
+        hidden = self.backbone.decode(self._inputs[:b], positions, self.kv, rows, length)  # [b, H]
         t = self._lap("backbone", t)
         draws = counter * k  # codebook i of frame n draws with counter n * K + i
 
@@ -392,18 +395,18 @@ class CsmEngine:
                 raise RuntimeError(f"TTS reply row {reply.row} is full ({reply.length} positions)")
         rows = max(r.row for r in replies) + 1
         bucket = self.graphs.bucket(rows)
-        ints, temp = self._staging_ints, self._staging_temp
+        ints, temp = self._staging_ints.numpy(), self._staging_temp.numpy()  # views of the host buffers
         ints[:, :bucket] = 0
         ints[0, :bucket] = self.kv.scratch_position
         temp[:bucket] = 0.0
         for reply in replies:
-            ints[:, reply.row] = torch.tensor([reply.length, reply.seed, reply.drawn])
+            ints[:, reply.row] = (reply.length, reply.seed, reply.drawn)
             temp[reply.row] = self.sampling.temperature
             if self.on_frame is not None:
                 self.on_frame(self.frames_generated)
-        self._ints[:, :bucket].copy_(ints[:, :bucket], non_blocking=True)
-        self._temperature[:bucket].copy_(temp[:bucket], non_blocking=True)
-        self.graphs.run(rows)
+        self._ints[:, :bucket].copy_(self._staging_ints[:, :bucket], non_blocking=True)
+        self._temperature[:bucket].copy_(self._staging_temp[:bucket], non_blocking=True)
+        self.graphs.run(rows, max(r.length for r in replies) + 1)
         codes = self._codes[:bucket].cpu()  # the step's one host sync
         results: list[tuple[Reply, int, bool]] = []
         for reply in replies:  # commit only once the whole step ran

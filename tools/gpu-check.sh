@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Every GPU figure of the engines in one run (about 5 minutes on one H100/H200): package versions,
+# then `duplex bench llm` (Qwen2.5-1.5B, batches 1 8 32), `duplex bench tts` (CSM-1B, batches
+# 1 8 32 64) and `duplex bench e2e` (all three models, sessions in real time), each with CUDA
+# graphs captured and, for llm and tts, eager side by side. JSON lands in $OUT (default artifacts/gpu).
+#
+#   here, once:     bash tools/gpu-wheels.sh      (wheels of the versions CI uses, into .whl/)
+#   on the device:  run(command="bash tools/gpu-check.sh", carry=[".whl"], timeout_s=480)
+#   on the CPU:     DEVICE=cpu PROFILE=tiny bash tools/gpu-check.sh   (a smoke run of the same script)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-artifacts/gpu}
+DEVICE=${DEVICE:-cuda}
+PROFILE=${PROFILE:-random}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 DUPLEX_CACHE=${DUPLEX_CACHE:-/tmp/duplex-cache}
+PY=python3
+if [ -x .venv/bin/python ] && [ "$DEVICE" = cpu ]; then PY=.venv/bin/python; fi
+if [ -d .whl ] && [ "$DEVICE" != cpu ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site
+fi
+if [ "$DEVICE" != cpu ]; then  # the package itself, without dependency resolution (the device brings its own torch)
+  $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 \
+    || { echo "editable install failed"; exit 1; }
+fi
+DUPLEX="$PY -m duplex.cli"
+$PY - <<'PY'
+import importlib.metadata as m, platform
+print("python", platform.python_version())
+for p in ("torch", "transformers", "tokenizers", "numpy", "nemo_toolkit", "silero-vad", "soxr", "soundfile",
+          "omegaconf", "lhotse", "librosa", "duplex"):
+    try:
+        print(p, m.version(p))
+    except m.PackageNotFoundError:
+        print(p, "not installed")
+import torch
+print("cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
+PY
+status=0
+run() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo; echo "=== $name ($(date -u +%H:%M:%S))"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v "^WARNING\|Warning:" ; local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+  [ "$rc" = 0 ] || status=1
+}
+if [ "$PROFILE" = tiny ]; then LLM=(); else LLM=(--llm-model qwen2.5-1.5b); fi
+run llm 110 $DUPLEX bench llm --device "$DEVICE" --profile "$PROFILE" "${LLM[@]}" --batch 1 8 32 --out "$OUT"
+run tts 130 $DUPLEX bench tts --device "$DEVICE" --profile "$PROFILE" --batch 1 8 32 64 --out "$OUT"
+run e2e 200 $DUPLEX bench e2e --device "$DEVICE" --profile "$PROFILE" --out "$OUT"
+exit $status
