@@ -104,7 +104,7 @@ class BucketedStep:
             if prepare is not None:
                 prepare(b)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 self.fn(b, n)
             self._graphs[(b, n)] = graph
         if progress is not None:
