@@ -103,11 +103,11 @@ async def _bench_one(llm, plan: dict[str, Any], device: str) -> dict[str, Any]:
     history = _history(llm, plan["window"] // 2)
     batches = []
     for b in plan["batches"]:
-        row = await _batch(llm, history, b, plan)
+        row = await _batch(llm, history, b)
         if llm.engine.graphs.captured:  # the same, eager, side by side
             llm.engine.graphs.eager = True
             try:
-                eager = await _batch(llm, history, b, plan)
+                eager = await _batch(llm, history, b)
             finally:
                 llm.engine.graphs.eager = False
             row.update({f"{k}_eager": v for k, v in eager.items() if k != "batch"})
@@ -121,9 +121,8 @@ async def _bench_one(llm, plan: dict[str, Any], device: str) -> dict[str, Any]:
     return figures
 
 
-async def _batch(llm, history: list[Message], b: int, plan: dict[str, Any]) -> dict[str, Any]:
+async def _batch(llm, history: list[Message], b: int) -> dict[str, Any]:
     """``b`` sessions reply at once (fixed length); then one more reply starts while they decode."""
-    n = plan["decode"]
     streams = [llm.new_stream(SYSTEM) for _ in range(b + 1)]
     user = Message("user", USER_TURN)
     try:

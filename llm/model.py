@@ -17,7 +17,7 @@ from duplex.engine.scheduler import Output, Scheduler
 from duplex.errors import ConfigError
 from duplex.llm.chat import ChatFormat, DialogueTokens
 from duplex.llm.context import SinkContext, check_window
-from duplex.llm.engine import DecodeRequest, Engine
+from duplex.llm.engine import Engine
 from duplex.llm.stream import SinkLLMStream
 
 USER_TURN_TOKENS = 32  # room for a few words of the user, on top of a whole reply, in "one turn"
@@ -92,26 +92,15 @@ class SinkLLM:
 
     def _decode_step(self, rows: list[tuple[SinkLLMStream, Any]]) -> list[Output]:
         """The batched decode step (worker thread): one token for every replying session."""
-        outputs: list[Output | None] = [None] * len(rows)
-        live: list[int] = []
-        requests: list[DecodeRequest] = []
-        for i, (stream, reply) in enumerate(rows):
-            ctx = stream.context
-            if stream._active is not reply or ctx is None or reply.last is None:
-                outputs[i] = Output((True, ""), done=True)  # closed or superseded meanwhile
-                continue
-            ctx.reserve(1)
-            requests.append(DecodeRequest(ctx.cache, reply.last, stream.draw()))
-            live.append(i)
-        tokens = self.engine.decode(requests)
-        for i, request, token in zip(live, requests, tokens):  # commit only once the whole step ran
+        requests = [stream.decode_request(reply) for stream, reply in rows]
+        live = [i for i, request in enumerate(requests) if request is not None]
+        tokens = self.engine.decode([requests[i] for i in live])  # type: ignore[misc]
+        outputs = [Output((True, ""), done=True)] * len(rows)  # closed or superseded meanwhile
+        for i, token in zip(live, tokens):  # commit only once the whole step ran
             stream, reply = rows[i]
-            assert stream.context is not None
-            stream.context.commit_decoded(request.token)
-            stream._draws += 1
-            done, text = stream.took(reply, token)
+            done, text = stream.decoded(reply, requests[i], token)  # type: ignore[arg-type]
             outputs[i] = Output((done, text), done=done)
-        return outputs  # type: ignore[return-value]
+        return outputs
 
     def close(self) -> None:
         self.scheduler.close()

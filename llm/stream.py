@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from duplex.llm.context import SinkContext
-from duplex.llm.engine import Draw, TextDecoder, token_probability
+from duplex.llm.engine import DecodeRequest, Draw, TextDecoder, token_probability
 from duplex.llm.speech_text import SpeechText
 from duplex.stages import Message
 
@@ -159,9 +159,24 @@ class SinkLLMStream:
         logits = self._context().sync(messages, generation_prompt=True)
         token = self.model.engine.sample(logits, self.draw())
         self._draws += 1
-        return self.took(reply, token)
+        return self._took(reply, token)
 
-    def took(self, reply: _Reply, token: int) -> tuple[bool, str]:
+    def decode_request(self, reply: _Reply) -> DecodeRequest | None:
+        """This session's row of the next batched decode step (None: the reply was closed meanwhile)."""
+        ctx = self._ctx
+        if self._active is not reply or ctx is None or reply.last is None:
+            return None
+        ctx.reserve(1)
+        return DecodeRequest(ctx.cache, reply.last, self.draw())
+
+    def decoded(self, reply: _Reply, request: DecodeRequest, token: int) -> tuple[bool, str]:
+        """The step ran ``request`` and sampled ``token``: commit both; (finished, new text)."""
+        assert self._ctx is not None
+        self._ctx.commit_decoded(request.token)
+        self._draws += 1
+        return self._took(reply, token)
+
+    def _took(self, reply: _Reply, token: int) -> tuple[bool, str]:
         """Book a sampled token: (finished, new text). A stop token ends the reply before it."""
         if token in self.model.format.stop_ids:
             return True, ""

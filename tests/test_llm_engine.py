@@ -179,3 +179,18 @@ def test_bench_llm_reports_every_batch_size(tmp_path, capsys):
                for r in figures["batches"])
     assert figures["decode_sink_evictions"] >= 3
     assert "batch   2" in capsys.readouterr().out
+
+
+def test_engine_options_reach_the_config():
+    """--engine-slots and --no-graphs set the engines' rows and graph capture; a bad slot count is a
+    clear error naming the setting."""
+    from duplex.cli import build_parser, config_from_args
+    from duplex.errors import ConfigError
+
+    args = build_parser().parse_args(["serve", "--profile", "fake", "--no-graphs", "--engine-slots", "3"])
+    config = config_from_args(args)
+    assert config.graphs is False and config.slots() == 3
+    assert config_from_args(build_parser().parse_args(["serve", "--profile", "fake", "--device", "cpu"])).slots() == 4
+    args = build_parser().parse_args(["serve", "--profile", "fake", "--engine-slots", "0"])
+    with pytest.raises(ConfigError, match="engine_slots"):
+        config_from_args(args)

@@ -386,7 +386,6 @@ class CsmEngine:
     def step_frames(self, replies: Sequence[Reply]) -> list[Step]:
         """One frame for each of ``replies`` (each inside a segment), in one batched step; then one
         batched codec decode for the replies whose chunk is full or whose segment ended."""
-        import torch
 
         for reply in replies:
             if not reply.active or not reply.staged:
