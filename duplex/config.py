@@ -32,11 +32,14 @@ class TurnConfig:
     # A barge-in with no recognised words this long after the user's speech stopped is a false alarm
     # (cough, noise): the agent resumes where it paused.
     false_interruption_s: float = 0.6
+    # The longest the agent stays paused under the user's speech before the policy decides without
+    # a verdict (yield if there are words, resume if there are none).
+    max_pause_s: float = 3.0
     # Whether to ask the LLM if words said over the agent are a backchannel to talk over.
     backchannels: bool = True
 
     def validate(self) -> None:
-        for name in ("min_silence_s", "max_silence_s", "false_interruption_s"):
+        for name in ("min_silence_s", "max_silence_s", "false_interruption_s", "max_pause_s"):
             value = getattr(self, name)
             if not (0.0 <= value <= 10.0):
                 raise ConfigError(f"turn.{name} must be between 0 and 10 seconds, got {value}")

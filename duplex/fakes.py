@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import re
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +135,8 @@ class FakeLLM:
     compute_s: float = 0.0
     worker: ModelWorker = field(default_factory=lambda: ModelWorker("fake-llm"))
     streams: list[FakeLLMStream] = field(default_factory=list)
+    # tests: replaces the backchannel check (a check that fails or stalls)
+    is_backchannel_override: Callable[[Sequence[Message], str], Awaitable[bool]] | None = None
 
     def new_stream(self, system_prompt: str) -> FakeLLMStream:
         stream = FakeLLMStream(self)
@@ -172,6 +174,8 @@ class FakeLLMStream:
             yield word if i == 0 else " " + word
 
     async def is_backchannel(self, messages: Sequence[Message], text: str) -> bool:
+        if self.m.is_backchannel_override is not None:  # tests: a check that fails or stalls
+            return await self.m.is_backchannel_override(messages, text)
         return re.sub(r"[^\w\s-]", "", text.lower()).strip() in BACKCHANNELS
 
     async def aclose(self) -> None:

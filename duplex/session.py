@@ -374,10 +374,20 @@ class Session:
                 self._want_listen()
 
     async def _check(self, text: str) -> None:
-        backchannel = False
+        """Ask whether ``text`` (said over the agent) is a backchannel; a failed check is a verdict
+        too (None: yield), so the pause never waits on it for good."""
+        backchannel: bool | None = False
         if self.config.turn.backchannels:
-            backchannel = await self._llm.is_backchannel(self.conversation.messages(), text)
-        self._apply(self.policy.barge_in_verdict(backchannel))
+            try:
+                backchannel = await self._llm.is_backchannel(self.conversation.messages(), text)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("%s: the backchannel check failed (%s); yielding", self.name, exc)
+                self._emit(ev.Error(stream_samples=self._vad_pos, wall=now(), stage="llm",
+                                    message=f"backchannel check failed: {type(exc).__name__}: {exc}"))
+                backchannel = None
+        self._apply(self.policy.barge_in_verdict(backchannel, text))
 
     def _end_turn(self, action: EndTurn) -> None:
         wall = now()

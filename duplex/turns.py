@@ -14,6 +14,10 @@ Phases::
                   (nothing was heard; the turn goes on)                          |
                               words (not a backchannel): Interrupt --> LISTENING |
                               backchannel, or no words after the speech: Resume -> SPEAKING
+                              paused for max_pause_s: Interrupt (words) or Resume (none)
+
+A backchannel check is about the exact words it was asked about: a verdict about words that have
+grown since is stale and the check is asked again; a check that fails counts as an interruption.
 
 End of turn: the user's speech stopped, the ASR has closed the utterance (its final arrived), there
 are words, and the silence since the speech ended lasts ``min_silence_s`` when the message looks
@@ -57,7 +61,8 @@ class Pause:
 
 @dataclass(frozen=True)
 class CheckBargeIn:
-    """Words over the agent: ask whether they are a backchannel, then call :meth:`barge_in_verdict`."""
+    """Words over the agent: ask whether ``text`` is a backchannel, then call
+    :meth:`TurnPolicy.barge_in_verdict` with the answer *and this text*."""
 
     text: str
 
@@ -93,6 +98,7 @@ class TurnPolicy:
         self.eot: float | None = None  # the LLM's estimate for the current text
         self.in_utterance = False  # the VAD heard speech the ASR has not closed yet
         self.check_pending = False
+        self.pause_start: int | None = None  # stream sample where the current pause began
         self.discard_utterance = False  # the open utterance was a backchannel: not part of any turn
         self._ended_text: list[str] = []  # the last ended turn, restored if its reply is cancelled
 
@@ -110,9 +116,12 @@ class TurnPolicy:
             self.finals, self._ended_text = self._ended_text + self.finals, []
             return [CancelReply()]
         if self.phase is Phase.SPEAKING:
-            self.phase = Phase.PAUSED
-            return [Pause(start)]
+            return [self._pause(start)]
         return []
+
+    def _pause(self, start: int) -> Pause:
+        self.phase, self.pause_start = Phase.PAUSED, start
+        return Pause(start)
 
     def speech_stopped(self, end: int) -> list[Action]:
         self.user_speaking, self.speech_end, self.awaiting_final = False, end, True
@@ -154,30 +163,44 @@ class TurnPolicy:
         if not text:
             return []
         if self.phase is Phase.SPEAKING:  # words before the VAD noticed: same as speech onset
-            self.phase = Phase.PAUSED
-            return [Pause(self.speech_start), *self._words_arrived()]
+            return [self._pause(self.speech_start), *self._words_arrived()]
         if self.phase is Phase.PAUSED and not self.check_pending:
             self.check_pending = True
             return [CheckBargeIn(text)]
         return []
 
-    def barge_in_verdict(self, backchannel: bool) -> list[Action]:
-        """The answer to :class:`CheckBargeIn`."""
-        self.check_pending = False
-        if self.phase is not Phase.PAUSED:
+    def barge_in_verdict(self, backchannel: bool | None, text: str) -> list[Action]:
+        """The answer to the :class:`CheckBargeIn` that asked about ``text``: True (a backchannel),
+        False (an interruption) or None (the check failed: yield, the safe choice). A verdict about
+        words that have grown or changed since is stale: it is dropped and the check asked again
+        about the words now; one that comes after the pause ended is dropped."""
+        if self.phase is not Phase.PAUSED or not self.check_pending:
             return []
+        self.check_pending = False
+        if text != self.user_text and self.user_text and backchannel is not None:
+            self.check_pending = True
+            return [CheckBargeIn(self.user_text)]
         if backchannel:
-            self.phase = Phase.SPEAKING
+            self.phase, self.pause_start = Phase.SPEAKING, None
             self.finals, self.partial, self.discard_utterance = [], "", True
             return [Resume()]
-        self.phase = Phase.LISTENING
-        text = self.user_text
-        return [Interrupt(text)]
+        return [self._interrupt()]
+
+    def _interrupt(self) -> Interrupt:
+        self.phase, self.pause_start, self.check_pending = Phase.LISTENING, None, False
+        return Interrupt(self.user_text)
 
     # -- time --------------------------------------------------------------------------------------
 
     def advance(self, now: int) -> list[Action]:
         self.now = max(self.now, now)
+        if self.phase is Phase.PAUSED and self.pause_start is not None \
+                and (self.now - self.pause_start) / self.rate >= self.cfg.max_pause_s:
+            # no pause outlives its bound, whatever a check is doing: words mean yield, none resume
+            if self.user_text:
+                return [self._interrupt()]
+            self.phase, self.pause_start, self.check_pending = Phase.SPEAKING, None, False
+            return [Resume()]
         if self.user_speaking or self.awaiting_final or self.speech_end is None:
             return []
         silence = (self.now - self.speech_end) / self.rate
@@ -190,7 +213,7 @@ class TurnPolicy:
                 return [EndTurn(text, end)]
         if self.phase is Phase.PAUSED and not self.user_text and not self.check_pending:
             if silence >= self.cfg.false_interruption_s:
-                self.phase = Phase.SPEAKING
+                self.phase, self.pause_start = Phase.SPEAKING, None
                 return [Resume()]
         return []
 

@@ -89,6 +89,27 @@ def test_backchannel_is_talked_over(vad_model, jfk16):
     assert run.of(ev.ReplyDone)[0].heard == REPLY
 
 
+def test_a_failing_backchannel_check_yields_and_the_session_goes_on(vad_model, jfk16):
+    """Regression: when the backchannel check raises (out of memory, a closed stream), the barge-in
+    counts as an interruption: the session reports the error, stops the reply, and the next turn
+    ends and is answered (before, playback stayed paused and no turn could end again)."""
+    agent = make_agent(vad_model, asr={"utterances": ["hello there", "yeah", "thanks"]},
+                       llm={"replies": [REPLY, "sure", "bye"]})
+
+    async def broken(messages, text):
+        raise RuntimeError("CUDA out of memory")
+
+    agent.stages.llm.is_backchannel_override = broken
+    pcm = np.concatenate([clip(jfk16, 0.2, 2.4), silence(2.8), clip(jfk16, 3.25, 3.9), silence(3.0),
+                          clip(jfk16, 8.0, 10.8), silence(4.0)])
+    run = run_virtual(drive(agent, pcm))
+    assert run.of(ev.BargeIn) and run.of(ev.Interrupted) and not run.of(ev.Resumed)
+    assert any("backchannel check failed" in e.message for e in run.of(ev.Error))
+    assert len(run.of(ev.TurnEnded)) == 3 and len(run.of(ev.AudioOut)) == 3
+    assert [t["text"] for t in run.conversation["turns"] if t["role"] == "user"] == ["hello there", "yeah",
+                                                                                      "thanks"]
+
+
 def test_user_going_on_while_agent_thinks(vad_model, jfk16):
     """If the user speaks again before any reply audio, the reply is dropped unheard and the turn
     continues: one user turn with all the words, one reply."""

@@ -86,7 +86,8 @@ def test_barge_in_pauses_then_words_interrupt():
     assert p.speech_started(s(3)) == [Pause(s(3))]
     assert p.transcript("stop") == [CheckBargeIn("stop")]
     assert p.transcript("stop please") == []  # one check at a time
-    assert p.barge_in_verdict(False) == [Interrupt("stop please")]
+    assert p.barge_in_verdict(False, "stop") == [CheckBargeIn("stop please")]  # about older words: ask again
+    assert p.barge_in_verdict(False, "stop please") == [Interrupt("stop please")]
     assert p.phase is Phase.LISTENING
     p.speech_stopped(s(4))
     assert p.final("stop please") == []
@@ -109,7 +110,7 @@ def test_backchannel_resumes_and_is_not_a_turn():
     p = _speaking_policy()
     p.speech_started(s(3))
     assert p.transcript("mm-hm") == [CheckBargeIn("mm-hm")]
-    assert p.barge_in_verdict(True) == [Resume()]
+    assert p.barge_in_verdict(True, "mm-hm") == [Resume()]
     p.speech_stopped(s(3.4))
     assert p.final("mm-hm") == []
     p.reply_finished()
@@ -125,3 +126,43 @@ def test_words_without_speech_are_ignored():
     assert p.phase is Phase.SPEAKING
     p.reply_finished()
     assert p.transcript("under") == [] and p.advance(s(20)) == [] and p.user_text == ""
+
+
+def test_a_stale_backchannel_verdict_never_swallows_an_interruption():
+    """Regression: paused on "yeah", a check starts for "yeah"; the words grow to "yeah but wait stop
+    that" while it runs; its verdict "backchannel" is about words the user has gone beyond, so it is
+    dropped and the check is asked again about the words now, whose verdict interrupts."""
+    p = _speaking_policy()
+    p.speech_started(s(3))
+    assert p.transcript("yeah") == [CheckBargeIn("yeah")]
+    assert p.transcript("yeah but wait stop that") == []
+    assert p.barge_in_verdict(True, "yeah") == [CheckBargeIn("yeah but wait stop that")]
+    assert p.phase is Phase.PAUSED and p.user_text == "yeah but wait stop that"
+    assert p.barge_in_verdict(False, "yeah but wait stop that") == [Interrupt("yeah but wait stop that")]
+    p.speech_stopped(s(5))
+    p.final("yeah but wait stop that")
+    assert p.advance(s(6)) == [EndTurn("yeah but wait stop that", s(5))]
+
+
+def test_a_failed_check_yields_and_no_pause_outlives_its_bound():
+    """Regression: a check that fails (verdict None) counts as an interruption, and a check that never
+    answers cannot freeze the session: after max_pause_s the policy yields (words) or resumes (none),
+    a late verdict is dropped, and turns end again."""
+    p = _speaking_policy()
+    p.speech_started(s(3))
+    p.transcript("hold on")
+    assert p.barge_in_verdict(None, "hold on") == [Interrupt("hold on")]
+
+    q = _speaking_policy(max_pause_s=2.0)
+    q.speech_started(s(3))
+    assert q.transcript("wait") == [CheckBargeIn("wait")]
+    q.speech_stopped(s(3.5))
+    q.final("wait")
+    assert q.advance(s(4.9)) == []  # the check is still out
+    assert q.advance(s(5.0)) == [Interrupt("wait")]
+    assert q.barge_in_verdict(True, "wait") == []  # too late
+    assert q.advance(s(6)) == [EndTurn("wait", s(3.5))]
+
+    r = _speaking_policy(max_pause_s=2.0, false_interruption_s=5.0)
+    r.speech_started(s(3))  # a noise with no words, and a long false-interruption wait
+    assert r.advance(s(5.0)) == [Resume()] and r.phase is Phase.SPEAKING
