@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from duplex.config import AgentConfig
+from duplex.config import AgentConfig, load_config
 from duplex.profiles import build_stages
 from duplex.session import Session
 from duplex.stages import Stages
@@ -45,10 +46,13 @@ class Agent:
         self.sessions: set[Session] = set()
 
     @classmethod
-    async def load(cls, config: AgentConfig | None = None, **overrides: Any) -> Agent:
+    async def load(cls, config: AgentConfig | str | os.PathLike | None = None, **overrides: Any) -> Agent:
         """Build the profile's models on a thread (loading can take a while) and return the agent.
 
-        ``overrides`` set :class:`~duplex.config.AgentConfig` fields, e.g. ``profile="tiny"``."""
+        ``config`` is an :class:`~duplex.config.AgentConfig` or the path of a TOML file of its fields
+        (:func:`~duplex.config.load_config`); ``overrides`` set fields, e.g. ``profile="tiny"``."""
+        if isinstance(config, (str, os.PathLike)):
+            config = load_config(config)
         config = config or AgentConfig()
         for key, value in overrides.items():
             if not hasattr(config, key):

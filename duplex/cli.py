@@ -51,18 +51,48 @@ def add_agent_options(p: argparse.ArgumentParser, default_profile: str = "pretra
                         "default 32 on a GPU, 4 on the CPU)")
     g.add_argument("--no-graphs", dest="graphs", action="store_false",
                    help="run the engines' batched steps eagerly instead of as captured CUDA graphs")
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="a TOML file of agent settings (any AgentConfig field; [turn] for turn timings, "
+                        "[fake] for the fake stages); options given here override it")
+    p.set_defaults(_agent_defaults={dest: p.get_default(dest) for dest in _CLI_FIELDS})
+
+
+# agent options that are AgentConfig fields of the same name
+_CLI_FIELDS = ("profile", "device", "asr_model", "asr_latency", "llm_model", "llm_window", "tts_model", "voice",
+               "voice_text", "system_prompt", "seed", "engine_slots", "graphs")
+
+
+def apply_config_file(args: argparse.Namespace) -> None:
+    """With ``--config FILE``: every agent option left at its default takes the file's value (so
+    commands that read ``args`` directly see it too)."""
+    path = getattr(args, "config", None)
+    if not path:
+        return
+    from duplex.config import load_config
+
+    file_config = load_config(path)
+    args._file_config = file_config
+    for dest, default in args._agent_defaults.items():
+        if getattr(args, dest) == default:
+            setattr(args, dest, getattr(file_config, dest))
 
 
 def config_from_args(args: argparse.Namespace):
-    """The :class:`~duplex.config.AgentConfig` the agent options describe (validated)."""
+    """The :class:`~duplex.config.AgentConfig` the agent options (and ``--config FILE``) describe,
+    validated."""
+    import copy
+
     from duplex.config import AgentConfig
 
-    cfg = AgentConfig(profile=args.profile, device=args.device, asr_model=args.asr_model,
-                      asr_latency=args.asr_latency, llm_model=args.llm_model, llm_window=args.llm_window,
-                      tts_model=args.tts_model, voice=args.voice, voice_text=args.voice_text, seed=args.seed,
-                      engine_slots=args.engine_slots, graphs=args.graphs)
-    if args.system_prompt:
-        cfg.system_prompt = args.system_prompt
+    if getattr(args, "config", None) and not hasattr(args, "_file_config"):
+        apply_config_file(args)
+    base = getattr(args, "_file_config", None)
+    cfg = copy.deepcopy(base) if base is not None else AgentConfig()
+    for dest in _CLI_FIELDS:
+        value = getattr(args, dest)
+        if dest == "system_prompt" and not value:
+            continue
+        setattr(cfg, dest, value)
     return cfg.validate()
 
 
@@ -128,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     module_name, func = COMMANDS[args.command].split(":")
     try:
+        apply_config_file(args)
         run = getattr(importlib.import_module(module_name), func)
         return int(run(args) or 0)
     except UserError as exc:

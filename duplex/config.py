@@ -135,3 +135,76 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# -- configuration files ------------------------------------------------------------------------------
+
+_TYPES = {"int": (int,), "float": (float, int), "bool": (bool,), "str": (str,), "Profile": (str,),
+          "dict": (dict,), "TurnConfig": (dict,)}
+
+
+def _expected(annotation: str) -> tuple[tuple[type, ...], bool]:
+    """The Python types a TOML value may have for a field annotated ``annotation``, and whether it
+    may be left unset (TOML has no null: an optional field is simply omitted)."""
+    parts = [p.strip() for p in annotation.split("|")]
+    types: tuple[type, ...] = ()
+    for part in parts:
+        types += _TYPES.get(part.split("[")[0], ())
+    return types, "None" in parts
+
+
+def _assign(target: object, values: dict, where: str) -> None:
+    from dataclasses import fields
+
+    known = {f.name: f for f in fields(target)}  # type: ignore[arg-type]
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r}; the keys are: {', '.join(sorted(known))}")
+        types, _ = _expected(str(known[key].type))
+        if types and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            names = " or ".join(sorted({t.__name__ for t in types}))
+            raise ConfigError(f"{where}: {key} must be {names}, got {value!r}")
+        if key == "turn":
+            _assign(target.turn, value, f"{where} [turn]")  # type: ignore[attr-defined]
+        else:
+            is_float = str(known[key].type).split("|")[0].strip() == "float"
+            setattr(target, key, float(value) if is_float and value is not None else value)
+
+
+def config_from_dict(values: dict, where: str = "config") -> AgentConfig:
+    """An :class:`AgentConfig` from a mapping of its fields (``turn`` a mapping of
+    :class:`TurnConfig` fields), checked (a copy is validated, so defaults that depend on the
+    profile stay open for options given later); errors name the bad key and where it came from."""
+    import copy
+
+    config = AgentConfig()
+    _assign(config, dict(values), where)
+    try:
+        copy.deepcopy(config).validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return config
+
+
+def load_config(path: str | os.PathLike) -> AgentConfig:
+    """An :class:`AgentConfig` from a TOML file: top-level keys are its fields, ``[turn]`` holds the
+    turn-taking timings, ``[fake]`` the fake stages' options. For example::
+
+        profile = "tiny"
+        engine_slots = 8
+        [turn]
+        min_silence_s = 0.3
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {file}")
+    try:
+        values = tomllib.loads(file.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file} is not valid TOML: {exc}") from exc
+    return config_from_dict(values, str(file))
