@@ -53,7 +53,7 @@ def add_agent_options(p: argparse.ArgumentParser, default_profile: str = "pretra
                    help="run the engines' batched steps eagerly instead of as captured CUDA graphs")
     g.add_argument("--config", default=None, metavar="FILE",
                    help="a TOML file of agent settings (any AgentConfig field; [turn] for turn timings, "
-                        "[fake] for the fake stages); options given here override it")
+                        "[fake.llm] etc. for the fake stages); options given here override it")
     p.set_defaults(_agent_defaults={dest: p.get_default(dest) for dest in _CLI_FIELDS})
 
 

@@ -188,7 +188,7 @@ def config_from_dict(values: dict, where: str = "config") -> AgentConfig:
 
 def load_config(path: str | os.PathLike) -> AgentConfig:
     """An :class:`AgentConfig` from a TOML file: top-level keys are its fields, ``[turn]`` holds the
-    turn-taking timings, ``[fake]`` the fake stages' options. For example::
+    turn-taking timings, ``[fake.asr]``, ``[fake.llm]``, ``[fake.tts]`` the fake stages' options. For example::
 
         profile = "tiny"
         engine_slots = 8

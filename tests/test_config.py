@@ -18,7 +18,7 @@ max_reply_tokens = 12
 [turn]
 min_silence_s = 0.25
 backchannels = false
-[fake]
+[fake.llm]
 ttft_s = 0.05
 """
 
@@ -36,7 +36,7 @@ def test_a_file_sets_fields_turn_timings_and_fake_options(tmp_path):
     assert (config.profile, config.engine_slots, config.temperature, config.max_reply_tokens) == ("fake", 6, 0.0, 12)
     assert isinstance(config.temperature, float)
     assert config.turn.min_silence_s == 0.25 and config.turn.backchannels is False
-    assert config.fake == {"ttft_s": 0.05}
+    assert config.fake == {"llm": {"ttft_s": 0.05}}
 
 
 @pytest.mark.parametrize("text, message", [
