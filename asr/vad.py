@@ -36,7 +36,7 @@ class VADSettings:
     threshold: float = 0.5
     neg_threshold: float = 0.35
     min_speech_ms: int = 64
-    min_silence_ms: int = 200
+    min_silence_ms: int = 160
 
 
 def silero_jit_path() -> Path:

@@ -23,12 +23,20 @@ DEFAULT_SYSTEM_PROMPT = (
 class TurnConfig:
     """Turn-taking and barge-in timing (seconds)."""
 
-    # Silence after speech before the turn ends, when the ASR or the LLM says the message is complete ...
+    # Silence after speech before the turn ends when the message is surely complete (the ASR's
+    # end-of-utterance token, or an LLM estimate at confident_eot) ...
+    confident_silence_s: float = 0.2
+    # ... when the LLM says it is complete ...
     min_silence_s: float = 0.4
-    # ... and when neither does (the user may just be pausing).
+    # ... and when nothing does (the user may just be pausing).
     max_silence_s: float = 1.5
-    # The LLM's end-of-turn probability at or above which the message counts as complete.
+    # The LLM's end-of-turn probability at or above which the message counts as complete ...
     eot_threshold: float = 0.5
+    # ... and as surely complete.
+    confident_eot: float = 0.9
+    # Start the reply as soon as the user's speech stops, its audio held back until the turn ends
+    # (withdrawn without a trace if the user goes on).
+    speculate: bool = True
     # A barge-in with no recognised words this long after the user's speech stopped is a false alarm
     # (cough, noise): the agent resumes where it paused.
     false_interruption_s: float = 0.6
@@ -39,7 +47,7 @@ class TurnConfig:
     backchannels: bool = True
 
     def validate(self) -> None:
-        for name in ("min_silence_s", "max_silence_s", "false_interruption_s", "max_pause_s"):
+        for name in ("confident_silence_s", "min_silence_s", "max_silence_s", "false_interruption_s", "max_pause_s"):
             value = getattr(self, name)
             if not (0.0 <= value <= 10.0):
                 raise ConfigError(f"turn.{name} must be between 0 and 10 seconds, got {value}")
@@ -48,6 +56,11 @@ class TurnConfig:
                               f"turn.max_silence_s ({self.max_silence_s})")
         if not (0.0 < self.eot_threshold <= 1.0):
             raise ConfigError(f"turn.eot_threshold must be in (0, 1], got {self.eot_threshold}")
+        if not (self.eot_threshold <= self.confident_eot <= 1.0):
+            raise ConfigError(f"turn.confident_eot must be in [eot_threshold, 1], got {self.confident_eot}")
+        if self.confident_silence_s > self.min_silence_s:
+            raise ConfigError(f"turn.confident_silence_s ({self.confident_silence_s}) must not exceed "
+                              f"turn.min_silence_s ({self.min_silence_s})")
 
 
 @dataclass

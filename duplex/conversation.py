@@ -69,9 +69,12 @@ class Conversation:
     # -- agent side --------------------------------------------------------------------------------
 
     def reply_started(self, reply_id: int, turn: int, sample_rate: int, wall: float) -> AgentTurn:
-        reply = AgentTurn(reply_id=reply_id, turn=turn, sample_rate=sample_rate, started_wall=wall)
+        return self.add_reply(AgentTurn(reply_id=reply_id, turn=turn, sample_rate=sample_rate, started_wall=wall))
+
+    def add_reply(self, reply: AgentTurn) -> AgentTurn:
+        """Add a reply made before it was committed (speculatively) as the agent's next turn."""
         self.turns.append(reply)
-        self._replies[reply_id] = reply
+        self._replies[reply.reply_id] = reply
         return reply
 
     def reply(self, reply_id: int) -> AgentTurn:

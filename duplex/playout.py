@@ -31,6 +31,7 @@ class Playout:
         self.capacity = int(capacity_s * sample_rate)
         self.active: int | None = None
         self.paused = False
+        self.held = False  # a speculative reply: its audio waits until released
         self.played = 0
         self.underruns = 0  # frames of silence inside a reply because audio came too late
         self._chunks: deque[np.ndarray] = deque()
@@ -44,9 +45,15 @@ class Playout:
     def buffered(self) -> int:
         return self._buffered
 
-    def start_reply(self, reply_id: int) -> None:
+    def start_reply(self, reply_id: int, *, held: bool = False) -> None:
+        """Take the audio of ``reply_id`` from now on (``held``: keep it back until :meth:`release`)."""
         self.drop()
-        self.active, self.played, self._generation_done = reply_id, 0, False
+        self.active, self.played, self._generation_done, self.held = reply_id, 0, False, held
+
+    def release(self, reply_id: int) -> None:
+        """The held reply is committed: it plays from the next frame on."""
+        if self.active == reply_id:
+            self.held = False
 
     async def put(self, reply_id: int, pcm: np.ndarray) -> bool:
         """Queue reply audio; waits while the buffer is full. False if the reply is no longer playing."""
@@ -69,7 +76,7 @@ class Playout:
         """Forget the playing reply and everything queued for it (barge-in)."""
         self._chunks.clear()
         self._buffered = 0
-        self.active, self.paused, self._generation_done = None, False, False
+        self.active, self.paused, self._generation_done, self.held = None, False, False, False
         self._space.set()
 
     def pause(self) -> None:
@@ -81,7 +88,7 @@ class Playout:
     def next_frame(self) -> Frame:
         """The next 20 ms of output (silence when idle, paused or starved)."""
         reply = self.active
-        if reply is None or self.paused:
+        if reply is None or self.paused or self.held:
             return Frame(self._silence, None, self.played, False)
         if self._buffered < self.frame_samples and not self._generation_done:
             if self.played:

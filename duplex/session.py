@@ -11,8 +11,14 @@ worker threads)::
 
 Handlers of stage output are plain synchronous methods (no queue hop per frame): a barge-in pauses
 playout within the same loop iteration that sees the VAD's speech start, and the next 20 ms frame is
-silence. Each reply has an id; the playout refuses audio of any other id, so a cancelled reply can
-never reach the speaker.
+silence. Each reply is a :class:`~duplex.reply.Reply` with an id; the playout refuses audio of any
+other id, so a cancelled reply can never reach the speaker.
+
+Replies are speculative first: when the user's speech stops with words, a reply to them is made at
+once (LLM, then TTS) with its audio held in the playout and its events held in the reply; the end of
+the turn commits it if it answers the same words (else it is withdrawn and a fresh one starts), and
+speech before that withdraws it: nothing of it is played, emitted or recorded, and the LLM's next
+listen rolls its cache back to the user's words.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -36,9 +41,10 @@ from duplex.conversation import AgentTurn, Conversation
 from duplex.errors import AudioFormatError
 from duplex.events import INPUT_RATE, Event
 from duplex.playout import Frame, Playout
+from duplex.reply import Reply, TurnTiming
 from duplex.stages import Stages
 from duplex.turns import (Action, CancelReply, CheckBargeIn, EndTurn, Interrupt, Pause, Phase, Resume,
-                          TurnPolicy)
+                          Speculate, TurnPolicy, Withdraw)
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +83,6 @@ class Subscription(Generic[T]):
         return item  # type: ignore[return-value]
 
 
-@dataclass
-class _TurnTiming:
-    """Wall times of one turn, for the latency breakdown."""
-
-    speech_end_wall: float
-    final_wall: float
-    turn_end_wall: float
-    first_token_wall: float | None = None
-    first_chunk_wall: float | None = None
-
-
 class Session:
     """One conversation with the agent. Create it with :meth:`duplex.Agent.session` inside a running
     event loop; feed it with :meth:`push_audio`; read :meth:`events` and :meth:`audio`; :meth:`close`."""
@@ -121,9 +116,9 @@ class Session:
         self._turn_start = 0
         self._last_final_wall = self.t0
         self._reply_id = 0
-        self._reply_task: asyncio.Task[None] | None = None
-        self._reply: AgentTurn | None = None
-        self._timing: dict[int, _TurnTiming] = {}
+        self._current: Reply | None = None  # the committed reply (playing, or about to)
+        self._spec: Reply | None = None  # a speculative reply, made while the policy decides
+        self.speculations = {"started": 0, "committed": 0, "withdrawn": 0}
         self._pause_start: int | None = None  # speech onset of a barge-in not yet silenced
         self._listen_task: asyncio.Task[None] | None = None
         self._listen_wanted = False
@@ -221,13 +216,15 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        self._withdraw()
         if self._reply is not None and not self._reply.done:
             self._finish_reply(interrupted=True)
         pending = self.policy.user_text
         if pending:
             self.conversation.user_turn_ended(pending, self._turn_start, self._pushed, now())
         me = asyncio.current_task()
-        tasks = [t for t in (*self._tasks, *self._side_tasks, self._reply_task, self._listen_task)
+        reply_task = self._current.task if self._current is not None else None
+        tasks = [t for t in (*self._tasks, *self._side_tasks, reply_task, self._listen_task)
                  if t is not None and t is not me]
         for t in tasks:
             t.cancel()
@@ -247,6 +244,11 @@ class Session:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    @property
+    def _reply(self) -> AgentTurn | None:
+        """The record of the committed reply."""
+        return self._current.record if self._current is not None else None
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -372,6 +374,10 @@ class Session:
             elif isinstance(action, CancelReply):
                 self._stop_reply(heard=False)
                 self._want_listen()
+            elif isinstance(action, Speculate):
+                self._speculate(action.text)
+            elif isinstance(action, Withdraw):
+                self._withdraw()
 
     async def _check(self, text: str) -> None:
         """Ask whether ``text`` (said over the agent) is a backchannel; a failed check is a verdict
@@ -389,28 +395,70 @@ class Session:
                 backchannel = None
         self._apply(self.policy.barge_in_verdict(backchannel, text))
 
+    def _new_reply(self, text: str, *, speculative: bool) -> Reply:
+        """Start generating a reply to ``text`` (speculative: held back, out of the record)."""
+        self._reply_id += 1
+        rid, wall = self._reply_id, now()
+        record = AgentTurn(reply_id=rid, turn=-1, sample_rate=self.output_rate, started_wall=wall)
+        end = self.policy.speech_end if self.policy.speech_end is not None else self._vad_pos
+        timing = TurnTiming(speech_end_wall=self.arrival(end), final_wall=self._last_final_wall, turn_end_wall=wall)
+        reply = Reply(rid, text, record, timing, speculative)
+        self.playout.start_reply(rid, held=speculative)
+        messages = self.conversation.messages(text) if speculative else self.conversation.messages()
+        reply.task = asyncio.create_task(self._reply_loop(reply, messages), name=f"{self.name}-reply-{rid}")
+        return reply
+
+    def _speculate(self, text: str) -> None:
+        """The user's speech stopped: make the reply to ``text`` now, holding it back."""
+        self._withdraw()
+        if self._current is not None and not self._current.record.done:
+            return  # a committed reply still owns the output (the policy would not ask for this)
+        self._spec = self._new_reply(text, speculative=True)
+        self.speculations["started"] += 1
+
+    def _withdraw(self) -> None:
+        """The speculative reply vanishes: its generation stops, its audio is dropped, and nothing
+        of it was emitted or recorded."""
+        spec, self._spec = self._spec, None
+        if spec is None:
+            return
+        spec.cancel()
+        if self.playout.active == spec.reply_id:
+            self.playout.drop()
+        self.speculations["withdrawn"] += 1
+
     def _end_turn(self, action: EndTurn) -> None:
         wall = now()
         turn = self.conversation.user_turn_ended(action.text, self._turn_start, action.speech_end, wall)
         self._emit(ev.TurnEnded(stream_samples=self._vad_pos, wall=wall, turn=turn.index, text=action.text,
                                 speech_end=action.speech_end))
-        self._reply_id += 1
-        rid = self._reply_id
-        self._reply = self.conversation.reply_started(rid, turn.index, self.output_rate, wall)
-        self._timing[rid] = _TurnTiming(speech_end_wall=self.arrival(action.speech_end),
-                                        final_wall=self._last_final_wall, turn_end_wall=wall)
-        self.playout.start_reply(rid)
-        self._emit(ev.ReplyStarted(stream_samples=self._vad_pos, wall=wall, reply_id=rid, turn=turn.index))
+        spec = self._spec
+        if spec is not None and spec.answers == action.text:  # the reply is already being made: commit it
+            self._spec = None
+            reply = spec
+            held = reply.commit()
+            self.speculations["committed"] += 1
+        else:
+            self._withdraw()
+            reply, held = self._new_reply(action.text, speculative=False), []
+        reply.record.turn, reply.record.started_wall = turn.index, wall
+        reply.timing.speech_end_wall = self.arrival(action.speech_end)
+        reply.timing.final_wall, reply.timing.turn_end_wall = self._last_final_wall, wall
+        self.conversation.add_reply(reply.record)
+        self._current = reply
+        self._emit(ev.ReplyStarted(stream_samples=self._vad_pos, wall=wall, reply_id=reply.reply_id,
+                                   turn=turn.index))
+        for event in held:
+            self._emit(event)
+        self.playout.release(reply.reply_id)
         self._set_state("thinking")
-        self._reply_task = asyncio.create_task(self._reply_loop(rid, self.conversation.messages()),
-                                               name=f"{self.name}-reply-{rid}")
 
     def _stop_reply(self, heard: bool) -> None:
         """Barge-in confirmed (``heard``) or the user went on before any audio (not heard)."""
         reply = self._reply
         self.playout.drop()
-        if self._reply_task is not None:
-            self._reply_task.cancel()
+        if self._current is not None:
+            self._current.cancel()
         self._pause_start = None
         if reply is None or reply.done:
             return
@@ -420,8 +468,7 @@ class Session:
             self.conversation.reply_cancelled_unheard(reply.reply_id)
             self._emit(ev.ReplyDone(stream_samples=self._vad_pos, wall=now(), reply_id=reply.reply_id,
                                     text=reply.text, heard="", interrupted=True))
-            self._reply = None
-            self._timing.pop(reply.reply_id, None)
+            self._current = None
         self._set_state("listening")
 
     def _finish_reply(self, interrupted: bool) -> None:
@@ -434,14 +481,19 @@ class Session:
                                       heard=reply.heard, played=reply.played))
         self._emit(ev.ReplyDone(stream_samples=self._vad_pos, wall=wall, reply_id=reply.reply_id,
                                 text=reply.text, heard=reply.heard, interrupted=interrupted))
-        self._timing.pop(reply.reply_id, None)
-        self._reply = None
+        self._current = None
 
     # -- speaking --------------------------------------------------------------------------------
 
-    async def _reply_loop(self, rid: int, messages: list) -> None:
-        reply = self.conversation.reply(rid)
-        timing = self._timing[rid]
+    def _emit_for(self, reply: Reply, event: Event) -> None:
+        """An event of ``reply``: held back while it is speculative."""
+        if reply.speculative:
+            reply.held.append(event)
+        else:
+            self._emit(event)
+
+    async def _reply_loop(self, handle: Reply, messages: list) -> None:
+        rid, reply, timing = handle.reply_id, handle.record, handle.timing
         tokens = self._llm.reply(messages)
 
         async def text() -> AsyncIterator[str]:
@@ -449,7 +501,8 @@ class Session:
                 if timing.first_token_wall is None:
                     timing.first_token_wall = now()
                 reply.text += piece
-                self._emit(ev.ReplyText(stream_samples=self._vad_pos, wall=now(), reply_id=rid, delta=piece))
+                self._emit_for(handle, ev.ReplyText(stream_samples=self._vad_pos, wall=now(), reply_id=rid,
+                                                    delta=piece))
                 yield piece
 
         offset = 0
@@ -461,8 +514,8 @@ class Session:
                         timing.first_chunk_wall = now()
                     words = tuple(chunk.words)
                     reply.words.extend(words)
-                    self._emit(ev.ReplyAudio(stream_samples=self._vad_pos, wall=now(), reply_id=rid,
-                                             offset=offset, samples=len(chunk.pcm), words=words))
+                    self._emit_for(handle, ev.ReplyAudio(stream_samples=self._vad_pos, wall=now(), reply_id=rid,
+                                                         offset=offset, samples=len(chunk.pcm), words=words))
                     offset += len(chunk.pcm)
                     if not await self.playout.put(rid, chunk.pcm):
                         return
@@ -470,8 +523,8 @@ class Session:
             raise
         except Exception as exc:
             log.exception("%s: reply %d failed", self.name, rid)
-            self._emit(ev.Error(stream_samples=self._vad_pos, wall=now(), stage="reply",
-                                message=f"{type(exc).__name__}: {exc}"))
+            self._emit_for(handle, ev.Error(stream_samples=self._vad_pos, wall=now(), stage="reply",
+                                            message=f"{type(exc).__name__}: {exc}"))
         finally:
             await pieces.aclose()
             aclose = getattr(tokens, "aclose", None)
@@ -524,17 +577,10 @@ class Session:
         self.policy.reply_audible()
         self._emit(ev.AudioOut(stream_samples=self._vad_pos, wall=wall, reply_id=reply.reply_id))
         self._set_state("speaking")
-        timing = self._timing.get(reply.reply_id)
-        if timing is None:
+        if self._current is None or self._current.record is not reply:
             return
-        parts = {
-            "voice_to_voice_s": wall + self.output_latency_s - timing.speech_end_wall,
-            "asr_final_s": max(0.0, timing.final_wall - timing.speech_end_wall),
-            "end_of_turn_s": timing.turn_end_wall - timing.speech_end_wall,
-            "llm_first_token_s": (timing.first_token_wall or wall) - timing.turn_end_wall,
-            "tts_first_audio_s": (timing.first_chunk_wall or wall) - (timing.first_token_wall or wall),
-            "playout_s": wall - (timing.first_chunk_wall or wall),
-        }
+        parts = self._current.timing.breakdown(wall)
+        parts["voice_to_voice_s"] += self.output_latency_s
         if self.output_latency_s:
             parts["output_s"] = self.output_latency_s
         for name, value in parts.items():

@@ -20,9 +20,14 @@ A backchannel check is about the exact words it was asked about: a verdict about
 grown since is stale and the check is asked again; a check that fails counts as an interruption.
 
 End of turn: the user's speech stopped, the ASR has closed the utterance (its final arrived), there
-are words, and the silence since the speech ended lasts ``min_silence_s`` when the message looks
-complete (the ASR's end-of-utterance token or the LLM's estimate at or above ``eot_threshold``) or
-``max_silence_s`` when it does not.
+are words, and the silence since the speech ended lasts :meth:`TurnPolicy.commit_wait`: from
+``confident_silence_s`` (the ASR's end-of-utterance token, or an LLM estimate at ``confident_eot``)
+through ``min_silence_s`` (an estimate at ``eot_threshold``) to ``max_silence_s`` (no sign the message
+is complete).
+
+Speculation: as soon as the speech stops with words (and whenever those words change while the
+silence lasts), :class:`Speculate` asks for a reply to be made at once with its audio held back;
+:class:`EndTurn` commits it if it answers the same text; speech before that :class:`Withdraw`\ s it.
 """
 
 from __future__ import annotations
@@ -79,7 +84,20 @@ class Interrupt:
     text: str
 
 
-Action = EndTurn | CancelReply | Pause | CheckBargeIn | Resume | Interrupt
+@dataclass(frozen=True)
+class Speculate:
+    """The user's speech stopped: start a reply to ``text`` now, its audio held back until the turn
+    ends with the same text (:class:`EndTurn` commits it), replacing any earlier speculation."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Withdraw:
+    """The user went on speaking: the speculative reply must vanish without a trace."""
+
+
+Action = EndTurn | CancelReply | Pause | CheckBargeIn | Resume | Interrupt | Speculate | Withdraw
 
 
 class TurnPolicy:
@@ -100,6 +118,7 @@ class TurnPolicy:
         self.check_pending = False
         self.pause_start: int | None = None  # stream sample where the current pause began
         self.discard_utterance = False  # the open utterance was a backchannel: not part of any turn
+        self.speculated: str | None = None  # the text an outstanding speculative reply answers
         self._ended_text: list[str] = []  # the last ended turn, restored if its reply is cancelled
 
     # -- what the user's side says ---------------------------------------------------------------
@@ -111,6 +130,9 @@ class TurnPolicy:
     def speech_started(self, start: int) -> list[Action]:
         self.user_speaking, self.speech_start, self.in_utterance = True, start, True
         self.now = max(self.now, start)
+        if self.speculated is not None:  # only in LISTENING: the turn goes on
+            self.speculated = None
+            return [Withdraw()]
         if self.phase is Phase.THINKING:
             self.phase = Phase.LISTENING
             self.finals, self._ended_text = self._ended_text + self.finals, []
@@ -201,21 +223,37 @@ class TurnPolicy:
                 return [self._interrupt()]
             self.phase, self.pause_start, self.check_pending = Phase.SPEAKING, None, False
             return [Resume()]
-        if self.user_speaking or self.awaiting_final or self.speech_end is None:
+        if self.user_speaking or self.speech_end is None:
             return []
         silence = (self.now - self.speech_end) / self.rate
         if self.phase is Phase.LISTENING and self.user_text:
-            complete = self.eou or (self.eot is not None and self.eot >= self.cfg.eot_threshold)
-            if silence >= (self.cfg.min_silence_s if complete else self.cfg.max_silence_s):
+            if not self.awaiting_final and silence >= self.commit_wait():
                 text, end = self.user_text, self.speech_end
                 self._ended_text, self.finals, self.partial = [text], [], ""
-                self.eou, self.eot, self.phase = False, None, Phase.THINKING
+                self.eou, self.eot, self.phase, self.speculated = False, None, Phase.THINKING, None
                 return [EndTurn(text, end)]
+            if self.cfg.speculate and self.speculated != self.user_text:  # words so far, final or not
+                self.speculated = self.user_text
+                return [Speculate(self.user_text)]
+        if self.awaiting_final:
+            return []
         if self.phase is Phase.PAUSED and not self.user_text and not self.check_pending:
             if silence >= self.cfg.false_interruption_s:
                 self.phase, self.pause_start = Phase.SPEAKING, None
                 return [Resume()]
         return []
+
+    def commit_wait(self) -> float:
+        """Seconds of silence after the speech before the turn ends, shrinking with the evidence
+        that the message is complete: ``confident_silence_s`` on the ASR's end-of-utterance token or
+        an LLM estimate at ``confident_eot``, ``min_silence_s`` at ``eot_threshold``, else
+        ``max_silence_s``."""
+        cfg = self.cfg
+        if self.eou or (self.eot is not None and self.eot >= cfg.confident_eot):
+            return cfg.confident_silence_s
+        if self.eot is not None and self.eot >= cfg.eot_threshold:
+            return cfg.min_silence_s
+        return cfg.max_silence_s
 
     # -- what the agent's side says ----------------------------------------------------------------
 

@@ -114,7 +114,7 @@ def test_user_going_on_while_agent_thinks(vad_model, jfk16):
     """If the user speaks again before any reply audio, the reply is dropped unheard and the turn
     continues: one user turn with all the words, one reply."""
     agent = make_agent(vad_model, asr={"utterances": ["hello there", "how are you"]},
-                       llm={"ttft_s": 1.0, "replies": ["fine"]})
+                       llm={"ttft_s": 3.0, "replies": ["fine"]})  # still thinking, speculation or not
     pcm = np.concatenate([clip(jfk16, 0.2, 2.4), silence(1.8), clip(jfk16, 5.3, 7.8), silence(4.0)])
     run = run_virtual(drive(agent, pcm))
     assert len(run.of(ev.TurnEnded)) == 2
@@ -125,16 +125,28 @@ def test_user_going_on_while_agent_thinks(vad_model, jfk16):
 
 
 def test_agent_answers_after_the_user_stops(vad_model, jfk16):
-    """The reply's first audio comes after the user's speech ended, with the latency breakdown."""
-    agent = make_agent(vad_model, asr={"utterances": ["hello there"]}, llm={"replies": ["hi"]})
-    run = run_virtual(drive(agent, np.concatenate([clip(jfk16, 0.2, 2.4), silence(3.0)])))
-    stop, = run.of(ev.SpeechStopped)
-    out, = run.of(ev.AudioOut)
-    assert out.wall > stop.wall
-    metrics = {m.name: m.value for m in run.of(ev.Metric)}
-    parts = ("end_of_turn_s", "llm_first_token_s", "tts_first_audio_s", "playout_s")
-    assert metrics["voice_to_voice_s"] == pytest.approx(sum(metrics[p] for p in parts), abs=1e-3)
-    assert metrics["llm_first_token_s"] == pytest.approx(0.2, abs=1e-6)  # the fake's ttft_s
+    """The reply's first audio comes after the user's speech ended, with the latency breakdown;
+    without speculation the LLM's first token takes the fake's 0.2 s after the turn ends, with it
+    the reply is ready when the turn ends and voice-to-voice is the end-of-turn wait and one frame."""
+    from duplex.config import TurnConfig
+
+    pcm = np.concatenate([clip(jfk16, 0.2, 2.4), silence(3.0)])
+    figures = {}
+    for speculate in (False, True):
+        agent = make_agent(vad_model, asr={"utterances": ["hello there"]}, llm={"replies": ["hi"]},
+                           turn=TurnConfig(speculate=speculate))
+        run = run_virtual(drive(agent, pcm))
+        stop, = run.of(ev.SpeechStopped)
+        out, = run.of(ev.AudioOut)
+        assert out.wall > stop.wall
+        metrics = {m.name: m.value for m in run.of(ev.Metric)}
+        parts = ("end_of_turn_s", "llm_first_token_s", "tts_first_audio_s", "playout_s")
+        assert metrics["voice_to_voice_s"] == pytest.approx(sum(metrics[p] for p in parts), abs=1e-3)
+        figures[speculate] = metrics
+    assert figures[False]["llm_first_token_s"] == pytest.approx(0.2, abs=1e-6)  # the fake's ttft_s
+    assert figures[True]["llm_first_token_s"] == figures[True]["tts_first_audio_s"] == 0.0
+    assert figures[True]["playout_s"] <= 0.021 and figures[True]["speculative_lead_s"] > 0
+    assert figures[True]["voice_to_voice_s"] < figures[False]["voice_to_voice_s"] - 0.25
 
 
 def test_slow_asr_never_blocks_pacing_or_vad(vad_model, jfk16):

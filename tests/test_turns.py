@@ -13,7 +13,7 @@ def s(seconds: float) -> int:
 def test_turn_ends_after_long_silence_without_completeness_signal():
     """With words, a closed utterance and no sign the message is complete, the turn ends only after
     max_silence_s of silence, and the action carries the text and where speech stopped."""
-    p = TurnPolicy(TurnConfig(min_silence_s=0.3, max_silence_s=1.0))
+    p = TurnPolicy(TurnConfig(speculate=False, min_silence_s=0.3, max_silence_s=1.0))
     p.speech_started(s(0.5))
     p.transcript("what time")
     assert p.speech_stopped(s(2.0)) == []
@@ -26,7 +26,7 @@ def test_turn_ends_after_long_silence_without_completeness_signal():
 def test_llm_estimate_or_eou_token_shortens_the_wait():
     """A high end-of-turn probability for the current text (or an EOU final) ends the turn after
     min_silence_s; an estimate for stale text is ignored."""
-    p = TurnPolicy(TurnConfig(min_silence_s=0.3, max_silence_s=1.0))
+    p = TurnPolicy(TurnConfig(speculate=False, min_silence_s=0.3, max_silence_s=1.0))
     p.speech_started(0)
     p.speech_stopped(s(1.0))
     p.final("book a table")
@@ -34,7 +34,7 @@ def test_llm_estimate_or_eou_token_shortens_the_wait():
     assert p.advance(s(1.3)) == []
     assert p.eot_estimate(0.9, "book a table") == [EndTurn("book a table", s(1.0))]
 
-    q = TurnPolicy(TurnConfig(min_silence_s=0.3, max_silence_s=1.0))
+    q = TurnPolicy(TurnConfig(speculate=False, min_silence_s=0.3, max_silence_s=1.0))
     q.speech_started(0)
     q.speech_stopped(s(1.0))
     q.advance(s(1.35))
@@ -43,7 +43,7 @@ def test_llm_estimate_or_eou_token_shortens_the_wait():
 
 def test_no_turn_without_words_or_before_the_final():
     """Noise (speech with no words) never ends a turn, and the turn waits for the ASR's final."""
-    p = TurnPolicy(TurnConfig(max_silence_s=0.5))
+    p = TurnPolicy(TurnConfig(speculate=False, max_silence_s=0.5))
     p.speech_started(0)
     p.speech_stopped(s(0.3))
     p.final("")
@@ -57,7 +57,7 @@ def test_no_turn_without_words_or_before_the_final():
 
 def test_user_going_on_while_agent_thinks_cancels_reply_and_keeps_words():
     """Speech during THINKING cancels the unheard reply; the next turn holds all the user's words."""
-    p = TurnPolicy(TurnConfig(max_silence_s=0.5))
+    p = TurnPolicy(TurnConfig(speculate=False, max_silence_s=0.5))
     p.speech_started(0)
     p.speech_stopped(s(1))
     p.final("I want")
@@ -69,7 +69,7 @@ def test_user_going_on_while_agent_thinks_cancels_reply_and_keeps_words():
 
 
 def _speaking_policy(**cfg) -> TurnPolicy:
-    p = TurnPolicy(TurnConfig(max_silence_s=0.5, **cfg))
+    p = TurnPolicy(TurnConfig(speculate=False, max_silence_s=0.5, **cfg))
     p.speech_started(0)
     p.speech_stopped(s(1))
     p.final("hi")
