@@ -56,6 +56,8 @@ class FakeASR:
     delay_s: float = 0.0
     compute_s: float = 0.0
     fail_at_s: float | None = None
+    # benchmarks: the word spoken at input second t (the scenario's own text), instead of a script
+    word_at: Callable[[float], str | None] | None = None
     worker: ModelWorker = field(default_factory=lambda: ModelWorker("fake-asr"))
 
     def new_stream(self) -> FakeASRStream:
@@ -75,6 +77,8 @@ class FakeASRStream:
         self.next_word = 0
 
     def take_word(self) -> str | None:
+        if self.m.word_at is not None and self.word_start is not None:
+            return self.m.word_at(self.word_start / INPUT_RATE)
         if self.m.utterances is not None:
             script = self.m.utterances[self.utterance].split() if self.utterance < len(self.m.utterances) else []
             return script[len(self.words)] if len(self.words) < len(script) else None
@@ -135,6 +139,8 @@ class FakeLLM:
     compute_s: float = 0.0
     worker: ModelWorker = field(default_factory=lambda: ModelWorker("fake-llm"))
     streams: list[FakeLLMStream] = field(default_factory=list)
+    # benchmarks: the end-of-turn probability for the words so far (None: no estimate)
+    eot_fn: Callable[[str], float | None] | None = None
     # tests: replaces the backchannel check (a check that fails or stalls)
     is_backchannel_override: Callable[[Sequence[Message], str], Awaitable[bool]] | None = None
 
@@ -161,6 +167,8 @@ class FakeLLMStream:
         self.shown.append(list(messages))
         if self.m.compute_s:
             await _compute(self.m.worker, self.m.compute_s)
+        if self.m.eot_fn is not None:
+            return self.m.eot_fn(messages[-1].content if messages else "")
         return self.m.eot
 
     async def reply(self, messages: Sequence[Message]) -> AsyncIterator[str]:

@@ -83,10 +83,12 @@ class ScenarioRun:
 
 async def run_scenario(session: Session, steps: Sequence[Step], *, keep_events: bool = True,
                        keep_audio: bool = True,
-                       on_event: Callable[[ev.Event], None] | None = None) -> ScenarioRun:
+                       on_event: Callable[[ev.Event], None] | None = None,
+                       on_step: Callable[[Step, float], None] | None = None) -> ScenarioRun:
     """Drive ``session`` through ``steps`` in live-paced 20 ms packets; close it at the end.
 
-    ``keep_events``/``keep_audio`` False keep memory flat on long runs (``on_event`` still sees all)."""
+    ``keep_events``/``keep_audio`` False keep memory flat on long runs (``on_event`` still sees all);
+    ``on_step(step, start_s)`` hears each step begin, at its input second (benchmarks: ground truth)."""
     run = ScenarioRun(t0=session.t0)
     events, frames = session.events(maxsize=1_000_000), session.audio(maxsize=1_000_000)
 
@@ -141,6 +143,8 @@ async def run_scenario(session: Session, steps: Sequence[Step], *, keep_events: 
 
     try:
         for step in steps:
+            if on_step is not None:
+                on_step(step, run.pushed_s)
             if isinstance(step, Say):
                 ok = await push(np.asarray(step.pcm), step.rate)
             elif isinstance(step, Silence):

@@ -415,6 +415,7 @@ class Session:
             return  # a committed reply still owns the output (the policy would not ask for this)
         self._spec = self._new_reply(text, speculative=True)
         self.speculations["started"] += 1
+        self._emit(ev.Metric(stream_samples=self._vad_pos, wall=now(), name="speculation_started", value=1.0))
 
     def _withdraw(self) -> None:
         """The speculative reply vanishes: its generation stops, its audio is dropped, and nothing
@@ -426,6 +427,7 @@ class Session:
         if self.playout.active == spec.reply_id:
             self.playout.drop()
         self.speculations["withdrawn"] += 1
+        self._emit(ev.Metric(stream_samples=self._vad_pos, wall=now(), name="speculation_withdrawn", value=1.0))
 
     def _end_turn(self, action: EndTurn) -> None:
         wall = now()
