@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.transport_fixtures import PEER_PROFILE, load_agent, running_server, speech_wav
@@ -137,3 +138,47 @@ async def test_browser_talks_to_the_agent(jfk_path, artifacts):
     server_s, browser_s = page["latency"][0]
     assert 0 < server_s < 5 and 0 < browser_s < 5
     assert (artifacts / "browser.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists() or not Path(CHROMEDRIVER).exists(),
+                    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+async def test_browser_barge_in_mutes_the_agent_at_once(jfk_path, artifacts):
+    """The fake microphone says a phrase, waits for the agent to answer, then talks over it: the page
+    mutes the agent's audio itself within 150 ms of the first loud microphone poll (it measures it),
+    the server confirms the barge-in and interrupts the reply, and the page unmutes afterwards."""
+    pytest.importorskip("selenium")
+    from duplex.audio import read_audio, write_wav
+
+    pcm, rate = read_audio(jfk_path, 48_000)
+    gap = np.zeros(int(1.2 * rate), np.float32)
+    wav = artifacts / "barge_in_48k.wav"
+    write_wav(wav, np.concatenate([pcm[int(0.2 * rate):int(2.4 * rate)], gap, pcm[int(5.3 * rate):int(7.8 * rate)],
+                                   np.zeros(6 * rate, np.float32)]), rate)
+    agent = await load_agent("fake")
+    profile_dir = tempfile.mkdtemp(prefix="duplex-chromium-")
+    try:
+        async with running_server(agent) as (server, url):
+            driver = await asyncio.to_thread(_driver, wav, profile_dir)
+            try:
+                def drive() -> dict:
+                    driver.get(url + "/")
+                    driver.find_element("id", "connect").click()
+                    _wait(driver, "window.duplex.messages.some(m => m.type === 'agent.interrupted')", 25,
+                          "an interrupted reply")
+                    _wait(driver, "!document.getElementById('agent-audio').muted", 5, "the agent unmuted")
+                    return driver.execute_script("""
+                        const d = window.duplex;
+                        return {bargeIns: d.bargeIns, types: d.messages.map(m => m.type),
+                                cell: [...document.querySelectorAll('#latency .barge')].map(e => e.textContent)};""")
+
+                page = await asyncio.to_thread(drive)
+            finally:
+                await asyncio.to_thread(driver.quit)
+    finally:
+        await agent.aclose()
+        shutil.rmtree(profile_dir, ignore_errors=True)
+    print("browser barge-ins:", page["bargeIns"], page["cell"])
+    assert page["bargeIns"], page["types"]
+    assert all(0 < b["seconds"] <= 0.15 for b in page["bargeIns"]), page["bargeIns"]
+    assert "agent.barge_in" in page["types"] and "agent.interrupted" in page["types"]
+    assert any("here" in c for c in page["cell"])

@@ -7,6 +7,7 @@ const $ = (id) => document.getElementById(id);
 const MIC_LOUD = 0.02;    // media-source level above which the microphone counts as speech
 const AGENT_LOUD = 0.01;  // inbound level above which the agent counts as audible
 const STATS_MS = 50;      // getStats polling period (the browser latency's resolution)
+const BARGE_POLLS = 2;    // loud microphone polls in a row, while the agent speaks, that mute it here
 
 const duplex = window.duplex = {
   pc: null, dc: null, pcId: null, stream: null,
@@ -19,6 +20,10 @@ const duplex = window.duplex = {
   micLoudAt: 0,              // Date.now() of the last loud microphone poll
   speechEndAt: 0,            // ... as it was when the server last said the user stopped speaking
   awaiting: null,            // {id, userEnd} of the reply whose first audio we are waiting to hear
+  agentState: "-",           // as the server last reported it
+  loudPolls: 0, loudSince: 0,  // consecutive loud microphone polls, and the first one's Date.now()
+  localPause: null,          // {onsetAt, mutedAt, id}: the page muted the agent at the user's speech onset
+  bargeIns: [],              // browser-measured barge-ins: {id, seconds} (speech onset to output muted)
 };
 let statsTimer = null, lastStats = null, pendingCandidates = [], candidateTimer = null, lastReport = 0;
 
@@ -35,6 +40,8 @@ function setConnection(text, cls) {
 }
 
 function setAgentState(state) {
+  duplex.agentState = state;
+  if (duplex.localPause && state === "speaking" && duplex.localPause.confirmed) unmuteAgent();  // resumed
   const el = $("agent-state");
   el.textContent = "agent: " + state;
   el.className = "badge state-" + state;
@@ -169,6 +176,7 @@ function onMessage(m) {
     }
     case "agent.interrupted":
     case "response.done": {
+      if (m.type === "agent.interrupted") unmuteAgent();  // the server dropped the rest of that reply
       const r = reply(m.response_id);
       if (m.type === "response.done") {
         r.done = true;
@@ -189,6 +197,7 @@ function onMessage(m) {
       setAgentState(m.state);
       break;
     case "agent.barge_in":
+      if (duplex.localPause) duplex.localPause.confirmed = true;  // the server heard it too
       setAgentState("paused");
       break;
     case "agent.metric":
@@ -294,7 +303,7 @@ function onMetric(m) {
   const row = latencyRow(m.response_id);
   if (m.name === "barge_in_s") {
     row.barge = m.value;
-    row.tr.querySelector(".barge").textContent = ms(m.value);
+    renderBarge(row);
     return;
   }
   row.server[m.name] = m.value;
@@ -339,6 +348,7 @@ async function pollStats() {
   $("mic-level").value = Math.min(1, mic * 4);
   $("agent-level").value = Math.min(1, agent * 4);
   if (mic > MIC_LOUD) duplex.micLoudAt = now;
+  localBargeIn(mic > MIC_LOUD, now);
   // Browser latency: the user's speech end as the microphone level saw it, to agent audio heard.
   const a = duplex.awaiting;
   if (a && agent > AGENT_LOUD) {
@@ -354,6 +364,43 @@ async function pollStats() {
     duplex.dc.send(JSON.stringify({type: "client.stats", jitter_buffer_s: st.jitterBufferS}));
     renderLinkStats();
   }
+}
+
+// Barge-in on the page itself: the user's speech over the agent mutes the agent's audio here at
+// once (BARGE_POLLS loud microphone polls), without waiting for the server's pause to cross the
+// network and the jitter buffer. The server decides what happens next: it resumes (a backchannel,
+// a cough: the page unmutes when the agent speaks again) or interrupts (the page unmutes for the
+// next reply). The figure is from the first loud poll to the mute: the time the user heard the agent
+// over their own speech, as far as this page can see it.
+function localBargeIn(loud, now) {
+  const p = duplex.localPause;
+  if (p && !p.confirmed && now - p.mutedAt > 1000) unmuteAgent();  // the server heard no speech: false alarm
+  if (!loud) { duplex.loudPolls = 0; return; }
+  if (duplex.loudPolls++ === 0) duplex.loudSince = now;
+  if (duplex.localPause || duplex.agentState !== "speaking" || duplex.loudPolls < BARGE_POLLS) return;
+  const audio = $("agent-audio");
+  audio.muted = true;
+  const id = [...duplex.replies.keys()].pop() || null;
+  duplex.localPause = {onsetAt: duplex.loudSince, mutedAt: Date.now(), id, confirmed: false};
+  const seconds = (duplex.localPause.mutedAt - duplex.loudSince) / 1000;
+  duplex.bargeIns.push({id, seconds});
+  if (id) {
+    const row = latencyRow(id);
+    row.bargeBrowser = seconds;
+    renderBarge(row);
+  }
+}
+
+function unmuteAgent() {
+  if (!duplex.localPause) return;
+  duplex.localPause = null;
+  $("agent-audio").muted = false;
+}
+
+function renderBarge(row) {
+  const parts = [row.barge !== null ? "server " + ms(row.barge) : null,
+                 row.bargeBrowser !== undefined ? "here " + ms(row.bargeBrowser) : null];
+  row.tr.querySelector(".barge").textContent = parts.filter(Boolean).join(" / ") || "-";
 }
 
 function renderLinkStats() {
