@@ -56,6 +56,9 @@ def resolve_context(config: AgentConfig, model) -> tuple[int, int]:
 def build_asr(config: AgentConfig, device: str, *, max_batch: int = 32):
     """The :class:`~duplex.asr.streaming.StreamingASR` for ``config`` on ``device`` (blocking)."""
     from duplex.asr.streaming import StreamingASR
+    from duplex.requirements import require
+
+    require("nemo_toolkit")
 
     model = load_model(config, device)
     return StreamingASR(model, context=resolve_context(config, model), device=device, max_batch=max_batch)

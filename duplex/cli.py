@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "say": "duplex.tts.cli:say_main",
     "bench": "duplex.bench:main",
     "models": "duplex.models:main",
+    "doctor": "duplex.doctor:main",
 }
 
 BENCHMARKS = ("asr", "llm", "tts", "e2e", "all", "endurance", "transport", "turns")
@@ -98,7 +99,11 @@ def config_from_args(args: argparse.Namespace):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duplex", description="A full-duplex speech agent.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and model loading")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and model loading (= --log-level info)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None,
+                        help="duplex's log level (default: info for serve, which logs each session's open and "
+                             "close, warning for the other commands)")
+    parser.add_argument("--log-json", action="store_true", help="one JSON object per log line (for log shippers)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("simulate", help="run a whole conversation from an audio file as if spoken live")
@@ -146,16 +151,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llm, tts: the batch sizes (concurrent sessions) to measure, e.g. --batch 1 8 32")
     add_agent_options(p, default_profile="random")
 
+    p = sub.add_parser("doctor", help="check this machine: versions, extras, devices, tools, models, port")
+    p.add_argument("--host", default="127.0.0.1", help="the address duplex serve would bind")
+    p.add_argument("--port", type=int, default=8080, help="the port duplex serve would use")
+
     p = sub.add_parser("models", help="fetch or list the pretrained models")
     p.add_argument("action", choices=("pull", "list"))
     add_agent_options(p)
     return parser
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, and the record's ``extra`` fields."""
+
+    _standard = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        out = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
+               "logger": record.name, "message": record.getMessage()}
+        out.update({k: v for k, v in vars(record).items() if k not in self._standard})
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    """Other libraries log warnings only; duplex logs at ``--log-level`` (see its help)."""
+    name = args.log_level or ("info" if args.verbose or args.command == "serve" else "warning")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if args.log_json else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if name != "debug" else logging.INFO)
+    logging.getLogger("duplex").setLevel(getattr(logging, name.upper()))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args)
     from duplex.errors import UserError
 
     module_name, func = COMMANDS[args.command].split(":")
@@ -165,6 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(run(args) or 0)
     except UserError as exc:
         print(f"duplex {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # a package of an extra that is not installed
+        from duplex.requirements import missing_module
+
+        print(f"duplex {args.command}: error: {missing_module(exc, f'duplex {args.command}')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"duplex {args.command}: interrupted", file=sys.stderr)

@@ -17,3 +17,7 @@ class AudioFormatError(UserError, ValueError):
 
 class ModelNotFoundError(UserError, FileNotFoundError):
     """A model file or checkpoint is missing, or not in the local cache while offline."""
+
+
+class DependencyError(UserError, ImportError):
+    """A package duplex needs is not installed, or is too old for the API duplex calls."""

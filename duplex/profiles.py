@@ -15,7 +15,7 @@ import importlib
 import logging
 
 from duplex.config import AgentConfig
-from duplex.errors import ConfigError
+from duplex.requirements import missing_module
 from duplex.stages import Stages
 from duplex.worker import configure_torch
 
@@ -31,12 +31,7 @@ BUILDERS: dict[str, str] = {
 
 def _builder(role: str):
     module_name, func = BUILDERS[role].split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise ConfigError(f"the {role} stage needs a package that is not installed ({exc.name}); "
-                          f"install duplex with its extras: pip install -e '.[asr,mic,test]'") from exc
-    return getattr(module, func)
+    return getattr(importlib.import_module(module_name), func)
 
 
 def build_stage(role: str, config: AgentConfig, device: str):
@@ -46,7 +41,10 @@ def build_stage(role: str, config: AgentConfig, device: str):
 
         return fakes.build(role, config)
     log.info("loading %s (%s profile) on %s", role, config.profile, device)
-    return _builder(role)(config, device)
+    try:
+        return _builder(role)(config, device)
+    except ModuleNotFoundError as exc:  # an import inside the stage: name the extra that brings it
+        raise missing_module(exc, f"the {role} stage of the {config.profile} profile") from exc
 
 
 def build_stages(config: AgentConfig) -> Stages:

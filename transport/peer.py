@@ -15,6 +15,7 @@ measured playout delay, which (plus what waits on this side) becomes ``session.o
 from __future__ import annotations
 
 import asyncio
+import time
 import json
 import logging
 import secrets
@@ -58,6 +59,7 @@ class Peer:
     dropped: int = 0  # ... and dropped because the channel was backed up
     close_reason: str = ""
     closed: bool = False
+    opened_at: float = field(default_factory=time.monotonic)
     _backlog: list[str] = field(default_factory=list)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _closing: asyncio.Task[None] | None = None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,7 +161,9 @@ class Server:
         self.peers[peer.pc_id] = peer
         if peer.closed:  # closed while answering (e.g. the session failed at once)
             self.peers.pop(peer.pc_id, None)
-        log.info("%s: opened (%d/%d sessions)", peer.pc_id, len(self.peers), self.options.max_sessions)
+        log.info("session %s opened from %s (%d/%d sessions)", peer.pc_id, request.remote or "?", len(self.peers),
+                 self.options.max_sessions, extra={"event": "session_opened", "pc_id": peer.pc_id,
+                                                   "sessions": len(self.peers)})
         return self._json(200, answer)
 
     async def patch_offer(self, request):
@@ -180,7 +183,12 @@ class Server:
         if self.peers.pop(peer.pc_id, None) is not None:
             self.closed_peers += 1
             self.close_reasons[peer.close_reason] += 1
-            log.info("%s: closed: %s (%d open)", peer.pc_id, peer.close_reason, len(self.peers))
+            duration = time.monotonic() - peer.opened_at
+            turns = sum(1 for t in peer.session.conversation.turns if t.role == "user")
+            log.info("session %s closed after %.1f s, %d user turns: %s (%d open)", peer.pc_id, duration, turns,
+                     peer.close_reason, len(self.peers),
+                     extra={"event": "session_closed", "pc_id": peer.pc_id, "reason": peer.close_reason,
+                            "duration_s": round(duration, 1), "user_turns": turns, "sessions": len(self.peers)})
 
     async def close(self) -> None:
         """Close every peer (and its session); refuse new offers from now on."""
