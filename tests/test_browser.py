@@ -52,6 +52,20 @@ def _wait(driver, script: str, timeout: float, what: str):
                          f"page messages: {driver.execute_script('return window.duplex.messages.map(m => m.type)')}")
 
 
+# An audio tap of the test's own, beside the page's: its own AudioContext and analysers on the
+# microphone stream and on the stream the <audio> element plays, read every 5 ms.
+INDEPENDENT_TAP = """
+const d = window.duplex, audio = document.getElementById('agent-audio');
+const ctx = new AudioContext(), sink = ctx.createGain(); sink.gain.value = 0; sink.connect(ctx.destination);
+const tap = (stream) => { const a = ctx.createAnalyser(); a.fftSize = 256;
+  ctx.createMediaStreamSource(stream).connect(a); a.connect(sink); return a; };
+const mic = tap(d.stream), agent = tap(audio.srcObject), buf = new Float32Array(256);
+const level = (a) => { a.getFloatTimeDomainData(buf); let s = 0; for (const v of buf) s += v * v;
+  return Math.sqrt(s / buf.length); };
+window.__tap = [];
+setInterval(() => { if (window.__tap.length < 20000) window.__tap.push([Date.now(), level(mic), level(agent)]); }, 5);
+"""
+
 GET_STATS = """
 const done = arguments[arguments.length - 1];
 window.duplex.pc.getStats().then((report) => {
@@ -88,6 +102,8 @@ async def test_browser_talks_to_the_agent(jfk_path, artifacts):
                     driver.find_element("id", "connect").click()
                     _wait(driver, "window.duplex.messages.some(m => m.type === 'session.created')", 15,
                           "the data channel")
+                    _wait(driver, "document.getElementById('agent-audio').srcObject", 10, "the agent's track")
+                    driver.execute_script(INDEPENDENT_TAP)
                     _wait(driver, "window.duplex.messages.some(m => "
                                   "m.type === 'conversation.item.input_audio_transcription.delta')", 15,
                           "a partial transcript")
@@ -106,7 +122,9 @@ async def test_browser_talks_to_the_agent(jfk_path, artifacts):
                                 latency: [...d.latency.values()].map(r => [r.server.voice_to_voice_s, r.browser]),
                                 peakAudioLevel: d.stats.peakAudioLevel,
                                 state: document.getElementById('agent-state').textContent,
-                                audioPlaying: !document.getElementById('agent-audio').paused};""")
+                                audioPlaying: !document.getElementById('agent-audio').paused,
+                                created: d.messages.filter(m => m.type === 'response.created').map(m => m.received),
+                                tap: window.__tap};""")
                     driver.save_screenshot(str(artifacts / "browser.png"))
                     (artifacts / "messages.json").write_text(json.dumps(
                         driver.execute_script("return window.duplex.messages"), indent=1))
@@ -137,6 +155,14 @@ async def test_browser_talks_to_the_agent(jfk_path, artifacts):
     assert page["heard"] > 0
     server_s, browser_s = page["latency"][0]
     assert 0 < server_s < 5 and 0 < browser_s < 5
+    # The page's figure agrees with the independent tap: the agent's first audible sample after the
+    # reply started, back to the user's last loud microphone sample before it (same thresholds).
+    tap, start = page["tap"], page["created"][0]
+    heard = next(t for t, _, agent in tap if t >= start and agent > 0.01)
+    spoke = max(t for t, mic, _ in tap if t < heard and mic > 0.02)
+    external_s = (heard - spoke) / 1000
+    print(f"voice-to-voice: page {browser_s:.3f} s, independent tap {external_s:.3f} s, server {server_s:.3f} s")
+    assert abs(browser_s - external_s) <= 0.05
     assert (artifacts / "browser.png").stat().st_size > 10_000
 
 

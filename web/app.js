@@ -4,10 +4,11 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const MIC_LOUD = 0.02;    // media-source level above which the microphone counts as speech
-const AGENT_LOUD = 0.01;  // inbound level above which the agent counts as audible
-const STATS_MS = 50;      // getStats polling period (the browser latency's resolution)
-const BARGE_POLLS = 2;    // loud microphone polls in a row, while the agent speaks, that mute it here
+const MIC_LOUD = 0.02;    // microphone RMS above which the user counts as speaking
+const AGENT_LOUD = 0.01;  // agent-audio RMS above which the agent counts as audible
+const STATS_MS = 50;      // getStats polling period (link figures)
+const TAP_MS = 10;        // how often the audio taps are read (the latency figures' resolution)
+const BARGE_MS = 50;      // loud microphone this long, while the agent speaks, mutes it here
 
 const duplex = window.duplex = {
   pc: null, dc: null, pcId: null, stream: null,
@@ -17,15 +18,16 @@ const duplex = window.duplex = {
   latency: new Map(),        // response_id -> {server: {...}, browser: seconds}
   stats: {micLevel: 0, agentLevel: 0, bytesReceived: 0, audioLevel: 0, peakAudioLevel: 0,
           totalAudioEnergy: 0, jitterBufferS: 0, packetsLost: 0},
-  micLoudAt: 0,              // Date.now() of the last loud microphone poll
+  micLoudAt: 0,              // Date.now() of the last loud microphone tap reading
+  taps: null,                // WebAudio analysers on the microphone and on the agent's audio as played
   speechEndAt: 0,            // ... as it was when the server last said the user stopped speaking
   awaiting: null,            // {id, userEnd} of the reply whose first audio we are waiting to hear
   agentState: "-",           // as the server last reported it
-  loudPolls: 0, loudSince: 0,  // consecutive loud microphone polls, and the first one's Date.now()
+  loudSince: 0,              // Date.now() when the microphone became loud (0: it is not)
   localPause: null,          // {onsetAt, mutedAt, id}: the page muted the agent at the user's speech onset
   bargeIns: [],              // browser-measured barge-ins: {id, seconds} (speech onset to output muted)
 };
-let statsTimer = null, lastStats = null, pendingCandidates = [], candidateTimer = null, lastReport = 0;
+let statsTimer = null, tapTimer = null, lastStats = null, pendingCandidates = [], candidateTimer = null, lastReport = 0;
 
 function showError(text) {
   const el = $("error");
@@ -71,6 +73,7 @@ async function connect() {
     const audio = $("agent-audio");
     audio.srcObject = e.streams[0] || new MediaStream([e.track]);
     audio.play().catch((err) => showError("Cannot play the agent's voice: " + err.message));
+    startTaps(audio.srcObject);
   };
   pc.onicecandidate = (e) => {
     if (!e.candidate || !e.candidate.candidate) return;
@@ -118,7 +121,10 @@ async function flushCandidates() {
 
 function disconnect(reason) {
   if (statsTimer) clearInterval(statsTimer);
-  statsTimer = null;
+  if (tapTimer) clearInterval(tapTimer);
+  statsTimer = tapTimer = null;
+  if (duplex.taps) duplex.taps.ctx.close().catch(() => {});
+  duplex.taps = null;
   if (duplex.dc) duplex.dc.close();
   if (duplex.pc) duplex.pc.close();
   if (duplex.stream) duplex.stream.getTracks().forEach((t) => t.stop());
@@ -337,28 +343,13 @@ async function pollStats() {
   // Mean level over the last poll period, from the energy counters (audioLevel alone is too spiky).
   const level = (e1, e0, d1, d0, fallback) =>
     (d1 > d0 && e1 >= e0) ? Math.sqrt((e1 - e0) / (d1 - d0)) : (fallback || 0);
-  const mic = level(cur.micEnergy, prev.micEnergy, cur.micDuration, prev.micDuration, cur.micLevel);
-  const agent = level(cur.energy, prev.energy, cur.duration, prev.duration, cur.audioLevel);
   const st = duplex.stats;
-  st.micLevel = mic; st.agentLevel = agent;
+  st.micLevel = level(cur.micEnergy, prev.micEnergy, cur.micDuration, prev.micDuration, cur.micLevel);
+  st.agentLevel = level(cur.energy, prev.energy, cur.duration, prev.duration, cur.audioLevel);
   st.bytesReceived = cur.bytes || 0; st.audioLevel = cur.audioLevel || 0;
   st.peakAudioLevel = Math.max(st.peakAudioLevel, st.audioLevel);
   st.totalAudioEnergy = cur.energy || 0; st.packetsLost = cur.lost || 0;
   if (cur.jbCount > (prev.jbCount || 0)) st.jitterBufferS = (cur.jbDelay - prev.jbDelay) / (cur.jbCount - prev.jbCount);
-  $("mic-level").value = Math.min(1, mic * 4);
-  $("agent-level").value = Math.min(1, agent * 4);
-  if (mic > MIC_LOUD) duplex.micLoudAt = now;
-  localBargeIn(mic > MIC_LOUD, now);
-  // Browser latency: the user's speech end as the microphone level saw it, to agent audio heard.
-  const a = duplex.awaiting;
-  if (a && agent > AGENT_LOUD) {
-    duplex.awaiting = null;
-    if (a.userEnd) {
-      const row = latencyRow(a.id);
-      row.browser = (now - a.userEnd) / 1000;
-      row.tr.querySelector(".browser").textContent = ms(row.browser);
-    }
-  }
   if (now - lastReport > 1000 && duplex.dc && duplex.dc.readyState === "open") {
     lastReport = now;
     duplex.dc.send(JSON.stringify({type: "client.stats", jitter_buffer_s: st.jitterBufferS}));
@@ -366,18 +357,69 @@ async function pollStats() {
   }
 }
 
+// -- audio taps: the latency figures, on the clock and the signal of the audio itself ----------------
+// WebAudio analysers read the microphone and the agent's audio stream (what the <audio> element plays)
+// every TAP_MS: the end of the user's speech is the last loud microphone reading, the agent is heard
+// at its first loud reading. (WebRTC stats levels lag the audio by their polling and smoothing.)
+
+function startTaps(agentStream) {
+  if (duplex.taps || !duplex.stream || !window.AudioContext) return;
+  const ctx = new AudioContext();
+  const sink = ctx.createGain();
+  sink.gain.value = 0;  // analysers must reach the destination to be processed; they play nothing
+  sink.connect(ctx.destination);
+  const tap = (stream) => {
+    const a = ctx.createAnalyser();
+    a.fftSize = 512;  // ~10 ms at 48 kHz
+    ctx.createMediaStreamSource(stream).connect(a);
+    a.connect(sink);
+    return a;
+  };
+  duplex.taps = {ctx, mic: tap(duplex.stream), agent: tap(agentStream), buf: new Float32Array(512)};
+  ctx.resume().catch(() => {});
+  tapTimer = setInterval(readTaps, TAP_MS);
+}
+
+function rms(analyser, buf) {
+  analyser.getFloatTimeDomainData(buf);
+  let sum = 0;
+  for (let i = 0; i < buf.length; i++) sum += buf[i] * buf[i];
+  return Math.sqrt(sum / buf.length);
+}
+
+function readTaps() {
+  const t = duplex.taps;
+  if (!t) return;
+  const now = Date.now();
+  const mic = rms(t.mic, t.buf), agent = rms(t.agent, t.buf);
+  $("mic-level").value = Math.min(1, mic * 4);
+  $("agent-level").value = Math.min(1, agent * 4);
+  if (mic > MIC_LOUD) duplex.micLoudAt = now;
+  localBargeIn(mic > MIC_LOUD, now);
+  // Browser latency: the user's speech end as the microphone tap saw it, to agent audio heard.
+  const a = duplex.awaiting;
+  if (a && agent > AGENT_LOUD && !duplex.localPause) {
+    duplex.awaiting = null;
+    if (a.userEnd) {
+      const row = latencyRow(a.id);
+      row.browser = (now - a.userEnd) / 1000;
+      row.tr.querySelector(".browser").textContent = ms(row.browser);
+    }
+  }
+}
+
 // Barge-in on the page itself: the user's speech over the agent mutes the agent's audio here at
-// once (BARGE_POLLS loud microphone polls), without waiting for the server's pause to cross the
+// once (the microphone loud for BARGE_MS), without waiting for the server's pause to cross the
 // network and the jitter buffer. The server decides what happens next: it resumes (a backchannel,
 // a cough: the page unmutes when the agent speaks again) or interrupts (the page unmutes for the
-// next reply). The figure is from the first loud poll to the mute: the time the user heard the agent
-// over their own speech, as far as this page can see it.
+// next reply). The figure is from the microphone turning loud to the mute: the time the user heard
+// the agent over their own speech.
 function localBargeIn(loud, now) {
   const p = duplex.localPause;
   if (p && !p.confirmed && now - p.mutedAt > 1000) unmuteAgent();  // the server heard no speech: false alarm
-  if (!loud) { duplex.loudPolls = 0; return; }
-  if (duplex.loudPolls++ === 0) duplex.loudSince = now;
-  if (duplex.localPause || duplex.agentState !== "speaking" || duplex.loudPolls < BARGE_POLLS) return;
+  if (!loud) { duplex.loudSince = 0; return; }
+  if (!duplex.loudSince) duplex.loudSince = now;
+  if (duplex.localPause || duplex.agentState !== "speaking" || now - duplex.loudSince < BARGE_MS) return;
   const audio = $("agent-audio");
   audio.muted = true;
   const id = [...duplex.replies.keys()].pop() || null;
