@@ -176,7 +176,7 @@ async def test_browser_barge_in_mutes_the_agent_at_once(jfk_path, artifacts):
     from duplex.audio import read_audio, write_wav
 
     pcm, rate = read_audio(jfk_path, 48_000)
-    gap = np.zeros(int(1.2 * rate), np.float32)
+    gap = np.zeros(int(0.6 * rate), np.float32)  # the fake agent answers ~0.3 s after the speech ends
     wav = artifacts / "barge_in_48k.wav"
     write_wav(wav, np.concatenate([pcm[int(0.2 * rate):int(2.4 * rate)], gap, pcm[int(5.3 * rate):int(7.8 * rate)],
                                    np.zeros(6 * rate, np.float32)]), rate)
@@ -189,12 +189,14 @@ async def test_browser_barge_in_mutes_the_agent_at_once(jfk_path, artifacts):
                 def drive() -> dict:
                     driver.get(url + "/")
                     driver.find_element("id", "connect").click()
+                    _wait(driver, "document.getElementById('agent-audio').srcObject", 15, "the agent's track")
+                    driver.execute_script(INDEPENDENT_TAP)
                     _wait(driver, "window.duplex.messages.some(m => m.type === 'agent.interrupted')", 25,
                           "an interrupted reply")
                     _wait(driver, "!document.getElementById('agent-audio').muted", 5, "the agent unmuted")
                     return driver.execute_script("""
                         const d = window.duplex;
-                        return {bargeIns: d.bargeIns, types: d.messages.map(m => m.type),
+                        return {bargeIns: d.bargeIns, types: d.messages.map(m => m.type), tap: window.__tap,
                                 cell: [...document.querySelectorAll('#latency .barge')].map(e => e.textContent)};""")
 
                 page = await asyncio.to_thread(drive)
@@ -203,8 +205,17 @@ async def test_browser_barge_in_mutes_the_agent_at_once(jfk_path, artifacts):
     finally:
         await agent.aclose()
         shutil.rmtree(profile_dir, ignore_errors=True)
-    print("browser barge-ins:", page["bargeIns"], page["cell"])
     assert page["bargeIns"], page["types"]
     assert all(0 < b["seconds"] <= 0.15 for b in page["bargeIns"]), page["bargeIns"]
     assert "agent.barge_in" in page["types"] and "agent.interrupted" in page["types"]
     assert any("here" in c for c in page["cell"])
+    # The independent tap sees the user's speech begin where the page did: the first loud microphone
+    # sample after the agent became audible, to the page's mute.
+    first = page["bargeIns"][0]
+    tap = page["tap"]
+    audible = max(t for (t0, _, a0), (t, _, agent) in zip(tap, tap[1:])
+                  if a0 <= 0.01 < agent and t < first["mutedAt"])  # the agent's audio that was cut
+    onset = next(t for t, mic, _ in tap if t > audible and mic > 0.02)
+    external_s = (first["mutedAt"] - onset) / 1000
+    print(f"barge-in: page {first['seconds']:.3f} s, independent tap {external_s:.3f} s")
+    assert abs(first["seconds"] - external_s) <= 0.05

@@ -20,8 +20,7 @@ const duplex = window.duplex = {
           totalAudioEnergy: 0, jitterBufferS: 0, packetsLost: 0},
   micLoudAt: 0,              // Date.now() of the last loud microphone tap reading
   taps: null,                // WebAudio analysers on the microphone and on the agent's audio as played
-  speechEndAt: 0,            // ... as it was when the server last said the user stopped speaking
-  awaiting: null,            // {id, userEnd} of the reply whose first audio we are waiting to hear
+  awaiting: null,            // {id} of the reply whose first audio we are waiting to hear
   agentState: "-",           // as the server last reported it
   loudSince: 0,              // Date.now() when the microphone became loud (0: it is not)
   localPause: null,          // {onsetAt, mutedAt, id}: the page muted the agent at the user's speech onset
@@ -149,7 +148,6 @@ function onMessage(m) {
     case "input_audio_buffer.speech_started":
       break;  // the bubble appears with the first recognised words (a cough gets none)
     case "input_audio_buffer.speech_stopped":
-      duplex.speechEndAt = duplex.micLoudAt || m.received;
       break;
     case "conversation.item.input_audio_transcription.delta":
       renderUser(userTurn(m.item_id), m.stable, m.unstable, false);
@@ -159,7 +157,7 @@ function onMessage(m) {
       break;
     case "response.created":
       reply(m.response_id);
-      duplex.awaiting = {id: m.response_id, userEnd: duplex.speechEndAt || duplex.micLoudAt};
+      duplex.awaiting = {id: m.response_id};
       break;
     case "response.audio_transcript.delta": {
       const r = reply(m.response_id);
@@ -394,15 +392,16 @@ function readTaps() {
   const mic = rms(t.mic, t.buf), agent = rms(t.agent, t.buf);
   $("mic-level").value = Math.min(1, mic * 4);
   $("agent-level").value = Math.min(1, agent * 4);
+  const heardAt = duplex.micLoudAt;  // the last loud microphone reading before this one
   if (mic > MIC_LOUD) duplex.micLoudAt = now;
   localBargeIn(mic > MIC_LOUD, now);
-  // Browser latency: the user's speech end as the microphone tap saw it, to agent audio heard.
+  // Browser latency: from the user's last loud microphone reading to the agent's first audible one.
   const a = duplex.awaiting;
   if (a && agent > AGENT_LOUD && !duplex.localPause) {
     duplex.awaiting = null;
-    if (a.userEnd) {
+    if (heardAt) {
       const row = latencyRow(a.id);
-      row.browser = (now - a.userEnd) / 1000;
+      row.browser = (now - heardAt) / 1000;
       row.tr.querySelector(".browser").textContent = ms(row.browser);
     }
   }
@@ -425,7 +424,7 @@ function localBargeIn(loud, now) {
   const id = [...duplex.replies.keys()].pop() || null;
   duplex.localPause = {onsetAt: duplex.loudSince, mutedAt: Date.now(), id, confirmed: false};
   const seconds = (duplex.localPause.mutedAt - duplex.loudSince) / 1000;
-  duplex.bargeIns.push({id, seconds});
+  duplex.bargeIns.push({id, seconds, onsetAt: duplex.loudSince, mutedAt: duplex.localPause.mutedAt});
   if (id) {
     const row = latencyRow(id);
     row.bargeBrowser = seconds;
