@@ -4,7 +4,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const MIC_LOUD = 0.02;    // microphone RMS above which the user counts as speaking
+const MIC_LOUD = 0.05;    // microphone RMS above which the user counts as speaking (above room noise)
 const AGENT_LOUD = 0.01;  // agent-audio RMS above which the agent counts as audible
 const STATS_MS = 50;      // getStats polling period (link figures)
 const TAP_MS = 10;        // how often the audio taps are read (the latency figures' resolution)
