@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--max-sessions", type=int, default=4, help="concurrent sessions; more get HTTP 503")
+    p.add_argument("--token", default=None, help="offers must present this token (the page: open it with "
+                   "?token=...); advised whenever --host is not loopback")
+    p.add_argument("--admin-token", default=None, help="GET /api/status lists connection ids only to requests "
+                   "with Authorization: Bearer <this>")
+    p.add_argument("--cert", default=None, help="TLS certificate (PEM): serve https:// (browsers give the "
+                   "microphone only to https:// pages or localhost)")
+    p.add_argument("--key", default=None, help="the TLS certificate's private key (PEM)")
     add_agent_options(p)
 
     p = sub.add_parser("mic", help="talk to the agent at this machine's microphone and speaker")

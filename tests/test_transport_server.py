@@ -62,7 +62,7 @@ async def test_malformed_and_hostile_offers_get_clear_4xx(jfk_path):
     session is left open, and a real peer connects afterwards."""
     agent = await load_agent()
     try:
-        async with running_server(agent) as (server, url):
+        async with running_server(agent, admin_token="op") as (server, url):
             for body, needle in BAD_OFFERS:
                 status, reply = await _request("POST", f"{url}/api/offer", body)
                 assert status == 400, (body[:40], status, reply)
@@ -88,7 +88,7 @@ async def test_malformed_and_hostile_offers_get_clear_4xx(jfk_path):
                                                    json={"pc_id": client.pc_id, "candidates": candidates})
                     assert status == 400 and needle in reply["error"], (candidates, reply)
                 await client.wait_for("input_audio_buffer.speech_started", timeout=15)
-                status, reply = await _request("GET", f"{url}/api/status")
+                status, reply = await _request("GET", f"{url}/api/status", headers={"Authorization": "Bearer op"})
                 assert status == 200 and reply["sessions"] == 1
                 assert reply["peers"][client.pc_id]["input_peak_rms"] > 0.05
             finally:
@@ -201,3 +201,61 @@ async def _settle(server, timeout: float = 10.0) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"peers still open: {list(server.peers)}")
+
+
+async def test_a_session_cannot_be_taken_over(jfk_path):
+    """Only the page that opened a connection (holding the secret from its answer) can renegotiate,
+    restart it or add candidates: another client that knows the pc_id gets 403 for each, with no
+    secret or a wrong one; the status shows counts and states, and the ids only to the operator."""
+    agent = await load_agent()
+    try:
+        async with running_server(agent, admin_token="op-secret") as (server, url):
+            owner = await connect(url, file_track(jfk48(jfk_path)))
+            try:
+                await owner.wait_for("session.created", timeout=10)
+                assert owner.secret and len(owner.secret) >= 24
+                sdp = owner.pc.localDescription.sdp
+                for secret in (None, "guess", owner.secret[:-1] + "x"):
+                    for extra in ({}, {"restart_pc": True}):
+                        status, reply = await _request("POST", f"{url}/api/offer", json={
+                            "sdp": sdp, "type": "offer", "pc_id": owner.pc_id, "secret": secret, **extra})
+                        assert status == 403 and "belongs to the page that opened it" in reply["error"]
+                    status, reply = await _request("PATCH", f"{url}/api/offer", json={
+                        "pc_id": owner.pc_id, "secret": secret, "candidates": []})
+                    assert status == 403
+                assert list(server.peers) == [owner.pc_id] and not server.peers[owner.pc_id].closed
+                status, reply = await _request("PATCH", f"{url}/api/offer", json={
+                    "pc_id": owner.pc_id, "secret": owner.secret, "candidates": []})
+                assert status == 200
+                status, reply = await _request("GET", f"{url}/api/status")
+                assert reply["sessions"] == 1 and "peers" not in reply and owner.pc_id not in json.dumps(reply)
+                assert sum(reply["states"].values()) == 1
+                status, reply = await _request("GET", f"{url}/api/status",
+                                               headers={"Authorization": "Bearer op-secret"})
+                assert list(reply["peers"]) == [owner.pc_id]
+            finally:
+                await owner.close()
+    finally:
+        await agent.aclose()
+
+
+async def test_offers_need_the_token_when_the_server_has_one(jfk_path):
+    """With --token, an offer or a candidate request without it (or with another) is a 401 naming
+    the fix; the right one connects."""
+    agent = await load_agent()
+    try:
+        async with running_server(agent, token="t0ken") as (server, url):
+            offer = {"sdp": "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n", "type": "offer"}
+            for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "t0ken"}):
+                status, reply = await _request("POST", f"{url}/api/offer", json=offer, headers=headers)
+                assert status == 401 and "?token=" in reply["error"], headers
+                status, reply = await _request("PATCH", f"{url}/api/offer", headers=headers,
+                                               json={"pc_id": "pc_x", "candidates": []})
+                assert status == 401
+            client = await connect(url, file_track(jfk48(jfk_path)), token="t0ken")
+            try:
+                await client.wait_for("session.created", timeout=10)
+            finally:
+                await client.close()
+    finally:
+        await agent.aclose()

@@ -113,7 +113,8 @@ async def test_page_messages_renegotiation_and_restart(jfk_path):
 
                 await client.pc.setLocalDescription(await client.pc.createOffer())
                 async with aiohttp.ClientSession() as http:
-                    body = {"sdp": client.pc.localDescription.sdp, "type": "offer", "pc_id": client.pc_id}
+                    body = {"sdp": client.pc.localDescription.sdp, "type": "offer", "pc_id": client.pc_id,
+                            "secret": client.secret}
                     async with http.post(f"{url}/api/offer", json=body) as r:
                         assert r.status == 200, await r.text()
                         answer = await r.json()
@@ -126,7 +127,7 @@ async def test_page_messages_renegotiation_and_restart(jfk_path):
                     await asyncio.sleep(0.05)
                 assert len(client.messages) > n and peer.pc.connectionState == "connected"
 
-                fresh = await connect(url, file_track(jfk48(jfk_path)), restart_of=client.pc_id)
+                fresh = await connect(url, file_track(jfk48(jfk_path)), restart_of=client)
                 try:
                     await fresh.wait_for("session.created", timeout=10)
                     assert fresh.pc_id != client.pc_id and list(server.peers) == [fresh.pc_id]

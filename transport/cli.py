@@ -32,8 +32,25 @@ def _stop_on_signals(stop: asyncio.Event):
             loop.remove_signal_handler(sig)
 
 
+def tls_context(cert: str | None, key: str | None):
+    """An SSL context serving ``cert``/``key``, None without them; clear errors for a bad pair."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ConfigError("HTTPS needs both --cert and --key")
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot use --cert {cert} / --key {key}: {exc}") from None
+    return context
+
+
 async def serve(config: AgentConfig, host: str, port: int, max_sessions: int, *,
-                stop: asyncio.Event | None = None, on_ready: Callable[[str], None] | None = None) -> None:
+                stop: asyncio.Event | None = None, on_ready: Callable[[str], None] | None = None,
+                token: str | None = None, admin_token: str | None = None, tls=None) -> None:
     """Run the WebRTC server until ``stop`` is set (or Ctrl-C), then close every session and the models."""
     from aiohttp import web
 
@@ -56,21 +73,25 @@ async def serve(config: AgentConfig, host: str, port: int, max_sessions: int, *,
     try:
         if is_loopback_host(host):
             allow_loopback_candidates()  # clients are on this machine, which may have no other interface
-        server = Server(agent, ServerOptions(max_sessions=max_sessions))
+        server = Server(agent, ServerOptions(max_sessions=max_sessions, token=token, admin_token=admin_token))
         runner = web.AppRunner(server.app, handle_signals=False, access_log=None)
         await runner.setup()
-        await web.SockSite(runner, sock).start()
+        await web.SockSite(runner, sock, ssl_context=tls).start()
         bound_port = runner.addresses[0][1] if runner.addresses else port
         shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        url = f"http://{shown}:{bound_port}/"
+        url = f"{'https' if tls else 'http'}://{shown}:{bound_port}/" + (f"?token={token}" if token else "")
         if on_ready is not None:
             on_ready(url)
         else:
             print(f"duplex serve: open {url} in a browser (profile {config.profile}, at most {max_sessions} "
                   "sessions); Ctrl-C stops", flush=True)
-            if not is_loopback_host(host):
+            if not is_loopback_host(host) and tls is None:
                 print("duplex serve: browsers give the microphone only to https:// pages or localhost; "
-                      "from another machine, use an SSH tunnel (ssh -L) or an HTTPS proxy", flush=True)
+                      "from another machine, use --cert/--key, an SSH tunnel (ssh -L) or an HTTPS proxy",
+                      flush=True)
+            if not is_loopback_host(host) and token is None:
+                print("duplex serve: anyone who can reach this address can open sessions; --token limits "
+                      "that to those you give the page's ?token= link", flush=True)
         with _stop_on_signals(stop):
             await stop.wait()
     finally:
@@ -87,8 +108,10 @@ def serve_main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be 0-65535, got {args.port}")
     if not 1 <= args.max_sessions <= 1000:
         raise ConfigError(f"--max-sessions must be 1-1000, got {args.max_sessions}")
+    tls = tls_context(args.cert, args.key)
     config = config_from_args(args)
-    asyncio.run(serve(config, args.host, args.port, args.max_sessions))
+    asyncio.run(serve(config, args.host, args.port, args.max_sessions, token=args.token,
+                      admin_token=args.admin_token, tls=tls))
     print("duplex serve: stopped", file=sys.stderr)
     return 0
 

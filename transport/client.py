@@ -70,6 +70,7 @@ class Client:
     pc: object
     channel: object
     pc_id: str = ""
+    secret: str = ""  # from the server's answer: renegotiation and candidates need it
     messages: list[dict] = field(default_factory=list)
     frames: list[np.ndarray] = field(default_factory=list)  # received agent audio, [T] float32 mono
     frame_walls: list[float] = field(default_factory=list)  # loop time each frame came out of the decoder
@@ -103,10 +104,11 @@ class Client:
         await self.pc.close()
 
 
-async def connect(base_url: str, mic, *, trickle: bool = False, restart_of: str | None = None,
-                  prefetch: int | None = None) -> Client:
+async def connect(base_url: str, mic, *, trickle: bool = False, restart_of: Client | None = None,
+                  prefetch: int | None = None, token: str | None = None) -> Client:
     """Offer ``mic`` to the server like the page does (data channel "events", audio sendrecv);
-    ``restart_of`` sends the offer as a restart of that connection (Pipecat's ``restart_pc``);
+    ``restart_of`` sends the offer as a restart of that client's connection (Pipecat's ``restart_pc``,
+    with its secret); ``token`` is the server's ``--token``;
     ``prefetch`` sets this side's jitter buffer (frames held before decoding; aiortc's default 4)."""
     import aiohttp
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
@@ -155,14 +157,16 @@ async def connect(base_url: str, mic, *, trickle: bool = False, restart_of: str 
         candidates = [line[2:] for line in first_section if line.startswith("a=candidate:")]  # mid 0 (bundled)
         sdp = "\r\n".join(line for line in lines
                            if not line.startswith(("a=candidate:", "a=end-of-candidates"))) + "\r\n"
-    async with aiohttp.ClientSession() as http:
-        body = {"sdp": sdp, "type": "offer", "pc_id": restart_of, "restart_pc": restart_of is not None}
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        body = {"sdp": sdp, "type": "offer", "pc_id": restart_of.pc_id if restart_of else None,
+                "restart_pc": restart_of is not None, "secret": restart_of.secret if restart_of else None}
         async with http.post(f"{base_url}/api/offer", json=body) as r:
             assert r.status == 200, await r.text()
             answer = await r.json()
-        client.pc_id = answer["pc_id"]
+        client.pc_id, client.secret = answer["pc_id"], answer["secret"]
         if trickle:
-            body = {"pc_id": client.pc_id, "candidates": [
+            body = {"pc_id": client.pc_id, "secret": client.secret, "candidates": [
                 {"candidate": c, "sdp_mid": "0", "sdp_mline_index": 0} for c in candidates]}
             async with http.patch(f"{base_url}/api/offer", json=body) as r:
                 assert r.status == 200, await r.text()

@@ -30,6 +30,7 @@ from duplex.transport.signalling import Candidate, Offer
 from duplex.transport.tracks import InputStats, agent_audio_track, pump_microphone
 
 log = logging.getLogger(__name__)
+CLOSE_TIMEOUT_S = 5.0  # aiortc's close of a connection whose peer is gone can wait on the network
 
 MAX_CLIENT_MESSAGE = 4_096
 MAX_BACKLOG = 500  # events kept for a data channel that is not open yet
@@ -59,6 +60,7 @@ class Peer:
     dropped: int = 0  # ... and dropped because the channel was backed up
     close_reason: str = ""
     closed: bool = False
+    secret: str = ""  # given to the page in its answer; renegotiation and candidates need it
     opened_at: float = field(default_factory=time.monotonic)
     _backlog: list[str] = field(default_factory=list)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -95,7 +97,9 @@ class Peer:
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.session.close()
             self.track.stop()
-            await self.pc.close()
+            await asyncio.wait_for(self.pc.close(), CLOSE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.warning("%s: the connection did not close within %.0f s; dropped", self.pc_id, CLOSE_TIMEOUT_S)
         except Exception:
             log.exception("%s: closing failed", self.pc_id)
         finally:

@@ -5,7 +5,14 @@ Routes:
 - ``GET /``, ``GET /app.js`` ...: the page (files of web/);
 - ``POST /api/offer``: an SDP offer in, the answer out (:mod:`.signalling` has the shapes);
 - ``PATCH /api/offer``: trickle ICE candidates for a connection;
-- ``GET /api/status``: open sessions and the limits.
+- ``GET /api/status``: session counts, states and the limits (connection ids only with the operator
+  token).
+
+Ownership: each connection's answer carries a ``secret`` (random, 192 bits) given to that peer only;
+renegotiating, restarting or trickling candidates for a ``pc_id`` needs it (403 otherwise), so knowing
+an id is not enough to act on someone else's session. ``token`` (``--token``) makes every offer and
+candidate request present ``Authorization: Bearer <token>`` (401 otherwise); ``admin_token``
+(``--admin-token``) does the same for the connection ids in the status.
 
 Hygiene: request bodies are capped (``max_body`` bytes, 413 beyond), at most ``max_sessions`` peers
 at once (503 beyond, with ``Retry-After``), every refused request gets a JSON ``{"error": ...}`` with a
@@ -17,7 +24,9 @@ with their session (see :mod:`.peer`); :meth:`Server.close` closes them all on s
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,6 +49,8 @@ class ServerOptions:
     max_body: int = 64 * 1024  # bytes of a signalling request
     web_root: Path = WEB_ROOT
     peer: PeerOptions = field(default_factory=PeerOptions)
+    token: str | None = None  # offers and candidates must present it (Authorization: Bearer ...)
+    admin_token: str | None = None  # the status shows connection ids only to requests presenting it
 
 
 class Server:
@@ -124,19 +135,44 @@ class Server:
         return web.FileResponse(page, headers={"Cache-Control": "no-store"})
 
     async def status(self, request):
-        return self._json(200, {"sessions": len(self.peers), "max_sessions": self.options.max_sessions,
-                                "closed_sessions": self.closed_peers, "close_reasons": dict(self.close_reasons),
-                                "peers": {pid: {"connection": p.pc.connectionState, "state": p.session.state,
-                                                "input_s": round(p.input.seconds, 2),
-                                                "input_peak_rms": round(p.input.peak_rms, 4),
-                                                "events_sent": p.sent}
-                                          for pid, p in self.peers.items()}})
+        body: dict[str, Any] = {
+            "sessions": len(self.peers), "max_sessions": self.options.max_sessions,
+            "closed_sessions": self.closed_peers, "close_reasons": dict(self.close_reasons),
+            "states": dict(Counter(p.session.state for p in self.peers.values()))}
+        if self.options.admin_token and _bearer_ok(request, self.options.admin_token):
+            body["peers"] = {pid: {"connection": p.pc.connectionState, "state": p.session.state,
+                                   "input_s": round(p.input.seconds, 2), "input_peak_rms": round(p.input.peak_rms, 4),
+                                   "events_sent": p.sent}
+                             for pid, p in self.peers.items()}
+        return self._json(200, body)
+
+    def _refuse_unauthorized(self, request):
+        """401 when the server wants a token and the request does not present it."""
+        if self.options.token and not _bearer_ok(request, self.options.token):
+            return self._json(401, {"error": "this server needs a token: open the page with ?token=... (the "
+                                             "operator's --token), or send Authorization: Bearer <token>"},
+                              headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+    def _refuse_not_owner(self, peer: Peer, secret: str | None):
+        """403 unless ``secret`` is the one this connection's answer carried."""
+        if secret is None or not hmac.compare_digest(secret, peer.secret):
+            return self._json(403, {"error": "this connection belongs to the page that opened it: send the "
+                                             "'secret' from its answer to renegotiate, restart or add candidates"})
+        return None
 
     async def post_offer(self, request):
+        refused = self._refuse_unauthorized(request)
+        if refused is not None:
+            return refused
         offer = parse_offer(await self._body(request))
         if self._closing:
             return self._json(503, {"error": "the server is shutting down"})
         existing = self.peers.get(offer.pc_id) if offer.pc_id else None
+        if existing is not None:
+            refused = self._refuse_not_owner(existing, offer.secret)
+            if refused is not None:
+                return refused
         if existing is not None and not offer.restart_pc:
             try:
                 answer = await asyncio.wait_for(renegotiate(existing, offer), OFFER_TIMEOUT_S)
@@ -158,6 +194,8 @@ class Server:
             raise BadRequest(f"cannot use this offer: {_why(exc)}") from None
         finally:
             self._opening -= 1
+        peer.secret = secrets.token_urlsafe(24)
+        answer = {**answer, "secret": peer.secret}
         self.peers[peer.pc_id] = peer
         if peer.closed:  # closed while answering (e.g. the session failed at once)
             self.peers.pop(peer.pc_id, None)
@@ -167,10 +205,16 @@ class Server:
         return self._json(200, answer)
 
     async def patch_offer(self, request):
+        refused = self._refuse_unauthorized(request)
+        if refused is not None:
+            return refused
         patch = parse_patch(await self._body(request))
         peer = self.peers.get(patch.pc_id)
         if peer is None:
             return self._json(404, {"error": f"no open connection {patch.pc_id}; post an offer first"})
+        refused = self._refuse_not_owner(peer, patch.secret)
+        if refused is not None:
+            return refused
         try:
             await asyncio.wait_for(add_candidates(peer, patch.candidates), 5.0)
         except (ValueError, TypeError) as exc:
@@ -195,6 +239,12 @@ class Server:
         self._closing = True
         await asyncio.gather(*(p.close("the server is shutting down") for p in list(self.peers.values())),
                              return_exceptions=True)
+
+
+def _bearer_ok(request, token: str) -> bool:
+    header = request.headers.get("Authorization", "")
+    given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    return bool(given) and hmac.compare_digest(given.encode(), token.encode())
 
 
 def _why(exc: Exception) -> str:

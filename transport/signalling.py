@@ -3,9 +3,10 @@
 Shapes (those of Pipecat's SmallWebRTC clients):
 
 - ``POST /api/offer``: ``{"sdp": str, "type": "offer", "pc_id": str | null, "restart_pc": bool?}``,
-  answered with ``{"sdp": str, "type": "answer", "pc_id": str}``;
+  answered with ``{"sdp": str, "type": "answer", "pc_id": str, "secret": str}``; an offer for an open
+  ``pc_id`` (renegotiation, ``restart_pc``) must carry that connection's ``secret``;
 - ``PATCH /api/offer``: ``{"pc_id": str, "candidates": [{"candidate": str, "sdp_mid": str | null,
-  "sdp_mline_index": int | null}, ...]}`` (trickle ICE; an empty ``candidate`` ends the list).
+  "sdp_mline_index": int | null}, ...], "secret": str}`` (trickle ICE; an empty ``candidate`` ends the list).
 
 Everything a client sends is checked here: JSON shape and types, sizes, and a first look at the SDP
 (text, an audio section, no absurd line count), so a malformed or hostile request becomes a
@@ -36,6 +37,7 @@ class Offer:
     type: str
     pc_id: str | None = None
     restart_pc: bool = False
+    secret: str | None = None  # the connection's secret, to renegotiate or restart it
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class Candidate:
 @dataclass(frozen=True)
 class CandidatePatch:
     pc_id: str
+    secret: str | None
     candidates: tuple[Candidate, ...]
 
 
@@ -119,7 +122,16 @@ def parse_offer(data: dict[str, Any]) -> Offer:
     if not isinstance(restart, bool):
         raise BadRequest("'restart_pc' must be true or false")
     check_sdp(sdp)
-    return Offer(sdp=sdp, type=kind, pc_id=_pc_id(data.get("pc_id"), required=False), restart_pc=restart)
+    return Offer(sdp=sdp, type=kind, pc_id=_pc_id(data.get("pc_id"), required=False), restart_pc=restart,
+                 secret=_secret(data.get("secret")))
+
+
+def _secret(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 128:
+        raise BadRequest("'secret' must be the string the server answered with")
+    return value
 
 
 _HOST = re.compile(r"^[A-Za-z0-9.:%_-]{1,255}$")  # IPv4, IPv6 or an mDNS name
@@ -173,4 +185,4 @@ def parse_patch(data: dict[str, Any]) -> CandidatePatch:
             raise BadRequest("a candidate needs 'sdp_mid' or 'sdp_mline_index'")
         out.append(parse_candidate(text, mid, index))
     assert pc_id is not None
-    return CandidatePatch(pc_id=pc_id, candidates=tuple(out))
+    return CandidatePatch(pc_id=pc_id, secret=_secret(data.get("secret")), candidates=tuple(out))

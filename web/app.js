@@ -11,7 +11,8 @@ const TAP_MS = 10;        // how often the audio taps are read (the latency figu
 const BARGE_MS = 50;      // loud microphone this long, while the agent speaks, mutes it here
 
 const duplex = window.duplex = {
-  pc: null, dc: null, pcId: null, stream: null,
+  pc: null, dc: null, pcId: null, secret: null, stream: null,
+  token: new URLSearchParams(location.search).get("token"),  // the server's --token, if it has one
   messages: [],              // every data-channel message, in order
   turns: new Map(),          // item_id -> user utterance view
   replies: new Map(),        // response_id -> agent reply view
@@ -88,12 +89,13 @@ async function connect() {
   try {
     await pc.setLocalDescription(await pc.createOffer());
     const res = await fetch("api/offer", {
-      method: "POST", headers: {"Content-Type": "application/json"},
+      method: "POST", headers: apiHeaders(),
       body: JSON.stringify({sdp: pc.localDescription.sdp, type: "offer", pc_id: null}),
     });
     const body = await res.json().catch(() => ({error: res.statusText}));
     if (!res.ok) throw new Error(body.error || ("HTTP " + res.status));
     duplex.pcId = body.pc_id;
+    duplex.secret = body.secret;  // only this page can renegotiate this connection or add candidates
     await pc.setRemoteDescription({sdp: body.sdp, type: body.type});
     flushCandidates();
   } catch (err) {
@@ -106,6 +108,12 @@ async function connect() {
   statsTimer = setInterval(pollStats, STATS_MS);
 }
 
+function apiHeaders() {
+  const h = {"Content-Type": "application/json"};
+  if (duplex.token) h.Authorization = "Bearer " + duplex.token;
+  return h;
+}
+
 async function flushCandidates() {
   candidateTimer = null;
   if (!duplex.pcId || !pendingCandidates.length) return;
@@ -113,8 +121,8 @@ async function flushCandidates() {
     candidate: c.candidate, sdp_mid: c.sdpMid, sdp_mline_index: c.sdpMLineIndex,
   }));
   try {
-    await fetch("api/offer", {method: "PATCH", headers: {"Content-Type": "application/json"},
-                              body: JSON.stringify({pc_id: duplex.pcId, candidates})});
+    await fetch("api/offer", {method: "PATCH", headers: apiHeaders(),
+                              body: JSON.stringify({pc_id: duplex.pcId, secret: duplex.secret, candidates})});
   } catch (err) { console.warn("trickle ICE failed", err); }
 }
 
@@ -128,7 +136,7 @@ function disconnect(reason) {
   if (duplex.pc) duplex.pc.close();
   if (duplex.stream) duplex.stream.getTracks().forEach((t) => t.stop());
   duplex.pc = duplex.dc = duplex.stream = null;
-  duplex.pcId = null;
+  duplex.pcId = duplex.secret = null;
   pendingCandidates = [];
   $("agent-audio").srcObject = null;
   $("connect").disabled = false;
