@@ -14,6 +14,7 @@ importing the package (whose import sets torch to one thread for the whole proce
 from __future__ import annotations
 
 import importlib.util
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from duplex.config import AgentConfig
 from duplex.errors import ModelNotFoundError
 from duplex.events import SpeechStarted, SpeechStopped
 from duplex.engine.scheduler import Scheduler
+
+PROBS_KEPT = 3000  # windows of probability kept for inspection (96 s): bounded, however long a session runs
 
 WINDOW = 512  # samples per Silero window at 16 kHz
 CONTEXT = 64  # samples of the previous window prefixed to each window
@@ -112,7 +115,7 @@ class SileroVADStream:
     def __init__(self, model: SileroVAD) -> None:
         self.model = model
         self.s = VADStreamState()
-        self.probs: list[float] = []  # every window's probability, for inspection
+        self.probs: deque[float] = deque(maxlen=PROBS_KEPT)  # the latest windows' probabilities, for inspection
 
     async def feed(self, pcm: np.ndarray) -> list[SpeechStarted | SpeechStopped]:
         s = self.s

@@ -48,15 +48,28 @@ class AgentTurn:
         return [w for w in self.words if (w.start + w.end) / 2 <= self.played]
 
 
+def _add(out: list[Message], role: str, text: str) -> None:
+    """Append a message, merging it into the last one of the same role (chat templates alternate)."""
+    if not text:
+        return
+    if out and out[-1].role == role:
+        out[-1] = Message(role, f"{out[-1].content} {text}")  # type: ignore[arg-type]
+    else:
+        out.append(Message(role, text))  # type: ignore[arg-type]
+
+
 class Conversation:
     def __init__(self, system_prompt: str = "") -> None:
         self.system_prompt = system_prompt
         self.turns: list[UserTurn | AgentTurn] = []
         self._replies: dict[int, AgentTurn] = {}
+        self._version = 0  # bumped by every change to what messages() returns
+        self._cached: tuple[int, list[Message]] | None = None
 
     # -- user side ---------------------------------------------------------------------------------
 
     def user_turn_ended(self, text: str, start: int, end: int, wall: float) -> UserTurn:
+        self._version += 1
         last = self.turns[-1] if self.turns else None
         if isinstance(last, UserTurn) and last.open:
             last.text, last.end, last.ended_wall, last.open = text, end, wall, False
@@ -73,6 +86,7 @@ class Conversation:
 
     def add_reply(self, reply: AgentTurn) -> AgentTurn:
         """Add a reply made before it was committed (speculatively) as the agent's next turn."""
+        self._version += 1
         self.turns.append(reply)
         self._replies[reply.reply_id] = reply
         return reply
@@ -82,6 +96,7 @@ class Conversation:
 
     def reply_closed(self, reply_id: int, interrupted: bool) -> AgentTurn:
         """The reply is over (played out, or interrupted at its current playback position)."""
+        self._version += 1
         reply = self._replies[reply_id]
         reply.interrupted, reply.done = interrupted, True
         reply.heard = " ".join(w.text for w in reply.heard_words())
@@ -89,6 +104,7 @@ class Conversation:
 
     def reply_cancelled_unheard(self, reply_id: int) -> None:
         """The reply was dropped before any of it was heard: forget it; the user's turn reopens."""
+        self._version += 1
         reply = self._replies.pop(reply_id)
         self.turns.remove(reply)
         last = self.turns[-1] if self.turns else None
@@ -103,23 +119,19 @@ class Conversation:
         ``pending_user_text`` is the user's turn in progress (it replaces an open user turn).
         Consecutive messages of one role are merged (chat templates expect alternation).
         """
-        out: list[Message] = []
-
-        def add(role: str, text: str) -> None:
-            if not text:
-                return
-            if out and out[-1].role == role:
-                out[-1] = Message(role, f"{out[-1].content} {text}")  # type: ignore[arg-type]
-            else:
-                out.append(Message(role, text))  # type: ignore[arg-type]
-
-        for turn in self.turns:
-            if isinstance(turn, UserTurn):
-                if not turn.open:
-                    add("user", turn.text)
-            elif turn.done:
-                add("assistant", turn.heard)
-        add("user", pending_user_text)
+        if self._cached is None or self._cached[0] != self._version:
+            # the finished turns, merged once per change of the record (a partial does not redo them,
+            # and their strings keep their cached hashes for the LLM's comparison)
+            done: list[Message] = []
+            for turn in self.turns:
+                if isinstance(turn, UserTurn):
+                    if not turn.open:
+                        _add(done, "user", turn.text)
+                elif turn.done:
+                    _add(done, "assistant", turn.heard)
+            self._cached = (self._version, done)
+        out = list(self._cached[1])
+        _add(out, "user", pending_user_text)
         return out
 
     def to_json(self) -> dict[str, Any]:

@@ -53,7 +53,8 @@ _CLOSED = object()
 _ENDPOINT = object()  # marker in the ASR queue: the VAD heard the end of speech here
 
 MIN_RATE, MAX_RATE = 8_000, 192_000
-MAX_QUEUED_S = 10.0  # audio waiting for a lagging VAD/ASR before input is dropped
+MAX_QUEUED_S = 10.0  # audio waiting for a lagging VAD/ASR before input is dropped ...
+RESUME_QUEUED_S = 5.0  # ... until the backlog is down to this
 PROGRESS_EVERY = 10  # frames between PlaybackProgress events (200 ms)
 
 
@@ -110,6 +111,8 @@ class Session:
         self._arrival_ends: list[int] = []  # stream sample at the end of each pushed block ...
         self._arrival_walls: list[float] = []  # ... and when it arrived
         self._queued_s = {"vad": 0.0, "asr": 0.0}  # seconds of audio waiting in each queue
+        self._dropped_s = 0.0  # input dropped in the overload going on now
+        self.dropped_input_s = 0.0  # ... and in earlier ones
         self._vad_q: asyncio.Queue[object] = asyncio.Queue()
         self._asr_q: asyncio.Queue[object] = asyncio.Queue()
         self._vad_pos = 0
@@ -157,11 +160,19 @@ class Session:
         if block.size == 0:
             return
         lag = self.lag_s
-        if lag > MAX_QUEUED_S:
-            self._emit(ev.Error(stream_samples=self._pushed, wall=now(), stage="input",
-                                message=f"the models are {lag:.1f} s behind the audio; dropped "
-                                        f"{1000 * block.size / INPUT_RATE:.0f} ms of input"))
+        limit = RESUME_QUEUED_S if self._dropped_s else MAX_QUEUED_S  # hysteresis: one episode, not a flicker
+        if lag > limit:  # one event when an overload starts, one when it ends (not one per block)
+            if self._dropped_s == 0.0:
+                self._emit(ev.Error(stream_samples=self._pushed, wall=now(), stage="input",
+                                    message=f"the models are {lag:.1f} s behind the audio; dropping input "
+                                            "until they catch up"))
+            self._dropped_s += block.size / INPUT_RATE
             return
+        if self._dropped_s:
+            self._emit(ev.Error(stream_samples=self._pushed, wall=now(), stage="input",
+                                message=f"dropped {self._dropped_s:.1f} s of input while the models were behind"))
+            self.dropped_input_s += self._dropped_s
+            self._dropped_s = 0.0
         self._pushed += block.size
         self._arrival_ends.append(self._pushed)
         self._arrival_walls.append(now())

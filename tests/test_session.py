@@ -271,3 +271,28 @@ def test_a_failing_stage_ends_only_its_session_and_keeps_the_record(vad_model, j
     assert [t["role"] for t in bad.conversation["turns"]][:1] == ["user"]
     assert bad.conversation["turns"][0]["text"] == "hello there"
     assert not good.of(ev.Error) and [t["role"] for t in good.conversation["turns"]] == ["user", "assistant"]
+
+
+def test_an_overload_is_reported_once_not_per_block(vad_model):
+    """Models that fall more than 10 s behind make the session drop input: one error when the
+    overload starts and one when it ends, saying how much was dropped (not 50 events a second)."""
+    agent = make_agent(vad_model, asr={"delay_s": 0.5})
+
+    async def main():
+        session = agent.session()
+        errors = session.events()
+        block = np.zeros(320, np.float32)
+        for _ in range(int(14 / 0.02)):  # 14 s of input: the last ~3.5 s of it dropped
+            session.push_audio(block, 16_000)
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(400)  # the ASR works through its backlog
+        session.push_audio(block, 16_000)
+        await asyncio.sleep(0.1)
+        dropped = session.dropped_input_s
+        await session.close()
+        return [e async for e in errors if isinstance(e, ev.Error) and e.stage == "input"], dropped
+
+    found, dropped = run_virtual(main())
+    assert len(found) == 2, [e.message for e in found]
+    assert "dropping input until they catch up" in found[0].message
+    assert "dropped" in found[1].message and 2.0 < dropped < 5.0

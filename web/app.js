@@ -9,6 +9,9 @@ const AGENT_LOUD = 0.01;  // agent-audio RMS above which the agent counts as aud
 const STATS_MS = 50;      // getStats polling period (link figures)
 const TAP_MS = 10;        // how often the audio taps are read (the latency figures' resolution)
 const BARGE_MS = 50;      // loud microphone this long, while the agent speaks, mutes it here
+const KEEP_MESSAGES = 2000;  // data-channel messages kept for inspection (the oldest go first)
+const KEEP_TURNS = 200;      // conversation turns shown; older ones leave the page
+const KEEP_ROWS = 100;       // latency rows shown
 
 const duplex = window.duplex = {
   pc: null, dc: null, pcId: null, secret: null, stream: null,
@@ -152,6 +155,7 @@ function disconnect(reason) {
 function onMessage(m) {
   m.received = Date.now();
   duplex.messages.push(m);
+  if (duplex.messages.length > KEEP_MESSAGES) duplex.messages.splice(0, duplex.messages.length - KEEP_MESSAGES);
   switch (m.type) {
     case "input_audio_buffer.speech_started":
       break;  // the bubble appears with the first recognised words (a cough gets none)
@@ -231,9 +235,21 @@ function userTurn(itemId) {
     $("transcript").appendChild(li);
     t = {li, final: false};
     duplex.turns.set(itemId, t);
+    trimTranscript();
     li.scrollIntoView({block: "end"});
   }
   return t;
+}
+
+function trimTranscript() {
+  // A long conversation keeps the page light: the oldest turns leave the DOM and the maps.
+  const list = $("transcript");
+  while (list.children.length > KEEP_TURNS) {
+    const li = list.firstElementChild;
+    if (li.dataset.item) duplex.turns.delete(li.dataset.item);
+    if (li.dataset.response) duplex.replies.delete(li.dataset.response);
+    li.remove();
+  }
 }
 
 function renderUser(t, stable, unstable, final) {
@@ -262,6 +278,7 @@ function reply(id) {
     $("transcript").appendChild(li);
     r = {id, li, text: "", words: [], played: 0, rate: 24000, heard: null, interrupted: false, done: false};
     duplex.replies.set(id, r);
+    trimTranscript();
     li.scrollIntoView({block: "end"});
   }
   return r;
@@ -301,9 +318,14 @@ function latencyRow(id) {
     tr.dataset.response = id;
     tr.innerHTML = "<td></td><td class='server'>-</td><td class='browser'>-</td><td class='barge'>-</td>";
     tr.cells[0].textContent = id.replace("resp_", "#");
-    document.querySelector("#latency tbody").appendChild(tr);
+    const body = document.querySelector("#latency tbody");
+    body.appendChild(tr);
     row = {tr, server: {}, browser: null, barge: null};
     duplex.latency.set(id, row);
+    while (body.children.length > KEEP_ROWS) {
+      duplex.latency.delete(body.firstElementChild.dataset.response);
+      body.firstElementChild.remove();
+    }
   }
   return row;
 }
