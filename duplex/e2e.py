@@ -151,8 +151,9 @@ async def _bench(args: argparse.Namespace) -> dict[str, object]:
             print(f"timeouts: {run.timeouts}")
         print(f"single session: max input lag {keeping.max_lag_s:.2f} s, reply-audio gaps {keeping.underruns}")
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        plot(turns, out / "e2e.png", f"duplex voice-to-voice latency ({config.profile}, {config.resolved_device()})")
+        await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(plot, turns, out / "e2e.png",
+                                f"duplex voice-to-voice latency ({config.profile}, {config.resolved_device()})")
         print(f"(plot: {out / 'e2e.png'})")
         print("concurrent sessions:")
         short = conversation_script(quick=True)

@@ -48,25 +48,30 @@ async def simulate(agent: Agent, pcm: np.ndarray, sample_rate: int, out_dir: Pat
 
     After the file and ``tail_s`` of silence, silence goes on (at most ``max_wait_s``) until the
     agent has finished speaking."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
     result = SimulationResult(out_dir)
     session = agent.session()
-    with open(out_dir / "timeline.jsonl", "w") as timeline:
+    rows: list[str] = []  # the timeline, written at the end (no file I/O on the loop while it runs)
 
-        def write(event: ev.Event) -> None:
-            row = to_json(event)
-            row["t"] = round(event.wall - session.t0, 4)
-            timeline.write(json.dumps(row) + "\n")
-            result.events += 1
+    def write(event: ev.Event) -> None:
+        row = to_json(event)
+        row["t"] = round(event.wall - session.t0, 4)
+        rows.append(json.dumps(row) + "\n")
+        result.events += 1
 
-        run = await run_scenario(session, [Say(pcm, sample_rate), Silence(tail_s), WaitDone(max_wait_s)],
-                                 keep_events=False, on_event=write)
+    run = await run_scenario(session, [Say(pcm, sample_rate), Silence(tail_s), WaitDone(max_wait_s)],
+                             keep_events=False, on_event=write)
     out = run.audio()
     n_out = int(round(run.pushed_s * session.output_rate))
     out = np.concatenate([out, np.zeros(max(0, n_out - len(out)), np.float32)])[:n_out]
-    write_wav(out_dir / "agent.wav", out, session.output_rate)
     result.conversation = run.conversation
-    (out_dir / "conversation.json").write_text(json.dumps(result.conversation, indent=2))
+
+    def save() -> None:
+        (out_dir / "timeline.jsonl").write_text("".join(rows))
+        write_wav(out_dir / "agent.wav", out, session.output_rate)
+        (out_dir / "conversation.json").write_text(json.dumps(result.conversation, indent=2))
+
+    await asyncio.to_thread(save)
     result.turns, result.barge_ins = run.turn_metrics(), run.barge_ins()
     return result
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,7 +314,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile not in ("fake", "tiny"):
         print(f"(bench turns runs the fake or tiny profile; {args.profile!r} asked: using fake)")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
     estimates = ESTIMATES if profile == "fake" else ("model",)
     config_args = None
     if profile == "tiny":
@@ -343,8 +342,8 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                     await agent.aclose()
             figures = {"scenario": scenario.name, "estimate": estimate, **score(scenario, result, speculations)}
             rows.append(figures)
-            plot(scenario, result, out / f"turns-{scenario.name}-{estimate}.png",
-                 f"{scenario.name}, end-of-turn estimate {estimate} ({profile})")
+            await asyncio.to_thread(plot, scenario, result, out / f"turns-{scenario.name}-{estimate}.png",
+                                    f"{scenario.name}, end-of-turn estimate {estimate} ({profile})")
             print(f"  {scenario.name:11s} {estimate:6s} v2v p50 {_fmt(figures['v2v_p50_s'])} p90 "
                   f"{_fmt(figures['v2v_p90_s'])}  cut-ins {figures['false_cut_ins']}  missed "
                   f"{figures['missed_interruptions']}  backchannel->int {figures['backchannels_interrupted']}  "

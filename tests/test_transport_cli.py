@@ -85,8 +85,9 @@ async def test_serve_over_https_with_a_token(tmp_path):
     if shutil.which("openssl") is None:
         pytest.skip("needs openssl to make a test certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                    "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    await asyncio.to_thread(subprocess.run, [
+        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+        "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     proc, url = await _start("--profile", "fake", "--port", "0", "--cert", str(cert), "--key", str(key),
                              "--token", "s3cret")
     try:

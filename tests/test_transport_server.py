@@ -259,3 +259,16 @@ async def test_offers_need_the_token_when_the_server_has_one(jfk_path):
                 await client.close()
     finally:
         await agent.aclose()
+
+
+async def test_every_refusal_has_a_json_body():
+    """A missing page or file, an unknown API path and a wrong method all answer JSON {error}."""
+    agent = await load_agent()
+    try:
+        async with running_server(agent) as (_, url):
+            for method, path, code in (("GET", "/nothing.js", 404), ("GET", "/api/nope", 404),
+                                       ("DELETE", "/api/offer", 405)):
+                status, reply = await _request(method, f"{url}{path}")
+                assert status == code and reply.get("error"), (path, status, reply)
+    finally:
+        await agent.aclose()

@@ -210,9 +210,14 @@ async def run_mic(config: AgentConfig, input_device: int, output_device: int, *,
         await shower
         if record is not None:
             out = Path(record)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "timeline.jsonl").write_text("".join(json.dumps(r) + "\n" for r in timeline))
-            (out / "conversation.json").write_text(json.dumps(session.conversation.to_json(), indent=2))
+            conversation = session.conversation.to_json()
+
+            def save() -> None:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "timeline.jsonl").write_text("".join(json.dumps(r) + "\n" for r in timeline))
+                (out / "conversation.json").write_text(json.dumps(conversation, indent=2))
+
+            await asyncio.to_thread(save)
             print(f"duplex mic: wrote {out / 'timeline.jsonl'} and conversation.json", flush=True)
     finally:
         await agent.aclose()

@@ -82,7 +82,7 @@ class Server:
         app.router.add_get("/", self.index)
         root = self.options.web_root
         if root.is_dir():
-            app.router.add_static("/", root, show_index=False, follow_symlinks=False)
+            app.router.add_get("/{name:[A-Za-z0-9_.-]+}", self.file)  # the page's files, one level, no paths
         else:
             log.warning("the web client folder %s is missing; only the API is served", root)
         app.on_shutdown.append(lambda _app: self.close())
@@ -99,14 +99,17 @@ class Server:
         from aiohttp import web
 
         try:
-            return await handler(request)
+            response = await handler(request)
+            if response.status >= 400 and response.content_type != "application/json":
+                return self._json(response.status, {"error": _refusal(request, response.status, response.reason)})
+            return response
         except BadRequest as exc:
             return self._json(400, {"error": str(exc)})
         except web.HTTPRequestEntityTooLarge:
             return self._json(413, {"error": f"request body too large (at most {self.options.max_body} bytes)"})
         except web.HTTPException as exc:
-            if exc.status >= 400 and request.path.startswith("/api/"):
-                return self._json(exc.status, {"error": exc.reason}, headers={
+            if exc.status >= 400:  # every refusal has a JSON body, pages and files included
+                return self._json(exc.status, {"error": _refusal(request, exc.status, exc.reason)}, headers={
                     k: v for k, v in exc.headers.items() if k.lower() == "allow"})
             raise
         except asyncio.CancelledError:
@@ -133,6 +136,16 @@ class Server:
         if not page.is_file():
             return self._json(404, {"error": f"the web client is missing ({page})"})
         return web.FileResponse(page, headers={"Cache-Control": "no-store"})
+
+    async def file(self, request):
+        """A file of the web client (index.html, app.js, style.css): JSON 404 for anything else."""
+        from aiohttp import web
+
+        name = request.match_info["name"]
+        path = self.options.web_root / name
+        if name.startswith(".") or not path.is_file():
+            return self._json(404, {"error": f"no such page or file: {request.path}"})
+        return web.FileResponse(path, headers={"Cache-Control": "no-store"})
 
     async def status(self, request):
         body: dict[str, Any] = {
@@ -239,6 +252,10 @@ class Server:
         self._closing = True
         await asyncio.gather(*(p.close("the server is shutting down") for p in list(self.peers.values())),
                              return_exceptions=True)
+
+
+def _refusal(request, status: int, reason: str) -> str:
+    return f"no such page or file: {request.path}" if status == 404 else reason
 
 
 def _bearer_ok(request, token: str) -> bool:

@@ -59,7 +59,7 @@ async def pump_microphone(track, session: Session, stats: InputStats, idle_timeo
             frame = await asyncio.wait_for(track.recv(), idle_timeout_s)
         except MediaStreamError:
             return "track ended"
-        except TimeoutError:
+        except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11 on)
             return f"no audio for {idle_timeout_s:.0f} s"
         pcm, rate = frame_to_pcm(frame)
         stats.frames += 1
