@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -196,8 +197,13 @@ def setup_logging(args: argparse.Namespace) -> None:
     logging.getLogger("duplex").setLevel(getattr(logging, name.upper()))
 
 
+_ran: str | None = None  # the command main() ran last
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    global _ran
     args = build_parser().parse_args(argv)
+    _ran = args.command
     setup_logging(args)
     from duplex.errors import UserError
 
@@ -219,5 +225,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+# Commands whose process may end at once when they return: they have closed every session and the
+# models themselves, and the interpreter's own teardown of torch and NeMo takes seconds more.
+FAST_EXIT = ("serve", "mic")
+
+
+def entry() -> None:
+    """The ``duplex`` executable: :func:`main`, then a prompt exit after serve/mic."""
+    code = main(sys.argv[1:])
+    if _ran in FAST_EXIT:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -272,3 +272,24 @@ async def test_every_refusal_has_a_json_body():
                 assert status == code and reply.get("error"), (path, status, reply)
     finally:
         await agent.aclose()
+
+
+async def test_a_vanished_peer_is_released_by_the_default_timeout(jfk_path):
+    """With the default options a peer that stops sending (a closed laptop lid) is released after
+    4 s without audio, so within 5 s, with its reason."""
+    agent = await load_agent()
+    try:
+        async with running_server(agent) as (server, url):
+            mic = file_track(jfk48(jfk_path))
+            client = await connect(url, mic)
+            await client.wait_for("input_audio_buffer.speech_started", timeout=20)
+            mic.freeze()
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            await _settle(server, timeout=10)
+            released = loop.time() - start
+            assert not server.peers and server.close_reasons["no audio for 4 s"] == 1
+            assert released <= 5.0, released
+            await client.close()
+    finally:
+        await agent.aclose()

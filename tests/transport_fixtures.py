@@ -56,7 +56,7 @@ async def running_server(agent: Agent, **options) -> AsyncIterator[tuple[Server,
     from aiohttp import web
 
     allow_loopback_candidates()
-    peer = PeerOptions(idle_timeout_s=options.pop("idle_timeout_s", 15.0))
+    peer = PeerOptions(idle_timeout_s=options.pop("idle_timeout_s", PeerOptions.idle_timeout_s))
     server = Server(agent, ServerOptions(peer=peer, **options))
     runner = web.AppRunner(server.app, access_log=None)
     await runner.setup()

@@ -39,7 +39,8 @@ MAX_CHANNEL_BUFFER = 4 * 1024 * 1024  # bytes queued on the data channel before 
 
 @dataclass
 class PeerOptions:
-    idle_timeout_s: float = 15.0  # no microphone frame for this long: the peer is gone
+    idle_timeout_s: float = 4.0  # no microphone frame for this long: the peer is gone (released within 5 s)
+    first_frame_timeout_s: float = 15.0  # ... except before its first frame (the connection is being set up)
     # Microphone frames aiortc holds before decoding the oldest (its default is 4: 80 ms added to
     # every turn's latency). 2 still absorbs 20 ms of network jitter and reordering by one packet.
     input_prefetch: int = 2
@@ -179,7 +180,8 @@ class Peer:
 
     async def pump(self, track: Any) -> None:
         try:
-            reason = await pump_microphone(track, self.session, self.input, self.options.idle_timeout_s)
+            reason = await pump_microphone(track, self.session, self.input, self.options.idle_timeout_s,
+                                           self.options.first_frame_timeout_s)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # audio the session cannot use

@@ -49,18 +49,22 @@ class InputStats:
     first_loud_wall: float | None = None  # when the first block above -30 dBFS arrived (loop clock)
 
 
-async def pump_microphone(track, session: Session, stats: InputStats, idle_timeout_s: float) -> str:
+async def pump_microphone(track, session: Session, stats: InputStats, idle_timeout_s: float,
+                          first_timeout_s: float = 15.0) -> str:
     """Feed ``track``'s frames to ``session`` until the track ends, the session closes, or no frame
-    comes for ``idle_timeout_s`` (a peer that vanished without closing). Returns why it stopped."""
+    comes for ``idle_timeout_s`` (a peer that vanished without closing; a browser sends frames all
+    the time, silence and a muted track included). The first frame may take ``first_timeout_s``
+    (the connection is still being set up). Returns why it stopped."""
     from aiortc.mediastreams import MediaStreamError
 
     while not session.closed:
+        timeout = idle_timeout_s if stats.frames else first_timeout_s
         try:
-            frame = await asyncio.wait_for(track.recv(), idle_timeout_s)
+            frame = await asyncio.wait_for(track.recv(), timeout)
         except MediaStreamError:
             return "track ended"
         except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11 on)
-            return f"no audio for {idle_timeout_s:.0f} s"
+            return f"no audio for {timeout:.0f} s"
         pcm, rate = frame_to_pcm(frame)
         stats.frames += 1
         stats.seconds += pcm.shape[0] / rate
