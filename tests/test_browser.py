@@ -216,3 +216,25 @@ async def test_browser_barge_in_mutes_the_agent_at_once(jfk_path, artifacts):
     external_s = (first["mutedAt"] - onset) / 1000
     print(f"barge-in: page {first['seconds']:.3f} s, independent tap {external_s:.3f} s")
     assert abs(first["seconds"] - external_s) <= 0.05
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists() or not Path(CHROMEDRIVER).exists(),
+                    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+async def test_browser_shows_server_closes_and_reconnects(jfk_path, artifacts):
+    """The page shows the agent's state from the moment it connects; when the server closes the
+    session, the page says so and reconnects on its own (a new session)."""
+    pytest.importorskip("selenium")
+    wav = speech_wav(jfk_path, artifacts)
+    async with page_on_server("fake", wav) as (server, driver):
+        state = await asyncio.to_thread(_wait, driver, "window.duplex.messages.some(m => m.type === "
+                                        "'session.created') && document.getElementById('agent-state').textContent",
+                                        15, "the agent's state")
+        assert state == "agent: listening"
+        first, = list(server.peers.values())
+        await first.close("closed by the test")
+        page = await asyncio.to_thread(_wait, driver, """window.duplex.reconnects >= 1 &&
+            window.duplex.messages.filter(m => m.type === 'session.created').length >= 2 &&
+            {error: document.getElementById('error').textContent,
+             connection: document.getElementById('connection').textContent}""", 30, "a reconnection")
+        assert "server closed the session" in page["error"]
+        assert len(server.peers) == 1 and first.pc_id not in server.peers

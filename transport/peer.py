@@ -165,6 +165,7 @@ class Peer:
         encoder = RealtimeEncoder(self.session.t0, self.session.output_rate)
         self.send({"type": "session.created", "session": {"id": self.pc_id, "output_rate": 48_000,
                                                            "input_rate": 16_000}})
+        self.send({"type": "agent.state", "state": self.session.state})  # the page shows it from the start
         reason = "the session ended"
         try:
             async for event in events:

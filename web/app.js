@@ -12,6 +12,7 @@ const BARGE_MS = 50;      // loud microphone this long, while the agent speaks, 
 const KEEP_MESSAGES = 2000;  // data-channel messages kept for inspection (the oldest go first)
 const KEEP_TURNS = 200;      // conversation turns shown; older ones leave the page
 const KEEP_ROWS = 100;       // latency rows shown
+const RETRY_S = [1, 2, 4, 8, 15];  // waits before each reconnection try after a failure
 
 const duplex = window.duplex = {
   pc: null, dc: null, pcId: null, secret: null, stream: null,
@@ -25,12 +26,15 @@ const duplex = window.duplex = {
   micLoudAt: 0,              // Date.now() of the last loud microphone tap reading
   taps: null,                // WebAudio analysers on the microphone and on the agent's audio as played
   awaiting: null,            // {id} of the reply whose first audio we are waiting to hear
+  wanted: false,             // the user asked to be connected (a failure then reconnects)
+  attempts: 0,               // reconnection tries since the last good connection
+  reconnects: 0,             // reconnections made (for tests)
   agentState: "-",           // as the server last reported it
   loudSince: 0,              // Date.now() when the microphone became loud (0: it is not)
   localPause: null,          // {onsetAt, mutedAt, id}: the page muted the agent at the user's speech onset
   bargeIns: [],              // browser-measured barge-ins: {id, seconds} (speech onset to output muted)
 };
-let statsTimer = null, tapTimer = null, lastStats = null, pendingCandidates = [], candidateTimer = null, lastReport = 0;
+let statsTimer = null, tapTimer = null, retryTimer = null, lastStats = null, pendingCandidates = [], candidateTimer = null, lastReport = 0;
 
 function showError(text) {
   const el = $("error");
@@ -54,8 +58,30 @@ function setAgentState(state) {
 
 // -- connection -------------------------------------------------------------------------------------
 
-async function connect() {
-  showError("");
+function connect() {
+  duplex.wanted = true;
+  duplex.attempts = 0;
+  open();
+}
+
+// A failure while the user wants to be connected: say what happened and try again, waiting longer
+// each time; the Disconnect button stops it.
+function failed(reason) {
+  disconnect(reason);
+  if (!duplex.wanted) return;
+  if (duplex.attempts >= RETRY_S.length) {
+    duplex.wanted = false;
+    showError(reason + " Gave up reconnecting; press Connect to try again.");
+    return;
+  }
+  const wait = RETRY_S[duplex.attempts++];
+  setConnection("reconnecting in " + wait + " s...");
+  $("connect").disabled = true;
+  $("disconnect").disabled = false;
+  retryTimer = setTimeout(() => { retryTimer = null; duplex.reconnects++; open(); }, wait * 1000);
+}
+
+async function open() {
   $("connect").disabled = true;
   setConnection("asking for the microphone...");
   try {
@@ -72,6 +98,10 @@ async function connect() {
   pc.addTransceiver(duplex.stream.getAudioTracks()[0], {direction: "sendrecv", streams: [duplex.stream]});
   const dc = duplex.dc = pc.createDataChannel("events", {ordered: true});
   dc.onmessage = (e) => { try { onMessage(JSON.parse(e.data)); } catch (err) { console.error(err); } };
+  dc.onopen = () => { duplex.attempts = 0; };  // a good connection: the next failure starts the waits over
+  dc.onclose = () => {
+    if (duplex.dc === dc) failed("The server closed the session (its event channel closed).");
+  };
   pc.ontrack = (e) => {
     const audio = $("agent-audio");
     audio.srcObject = e.streams[0] || new MediaStream([e.track]);
@@ -86,7 +116,9 @@ async function connect() {
   pc.onconnectionstatechange = () => {
     const s = pc.connectionState;
     setConnection(s, s === "connected" ? "connected" : (s === "failed" ? "failed" : ""));
-    if (s === "failed" || s === "closed") disconnect(s === "failed" ? "The connection failed." : "");
+    if (duplex.pc !== pc) return;
+    if (s === "failed") failed("The connection failed.");
+    else if (s === "closed") disconnect("");
   };
   setConnection("connecting...");
   try {
@@ -102,8 +134,7 @@ async function connect() {
     await pc.setRemoteDescription({sdp: body.sdp, type: body.type});
     flushCandidates();
   } catch (err) {
-    showError("Could not connect: " + err.message);
-    disconnect();
+    failed("Could not connect: " + err.message + ".");
     return;
   }
   $("disconnect").disabled = false;
@@ -124,19 +155,29 @@ async function flushCandidates() {
     candidate: c.candidate, sdp_mid: c.sdpMid, sdp_mline_index: c.sdpMLineIndex,
   }));
   try {
-    await fetch("api/offer", {method: "PATCH", headers: apiHeaders(),
-                              body: JSON.stringify({pc_id: duplex.pcId, secret: duplex.secret, candidates})});
-  } catch (err) { console.warn("trickle ICE failed", err); }
+    const res = await fetch("api/offer", {method: "PATCH", headers: apiHeaders(),
+                                          body: JSON.stringify({pc_id: duplex.pcId, secret: duplex.secret, candidates})});
+    if (!res.ok) {
+      const body = await res.json().catch(() => ({}));
+      throw new Error(body.error || ("HTTP " + res.status));
+    }
+  } catch (err) {
+    showError("Could not send network candidates to the server: " + err.message);
+  }
 }
 
 function disconnect(reason) {
+  if (retryTimer) clearTimeout(retryTimer);
+  retryTimer = null;
   if (statsTimer) clearInterval(statsTimer);
   if (tapTimer) clearInterval(tapTimer);
   statsTimer = tapTimer = null;
   if (duplex.taps) duplex.taps.ctx.close().catch(() => {});
   duplex.taps = null;
-  if (duplex.dc) duplex.dc.close();
-  if (duplex.pc) duplex.pc.close();
+  const dc = duplex.dc, pc = duplex.pc;
+  duplex.dc = duplex.pc = null;  // (their close handlers now see they are not the current ones)
+  if (dc) dc.close();
+  if (pc) pc.close();
   if (duplex.stream) duplex.stream.getTracks().forEach((t) => t.stop());
   duplex.pc = duplex.dc = duplex.stream = null;
   duplex.pcId = duplex.secret = null;
@@ -489,7 +530,7 @@ function renderLinkStats() {
 // -- wiring -----------------------------------------------------------------------------------------
 
 $("connect").addEventListener("click", connect);
-$("disconnect").addEventListener("click", () => disconnect());
+$("disconnect").addEventListener("click", () => { duplex.wanted = false; disconnect(); });
 $("mute").addEventListener("change", (e) => {
   if (duplex.stream) duplex.stream.getAudioTracks().forEach((t) => { t.enabled = !e.target.checked; });
 });
