@@ -26,6 +26,7 @@ BENCHES: dict[str, str] = {
     "e2e": "duplex.e2e:run",
     "endurance": "duplex.endurance:run",
     "transport": "duplex.transport.bench:run",
+    "echo": "duplex.transport.echo_bench:run",
     "turns": "duplex.turntaking:run",
 }
 ALL = ("asr", "llm", "tts", "e2e")  # what `bench all` runs (endurance is long: run it on its own)

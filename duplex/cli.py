@@ -27,7 +27,7 @@ COMMANDS: dict[str, str] = {
     "doctor": "duplex.doctor:main",
 }
 
-BENCHMARKS = ("asr", "llm", "tts", "e2e", "all", "endurance", "transport", "turns")
+BENCHMARKS = ("asr", "llm", "tts", "e2e", "all", "endurance", "transport", "turns", "echo")
 
 
 def add_agent_options(p: argparse.ArgumentParser, default_profile: str = "pretrained") -> None:
@@ -148,13 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks that print figures (speed is measured here, not in tests)")
     p.add_argument("what", choices=BENCHMARKS,
-                   help="a stage, e2e, all (the stages and e2e), endurance (a long dialogue on the "
-                        "virtual clock; use --profile tiny), or turns (turn-taking scenarios; --profile fake "
-                        "or tiny)")
-    p.add_argument("--minutes", type=float, default=60.0, help="endurance: simulated minutes")
+                   help="a stage, e2e, all (the stages and e2e), endurance (a long dialogue, on the "
+                        "virtual clock or with --realtime on the wall clock; use --profile tiny), turns (turn-taking scenarios; --profile fake "
+                        "or tiny), or echo (the echo guard of duplex mic in simulated rooms)")
+    p.add_argument("--minutes", type=float, default=60.0, help="endurance: minutes of dialogue")
     p.add_argument("--out", default="artifacts/bench", help="folder for JSON results and plots")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and settings (a smoke run)")
-    p.add_argument("--realtime", action="store_true", help="turns: run on the wall clock (default: virtual)")
+    p.add_argument("--realtime", action="store_true", help="turns, endurance: run on the wall clock (default: virtual)")
     p.add_argument("--batch", type=int, nargs="+", default=None, metavar="N",
                    help="llm, tts: the batch sizes (concurrent sessions) to measure, e.g. --batch 1 8 32")
     add_agent_options(p, default_profile="random")

@@ -1,10 +1,14 @@
-"""``duplex bench endurance``: a long dialogue on the virtual clock, watched minute by minute.
+"""``duplex bench endurance``: a long dialogue, watched minute by minute.
 
-One session talks for ``--minutes`` simulated minutes (turns cut from JFK's speech, one reply in
-four interrupted). Every simulated minute it samples the process memory (RSS), the LLM's KV-cache
-size, the voice-to-voice latency of the turns in that minute, and the real compute seconds that
-minute took; it prints the series and a first-vs-last summary. Flat series are the point: the
-attention-sink cache and the streaming ASR/TTS states must not grow with the dialogue.
+One session talks for ``--minutes`` minutes (turns cut from JFK's speech, one reply in four
+interrupted), on the virtual clock by default or on the wall clock with ``--realtime`` (the tiny
+profile keeps up on a CPU: an hour takes an hour). Every minute it samples the process memory
+(RSS), the LLM's KV-cache size, the voice-to-voice latency of the turns in that minute, what one
+ASR partial cost in that minute (CPU milliseconds of the event loop for its events, the turn policy
+and the record's messages; and milliseconds of the LLM's listen job that prefills the new words),
+and the real seconds the minute took; it prints the series and a first-vs-last summary. Flat series
+are the point: the attention-sink cache, the record and the streaming ASR/TTS states must not grow
+with the dialogue.
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ class Sample:
     llm_cache_mb: float | None
     turns: int
     voice_to_voice_s: float | None  # mean over this minute's replies
-    compute_s: float  # real seconds this simulated minute took
+    partials: int  # ASR partials this minute
+    partial_ms: float | None  # event-loop CPU ms per partial (events, policy, the record's messages)
+    listen_ms: float | None  # ms per LLM listen job (prefill of the new words), on the LLM's worker
+    compute_s: float  # real seconds this minute took
 
 
 def rss_mb() -> float:
@@ -79,28 +86,37 @@ async def endurance(agent: Agent, minutes: float, every_s: float = 60.0) -> list
 
     async def sampler() -> None:
         minute, last = 0, time.perf_counter()
+        seen = (0, 0.0, 0, 0.0)  # partials, their CPU s, listens, their s: totals at the last sample
         while not session.closed:
             await asyncio.sleep(every_s)
             minute += 1
-            cache = session.stage_stats().get("llm")
+            cache = session.stage_stats().get("llm") or {}
+            totals = (session.partials, session.partial_cpu_s, int(cache.get("listens", 0)),
+                      float(cache.get("listen_s", 0.0)))
+            partials, partial_s, listens, listen_s = (a - b for a, b in zip(totals, seen))
+            seen = totals
             samples.append(Sample(
                 minute=minute, rss_mb=round(rss_mb(), 1),
-                llm_cache_tokens=cache.get("cache_tokens") if cache else None,
-                llm_cache_mb=round(cache["cache_bytes"] / 2**20, 2) if cache and "cache_bytes" in cache else None,
+                llm_cache_tokens=cache.get("cache_tokens"),
+                llm_cache_mb=round(cache["cache_bytes"] / 2**20, 2) if "cache_bytes" in cache else None,
                 turns=turns, voice_to_voice_s=round(float(np.mean(window)), 3) if window else None,
+                partials=int(partials),
+                partial_ms=round(1000 * partial_s / partials, 3) if partials else None,
+                listen_ms=round(1000 * listen_s / listens, 2) if listens else None,
                 compute_s=round(time.perf_counter() - last, 2)))
             window.clear()
             last = time.perf_counter()
             s = samples[-1]
             print(f"{s.minute:6d} {s.rss_mb:9.1f} {s.llm_cache_tokens!s:>12} {s.llm_cache_mb!s:>9} "
-                  f"{s.turns:6d} {s.voice_to_voice_s!s:>10} {s.compute_s:9.2f}", flush=True)
+                  f"{s.turns:6d} {s.voice_to_voice_s!s:>10} {s.partials:8d} {s.partial_ms!s:>10} "
+                  f"{s.listen_ms!s:>9} {s.compute_s:9.2f}", flush=True)
 
-    print(" minute   rss_mb  cache_tokens  cache_mb  turns  v2v_mean  compute_s")
+    print(" minute   rss_mb  cache_tokens  cache_mb  turns  v2v_mean  partials  partial_ms  listen_ms  compute_s")
     tasks = [asyncio.create_task(sampler()),
              asyncio.create_task(run_scenario(session, dialogue(minutes), keep_events=False, keep_audio=False,
                                               on_event=on_event))]
     try:
-        await asyncio.wait([tasks[1]], timeout=minutes * 60 + 1)  # virtual seconds
+        await asyncio.wait([tasks[1]], timeout=minutes * 60 + 1)
     finally:
         for task in tasks:
             task.cancel()
@@ -118,7 +134,8 @@ def summarize(samples: list[Sample]) -> dict[str, object]:
         return round(float(np.mean(values)), 3) if values else None
 
     summary = {key: {"first": mean(head, key), "last": mean(tail, key)}
-               for key in ("rss_mb", "llm_cache_tokens", "llm_cache_mb", "voice_to_voice_s", "compute_s")}
+               for key in ("rss_mb", "llm_cache_tokens", "llm_cache_mb", "voice_to_voice_s", "partial_ms",
+                           "listen_ms", "compute_s")}
     print("first minutes vs last minutes:")
     for key, v in summary.items():
         print(f"  {key:18s} {v['first']!s:>10} -> {v['last']!s:>10}")
@@ -137,5 +154,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         finally:
             await agent.aclose()
 
-    print(f"endurance: {args.minutes} simulated minutes, profile {config.profile}, virtual clock")
-    return run_virtual(main())
+    realtime = getattr(args, "realtime", False)
+    clock = "wall clock" if realtime else "virtual clock"
+    print(f"endurance: {args.minutes} minutes, profile {config.profile}, {clock}", flush=True)
+    result = asyncio.run(main()) if realtime else run_virtual(main())
+    return {"clock": "wall" if realtime else "virtual", **result}

@@ -28,8 +28,9 @@ import bisect
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Generic, TypeVar
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -122,6 +123,10 @@ class Session:
         self._current: Reply | None = None  # the committed reply (playing, or about to)
         self._spec: Reply | None = None  # a speculative reply, made while the policy decides
         self.speculations = {"started": 0, "committed": 0, "withdrawn": 0}
+        # What each ASR partial costs the event loop (the events, the policy, the record's messages
+        # for the LLM), in CPU seconds of this thread: the long-dialogue benchmark watches it stay flat.
+        self.partials = 0
+        self.partial_cpu_s = 0.0
         self._pause_start: int | None = None  # speech onset of a barge-in not yet silenced
         self._listen_task: asyncio.Task[None] | None = None
         self._listen_wanted = False
@@ -245,7 +250,8 @@ class Session:
                 await stream.aclose()
             except Exception:  # closing must go on for the others
                 log.exception("%s: closing %s failed", self.name, type(stream).__name__)
-        for sub in (*self._event_subs, *self._audio_subs):
+        subs: list[Subscription[Any]] = [*self._event_subs, *self._audio_subs]
+        for sub in subs:
             sub._put(_CLOSED)
         if self._on_close is not None:
             self._on_close(self)
@@ -286,8 +292,8 @@ class Session:
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
-        self._side_tasks.add(task)  # type: ignore[arg-type]
-        task.add_done_callback(self._side_tasks.discard)  # type: ignore[arg-type]
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
 
     # -- listening -------------------------------------------------------------------------------
 
@@ -312,6 +318,7 @@ class Session:
     async def _asr_loop(self) -> None:
         while True:
             item = await self._asr_q.get()
+            finals: Sequence[ev.TranscriptPartial | ev.TranscriptFinal]
             if item is _ENDPOINT:
                 finals = await self._asr.endpoint()
                 self._last_final_wall = now()
@@ -322,13 +329,16 @@ class Session:
                 finals = await self._asr.feed(item)  # partials and model-detected finals
                 self._queued_s["asr"] -= item.size / INPUT_RATE
             for event in finals:
+                cpu = time.thread_time()
                 self._emit(event)
                 if isinstance(event, ev.TranscriptFinal):
                     self._last_final_wall = event.wall
                     self._apply(self.policy.final(event.text, event.eou))
                 else:
                     self._apply(self.policy.transcript(event.text))
+                    self.partials += 1
                 self._want_listen()
+                self.partial_cpu_s += time.thread_time() - cpu
 
     def _want_listen(self) -> None:
         """Let the LLM prefill the user's words as they come (coalesced: one call in flight)."""
@@ -342,7 +352,10 @@ class Session:
         while self._listen_wanted and self.policy.phase is Phase.LISTENING:
             self._listen_wanted = False
             text = self.policy.user_text
-            p = await self._llm.listen(self.conversation.messages(text))
+            cpu = time.thread_time()
+            messages = self.conversation.messages(text)
+            self.partial_cpu_s += time.thread_time() - cpu
+            p = await self._llm.listen(messages)
             if p is not None:
                 self._emit(ev.EndOfTurnEstimate(stream_samples=self._vad_pos, wall=now(), probability=p))
                 self._apply(self.policy.eot_estimate(p, text))
@@ -509,7 +522,7 @@ class Session:
         rid, reply, timing = handle.reply_id, handle.record, handle.timing
         tokens = self._llm.reply(messages)
 
-        async def text() -> AsyncIterator[str]:
+        async def text() -> AsyncGenerator[str, None]:
             async for piece in tokens:
                 if timing.first_token_wall is None:
                     timing.first_token_wall = now()

@@ -24,6 +24,7 @@ the engine's worker thread, in the order the scheduler runs the work (:mod:`dupl
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -61,6 +62,8 @@ class SinkLLMStream:
     _draws: int = 0  # tokens this session has sampled (the sampler's per-session counter)
     _active: _Reply | None = None
     _closed: bool = False
+    _listens: int = 0  # listen jobs run, and their seconds on the worker (the prefill of new words)
+    _listen_s: float = 0.0
 
     @property
     def context(self) -> SinkContext | None:
@@ -68,12 +71,14 @@ class SinkLLMStream:
         return self._ctx
 
     def stats(self) -> dict[str, float]:
-        """The session's cache figures: slots in use, bytes (constant), dialogue length, evictions."""
+        """The session's cache figures (slots in use, bytes: constant, dialogue length, evictions) and
+        its listen jobs (count, seconds on the worker)."""
         ctx = self._ctx
+        jobs = {"listens": self._listens, "listen_s": self._listen_s}
         if ctx is None:
-            return {"cache_tokens": 0, "cache_bytes": 0, "dialogue_tokens": 0, "evictions": 0}
+            return {"cache_tokens": 0, "cache_bytes": 0, "dialogue_tokens": 0, "evictions": 0, **jobs}
         return {"cache_tokens": ctx.length, "cache_bytes": ctx.cache.nbytes(), "dialogue_tokens": ctx.end,
-                "evictions": ctx.evictions}
+                "evictions": ctx.evictions, **jobs}
 
     # -- the LLMStream contract ------------------------------------------------------------------
 
@@ -132,6 +137,14 @@ class SinkLLMStream:
         return self._ctx
 
     def _listen(self, messages: list[Message]) -> float | None:
+        start = time.perf_counter()
+        try:
+            return self._listen_now(messages)
+        finally:
+            self._listens += 1
+            self._listen_s += time.perf_counter() - start
+
+    def _listen_now(self, messages: list[Message]) -> float | None:
         ctx = self._context()
         fmt = self.model.format
         if not messages or messages[-1].role != "user":

@@ -19,7 +19,7 @@ from duplex.config import AgentConfig
 from duplex.fakes import FakeASR, FakeLLM, FakeTTS
 from duplex.stages import Stages
 from duplex.transport.mic import talk
-from tests.transport_fixtures import room_response
+from duplex.transport.room import room_response
 
 REPLY = " ".join(f"word{i}" for i in range(16))  # 16 words of 0.35 s: 5.6 s of the agent talking
 
