@@ -17,18 +17,19 @@ from duplex.errors import DependencyError
 EXTRAS: dict[str, tuple[str, ...]] = {
     "asr": ("nemo", "sentencepiece", "omegaconf", "hydra", "lhotse", "librosa", "lightning", "pytorch_lightning",
             "webdataset", "braceexpand", "kaldialign", "editdistance", "jiwer", "pyannote", "cytoolz"),
-    "mic": ("sounddevice",),
+    "mic": ("sounddevice", "livekit"),
     "test": ("pytest", "pytest_asyncio", "selenium"),
 }
 WHAT_EXTRAS_ENABLE = {
     "asr": "the tiny, random and pretrained profiles (NeMo streaming ASR); without it only --profile fake",
-    "mic": "duplex mic (the local microphone and speaker)",
+    "mic": "duplex mic (the local microphone and speaker, with WebRTC's echo canceller)",
     "test": "the test suite (pytest) and its browser test (selenium)",
 }
 # distribution name -> oldest version the code works with
 FLOORS: dict[str, str] = {
     "torch": "2.4", "transformers": "5.0", "numpy": "1.26", "soundfile": "0.12", "soxr": "0.5",
     "silero-vad": "6.0", "aiohttp": "3.9", "aiortc": "1.9", "nemo_toolkit": "2.4", "sounddevice": "0.4",
+    "livekit": "1.0.1",  # 1.0.0: AudioProcessingModule lacks set_stream_delay_ms
 }
 INSTALL = {"torch": "pip install torch==2.13.0 (the CPU build here; a GPU machine brings its own CUDA build)"}
 
