@@ -53,8 +53,26 @@ class ServerOptions:
     admin_token: str | None = None  # the status shows connection ids only to requests presenting it
 
 
+@dataclass
+class ApiResponse:
+    """What a signalling call answers, whatever carries it (aiohttp here, a cluster's ingress)."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def too_large(size: int | None, max_body: int) -> ApiResponse | None:
+    """413 for a request body over the cap."""
+    if size is not None and size > max_body:
+        return ApiResponse(413, {"error": f"request body too large (at most {max_body} bytes)"})
+    return None
+
+
 class Server:
-    """Holds the agent, the open peers and the aiohttp application that serves them."""
+    """Holds the agent, the open peers and the aiohttp application that serves them. The signalling
+    calls (:meth:`offer`, :meth:`candidates`, :meth:`status_body`) take the request's bytes and
+    Authorization header and answer an :class:`ApiResponse`, so a cluster replica serves them too."""
 
     def __init__(self, agent: Agent, options: ServerOptions | None = None) -> None:
         self.agent = agent
@@ -118,14 +136,17 @@ class Server:
             log.exception("%s %s failed", request.method, request.path)
             return self._json(500, {"error": "internal error; see the server log"})
 
-    async def _body(self, request) -> dict[str, Any]:
-        """The JSON object of a request; 413 before reading anything when the declared size is over
-        the cap (aiohttp enforces it too while reading a body sent without a length)."""
+    async def _body(self, request) -> bytes:
+        """The bytes of a request; 413 before reading anything when the declared size is over the cap
+        (aiohttp enforces it too while reading a body sent without a length)."""
         from aiohttp import web
 
         if request.content_length is not None and request.content_length > self.options.max_body:
             raise web.HTTPRequestEntityTooLarge(max_size=self.options.max_body, actual_size=request.content_length)
-        return parse_json(await request.read())
+        return await request.read()
+
+    def _respond(self, answer: ApiResponse):
+        return self._json(answer.status, answer.body, headers=answer.headers or None)
 
     # -- handlers ----------------------------------------------------------------------------------
 
@@ -148,39 +169,64 @@ class Server:
         return web.FileResponse(path, headers={"Cache-Control": "no-store"})
 
     async def status(self, request):
+        return self._respond(self.status_body(request.headers.get("Authorization")))
+
+    def status_body(self, authorization: str | None = None) -> ApiResponse:
+        """Counts, states and limits; the connection ids only with the operator's token."""
         body: dict[str, Any] = {
             "sessions": len(self.peers), "max_sessions": self.options.max_sessions,
             "closed_sessions": self.closed_peers, "close_reasons": dict(self.close_reasons),
             "states": dict(Counter(p.session.state for p in self.peers.values()))}
-        if self.options.admin_token and _bearer_ok(request, self.options.admin_token):
+        if self.options.admin_token and _bearer_ok(authorization, self.options.admin_token):
             body["peers"] = {pid: {"connection": p.pc.connectionState, "state": p.session.state,
                                    "input_s": round(p.input.seconds, 2), "input_peak_rms": round(p.input.peak_rms, 4),
                                    "events_sent": p.sent}
                              for pid, p in self.peers.items()}
-        return self._json(200, body)
+        return ApiResponse(200, body)
 
-    def _refuse_unauthorized(self, request):
+    def _refuse_unauthorized(self, authorization: str | None) -> ApiResponse | None:
         """401 when the server wants a token and the request does not present it."""
-        if self.options.token and not _bearer_ok(request, self.options.token):
-            return self._json(401, {"error": "this server needs a token: open the page with ?token=... (the "
-                                             "operator's --token), or send Authorization: Bearer <token>"},
-                              headers={"WWW-Authenticate": "Bearer"})
+        if self.options.token and not _bearer_ok(authorization, self.options.token):
+            return ApiResponse(401, {"error": "this server needs a token: open the page with ?token=... (the "
+                                              "operator's --token), or send Authorization: Bearer <token>"},
+                               {"WWW-Authenticate": "Bearer"})
         return None
 
-    def _refuse_not_owner(self, peer: Peer, secret: str | None):
+    def _refuse_not_owner(self, peer: Peer, secret: str | None) -> ApiResponse | None:
         """403 unless ``secret`` is the one this connection's answer carried."""
         if secret is None or not hmac.compare_digest(secret, peer.secret):
-            return self._json(403, {"error": "this connection belongs to the page that opened it: send the "
-                                             "'secret' from its answer to renegotiate, restart or add candidates"})
+            return ApiResponse(403, {"error": "this connection belongs to the page that opened it: send the "
+                                              "'secret' from its answer to renegotiate, restart or add candidates"})
         return None
 
     async def post_offer(self, request):
-        refused = self._refuse_unauthorized(request)
+        return self._respond(await self.offer(await self._body(request), request.headers.get("Authorization"),
+                                              request.remote))
+
+    async def patch_offer(self, request):
+        return self._respond(await self.candidates(await self._body(request), request.headers.get("Authorization")))
+
+    async def offer(self, body: bytes, authorization: str | None = None, remote: str | None = None) -> ApiResponse:
+        """``POST /api/offer``: a new connection, a renegotiation or a restart (see the module docstring)."""
+        try:
+            return await self._offer(body, authorization, remote)
+        except BadRequest as exc:
+            return ApiResponse(400, {"error": str(exc)})
+
+    async def candidates(self, body: bytes, authorization: str | None = None) -> ApiResponse:
+        """``PATCH /api/offer``: trickled ICE candidates for a connection this request owns."""
+        try:
+            return await self._candidates(body, authorization)
+        except BadRequest as exc:
+            return ApiResponse(400, {"error": str(exc)})
+
+    async def _offer(self, body: bytes, authorization: str | None, remote: str | None) -> ApiResponse:
+        refused = too_large(len(body), self.options.max_body) or self._refuse_unauthorized(authorization)
         if refused is not None:
             return refused
-        offer = parse_offer(await self._body(request))
+        offer = parse_offer(parse_json(body))
         if self._closing:
-            return self._json(503, {"error": "the server is shutting down"})
+            return ApiResponse(503, {"error": "the server is shutting down"})
         existing = self.peers.get(offer.pc_id) if offer.pc_id else None
         if existing is not None:
             refused = self._refuse_not_owner(existing, offer.secret)
@@ -191,13 +237,12 @@ class Server:
                 answer = await asyncio.wait_for(renegotiate(existing, offer), OFFER_TIMEOUT_S)
             except (ValueError, TypeError, KeyError, IndexError, AssertionError) as exc:
                 raise BadRequest(f"cannot use this offer: {_why(exc)}") from None
-            return self._json(200, answer)
+            return ApiResponse(200, answer)
         if existing is not None:  # restart: the old connection makes room for the new one
             await existing.close("restarted by the peer")
         if len(self.peers) + self._opening >= self.options.max_sessions:
-            return self._json(503, {"error": f"the server is at its limit of {self.options.max_sessions} "
-                                             "concurrent sessions; try again later"},
-                              headers={"Retry-After": "10"})
+            return ApiResponse(503, {"error": f"the server is at its limit of {self.options.max_sessions} "
+                                              "concurrent sessions; try again later"}, {"Retry-After": "10"})
         self._opening += 1
         try:
             peer, answer = await asyncio.wait_for(
@@ -212,19 +257,19 @@ class Server:
         self.peers[peer.pc_id] = peer
         if peer.closed:  # closed while answering (e.g. the session failed at once)
             self.peers.pop(peer.pc_id, None)
-        log.info("session %s opened from %s (%d/%d sessions)", peer.pc_id, request.remote or "?", len(self.peers),
+        log.info("session %s opened from %s (%d/%d sessions)", peer.pc_id, remote or "?", len(self.peers),
                  self.options.max_sessions, extra={"event": "session_opened", "pc_id": peer.pc_id,
                                                    "sessions": len(self.peers)})
-        return self._json(200, answer)
+        return ApiResponse(200, answer)
 
-    async def patch_offer(self, request):
-        refused = self._refuse_unauthorized(request)
+    async def _candidates(self, body: bytes, authorization: str | None) -> ApiResponse:
+        refused = too_large(len(body), self.options.max_body) or self._refuse_unauthorized(authorization)
         if refused is not None:
             return refused
-        patch = parse_patch(await self._body(request))
+        patch = parse_patch(parse_json(body))
         peer = self.peers.get(patch.pc_id)
         if peer is None:
-            return self._json(404, {"error": f"no open connection {patch.pc_id}; post an offer first"})
+            return ApiResponse(404, {"error": f"no open connection {patch.pc_id}; post an offer first"})
         refused = self._refuse_not_owner(peer, patch.secret)
         if refused is not None:
             return refused
@@ -232,7 +277,7 @@ class Server:
             await asyncio.wait_for(add_candidates(peer, patch.candidates), 5.0)
         except (ValueError, TypeError) as exc:
             raise BadRequest(f"cannot use these candidates: {_why(exc)}") from None
-        return self._json(200, {"pc_id": patch.pc_id, "added": len(patch.candidates)})
+        return ApiResponse(200, {"pc_id": patch.pc_id, "added": len(patch.candidates)})
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -258,8 +303,8 @@ def _refusal(request, status: int, reason: str) -> str:
     return f"no such page or file: {request.path}" if status == 404 else reason
 
 
-def _bearer_ok(request, token: str) -> bool:
-    header = request.headers.get("Authorization", "")
+def _bearer_ok(authorization: str | None, token: str) -> bool:
+    header = authorization or ""
     given = header[7:].strip() if header.lower().startswith("bearer ") else ""
     return bool(given) and hmac.compare_digest(given.encode(), token.encode())
 
