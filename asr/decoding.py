@@ -41,7 +41,9 @@ class RNNTGreedy:
         self.g0 = joint.project_prednet(g)  # [1, 1, H]
         self.h0, self.c0 = h, c  # [layers, 1, H]
         self.capacity = 0
-        self.g = self.h = self.c = None
+        self.g: torch.Tensor  # the three are allocated (and regrown) by grow()
+        self.h: torch.Tensor
+        self.c: torch.Tensor
         self.grow(capacity)
 
     def grow(self, capacity: int) -> None:

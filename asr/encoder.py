@@ -143,7 +143,9 @@ class CachePool:
         self.plan = plan
         self.device, self.dtype = device, dtype
         self.capacity = 0
-        self.channel = self.time = self.length = None
+        self.channel: torch.Tensor  # the three are allocated (and regrown) by grow()
+        self.time: torch.Tensor
+        self.length: torch.Tensor
         self.grow(capacity)
 
     def grow(self, capacity: int) -> None:

@@ -49,7 +49,10 @@ class KVCachePool:
         self.shape = (len(encoder.layers), plan.cache_channel, encoder.d_model, plan.cache_time)
         self.device, self.dtype = device, dtype
         self.capacity = 0
-        self.k = self.v = self.time = self.length = None
+        self.k: torch.Tensor  # the four are allocated (and regrown) by grow()
+        self.v: torch.Tensor
+        self.time: torch.Tensor
+        self.length: torch.Tensor
         self.grow(capacity)
 
     def grow(self, capacity: int) -> None:

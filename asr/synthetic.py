@@ -75,8 +75,7 @@ def _build(size: arch.EncoderSize, head: arch.Head, tokenizer: Path, *, seed: in
     cfg = arch.fastconformer_config(size, head, str(tokenizer))
     if "decoding" in cfg and "greedy" in cfg["decoding"]:
         cfg["decoding"]["greedy"]["max_symbols"] = max_symbols
-    cfg = OmegaConf.create(cfg)
-    return arch.model_class(head)(cfg=cfg).eval()
+    return arch.model_class(head)(cfg=OmegaConf.create(cfg)).eval()
 
 
 def calibration_audio(seconds: float = 6.0, rate: int = 16000, seed: int = 7):

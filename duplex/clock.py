@@ -13,8 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import selectors
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from concurrent.futures import Executor
+
+    from typing_extensions import TypeVarTuple, Unpack
+
+    _Ts = TypeVarTuple("_Ts")
 
 T = TypeVar("T")
 
@@ -24,12 +31,12 @@ def now() -> float:
     return asyncio.get_running_loop().time()
 
 
-class _VirtualSelector(selectors.DefaultSelector):  # type: ignore[misc, valid-type]
+class _VirtualSelector(selectors.DefaultSelector):
     """A selector that, instead of sleeping until the next timer, advances the loop's clock to it."""
 
     loop: VirtualTimeLoop
 
-    def select(self, timeout: float | None = None):  # type: ignore[override]
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         if timeout is not None and timeout <= 0:
             return super().select(0)
         if self.loop.jobs_in_flight:
@@ -64,7 +71,8 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def jobs_in_flight(self) -> int:
         return self._jobs
 
-    def run_in_executor(self, executor, func, *args):  # type: ignore[override]
+    def run_in_executor(self, executor: Executor | None, func: Callable[[Unpack[_Ts]], T],
+                        *args: Unpack[_Ts]) -> asyncio.Future[T]:
         future = super().run_in_executor(executor, func, *args)
         # Counted on the loop thread, released when the result has reached the loop, so the clock
         # never moves while a job's result is still in transit.

@@ -10,7 +10,7 @@ person never heard never enter it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from duplex.events import INPUT_RATE, Word
 from duplex.stages import Message
@@ -48,14 +48,14 @@ class AgentTurn:
         return [w for w in self.words if (w.start + w.end) / 2 <= self.played]
 
 
-def _add(out: list[Message], role: str, text: str) -> None:
+def _add(out: list[Message], role: Literal["user", "assistant"], text: str) -> None:
     """Append a message, merging it into the last one of the same role (chat templates alternate)."""
     if not text:
         return
     if out and out[-1].role == role:
-        out[-1] = Message(role, f"{out[-1].content} {text}")  # type: ignore[arg-type]
+        out[-1] = Message(role, f"{out[-1].content} {text}")
     else:
-        out.append(Message(role, text))  # type: ignore[arg-type]
+        out.append(Message(role, text))
 
 
 class Conversation:

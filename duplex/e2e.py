@@ -15,6 +15,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
@@ -82,9 +83,20 @@ async def _run_monitored(agent: Agent, steps: list[Step]) -> tuple[ScenarioRun, 
     return run, keeping
 
 
-async def concurrency(agent: Agent, steps: list[Step], max_sessions: int) -> list[dict[str, object]]:
+class ConcurrencyRow(TypedDict):
+    """One row of :func:`concurrency`: ``sessions`` run at once, and how they kept up."""
+
+    sessions: int
+    real_time: bool
+    max_lag_s: float
+    underruns: int
+    voice_to_voice_s: list[float]
+    wall_s: float
+
+
+async def concurrency(agent: Agent, steps: list[Step], max_sessions: int) -> list[ConcurrencyRow]:
     """Run 1, 2, 4, ... sessions at once until one of them falls out of real time."""
-    rows: list[dict[str, object]] = []
+    rows: list[ConcurrencyRow] = []
     n = 1
     while n <= max_sessions:
         t = now()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import re
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -221,7 +221,7 @@ class FakeTTSStream:
         self.m = model
         self.sample_rate = model.sample_rate
 
-    async def synthesize(self, text: AsyncIterator[str]) -> AsyncIterator[AudioChunk]:
+    async def synthesize(self, text: AsyncIterator[str]) -> AsyncGenerator[AudioChunk, None]:
         buffer, offset, first = "", 0, True
 
         async def speak(word: str) -> AudioChunk:

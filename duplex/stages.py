@@ -14,7 +14,7 @@ model's ``sample_rate``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -124,9 +124,10 @@ class LLMModel(Protocol):
 class TTSStream(Protocol):
     sample_rate: int
 
-    def synthesize(self, text: AsyncIterator[str]) -> AsyncIterator[AudioChunk]:
+    def synthesize(self, text: AsyncIterator[str]) -> AsyncGenerator[AudioChunk, None]:
         """Speak one reply: text pieces in (as the LLM streams them), audio chunks out as soon as
-        they are ready. Stop early by closing the iterator."""
+        they are ready. Stop early by closing the iterator (an async generator: the session calls its
+        ``aclose``)."""
         ...
 
     async def aclose(self) -> None: ...

@@ -73,7 +73,7 @@ class Scenario:
             if p.kind == "utterance":
                 span = out.setdefault(p.utterance, [p.start_s, p.end_s])
                 span[0], span[1] = min(span[0], p.start_s), max(span[1], p.end_s)
-        return [tuple(v) for _, v in sorted(out.items())]  # type: ignore[misc]
+        return [(start, end) for _, (start, end) in sorted(out.items())]
 
 
 def _voiced_s(audio: np.ndarray, frame: int = 320, rms: float = 0.02) -> float:

@@ -177,6 +177,8 @@ class LeanDecoder:
             gate_up, gate_up_bias = _fuse(mlp.gate_proj, mlp.up_proj)
             q_norm = getattr(attn, "q_norm", None)
             k_norm = getattr(attn, "k_norm", None)
+            if (q_norm is None) != (k_norm is None):
+                raise ConfigError("the lean decoder supports query and key norms together or neither")
             norm1, eps1 = _norm_weight(layer.input_layernorm)
             norm2, eps2 = _norm_weight(layer.post_attention_layernorm)
             self.layers.append(LayerWeights(
@@ -223,7 +225,7 @@ class LeanDecoder:
             h = rms_norm(x, layer.norm1, layer.eps1)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(b, t, -1, self.head_dim)
             q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=2)  # [B, T, H(kv), D]
-            if layer.q_norm is not None:
+            if layer.q_norm is not None and layer.k_norm is not None:  # both or neither (checked at load)
                 q = rms_norm(q, layer.q_norm, layer.qk_eps)
                 k = rms_norm(k, layer.k_norm, layer.qk_eps)
             q = q * cos + rotate_half(q) * sin

@@ -29,14 +29,17 @@ import asyncio
 import gc
 import statistics
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from duplex.stages import Message
 
-QUICK = dict(archs=("qwen2.5-0.5b",), window=192, decode=64, long_decode=160, recompute_steps=2, repeats=2,
-             partial_every=4, batches=(1, 8))
-FULL = dict(archs=("qwen2.5-0.5b", "qwen2.5-1.5b"), window=2048, decode=64, long_decode=2400, recompute_steps=4,
-            repeats=3, partial_every=1, batches=(1, 8, 32))
+if TYPE_CHECKING:
+    from duplex.config import Profile
+
+QUICK: dict[str, Any] = dict(archs=("qwen2.5-0.5b",), window=192, decode=64, long_decode=160, recompute_steps=2,
+                             repeats=2, partial_every=4, batches=(1, 8))
+FULL: dict[str, Any] = dict(archs=("qwen2.5-0.5b", "qwen2.5-1.5b"), window=2048, decode=64, long_decode=2400,
+                            recompute_steps=4, repeats=3, partial_every=1, batches=(1, 8, 32))
 SYSTEM = "You are a friendly voice assistant. Answer briefly, in plain spoken English."
 LINES = ["Could you tell me the weather for tomorrow in the city?",
          "It will be sunny in the morning and rainy in the evening, so take an umbrella.",
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     quick = args.quick or args.profile == "tiny"
-    plan = dict(QUICK if quick else FULL)
+    plan: dict[str, Any] = dict(QUICK if quick else FULL)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not args.quick and getattr(args, "llm_window", None) and args.llm_window != 2048:
         plan["window"] = args.llm_window
@@ -79,12 +82,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def _load(profile: str, arch: str, device: str, plan: dict[str, Any], graphs: bool):
+def _load(profile: Profile, arch: str, device: str, plan: dict[str, Any], graphs: bool):
     from duplex.config import AgentConfig
     from duplex.llm.model import LLMSettings, SinkLLM
     from duplex.llm.profiles import load_model
 
-    config = AgentConfig(profile=profile, device=device,  # type: ignore[arg-type]
+    config = AgentConfig(profile=profile, device=device,
                          llm_model=None if arch in ("tiny", "pretrained") else arch)
     model, tokenizer = load_model(config, device)
     settings = LLMSettings(window=plan["window"], max_reply_tokens=plan["decode"], temperature=0.0,

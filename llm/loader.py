@@ -56,4 +56,5 @@ def load_checkpoint(name_or_path: str, device: str) -> tuple[Any, Any]:
         raise ModelNotFoundError(f"the LLM checkpoint in {path} is incomplete ({exc}); fetch it again with "
                                  "`duplex models pull`") from exc
     log.info("loaded %s (%s) on %s", name_or_path, type(model).__name__, device)
-    return model.to(device).eval(), tokenizer
+    # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to): typed as unbound (device as self)
+    return model.to(device).eval(), tokenizer  # type: ignore[arg-type]

@@ -93,12 +93,12 @@ class SinkLLM:
     def _decode_step(self, rows: list[tuple[SinkLLMStream, Any]]) -> list[Output]:
         """The batched decode step (worker thread): one token for every replying session."""
         requests = [stream.decode_request(reply) for stream, reply in rows]
-        live = [i for i, request in enumerate(requests) if request is not None]
-        tokens = self.engine.decode([requests[i] for i in live])  # type: ignore[misc]
+        live = [(i, request) for i, request in enumerate(requests) if request is not None]
+        tokens = self.engine.decode([request for _, request in live])
         outputs = [Output((True, ""), done=True)] * len(rows)  # closed or superseded meanwhile
-        for i, token in zip(live, tokens):  # commit only once the whole step ran
+        for (i, request), token in zip(live, tokens):  # commit only once the whole step ran
             stream, reply = rows[i]
-            done, text = stream.decoded(reply, requests[i], token)  # type: ignore[arg-type]
+            done, text = stream.decoded(reply, request, token)
             outputs[i] = Output((done, text), done=done)
         return outputs
 

@@ -35,6 +35,7 @@ DEFAULT_RANDOM = "qwen2.5-1.5b"
 def settings_from(config: AgentConfig):
     from duplex.llm.model import LLMSettings
 
+    assert config.max_reply_tokens is not None  # AgentConfig.__post_init__ resolved the profile's default
     return LLMSettings(window=config.llm_window, max_reply_tokens=config.max_reply_tokens,
                        temperature=config.temperature, seed=config.seed, fixed_length=config.fixed_lengths)
 

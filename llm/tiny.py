@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, TypedDict
 
 from duplex.config import DEFAULT_SYSTEM_PROMPT, cache_dir
 
@@ -36,7 +37,18 @@ LLAMA3_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
 )
 
-SPECIALS = {
+
+class Specials(TypedDict):
+    """An architecture's special tokens (``bos`` None where it has none) and chat template."""
+
+    tokens: list[str]
+    bos: str | None
+    eos: str
+    pad: str
+    template: str
+
+
+SPECIALS: dict[str, Specials] = {
     "qwen2": {"tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "bos": None,
               "eos": "<|im_end|>", "pad": "<|endoftext|>", "template": CHATML_TEMPLATE},
     "llama": {"tokens": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -90,10 +102,10 @@ def build_tokenizer(arch: str, vocab_size: int = 768):
 
 def tiny_config(arch: str, vocab_size: int, eos_token_id: int, *, window: int = 4096):
     """A tiny config of the real architecture (2 layers, GQA, 16-dim heads)."""
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=window,
-                  rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=eos_token_id,
-                  initializer_range=0.1)
+    common: dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=window, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                                  eos_token_id=eos_token_id, initializer_range=0.1)
     if arch == "qwen2":
         from transformers import Qwen2Config
 

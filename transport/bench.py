@@ -40,7 +40,7 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-async def measure(peers: int, seconds: float) -> dict[str, float]:
+async def measure(peers: int, seconds: float) -> dict[str, float | None]:
     from aiohttp import web
 
     from duplex.transport.client import connect, file_track
@@ -97,7 +97,7 @@ async def measure(peers: int, seconds: float) -> dict[str, float]:
         await agent.aclose()
 
 
-def _table(rows: list[dict[str, float]]) -> str:
+def _table(rows: list[dict[str, float | None]]) -> str:
     cols = ["peers", "mic_to_server_ms_median", "voice_to_peer_ms_median", "voice_to_peer_ms_p95",
             "event_ms_median", "event_ms_p95", "cpu_core_per_peer", "frames_dropped"]
     heads = ["peers", "mic->server ms", "voice->peer ms", "p95", "event ms", "p95", "CPU core/peer", "dropped"]

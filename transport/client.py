@@ -11,12 +11,16 @@ import asyncio
 import fractions
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from duplex.audio import to_int16, to_mono_float
 from duplex.transport.peer import set_input_prefetch
 from duplex.transport.tracks import frame_to_pcm
+
+if TYPE_CHECKING:
+    from aiortc import RTCDataChannel, RTCPeerConnection
 
 
 def file_track(pcm: np.ndarray, rate: int = 48_000):
@@ -67,8 +71,8 @@ def file_track(pcm: np.ndarray, rate: int = 48_000):
 class Client:
     """A real aiortc peer of the server: sends a microphone track, records what comes back."""
 
-    pc: object
-    channel: object
+    pc: RTCPeerConnection
+    channel: RTCDataChannel
     pc_id: str = ""
     secret: str = ""  # from the server's answer: renegotiation and candidates need it
     messages: list[dict] = field(default_factory=list)
@@ -159,8 +163,9 @@ async def connect(base_url: str, mic, *, trickle: bool = False, restart_of: Clie
                            if not line.startswith(("a=candidate:", "a=end-of-candidates"))) + "\r\n"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with aiohttp.ClientSession(headers=headers) as http:
-        body = {"sdp": sdp, "type": "offer", "pc_id": restart_of.pc_id if restart_of else None,
-                "restart_pc": restart_of is not None, "secret": restart_of.secret if restart_of else None}
+        body: dict[str, object] = {
+            "sdp": sdp, "type": "offer", "pc_id": restart_of.pc_id if restart_of else None,
+            "restart_pc": restart_of is not None, "secret": restart_of.secret if restart_of else None}
         async with http.post(f"{base_url}/api/offer", json=body) as r:
             assert r.status == 200, await r.text()
             answer = await r.json()

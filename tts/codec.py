@@ -238,26 +238,28 @@ class StreamingDecoder:
     """Decodes Mimi codes chunk by chunk, exactly as one-shot ``MimiModel.decode`` would."""
 
     def __init__(self, codec: MimiModel) -> None:
-        if codec.decoder is None:
+        decoder = codec.decoder
+        if decoder is None:
             raise ValueError("this Mimi model has no decoder")
         _check_causal(codec.config)
         self.codec = codec
+        self._decoder = decoder
         self.frame_size = int(codec.config.frame_size)
         self.num_codebooks = int(codec.config.num_quantizers)
         from transformers.models.mimi.modeling_mimi import MimiConv1d
 
-        self._zero_padded = all(m.pad_mode == "constant" for m in codec.decoder.modules()
+        self._zero_padded = all(m.pad_mode == "constant" for m in decoder.modules()
                                 if isinstance(m, MimiConv1d))
 
     def new_state(self, batch: int = 1) -> CodecState:
-        p = next(self.codec.decoder.parameters())
-        return CodecState(_new_window(self.codec.decoder.decoder_transformer, batch, p.device, p.dtype))
+        p = next(self._decoder.parameters())
+        return CodecState(_new_window(self._decoder.decoder_transformer, batch, p.device, p.dtype))
 
     def decode(self, codes: torch.Tensor, state: CodecState) -> torch.Tensor:
         """``codes`` ``[B, K, T]`` (the next T frames) -> audio ``[B, T * frame_size]``."""
         if codes.ndim != 3 or codes.shape[1] != self.num_codebooks:
             raise ValueError(f"codes must be [B, {self.num_codebooks}, T], got {tuple(codes.shape)}")
-        decoder = self.codec.decoder
+        decoder = self._decoder
         latents = self.codec.quantizer.decode(codes)  # [B, C, T]
         p = next(decoder.parameters())
         latents = latents.to(p.dtype)
@@ -292,16 +294,18 @@ class StreamingEncoder:
     """
 
     def __init__(self, codec: MimiModel) -> None:
-        if codec.encoder is None:
+        encoder = codec.encoder
+        if encoder is None:
             raise ValueError("this Mimi model has no encoder")
         _check_causal(codec.config)
         self.codec = codec
+        self._encoder = encoder
         self.frame_size = int(codec.config.frame_size)
         self.num_codebooks = int(codec.config.num_quantizers)
 
     def new_state(self, batch: int = 1) -> CodecState:
-        p = next(self.codec.encoder.parameters())
-        return CodecState(_new_window(self.codec.encoder.encoder_transformer, batch, p.device, p.dtype))
+        p = next(self._encoder.parameters())
+        return CodecState(_new_window(self._encoder.encoder_transformer, batch, p.device, p.dtype))
 
     def latents(self, audio: torch.Tensor, state: CodecState) -> torch.Tensor:
         """``audio`` ``[B, n]`` -> continuous latents ``[B, C, frames]`` of the whole frames now complete."""
@@ -309,7 +313,7 @@ class StreamingEncoder:
 
         if audio.ndim != 2:
             raise ValueError(f"audio must be [B, samples], got {tuple(audio.shape)}")
-        encoder = self.codec.encoder
+        encoder = self._encoder
         p = next(encoder.parameters())
         x = audio[:, None].to(device=p.device, dtype=p.dtype)
         if state.pending is not None:

@@ -29,7 +29,7 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -109,11 +109,15 @@ class Step:
     done: bool
 
 
-def _no_grad(fn: Callable) -> Callable:
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _no_grad(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """Run ``fn`` without autograd (worker threads have it off already; build-time callers may not)."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         import torch
 
         with torch.inference_mode():

@@ -23,7 +23,7 @@ import asyncio
 import functools
 import math
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,7 +126,7 @@ class CsmTTSStream:
             return None
         return torch.stack(self.last_reply.frames).cpu()
 
-    async def synthesize(self, text: AsyncIterator[str]) -> AsyncIterator[AudioChunk]:
+    async def synthesize(self, text: AsyncIterator[str]) -> AsyncGenerator[AudioChunk, None]:
         """Speak one reply: text pieces in, audio chunks (with their words) out as soon as they are made."""
         engine, scheduler, settings = self.model.engine, self.model.scheduler, self.model.settings
         seed = settings.seed + self.replies
