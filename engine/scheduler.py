@@ -284,16 +284,16 @@ class Scheduler(Generic[S, Out]):
             row.done = True
             row.ready.set()
         self._rows = []
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-        for job in (*self._urgent, *self._jobs):
-            job.future.cancel()
-        self.worker.close()
+        try:
+            if self._task is not None:
+                self._task.cancel()
+                # the dispatcher's own cancellation is absorbed; a cancellation of the caller goes on
+                await asyncio.gather(self._task, return_exceptions=True)
+                self._task = None
+        finally:  # cancelled or not, no job is left waiting and the worker thread stops
+            for job in (*self._urgent, *self._jobs):
+                job.future.cancel()
+            self.worker.close()
 
     def close(self) -> None:
         """Stop the worker thread from outside a running loop (tests, shutdown)."""

@@ -113,3 +113,16 @@ async def test_a_row_is_not_stepped_while_its_consumer_lags():
     await s.aclose()
     with pytest.raises(RuntimeError, match="closed"):
         await s.run(lambda: None)
+
+
+async def test_closing_does_not_swallow_the_callers_cancellation():
+    """``aclose`` absorbs the cancellation of its own dispatcher, never that of the task calling it."""
+    s = make([])
+    await s.run(lambda: None)  # the dispatcher is running
+    closer = asyncio.create_task(s.aclose())
+    await asyncio.sleep(0)  # the closer has cancelled the dispatcher and waits for it to end
+    closer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closer
+    with pytest.raises(RuntimeError, match="shutdown"):  # the worker thread was stopped all the same
+        await s.worker.run(lambda: None)
