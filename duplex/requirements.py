@@ -25,10 +25,15 @@ WHAT_EXTRAS_ENABLE = {
     "mic": "duplex mic (the local microphone and speaker, with WebRTC's echo canceller)",
     "test": "the test suite (pytest) and its browser test (selenium)",
 }
-# distribution name -> oldest version the code works with
+# distribution name -> oldest version the code works with. transformers 5.21: the first whose MimiModel
+# has decoder/encoder halves (MimiDecoderModel: upsample, decoder_transformer, decoder_seanet), which
+# tts/codec.py streams through; on 5.20.2 and older every TTS test fails with "'MimiDecoder' object
+# has no attribute 'decoder_seanet'". .ci/run runs the model tests on this floor too. silero-vad 6.2:
+# the first with the v6.2 weights (silero_vad.jit); with 6.0/6.1's a backchannel spoken over the agent
+# is not heard as speech (no barge-in) in the session and speculation tests.
 FLOORS: dict[str, str] = {
-    "torch": "2.4", "transformers": "5.0", "numpy": "1.26", "soundfile": "0.12", "soxr": "0.5",
-    "silero-vad": "6.0", "aiohttp": "3.9", "aiortc": "1.9", "nemo_toolkit": "2.4", "sounddevice": "0.4",
+    "torch": "2.4", "transformers": "5.21", "numpy": "1.26", "soundfile": "0.12", "soxr": "0.5",
+    "silero-vad": "6.2", "aiohttp": "3.9", "aiortc": "1.9", "nemo_toolkit": "2.4", "sounddevice": "0.4",
     "livekit": "1.0.1",  # 1.0.0: AudioProcessingModule lacks set_stream_delay_ms
 }
 INSTALL = {"torch": "pip install torch==2.13.0 (the CPU build here; a GPU machine brings its own CUDA build)"}

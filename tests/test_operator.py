@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import json
 import logging
+import re
 import subprocess
 import sys
 
@@ -37,7 +38,8 @@ def test_doctor_fails_when_a_needed_package_is_too_old(monkeypatch, capsys):
     monkeypatch.setattr(doctor, "installed", requirements.installed)
     assert main(["doctor", "--port", "0"]) == 1
     out = capsys.readouterr().out
-    assert "FAIL  transformers 4.46.0 is installed, but duplex needs transformers >= 5.0" in out
+    floor = requirements.FLOORS["transformers"]
+    assert f"FAIL  transformers 4.46.0 is installed, but duplex needs transformers >= {floor}" in out
 
 
 def test_an_old_transformers_is_refused_at_import(monkeypatch):
@@ -46,11 +48,13 @@ def test_an_old_transformers_is_refused_at_import(monkeypatch):
     import duplex.llm
     import duplex.tts
 
-    monkeypatch.setattr(requirements, "installed", lambda p: "4.57.1" if p == "transformers" else "99.0")
-    for module in (duplex.llm, duplex.tts):
-        with pytest.raises(DependencyError, match=r"transformers 4\.57\.1 is installed, but duplex needs "
-                                                  r"transformers >= 5\.0: pip install -U"):
-            importlib.reload(module)
+    floor = re.escape(requirements.FLOORS["transformers"])
+    for old in ("4.57.1", "5.20.2"):  # 5.20.2: the release just below the floor (no Mimi decoder_seanet)
+        monkeypatch.setattr(requirements, "installed", lambda p, old=old: old if p == "transformers" else "99.0")
+        for module in (duplex.llm, duplex.tts):
+            with pytest.raises(DependencyError, match=rf"transformers {re.escape(old)} is installed, but duplex "
+                                                      rf"needs transformers >= {floor}: pip install -U"):
+                importlib.reload(module)
     monkeypatch.undo()
     importlib.reload(duplex.llm)
     importlib.reload(duplex.tts)
