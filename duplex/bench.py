@@ -27,6 +27,7 @@ BENCHES: dict[str, str] = {
     "endurance": "duplex.endurance:run",
     "transport": "duplex.transport.bench:run",
     "echo": "duplex.transport.echo_bench:run",
+    "cluster": "duplex.cluster.bench:run",
     "turns": "duplex.turntaking:run",
 }
 ALL = ("asr", "llm", "tts", "e2e")  # what `bench all` runs (endurance is long: run it on its own)

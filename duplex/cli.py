@@ -27,7 +27,7 @@ COMMANDS: dict[str, str] = {
     "doctor": "duplex.doctor:main",
 }
 
-BENCHMARKS = ("asr", "llm", "tts", "e2e", "all", "endurance", "transport", "turns", "echo")
+BENCHMARKS = ("asr", "llm", "tts", "e2e", "all", "endurance", "transport", "turns", "echo", "cluster")
 
 
 def add_agent_options(p: argparse.ArgumentParser, default_profile: str = "pretrained") -> None:
@@ -126,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cert", default=None, help="TLS certificate (PEM): serve https:// (browsers give the "
                    "microphone only to https:// pages or localhost)")
     p.add_argument("--key", default=None, help="the TLS certificate's private key (PEM)")
+    p.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="run N agents on Ray Serve (one per GPU where the cluster has them) behind one address; "
+                        "needs pip install -e '.[cluster]' (default: one agent in this process, no Ray)")
+    p.add_argument("--ray-address", default=None, help="with --replicas: join this Ray cluster (e.g. auto, or "
+                   "HEAD:6379 after `ray start --head`) instead of starting one on this machine")
+    p.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="with --replicas: GPUs each replica takes (default: 1 if the cluster has a GPU per "
+                        "replica, else 0)")
     add_agent_options(p)
 
     p = sub.add_parser("mic", help="talk to the agent at this machine's microphone and speaker")
@@ -150,13 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=BENCHMARKS,
                    help="a stage, e2e, all (the stages and e2e), endurance (a long dialogue, on the "
                         "virtual clock or with --realtime on the wall clock; use --profile tiny), turns (turn-taking scenarios; --profile fake "
-                        "or tiny), or echo (the echo guard of duplex mic in simulated rooms)")
+                        "or tiny), echo (the echo guard of duplex mic in simulated rooms), or "
+                        "cluster (sessions through duplex serve --replicas N)")
     p.add_argument("--minutes", type=float, default=60.0, help="endurance: minutes of dialogue")
     p.add_argument("--out", default="artifacts/bench", help="folder for JSON results and plots")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and settings (a smoke run)")
     p.add_argument("--realtime", action="store_true", help="turns, endurance: run on the wall clock (default: virtual)")
     p.add_argument("--batch", type=int, nargs="+", default=None, metavar="N",
-                   help="llm, tts: the batch sizes (concurrent sessions) to measure, e.g. --batch 1 8 32")
+                   help="llm, tts, cluster: the batch sizes (concurrent sessions) to measure, e.g. --batch 1 8 32")
+    p.add_argument("--replicas", type=int, default=None, metavar="N", help="cluster: agent replicas (default 2)")
     add_agent_options(p, default_profile="random")
 
     p = sub.add_parser("doctor", help="check this machine: versions, extras, devices, tools, models, port")

@@ -97,7 +97,7 @@ async def endurance(agent: Agent, minutes: float, every_s: float = 60.0) -> list
             seen = totals
             samples.append(Sample(
                 minute=minute, rss_mb=round(rss_mb(), 1),
-                llm_cache_tokens=cache.get("cache_tokens"),
+                llm_cache_tokens=int(cache["cache_tokens"]) if "cache_tokens" in cache else None,
                 llm_cache_mb=round(cache["cache_bytes"] / 2**20, 2) if "cache_bytes" in cache else None,
                 turns=turns, voice_to_voice_s=round(float(np.mean(window)), 3) if window else None,
                 partials=int(partials),

@@ -18,11 +18,13 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "asr": ("nemo", "sentencepiece", "omegaconf", "hydra", "lhotse", "librosa", "lightning", "pytorch_lightning",
             "webdataset", "braceexpand", "kaldialign", "editdistance", "jiwer", "pyannote", "cytoolz"),
     "mic": ("sounddevice", "livekit"),
+    "cluster": ("ray",),
     "test": ("pytest", "pytest_asyncio", "selenium"),
 }
 WHAT_EXTRAS_ENABLE = {
     "asr": "the tiny, random and pretrained profiles (NeMo streaming ASR); without it only --profile fake",
     "mic": "duplex mic (the local microphone and speaker, with WebRTC's echo canceller)",
+    "cluster": "duplex serve --replicas N (agents on several GPUs or machines, on Ray Serve)",
     "test": "the test suite (pytest) and its browser test (selenium)",
 }
 # distribution name -> oldest version the code works with. transformers 5.21: the first whose MimiModel
@@ -30,11 +32,13 @@ WHAT_EXTRAS_ENABLE = {
 # tts/codec.py streams through; on 5.20.2 and older every TTS test fails with "'MimiDecoder' object
 # has no attribute 'decoder_seanet'". .ci/run runs the model tests on this floor too. silero-vad 6.2:
 # the first with the v6.2 weights (silero_vad.jit); with 6.0/6.1's a backchannel spoken over the agent
-# is not heard as speech (no barge-in) in the session and speculation tests.
+# is not heard as speech (no barge-in) in the session and speculation tests; 6.2.3: the first that
+# does not require torchaudio (which pins an exact torch and pulls a CUDA build of it).
 FLOORS: dict[str, str] = {
     "torch": "2.4", "transformers": "5.21", "numpy": "1.26", "soundfile": "0.12", "soxr": "0.5",
-    "silero-vad": "6.2", "aiohttp": "3.9", "aiortc": "1.9", "nemo_toolkit": "2.4", "sounddevice": "0.4",
+    "silero-vad": "6.2.3", "aiohttp": "3.9", "aiortc": "1.9", "nemo_toolkit": "2.4", "sounddevice": "0.4",
     "livekit": "1.0.1",  # 1.0.0: AudioProcessingModule lacks set_stream_delay_ms
+    "ray": "2.60",  # the version the cluster tests run on
 }
 INSTALL = {"torch": "pip install torch==2.13.0 (the CPU build here; a GPU machine brings its own CUDA build)"}
 

@@ -108,8 +108,12 @@ def serve_main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be 0-65535, got {args.port}")
     if not 1 <= args.max_sessions <= 1000:
         raise ConfigError(f"--max-sessions must be 1-1000, got {args.max_sessions}")
-    tls = tls_context(args.cert, args.key)
     config = config_from_args(args)
+    if args.replicas is not None:
+        from duplex.cluster.launch import serve_main as serve_cluster
+
+        return serve_cluster(args, config)
+    tls = tls_context(args.cert, args.key)
     asyncio.run(serve(config, args.host, args.port, args.max_sessions, token=args.token,
                       admin_token=args.admin_token, tls=tls))
     print("duplex serve: stopped", file=sys.stderr)

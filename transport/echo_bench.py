@@ -125,11 +125,11 @@ def compare(candidates: list[Candidate]) -> dict[str, dict[str, dict[str, object
             gated = _blocks(mic, ref, c.guard().process)
             m = mic[:len(alone)]
             erle = [_db(m[a * RATE:b * RATE], alone[a * RATE:b * RATE]) for a, b in ((0, 1), (1, 3), (6, 10))]
-            row = {"erle_db": erle, "starts_alone": _speech_starts(alone), "starts_gated": _speech_starts(gated),
-                   "ms_per_block": round(ms, 3)}
-            results[c.name][room] = row
+            starts_alone, starts_gated = _speech_starts(alone), _speech_starts(gated)
+            results[c.name][room] = {"erle_db": erle, "starts_alone": starts_alone, "starts_gated": starts_gated,
+                                     "ms_per_block": round(ms, 3)}
             print(f"  {c.name:20s} {room:18s} {' / '.join(f'{e:5.1f}' for e in erle):>18s}  "
-                  f"{len(row['starts_alone']):14d} {len(row['starts_gated']):14d} {ms:6.2f}", flush=True)
+                  f"{len(starts_alone):14d} {len(starts_gated):14d} {ms:6.2f}", flush=True)
     print(f"double talk (the user from {USER_AT_S:.0f} s): onset delay (s), self-interruptions before it, "
           "the user's speech kept (dB), with the gate")
     for gain in (0.5, 1.0):
@@ -139,11 +139,12 @@ def compare(candidates: list[Candidate]) -> dict[str, dict[str, dict[str, object
             out = _blocks(mic, ref, c.guard().process)
             starts = _speech_starts(out)
             later = [s for s in starts if s >= USER_AT_S - 0.1]
-            row = {"onset_delay_s": round(later[0] - USER_AT_S, 2) if later else None,
-                   "false_starts": len(starts) - len(later), "kept_db": _db(out[span], user[span])}
-            results[c.name][f"double talk, echo gain {gain}"] = row
-            print(f"  {c.name:20s} echo gain {gain:<4}  onset {row['onset_delay_s']!s:>5} s  "
-                  f"self-interruptions {row['false_starts']}  kept {row['kept_db']:5.1f} dB", flush=True)
+            onset = round(later[0] - USER_AT_S, 2) if later else None
+            false_starts, kept = len(starts) - len(later), _db(out[span], user[span])
+            results[c.name][f"double talk, echo gain {gain}"] = {"onset_delay_s": onset, "false_starts": false_starts,
+                                                                "kept_db": kept}
+            print(f"  {c.name:20s} echo gain {gain:<4}  onset {onset!s:>5} s  "
+                  f"self-interruptions {false_starts}  kept {kept:5.1f} dB", flush=True)
     return results
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from duplex import events as ev
 from duplex.agent import Agent
 from duplex.session import Session
 from duplex.transport.realtime import RealtimeEncoder
@@ -62,6 +63,7 @@ class Peer:
     close_reason: str = ""
     closed: bool = False
     secret: str = ""  # given to the page in its answer; renegotiation and candidates need it
+    metrics: dict[str, float] = field(default_factory=dict)  # the latest value of each Metric event
     opened_at: float = field(default_factory=time.monotonic)
     _backlog: list[str] = field(default_factory=list)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -95,7 +97,10 @@ class Peer:
             tasks = list(self._tasks)
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            if tasks:  # a task that loses its cancel (see pump_microphone) must not hold the close up
+                _, pending = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
+                if pending:
+                    log.warning("%s: %s did not stop when cancelled", self.pc_id, [t.get_name() for t in pending])
             await self.session.close()
             self.track.stop()
             await asyncio.wait_for(self.pc.close(), CLOSE_TIMEOUT_S)
@@ -169,6 +174,8 @@ class Peer:
         reason = "the session ended"
         try:
             async for event in events:
+                if isinstance(event, ev.Metric):
+                    self.metrics[event.name] = round(event.value, 4)
                 message = encoder.encode(event)
                 if message is not None:
                     self.send(message)
@@ -182,7 +189,7 @@ class Peer:
     async def pump(self, track: Any) -> None:
         try:
             reason = await pump_microphone(track, self.session, self.input, self.options.idle_timeout_s,
-                                           self.options.first_frame_timeout_s)
+                                           self.options.first_frame_timeout_s, stopped=lambda: self.closed)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # audio the session cannot use

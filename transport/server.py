@@ -5,8 +5,8 @@ Routes:
 - ``GET /``, ``GET /app.js`` ...: the page (files of web/);
 - ``POST /api/offer``: an SDP offer in, the answer out (:mod:`.signalling` has the shapes);
 - ``PATCH /api/offer``: trickle ICE candidates for a connection;
-- ``GET /api/status``: session counts, states and the limits (connection ids only with the operator
-  token).
+- ``GET /api/status``: session counts, states, each session's latest latency figures and the limits
+  (connection ids only with the operator token).
 
 Ownership: each connection's answer carries a ``secret`` (random, 192 bits) given to that peer only;
 renegotiating, restarting or trickling candidates for a ``pc_id`` needs it (403 otherwise), so knowing
@@ -176,7 +176,8 @@ class Server:
         body: dict[str, Any] = {
             "sessions": len(self.peers), "max_sessions": self.options.max_sessions,
             "closed_sessions": self.closed_peers, "close_reasons": dict(self.close_reasons),
-            "states": dict(Counter(p.session.state for p in self.peers.values()))}
+            "states": dict(Counter(p.session.state for p in self.peers.values())),
+            "session_metrics": [dict(p.metrics) for p in self.peers.values()]}  # latencies, no ids
         if self.options.admin_token and _bearer_ok(authorization, self.options.admin_token):
             body["peers"] = {pid: {"connection": p.pc.connectionState, "state": p.session.state,
                                    "input_s": round(p.input.seconds, 2), "input_peak_rms": round(p.input.peak_rms, 4),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,14 +51,18 @@ class InputStats:
 
 
 async def pump_microphone(track, session: Session, stats: InputStats, idle_timeout_s: float,
-                          first_timeout_s: float = 15.0) -> str:
-    """Feed ``track``'s frames to ``session`` until the track ends, the session closes, or no frame
-    comes for ``idle_timeout_s`` (a peer that vanished without closing; a browser sends frames all
-    the time, silence and a muted track included). The first frame may take ``first_timeout_s``
-    (the connection is still being set up). Returns why it stopped."""
+                          first_timeout_s: float = 15.0, stopped: Callable[[], bool] = lambda: False) -> str:
+    """Feed ``track``'s frames to ``session`` until the track ends, the session closes, ``stopped()``
+    says so, or no frame comes for ``idle_timeout_s`` (a peer that vanished without closing; a browser
+    sends frames all the time, silence and a muted track included). The first frame may take
+    ``first_timeout_s`` (the connection is still being set up). Returns why it stopped.
+
+    ``stopped`` is checked after every frame because a cancellation can be lost: before Python 3.12,
+    ``asyncio.wait_for`` swallows a cancel that arrives as its inner call completes (CPython
+    gh-86296), and frames complete that call every 20 ms."""
     from aiortc.mediastreams import MediaStreamError
 
-    while not session.closed:
+    while not session.closed and not stopped():
         timeout = idle_timeout_s if stats.frames else first_timeout_s
         try:
             frame = await asyncio.wait_for(track.recv(), timeout)
@@ -74,7 +79,7 @@ async def pump_microphone(track, session: Session, stats: InputStats, idle_timeo
         stats.peak_rms = max(stats.peak_rms, rms)
         if stats.first_loud_wall is None and rms > 0.03:
             stats.first_loud_wall = asyncio.get_running_loop().time()
-        if session.closed:
+        if session.closed or stopped():
             break
         session.push_audio(block, rate)
     return "session closed"

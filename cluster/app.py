@@ -1,0 +1,306 @@
+"""The Ray Serve application of ``duplex serve --replicas N``: N agent replicas behind one ingress.
+
+- :class:`AgentReplica` (deployments ``agent-0`` .. ``agent-{N-1}``, one replica each, one GPU each
+  where the cluster has GPUs): a whole agent, its engines and the aiortc peers of the sessions it
+  owns, answering signalling through the same :class:`~duplex.transport.server.Server` a single
+  ``duplex serve`` runs (ownership secrets, tokens, limits, error bodies: one implementation). Media
+  flows between the browser and this replica directly, on the replica's host and its own ICE
+  candidates.
+- :class:`Ingress` (Serve's HTTP proxy in front): the page's files, and signalling routed by
+  :mod:`.routing`: a new session to the replica with the most free capacity, every follow-up to the
+  replica its id names; ``/api/status`` with ``replicas`` and ``/metrics`` in Prometheus' format.
+
+Separately named deployments (not one deployment of N replicas) because a session's follow-ups must
+reach exactly the replica holding its peer, and Serve routes calls within a deployment as it likes.
+Ray restarts a replica that dies (its sessions end; their pages reconnect to another one), and
+:meth:`AgentReplica.check_health` fails a replica whose models could not load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from duplex.cluster.routing import (Capacity, ReplicaStatus, cluster_status, owner_of, placement, prometheus,
+                                    public_id)
+from duplex.config import AgentConfig
+from duplex.transport.server import ApiResponse, ServerOptions, too_large
+from duplex.transport.signalling import BadRequest, parse_json
+
+log = logging.getLogger(__name__)
+
+CALL_TIMEOUT_S = 25.0  # a signalling call to a replica (an offer takes well under a second)
+STATUS_TIMEOUT_S = 2.0  # a capacity or status question; a replica slower than this counts as down
+FILES = {"": "index.html", "index.html": "index.html", "app.js": "app.js", "style.css": "style.css"}
+TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+
+
+@dataclass
+class ClusterOptions:
+    replicas: int = 2
+    gpus_per_replica: float = 0.0  # 1 on a GPU cluster: Ray gives each replica its own device
+    cpus_per_replica: float = 0.1
+    server: ServerOptions = field(default_factory=ServerOptions)  # per replica (max_sessions: each)
+    loopback: bool = False  # clients are on this machine: offer loopback ICE candidates too
+    app_name: str = "duplex"
+    log_level: str = "info"  # duplex's loggers in each replica (sessions opened and closed, failures)
+
+    def names(self) -> list[str]:
+        return [f"agent-{i}" for i in range(self.replicas)]
+
+
+class AgentReplica:
+    """One agent and its sessions (see the module docstring). Methods are called by the ingress.
+
+    Every method is ``async``: Serve runs those on the replica's event loop, where the peers live (it
+    would run a plain method on a worker thread, racing the loop)."""
+
+    def __init__(self, config: AgentConfig, options: ClusterOptions) -> None:
+        from duplex.transport.ice import allow_loopback_candidates
+
+        if options.loopback:
+            allow_loopback_candidates()
+        _log_to_stderr(options.log_level)
+        self.config, self.options = config, options
+        self.server: Any = None  # the Server, once the agent is loaded
+        self.failure: str | None = None
+        self._loading = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        from duplex.agent import Agent
+        from duplex.transport.server import Server
+
+        try:
+            agent = await Agent.load(self.config)
+        except Exception as exc:
+            log.exception("loading the agent failed")
+            self.failure = f"{type(exc).__name__}: {exc}"
+            return
+        self.server = Server(agent, self.options.server)
+
+    async def check_health(self) -> None:
+        """Serve calls this; raising makes Ray replace the replica."""
+        if self.failure is not None:
+            raise RuntimeError(f"the agent could not load: {self.failure}")
+
+    async def _ready(self) -> Any:
+        await asyncio.shield(self._loading)
+        if self.server is None:
+            raise RuntimeError(f"the agent could not load: {self.failure}")
+        return self.server
+
+    async def capacity(self) -> dict[str, Any]:
+        server = self.server
+        if server is None:
+            return {"ready": False, "free": 0}
+        free = 0 if server._closing else server.options.max_sessions - len(server.peers) - server._opening
+        return {"ready": True, "free": free}
+
+    async def offer(self, body: bytes, authorization: str | None, remote: str | None) -> ApiResponse:
+        return await (await self._ready()).offer(body, authorization, remote)
+
+    async def candidates(self, body: bytes, authorization: str | None) -> ApiResponse:
+        return await (await self._ready()).candidates(body, authorization)
+
+    async def status(self, authorization: str | None) -> dict[str, Any]:
+        import ray
+
+        if self.server is None:
+            body: dict[str, Any] = {"sessions": 0, "max_sessions": 0, "loading": self.failure is None,
+                                    "failure": self.failure}
+        else:
+            body = self.server.status_body(authorization).body
+        body["node"] = ray.util.get_node_ip_address()
+        body["pid"] = os.getpid()
+        body["device"] = _device()
+        return body
+
+    async def actor_name(self) -> str:
+        """The Ray actor holding this replica (for an operator, or a test, to kill it)."""
+        from ray import serve
+
+        ctx = serve.get_replica_context()
+        return f"SERVE_REPLICA::{ctx.app_name}#{ctx.deployment}#{ctx.replica_tag}"
+
+    async def __del__(self) -> None:  # Serve calls this when it stops the replica
+        if self.server is not None:
+            await self.server.close()
+            await self.server.agent.aclose()
+
+
+def _log_to_stderr(level: str) -> None:
+    """duplex's log lines in the replica's stderr (Ray keeps it in its logs folder)."""
+    logger = logging.getLogger("duplex")
+    logger.setLevel(getattr(logging, level.upper()))
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def _device() -> dict[str, Any]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"kind": "cpu"}
+    return {"kind": "cuda", "name": torch.cuda.get_device_name(0),
+            "gpu_memory_allocated_bytes": int(torch.cuda.memory_allocated()),
+            "gpu_memory_reserved_bytes": int(torch.cuda.memory_reserved())}
+
+
+class Ingress:
+    """Serve's HTTP entry point: the page and the signalling API, routed to the replicas."""
+
+    def __init__(self, options: ClusterOptions, *agents: Any) -> None:
+        self.options = options
+        self.names = options.names()
+        self.agents = dict(zip(self.names, agents))  # name -> DeploymentHandle
+        self.web_root = Path(options.server.web_root)
+
+    async def __call__(self, request: Any) -> Any:
+        path, method = request.url.path, request.method
+        try:
+            if path == "/api/offer" and method in ("POST", "PATCH"):
+                body = await request.body()
+                answer = too_large(len(body), self.options.server.max_body) or await self._signal(
+                    method, body, request.headers.get("authorization"),
+                    request.client.host if request.client else None)
+            elif path == "/api/offer":
+                answer = ApiResponse(405, {"error": f"{method} is not allowed here: POST an offer or PATCH "
+                                                    "candidates"}, {"Allow": "POST, PATCH"})
+            elif path == "/api/status" and method == "GET":
+                answer = ApiResponse(200, cluster_status(await self._statuses(request.headers.get("authorization"))))
+            elif path == "/metrics" and method == "GET":
+                return _text(200, prometheus(await self._statuses(None)), "text/plain; version=0.0.4")
+            elif method == "GET" and path.lstrip("/") in FILES:
+                return self._file(FILES[path.lstrip("/")])
+            else:
+                answer = ApiResponse(404, {"error": f"no such page or file: {path}"})
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s %s failed", method, path)
+            answer = ApiResponse(500, {"error": "internal error; see the ingress log"})
+        return _json(answer)
+
+    # -- signalling ---------------------------------------------------------------------------------
+
+    async def _signal(self, method: str, body: bytes, authorization: str | None, remote: str | None) -> ApiResponse:
+        try:
+            request = parse_json(body)
+        except BadRequest as exc:
+            return ApiResponse(400, {"error": str(exc)})
+        session = request.get("pc_id")
+        if session is None and method == "POST":
+            return await self._new_session(body, authorization, remote)
+        if not isinstance(session, str):
+            return ApiResponse(400, {"error": "'pc_id' must be the id from this connection's answer (a string)"})
+        owner = owner_of(session, self.names)
+        if owner is None:
+            return ApiResponse(404, {"error": f"no open connection {session}; post an offer first"})
+        replica, local = owner
+        forwarded = json.dumps({**request, "pc_id": local}).encode()
+        call = (self.agents[replica].offer.remote(forwarded, authorization, remote) if method == "POST"
+                else self.agents[replica].candidates.remote(forwarded, authorization))
+        answer = await _call(replica, call)
+        return _public(replica, answer)
+
+    async def _new_session(self, body: bytes, authorization: str | None, remote: str | None) -> ApiResponse:
+        order = placement(await self._capacities())
+        if not order:
+            return ApiResponse(503, {"error": f"all {len(self.names)} replicas are full or starting; try again "
+                                              "later"}, {"Retry-After": "10"})
+        answer = ApiResponse(503, {"error": "no replica took the session"}, {"Retry-After": "10"})
+        for replica in order:  # a replica that filled up since it was asked says 503: try the next
+            answer = await _call(replica, self.agents[replica].offer.remote(body, authorization, remote))
+            if answer.status != 503:
+                return _public(replica, answer)
+        return answer
+
+    async def _capacities(self) -> list[Capacity]:
+        async def ask(name: str) -> Capacity:
+            try:
+                c = await asyncio.wait_for(self.agents[name].capacity.remote(), STATUS_TIMEOUT_S)
+            except Exception:
+                return Capacity(name, up=False)
+            return Capacity(name, up=True, ready=bool(c["ready"]), free=int(c["free"]))
+
+        return list(await asyncio.gather(*(ask(n) for n in self.names)))
+
+    async def _statuses(self, authorization: str | None) -> list[ReplicaStatus]:
+        async def ask(name: str) -> ReplicaStatus:
+            try:
+                body = await asyncio.wait_for(self.agents[name].status.remote(authorization), STATUS_TIMEOUT_S)
+            except Exception:
+                return ReplicaStatus(name, up=False)
+            return ReplicaStatus(name, up=True, body=body)
+
+        return list(await asyncio.gather(*(ask(n) for n in self.names)))
+
+    # -- the page -----------------------------------------------------------------------------------
+
+    def _file(self, name: str) -> Any:
+        from starlette.responses import Response
+
+        path = self.web_root / name
+        if not path.is_file():
+            return _json(ApiResponse(404, {"error": f"the web client is missing ({path})"}))
+        return Response(path.read_bytes(), 200, {"Cache-Control": "no-store"},
+                        media_type=TYPES.get(path.suffix, "application/octet-stream"))
+
+
+def _public(replica: str, answer: ApiResponse) -> ApiResponse:
+    """The replica's answer with the id the page must use from now on."""
+    if answer.status == 200 and "pc_id" in answer.body:
+        return replace(answer, body={**answer.body, "pc_id": public_id(replica, answer.body["pc_id"])})
+    return answer
+
+
+async def _call(replica: str, call: Any) -> ApiResponse:
+    """A signalling call's answer; 503 if the replica died or does not answer in time (its sessions
+    are gone), 500 if the call failed inside it (its log has the traceback)."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    try:
+        return await asyncio.wait_for(call, CALL_TIMEOUT_S)
+    except (RayActorError, asyncio.TimeoutError) as exc:
+        log.warning("replica %s did not answer: %s", replica, type(exc).__name__)
+        return ApiResponse(503, {"error": f"replica {replica} is not answering (restarting?); sessions it held "
+                                          "have ended: connect again"}, {"Retry-After": "5"})
+    except RayTaskError as exc:
+        log.error("replica %s failed a signalling call: %s", replica, exc)
+        return ApiResponse(500, {"error": f"replica {replica} failed this request; see its log"})
+
+
+def _json(answer: ApiResponse) -> Any:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(answer.body, answer.status, answer.headers or None)
+
+
+def _text(status: int, text: str, media_type: str) -> Any:
+    from starlette.responses import Response
+
+    return Response(text, status, media_type=media_type)
+
+
+def build(config: AgentConfig, options: ClusterOptions) -> Any:
+    """The Serve application: the ingress bound to one deployment per replica."""
+    from ray import serve
+
+    replica = serve.deployment(
+        num_replicas=1, max_ongoing_requests=64, health_check_period_s=2.0, health_check_timeout_s=10.0,
+        graceful_shutdown_timeout_s=5.0,
+        ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus_per_replica},
+    )(AgentReplica)
+    ingress = serve.deployment(num_replicas=1, max_ongoing_requests=200, ray_actor_options={"num_cpus": 0.1})(Ingress)
+    agents = [replica.options(name=name).bind(config, options) for name in options.names()]
+    return ingress.bind(options, *agents)
+
+

@@ -1,0 +1,145 @@
+"""Start and stop the cluster application: Ray (local, or joining ``--ray-address``), Serve's HTTP
+proxy on ``host:port``, the app of :mod:`.app`; and ``duplex serve --replicas N`` on top."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from duplex.cluster.app import ClusterOptions, build
+from duplex.config import AgentConfig
+from duplex.errors import ConfigError, DependencyError, UserError
+
+log = logging.getLogger(__name__)
+
+# What the replicas must see as this process does: where tiny models are cached, no hub downloads.
+PASSED_ENV = ("DUPLEX_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def _ray() -> Any:
+    try:
+        import ray
+        from ray import serve  # noqa: F401
+    except ImportError as exc:
+        raise DependencyError("duplex serve --replicas runs on Ray Serve, which is not installed: "
+                              "pip install -e '.[cluster]'") from exc
+    from duplex.requirements import require
+
+    require("ray")
+    return ray
+
+
+@dataclass
+class Cluster:
+    """A running cluster app: its URL, its options, and the Ray it runs on."""
+
+    url: str
+    options: ClusterOptions
+    started_ray: bool  # this process started Ray (and stops it)
+
+    def handle(self, replica: str) -> Any:
+        from ray import serve
+
+        return serve.get_deployment_handle(replica, app_name=self.options.app_name)
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        serve.delete(self.options.app_name)
+        if self.started_ray:
+            serve.shutdown()
+            ray.shutdown()
+
+
+def start(config: AgentConfig, options: ClusterOptions, *, host: str = "127.0.0.1", port: int = 8080,
+          address: str | None = None, cert: str | None = None, key: str | None = None,
+          quiet: bool = False) -> Cluster:
+    """Start (or join) Ray, put Serve's proxy on ``host:port`` and run the app; returns once every
+    replica is up (their models load in the background: they take sessions when loaded)."""
+    ray = _ray()
+    from ray import serve
+
+    if options.replicas < 1:
+        raise ConfigError(f"--replicas must be at least 1, got {options.replicas}")
+    started = not ray.is_initialized()
+    if started:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=not quiet,
+                     logging_level=logging.WARNING, runtime_env={"env_vars": {
+                         k: os.environ[k] for k in PASSED_ENV if k in os.environ}})
+        except ConnectionError as exc:
+            raise UserError(f"cannot join the Ray cluster at {address}: {exc} (start it with `ray start --head`)"
+                            ) from None
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    need = options.replicas * options.gpus_per_replica
+    if need > gpus:
+        if started:
+            ray.shutdown()
+        raise ConfigError(f"{options.replicas} replicas with {options.gpus_per_replica:g} GPU each need {need:g} "
+                          f"GPUs; the Ray cluster has {gpus:g}. Use fewer --replicas, or --gpus-per-replica 0 "
+                          "to run on CPUs")
+    http: dict[str, Any] = {"host": host, "port": port}
+    if cert or key:
+        if not (cert and key):
+            raise ConfigError("HTTPS needs both --cert and --key")
+        http.update(ssl_certfile=cert, ssl_keyfile=key)
+    serve.start(http_options=http, proxy_location="HeadOnly")
+    serve.run(build(config, options), name=options.app_name, route_prefix="/")
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return Cluster(f"{'https' if cert else 'http'}://{shown}:{port}", options, started)
+
+
+def wait_ready(cluster: Cluster, timeout_s: float = 600.0) -> None:
+    """Block until every replica has loaded its models (or one failed to)."""
+    deadline = time.monotonic() + timeout_s
+    for name in cluster.options.names():
+        handle = cluster.handle(name)
+        while True:
+            status = handle.status.remote(None).result(timeout_s=30)
+            if status.get("failure"):
+                raise UserError(f"replica {name} could not load its models: {status['failure']}")
+            if not status.get("loading"):
+                break
+            if time.monotonic() > deadline:
+                raise UserError(f"replica {name} is still loading its models after {timeout_s:.0f} s")
+            time.sleep(0.5)
+
+
+def serve_main(args: Any, config: AgentConfig) -> int:
+    """``duplex serve --replicas N``: run until Ctrl-C."""
+    from duplex.transport.ice import is_loopback_host
+    from duplex.transport.server import ServerOptions
+
+    gpus = args.gpus_per_replica
+    if gpus is None:  # one GPU per replica where the cluster has them
+        ray = _ray()
+        if not ray.is_initialized():
+            ray.init(address=args.ray_address, include_dashboard=False, logging_level=logging.WARNING)
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= args.replicas else 0.0
+    options = ClusterOptions(
+        replicas=args.replicas, gpus_per_replica=gpus,
+        server=ServerOptions(max_sessions=args.max_sessions, token=args.token, admin_token=args.admin_token),
+        loopback=is_loopback_host(args.host))
+    cluster = start(config, options, host=args.host, port=args.port, address=args.ray_address,
+                    cert=args.cert, key=args.key)
+    try:
+        print(f"duplex serve: {args.replicas} replicas ({gpus:g} GPU each), loading their models ...", flush=True)
+        wait_ready(cluster)
+        link = cluster.url + "/" + (f"?token={args.token}" if args.token else "")
+        print(f"duplex serve: open {link} in a browser (profile {config.profile}, {args.replicas} replicas of at "
+              f"most {args.max_sessions} sessions); status at {cluster.url}/api/status, metrics at "
+              f"{cluster.url}/metrics; Ctrl-C stops", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+    print("duplex serve: stopped", file=sys.stderr)
+    return 0

@@ -1,0 +1,58 @@
+"""The cluster ingress's decisions, without Ray: where a new session goes, which replica a follow-up
+belongs to, the summed status and the Prometheus text."""
+
+from __future__ import annotations
+
+from duplex.cluster.routing import (Capacity, ReplicaStatus, cluster_status, owner_of, placement, prometheus,
+                                    public_id)
+
+
+def test_a_new_session_goes_to_the_replica_with_most_room():
+    """Most free capacity first (not round robin), ties to the lowest name; a full, loading or silent
+    replica is never tried; no candidate at all when every replica is full."""
+    caps = [Capacity("agent-0", up=True, ready=True, free=1), Capacity("agent-1", up=True, ready=True, free=3),
+            Capacity("agent-2", up=True, ready=True, free=3), Capacity("agent-3", up=True, ready=False, free=4),
+            Capacity("agent-4", up=False), Capacity("agent-5", up=True, ready=True, free=0)]
+    assert placement(caps) == ["agent-1", "agent-2", "agent-0"]
+    assert placement([Capacity("agent-0", up=True, ready=True, free=0), Capacity("agent-1", up=False)]) == []
+
+
+def test_a_public_id_names_its_owner():
+    """The id a page holds leads back to the replica and its own id; ids of no replica of ours (or
+    malformed) lead nowhere."""
+    names = ["agent-0", "agent-1"]
+    sid = public_id("agent-1", "pc_abc")
+    assert owner_of(sid, names) == ("agent-1", "pc_abc")
+    for bad in ("pc_abc", "agent-7.pc_abc", "agent-1.", ".pc_abc", ""):
+        assert owner_of(bad, names) is None, bad
+
+
+def test_status_sums_the_replicas_that_answered():
+    """Totals over replicas that answered; each replica listed with its sessions; operator ids are the
+    public ones."""
+    body = cluster_status([
+        ReplicaStatus("agent-0", True, {"sessions": 2, "max_sessions": 4, "peers": {"pc_1": {"state": "speaking"}}}),
+        ReplicaStatus("agent-1", False)])
+    assert body["sessions"] == 2 and body["max_sessions"] == 4 and body["replicas_up"] == 1
+    assert [r["name"] for r in body["replicas"]] == ["agent-0", "agent-1"]
+    assert body["replicas"][0]["sessions"] == 2 and body["replicas"][1] == {"name": "agent-1", "up": False}
+    assert list(body["replicas"][0]["peers"]) == ["agent-0.pc_1"]
+
+
+def test_metrics_are_prometheus_text():
+    """Every series has HELP and TYPE lines; samples carry the replica label; a down replica reports
+    up 0 and nothing else; per-session latency is labelled by session index, not by id."""
+    text = prometheus([
+        ReplicaStatus("agent-0", True, {"sessions": 1, "max_sessions": 4, "closed_sessions": 3,
+                                        "session_metrics": [{"voice_to_voice_s": 0.42}],
+                                        "device": {"kind": "cuda", "gpu_memory_allocated_bytes": 1024}}),
+        ReplicaStatus("agent-1", False)])
+    lines = text.splitlines()
+    assert 'duplex_replica_up{replica="agent-0"} 1' in lines and 'duplex_replica_up{replica="agent-1"} 0' in lines
+    assert 'duplex_sessions{replica="agent-0"} 1' in lines
+    assert 'duplex_session_voice_to_voice_seconds{replica="agent-0",session="0"} 0.42' in lines
+    assert 'duplex_gpu_memory_allocated_bytes{replica="agent-0"} 1024' in lines
+    assert not any('replica="agent-1"' in line and not line.startswith("duplex_replica_up") for line in lines)
+    names = {line.split("{")[0] for line in lines if not line.startswith("#")}
+    for name in names:
+        assert f"# TYPE {name} gauge" in lines or f"# TYPE {name} counter" in lines
