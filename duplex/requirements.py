@@ -38,7 +38,7 @@ FLOORS: dict[str, str] = {
     "torch": "2.4", "transformers": "5.21", "numpy": "1.26", "soundfile": "0.12", "soxr": "0.5",
     "silero-vad": "6.2.3", "aiohttp": "3.9", "aiortc": "1.9", "nemo_toolkit": "2.4", "sounddevice": "0.4",
     "livekit": "1.0.1",  # 1.0.0: AudioProcessingModule lacks set_stream_delay_ms
-    "ray": "2.60",  # the version the cluster tests run on
+    "ray": "2.56.1",  # 2.56.0 and older: Serve reads FieldDescriptor.label, which protobuf 7 removed
 }
 INSTALL = {"torch": "pip install torch==2.13.0 (the CPU build here; a GPU machine brings its own CUDA build)"}
 
