@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,9 @@ class AgentReplica:
         server = self.server
         if server is None:
             return {"ready": False, "free": 0}
-        free = 0 if server._closing else server.options.max_sessions - len(server.peers) - server._opening
+        # Offers being answered are not subtracted: the ingress counts those it has sent (and every new
+        # session comes through it), so none is counted twice.
+        free = 0 if server._closing else server.options.max_sessions - len(server.peers)
         return {"ready": True, "free": free}
 
     async def offer(self, body: bytes, authorization: str | None, remote: str | None) -> ApiResponse:
@@ -162,6 +165,7 @@ class Ingress:
         self.names = options.names()
         self.agents = dict(zip(self.names, agents))  # name -> DeploymentHandle
         self.web_root = Path(options.server.web_root)
+        self._placing: Counter[str] = Counter()  # new sessions sent to each replica, not answered yet
 
     async def __call__(self, request: Any) -> Any:
         path, method = request.url.path, request.method
@@ -212,13 +216,20 @@ class Ingress:
         return _public(replica, answer)
 
     async def _new_session(self, body: bytes, authorization: str | None, remote: str | None) -> ApiResponse:
-        order = placement(await self._capacities())
+        capacities = await self._capacities()
+        for c in capacities:  # offers on their way to a replica take a seat there already
+            c.free -= self._placing[c.replica]
+        order = placement(capacities)
         if not order:
             return ApiResponse(503, {"error": f"all {len(self.names)} replicas are full or starting; try again "
                                               "later"}, {"Retry-After": "10"})
         answer = ApiResponse(503, {"error": "no replica took the session"}, {"Retry-After": "10"})
         for replica in order:  # a replica that filled up since it was asked says 503: try the next
-            answer = await _call(replica, self.agents[replica].offer.remote(body, authorization, remote))
+            self._placing[replica] += 1
+            try:
+                answer = await _call(replica, self.agents[replica].offer.remote(body, authorization, remote))
+            finally:
+                self._placing[replica] -= 1
             if answer.status != 503:
                 return _public(replica, answer)
         return answer

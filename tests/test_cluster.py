@@ -152,13 +152,14 @@ async def _empty(url: str) -> bool:
 
 
 async def test_a_dead_replica_ends_only_its_own_sessions(cluster):
-    """One session on each replica; agent-0's process is killed. agent-1 is untouched (same
+    """Two offers at the same moment go to different replicas (the ingress counts offers in flight);
+    then agent-0's process is killed. agent-1 is untouched (same
     process, its session still sending the agent's audio); a follow-up of agent-0's session is
     refused with a message to connect again; Ray restarts agent-0 and a new session is placed on it."""
     import ray
 
     url = cluster.url
-    clients = [await connect(url, file_track(_speech())) for _ in range(2)]
+    clients = list(await asyncio.gather(*(connect(url, file_track(_speech())) for _ in range(2))))
     try:
         by_replica = {_replica(c): c for c in clients}
         assert set(by_replica) == {"agent-0", "agent-1"}

@@ -3,8 +3,16 @@ belongs to, the summed status and the Prometheus text."""
 
 from __future__ import annotations
 
+import sys
+
+import pytest
+
+from duplex.cluster.app import ClusterOptions
+from duplex.cluster.launch import start
 from duplex.cluster.routing import (Capacity, ReplicaStatus, cluster_status, owner_of, placement, prometheus,
                                     public_id)
+from duplex.config import AgentConfig
+from duplex.errors import ConfigError, DependencyError
 
 
 def test_a_new_session_goes_to_the_replica_with_most_room():
@@ -56,3 +64,18 @@ def test_metrics_are_prometheus_text():
     names = {line.split("{")[0] for line in lines if not line.startswith("#")}
     for name in names:
         assert f"# TYPE {name} gauge" in lines or f"# TYPE {name} counter" in lines
+
+
+def test_without_ray_the_cluster_names_its_extra(monkeypatch):
+    """`duplex serve --replicas N` without Ray installed refuses with the pip extra to install."""
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(DependencyError, match=r"\.\[cluster\]"):
+        start(AgentConfig(profile="fake"), ClusterOptions(replicas=2))
+
+
+def test_a_bad_replica_count_is_refused_before_ray_starts():
+    """--replicas 0 is a configuration error naming the option, raised before any Ray process starts."""
+    ray = pytest.importorskip("ray")
+    with pytest.raises(ConfigError, match="--replicas must be at least 1"):
+        start(AgentConfig(profile="fake"), ClusterOptions(replicas=0))
+    assert not ray.is_initialized()
