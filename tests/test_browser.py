@@ -222,7 +222,9 @@ async def test_browser_barge_in_mutes_the_agent_at_once(jfk_path, artifacts):
                     reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
 async def test_browser_shows_server_closes_and_reconnects(jfk_path, artifacts):
     """The page shows the agent's state from the moment it connects; when the server closes the
-    session, the page says so and reconnects on its own (a new session)."""
+    session, the page says so and reconnects on its own (a new session), and a reconnection the
+    server refuses (503, full) is reported and tried again until one is accepted. A candidate post
+    the server refuses is reported; a long conversation keeps the page's lists bounded."""
     pytest.importorskip("selenium")
     wav = speech_wav(jfk_path, artifacts)
     async with page_on_server("fake", wav) as (server, driver):
@@ -238,3 +240,46 @@ async def test_browser_shows_server_closes_and_reconnects(jfk_path, artifacts):
              connection: document.getElementById('connection').textContent}""", 30, "a reconnection")
         assert "server closed the session" in page["error"]
         assert len(server.peers) == 1 and first.pc_id not in server.peers
+
+        # A candidate post the server refuses (a wrong session secret: 403) is reported.
+        error = await asyncio.to_thread(driver.execute_script, """return (async () => {
+            const good = window.duplex.secret;
+            window.duplex.secret = 'not-the-secret';
+            pendingCandidates.push({candidate: 'candidate:1 1 udp 2122260223 127.0.0.1 9 typ host',
+                                    sdpMid: '0', sdpMLineIndex: 0});
+            await flushCandidates();
+            window.duplex.secret = good;
+            return document.getElementById('error').textContent; })();""")
+        assert error.startswith("Could not send network candidates to the server:") and "secret" in error
+
+        # The server closes the session and is full when the page comes back: the page says why and
+        # tries again (after 1 s, then 2 s) until the server has room.
+        second, = list(server.peers.values())
+        server.options.max_sessions = 0
+        await second.close("closed by the test")
+        refused = await asyncio.to_thread(_wait, driver, """document.getElementById('error').textContent
+            .includes('Could not connect') && document.getElementById('error').textContent""", 15,
+            "the refused reconnection")
+        assert "at its limit" in refused
+        server.options.max_sessions = 4
+        await asyncio.to_thread(_wait, driver, "window.duplex.messages.filter(m => m.type === "
+                                "'session.created').length >= 3 && window.duplex.reconnects >= 3", 30,
+                                "a reconnection once the server has room")
+        assert len(server.peers) == 1 and second.pc_id not in server.peers
+
+        # A long conversation: the page keeps its last messages, turns and latency rows only.
+        sizes = await asyncio.to_thread(driver.execute_script, """
+            for (let i = 0; i < 1500; i++) {
+              onMessage({type: 'conversation.item.input_audio_transcription.completed', item_id: 'item_t' + i,
+                         transcript: 'hello ' + i});
+              onMessage({type: 'response.created', response_id: 'resp_t' + i});
+              onMessage({type: 'response.done', response_id: 'resp_t' + i, transcript: 'hi ' + i});
+              onMessage({type: 'agent.metric', response_id: 'resp_t' + i, name: 'voice_to_voice_s', value: 0.5});
+            }
+            const d = window.duplex;
+            return {messages: d.messages.length, turns: d.turns.size, replies: d.replies.size,
+                    latency: d.latency.size, shown: document.getElementById('transcript').children.length,
+                    rows: document.querySelector('#latency tbody').children.length,
+                    last: document.getElementById('transcript').lastElementChild.textContent};""")
+        assert sizes["messages"] == 2000 and sizes["shown"] == 200 and sizes["turns"] + sizes["replies"] == 200
+        assert sizes["rows"] == 100 and sizes["latency"] == 100 and "hi 1499" in sizes["last"]

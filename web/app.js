@@ -246,6 +246,7 @@ function onMessage(m) {
       renderReply(r);
       if (r.done && !r.text.trim()) {  // dropped before the LLM said anything: nothing to show
         r.li.remove();
+        duplex.replies.delete(r.id);
       }
       if (m.type === "response.done" && duplex.awaiting && duplex.awaiting.id === m.response_id) duplex.awaiting = null;
       break;
