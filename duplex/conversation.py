@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from duplex.events import INPUT_RATE, Word
-from duplex.stages import Message
+from duplex.stages import Dialogue, Message
 
 
 @dataclass
@@ -64,7 +64,7 @@ class Conversation:
         self.turns: list[UserTurn | AgentTurn] = []
         self._replies: dict[int, AgentTurn] = {}
         self._version = 0  # bumped by every change to what messages() returns
-        self._cached: tuple[int, list[Message]] | None = None
+        self._cached: tuple[int, tuple[Message, ...], tuple[Message, ...]] | None = None
 
     # -- user side ---------------------------------------------------------------------------------
 
@@ -113,15 +113,15 @@ class Conversation:
 
     # -- views -------------------------------------------------------------------------------------
 
-    def messages(self, pending_user_text: str = "") -> list[Message]:
+    def messages(self, pending_user_text: str = "") -> Dialogue:
         """The dialogue for the LLM: user words, and agent words that were heard.
 
         ``pending_user_text`` is the user's turn in progress (it replaces an open user turn).
-        Consecutive messages of one role are merged (chat templates expect alternation).
+        Consecutive messages of one role are merged (chat templates expect alternation). The finished
+        turns are merged once per change of the record: every call until the next change shares one
+        ``settled`` tuple, so a partial costs the same however long the dialogue is.
         """
         if self._cached is None or self._cached[0] != self._version:
-            # the finished turns, merged once per change of the record (a partial does not redo them,
-            # and their strings keep their cached hashes for the LLM's comparison)
             done: list[Message] = []
             for turn in self.turns:
                 if isinstance(turn, UserTurn):
@@ -129,10 +129,13 @@ class Conversation:
                         _add(done, "user", turn.text)
                 elif turn.done:
                     _add(done, "assistant", turn.heard)
-            self._cached = (self._version, done)
-        out = list(self._cached[1])
-        _add(out, "user", pending_user_text)
-        return out
+            self._cached = (self._version, tuple(done[:-1]), tuple(done[-1:]))
+        _, settled, last = self._cached
+        if not pending_user_text:
+            return Dialogue(settled, last)
+        if last and last[0].role == "user":
+            return Dialogue(settled, (Message("user", f"{last[0].content} {pending_user_text}"),))
+        return Dialogue(settled, (*last, Message("user", pending_user_text)))
 
     def to_json(self) -> dict[str, Any]:
         turns: list[dict[str, Any]] = []

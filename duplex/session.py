@@ -43,7 +43,7 @@ from duplex.errors import AudioFormatError
 from duplex.events import INPUT_RATE, Event
 from duplex.playout import Frame, Playout
 from duplex.reply import Reply, TurnTiming
-from duplex.stages import Stages
+from duplex.stages import Message, Stages
 from duplex.turns import (Action, CancelReply, CheckBargeIn, EndTurn, Interrupt, Pause, Phase, Resume,
                           Speculate, TurnPolicy, Withdraw)
 
@@ -518,7 +518,7 @@ class Session:
         else:
             self._emit(event)
 
-    async def _reply_loop(self, handle: Reply, messages: list) -> None:
+    async def _reply_loop(self, handle: Reply, messages: Sequence[Message]) -> None:
         rid, reply, timing = handle.reply_id, handle.record, handle.timing
         tokens = self._llm.reply(messages)
 

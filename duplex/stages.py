@@ -14,9 +14,9 @@ model's ``sample_rate``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, overload, runtime_checkable
 
 import numpy as np
 
@@ -29,6 +29,62 @@ class Message:
 
     role: Literal["user", "assistant"]
     content: str
+
+
+class Dialogue(Sequence[Message]):
+    """An immutable list of messages in two parts, as the conversation record hands them out.
+
+    ``settled`` is every message but the last; it is one tuple, shared by every view of one version of
+    the record (every ASR partial of a turn gets the same object). ``tail`` is the last message, or
+    the last two when the user's turn in progress follows the agent's. A consumer that keeps what it
+    derived from ``settled`` can skip it when the same object comes back, so the work per partial
+    does not grow with the dialogue (the LLM's :class:`~duplex.llm.chat.DialogueTokens` does).
+    """
+
+    __slots__ = ("settled", "tail")
+
+    def __init__(self, settled: tuple[Message, ...], tail: tuple[Message, ...]) -> None:
+        if settled and not tail:
+            raise ValueError("a dialogue's last message belongs to its tail")
+        self.settled = settled
+        self.tail = tail
+
+    def __len__(self) -> int:
+        return len(self.settled) + len(self.tail)
+
+    @overload
+    def __getitem__(self, index: int) -> Message: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Message]: ...
+
+    def __getitem__(self, index: int | slice) -> Message | list[Message]:
+        if isinstance(index, slice):
+            return list(self)[index]
+        n = len(self.settled)
+        if index < 0:
+            index += len(self)
+            if index < 0:
+                raise IndexError("dialogue index out of range")
+        return self.settled[index] if index < n else self.tail[index - n]
+
+    def __iter__(self) -> Iterator[Message]:
+        yield from self.settled
+        yield from self.tail
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Dialogue | list | tuple):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Dialogue({list(self)!r})"
+
+
+def frozen(messages: Sequence[Message]) -> Sequence[Message]:
+    """``messages`` as a value no caller can change later (a :class:`Dialogue` already is one)."""
+    return messages if isinstance(messages, Dialogue | tuple) else tuple(messages)
 
 
 @dataclass(frozen=True, slots=True)

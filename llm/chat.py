@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from duplex.errors import ConfigError
-from duplex.stages import Message
+from duplex.stages import Dialogue, Message, frozen
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,9 @@ class DialogueTokens:
     Segments are recognised by role, a hash of their text and whether they are open, so the text is
     not copied; :meth:`prune` drops the token ids of segments the cache has evicted (they are
     re-tokenised from the latest messages if a rebuild ever needs them), so what is kept per message
-    is a few integers however long the dialogue runs.
+    is a few integers however long the dialogue runs. Given the conversation record's
+    :class:`~duplex.stages.Dialogue`, an update compares only its tail while its settled part is the
+    one seen before: per ASR partial, the work does not grow with the dialogue.
     """
 
     fmt: ChatFormat
@@ -123,28 +125,41 @@ class DialogueTokens:
     starts: list[int] = field(default_factory=list)  # dialogue index of each segment's first token
     length: int = 0
     _messages: Sequence[Message] = ()
+    _settled: tuple[Message, ...] | None = None  # the Dialogue part keys [1, 1 + len) were made from
     _pruned: int = 1  # segments [1, _pruned) may be pruned
 
     def update(self, messages: Sequence[Message], *, open_last: bool = False,
                generation_prompt: bool = False) -> int:
-        self._messages = list(messages)  # references only: for re-tokenising pruned segments
-        keys = [("system", hash(self.system_prompt), False)]
-        keys += [(m.role, hash(m.content), open_last and i == len(messages) - 1) for i, m in enumerate(messages)]
+        # A Dialogue whose `settled` part is the one the keys already hold (every partial of a turn)
+        # is compared from its tail on: the work does not grow with the dialogue. `settled` never
+        # holds the last message, so none of its keys is open.
+        n = len(messages)
+        rest: Sequence[Message]
+        if isinstance(messages, Dialogue) and messages.settled is self._settled:
+            first = len(messages.settled)  # messages [0, first) are known: keys [1, first] hold them
+            base = first + 1  # the index in self.keys of keys[0]
+            keys, rest = [], messages.tail
+        else:
+            first = base = 0
+            keys, rest = [("system", hash(self.system_prompt), False)], messages
+            self._settled = messages.settled if isinstance(messages, Dialogue) else None
+        self._messages = frozen(messages)  # references only: for re-tokenising pruned segments
+        keys += [(m.role, hash(m.content), open_last and i == n - 1) for i, m in enumerate(rest, start=first)]
         if generation_prompt:
             keys.append(("generation", 0, False))
-        same = 0
-        while same < min(len(keys), len(self.keys)) and keys[same] == self.keys[same]:
+        same = base
+        while same - base < len(keys) and same < len(self.keys) and keys[same - base] == self.keys[same]:
             same += 1
         old = self.segments[same] if same < len(self.segments) else None
         del self.keys[same:], self.segments[same:], self.sizes[same:], self.starts[same:]
         self._pruned = min(self._pruned, max(1, same))
         self.length = self.starts[-1] + self.sizes[-1] if self.starts else 0
         first_change = self.length
-        for i, key in enumerate(keys[same:]):
+        for i, key in enumerate(keys[same - base:]):
             seg = self._encode(same + i, key)
             if i == 0 and old is not None:
-                n = min(len(old), len(seg))
-                first_change += int(np.argmin(np.append(old[:n] == seg[:n], False)))
+                n_old = min(len(old), len(seg))
+                first_change += int(np.argmin(np.append(old[:n_old] == seg[:n_old], False)))
             self.keys.append(key)
             self.segments.append(seg)
             self.sizes.append(len(seg))

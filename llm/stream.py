@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from duplex.llm.context import SinkContext
 from duplex.llm.engine import DecodeRequest, Draw, TextDecoder, token_probability
 from duplex.llm.speech_text import SpeechText
-from duplex.stages import Message
+from duplex.stages import Message, frozen
 
 if TYPE_CHECKING:
     from duplex.llm.model import SinkLLM
@@ -84,7 +84,7 @@ class SinkLLMStream:
 
     async def listen(self, messages: Sequence[Message]) -> float | None:
         self._check_open()
-        return await self.model.scheduler.run(self._listen, list(messages))
+        return await self.model.scheduler.run(self._listen, frozen(messages))
 
     async def reply(self, messages: Sequence[Message]) -> AsyncIterator[str]:
         self._check_open()
@@ -94,7 +94,7 @@ class SinkLLMStream:
         speech = SpeechText()
         row = None
         try:
-            done, text = await scheduler.run(self._reply_start, reply, list(messages))
+            done, text = await scheduler.run(self._reply_start, reply, frozen(messages))
             while True:
                 if not done and row is None:  # decode ahead while the consumer takes this piece
                     row = scheduler.join((self, reply), room=TOKENS_AHEAD)
@@ -120,7 +120,7 @@ class SinkLLMStream:
             return True  # nothing was said: keep talking
         if len(words) > self.model.settings.backchannel_max_words:
             return False
-        return await self.model.scheduler.run(self._backchannel, list(messages), " ".join(words), urgent=True)
+        return await self.model.scheduler.run(self._backchannel, frozen(messages), " ".join(words), urgent=True)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -136,7 +136,7 @@ class SinkLLMStream:
             self._ctx = self.model.new_context(self.system_prompt)
         return self._ctx
 
-    def _listen(self, messages: list[Message]) -> float | None:
+    def _listen(self, messages: Sequence[Message]) -> float | None:
         start = time.perf_counter()
         try:
             return self._listen_now(messages)
@@ -144,7 +144,7 @@ class SinkLLMStream:
             self._listens += 1
             self._listen_s += time.perf_counter() - start
 
-    def _listen_now(self, messages: list[Message]) -> float | None:
+    def _listen_now(self, messages: Sequence[Message]) -> float | None:
         ctx = self._context()
         fmt = self.model.format
         if not messages or messages[-1].role != "user":
@@ -165,7 +165,7 @@ class SinkLLMStream:
         settings = self.model.settings
         return Draw(settings.temperature, settings.top_p, settings.seed, self._draws, settings.fixed_length)
 
-    def _reply_start(self, reply: _Reply, messages: list[Message]) -> tuple[bool, str]:
+    def _reply_start(self, reply: _Reply, messages: Sequence[Message]) -> tuple[bool, str]:
         """Prefill up to the generation prompt and sample the first token: (finished, new text)."""
         if self._active is not reply:
             return True, ""  # closed or superseded while this job waited
@@ -197,7 +197,7 @@ class SinkLLMStream:
         reply.count += 1
         return reply.count >= self.model.settings.max_reply_tokens, reply.decoder.push(token)
 
-    def _backchannel(self, messages: list[Message], text: str) -> bool:
+    def _backchannel(self, messages: Sequence[Message], text: str) -> bool:
         ctx = self._context()
         fmt = self.model.format
         if self._active is None and ctx.open_role != "assistant":

@@ -162,3 +162,90 @@ async def test_change_before_the_window_rebuilds_from_recent_messages(make_llm):
     assert max_kv_diff(ctx, fresh.context) < 1e-5
     await stream.aclose()
     await fresh.aclose()
+
+
+def _dialogue_script(conv):
+    """A long dialogue as the session drives the record: partials of each user turn, its end, a reply
+    heard in part or whole, now and then a reply dropped unheard (the user's turn reopens and merges).
+    Yields (messages handed to the LLM, open_last, generation_prompt)."""
+    from duplex.events import Word
+
+    rid = 0
+    for turn in range(40):
+        words = f"turn {turn} could you tell me the weather near the river".split()
+        for i in range(1, len(words) + 1, 3):
+            yield conv.messages(" ".join(words[:i])), True, False
+        conv.user_turn_ended(" ".join(words), 0, 1, 0.0)
+        rid += 1
+        reply = conv.reply_started(rid, turn, 24000, 0.0)
+        yield conv.messages(), False, True
+        if turn % 7 == 3:  # dropped before a word was heard: the next words join this user turn
+            conv.reply_cancelled_unheard(rid)
+            yield conv.messages("and tomorrow"), True, False
+            conv.user_turn_ended(" ".join(words) + " and tomorrow", 0, 1, 0.0)
+            rid += 1
+            reply = conv.reply_started(rid, turn, 24000, 0.0)
+        reply.text = f"reply {rid} it will be sunny all day long"
+        reply.words = [Word(w, k * 1000, (k + 1) * 1000) for k, w in enumerate(reply.text.split())]
+        reply.played = 4000 if turn % 3 == 0 else 10**9  # interrupted after four words, or heard whole
+        conv.reply_closed(rid, interrupted=turn % 3 == 0)
+        yield conv.messages(), False, False
+
+
+def test_dialogue_tail_updates_equal_full_updates(make_llm):
+    """The record's Dialogue lets the LLM compare only its tail while its settled part is the one
+    seen before; over a long dialogue (partials, interruptions, a reply dropped unheard) every update
+    gives the same first change, keys and token ids as comparing the whole dialogue each time."""
+    from duplex.conversation import Conversation
+    from duplex.llm.chat import DialogueTokens
+    from duplex.stages import Dialogue
+
+    fmt = make_llm("qwen2", window=192).format
+    fast, full = DialogueTokens(fmt, SHORT_SYSTEM), DialogueTokens(fmt, SHORT_SYSTEM)
+    steps = 0
+    for messages, open_last, gen in _dialogue_script(Conversation()):
+        assert isinstance(messages, Dialogue)
+        got = fast.update(messages, open_last=open_last, generation_prompt=gen)
+        want = full.update(list(messages), open_last=open_last, generation_prompt=gen)
+        assert got == want
+        assert fast.keys == full.keys and fast.starts == full.starts and fast.length == full.length
+        fast.prune(fast.length // 2)
+        full.prune(full.length // 2)
+        assert (fast.ids(fast.length // 2) == full.ids(full.length // 2)).all()
+        steps += 1
+    assert steps > 200
+
+
+def test_a_partial_does_not_walk_the_dialogue(make_llm):
+    """Per ASR partial the work does not grow with the dialogue: the record hands out one settled
+    tuple per version, and the LLM's dialogue never iterates it again once it has seen it."""
+    from duplex.conversation import Conversation
+    from duplex.events import Word
+    from duplex.llm.chat import DialogueTokens
+    from duplex.stages import Dialogue
+
+    class Walked(tuple):  # a settled part that counts how often it is walked
+        walks = 0
+
+        def __iter__(self):
+            Walked.walks += 1
+            return super().__iter__()
+
+    conv = Conversation()
+    for i in range(300):
+        conv.user_turn_ended(f"question {i}", 0, 1, 0.0)
+        reply = conv.reply_started(i, i, 24000, 0.0)
+        reply.words, reply.played = [Word("answer", 0, 1000), Word(str(i), 1000, 2000)], 2000
+        conv.reply_closed(i, interrupted=False)
+    first, second = conv.messages("what about"), conv.messages("what about now")
+    assert first.settled is second.settled and len(first) == 601
+
+    tokens = DialogueTokens(make_llm("qwen2", window=192).format, SHORT_SYSTEM)
+    settled = Walked(first.settled)
+    tokens.update(Dialogue(settled, first.tail), open_last=True)
+    walks = Walked.walks
+    assert walks >= 1
+    for words in ("what about now", "what about now then", "what about the river"):
+        first_change = tokens.update(Dialogue(settled, (first.tail[0], Message("user", words))), open_last=True)
+        assert first_change > tokens.starts[-1]  # only the open user message changed
+    assert Walked.walks == walks
