@@ -71,6 +71,11 @@ async def _replicas(url: str) -> dict[str, dict]:
     return {r["name"]: r for r in body["replicas"]}
 
 
+def _replicas_now(url: str) -> dict[str, dict]:
+    """:func:`_replicas`, from a test that is not a coroutine."""
+    return asyncio.run(_replicas(url))
+
+
 async def _until(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -195,7 +200,9 @@ async def test_a_dead_replica_ends_only_its_own_sessions(cluster):
 
 def test_the_page_talks_through_the_ingress(cluster, jfk_path, artifacts):
     """Headless Chromium opens the page from the cluster's ingress and converses with a replica:
-    the user's transcript and a complete reply reach the page, and its audio element plays."""
+    the user's transcript and a complete reply reach the page, and its audio element plays. Then
+    that replica's process is killed: the page says its session was lost and reconnects, through
+    the ingress, to a replica that is up (the other, or the killed one once Ray has restarted it)."""
     from pathlib import Path
 
     from tests.test_browser import CHROMEDRIVER, CHROMIUM, _driver, _wait
@@ -220,10 +227,27 @@ def test_the_page_talks_through_the_ingress(cluster, jfk_path, artifacts):
         page = driver.execute_script("""return {pc: window.duplex.pcId,
             playing: !document.getElementById('agent-audio').paused,
             peak: window.duplex.stats.peakAudioLevel}""")
+        assert page["pc"].split(".")[0] in ("agent-0", "agent-1")
+        assert page["playing"] and page["peak"] > 0
+
+        import ray
+
+        owner = page["pc"].split(".")[0]
+        name = cluster.handle(owner).actor_name.remote().result()
+        killed = time.monotonic()
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        back = _wait(driver, """window.duplex.reconnects >= 1 && window.duplex.pcId && window.duplex.dc &&
+            window.duplex.dc.readyState === 'open' && {pc: window.duplex.pcId,
+            error: document.getElementById('error').textContent}""", 60, "the page to reconnect")
+        print(f"page back on {back['pc']} {time.monotonic() - killed:.1f} s after its replica was killed: "
+              f"{back['error']}")
+        # A new session, on a replica that is up: the other one, or the killed one if Ray has
+        # restarted it by then (both have two free seats; with the killed one gone the only choice)
+        assert back["pc"] != page["pc"] and "lost this session" in back["error"]
+        up = {name for name, r in _replicas_now(cluster.url).items() if r.get("up")}
+        assert back["pc"].split(".")[0] in up
         (artifacts / "messages.json").write_text(json.dumps(driver.execute_script("return window.duplex.messages")))
         driver.find_element("id", "disconnect").click()
     finally:
         driver.quit()
         shutil.rmtree(profile_dir, ignore_errors=True)
-    assert page["pc"].split(".")[0] in ("agent-0", "agent-1")
-    assert page["playing"] and page["peak"] > 0

@@ -118,6 +118,7 @@ async function open() {
     setConnection(s, s === "connected" ? "connected" : (s === "failed" ? "failed" : ""));
     if (duplex.pc !== pc) return;
     if (s === "failed") failed("The connection failed.");
+    else if (s === "disconnected") checkSession(pc);
     else if (s === "closed") disconnect("");
   };
   setConnection("connecting...");
@@ -163,6 +164,27 @@ async function flushCandidates() {
     }
   } catch (err) {
     showError("Could not send network candidates to the server: " + err.message);
+  }
+}
+
+// A connection gone quiet may be a network blip, or its server may be gone (in a cluster, a replica
+// that died; the browser's own checks take up to half a minute to give up): ask the server, and
+// start over at once when it no longer has the session.
+async function checkSession(pc) {
+  const pcId = duplex.pcId;
+  if (!pcId) return;
+  let res;
+  try {
+    res = await fetch("api/offer", {method: "PATCH", headers: apiHeaders(),
+                                    body: JSON.stringify({pc_id: pcId, secret: duplex.secret, candidates: []})});
+  } catch (err) {
+    if (duplex.pc === pc) failed("Lost the server (" + err.message + ").");
+    return;
+  }
+  if (duplex.pc !== pc || pc.connectionState === "connected") return;
+  if (res.status === 404 || res.status === 503) {
+    const body = await res.json().catch(() => ({}));
+    failed("The server lost this session: " + (body.error || ("HTTP " + res.status)) + ".");
   }
 }
 
