@@ -149,6 +149,12 @@ function apiHeaders() {
   return h;
 }
 
+// Candidates for this page's connection (none: only asks whether the server still has it).
+function patchCandidates(candidates) {
+  return fetch("api/offer", {method: "PATCH", headers: apiHeaders(),
+                             body: JSON.stringify({pc_id: duplex.pcId, secret: duplex.secret, candidates})});
+}
+
 async function flushCandidates() {
   candidateTimer = null;
   if (!duplex.pcId || !pendingCandidates.length) return;
@@ -156,8 +162,7 @@ async function flushCandidates() {
     candidate: c.candidate, sdp_mid: c.sdpMid, sdp_mline_index: c.sdpMLineIndex,
   }));
   try {
-    const res = await fetch("api/offer", {method: "PATCH", headers: apiHeaders(),
-                                          body: JSON.stringify({pc_id: duplex.pcId, secret: duplex.secret, candidates})});
+    const res = await patchCandidates(candidates);
     if (!res.ok) {
       const body = await res.json().catch(() => ({}));
       throw new Error(body.error || ("HTTP " + res.status));
@@ -171,12 +176,10 @@ async function flushCandidates() {
 // that died; the browser's own checks take up to half a minute to give up): ask the server, and
 // start over at once when it no longer has the session.
 async function checkSession(pc) {
-  const pcId = duplex.pcId;
-  if (!pcId) return;
+  if (!duplex.pcId) return;
   let res;
   try {
-    res = await fetch("api/offer", {method: "PATCH", headers: apiHeaders(),
-                                    body: JSON.stringify({pc_id: pcId, secret: duplex.secret, candidates: []})});
+    res = await patchCandidates([]);
   } catch (err) {
     if (duplex.pc === pc) failed("Lost the server (" + err.message + ").");
     return;
