@@ -12,7 +12,8 @@ from typing import Any
 
 from duplex.cluster.app import ClusterOptions, build
 from duplex.config import AgentConfig
-from duplex.errors import ConfigError, DependencyError, UserError
+from duplex.errors import ConfigError, UserError
+from duplex.requirements import import_extra
 
 log = logging.getLogger(__name__)
 
@@ -21,15 +22,9 @@ PASSED_ENV = ("DUPLEX_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE
 
 
 def _ray() -> Any:
-    try:
-        import ray
-        from ray import serve  # noqa: F401
-    except ImportError as exc:
-        raise DependencyError("duplex serve --replicas runs on Ray Serve, which is not installed: "
-                              "pip install -e '.[cluster]'") from exc
-    from duplex.requirements import require
+    import_extra("ray.serve", "duplex serve --replicas")
+    import ray
 
-    require("ray")
     return ray
 
 

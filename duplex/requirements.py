@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from importlib import metadata
+from types import ModuleType
 
 from duplex.errors import DependencyError
 
@@ -99,3 +101,16 @@ def missing_module(exc: ModuleNotFoundError, what: str = "this command") -> Depe
                                f"pip install -e '.[{extra}]' (it enables {WHAT_EXTRAS_ENABLE[extra]})")
     return DependencyError(f"{what} needs the Python package {name!r}, which is not installed: pip install -e . "
                            "installs duplex's dependencies")
+
+
+def import_extra(module: str, what: str) -> ModuleType:
+    """Import ``module`` (of an optional extra) for ``what``: a missing package is an error naming
+    the extra to install, one older than its floor is refused."""
+    top = module.split(".")[0]
+    try:
+        importlib.import_module(top)  # first: a submodule imported before is found without its package
+        imported = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        raise missing_module(exc, what) from exc
+    require(top)
+    return imported

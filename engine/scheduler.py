@@ -10,8 +10,9 @@ reach the model in two ways:
   stepped until it catches up. :meth:`Scheduler.submit` is a row that leaves after one output.
 - **Jobs** (:meth:`Scheduler.run`): one-off work for one session (an LLM prefill while the user
   speaks, a backchannel check, the start of a TTS reply). *Urgent* jobs (barge-in checks) run at the
-  start of the next tick, before the step; the others after it, at most ``job_budget`` cost units
-  (prompt tokens, say) per tick while rows are waiting, so a long listen never stalls a reply.
+  start of the next tick, before the step; the others after it, at most ``job_budget`` jobs per
+  tick while rows are waiting, so a burst of listens never stalls a reply. A job runs whole in its
+  tick: listens stay short because each prefills only the words new since the last one.
 
 Scheduling is deadline-aware: when more rows are ready than ``max_batch``, the rows whose consumers
 run dry soonest (the smallest ``deadline``, a loop time) go first. A step that raises is re-run for
@@ -75,7 +76,6 @@ class _Job:
     fn: Callable[..., Any]
     args: tuple
     future: asyncio.Future
-    cost: int
 
 
 class Scheduler(Generic[S, Out]):
@@ -143,11 +143,11 @@ class Scheduler(Generic[S, Out]):
 
     # -- jobs --------------------------------------------------------------------------------------
 
-    def run(self, fn: Callable[..., T], *args: Any, urgent: bool = False, cost: int = 1) -> asyncio.Future[T]:
+    def run(self, fn: Callable[..., T], *args: Any, urgent: bool = False) -> asyncio.Future[T]:
         """Queue ``fn(*args)`` for the worker thread between steps (urgent: before the next step), in
         call order; await the returned future for its result (cancelling it drops a job not started)."""
         loop = self._ensure_running()
-        job = _Job(fn, args, loop.create_future(), max(1, int(cost)))
+        job = _Job(fn, args, loop.create_future())
         (self._urgent if urgent else self._jobs).append(job)
         self._kick()
         return job.future
@@ -175,18 +175,10 @@ class Scheduler(Generic[S, Out]):
         ready = sorted((r for r in self._rows if r.wants_step), key=lambda r: r.deadline)[: self.max_batch]
         busy = bool(self._rows)  # rows are active: keep ticks short
         jobs: list[_Job] = []
-        spent = 0
-        while self._jobs:
-            job = self._jobs[0]
-            if job.future.done():  # its caller was cancelled while it waited
-                self._jobs.popleft()
-                continue
-            if jobs and busy and spent + job.cost > self.job_budget:
-                break
-            jobs.append(self._jobs.popleft())
-            spent += job.cost
-            if busy and spent >= self.job_budget:
-                break
+        while self._jobs and not (busy and len(jobs) >= self.job_budget):
+            job = self._jobs.popleft()
+            if not job.future.done():  # done: its caller was cancelled while it waited
+                jobs.append(job)
         return urgent, ready, jobs
 
     async def _dispatch(self) -> None:

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from duplex.errors import DependencyError
+from duplex.requirements import import_extra
 
 RATE = 16_000
 BLOCK = 320  # 20 ms
@@ -49,15 +49,7 @@ class Canceller(Protocol):
 
 
 def _livekit_rtc() -> Any:
-    try:
-        from livekit import rtc
-    except ImportError as exc:
-        raise DependencyError("the echo canceller of duplex mic is WebRTC's, from the livekit package, "
-                              "which is not installed: pip install -e '.[mic]'") from exc
-    from duplex.requirements import require
-
-    require("livekit")
-    return rtc
+    return import_extra("livekit.rtc", "the echo canceller of duplex mic")
 
 
 class WebRtcCanceller:
