@@ -196,6 +196,7 @@ class LeanDecoder:
         table = torch.arange(self.positions + 1, device=self.device)[None]
         cos, sin = inner.rotary_emb(weight.new_zeros(1, dtype=self.dtype), position_ids=table)
         self.cos, self.sin = cos[0], sin[0]  # [P + 1, D]
+        self._key_index = table[0]  # [P + 1]: arange, sliced by decode steps (a captured step allocates nothing)
 
     def new_kv(self, slots: int, positions: int | None = None) -> SlotKV:
         """Zeroed K/V for ``slots`` rows of ``positions`` positions (each plus scratch)."""
@@ -269,10 +270,8 @@ class LeanDecoder:
         return self.forward(x[:, None], positions[:, None], kv, slice(0, b), row_range, length, mask)[:, 0]
 
     def key_index(self, length: int) -> torch.Tensor:
-        """``arange(length)`` (one allocation per engine, sliced, so captured steps allocate nothing)."""
-        import torch
-
-        cached = getattr(self, "_key_index", None)
-        if cached is None or cached.shape[0] < length:
-            cached = self._key_index = torch.arange(max(length, self.positions + 1), device=self.device)
-        return cached[:length]
+        """``arange(length)``: a slice of one table made at load, so the first call of a step runs the
+        same ops as every later one (what a captured graph replays)."""
+        if length > self._key_index.shape[0]:
+            raise ValueError(f"attention over {length} positions; this decoder holds {self._key_index.shape[0]}")
+        return self._key_index[:length]

@@ -1,0 +1,170 @@
+"""The steps the engines capture as CUDA graphs can be replayed: checked on the CPU, op by op.
+
+No GPU runs these tests. A captured graph replays the kernels of one call with their addresses,
+shapes and Python arguments fixed, so each test drives an engine through real sessions and checks
+two things with :class:`graph_safety.StepTrace`. First, every later call of a (bucket, length)
+runs what the first one ran, reading the same buffers. Second, no call syncs with the host, draws
+from a generator, makes a tensor from host data, or makes a shape that depends on data. These
+tests guard the code path a GPU takes, which the CPU runs eagerly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from duplex.engine.graphs import BucketedStep
+from duplex.llm.engine import DecodeRequest, Draw
+from duplex.stages import Message
+from graph_safety import StepTrace
+from llm_fixtures import ARCHS, SHORT_SYSTEM, make_llm, tiny_checkpoints, single_torch_thread  # noqa: F401
+from tts_fixtures import jfk24, make_engine, one_torch_thread, tiny_tts_checkpoint, voice_a  # noqa: F401
+
+
+def test_the_check_catches_what_a_replay_would_get_wrong():
+    """The check itself: a step that syncs with the host, masks by value, builds a tensor from a
+    Python list, draws from torch's generator, or reads a buffer replaced between calls is caught,
+    each with its reason. A step that only reads its static buffers passes."""
+    buf = {"x": torch.arange(8.0), "out": torch.zeros(8)}
+    calls = {"n": 0}
+
+    def clean(b: int, length: int) -> None:
+        buf["out"][:b] = buf["x"][:b] * 2
+
+    def syncs(b: int, length: int) -> None:
+        buf["out"][:b] = buf["x"][:b] * float(buf["x"][0])
+
+    def masks(b: int, length: int) -> None:
+        x = buf["x"][:b]
+        buf["out"][: int((x > 2).sum())] = x[x > 2]
+
+    def host_list(b: int, length: int) -> None:
+        buf["out"][:b] = buf["x"][:b] + torch.tensor([1.0] * b)
+
+    def draws(b: int, length: int) -> None:
+        buf["out"][:b] = torch.rand(b)
+
+    def replaced(b: int, length: int) -> None:
+        calls["n"] += 1
+        buf["x"] = buf["x"].clone()  # a new tensor: a captured graph would still read the old one
+        buf["out"][:b] = buf["x"][:b] + 1
+
+    def python_number(b: int, length: int) -> None:
+        calls["n"] += 1
+        buf["out"][:b] = buf["x"][:b] + calls["n"]  # baked into the graph at capture
+
+    expected = {clean: None, syncs: "host sync", masks: "depends on data", host_list: "host data",
+                draws: "random generator", replaced: "differs from call 1", python_number: "differs from call 1"}
+    for fn, why in expected.items():
+        step = BucketedStep("check", fn, (4,), (16,), device="cpu", graphs=False)
+        trace = StepTrace(step)
+        with torch.inference_mode():  # as the engines run their steps
+            for _ in range(3):
+                step.run(3, 10)
+        problems = trace.problems()
+        if why is None:
+            assert problems == [] and trace.repeated == 2, problems
+        else:
+            assert problems and any(why in p for p in problems), (fn.__name__, problems)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_llm_decode_step_replays(make_llm, arch):
+    """LLM decode steps with sessions at different positions and with different draws (greedy,
+    sampled, with stop tokens banned or not), in batches of 1-3 rows of a bucket of 4, and with
+    the stop tokens changed between steps. Every call of a bucket runs the same ops on the same
+    buffers, and none is forbidden."""
+    llm = make_llm(arch, window=64, slots=4)
+    engine = llm.engine
+    trace = StepTrace(engine.graphs)
+    try:
+        g = torch.Generator().manual_seed(1)
+        slots = [engine.new_slot() for _ in range(3)]
+        last = []
+        for slot, n in zip(slots, (5, 17, 30)):
+            logits = engine.prefill(slot, torch.randint(0, engine.vocab, (n,), generator=g).tolist())
+            last.append(engine.sample(logits, Draw(0.0, 1.0, 0, 0)))
+        draws = [Draw(0.0, 1.0, 0, 0), Draw(0.9, 0.8, 7, 0, ban_stop=True), Draw(1.2, 1.0, 3, 0)]
+        groups = [[0], [0, 1], [0, 1, 2], [1, 2], [2], [0, 2], [0, 1, 2]]
+        for step, group in enumerate(groups):
+            if step == 3:
+                engine.set_stop_ids([1, 2, 3])
+            requests = [DecodeRequest(slots[i], last[i], Draw(d.temperature, d.top_p, d.seed, step + 1, d.ban_stop))
+                        for i, d in ((i, draws[i]) for i in group)]
+            for i, token in zip(group, engine.decode(requests)):
+                slots[i].length += 1
+                last[i] = token
+        for slot in slots:
+            engine.release(slot)
+    finally:
+        trace.restore()
+    assert trace.repeated >= 4 and len(trace.calls) >= 2  # buckets 1, 2 and 4, each seen again
+    assert trace.fewest_ops > 50  # every layer's ops were seen (the step runs under inference mode)
+    assert trace.problems() == []
+
+
+def test_llm_replies_through_the_scheduler_replay(make_llm):
+    """Replies decoded through the scheduler, across evictions and rollbacks (the window is
+    small): all of them run in one bucket, and every call matches the first."""
+    llm = make_llm("qwen2", window=96, max_reply_tokens=30, temperature=0.8, slots=2)
+    trace = StepTrace(llm.engine.graphs)
+
+    async def main():
+        streams = [llm.new_stream(SHORT_SYSTEM) for _ in range(2)]
+        dialogues = [[Message("user", "tell me about the train")], [Message("user", "what is the weather")]]
+        for _ in range(3):
+            texts = await asyncio.gather(*(_speak(s, d) for s, d in zip(streams, dialogues)))
+            for dialogue, text, stream in zip(dialogues, texts, streams):
+                dialogue += [Message("assistant", text[: len(text) // 2]), Message("user", "go on")]
+                await stream.listen(dialogue)
+        evictions = [s.context.evictions for s in streams]
+        for s in streams:
+            await s.aclose()
+        return evictions
+
+    try:
+        evictions = asyncio.run(main())
+    finally:
+        trace.restore()
+    assert min(evictions) >= 1 and trace.repeated >= 50 and trace.fewest_ops > 50
+    assert trace.problems() == []
+
+
+async def _speak(stream, dialogue) -> str:
+    return "".join([piece async for piece in stream.reply(dialogue)])
+
+
+def test_tts_frame_step_replays(make_engine, voice_a):
+    """TTS frame steps (backbone, the depth decoder unrolled over every codebook, top-k sampling)
+    for replies with and without a voice prompt, different seeds, joining and ending at different
+    steps: every call of a (bucket, attention length) runs the same ops on the same buffers, and
+    none is forbidden."""
+    from duplex.tts.engine import Sampling
+    from duplex.tts.voice import check_voice
+
+    engine = make_engine(sampling=Sampling(), slots=4)
+    voice = engine.encode_voice(check_voice(voice_a), voice_a.text)
+    trace = StepTrace(engine.graphs)
+    try:
+        plan = [("Hello there, how are you?", 8, 0), ("A second voice speaks here.", 4, 0),
+                ("Third one joins later on.", 6, 2)]
+        replies = [engine.new_reply(voice if i % 2 else None, seed=i + 1, chunk_frames=2) for i in range(len(plan))]
+        started, done = [False] * len(plan), [False] * len(plan)
+        t = 0
+        while not all(done):
+            for i, (text, frames, start) in enumerate(plan):
+                if not started[i] and t >= start:
+                    engine.begin_segment(replies[i], text, frames, stop_at_eos=False)
+                    started[i] = True
+            live = [replies[i] for i in range(len(plan)) if started[i] and not done[i]]
+            for reply, step in zip(live, engine.step_frames(live)):
+                done[replies.index(reply)] = step.done
+            t += 1
+        for reply in replies:
+            engine.release(reply)
+    finally:
+        trace.restore()
+    assert trace.repeated >= 5 and trace.fewest_ops > 100
+    assert trace.problems() == []
