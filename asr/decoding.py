@@ -14,13 +14,14 @@ decoding state, so the next utterance decodes from a clean start.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
 Tokens = list[tuple[int, int]]  # (frame within the chunk, token id)
+Commit = Callable[[], None]  # writes the state a step computed into the sessions' slots
 
 
 class RNNTGreedy:
@@ -63,7 +64,16 @@ class RNNTGreedy:
 
     def decode(self, encoded: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, *,
                commit: bool) -> list[Tokens]:
-        """``encoded`` [B, D, T]; ``valid`` [B, T] bool: frames to decode (others are skipped)."""
+        """``encoded`` [B, D, T]; ``valid`` [B, T] bool: frames to decode (others are skipped); with
+        ``commit`` the sessions' decoding state advances."""
+        tokens, apply = self.decode_pending(encoded, slots, valid)
+        if commit:
+            apply()
+        return tokens
+
+    def decode_pending(self, encoded: torch.Tensor, slots: torch.Tensor,
+                       valid: torch.Tensor) -> tuple[list[Tokens], Commit]:
+        """:meth:`decode`, and the call that advances the sessions' state (nothing is written before)."""
         import torch
 
         batch, _, frames = encoded.shape
@@ -98,11 +108,12 @@ class RNNTGreedy:
                 h = torch.where(keep.view(1, -1, 1), h_new, h)
                 c = torch.where(keep.view(1, -1, 1), c_new, c)
                 active = keep
-        if commit:
+        def apply() -> None:
             self.g.index_copy_(0, slots, g)
             self.h.index_copy_(1, slots, h)
             self.c.index_copy_(1, slots, c)
-        return out
+
+        return out, apply
 
 
 class CTCGreedy:
@@ -125,9 +136,17 @@ class CTCGreedy:
 
     def decode(self, encoded: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, *,
                commit: bool) -> list[Tokens]:
+        tokens, apply = self.decode_pending(encoded, slots, valid)
+        if commit:
+            apply()
+        return tokens
+
+    def decode_pending(self, encoded: torch.Tensor, slots: torch.Tensor,
+                       valid: torch.Tensor) -> tuple[list[Tokens], Commit]:
         labels = self.ctc_decoder(encoder_output=encoded).argmax(dim=-1).tolist()  # [B, T]
         valid_rows = valid.tolist()
         out: list[Tokens] = []
+        last: dict[int, int] = {}
         for b, slot in enumerate(slots.tolist()):
             prev, tokens = self.prev[slot], []
             for t, (k, ok) in enumerate(zip(labels[b], valid_rows[b])):
@@ -137,6 +156,10 @@ class CTCGreedy:
                     tokens.append((t, k))
                 prev = self.blank if k in self.reset_ids else k
             out.append(tokens)
-            if commit:
+            last[slot] = prev
+
+        def apply() -> None:
+            for slot, prev in last.items():
                 self.prev[slot] = prev
-        return out
+
+        return out, apply

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from duplex.asr.decoding import Commit
 from duplex.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -182,11 +183,11 @@ def pre_encode(encoder, plan: ChunkPlan, mel: torch.Tensor, first: bool) -> torc
     return x if first else x[:, plan.drop:]
 
 
-def encode(encoder, pool: CachePool, x: torch.Tensor, slots: torch.Tensor, *, commit: bool) -> torch.Tensor:
+def encode(encoder, pool: CachePool, x: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, Commit]:
     """Run the conformer layers on pre-encoded frames ``x`` [B, T, d_model] of the sessions in ``slots``.
 
-    Returns the encoder output [B, d_model, T]. With ``commit`` the sessions' caches advance by the
-    chunk; without it (a provisional look at a partial chunk) they are left as they were.
+    Returns the encoder output [B, d_model, T] and the call that advances the sessions' caches by the
+    chunk (nothing is written before it; a provisional look at a partial chunk never calls it).
     """
     import torch
 
@@ -197,11 +198,13 @@ def encode(encoder, pool: CachePool, x: torch.Tensor, slots: torch.Tensor, *, co
     out = encoder.forward_internal(x, n, cache_last_channel=channel, cache_last_time=time,
                                    cache_last_channel_len=length, bypass_pre_encode=True)
     encoded, _, channel, time, length = encoder.streaming_post_process(out, keep_all_outputs=True)
-    if commit:
+
+    def apply() -> None:
         pool.channel.index_copy_(1, slots, channel.to(pool.dtype))
         pool.time.index_copy_(1, slots, time.to(pool.dtype))
         pool.length.index_copy_(0, slots, length.to(torch.int64))
-    return encoded
+
+    return encoded, apply
 
 
 class NemoLayers:
@@ -211,5 +214,5 @@ class NemoLayers:
         self.encoder = encoder
         self.pool = CachePool(encoder, plan, capacity, device, dtype)
 
-    def encode(self, x: torch.Tensor, slots: torch.Tensor, *, commit: bool) -> torch.Tensor:
-        return encode(self.encoder, self.pool, x, slots, commit=commit)
+    def encode(self, x: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, Commit]:
+        return encode(self.encoder, self.pool, x, slots)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from duplex.asr.decoding import Commit
 from duplex.asr.encoder import ChunkPlan
 
 if TYPE_CHECKING:
@@ -99,9 +100,10 @@ class KVEncoder:
             self._positions[frames] = cached
         return cached
 
-    def encode(self, x: torch.Tensor, slots: torch.Tensor, *, commit: bool) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, Commit]:
         """Pre-encoded frames ``x`` [B, T, d_model] of the sessions in ``slots`` to encoder output
-        [B, d_model, T]; with ``commit`` their caches advance by the chunk."""
+        [B, d_model, T], and the call that advances their caches by the chunk (nothing is written
+        before it)."""
         import torch
 
         enc, pool, left = self.encoder, self.pool, self.plan.cache_channel
@@ -128,16 +130,17 @@ class KVEncoder:
             residual = residual + h
             residual = residual + layer.feed_forward2(layer.norm_feed_forward2(residual)) * layer.fc_factor
             x = layer.norm_out(residual)
-            if commit:
-                new_k.append(k_all[:, -left:])
-                new_v.append(v_all[:, -left:])
-                new_time.append(time_cache)
-        if commit:
+            new_k.append(k_all[:, -left:])
+            new_v.append(v_all[:, -left:])
+            new_time.append(time_cache)
+
+        def apply() -> None:
             pool.k.index_copy_(1, slots, torch.stack(new_k))
             pool.v.index_copy_(1, slots, torch.stack(new_v))
             pool.time.index_copy_(1, slots, torch.stack(new_time))
             pool.length.index_copy_(0, slots, torch.clamp(length + frames, max=left))
-        return x.transpose(1, 2)
+
+        return x.transpose(1, 2), apply
 
 
 def _attention(attn, h: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p: torch.Tensor,

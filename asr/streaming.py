@@ -93,9 +93,10 @@ class StreamingASR:
             self.decoder = self._make_decoder(model, capacity)
         if device.startswith("cuda"):
             torch.cuda.synchronize()  # the worker thread runs on a stream of its own
-        # The step commits each session's state as it goes: a failed batch is not re-run row by row.
+        # The step commits every session's state only once the whole batch has run, so the scheduler
+        # re-runs a failed batch row by row and only the failing session gets the error.
         self._batch: Scheduler[SessionState, StepResult] = Scheduler(name, self._step, device=device,
-                                                                     max_batch=max_batch, isolate_failures=False)
+                                                                     max_batch=max_batch)
         self._free: list[int] = []
         self._next_slot = 0
 
@@ -187,8 +188,9 @@ class StreamingASR:
             for s in fresh:
                 s.fresh = False
 
-    def _new_mel(self, states: Sequence[SessionState], counts: Sequence[int], *, commit: bool) -> list[torch.Tensor]:
-        """The next ``counts[i]`` log-mel frames of each session, [n_mels, count] float32."""
+    def _new_mel(self, states: Sequence[SessionState], counts: Sequence[int]) -> list[torch.Tensor]:
+        """The next ``counts[i]`` log-mel frames of each session, [n_mels, count] float32 (the
+        sessions' state is not touched: :meth:`_step` commits it)."""
         import torch
 
         out: list[torch.Tensor | None] = [None] * len(states)
@@ -199,15 +201,12 @@ class StreamingASR:
             mel = log_mel(self.spec, torch.from_numpy(segs).to(self.device))  # [G, n_mels, n]
             for j, i in enumerate(idx):
                 out[i] = mel[j]
-        if commit:
-            for s, n in zip(states, counts):
-                s.n_mel += n
-                s.audio.drop_before(self.spec.first_sample(s.n_mel) - 1)
         return out  # type: ignore[return-value]
 
-    def _subsample(self, states: Sequence[SessionState], mels: Sequence[torch.Tensor], *,
-                   commit: bool) -> list[torch.Tensor]:
-        """Pre-encode each session's new mel frames, with its pre-encode cache, [T', d_model] each.
+    def _subsample(self, states: Sequence[SessionState],
+                   mels: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Pre-encode each session's new mel frames, with its pre-encode cache: [T', d_model] each,
+        and each session's next pre-encode cache (for :meth:`_step` to commit).
 
         With a full cache (``pre_cache`` frames) the first ``drop`` outputs are dropped. Before the
         stream has that many frames (only the second chunk at [70,0]), the input starts at the
@@ -216,15 +215,14 @@ class StreamingASR:
         """
         import torch
 
-        inputs, drops = [], []
+        inputs, drops, caches = [], [], []
         for s, mel in zip(states, mels):
             cache = s.mel_cache
             x = mel if cache is None else torch.cat([cache, mel], dim=1)
             full = cache is not None and cache.size(1) == self.plan.pre_cache
             inputs.append(x)
             drops.append(self.plan.drop if full else s.n_enc)
-            if commit:
-                s.mel_cache = x[:, -self.plan.pre_cache:].clone()
+            caches.append(x[:, -self.plan.pre_cache:].clone())
         out: list[torch.Tensor | None] = [None] * len(states)
         for key in sorted(set(zip((x.size(1) for x in inputs), drops))):
             idx = [i for i, x in enumerate(inputs) if (x.size(1), drops[i]) == key]
@@ -232,7 +230,7 @@ class StreamingASR:
             pre = pre_encode(self.nemo.encoder, self.plan, batch, first=True)[:, key[1]:]
             for j, i in enumerate(idx):
                 out[i] = pre[j]
-        return out  # type: ignore[return-value]
+        return out, caches  # type: ignore[return-value]
 
     def _valid(self, states: Sequence[SessionState], frames: int) -> torch.Tensor:
         import torch
@@ -241,21 +239,33 @@ class StreamingASR:
         return (start.unsqueeze(1) + torch.arange(frames, device=self.device)) >= 0  # [B, T]
 
     def _step(self, states: Sequence[SessionState]) -> list[StepResult]:
-        """One chunk for every session in ``states`` (each has one ready): the batched hot step."""
+        """One chunk for every session in ``states`` (each has one ready): the batched hot step.
+
+        Nothing of any session changes until the whole batch has been computed (caches, decoding
+        state, mel position, audio kept), so a batch that raises can be re-run row by row exactly,
+        and only the session that fails alone gets the error."""
         import torch
 
         with torch.no_grad():
             self._prepare(states)
             counts = [self.plan.first_mel if s.n_chunks == 0 else self.plan.mel for s in states]
-            mels = self._new_mel(states, counts, commit=True)
-            x = torch.stack(self._subsample(states, mels, commit=True))  # [B, out, D]
+            mels = self._new_mel(states, counts)
+            pre, mel_caches = self._subsample(states, mels)
+            x = torch.stack(pre)  # [B, out, D]
             slots = torch.tensor([s.slot for s in states], dtype=torch.int64, device=self.device)
-            encoded = self.layers.encode(x, slots, commit=True)  # [B, D, out]
-            tokens = self.decoder.decode(encoded, slots, self._valid(states, encoded.size(2)), commit=True)
+            encoded, commit_encoder = self.layers.encode(x, slots)  # [B, D, out]
+            tokens, commit_decoder = self.decoder.decode_pending(encoded, slots, self._valid(states, encoded.size(2)))
+            kept = [encoded[b].float().cpu() for b, s in enumerate(states) if s.encoded is not None]
+            # the batch succeeded: commit every session's state
+            commit_encoder()
+            commit_decoder()
             results = []
-            for b, s in enumerate(states):
+            for b, (s, n, cache) in enumerate(zip(states, counts, mel_caches)):
+                s.n_mel += n
+                s.audio.drop_before(self.spec.first_sample(s.n_mel) - 1)
+                s.mel_cache = cache
                 if s.encoded is not None:
-                    s.encoded.append(encoded[b].float().cpu())
+                    s.encoded.append(kept.pop(0))
                 results.append(StepResult([(s.n_enc + t, k) for t, k in tokens[b]],
                                           min(s.audio.fed, self.spec.samples_needed(s.n_mel))))
                 s.n_enc += encoded.size(2)
@@ -278,10 +288,10 @@ class StreamingASR:
             tokens: Tokens = []
             pending = self.spec.offline_frames(state.audio.fed) - state.n_mel
             if pending > 0:
-                mel = self._new_mel([state], [pending], commit=False)
-                x = self._subsample([state], mel, commit=False)[0].unsqueeze(0)
+                mel = self._new_mel([state], [pending])
+                x = self._subsample([state], mel)[0][0].unsqueeze(0)
                 if x.size(1) > 0:
-                    encoded = self.layers.encode(x, slots, commit=False)
+                    encoded, _ = self.layers.encode(x, slots)  # provisional: the caches are not advanced
                     found = self.decoder.decode(encoded, slots, self._valid([state], x.size(1)), commit=False)[0]
                     tokens = [(state.n_enc + t, k) for t, k in found]
                     state.skip_until = max(state.skip_until, state.n_enc + x.size(1))

@@ -71,3 +71,50 @@ async def test_sessions_started_at_different_times_batch_exactly(tiny_nemo, jfk1
         assert len(ref_tokens) > 3
     assert streams["D"].state.slot == 0  # D reused A's slot: its caches were reset, not inherited
     await asr.aclose()
+
+
+@pytest.mark.parametrize("where", ["pre-encode", "decoder"])
+async def test_a_failing_session_ends_alone_and_the_others_stay_exact(tiny_nemo, jfk16, where):
+    """Three sessions share ASR steps; from its fourth chunk on, C's step fails: its pre-encode cache
+    is corrupt (it fails before the encoder runs), or its decoder raises (after the encoder has run
+    for the whole batch). Only C gets the error. The batch is re-run row by row, and that is exact,
+    because no session's state changes until the whole batch has run: A's and B's encoder outputs
+    equal their runs alone to 1e-5, and their tokens are identical."""
+    from duplex.asr.streaming import StreamingASR
+
+    rate = 16000
+    audio = {"A": jfk16[: 5 * rate], "B": jfk16[3 * rate: 8 * rate], "C": jfk16[1 * rate: 6 * rate]}
+    asr = StreamingASR(tiny_nemo, context=(70, 0), decoder="rnnt", max_batch=8)
+    log = TokenLog(asr)
+    streams = {name: asr.new_stream() for name in audio}
+    for stream in streams.values():
+        stream.state.encoded = []
+    bad = streams["C"].state
+    if where == "decoder":
+        decode = asr.decoder.decode_pending
+
+        def failing(encoded, slots, valid):
+            if bad.n_chunks >= 3 and bad.slot in slots.tolist():
+                raise RuntimeError("C's decoder failed")
+            return decode(encoded, slots, valid)
+
+        asr.decoder.decode_pending = failing
+    queues = {name: [pcm[i:i + 320] for i in range(0, pcm.size, 320)] for name, pcm in audio.items()}
+    errors: dict[str, BaseException] = {}
+    while any(queues[n] for n in audio if n not in errors):
+        if where == "pre-encode" and bad.n_chunks >= 3 and bad.mel_cache is not None:
+            bad.mel_cache = bad.mel_cache[:1]  # one mel band instead of all: C's own state is corrupt
+        names = [n for n in audio if queues[n] and n not in errors]
+        results = await asyncio.gather(*(streams[n].feed(queues[n].pop(0)) for n in names), return_exceptions=True)
+        for name, result in zip(names, results):
+            if isinstance(result, BaseException):
+                errors[name] = result
+    assert list(errors) == ["C"] and bad.n_chunks == 3
+    assert any(len(step) == 3 for step in log.steps)  # the failing chunk was in a batch of three
+    for name in ("A", "B"):
+        encoded = torch.cat(streams[name].state.encoded, dim=1)
+        ref_encoded, ref_tokens = await alone(tiny_nemo, (70, 0), audio[name], list(audio).index(name))
+        assert encoded.shape == ref_encoded.shape
+        assert (encoded - ref_encoded).abs().max().item() < 1e-5, name
+        assert log.of(streams[name]) == ref_tokens, name
+    await asr.aclose()
