@@ -8,7 +8,9 @@ early), through the same engine, scheduler and streams a live session uses:
   decode step for all of them. Per batch size: ``step_ms`` (wall time of one step), tokens per
   second for one session and in aggregate, and ``first_token_ms``: how long a new reply waits for
   its first token while the others decode (its prefill runs between their steps). On a GPU with
-  graphs captured, every batch size is measured both ways: captured and eager (``*_eager`` keys).
+  graphs captured, every batch size is measured both ways: captured and eager (``*_eager`` keys),
+  and ``captured_equals_eager`` says whether the graph replays said exactly what the eager steps
+  said (greedy replies).
 - **TTFT after a user turn**, from the end of the turn to the first reply token: *incremental* (the
   user's words were prefilled word by word while they spoke), *turn-end* (the whole user message is
   prefilled at the end of the turn) and *cold* (no cache: the whole dialogue is prefilled);
@@ -106,26 +108,30 @@ async def _bench_one(llm, plan: dict[str, Any], device: str) -> dict[str, Any]:
     history = _history(llm, plan["window"] // 2)
     batches = []
     for b in plan["batches"]:
-        row = await _batch(llm, history, b)
+        row, texts = await _batch(llm, history, b)
         if llm.engine.graphs.captured:  # the same, eager, side by side
             llm.engine.graphs.eager = True
             try:
-                eager = await _batch(llm, history, b)
+                eager, eager_texts = await _batch(llm, history, b)
             finally:
                 llm.engine.graphs.eager = False
             row.update({f"{k}_eager": v for k, v in eager.items() if k != "batch"})
+            # greedy replies: the graph replays must say exactly what the eager steps say
+            row["captured_equals_eager"] = texts == eager_texts
         batches.append(row)
         print(f"  batch {b:>3}: step {row['step_ms']:.2f} ms, {row['per_session_per_s']:.1f} tok/s per session, "
               f"{row['aggregate_per_s']:.0f} tok/s in all, first token {row['first_token_ms']:.1f} ms"
-              + (f" (eager: step {row['step_ms_eager']:.2f} ms, {row['aggregate_per_s_eager']:.0f} tok/s)"
+              + (f" (eager: step {row['step_ms_eager']:.2f} ms, {row['aggregate_per_s_eager']:.0f} tok/s; "
+                 f"replies {'equal' if row['captured_equals_eager'] else 'DIFFER'})"
                  if "step_ms_eager" in row else ""), flush=True)
     figures["batches"] = batches
     figures["device"] = device
     return figures
 
 
-async def _batch(llm, history: list[Message], b: int) -> dict[str, Any]:
-    """``b`` sessions reply at once (fixed length); then one more reply starts while they decode."""
+async def _batch(llm, history: list[Message], b: int) -> tuple[dict[str, Any], list[str]]:
+    """``b`` sessions reply at once (fixed length); then one more reply starts while they decode.
+    Returns the figures and the ``b`` replies' texts."""
     streams = [llm.new_stream(SYSTEM) for _ in range(b + 1)]
     user = Message("user", USER_TURN)
     try:
@@ -135,9 +141,12 @@ async def _batch(llm, history: list[Message], b: int) -> dict[str, Any]:
         first: list[float] = []
         decoding = asyncio.Event()
 
-        async def reply(stream) -> None:
-            async for _ in stream.reply(messages):
+        async def reply(stream) -> str:
+            pieces = []
+            async for piece in stream.reply(messages):
+                pieces.append(piece)
                 decoding.set()
+            return "".join(pieces)
 
         ticks0 = len(llm.scheduler.batch_sizes)
         start = time.perf_counter()
@@ -147,7 +156,7 @@ async def _batch(llm, history: list[Message], b: int) -> dict[str, Any]:
         t_join = time.perf_counter()
         await llm.scheduler.run(joiner._reply_start, _begin(joiner), messages)
         first.append(time.perf_counter() - t_join)
-        await asyncio.gather(*tasks)
+        texts = list(await asyncio.gather(*tasks))
         elapsed = time.perf_counter() - start
         sizes = llm.scheduler.batch_sizes[ticks0:]
         steps = sum(1 for size in sizes if size >= 1)
@@ -159,7 +168,7 @@ async def _batch(llm, history: list[Message], b: int) -> dict[str, Any]:
     per_session = tokens / b / elapsed
     return {"batch": b, "step_ms": round(step_s * 1e3, 3), "per_session_per_s": round(per_session, 2),
             "aggregate_per_s": round(tokens / elapsed, 1), "first_token_ms": round(first[0] * 1e3, 2),
-            "steps": steps}
+            "steps": steps}, texts
 
 
 def _begin(stream):

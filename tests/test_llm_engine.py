@@ -164,12 +164,18 @@ def test_all_slots_in_use_is_a_clear_error(make_llm):
     b.close()
 
 
-def test_bench_llm_reports_every_batch_size(tmp_path, capsys):
+def test_bench_llm_reports_every_batch_size(tmp_path, capsys, monkeypatch):
     """`duplex bench llm --profile tiny --batch 1 2` measures each batch size through the engine and
-    writes step time, per-session and aggregate tokens/s and first-token latency (values not asserted)."""
+    writes step time, per-session and aggregate tokens/s and first-token latency (values not asserted).
+    With graphs captured, it measures every batch size again eagerly and compares the replies. The CPU
+    captures nothing, so here the step claims to be captured and both runs are eager: the comparison
+    runs and finds a batch's replies the same from one run to the next."""
     import json
 
     from duplex.cli import main
+    from duplex.engine.graphs import BucketedStep
+
+    monkeypatch.setattr(BucketedStep, "captured", property(lambda self: True))
 
     assert main(["bench", "llm", "--profile", "tiny", "--device", "cpu", "--batch", "1", "2",
                  "--out", str(tmp_path)]) == 0
@@ -178,7 +184,9 @@ def test_bench_llm_reports_every_batch_size(tmp_path, capsys):
     assert all({"step_ms", "per_session_per_s", "aggregate_per_s", "first_token_ms"} <= set(r)
                for r in figures["batches"])
     assert figures["decode_sink_evictions"] >= 3
-    assert "batch   2" in capsys.readouterr().out
+    assert all(r["captured_equals_eager"] and "step_ms_eager" in r for r in figures["batches"])
+    out = capsys.readouterr().out
+    assert "batch   2" in out and "replies equal" in out
 
 
 def test_engine_options_reach_the_config():

@@ -48,9 +48,14 @@ def test_say_refuses_bad_input(tmp_path, capsys):
     assert "empty" in capsys.readouterr().err
 
 
-def test_bench_tts_runs_quick_on_tiny(tmp_path, capsys):
+def test_bench_tts_runs_quick_on_tiny(tmp_path, capsys, monkeypatch):
     """`duplex bench tts --quick --batch 1 2` runs every chunk size and batch size and writes its figures
-    (values not asserted)."""
+    (values not asserted). With graphs captured, it measures every batch size again eagerly and
+    compares the audio. The CPU captures nothing, so here the step claims to be captured and both
+    runs are eager: the comparison runs and finds the seeded audio the same from one run to the next."""
+    from duplex.engine.graphs import BucketedStep
+
+    monkeypatch.setattr(BucketedStep, "captured", property(lambda self: True))
     assert main(["bench", "tts", "--profile", "tiny", "--device", "cpu", "--quick", "--batch", "1", "2",
                  "--out", str(tmp_path)]) == 0
     figures = json.loads((tmp_path / "tts.json").read_text())["figures"]
@@ -62,4 +67,6 @@ def test_bench_tts_runs_quick_on_tiny(tmp_path, capsys):
                for r in figures["batches"])
     assert set(figures["breakdown_eager_chunk_2"]) == {"backbone_ms_per_frame", "depth_ms_per_frame",
                                                        "decode_ms_per_frame"}
-    assert "first audio" in capsys.readouterr().out
+    assert all(r["captured_equals_eager"] and "step_ms_eager" in r for r in figures["batches"])
+    out = capsys.readouterr().out
+    assert "first audio" in out and "audio equal" in out

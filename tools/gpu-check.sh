@@ -2,7 +2,8 @@
 # Every GPU figure of the engines in one run (about 5 minutes on one H100/H200): package versions,
 # then `duplex bench llm` (Qwen2.5-1.5B, batches 1 8 32), `duplex bench tts` (CSM-1B, batches
 # 1 8 32 64) and `duplex bench e2e` (all three models, sessions in real time), each with CUDA
-# graphs captured and, for llm and tts, eager side by side. JSON lands in $OUT (default artifacts/gpu).
+# graphs captured and, for llm and tts, eager side by side, with the replies of both compared (greedy
+# LLM text, seeded TTS audio: they must be equal). JSON lands in $OUT (default artifacts/gpu).
 #
 #   here, once:     bash tools/gpu-wheels.sh      (wheels of the versions CI uses, into .whl/)
 #   on the device:  run(command="bash tools/gpu-check.sh", carry=[".whl"], timeout_s=480)
@@ -51,4 +52,10 @@ if [ "$PROFILE" = tiny ]; then LLM=(); else LLM=(--llm-model qwen2.5-1.5b); fi
 run llm 110 $DUPLEX bench llm --device "$DEVICE" --profile "$PROFILE" "${LLM[@]}" --batch 1 8 32 --out "$OUT"
 run tts 130 $DUPLEX bench tts --device "$DEVICE" --profile "$PROFILE" --batch 1 8 32 64 --out "$OUT"
 run e2e 200 $DUPLEX bench e2e --device "$DEVICE" --profile "$PROFILE" --out "$OUT"
+echo
+if grep -q "DIFFER" "$OUT/llm.log" "$OUT/tts.log" 2>/dev/null; then
+  echo "=== captured steps DIFFER from eager ones (see the batch lines above): a regression"; status=1
+elif grep -q "equal)" "$OUT/llm.log" 2>/dev/null; then
+  echo "=== captured steps say and make exactly what eager ones do (every batch size, llm and tts)"
+fi
 exit $status

@@ -13,7 +13,8 @@ short first segment, then the rest).
   (median tick), frames per second for one reply and in aggregate, ``rtf`` (a tick over a frame's
   80 ms of audio: each stream keeps real time while it is below 1) and ``first_audio_ms``: how long
   a new reply waits for its first chunk while the others speak. On a GPU with graphs captured,
-  every batch size is measured both ways (``*_eager`` keys);
+  every batch size is measured both ways (``*_eager`` keys), and ``captured_equals_eager`` says
+  whether the graph replays made exactly the audio the eager steps made (same seeds, same draws);
 - a breakdown of an eager frame (one reply): backbone, depth decoder, codec decoding.
 """
 
@@ -25,6 +26,8 @@ import statistics
 import time
 from collections.abc import AsyncIterator
 
+import numpy as np
+
 TEXT = "Hello there, this is a benchmark of the streaming speech synthesizer reading one sentence aloud."
 CHUNKS = (1, 2, 4)
 
@@ -35,20 +38,22 @@ async def _text(text: str) -> AsyncIterator[str]:
         await asyncio.sleep(0)
 
 
-async def _reply(tts, text: str, started: asyncio.Event | None = None) -> tuple[float, float, int]:
-    """(first chunk s, total s, samples) of one reply on a fresh stream."""
+async def _reply(tts, text: str, started: asyncio.Event | None = None) -> tuple[float, float, int, np.ndarray]:
+    """(first chunk s, total s, samples, the audio) of one reply on a fresh stream."""
     stream = tts.new_stream()
-    samples, first = 0, None
+    pcm: list[np.ndarray] = []
+    first = None
     start = time.perf_counter()
     async for chunk in stream.synthesize(_text(text)):
         if first is None and len(chunk.pcm):
             first = time.perf_counter() - start
             if started is not None:
                 started.set()
-        samples += len(chunk.pcm)
+        pcm.append(chunk.pcm)
     total = time.perf_counter() - start
     await stream.aclose()
-    return first or total, total, samples
+    audio = np.concatenate(pcm) if pcm else np.zeros(0, np.float32)
+    return first or total, total, audio.size, audio
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -109,19 +114,23 @@ def run(args: argparse.Namespace) -> dict:
         tts.settings = TTSSettings(chunk_frames=2, seed=config.seed, fixed_frames=frames // 2)
         rows = []
         for b in batches:
-            row = await _batch(tts, b, frames)
+            row, audio = await _batch(tts, b, frames)
             if engine.graphs.captured:  # the same, eager, side by side
                 engine.graphs.eager = True
                 try:
-                    eager = await _batch(tts, b, frames)
+                    eager, eager_audio = await _batch(tts, b, frames)
                 finally:
                     engine.graphs.eager = False
                 row.update({f"{k}_eager": v for k, v in eager.items() if k != "batch"})
+                # same seeds, same draws: the graph replays must make exactly the eager steps' audio
+                row["captured_equals_eager"] = all(np.array_equal(a, e) for a, e in zip(audio, eager_audio))
             rows.append(row)
             print(f"  batch {b:>3}: step {row['step_ms']:.2f} ms, {row['per_session_per_s']:.1f} frames/s per "
                   f"reply, {row['aggregate_per_s']:.0f} frames/s in all, RTF {row['rtf']:.3f}, first audio "
                   f"{row['first_audio_ms']:.1f} ms" + (f" (eager: step {row['step_ms_eager']:.2f} ms, RTF "
-                                                        f"{row['rtf_eager']:.3f})" if "step_ms_eager" in row else ""),
+                                                        f"{row['rtf_eager']:.3f}; audio "
+                                                        f"{'equal' if row['captured_equals_eager'] else 'DIFFERS'})"
+                                                        if "step_ms_eager" in row else ""),
                   flush=True)
         # where an eager frame's time goes (synchronised per stage on a GPU, so run apart from the rest)
         engine.graphs.eager, engine.stage_seconds = True, {}
@@ -151,8 +160,9 @@ def run(args: argparse.Namespace) -> dict:
             "parameters_m": round(params / 1e6, 1), "load_s": round(load_s, 1), **figures}
 
 
-async def _batch(tts, b: int, frames: int) -> dict:
-    """``b`` replies spoken at once; then one more starts while they speak."""
+async def _batch(tts, b: int, frames: int) -> tuple[dict, list[np.ndarray]]:
+    """``b`` replies spoken at once; then one more starts while they speak. Returns the figures and
+    the ``b`` replies' audio."""
     scheduler = tts.scheduler
     frame_ms = 1000.0 / tts.engine.frame_rate
     speaking = asyncio.Event()
@@ -174,4 +184,4 @@ async def _batch(tts, b: int, frames: int) -> dict:
     return {"batch": b, "step_ms": round(step_s * 1e3, 3), "per_session_per_s": round(1.0 / step_s, 2),
             "aggregate_per_s": round(b / step_s, 1), "rtf": round(step_s * 1e3 / frame_ms, 4),
             "wall_rtf": round(elapsed / (frames * frame_ms / 1e3), 3), "frames_made": made,
-            "first_audio_ms": round(first_join * 1e3, 1)}
+            "first_audio_ms": round(first_join * 1e3, 1)}, [r[3] for r in results]
