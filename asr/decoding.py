@@ -4,7 +4,8 @@ Each decoder keeps the state of every session in a slot (like the encoder's
 :class:`~duplex.asr.encoder.CachePool`): for RNNT the prediction network's LSTM state and its
 projected output for the last emitted label, for CTC the last frame's label. ``decode`` takes one
 chunk of encoder output for a batch of sessions and returns, per session, the tokens emitted as
-``(frame, token)`` with ``frame`` the index within the chunk. The decisions are NeMo's greedy ones
+``(frame, token)`` with ``frame`` the index within the chunk, and the call that writes the sessions'
+new state (the streaming step calls it once the whole batch has run). The decisions are NeMo's greedy ones
 (argmax of the joint, at most ``max_symbols`` labels per frame; CTC collapses repeats and drops
 blanks), so a stream decoded chunk by chunk gives the tokens the offline decoder gives.
 
@@ -62,18 +63,10 @@ class RNNTGreedy:
         self.h[:, slots] = self.h0
         self.c[:, slots] = self.c0
 
-    def decode(self, encoded: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, *,
-               commit: bool) -> list[Tokens]:
-        """``encoded`` [B, D, T]; ``valid`` [B, T] bool: frames to decode (others are skipped); with
-        ``commit`` the sessions' decoding state advances."""
-        tokens, apply = self.decode_pending(encoded, slots, valid)
-        if commit:
-            apply()
-        return tokens
-
-    def decode_pending(self, encoded: torch.Tensor, slots: torch.Tensor,
-                       valid: torch.Tensor) -> tuple[list[Tokens], Commit]:
-        """:meth:`decode`, and the call that advances the sessions' state (nothing is written before)."""
+    def decode(self, encoded: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor) -> tuple[list[Tokens], Commit]:
+        """``encoded`` [B, D, T]; ``valid`` [B, T] bool: frames to decode (others are skipped). Returns
+        each session's tokens and the call that advances their decoding state (nothing is written
+        before it)."""
         import torch
 
         batch, _, frames = encoded.shape
@@ -134,15 +127,7 @@ class CTCGreedy:
         for s in slots.tolist():
             self.prev[s] = self.blank
 
-    def decode(self, encoded: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, *,
-               commit: bool) -> list[Tokens]:
-        tokens, apply = self.decode_pending(encoded, slots, valid)
-        if commit:
-            apply()
-        return tokens
-
-    def decode_pending(self, encoded: torch.Tensor, slots: torch.Tensor,
-                       valid: torch.Tensor) -> tuple[list[Tokens], Commit]:
+    def decode(self, encoded: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor) -> tuple[list[Tokens], Commit]:
         labels = self.ctc_decoder(encoder_output=encoded).argmax(dim=-1).tolist()  # [B, T]
         valid_rows = valid.tolist()
         out: list[Tokens] = []

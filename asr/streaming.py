@@ -254,7 +254,7 @@ class StreamingASR:
             x = torch.stack(pre)  # [B, out, D]
             slots = torch.tensor([s.slot for s in states], dtype=torch.int64, device=self.device)
             encoded, commit_encoder = self.layers.encode(x, slots)  # [B, D, out]
-            tokens, commit_decoder = self.decoder.decode_pending(encoded, slots, self._valid(states, encoded.size(2)))
+            tokens, commit_decoder = self.decoder.decode(encoded, slots, self._valid(states, encoded.size(2)))
             kept = [encoded[b].float().cpu() for b, s in enumerate(states) if s.encoded is not None]
             # the batch succeeded: commit every session's state
             commit_encoder()
@@ -292,7 +292,7 @@ class StreamingASR:
                 x = self._subsample([state], mel)[0][0].unsqueeze(0)
                 if x.size(1) > 0:
                     encoded, _ = self.layers.encode(x, slots)  # provisional: the caches are not advanced
-                    found = self.decoder.decode(encoded, slots, self._valid([state], x.size(1)), commit=False)[0]
+                    found = self.decoder.decode(encoded, slots, self._valid([state], x.size(1)))[0][0]
                     tokens = [(state.n_enc + t, k) for t, k in found]
                     state.skip_until = max(state.skip_until, state.n_enc + x.size(1))
             self.decoder.reset(slots)

@@ -185,8 +185,8 @@ def tune_label_rate(model, rate: float = 0.3) -> float:
         bias[blank] += _rate_bias(model, encoded, [blank], None, 0.0, rate, fewer_when_higher=True)
         decoder = RNNTGreedy(model.decoder, model.joint, max_symbols=int(model.cfg.decoding.greedy.max_symbols),
                              reset_ids=(), capacity=1, device=str(audio.device), dtype=encoded.dtype)
-        found = decoder.decode(encoded, torch.zeros(1, dtype=torch.int64, device=audio.device),
-                               torch.ones(1, encoded.size(2), dtype=torch.bool, device=audio.device), commit=False)
+        found, _ = decoder.decode(encoded, torch.zeros(1, dtype=torch.int64, device=audio.device),
+                                  torch.ones(1, encoded.size(2), dtype=torch.bool, device=audio.device))
     return len(found[0]) / encoded.size(2)
 
 
@@ -215,7 +215,7 @@ def _rate_bias(model, encoded, shifted: list[int], counted: list[int] | None, gu
         bias[shifted] += mid
         decoder = RNNTGreedy(model.decoder, model.joint, max_symbols=max_symbols, reset_ids=ends,
                              capacity=encoded.size(0), device=str(device), dtype=encoded.dtype)
-        found = decoder.decode(encoded, slots, valid, commit=False)
+        found, _ = decoder.decode(encoded, slots, valid)
         bias[shifted] -= mid
         emitted = len({(b, t) for b, tokens in enumerate(found) for t, k in tokens
                        if t >= skip and (counted is None or k in counted)})

@@ -91,14 +91,14 @@ async def test_a_failing_session_ends_alone_and_the_others_stay_exact(tiny_nemo,
         stream.state.encoded = []
     bad = streams["C"].state
     if where == "decoder":
-        decode = asr.decoder.decode_pending
+        decode = asr.decoder.decode
 
         def failing(encoded, slots, valid):
             if bad.n_chunks >= 3 and bad.slot in slots.tolist():
                 raise RuntimeError("C's decoder failed")
             return decode(encoded, slots, valid)
 
-        asr.decoder.decode_pending = failing
+        asr.decoder.decode = failing
     queues = {name: [pcm[i:i + 320] for i in range(0, pcm.size, 320)] for name, pcm in audio.items()}
     errors: dict[str, BaseException] = {}
     while any(queues[n] for n in audio if n not in errors):
