@@ -198,11 +198,13 @@ def encode(encoder, pool: CachePool, x: torch.Tensor, slots: torch.Tensor) -> tu
     out = encoder.forward_internal(x, n, cache_last_channel=channel, cache_last_time=time,
                                    cache_last_channel_len=length, bypass_pre_encode=True)
     encoded, _, channel, time, length = encoder.streaming_post_process(out, keep_all_outputs=True)
+    # made here, so the commit only copies (it cannot fail half-way)
+    channel, time, length = channel.to(pool.dtype), time.to(pool.dtype), length.to(torch.int64)
 
     def apply() -> None:
-        pool.channel.index_copy_(1, slots, channel.to(pool.dtype))
-        pool.time.index_copy_(1, slots, time.to(pool.dtype))
-        pool.length.index_copy_(0, slots, length.to(torch.int64))
+        pool.channel.index_copy_(1, slots, channel)
+        pool.time.index_copy_(1, slots, time)
+        pool.length.index_copy_(0, slots, length)
 
     return encoded, apply
 

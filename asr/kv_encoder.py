@@ -134,11 +134,16 @@ class KVEncoder:
             new_v.append(v_all[:, -left:])
             new_time.append(time_cache)
 
+        # everything the commit writes is made here: the commit itself only copies (it cannot run
+        # out of memory half-way and leave one cache advanced and another not)
+        k_rows, v_rows, time_rows = torch.stack(new_k), torch.stack(new_v), torch.stack(new_time)
+        length_rows = torch.clamp(length + frames, max=left)
+
         def apply() -> None:
-            pool.k.index_copy_(1, slots, torch.stack(new_k))
-            pool.v.index_copy_(1, slots, torch.stack(new_v))
-            pool.time.index_copy_(1, slots, torch.stack(new_time))
-            pool.length.index_copy_(0, slots, torch.clamp(length + frames, max=left))
+            pool.k.index_copy_(1, slots, k_rows)
+            pool.v.index_copy_(1, slots, v_rows)
+            pool.time.index_copy_(1, slots, time_rows)
+            pool.length.index_copy_(0, slots, length_rows)
 
         return x.transpose(1, 2), apply
 

@@ -254,14 +254,17 @@ class Scheduler(Generic[S, Out]):
     def _run_step(self, states: list[Any]) -> list[Any]:
         try:
             outputs = list(self._step(states))
-            if len(outputs) != len(states):
-                raise RuntimeError(f"{self.name}: step returned {len(outputs)} outputs for {len(states)} rows")
-            return outputs
         except Exception as exc:
             if not self.isolate_failures or len(states) == 1:
                 return [exc] * len(states)
             log.warning("%s: a batched step of %d rows failed (%s); re-running each row alone",
                         self.name, len(states), exc)
+        else:
+            if len(outputs) == len(states):
+                return outputs
+            # a bug in the step; it committed its rows, so it is not re-run
+            error = RuntimeError(f"{self.name}: step returned {len(outputs)} outputs for {len(states)} rows")
+            return [error] * len(states)
         outputs = []
         for state in states:
             try:

@@ -140,7 +140,7 @@ class CsmEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.speaker = speaker
-        self.sampling = sampling
+        self._sampling = sampling
         cfg = model.config
         codec_cfg = cfg.codec_config
         self.num_codebooks = int(cfg.num_codebooks)
@@ -195,6 +195,11 @@ class CsmEngine:
             self._eos_embed = self._embed_frames(self._zeros_frame()[None])[0]  # [1, H]
 
     # -- prompt pieces ---------------------------------------------------------------------------
+
+    @property
+    def sampling(self) -> Sampling:
+        """How codes are drawn, fixed for the engine's life: the captured frame step holds its top-k."""
+        return self._sampling
 
     def text_ids(self, text: str) -> list[int]:
         body = self.tokenizer.encode(f"[{self.speaker}]{text}", add_special_tokens=False)
