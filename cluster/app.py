@@ -30,7 +30,7 @@ from typing import Any
 from duplex.cluster.routing import (Capacity, ReplicaStatus, cluster_status, owner_of, placement, prometheus,
                                     public_id)
 from duplex.config import AgentConfig
-from duplex.transport.server import ApiResponse, ServerOptions, too_large
+from duplex.transport.server import ApiResponse, ServerOptions, too_large, unauthorized
 from duplex.transport.signalling import BadRequest, parse_json
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,24 @@ def _device() -> dict[str, Any]:
             "gpu_memory_reserved_bytes": int(torch.cuda.memory_reserved())}
 
 
+async def _capped_body(request: Any, cap: int) -> bytes | None:
+    """The request's body, or None once it is over ``cap`` bytes: refused by its declared length
+    before anything is read, or while reading a body sent without one."""
+    try:
+        declared = int(request.headers.get("content-length") or 0)
+    except ValueError:
+        declared = 0
+    if declared > cap:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class Ingress:
     """Serve's HTTP entry point: the page and the signalling API, routed to the replicas."""
 
@@ -171,10 +189,7 @@ class Ingress:
         path, method = request.url.path, request.method
         try:
             if path == "/api/offer" and method in ("POST", "PATCH"):
-                body = await request.body()
-                answer = too_large(len(body), self.options.server.max_body) or await self._signal(
-                    method, body, request.headers.get("authorization"),
-                    request.client.host if request.client else None)
+                answer = await self._offer_request(method, request)
             elif path == "/api/offer":
                 answer = ApiResponse(405, {"error": f"{method} is not allowed here: POST an offer or PATCH "
                                                     "candidates"}, {"Allow": "POST, PATCH"})
@@ -194,6 +209,17 @@ class Ingress:
         return _json(answer)
 
     # -- signalling ---------------------------------------------------------------------------------
+
+    async def _offer_request(self, method: str, request: Any) -> ApiResponse:
+        """POST or PATCH /api/offer: the size, then the token, before anything is parsed or routed
+        (as a single server does)."""
+        cap, authorization = self.options.server.max_body, request.headers.get("authorization")
+        body = await _capped_body(request, cap)
+        refused = (too_large(cap + 1 if body is None else len(body), cap)
+                   or unauthorized(self.options.server.token, authorization))
+        if refused is not None or body is None:
+            return refused or ApiResponse(413, {"error": "request body too large"})
+        return await self._signal(method, body, authorization, request.client.host if request.client else None)
 
     async def _signal(self, method: str, body: bytes, authorization: str | None, remote: str | None) -> ApiResponse:
         try:

@@ -79,3 +79,57 @@ def test_a_bad_replica_count_is_refused_before_ray_starts():
     with pytest.raises(ConfigError, match="--replicas must be at least 1"):
         start(AgentConfig(profile="fake"), ClusterOptions(replicas=0))
     assert not ray.is_initialized()
+
+
+def _ingress_call(ingress, method: str, path: str, chunks: list[bytes], headers: dict[str, str]) -> tuple[int, dict, int]:
+    """Send one ASGI request to ``ingress`` (as Serve does): (status, JSON body, body chunks it read)."""
+    import asyncio
+    import json
+
+    from starlette.requests import Request
+
+    read = 0
+
+    async def receive():
+        nonlocal read
+        read += 1
+        chunk = chunks[read - 1] if read <= len(chunks) else b""
+        return {"type": "http.request", "body": chunk, "more_body": read < len(chunks)}
+
+    scope = {"type": "http", "method": method, "path": path, "query_string": b"", "client": ("192.0.2.1", 5000),
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    response = asyncio.run(ingress(Request(scope, receive)))
+    return response.status_code, json.loads(response.body), read
+
+
+class _NoReplica:
+    """A replica handle that must not be reached: these requests are refused at the ingress."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the ingress routed a refused request to a replica ({name})")
+
+
+def test_the_ingress_refuses_before_it_routes():
+    """As a single server does, the ingress checks the size and the token before it parses or routes:
+    a body declared over the cap is a 413 before any of it is read, and one sent without a length is
+    cut off once it passes the cap. Without the token, a follow-up naming any replica is a 401, not a
+    404 or 503 that would tell a stranger about the cluster. An integer with too many digits is a 400."""
+    pytest.importorskip("starlette", reason="the cluster extra is not installed: pip install -e '.[cluster]'")
+    from duplex.cluster.app import Ingress
+    from duplex.transport.server import ServerOptions
+
+    options = ClusterOptions(replicas=2, server=ServerOptions(max_body=1000, token="t0ken"))
+    ingress = Ingress(options, _NoReplica(), _NoReplica())
+    auth = {"Authorization": "Bearer t0ken"}
+    status, body, read = _ingress_call(ingress, "POST", "/api/offer", [b"x" * 10] * 100,
+                                       {"Content-Length": "5000", **auth})
+    assert status == 413 and "too large" in body["error"] and read == 0
+    status, body, read = _ingress_call(ingress, "POST", "/api/offer", [b"x" * 400] * 50, auth)
+    assert status == 413 and read == 3  # stopped at the chunk that passed the cap
+    for headers in ({}, {"Authorization": "Bearer nope"}):
+        status, body, _ = _ingress_call(ingress, "PATCH", "/api/offer",
+                                        [b'{"pc_id": "agent-9.pc_0011223344556677", "candidates": []}'], headers)
+        assert status == 401 and "?token=" in body["error"]
+    roomy = Ingress(ClusterOptions(replicas=2, server=ServerOptions(token="t0ken")), _NoReplica(), _NoReplica())
+    status, body, _ = _ingress_call(roomy, "POST", "/api/offer", [b'{"pc_id": ' + b"1" * 5000 + b"}"], auth)
+    assert status == 400 and "JSON" in body["error"]

@@ -35,6 +35,7 @@ BAD_OFFERS = [
     (b'{"sdp": "v=0\\r\\nm=audio 9 x 0\\r\\n", "type": "offer", "pc_id": "../../etc/passwd"}', "pc_id"),
     (b'{"sdp": "v=0\\r\\nm=audio 9 x 0\\r\\n", "type": "offer", "restart_pc": "yes"}', "restart_pc"),
     (b"[" * 100_00 + b"]" * 100_00, "JSON"),
+    (b'{"pc_id": ' + b"1" * 5000 + b"}", "JSON"),  # past Python's limit on the digits of an integer
 ]
 BAD_OFFERS += [(json.dumps({"sdp": GOOD_HEAD + "a=group:BUNDLE 0 0\r\n" + AUDIO + AUDIO, "type": "offer"}).encode(),
                 "same a=mid")]
@@ -217,7 +218,7 @@ async def test_a_session_cannot_be_taken_over(jfk_path):
                 sdp = owner.pc.localDescription.sdp
                 # one character off (never the secret itself, whatever its last character is)
                 near_miss = owner.secret[:-1] + ("y" if owner.secret.endswith("x") else "x")
-                for secret in (None, "guess", near_miss):
+                for secret in (None, "guess", near_miss, "\u00e9" * 24):  # non-ASCII text: a 403 too, never a 500
                     for extra in ({}, {"restart_pc": True}):
                         status, reply = await _request("POST", f"{url}/api/offer", json={
                             "sdp": sdp, "type": "offer", "pc_id": owner.pc_id, "secret": secret, **extra})
@@ -294,4 +295,70 @@ async def test_a_vanished_peer_is_released_by_the_default_timeout(jfk_path):
             assert released <= 5.0, released
             await client.close()
     finally:
+        await agent.aclose()
+
+
+async def test_slow_candidates_are_a_504_not_a_500(jfk_path, monkeypatch):
+    """Candidates the server cannot add in time (here an mDNS '.local' name nobody answers for, with
+    the limit cut to 0.3 s) get a 504 naming the likely cause; the connection stays open."""
+    from duplex.transport import server as server_module
+
+    monkeypatch.setattr(server_module, "CANDIDATES_TIMEOUT_S", 0.3)
+    agent = await load_agent()
+    try:
+        async with running_server(agent) as (server, url):
+            owner = await connect(url, file_track(jfk48(jfk_path)), trickle=True)  # no end-of-candidates yet
+            try:
+                await owner.wait_for("session.created", timeout=10)
+                # an mDNS name as browsers make them (a UUID): aioice asks the network and waits for an answer
+                candidate = "candidate:1 1 udp 2122260223 3f2c5e0a-8b1d-4c6e-9f7a-2d4b6c8e0a1f.local 54321 typ host"
+                status, reply = await _request("PATCH", f"{url}/api/offer", json={
+                    "pc_id": owner.pc_id, "secret": owner.secret,
+                    "candidates": [{"candidate": candidate, "sdp_mid": "0"}] * 3})
+                assert status == 504 and ".local" in reply["error"], (status, reply)
+                assert not server.peers[owner.pc_id].closed
+            finally:
+                await owner.close()
+    finally:
+        await agent.aclose()
+
+
+async def test_an_offer_answered_during_shutdown_leaves_no_peer(monkeypatch):
+    """An offer still being answered when the server starts closing is refused (503) and its peer
+    closed: nothing is left running against a closed agent. (The real answer is held back until the
+    server has closed, so the race happens every time.)"""
+    from aiortc import RTCPeerConnection
+
+    from duplex.transport import server as server_module
+    from duplex.transport.server import Server, ServerOptions
+
+    answered, release = asyncio.Event(), asyncio.Event()
+    made = []
+    real_open_peer = server_module.open_peer
+
+    async def held_back(*args, **kwargs):
+        peer, answer = await real_open_peer(*args, **kwargs)
+        made.append(peer)
+        answered.set()
+        await release.wait()
+        return peer, answer
+
+    monkeypatch.setattr(server_module, "open_peer", held_back)
+    agent = await load_agent()
+    pc = RTCPeerConnection()
+    try:
+        pc.addTransceiver("audio", direction="sendrecv")
+        await pc.setLocalDescription(await pc.createOffer())
+        body = json.dumps({"sdp": pc.localDescription.sdp, "type": "offer"}).encode()
+        server = Server(agent, ServerOptions())
+        offer = asyncio.create_task(server.offer(body))
+        await answered.wait()  # the offer is being answered
+        await server.close()
+        release.set()
+        answer = await offer
+        assert made and made[0].closed
+        assert answer.status == 503 and "shutting down" in answer.body["error"]
+        assert not server.peers
+    finally:
+        await pc.close()
         await agent.aclose()

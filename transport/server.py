@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 WEB_ROOT = Path(__file__).resolve().parents[1] / "web"
 OFFER_TIMEOUT_S = 20.0  # answering an offer (ICE gathering included) takes well under a second
+CANDIDATES_TIMEOUT_S = 5.0  # adding trickled candidates (mDNS names are resolved, 1 s each at most)
 
 
 @dataclass
@@ -66,6 +67,15 @@ def too_large(size: int | None, max_body: int) -> ApiResponse | None:
     """413 for a request body over the cap."""
     if size is not None and size > max_body:
         return ApiResponse(413, {"error": f"request body too large (at most {max_body} bytes)"})
+    return None
+
+
+def unauthorized(token: str | None, authorization: str | None) -> ApiResponse | None:
+    """401 when the server wants a token (``--token``) and the request does not present it."""
+    if token and not _bearer_ok(authorization, token):
+        return ApiResponse(401, {"error": "this server needs a token: open the page with ?token=... (the "
+                                          "operator's --token), or send Authorization: Bearer <token>"},
+                           {"WWW-Authenticate": "Bearer"})
     return None
 
 
@@ -186,16 +196,11 @@ class Server:
         return ApiResponse(200, body)
 
     def _refuse_unauthorized(self, authorization: str | None) -> ApiResponse | None:
-        """401 when the server wants a token and the request does not present it."""
-        if self.options.token and not _bearer_ok(authorization, self.options.token):
-            return ApiResponse(401, {"error": "this server needs a token: open the page with ?token=... (the "
-                                              "operator's --token), or send Authorization: Bearer <token>"},
-                               {"WWW-Authenticate": "Bearer"})
-        return None
+        return unauthorized(self.options.token, authorization)
 
     def _refuse_not_owner(self, peer: Peer, secret: str | None) -> ApiResponse | None:
         """403 unless ``secret`` is the one this connection's answer carried."""
-        if secret is None or not hmac.compare_digest(secret, peer.secret):
+        if secret is None or not hmac.compare_digest(secret.encode(), peer.secret.encode()):  # any text
             return ApiResponse(403, {"error": "this connection belongs to the page that opened it: send the "
                                               "'secret' from its answer to renegotiate, restart or add candidates"})
         return None
@@ -213,6 +218,8 @@ class Server:
             return await self._offer(body, authorization, remote)
         except BadRequest as exc:
             return ApiResponse(400, {"error": str(exc)})
+        except asyncio.TimeoutError:
+            return ApiResponse(504, {"error": f"answering the offer took over {OFFER_TIMEOUT_S:g} s; try again"})
 
     async def candidates(self, body: bytes, authorization: str | None = None) -> ApiResponse:
         """``PATCH /api/offer``: trickled ICE candidates for a connection this request owns."""
@@ -220,6 +227,9 @@ class Server:
             return await self._candidates(body, authorization)
         except BadRequest as exc:
             return ApiResponse(400, {"error": str(exc)})
+        except asyncio.TimeoutError:
+            return ApiResponse(504, {"error": f"adding the candidates took over {CANDIDATES_TIMEOUT_S:g} s (an mDNS "
+                                              "'.local' address that does not resolve?); the others may be missing"})
 
     async def _offer(self, body: bytes, authorization: str | None, remote: str | None) -> ApiResponse:
         refused = too_large(len(body), self.options.max_body) or self._refuse_unauthorized(authorization)
@@ -253,6 +263,9 @@ class Server:
             raise BadRequest(f"cannot use this offer: {_why(exc)}") from None
         finally:
             self._opening -= 1
+        if self._closing:  # the server began to close while this offer was answered
+            await peer.close("the server is shutting down")
+            return ApiResponse(503, {"error": "the server is shutting down"})
         peer.secret = secrets.token_urlsafe(24)
         answer = {**answer, "secret": peer.secret}
         self.peers[peer.pc_id] = peer
@@ -275,7 +288,7 @@ class Server:
         if refused is not None:
             return refused
         try:
-            await asyncio.wait_for(add_candidates(peer, patch.candidates), 5.0)
+            await asyncio.wait_for(add_candidates(peer, patch.candidates), CANDIDATES_TIMEOUT_S)
         except (ValueError, TypeError) as exc:
             raise BadRequest(f"cannot use these candidates: {_why(exc)}") from None
         return ApiResponse(200, {"pc_id": patch.pc_id, "added": len(patch.candidates)})

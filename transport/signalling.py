@@ -74,7 +74,7 @@ def parse_json(body: bytes) -> dict[str, Any]:
         data = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise BadRequest("request body is not UTF-8 text") from exc
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, and Python's limit on integer digits
         raise BadRequest(f"request body is not valid JSON ({exc.__class__.__name__})") from exc
     if not isinstance(data, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(data).__name__}")
