@@ -7,20 +7,32 @@ the same static buffers, and never asks the host anything. No GPU runs these tes
 :class:`StepTrace` checks those properties on the CPU. It records every aten op of each call of a
 step, through PyTorch's dispatcher:
 
-- *forbidden ops*: a host sync (``item``, ``.tolist()``, ``bool(t)``), an op whose output shape
-  depends on data (``nonzero``, boolean-mask indexing, ``masked_select``, ``unique``), a tensor made
-  from host data inside the step (``torch.tensor(...)``: it would be baked in at capture), and
-  random draws from a generator (the engines' sampling is hashed, stateless noise);
+- *forbidden ops*: a host sync (``item``, ``.tolist()``, ``.numpy()``, ``.cpu()``, ``bool(t)``,
+  any op that answers a Python value), an op whose output shape depends on data (``nonzero``,
+  boolean-mask indexing, ``masked_select``, ``unique``, ``bincount``), a tensor made from host data
+  inside the step (``torch.tensor(...)``: it would be baked in at capture), a read of a host
+  staging buffer (on a GPU the step's inputs are copied from those before it runs), and random
+  draws from a generator (the engines' sampling is hashed, stateless noise);
 - *replayability*: every call with the same (bucket, length) must run the same ops, on the same
-  shapes, with the same Python arguments, and read the same addresses for every tensor it did not
-  make itself. Otherwise a replay of the first call would compute something other than the later
-  call did.
+  shapes, with the same Python arguments, read the same addresses for every tensor it did not
+  make itself, and take as arguments the same of the tensors it made (by order of making: a branch
+  between two same-shaped results shows). Otherwise a replay of the first call would compute
+  something other than the later call did;
+- *stable buffers*: the engine's tensors (its attributes, one level into the objects holding them)
+  are the same before and after every call: a step that rebinds an output buffer would leave a
+  captured graph writing where nobody reads.
+
+One limit: the first call of a bucket here is a session's, where a real capture runs on the inputs
+the engine puts in place at load; values the step reads from Python that only change after load
+are not seen unless the scenario changes them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -40,7 +52,16 @@ FORBIDDEN = {
     "repeat_interleave": "an output shape that depends on data",
     "lift_fresh": "a tensor made from host data inside the step (baked in at capture)",
     "lift_fresh_copy": "a tensor made from host data inside the step (baked in at capture)",
+    "bincount": "an output shape that depends on data",
+    "unique_dim": "an output shape that depends on data",
+    "equal": "a host sync (it answers a Python bool)",
+    "is_nonzero": "a host sync (bool(t))",
     "rand": "a draw from a random generator",
+    "random": "a draw from a random generator",
+    "randperm": "a draw from a random generator",
+    "poisson": "a draw from a random generator",
+    "native_dropout": "a draw from a random generator (dropout left on)",
+    "dropout": "a draw from a random generator (dropout left on)",
     "randn": "a draw from a random generator",
     "randint": "a draw from a random generator",
     "rand_like": "a draw from a random generator",
@@ -61,19 +82,25 @@ def _op_name(func: Any) -> str:
 class _Recorder(TorchDispatchMode):
     """Every aten op of one call: its name, and a signature of its arguments."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: set[int]) -> None:
         super().__init__()
-        self.made: set[int] = set()  # storages of tensors this call created
+        self.made: dict[int, int] = {}  # storage of each tensor this call allocated -> its order of making
+        self.allocations = 0
         self.outside: set[int] = set()  # storages the call read before making them: its buffers, weights
+        self.host = host  # storages of host staging buffers
         self.ops: list[tuple] = []
         self.problems: list[str] = []
 
     def _sig(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             storage = value.untyped_storage().data_ptr()
-            if storage not in self.made:
+            if storage in self.host:
+                self.problems.append("the step reads a host staging buffer (on a GPU: a copy baked in at capture)")
+            if storage in self.made:
+                where: Any = ("made", self.made[storage], value.storage_offset())
+            else:
                 self.outside.add(storage)
-            where = "made" if storage in self.made else value.data_ptr()
+                where = value.data_ptr()
             return ("T", tuple(value.shape), value.dtype, tuple(value.stride()), where)
         if isinstance(value, (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
                               torch.memory_format, slice)):
@@ -92,28 +119,89 @@ class _Recorder(TorchDispatchMode):
             self.problems.append(f"{func} with a boolean mask: an output shape that depends on data")
         signature = (str(func), tuple(self._sig(a) for a in flat))
         out = func(*args, **kwargs)
+        if isinstance(out, (bool, int, float)):
+            self.problems.append(f"{func} answers a Python value: a host sync")
+        inputs = {id(a) for a in flat if isinstance(a, torch.Tensor)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.outside:
-                self.made.add(t.untyped_storage().data_ptr())  # a view or an in-place write stays outside
+            if not isinstance(t, torch.Tensor) or id(t) in inputs or t._base is not None:
+                continue  # an in-place result or a view: the storage it lives in keeps its name
+            storage = t.untyped_storage().data_ptr()
+            if storage not in self.outside:  # a new allocation (perhaps where a freed one was)
+                self.made[storage] = self.allocations
+                self.allocations += 1
         self.ops.append(signature)
         return out
+
+
+_HOST_SYNCS = ("tolist", "numpy", "cpu")  # never reach the dispatcher on a CPU tensor
+
+
+@contextlib.contextmanager
+def _watch_host_syncs(problems: list[str]) -> Iterator[None]:
+    """Record calls of tensor methods that copy to the host, made on this thread while tracing."""
+    thread = threading.get_ident()
+    saved = {name: getattr(torch.Tensor, name) for name in _HOST_SYNCS}
+
+    def watched(name: str, method: Callable) -> Callable:
+        def call(self, *args, **kwargs):
+            if threading.get_ident() == thread:
+                problems.append(f"Tensor.{name}(): a host sync")
+            return method(self, *args, **kwargs)
+        return call
+
+    for name, method in saved.items():
+        setattr(torch.Tensor, name, watched(name, method))
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def _tensors_of(owner: Any) -> dict[str, int]:
+    """The address of every tensor ``owner`` holds: its attributes, and one level into the objects,
+    lists and tuples among them (buffers dataclasses, K/V pools); modules are left out (weights)."""
+    found: dict[str, int] = {}
+
+    def visit(path: str, value: Any, depth: int) -> None:
+        if isinstance(value, torch.Tensor):
+            found[path] = value.data_ptr()
+        elif depth and isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(f"{path}[{i}]", item, depth - 1)
+        elif depth and hasattr(value, "__dict__") and not isinstance(value, (torch.nn.Module, type)):
+            for name, item in vars(value).items():
+                visit(f"{path}.{name}", item, depth - 1)
+
+    for name, value in vars(owner).items():
+        visit(name, value, 2)
+    return found
 
 
 class StepTrace:
     """Wraps an engine's :class:`~duplex.engine.graphs.BucketedStep` so that every call of its step
     is recorded; :meth:`problems` says what would keep a captured graph from replaying it."""
 
-    def __init__(self, step: Any) -> None:
+    def __init__(self, step: Any, host_buffers: Sequence[torch.Tensor] = ()) -> None:
         self.step = step
         self.fn: Callable[[int, int], Any] = step.fn
+        self.owner = getattr(self.fn, "__self__", None)  # the engine whose method the step is
+        self.host = {t.untyped_storage().data_ptr() for t in host_buffers}
         self.calls: dict[tuple[int, int], list[list[tuple]]] = defaultdict(list)
         self.forbidden: list[str] = []
         step.fn = self._traced
 
     def _traced(self, b: int, length: int) -> Any:
-        recorder = _Recorder()
-        with recorder:
+        before = _tensors_of(self.owner) if self.owner is not None else {}
+        recorder = _Recorder(self.host)
+        with _watch_host_syncs(recorder.problems), recorder:
             out = self.fn(b, length)
+        if self.owner is not None:
+            after = _tensors_of(self.owner)
+            moved = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+            if moved:
+                recorder.problems.append(f"the step rebinds the engine's tensors {moved}: a captured graph "
+                                         "would keep writing to the old ones")
         self.calls[(b, length)].append(recorder.ops)
         self.forbidden.extend(recorder.problems)
         return out

@@ -24,9 +24,11 @@ from tts_fixtures import jfk24, make_engine, one_torch_thread, tiny_tts_checkpoi
 
 
 def test_the_check_catches_what_a_replay_would_get_wrong():
-    """The check itself: a step that syncs with the host, masks by value, builds a tensor from a
-    Python list, draws from torch's generator, or reads a buffer replaced between calls is caught,
-    each with its reason. A step that only reads its static buffers passes."""
+    """The check itself: a step that syncs with the host (item, tolist, an equality test), masks by
+    value, builds a tensor from a Python list, draws from torch's generator, reads a buffer replaced
+    between calls, bakes in a Python number, picks between two results by a Python flag, reads a
+    host staging buffer or rebinds its output buffer is caught, each with its reason. A step that
+    only reads its static buffers passes."""
     buf = {"x": torch.arange(8.0), "out": torch.zeros(8)}
     calls = {"n": 0}
 
@@ -55,11 +57,35 @@ def test_the_check_catches_what_a_replay_would_get_wrong():
         calls["n"] += 1
         buf["out"][:b] = buf["x"][:b] + calls["n"]  # baked into the graph at capture
 
+    def to_list(b: int, length: int) -> None:
+        buf["out"][:b] = buf["x"][:b] * len(buf["x"][:b].tolist())
+
+    def compares(b: int, length: int) -> None:
+        buf["out"][:b] = buf["x"][:b] * (2 if torch.equal(buf["x"], buf["out"]) else 3)
+
+    def branch(b: int, length: int) -> None:
+        calls["n"] += 1
+        doubled, tripled = buf["x"][:b] * 2, buf["x"][:b] * 3
+        buf["out"][:b] = doubled if calls["n"] % 2 else tripled  # a replay keeps the first choice
+
+    def staging(b: int, length: int) -> None:
+        buf["out"][:b] = buf["staging"][:b]  # on a GPU: the host buffer the inputs are copied from
+
+    class Engine:
+        def __init__(self) -> None:
+            self.out = torch.zeros(8)
+
+        def rebinds(self, b: int, length: int) -> None:
+            self.out = buf["x"] * 2  # a new tensor: a graph would write to the old one
+
+    buf["staging"] = torch.zeros(8)
     expected = {clean: None, syncs: "host sync", masks: "depends on data", host_list: "host data",
-                draws: "random generator", replaced: "differs from call 1", python_number: "differs from call 1"}
+                draws: "random generator", replaced: "differs from call 1", python_number: "differs from call 1",
+                to_list: "host sync", compares: "host sync", branch: "differs from call 1",
+                staging: "host staging buffer", Engine().rebinds: "rebinds"}
     for fn, why in expected.items():
         step = BucketedStep("check", fn, (4,), (16,), device="cpu", graphs=False)
-        trace = StepTrace(step)
+        trace = StepTrace(step, host_buffers=[buf["staging"]])
         with torch.inference_mode():  # as the engines run their steps
             for _ in range(3):
                 step.run(3, 10)
@@ -68,6 +94,7 @@ def test_the_check_catches_what_a_replay_would_get_wrong():
             assert problems == [] and trace.repeated == 2, problems
         else:
             assert problems and any(why in p for p in problems), (fn.__name__, problems)
+        trace.restore()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -78,7 +105,7 @@ def test_llm_decode_step_replays(make_llm, arch):
     buffers, and none is forbidden."""
     llm = make_llm(arch, window=64, slots=4)
     engine = llm.engine
-    trace = StepTrace(engine.graphs)
+    trace = StepTrace(engine.graphs, host_buffers=[engine._buf.staging_ints, engine._buf.staging_floats])
     try:
         g = torch.Generator().manual_seed(1)
         slots = [engine.new_slot() for _ in range(3)]
@@ -109,7 +136,7 @@ def test_llm_replies_through_the_scheduler_replay(make_llm):
     """Replies decoded through the scheduler, across evictions and rollbacks (the window is
     small): all of them run in one bucket, and every call matches the first."""
     llm = make_llm("qwen2", window=96, max_reply_tokens=30, temperature=0.8, slots=2)
-    trace = StepTrace(llm.engine.graphs)
+    trace = StepTrace(llm.engine.graphs, host_buffers=[llm.engine._buf.staging_ints, llm.engine._buf.staging_floats])
 
     async def main():
         streams = [llm.new_stream(SHORT_SYSTEM) for _ in range(2)]
@@ -146,7 +173,7 @@ def test_tts_frame_step_replays(make_engine, voice_a):
 
     engine = make_engine(sampling=Sampling(), slots=4)
     voice = engine.encode_voice(check_voice(voice_a), voice_a.text)
-    trace = StepTrace(engine.graphs)
+    trace = StepTrace(engine.graphs, host_buffers=[engine._staging_ints, engine._staging_temp])
     try:
         plan = [("Hello there, how are you?", 8, 0), ("A second voice speaks here.", 4, 0),
                 ("Third one joins later on.", 6, 2)]
