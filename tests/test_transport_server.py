@@ -362,3 +362,49 @@ async def test_an_offer_answered_during_shutdown_leaves_no_peer(monkeypatch):
     finally:
         await pc.close()
         await agent.aclose()
+
+
+async def test_a_restart_keeps_its_seat_and_runs_once(jfk_path, monkeypatch):
+    """On a full server (one seat), a page restarting its connection keeps the seat: an offer from
+    someone else while the restart is answered gets 503, not the seat the old connection freed. A
+    second restart of the same connection meanwhile gets 409, so no orphan peer is opened. The
+    restart then answers, and exactly one peer is open."""
+    from duplex.transport import server as server_module
+    from duplex.transport.client import connect as client_connect
+
+    answered, release = asyncio.Event(), asyncio.Event()
+    real_open_peer = server_module.open_peer
+    calls = []
+
+    async def held_back(*args, **kwargs):
+        calls.append(1)
+        result = await real_open_peer(*args, **kwargs)
+        if len(calls) == 2:  # the restart's
+            answered.set()
+            await release.wait()
+        return result
+
+    monkeypatch.setattr(server_module, "open_peer", held_back)
+    agent = await load_agent()
+    try:
+        async with running_server(agent, max_sessions=1) as (server, url):
+            owner = await client_connect(url, file_track(jfk48(jfk_path)))
+            await owner.wait_for("session.created", timeout=10)
+            restart = asyncio.create_task(client_connect(url, file_track(jfk48(jfk_path)), restart_of=owner))
+            await answered.wait()
+            sdp = owner.pc.localDescription.sdp
+            status, reply = await _request("POST", f"{url}/api/offer", json={"sdp": sdp, "type": "offer"})
+            assert status == 503 and "limit of 1" in reply["error"]
+            status, reply = await _request("POST", f"{url}/api/offer", json={
+                "sdp": sdp, "type": "offer", "pc_id": owner.pc_id, "secret": owner.secret, "restart_pc": True})
+            assert status == 409 and "already under way" in reply["error"]
+            release.set()
+            new = await restart
+            try:
+                await new.wait_for("session.created", timeout=10)
+                assert list(server.peers) == [new.pc_id] and len(calls) == 2
+            finally:
+                await new.close()
+                await owner.close()
+    finally:
+        await agent.aclose()

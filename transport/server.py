@@ -91,6 +91,7 @@ class Server:
         self.closed_peers = 0
         self.close_reasons: Counter[str] = Counter()  # why peers were closed, for status and tests
         self._opening = 0
+        self._restarting: dict[str, Peer] = {}  # connections whose restart is being answered (the old peer)
         self._closing = False
         self.app = self._build_app()
 
@@ -239,23 +240,29 @@ class Server:
         if self._closing:
             return ApiResponse(503, {"error": "the server is shutting down"})
         existing = self.peers.get(offer.pc_id) if offer.pc_id else None
+        if existing is None and offer.pc_id in self._restarting:  # its old peer is gone, the new one not yet here
+            existing = self._restarting[offer.pc_id]
         if existing is not None:
             refused = self._refuse_not_owner(existing, offer.secret)
             if refused is not None:
                 return refused
+        if existing is not None and self._restarting.get(existing.pc_id) is existing:
+            return ApiResponse(409, {"error": "a restart of this connection is already under way; use its answer"})
         if existing is not None and not offer.restart_pc:
             try:
                 answer = await asyncio.wait_for(renegotiate(existing, offer), OFFER_TIMEOUT_S)
             except (ValueError, TypeError, KeyError, IndexError, AssertionError) as exc:
                 raise BadRequest(f"cannot use this offer: {_why(exc)}") from None
             return ApiResponse(200, answer)
-        if existing is not None:  # restart: the old connection makes room for the new one
-            await existing.close("restarted by the peer")
-        if len(self.peers) + self._opening >= self.options.max_sessions:
+        if existing is None and len(self.peers) + self._opening >= self.options.max_sessions:
             return ApiResponse(503, {"error": f"the server is at its limit of {self.options.max_sessions} "
                                               "concurrent sessions; try again later"}, {"Retry-After": "10"})
-        self._opening += 1
+        self._opening += 1  # a seat held from here on (a restart keeps the one of the connection it replaces)
+        if existing is not None:
+            self._restarting[existing.pc_id] = existing
         try:
+            if existing is not None:
+                await existing.close("restarted by the peer")
             peer, answer = await asyncio.wait_for(
                 open_peer(self.agent, offer, self.options.peer, self._forget), OFFER_TIMEOUT_S)
         except (ValueError, TypeError, KeyError, IndexError, AssertionError) as exc:
@@ -263,6 +270,8 @@ class Server:
             raise BadRequest(f"cannot use this offer: {_why(exc)}") from None
         finally:
             self._opening -= 1
+            if existing is not None:
+                self._restarting.pop(existing.pc_id, None)
         if self._closing:  # the server began to close while this offer was answered
             await peer.close("the server is shutting down")
             return ApiResponse(503, {"error": "the server is shutting down"})
