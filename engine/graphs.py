@@ -56,6 +56,9 @@ class BucketedStep:
         self._graphs: dict[tuple[int, int], Any] = {}
         self.capture_s = 0.0
         self.eager = False  # benchmarks: run the captured buckets eagerly, to compare
+        # tests on the CPU: capture() makes each bucket's capture call eagerly, on the inputs a GPU
+        # would record it with, so a check can compare every later step with the call a graph holds
+        self.rehearse = False
 
     def bucket(self, rows: int) -> int:
         """The smallest bucket holding ``rows`` rows."""
@@ -81,12 +84,17 @@ class BucketedStep:
 
         ``prepare(bucket)`` puts harmless inputs into the static buffers first (rows at their scratch
         positions), so the warm-up steps change no session's state."""
+        keys = [(b, n) for b in reversed(self.buckets) for n in reversed(self.lengths)]
+        if not self.graphs_enabled and self.rehearse:
+            for b, n in keys:
+                if prepare is not None:
+                    prepare(b)
+                self.fn(b, n)
         if not self.graphs_enabled or self._graphs:
             return
         import torch
 
         start = time.perf_counter()
-        keys = [(b, n) for b in reversed(self.buckets) for n in reversed(self.lengths)]
         if progress is not None:
             progress(f"{self.name}: capturing {len(keys)} CUDA graphs (batch {','.join(map(str, self.buckets))}"
                      f" x length {','.join(map(str, self.lengths))})")

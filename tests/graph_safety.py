@@ -22,9 +22,10 @@ step, through PyTorch's dispatcher:
   are the same before and after every call: a step that rebinds an output buffer would leave a
   captured graph writing where nobody reads.
 
-One limit: the first call of a bucket here is a session's, where a real capture runs on the inputs
-the engine puts in place at load; values the step reads from Python that only change after load
-are not seen unless the scenario changes them.
+The engine's ``capture()`` with ``graphs.rehearse`` set makes each bucket's capture call eagerly
+first, on the inputs a GPU records it with, so every session's call is compared with the call a
+graph would hold. Values the step reads from Python that change only later are seen when the
+scenario changes them.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 No GPU runs these tests. A captured graph replays the kernels of one call with their addresses,
 shapes and Python arguments fixed, so each test drives an engine through real sessions and checks
-two things with :class:`graph_safety.StepTrace`. First, every later call of a (bucket, length)
-runs what the first one ran, reading the same buffers. Second, no call syncs with the host, draws
+two things with :class:`graph_safety.StepTrace`. First, every session's call of a (bucket, length)
+runs what the capture call ran (made first, as a GPU makes it at load, on the same inputs), reading
+the same buffers. Second, no call syncs with the host, draws
 from a generator, makes a tensor from host data, or makes a shape that depends on data. These
 tests guard the code path a GPU takes, which the CPU runs eagerly.
 """
@@ -107,6 +108,8 @@ def test_llm_decode_step_replays(make_llm, arch):
     engine = llm.engine
     trace = StepTrace(engine.graphs, host_buffers=[engine._buf.staging_ints, engine._buf.staging_floats])
     try:
+        engine.graphs.rehearse = True  # first, each bucket's call as a GPU captures it at load
+        engine.capture()
         g = torch.Generator().manual_seed(1)
         slots = [engine.new_slot() for _ in range(3)]
         last = []
@@ -137,6 +140,8 @@ def test_llm_replies_through_the_scheduler_replay(make_llm):
     small): all of them run in one bucket, and every call matches the first."""
     llm = make_llm("qwen2", window=96, max_reply_tokens=30, temperature=0.8, slots=2)
     trace = StepTrace(llm.engine.graphs, host_buffers=[llm.engine._buf.staging_ints, llm.engine._buf.staging_floats])
+    llm.engine.graphs.rehearse = True  # first, each bucket's call as a GPU captures it at load
+    llm.engine.capture()
 
     async def main():
         streams = [llm.new_stream(SHORT_SYSTEM) for _ in range(2)]
@@ -175,6 +180,8 @@ def test_tts_frame_step_replays(make_engine, voice_a):
     voice = engine.encode_voice(check_voice(voice_a), voice_a.text)
     trace = StepTrace(engine.graphs, host_buffers=[engine._staging_ints, engine._staging_temp])
     try:
+        engine.graphs.rehearse = True  # first, each bucket's call as a GPU captures it at load
+        engine.capture()
         plan = [("Hello there, how are you?", 8, 0), ("A second voice speaks here.", 4, 0),
                 ("Third one joins later on.", 6, 2)]
         replies = [engine.new_reply(voice if i % 2 else None, seed=i + 1, chunk_frames=2) for i in range(len(plan))]
