@@ -56,9 +56,11 @@ class Reply:
     speculative: bool
     task: asyncio.Task[None] | None = None
     held: list[Event] = field(default_factory=list)  # events made while speculative
+    cancelled: bool = False  # no more text, audio or events of it (the TTS may still hold some)
 
     def cancel(self) -> None:
         """Stop generating (idempotent; a step already running in an engine lands and is dropped)."""
+        self.cancelled = True
         if self.task is not None and not self.task.done():
             self.task.cancel()
 

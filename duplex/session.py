@@ -131,6 +131,8 @@ class Session:
         self._listen_task: asyncio.Task[None] | None = None
         self._listen_wanted = False
         self._side_tasks: set[asyncio.Task[None]] = set()
+        self._reply_tasks: set[asyncio.Task[None]] = set()  # every reply's, until it has ended
+        self._closing: asyncio.Future[None] | None = None
         self._frames = 0
         # Seconds from a frame leaving audio() to the listener's ear that the transport adds (a WebRTC
         # jitter buffer, a sound card's output buffer); the transport sets it, and it counts in the
@@ -228,20 +230,25 @@ class Session:
 
     async def close(self) -> None:
         """Stop every task, close the stage streams and keep the record whole: a reply being played
-        is kept as interrupted at its playback position; words not yet in a turn become one."""
-        if self.closed:
-            return
+        is kept as interrupted at its playback position; words not yet in a turn become one.
+
+        Every call waits for the one closing (a second call, or a caller cancelled meanwhile, never
+        cuts it short)."""
         self.closed = True
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         self._withdraw()
         if self._reply is not None and not self._reply.done:
             self._finish_reply(interrupted=True)
         pending = self.policy.user_text
         if pending:
             self.conversation.user_turn_ended(pending, self._turn_start, self._pushed, now())
-        me = asyncio.current_task()
-        reply_task = self._current.task if self._current is not None else None
-        tasks = [t for t in (*self._tasks, *self._side_tasks, reply_task, self._listen_task)
-                 if t is not None and t is not me]
+        # every reply's task: the one playing, a withdrawn speculation, stopped ones still unwinding
+        tasks = [t for t in (*self._tasks, *self._side_tasks, *self._reply_tasks, self._listen_task)
+                 if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -430,6 +437,8 @@ class Session:
         self.playout.start_reply(rid, held=speculative)
         messages = self.conversation.messages(text) if speculative else self.conversation.messages()
         reply.task = asyncio.create_task(self._reply_loop(reply, messages), name=f"{self.name}-reply-{rid}")
+        self._reply_tasks.add(reply.task)
+        reply.task.add_done_callback(self._reply_tasks.discard)
         return reply
 
     def _speculate(self, text: str) -> None:
@@ -524,6 +533,8 @@ class Session:
 
         async def text() -> AsyncGenerator[str, None]:
             async for piece in tokens:
+                if handle.cancelled:  # stopped while the TTS's reader was taking text: nothing more of it
+                    return
                 if timing.first_token_wall is None:
                     timing.first_token_wall = now()
                 reply.text += piece

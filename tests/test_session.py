@@ -296,3 +296,51 @@ def test_an_overload_is_reported_once_not_per_block(vad_model):
     assert len(found) == 2, [e.message for e in found]
     assert "dropping input until they catch up" in found[0].message
     assert "dropped" in found[1].message and 2.0 < dropped < 5.0
+
+
+def test_closing_during_a_reply_ends_its_task_and_keeps_its_record(vad_model, jfk16):
+    """Closing a session (the page hung up) while a long reply is being spoken ends that reply's task
+    too (with real engines it holds a TTS slot other sessions need), and the record closed at the
+    playback position stays as it was: no text is added to it afterwards."""
+    agent = make_agent(vad_model, asr={"utterances": ["hello there"]}, llm={"replies": [" ".join(["word"] * 300)]})
+
+    async def main():
+        session = agent.session()
+        events = session.events()
+        pcm = np.concatenate([clip(jfk16, 0.2, 2.4), silence(4.0)])
+        for i in range(0, pcm.size, 320):
+            session.push_audio(pcm[i:i + 320], 16_000)
+            await asyncio.sleep(0.02)
+        assert session.state == "speaking"
+        await session.close()
+        left = [t.get_name() for t in asyncio.all_tasks() if "-reply-" in t.get_name() and not t.done()]
+        reply = session.conversation.turns[-1]
+        text = reply.text
+        await asyncio.sleep(5.0)
+        seen = [e async for e in events]
+        return left, reply, text, seen
+
+    left, reply, text, seen = run_virtual(main())
+    assert left == [], left
+    assert reply.role == "assistant" and reply.interrupted and reply.text == text
+    done = [e for e in seen if isinstance(e, ev.ReplyDone)]
+    assert done and all(not isinstance(e, ev.ReplyText) for e in seen[seen.index(done[-1]):])
+
+
+def test_a_close_cut_short_is_finished_by_the_next(vad_model):
+    """A close whose caller is cancelled half-way still finishes (streams closed, subscribers ended,
+    the agent forgets the session), and a second close waits for that one instead of returning at
+    once while the session is still shutting down."""
+    agent = make_agent(vad_model)
+
+    async def main():
+        session = agent.session()
+        events = session.events()
+        first = asyncio.create_task(session.close())
+        await asyncio.sleep(0)
+        first.cancel()
+        await session.close()
+        return [e async for e in events], session in agent.sessions, first.cancelled()
+
+    seen, still_known, cancelled = run_virtual(main())
+    assert not still_known and cancelled  # the subscription ended: the iteration above returned
