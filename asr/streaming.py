@@ -255,7 +255,7 @@ class StreamingASR:
             slots = torch.tensor([s.slot for s in states], dtype=torch.int64, device=self.device)
             encoded, commit_encoder = self.layers.encode(x, slots)  # [B, D, out]
             tokens, commit_decoder = self.decoder.decode(encoded, slots, self._valid(states, encoded.size(2)))
-            kept = [encoded[b].float().cpu() for b, s in enumerate(states) if s.encoded is not None]
+            kept = {b: encoded[b].float().cpu() for b, s in enumerate(states) if s.encoded is not None}
             # the batch succeeded: commit every session's state
             commit_encoder()
             commit_decoder()
@@ -265,7 +265,7 @@ class StreamingASR:
                 s.audio.drop_before(self.spec.first_sample(s.n_mel) - 1)
                 s.mel_cache = cache
                 if s.encoded is not None:
-                    s.encoded.append(kept.pop(0))
+                    s.encoded.append(kept[b])
                 results.append(StepResult([(s.n_enc + t, k) for t, k in tokens[b]],
                                           min(s.audio.fed, self.spec.samples_needed(s.n_mel))))
                 s.n_enc += encoded.size(2)

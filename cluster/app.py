@@ -157,20 +157,22 @@ def _device() -> dict[str, Any]:
             "gpu_memory_reserved_bytes": int(torch.cuda.memory_reserved())}
 
 
-async def _capped_body(request: Any, cap: int) -> bytes | None:
-    """The request's body, or None once it is over ``cap`` bytes: refused by its declared length
+async def _capped_body(request: Any, cap: int) -> bytes | ApiResponse:
+    """The request's body, or the 413 once it is over ``cap`` bytes: refused by its declared length
     before anything is read, or while reading a body sent without one."""
     try:
         declared = int(request.headers.get("content-length") or 0)
     except ValueError:
         declared = 0
-    if declared > cap:
-        return None
+    refused = too_large(declared, cap)
+    if refused is not None:
+        return refused
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > cap:
-            return None
+        refused = too_large(size, cap)
+        if refused is not None:
+            return refused
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -213,12 +215,13 @@ class Ingress:
     async def _offer_request(self, method: str, request: Any) -> ApiResponse:
         """POST or PATCH /api/offer: the size, then the token, before anything is parsed or routed
         (as a single server does)."""
-        cap, authorization = self.options.server.max_body, request.headers.get("authorization")
-        body = await _capped_body(request, cap)
-        refused = (too_large(cap + 1 if body is None else len(body), cap)
-                   or unauthorized(self.options.server.token, authorization))
-        if refused is not None or body is None:
-            return refused or ApiResponse(413, {"error": "request body too large"})
+        authorization = request.headers.get("authorization")
+        body = await _capped_body(request, self.options.server.max_body)
+        if isinstance(body, ApiResponse):
+            return body
+        refused = unauthorized(self.options.server.token, authorization)
+        if refused is not None:
+            return refused
         return await self._signal(method, body, authorization, request.client.host if request.client else None)
 
     async def _signal(self, method: str, body: bytes, authorization: str | None, remote: str | None) -> ApiResponse:

@@ -196,9 +196,6 @@ class Server:
                              for pid, p in self.peers.items()}
         return ApiResponse(200, body)
 
-    def _refuse_unauthorized(self, authorization: str | None) -> ApiResponse | None:
-        return unauthorized(self.options.token, authorization)
-
     def _refuse_not_owner(self, peer: Peer, secret: str | None) -> ApiResponse | None:
         """403 unless ``secret`` is the one this connection's answer carried."""
         if secret is None or not hmac.compare_digest(secret.encode(), peer.secret.encode()):  # any text
@@ -233,7 +230,7 @@ class Server:
                                               "'.local' address that does not resolve?); the others may be missing"})
 
     async def _offer(self, body: bytes, authorization: str | None, remote: str | None) -> ApiResponse:
-        refused = too_large(len(body), self.options.max_body) or self._refuse_unauthorized(authorization)
+        refused = too_large(len(body), self.options.max_body) or unauthorized(self.options.token, authorization)
         if refused is not None:
             return refused
         offer = parse_offer(parse_json(body))
@@ -286,7 +283,7 @@ class Server:
         return ApiResponse(200, answer)
 
     async def _candidates(self, body: bytes, authorization: str | None) -> ApiResponse:
-        refused = too_large(len(body), self.options.max_body) or self._refuse_unauthorized(authorization)
+        refused = too_large(len(body), self.options.max_body) or unauthorized(self.options.token, authorization)
         if refused is not None:
             return refused
         patch = parse_patch(parse_json(body))
