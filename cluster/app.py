@@ -238,6 +238,9 @@ class Ingress:
         if owner is None:
             return ApiResponse(404, {"error": f"no open connection {session}; post an offer first"})
         replica, local = owner
+        gone = await self._gone(replica)
+        if gone is not None:
+            return gone
         forwarded = json.dumps({**request, "pc_id": local}).encode()
         call = (self.agents[replica].offer.remote(forwarded, authorization, remote) if method == "POST"
                 else self.agents[replica].candidates.remote(forwarded, authorization))
@@ -263,7 +266,21 @@ class Ingress:
                 return _public(replica, answer)
         return answer
 
-    async def _capacities(self) -> list[Capacity]:
+    async def _gone(self, replica: str) -> ApiResponse | None:
+        """Why a follow-up cannot reach its session on ``replica``, asked before it is sent: a replica
+        that died, or is loading again after Ray restarted it, holds none of the sessions it had. A call
+        sent to a dead replica waits for its restart (Serve queues calls for a deployment with no live
+        replica), while a page whose connection went quiet asks exactly this and must hear in seconds,
+        before its browser's own checks give up."""
+        capacity, = await self._capacities([replica])
+        if not capacity.up:
+            return _not_answering(replica)
+        if not capacity.ready:
+            return ApiResponse(404, {"error": f"replica {replica} has restarted and holds none of its earlier "
+                                              "sessions; post a new offer"})
+        return None
+
+    async def _capacities(self, names: list[str] | None = None) -> list[Capacity]:
         async def ask(name: str) -> Capacity:
             try:
                 c = await asyncio.wait_for(self.agents[name].capacity.remote(), STATUS_TIMEOUT_S)
@@ -271,7 +288,7 @@ class Ingress:
                 return Capacity(name, up=False)
             return Capacity(name, up=True, ready=bool(c["ready"]), free=int(c["free"]))
 
-        return list(await asyncio.gather(*(ask(n) for n in self.names)))
+        return list(await asyncio.gather(*(ask(n) for n in (self.names if names is None else names))))
 
     async def _statuses(self, authorization: str | None) -> list[ReplicaStatus]:
         async def ask(name: str) -> ReplicaStatus:
@@ -311,11 +328,15 @@ async def _call(replica: str, call: Any) -> ApiResponse:
         return await asyncio.wait_for(call, CALL_TIMEOUT_S)
     except (RayActorError, asyncio.TimeoutError) as exc:
         log.warning("replica %s did not answer: %s", replica, type(exc).__name__)
-        return ApiResponse(503, {"error": f"replica {replica} is not answering (restarting?); sessions it held "
-                                          "have ended: connect again"}, {"Retry-After": "5"})
+        return _not_answering(replica)
     except RayTaskError as exc:
         log.error("replica %s failed a signalling call: %s", replica, exc)
         return ApiResponse(500, {"error": f"replica {replica} failed this request; see its log"})
+
+
+def _not_answering(replica: str) -> ApiResponse:
+    return ApiResponse(503, {"error": f"replica {replica} is not answering (restarting?); sessions it held "
+                                      "have ended: connect again"}, {"Retry-After": "5"})
 
 
 def _json(answer: ApiResponse) -> Any:

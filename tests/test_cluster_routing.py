@@ -133,3 +133,52 @@ def test_the_ingress_refuses_before_it_routes():
     roomy = Ingress(ClusterOptions(replicas=2, server=ServerOptions(token="t0ken")), _NoReplica(), _NoReplica())
     status, body, _ = _ingress_call(roomy, "POST", "/api/offer", [b'{"pc_id": ' + b"1" * 5000 + b"}"], auth)
     assert status == 400 and "JSON" in body["error"]
+
+
+class _Replica:
+    """A replica handle as the ingress sees it: ``capacity`` answers as given (or never), and the
+    signalling calls it receives are recorded and answered 200."""
+
+    def __init__(self, capacity: dict | None):
+        self._capacity, self.calls = capacity, []
+
+    def __getattr__(self, name):
+        import asyncio
+        from types import SimpleNamespace
+
+        from duplex.transport.server import ApiResponse
+
+        async def remote(*args):
+            if name == "capacity":
+                if self._capacity is None:
+                    await asyncio.sleep(3600)  # dead, or queued until Ray has replaced it
+                return self._capacity
+            self.calls.append(name)
+            return ApiResponse(200, {})
+        return SimpleNamespace(remote=remote)
+
+
+def test_a_follow_up_for_a_replica_that_is_gone_is_answered_at_once(monkeypatch):
+    """A page whose connection went quiet asks the ingress whether its session still exists. When
+    the replica holding it is dead (its calls would wait for Ray to replace it) the answer is a 503
+    within the capacity question's timeout; when it is back but loading again, a 404 saying its
+    sessions ended. Neither sends the follow-up on. A replica that is up and ready gets it."""
+    pytest.importorskip("starlette", reason="the cluster extra is not installed: pip install -e '.[cluster]'")
+    import time
+
+    from duplex.cluster import app
+
+    monkeypatch.setattr(app, "STATUS_TIMEOUT_S", 0.2)
+    dead, loading, ready = _Replica(None), _Replica({"ready": False, "free": 0}), _Replica({"ready": True, "free": 1})
+    ingress = app.Ingress(ClusterOptions(replicas=3), dead, loading, ready)
+    follow_up = [b'{"pc_id": "agent-%d.pc_0011223344556677", "secret": "s", "candidates": []}']
+
+    started = time.monotonic()
+    status, body, _ = _ingress_call(ingress, "PATCH", "/api/offer", [follow_up[0] % 0], {})
+    assert status == 503 and "agent-0 is not answering" in body["error"] and "connect again" in body["error"]
+    assert time.monotonic() - started < 5
+    status, body, _ = _ingress_call(ingress, "PATCH", "/api/offer", [follow_up[0] % 1], {})
+    assert status == 404 and "agent-1 has restarted" in body["error"]
+    status, body, _ = _ingress_call(ingress, "PATCH", "/api/offer", [follow_up[0] % 2], {})
+    assert status == 200
+    assert (dead.calls, loading.calls, ready.calls) == ([], [], ["candidates"])
