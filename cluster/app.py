@@ -95,14 +95,12 @@ class AgentReplica:
             raise RuntimeError(f"the agent could not load: {self.failure}")
         return self.server
 
-    async def capacity(self) -> dict[str, Any]:
+    async def capacity(self, session: str | None = None) -> dict[str, Any]:
+        """Room for new sessions, and whether connection ``session`` (this replica's own id) is open."""
         server = self.server
         if server is None:
-            return {"ready": False, "free": 0}
-        # Offers being answered are not subtracted: the ingress counts those it has sent (and every new
-        # session comes through it), so none is counted twice.
-        free = 0 if server._closing else server.options.max_sessions - len(server.peers)
-        return {"ready": True, "free": free}
+            return {"ready": False, "free": 0, "holds": False}
+        return {"ready": True, "free": server.room(), "holds": session is not None and server.holds(session)}
 
     async def offer(self, body: bytes, authorization: str | None, remote: str | None) -> ApiResponse:
         return await (await self._ready()).offer(body, authorization, remote)
@@ -225,27 +223,40 @@ class Ingress:
         return await self._signal(method, body, authorization, request.client.host if request.client else None)
 
     async def _signal(self, method: str, body: bytes, authorization: str | None, remote: str | None) -> ApiResponse:
+        """A new session to the replica with the most room; a follow-up to the replica its id names.
+
+        Before a follow-up is sent on, its owner is asked (the short capacity question) whether it is up
+        and still holds the session: a call to a dead replica would wait in Serve's queue for its
+        replacement, while a page whose connection went quiet asks exactly this and must hear in seconds,
+        before its browser's own checks give up. A dead owner is a 503 and one loading again after its
+        restart a 404. An offer naming a connection that is no longer open starts a new session, as on a
+        single server, placed like any other."""
         try:
             request = parse_json(body)
         except BadRequest as exc:
             return ApiResponse(400, {"error": str(exc)})
         session = request.get("pc_id")
-        if session is None and method == "POST":
-            return await self._new_session(body, authorization, remote)
-        if not isinstance(session, str):
+        if not isinstance(session, str) and (session is not None or method == "PATCH"):
             return ApiResponse(400, {"error": "'pc_id' must be the id from this connection's answer (a string)"})
-        owner = owner_of(session, self.names)
-        if owner is None:
+        owner = owner_of(session, self.names) if session is not None else None
+        if owner is None and method == "PATCH":
             return ApiResponse(404, {"error": f"no open connection {session}; post an offer first"})
-        replica, local = owner
-        gone = await self._gone(replica)
-        if gone is not None:
-            return gone
-        forwarded = json.dumps({**request, "pc_id": local}).encode()
-        call = (self.agents[replica].offer.remote(forwarded, authorization, remote) if method == "POST"
-                else self.agents[replica].candidates.remote(forwarded, authorization))
-        answer = await _call(replica, call)
-        return _public(replica, answer)
+        if owner is not None:
+            replica, local = owner
+            capacity, = await self._capacities([replica], session=local)
+            if not capacity.up:
+                return _not_answering(replica)
+            if not capacity.ready:
+                return ApiResponse(404, {"error": f"replica {replica} has restarted and holds none of its "
+                                                  "earlier sessions; post a new offer"})
+            if capacity.holds or method == "PATCH":
+                forwarded = json.dumps({**request, "pc_id": local}).encode()
+                call = (self.agents[replica].offer.remote(forwarded, authorization, remote) if method == "POST"
+                        else self.agents[replica].candidates.remote(forwarded, authorization))
+                return _public(replica, await _call(replica, call))
+        if session is not None:
+            body = json.dumps({k: v for k, v in request.items() if k not in ("pc_id", "secret", "restart_pc")}).encode()
+        return await self._new_session(body, authorization, remote)
 
     async def _new_session(self, body: bytes, authorization: str | None, remote: str | None) -> ApiResponse:
         capacities = await self._capacities()
@@ -266,27 +277,15 @@ class Ingress:
                 return _public(replica, answer)
         return answer
 
-    async def _gone(self, replica: str) -> ApiResponse | None:
-        """Why a follow-up cannot reach its session on ``replica``, asked before it is sent: a replica
-        that died, or is loading again after Ray restarted it, holds none of the sessions it had. A call
-        sent to a dead replica waits for its restart (Serve queues calls for a deployment with no live
-        replica), while a page whose connection went quiet asks exactly this and must hear in seconds,
-        before its browser's own checks give up."""
-        capacity, = await self._capacities([replica])
-        if not capacity.up:
-            return _not_answering(replica)
-        if not capacity.ready:
-            return ApiResponse(404, {"error": f"replica {replica} has restarted and holds none of its earlier "
-                                              "sessions; post a new offer"})
-        return None
-
-    async def _capacities(self, names: list[str] | None = None) -> list[Capacity]:
+    async def _capacities(self, names: list[str] | None = None, session: str | None = None) -> list[Capacity]:
+        """Each replica's room (of ``names``, default all), asked with a short timeout: one that does not
+        answer in time counts as down. Also whether it holds ``session``."""
         async def ask(name: str) -> Capacity:
             try:
-                c = await asyncio.wait_for(self.agents[name].capacity.remote(), STATUS_TIMEOUT_S)
+                c = await asyncio.wait_for(self.agents[name].capacity.remote(session), STATUS_TIMEOUT_S)
             except Exception:
                 return Capacity(name, up=False)
-            return Capacity(name, up=True, ready=bool(c["ready"]), free=int(c["free"]))
+            return Capacity(name, up=True, ready=bool(c["ready"]), free=int(c["free"]), holds=bool(c["holds"]))
 
         return list(await asyncio.gather(*(ask(n) for n in (self.names if names is None else names))))
 

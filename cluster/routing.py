@@ -36,6 +36,7 @@ class Capacity:
     up: bool
     ready: bool = False  # its models are loaded
     free: int = 0
+    holds: bool = False  # it has the session the ingress asked about open
 
 
 def placement(capacities: list[Capacity]) -> list[str]:

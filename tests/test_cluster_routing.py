@@ -3,6 +3,7 @@ belongs to, the summed status and the Prometheus text."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -136,14 +137,16 @@ def test_the_ingress_refuses_before_it_routes():
 
 
 class _Replica:
-    """A replica handle as the ingress sees it: ``capacity`` answers as given (or never), and the
-    signalling calls it receives are recorded and answered 200."""
+    """A replica handle as the ingress sees it: ``capacity`` answers as given (or never), holding the
+    sessions in ``holds``; the signalling calls it receives are recorded (name, the JSON body) and
+    answered 200 with a new connection id."""
 
-    def __init__(self, capacity: dict | None):
-        self._capacity, self.calls = capacity, []
+    def __init__(self, capacity: dict | None, holds: tuple[str, ...] = ()):
+        self._capacity, self._holds, self.calls = capacity, holds, []
 
     def __getattr__(self, name):
         import asyncio
+        import json
         from types import SimpleNamespace
 
         from duplex.transport.server import ApiResponse
@@ -152,33 +155,49 @@ class _Replica:
             if name == "capacity":
                 if self._capacity is None:
                     await asyncio.sleep(3600)  # dead, or queued until Ray has replaced it
-                return self._capacity
-            self.calls.append(name)
-            return ApiResponse(200, {})
+                return {**self._capacity, "holds": args[0] in self._holds}
+            self.calls.append((name, json.loads(args[0])))
+            return ApiResponse(200, {"pc_id": "pc_new"})
         return SimpleNamespace(remote=remote)
 
 
-def test_a_follow_up_for_a_replica_that_is_gone_is_answered_at_once(monkeypatch):
+def test_a_follow_up_reaches_its_owner_only_while_it_holds_the_session(monkeypatch):
     """A page whose connection went quiet asks the ingress whether its session still exists. When
     the replica holding it is dead (its calls would wait for Ray to replace it) the answer is a 503
     within the capacity question's timeout; when it is back but loading again, a 404 saying its
-    sessions ended. Neither sends the follow-up on. A replica that is up and ready gets it."""
+    sessions ended; neither is sent the follow-up. A replica that is up gets it, with its own id. An
+    offer naming a connection that has ended starts a new session, as on a single server, placed on
+    the replica with the most room rather than the one it names."""
     pytest.importorskip("starlette", reason="the cluster extra is not installed: pip install -e '.[cluster]'")
     import time
 
     from duplex.cluster import app
 
     monkeypatch.setattr(app, "STATUS_TIMEOUT_S", 0.2)
-    dead, loading, ready = _Replica(None), _Replica({"ready": False, "free": 0}), _Replica({"ready": True, "free": 1})
-    ingress = app.Ingress(ClusterOptions(replicas=3), dead, loading, ready)
-    follow_up = [b'{"pc_id": "agent-%d.pc_0011223344556677", "secret": "s", "candidates": []}']
+    dead, loading = _Replica(None), _Replica({"ready": False, "free": 0})
+    owner, roomy = _Replica({"ready": True, "free": 1}, holds=("pc_a",)), _Replica({"ready": True, "free": 3})
+    ingress = app.Ingress(ClusterOptions(replicas=4), dead, loading, owner, roomy)
+
+    def patch(pc_id: str) -> tuple[int, dict]:
+        body = json.dumps({"pc_id": pc_id, "secret": "s", "candidates": []}).encode()
+        status, answer, _ = _ingress_call(ingress, "PATCH", "/api/offer", [body], {})
+        return status, answer
 
     started = time.monotonic()
-    status, body, _ = _ingress_call(ingress, "PATCH", "/api/offer", [follow_up[0] % 0], {})
+    status, body = patch("agent-0.pc_a")
     assert status == 503 and "agent-0 is not answering" in body["error"] and "connect again" in body["error"]
     assert time.monotonic() - started < 5
-    status, body, _ = _ingress_call(ingress, "PATCH", "/api/offer", [follow_up[0] % 1], {})
+    status, body = patch("agent-1.pc_a")
     assert status == 404 and "agent-1 has restarted" in body["error"]
-    status, body, _ = _ingress_call(ingress, "PATCH", "/api/offer", [follow_up[0] % 2], {})
-    assert status == 200
-    assert (dead.calls, loading.calls, ready.calls) == ([], [], ["candidates"])
+    assert patch("agent-2.pc_a")[0] == 200
+    assert (dead.calls, loading.calls) == ([], [])
+    assert owner.calls == [("candidates", {"pc_id": "pc_a", "secret": "s", "candidates": []})]
+
+    offer = {"sdp": "v=0", "type": "offer", "secret": "s", "restart_pc": True}
+    for named, to, sent in (("agent-2.pc_a", owner, {**offer, "pc_id": "pc_a"}),  # open: renegotiated
+                            ("agent-2.pc_gone", roomy, {"sdp": "v=0", "type": "offer"}),  # ended: placed anew
+                            ("agent-7.pc_a", roomy, {"sdp": "v=0", "type": "offer"})):  # no such replica
+        status, body, _ = _ingress_call(ingress, "POST", "/api/offer", [json.dumps({**offer, "pc_id": named}).encode()],
+                                        {})
+        assert status == 200 and to.calls[-1] == ("offer", sent)
+        assert body["pc_id"] == ("agent-2" if to is owner else "agent-3") + ".pc_new"

@@ -182,6 +182,16 @@ class Server:
     async def status(self, request):
         return self._respond(self.status_body(request.headers.get("Authorization")))
 
+    def room(self) -> int:
+        """Seats for new sessions (none while closing). Offers being answered are not subtracted: the
+        cluster's ingress counts those it has sent itself."""
+        return 0 if self._closing else self.options.max_sessions - len(self.peers)
+
+    def holds(self, pc_id: str) -> bool:
+        """Whether connection ``pc_id`` is open here (or being restarted): an offer naming one that is
+        not starts a new session."""
+        return pc_id in self.peers or pc_id in self._restarting
+
     def status_body(self, authorization: str | None = None) -> ApiResponse:
         """Counts, states and limits; the connection ids only with the operator's token."""
         body: dict[str, Any] = {
