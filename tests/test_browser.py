@@ -117,7 +117,9 @@ async def test_browser_talks_to_the_agent(jfk_path, artifacts):
     level above zero in getStats) and as text with its heard words marked; both latencies are shown; the server
     heard real speech; the screenshot is saved; disconnecting frees the server's session."""
     pytest.importorskip("selenium")
-    wav = speech_wav(jfk_path, artifacts)  # Chromium plays FLAC (and missing files) as silence: WAV
+    # Chromium plays FLAC (and missing files) as silence: WAV. It loops the file: 12 s of quiet after
+    # the speech so the reply is heard before JFK speaks again (the page would mute it: a barge-in)
+    wav = speech_wav(jfk_path, artifacts, tail_s=12.0)
     async with page_on_server(PEER_PROFILE, wav) as (server, driver):  # tiny: every real stage
         def drive() -> dict:
             _wait(driver, "window.duplex.messages.some(m => m.type === 'session.created')", 15, "the data channel")
@@ -165,7 +167,7 @@ async def test_browser_talks_to_the_agent(jfk_path, artifacts):
     assert any(t.strip() for t in page["user"])
     assert page["heard"] > 0
     server_s, browser_s = page["latency"][0]
-    assert 0 < server_s < 5 and 0 < browser_s < 5
+    assert 0 < server_s < 15 and 0 < browser_s < 15  # shown, and a turn's length at most (this is no benchmark)
     # The page's figure agrees with the independent tap: the agent's first audible sample after the
     # reply started, back to the user's last loud microphone sample before it (same thresholds).
     tap, start = page["tap"], page["created"][0]
@@ -187,7 +189,10 @@ async def test_browser_barge_in_mutes_the_agent_at_once(jfk_path, artifacts):
     from duplex.audio import read_audio, write_wav
 
     pcm, rate = read_audio(jfk_path, 48_000)
-    gap = np.zeros(int(0.6 * rate), np.float32)  # the fake agent answers ~0.3 s after the speech ends
+    # the fake agent answers ~0.3 s after the speech ends and speaks for ~2 s: the user speaks again
+    # 0.9 s into its reply (even when the reply starts late on a loaded machine, the user's onset
+    # comes after the agent is speaking, as the figure assumes)
+    gap = np.zeros(int(1.2 * rate), np.float32)
     wav = artifacts / "barge_in_48k.wav"
     write_wav(wav, np.concatenate([pcm[int(0.2 * rate):int(2.4 * rate)], gap, pcm[int(5.3 * rate):int(7.8 * rate)],
                                    np.zeros(6 * rate, np.float32)]), rate)
@@ -229,9 +234,11 @@ async def test_browser_shows_server_closes_and_reconnects(jfk_path, artifacts):
     wav = speech_wav(jfk_path, artifacts)
     async with page_on_server("fake", wav) as (server, driver):
         state = await asyncio.to_thread(_wait, driver, "window.duplex.messages.some(m => m.type === "
-                                        "'session.created') && document.getElementById('agent-state').textContent",
-                                        15, "the agent's state")
-        assert state == "agent: listening"
+                                        "'agent.state') && {first: window.duplex.messages.find(m => m.type === "
+                                        "'agent.state').state, shown: document.getElementById('agent-state')"
+                                        ".textContent}", 15, "the agent's state")
+        # the server's first word after the channel opens, shown at once (the first turn may be under way)
+        assert state["first"] == "listening" and state["shown"].startswith("agent: ") and state["shown"] != "agent: -"
         first, = list(server.peers.values())
         await first.close("closed by the test")
         page = await asyncio.to_thread(_wait, driver, """window.duplex.reconnects >= 1 &&

@@ -65,15 +65,23 @@ def _replica(client) -> str:
     return client.pc_id.split(".")[0]
 
 
-async def _replicas(url: str) -> dict[str, dict]:
-    status, body, _ = await _get(f"{url}/api/status")
-    assert status == 200
-    return {r["name"]: r for r in body["replicas"]}
+async def _replicas(url: str, need: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """Each replica's status row by name. A replica busy with its sessions on these two cores can miss
+    the ingress's 2 s status question and show as down for one call: asked again (for up to 30 s)
+    until the replicas in ``need`` (default: all) answered."""
+    deadline = time.monotonic() + 30
+    while True:
+        status, body, _ = await _get(f"{url}/api/status")
+        assert status == 200
+        rows = {r["name"]: r for r in body["replicas"]}
+        if all(r["up"] for name, r in rows.items() if need is None or name in need) or time.monotonic() > deadline:
+            return rows
+        await asyncio.sleep(0.5)
 
 
-def _replicas_now(url: str) -> dict[str, dict]:
+def _replicas_now(url: str, need: tuple[str, ...] = ()) -> dict[str, dict]:
     """:func:`_replicas`, from a test that is not a coroutine."""
-    return asyncio.run(_replicas(url))
+    return asyncio.run(_replicas(url, need))
 
 
 async def _until(predicate, timeout: float, what: str):
@@ -176,18 +184,23 @@ async def test_a_dead_replica_ends_only_its_own_sessions(cluster):
 
         survivor = by_replica["agent-1"]
         frames = len(survivor.frames)
-        await asyncio.sleep(3)
-        assert len(survivor.frames) >= frames + 100  # 20 ms frames kept coming: >= 2 s of them
-        after = await _replicas(url)
+
+        async def kept_coming():  # 2 s of 20 ms frames (while Ray starts agent-0's replacement here)
+            return len(survivor.frames) >= frames + 100
+        await _until(kept_coming, 15, "agent-1's session to keep sending audio")
+        after = await _replicas(url, need=("agent-1",))
         assert after["agent-1"]["pid"] == before["agent-1"]["pid"] and after["agent-1"]["sessions"] == 1
 
         dead = by_replica["agent-0"]
         status, body, _ = await _send("PATCH", f"{url}/api/offer", {
             "pc_id": dead.pc_id, "secret": dead.secret, "candidates": []})
-        assert status in (503, 404) and ("connect again" in body["error"] or "post an offer" in body["error"])
+        # agent-0 dead (503), or already back and loading (404), or loaded without the session (404)
+        said = {503: "connect again" in body["error"],
+                404: "has restarted" in body["error"] or "post an offer" in body["error"]}
+        assert said.get(status), (status, body)
 
         async def restarted():
-            r = (await _replicas(url))["agent-0"]
+            r = (await _replicas(url, need=()))["agent-0"]
             return r.get("up") and r["pid"] != before["agent-0"]["pid"] and not r.get("loading") and r
         await _until(restarted, 180, "Ray to restart agent-0")
         fresh = await connect(url, file_track(_speech()))
@@ -237,15 +250,17 @@ def test_the_page_talks_through_the_ingress(cluster, jfk_path, artifacts):
         killed = time.monotonic()
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
         back = _wait(driver, """window.duplex.reconnects >= 1 && window.duplex.pcId && window.duplex.dc &&
-            window.duplex.dc.readyState === 'open' && {pc: window.duplex.pcId,
-            error: document.getElementById('error').textContent}""", 60, "the page to reconnect")
+            window.duplex.dc.readyState === 'open' && {pc: window.duplex.pcId, errors: window.duplex.errors}""",
+                     60, "the page to reconnect")
         print(f"page back on {back['pc']} {time.monotonic() - killed:.1f} s after its replica was killed: "
-              f"{back['error']}")
+              f"{back['errors']}")
         # A new session, on a replica that is up: the other one, or the killed one if Ray has
-        # restarted it by then (both have two free seats; with the killed one gone the only choice)
-        assert back["pc"] != page["pc"] and "lost this session" in back["error"]
-        up = {name for name, r in _replicas_now(cluster.url).items() if r.get("up")}
-        assert back["pc"].split(".")[0] in up
+        # restarted it by then (both have two free seats; with the killed one gone the only choice).
+        # The page asked the ingress about its quiet connection and was told (any later retry of the
+        # reconnection shows its own error after that one)
+        assert back["pc"] != page["pc"] and any("lost this session" in e for e in back["errors"])
+        home = back["pc"].split(".")[0]
+        assert _replicas_now(cluster.url, need=(home,))[home]["up"]
         (artifacts / "messages.json").write_text(json.dumps(driver.execute_script("return window.duplex.messages")))
         driver.find_element("id", "disconnect").click()
     finally:

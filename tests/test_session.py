@@ -184,7 +184,9 @@ def test_blocking_model_compute_does_not_stall_the_event_loop(vad_model, jfk16):
 
     gaps = asyncio.run(main())
     assert len(gaps) > 30
-    assert gaps.max() < 0.15
+    # frames keep their 20 ms pace, and no gap reaches the 0.3 s compute (a loaded machine's odd
+    # scheduling hiccup is allowed for, not a wait on the worker)
+    assert np.percentile(gaps, 90) < 0.05 and gaps.max() < 0.25, np.round(gaps, 3)
 
 
 def test_sessions_on_one_agent_do_not_share_state(vad_model, jfk16):

@@ -40,7 +40,10 @@ async def test_peer_talks_to_the_agent_over_webrtc(jfk_path):
                 assert "48000" in peer.input.layout
             finally:
                 await client.close()
-            await asyncio.sleep(0.3)
+            for _ in range(100):  # the server's close waits for the session's engines to finish their step
+                if not server.peers:
+                    break
+                await asyncio.sleep(0.1)
             assert not server.peers  # the hang-up closed the server side too
     finally:
         await agent.aclose()

@@ -69,7 +69,7 @@ async def pump_microphone(track, session: Session, stats: InputStats, idle_timeo
         except MediaStreamError:
             return "track ended"
         except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11 on)
-            return f"no audio for {timeout:.0f} s"
+            return f"no audio for {timeout:g} s"
         pcm, rate = frame_to_pcm(frame)
         stats.frames += 1
         stats.seconds += pcm.shape[0] / rate

@@ -33,10 +33,12 @@ const duplex = window.duplex = {
   loudSince: 0,              // Date.now() when the microphone became loud (0: it is not)
   localPause: null,          // {onsetAt, mutedAt, id}: the page muted the agent at the user's speech onset
   bargeIns: [],              // browser-measured barge-ins: {id, seconds} (speech onset to output muted)
+  errors: [],                // the last 50 errors shown, oldest first (the page shows only the latest)
 };
 let statsTimer = null, tapTimer = null, retryTimer = null, lastStats = null, pendingCandidates = [], candidateTimer = null, lastReport = 0;
 
 function showError(text) {
+  if (text && duplex.errors.push(text) > 50) duplex.errors.shift();
   const el = $("error");
   el.textContent = text || "";
   el.hidden = !text;
