@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.transport_fixtures import PEER_PROFILE, load_agent, running_server, speech_wav
+from tests.transport_fixtures import PEER_PROFILE, SLOW, agent_config, load_agent, running_server, speech_wav
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -41,11 +41,19 @@ def _driver(wav: Path, profile_dir: str):
 
 
 @contextlib.asynccontextmanager
-async def page_on_server(profile: str, wav: Path):
+async def page_on_server(profile: str, wav: Path, llm: dict | None = None):
     """``duplex serve --profile <profile>`` and headless Chromium on its page, connected, with the
     fake microphone playing ``wav`` and an independent audio tap (:data:`INDEPENDENT_TAP`) running;
-    yields (server, driver). Everything is closed on exit."""
-    agent = await load_agent(profile)
+    yields (server, driver). ``llm``: options of the fake LLM over the usual ones. Everything is
+    closed on exit."""
+    from dataclasses import replace
+
+    from duplex.agent import Agent
+
+    config = agent_config(profile)
+    if llm:
+        config = replace(config, fake={**config.fake, "llm": {**config.fake.get("llm", {}), **llm}}).validate()
+    agent = await Agent.load(config)
     profile_dir = tempfile.mkdtemp(prefix="duplex-chromium-")
     try:
         async with running_server(agent) as (server, url):
@@ -122,15 +130,17 @@ async def test_browser_talks_to_the_agent(jfk_path, artifacts):
     wav = speech_wav(jfk_path, artifacts, tail_s=12.0)
     async with page_on_server(PEER_PROFILE, wav) as (server, driver):  # tiny: every real stage
         def drive() -> dict:
-            _wait(driver, "window.duplex.messages.some(m => m.type === 'session.created')", 15, "the data channel")
+            _wait(driver, "window.duplex.messages.some(m => m.type === 'session.created')", 15 * SLOW,
+                  "the data channel")
             _wait(driver, "window.duplex.messages.some(m => "
-                          "m.type === 'conversation.item.input_audio_transcription.delta')", 15,
+                          "m.type === 'conversation.item.input_audio_transcription.delta')", 15 * SLOW,
                   "a partial transcript")
             _wait(driver, "[...document.querySelectorAll('.turn.user .text')]"
-                          ".map(e => e.textContent.trim()).join(' ')", 10, "user text on the page")
-            _wait(driver, "window.duplex.messages.some(m => m.type === 'response.done')", 20, "a complete reply")
+                          ".map(e => e.textContent.trim()).join(' ')", 10 * SLOW, "user text on the page")
+            _wait(driver, "window.duplex.messages.some(m => m.type === 'response.done')", 20 * SLOW,
+                  "a complete reply")
             _wait(driver, "document.querySelector('#latency tbody tr .browser')?.textContent.endsWith('ms')",
-                  10, "the browser-measured latency")
+                  10 * SLOW, "the browser-measured latency")
             stats = driver.execute_async_script(GET_STATS)
             page = driver.execute_script("""
                 const d = window.duplex;
@@ -189,14 +199,15 @@ async def test_browser_barge_in_mutes_the_agent_at_once(jfk_path, artifacts):
     from duplex.audio import read_audio, write_wav
 
     pcm, rate = read_audio(jfk_path, 48_000)
-    # the fake agent answers ~0.3 s after the speech ends and speaks for ~2 s: the user speaks again
-    # 0.9 s into its reply (even when the reply starts late on a loaded machine, the user's onset
-    # comes after the agent is speaking, as the figure assumes)
-    gap = np.zeros(int(1.2 * rate), np.float32)
+    # the fake agent answers ~0.6 s after the speech ends (a loaded machine: up to ~1 s) and its reply
+    # of twelve 0.25 s beeps lasts 3 s: the user speaks again 1.5 s after, always over the agent
+    # and after it began, as the figure assumes
+    gap = np.zeros(int(1.5 * rate), np.float32)
     wav = artifacts / "barge_in_48k.wav"
     write_wav(wav, np.concatenate([pcm[int(0.2 * rate):int(2.4 * rate)], gap, pcm[int(5.3 * rate):int(7.8 * rate)],
                                    np.zeros(6 * rate, np.float32)]), rate)
-    async with page_on_server("fake", wav) as (_, driver):
+    long_reply = "one two three four five six seven eight nine ten eleven twelve."
+    async with page_on_server("fake", wav, llm={"replies": [long_reply]}) as (_, driver):
         def drive() -> dict:
             _wait(driver, "window.duplex.messages.some(m => m.type === 'agent.interrupted')", 25,
                   "an interrupted reply")

@@ -12,7 +12,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from tests.transport_fixtures import PEER_PROFILE, connect, file_track, jfk48, load_agent, running_server
+from tests.transport_fixtures import PEER_PROFILE, SLOW, connect, file_track, jfk48, load_agent, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -23,18 +23,17 @@ async def test_peer_talks_to_the_agent_over_webrtc(jfk_path):
     frames at 48 kHz (silent until the user has spoken, audible once the agent speaks), and the
     server's session hears the speech. (With the tiny profile the words are babble; the path is real.)"""
     agent = await load_agent(PEER_PROFILE)
-    slow = 3.0 if PEER_PROFILE == "tiny" else 1.0  # real models on two shared CPU cores
     speech = jfk48(jfk_path, tail_s=8.0)
     speech = np.concatenate([speech[:int(2.4 * 48_000)], speech[-8 * 48_000:]])  # "And so my fellow Americans"
     try:
         async with running_server(agent) as (server, url):
             client = await connect(url, file_track(speech))
             try:
-                await client.wait_for("input_audio_buffer.speech_started", timeout=15 * slow)
-                await client.wait_for("conversation.item.input_audio_transcription.delta", timeout=15 * slow)
-                await client.wait_for("input_audio_buffer.committed", timeout=20 * slow)
-                started = (await client.wait_for("output_audio_buffer.started", timeout=20 * slow))[0]
-                await client.wait_for("response.done", timeout=20 * slow)
+                await client.wait_for("input_audio_buffer.speech_started", timeout=15 * SLOW)
+                await client.wait_for("conversation.item.input_audio_transcription.delta", timeout=15 * SLOW)
+                await client.wait_for("input_audio_buffer.committed", timeout=20 * SLOW)
+                started = (await client.wait_for("output_audio_buffer.started", timeout=20 * SLOW))[0]
+                await client.wait_for("response.done", timeout=20 * SLOW)
                 peer = server.peers[client.pc_id]
                 assert peer.input.peak_rms > 0.05  # the server really heard speech
                 assert "48000" in peer.input.layout
@@ -61,7 +60,7 @@ async def test_peer_talks_to_the_agent_over_webrtc(jfk_path):
     assert [w for m in client.of("response.audio.words") if m["response_id"] == done["response_id"]
             for w in m["words"]]
     metrics = {m["name"]: m["value"] for m in client.of("agent.metric") if m["response_id"] == done["response_id"]}
-    assert 0 < metrics["voice_to_voice_s"] < 5 * slow
+    assert 0 < metrics["voice_to_voice_s"] < 5 * SLOW
     assert {"listening", "thinking", "speaking"} <= {m["state"] for m in client.of("agent.state")}
 
     # Agent audio: 48 kHz frames of 20 ms, silence before the user had said anything, then the reply.

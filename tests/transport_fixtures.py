@@ -25,6 +25,9 @@ from duplex.transport.server import Server, ServerOptions
 
 PROFILE = "fake"  # most transport tests
 PEER_PROFILE = "tiny"  # test_transport_webrtc.py::test_peer_talks_to_the_agent_over_webrtc
+# How much longer to wait for a turn of PEER_PROFILE than of the fake stages: real models on two
+# CPU cores that a browser, or a CI machine's other load, shares (a wait only costs when it fails)
+SLOW = 3.0 if PEER_PROFILE == "tiny" else 1.0
 
 # Fake stages tuned for quick turns: the LLM calls every message complete, so a turn ends after
 # min_silence_s (0.4 s) of silence; replies are a handful of beeps.
