@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.transport_fixtures import PEER_PROFILE, SLOW, agent_config, load_agent, running_server, speech_wav
+from tests.transport_fixtures import PEER_PROFILE, SLOW, load_agent, running_server, speech_wav
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -46,14 +46,7 @@ async def page_on_server(profile: str, wav: Path, llm: dict | None = None):
     fake microphone playing ``wav`` and an independent audio tap (:data:`INDEPENDENT_TAP`) running;
     yields (server, driver). ``llm``: options of the fake LLM over the usual ones. Everything is
     closed on exit."""
-    from dataclasses import replace
-
-    from duplex.agent import Agent
-
-    config = agent_config(profile)
-    if llm:
-        config = replace(config, fake={**config.fake, "llm": {**config.fake.get("llm", {}), **llm}}).validate()
-    agent = await Agent.load(config)
+    agent = await load_agent(profile, llm)
     profile_dir = tempfile.mkdtemp(prefix="duplex-chromium-")
     try:
         async with running_server(agent) as (server, url):

@@ -34,14 +34,15 @@ SLOW = 3.0 if PEER_PROFILE == "tiny" else 1.0
 FAKE = {"llm": {"eot": 0.9, "ttft_s": 0.1, "token_s": 0.02}, "tts": {"word_s": 0.25, "first_chunk_s": 0.05}}
 
 
-def agent_config(profile: str = PROFILE) -> AgentConfig:
+def agent_config(profile: str = PROFILE, llm: dict | None = None) -> AgentConfig:
+    """The transport tests' agent; ``llm``: options of the fake LLM over :data:`FAKE`'s."""
     # Real (tiny) models babble until max_reply_tokens: keep replies a few seconds long.
-    return AgentConfig(profile=profile, device="cpu", turn=TurnConfig(), fake=dict(FAKE),
-                       max_reply_tokens=12).validate()
+    fake = {**FAKE, "llm": {**FAKE["llm"], **(llm or {})}}
+    return AgentConfig(profile=profile, device="cpu", turn=TurnConfig(), fake=fake, max_reply_tokens=12).validate()
 
 
-async def load_agent(profile: str = PROFILE) -> Agent:
-    return await Agent.load(agent_config(profile))
+async def load_agent(profile: str = PROFILE, llm: dict | None = None) -> Agent:
+    return await Agent.load(agent_config(profile, llm))
 
 
 def speech_wav(jfk_path: Path, folder: Path, tail_s: float = 4.0, rate: int = 48_000) -> Path:
