@@ -52,18 +52,28 @@ class LayerWeights:
 
 @dataclass
 class SlotKV:
-    """K/V buffers of every layer: ``[slots + 1, H_kv, positions + 1, D]`` each, allocated once."""
+    """K/V buffers of every layer: ``[slots + 1, H_kv, columns, D]`` each, allocated once.
+
+    ``columns`` is ``positions + 1`` (the last is the scratch position) rounded up to a multiple of 8,
+    so an attention over all of them has rows aligned for fused attention kernels; the columns after
+    the scratch one are never written and every mask hides them."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    positions: int = -1  # -1: every column but the last (no padding)
+
+    def __post_init__(self) -> None:
+        if self.positions < 0:
+            self.positions = self.keys[0].shape[2] - 1
 
     @property
     def slots(self) -> int:
         return self.keys[0].shape[0] - 1
 
     @property
-    def positions(self) -> int:
-        return self.keys[0].shape[2] - 1
+    def columns(self) -> int:
+        """Positions an attention may read: ``positions + 1``, padded."""
+        return self.keys[0].shape[2]
 
     @property
     def scratch_row(self) -> int:
@@ -86,6 +96,11 @@ class SlotKV:
             t[dst, :, start:end] = t[src, :, start:end]
 
 
+def padded_columns(positions: int) -> int:
+    """``positions + 1`` (the scratch position) rounded up to a multiple of 8."""
+    return -(-(positions + 1) // 8) * 8
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' Llama RMSNorm: normalise in fp32, scale in the input dtype."""
     import torch
@@ -95,11 +110,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """RoPE in transformers' ``rotate_half`` layout: ``x * cos + rotate_half(x) * sin``, written as
+    ``x * cos + swap_halves(x) * sin_signed`` (``sin_signed`` is ``sin`` with its first half negated):
+    the same products, bit for bit, one kernel fewer."""
     import torch
 
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin_signed
 
 
 def _fuse(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -131,24 +149,44 @@ def _norm_weight(module) -> tuple[torch.Tensor, float]:
     return module.weight, float(eps)
 
 
-def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-              scale: float) -> torch.Tensor:
-    """Grouped attention without copying K/V per query head.
-
-    ``q`` ``[B, T, H, D]``; ``keys``/``values`` ``[B, H_kv, L, D]``; ``mask`` ``[B, T, L]`` (True = may
-    attend) -> ``[B, T, H * D]``. Query head ``h`` reads K/V head ``h // (H / H_kv)``, as
-    transformers' ``repeat_kv`` arranges them; scores are softmaxed in fp32, as its eager path does."""
+def attention_mask(mask: torch.Tensor | None, groups: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean ``[B, T, L]`` mask (True = may attend) as :func:`attention` takes it: additive, in the
+    queries' dtype, ``[B, 1, G * T, L]`` (made once per forward, shared by every layer)."""
     import torch
 
+    if mask is None:
+        return None
+    b, t, length = mask.shape
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return bias[:, None, None].expand(b, 1, groups, t, length).reshape(b, 1, groups * t, length)
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
+              scale: float) -> torch.Tensor:
+    """Grouped attention without copying K/V per query head, in one fused kernel.
+
+    ``q`` ``[B, T, H, D]``; ``keys``/``values`` ``[B, H_kv, L, D]``; ``bias`` from
+    :func:`attention_mask` (None: every query sees every key) -> ``[B, T, H * D]``. Query head ``h``
+    reads K/V head ``h // (H / H_kv)``, as transformers' ``repeat_kv`` arranges them: the ``G`` query
+    heads of a K/V head become ``G * T`` queries of one head, so the attention is a plain one."""
+    import torch.nn.functional as F
+
     b, t, h, d = q.shape
-    kv_heads, length = keys.shape[1], keys.shape[2]
+    kv_heads = keys.shape[1]
     g = h // kv_heads
     q = q.view(b, t, kv_heads, g, d).permute(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
-    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale  # [B, H_kv, G * T, L]
-    scores = scores.view(b, kv_heads, g, t, length).masked_fill(~mask[:, None, None], float("-inf"))
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(weights.view(b, kv_heads, g * t, length), values)  # [B, H_kv, G * T, D]
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale)  # [B, H_kv, G * T, D]
     return out.view(b, kv_heads, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, h * d)
+
+
+def _residual_linear(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x + linear(h)`` ``[B, T, hidden]``, the residual added in the matrix product's epilogue."""
+    import torch
+
+    if bias is not None:
+        return x + torch.nn.functional.linear(h, weight, bias)
+    shape = x.shape
+    return torch.addmm(x.reshape(-1, shape[-1]), h.reshape(-1, h.shape[-1]), weight.t()).view(shape)
 
 
 class LeanDecoder:
@@ -192,52 +230,60 @@ class LeanDecoder:
         weight = self.layers[0].qkv
         self.device, self.dtype = weight.device, weight.dtype
         # RoPE tables from the model's own rotary module (its scaling type and attention factor
-        # included), one row per position, plus the scratch position.
-        table = torch.arange(self.positions + 1, device=self.device)[None]
-        cos, sin = inner.rotary_emb(weight.new_zeros(1, dtype=self.dtype), position_ids=table)
-        self.cos, self.sin = cos[0], sin[0]  # [P + 1, D]
-        self._key_index = table[0]  # [P + 1]: arange, sliced by decode steps (a captured step allocates nothing)
+        # included), one row per position, plus the scratch position; sin with its first half
+        # negated, for :func:`rope`.
+        columns = padded_columns(self.positions)
+        table = torch.arange(columns, device=self.device)
+        cos, sin = inner.rotary_emb(weight.new_zeros(1, dtype=self.dtype), position_ids=table[None, :self.positions + 1])
+        half = self.head_dim // 2
+        self.cos = cos[0]  # [P + 1, D]
+        self.sin_signed = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
+        self._key_index = table  # arange, sliced by decode steps (a captured step allocates nothing)
 
     def new_kv(self, slots: int, positions: int | None = None) -> SlotKV:
-        """Zeroed K/V for ``slots`` rows of ``positions`` positions (each plus scratch)."""
+        """Zeroed K/V for ``slots`` rows of ``positions`` positions (each plus scratch, padded)."""
         import torch
 
         positions = self.positions if positions is None else positions
         if positions > self.positions:
             raise ValueError(f"{positions} positions asked for; the RoPE tables reach {self.positions}")
-        shape = (slots + 1, self.kv_heads, positions + 1, self.head_dim)
+        shape = (slots + 1, self.kv_heads, padded_columns(positions), self.head_dim)
         return SlotKV([torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers],
-                      [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers])
+                      [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers], positions)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: SlotKV, rows: slice, write_rows: torch.Tensor,
-                length: int, mask: torch.Tensor) -> torch.Tensor:
+                length: int, mask: torch.Tensor | None) -> torch.Tensor:
         """Run ``x`` ``[B, T, hidden]`` through the layers; returns the normed hidden states ``[B, T, hidden]``.
 
         Token ``(b, t)`` is at RoPE position ``positions[b, t]`` and writes its K/V at
         ``(write_rows[b], positions[b, t])``; attention reads positions ``[0, length)`` of the rows
-        ``rows`` (``B`` of them, in the order of ``x``), as ``mask`` ``[B, T, length]`` allows."""
+        ``rows`` (``B`` of them, in the order of ``x``), as ``mask`` ``[B, T, length]`` allows (None:
+        every key)."""
         import torch.nn.functional as F
 
         b, t, _ = x.shape
+        heads, kv_heads = self.heads, self.kv_heads
         cos = self.cos[positions][:, :, None]  # [B, T, 1, D]
-        sin = self.sin[positions][:, :, None]
+        sin = self.sin_signed[positions][:, :, None]
+        bias = attention_mask(mask, heads // kv_heads, x.dtype)
         row_index = write_rows[:, None].expand(b, t)
         for index, layer in enumerate(self.layers):
             h = rms_norm(x, layer.norm1, layer.eps1)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(b, t, -1, self.head_dim)
-            q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=2)  # [B, T, H(kv), D]
             if layer.q_norm is not None and layer.k_norm is not None:  # both or neither (checked at load)
-                q = rms_norm(q, layer.q_norm, layer.qk_eps)
-                k = rms_norm(k, layer.k_norm, layer.qk_eps)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+                q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)  # [B, T, H(kv), D]
+                q = rope(rms_norm(q, layer.q_norm, layer.qk_eps), cos, sin)
+                k = rope(rms_norm(k, layer.k_norm, layer.qk_eps), cos, sin)
+            else:  # queries and keys rotated together
+                qk = rope(qkv[:, :, :heads + kv_heads], cos, sin)
+                q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads:]
             keys, values = kv.keys[index], kv.values[index]
             keys[row_index, :, positions] = k  # [B, T, H_kv, D] into [S, H_kv, P, D]
             values[row_index, :, positions] = v
-            attn = attention(q, keys[rows, :, :length], values[rows, :, :length], mask, self.scale)
-            x = x + F.linear(attn, layer.out, layer.out_bias)
+            attn = attention(q, keys[rows, :, :length], values[rows, :, :length], bias, self.scale)
+            x = _residual_linear(x, attn, layer.out, layer.out_bias)
             gate, up = F.linear(rms_norm(x, layer.norm2, layer.eps2), layer.gate_up, layer.gate_up_bias).chunk(2, -1)
-            x = x + F.linear(self.act(gate) * up, layer.down, layer.down_bias)
+            x = _residual_linear(x, self.act(gate) * up, layer.down, layer.down_bias)
         return rms_norm(x, self.norm, self.norm_eps)
 
     # -- the two shapes every engine uses --------------------------------------------------------
@@ -265,7 +311,7 @@ class LeanDecoder:
         position must be below it unless the row is at the scratch position). ``row_range`` is
         ``arange(B)`` (kept by the caller so a captured step allocates nothing)."""
         b = x.shape[0]
-        length = kv.positions + 1 if length is None else length
+        length = kv.columns if length is None else length
         mask = self.key_index(length)[None, None, :] <= positions[:, None, None]  # [B, 1, L]
         return self.forward(x[:, None], positions[:, None], kv, slice(0, b), row_range, length, mask)[:, 0]
 

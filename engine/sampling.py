@@ -36,35 +36,62 @@ def token_keys(vocab: int, device) -> torch.Tensor:
 
 
 def uniform(seed: torch.Tensor, counter: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Uniform noise in (0, 1), ``[B, V]`` float32, a pure function of (seed, counter, token id)."""
+    """Uniform noise in (0, 1), float32, a pure function of (seed, counter, token id).
+
+    ``seed`` and ``counter`` are ``[B]`` (or ``[B, K]``: one counter per codebook); ``keys`` are the
+    :func:`token_keys` of the tokens wanted, ``[V]`` for every token or ``[B, k]`` for some tokens of
+    each row. The result is ``[B, V]``, ``[B, k]`` or ``[B, K, V]``: a token's noise is the same
+    whichever of its neighbours are computed with it."""
     import torch
 
-    row = _mix((seed & _MASK) ^ _mix(counter & _MASK))  # [B]
-    bits = _mix(keys[None, :] ^ row[:, None]) >> 8  # [B, V], 24 bits
+    row = _mix((seed & _MASK) ^ _mix(counter & _MASK))  # [B] or [B, K]
+    bits = _mix(keys ^ row[..., None]) >> 8  # 24 bits
     return (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
+def exponential(seed: torch.Tensor, counter: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``E ~ Exp(1)`` noise of the race (:func:`sample`), shaped as :func:`uniform`'s: made once for many
+    draws (every codebook of a frame) in one pass."""
+    import torch
+
+    return -torch.log(uniform(seed, counter, keys))
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor | None, seed: torch.Tensor,
-           counter: torch.Tensor, keys: torch.Tensor, *, top_k: int = 0) -> torch.Tensor:
+           counter: torch.Tensor, keys: torch.Tensor, *, top_k: int = 0,
+           noise: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of ``logits`` ``[B, V]`` -> ``[B]`` long.
 
     Rows with ``temperature`` 0 take the argmax; the others sample at their temperature from the top
-    ``top_k`` logits (if ``top_k``), then from the smallest set of tokens whose probability reaches
-    ``top_p`` (the tokens before the one that crosses it, as nucleus sampling keeps them; None: no
-    nucleus step, and no sort)."""
+    ``top_k`` logits (if ``top_k``), then from the smallest set of those tokens whose probability
+    reaches ``top_p`` (the tokens before the one that crosses it, as nucleus sampling keeps them;
+    None: no nucleus step). With ``top_k`` nothing is sorted but the ``k`` kept (``topk`` gives them
+    in order) and the noise is hashed for those ``k`` tokens only; without it, the whole vocabulary
+    is sorted for the nucleus. ``noise``: the :func:`exponential` noise of every token ``[B, V]``,
+    made beforehand (else made here from ``seed``, ``counter`` and ``keys``)."""
     import torch
 
     logits = logits.float()
-    greedy = logits.argmax(dim=-1)
-    scaled = logits / temperature.clamp_min(1e-6)[:, None]
-    if top_k and top_k < scaled.shape[-1]:
-        kth = scaled.topk(top_k, dim=-1).values[:, -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
+    vocab = logits.shape[-1]
+    if top_k and top_k < vocab:
+        values, ids = logits.topk(top_k, dim=-1)  # [B, k], best first
+        greedy = ids[:, 0]
+    else:
+        values, ids = logits, None
+        greedy = logits.argmax(dim=-1)
+    probs = torch.softmax(values / temperature.clamp_min(1e-6)[:, None], dim=-1)
     if top_p is not None:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = (sorted_probs.cumsum(-1) - sorted_probs > top_p[:, None]) & (top_p[:, None] < 1.0)
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    race = probs / -torch.log(uniform(seed, counter, keys[: logits.shape[-1]]))
-    drawn = race.argmax(dim=-1)
+        off = top_p[:, None] >= 1.0
+        if ids is None:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = (sorted_probs.cumsum(-1) - sorted_probs > top_p[:, None]) & ~off
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        else:  # already in order
+            probs = probs.masked_fill((probs.cumsum(-1) - probs > top_p[:, None]) & ~off, 0.0)
+    if noise is None:
+        noise = exponential(seed, counter, keys[:vocab] if ids is None else keys[ids])
+    elif ids is not None:
+        noise = noise.gather(-1, ids)
+    race = (probs / noise).argmax(dim=-1)
+    drawn = race if ids is None else ids.gather(-1, race[:, None])[:, 0]
     return torch.where(temperature > 0, drawn, greedy)

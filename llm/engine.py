@@ -67,7 +67,8 @@ class Engine:
     """A causal LM with RoPE, its K/V pool of ``slots`` sessions of ``window`` positions, and its steps."""
 
     def __init__(self, model: Any, tokenizer: Any, device: str, *, window: int, slots: int = 4,
-                 stop_ids: Sequence[int] = (), graphs: bool = True) -> None:
+                 stop_ids: Sequence[int] = (), graphs: bool = True, top_k: int = 50,
+                 keep_logits: bool = False) -> None:
         if slots < 1:
             raise ConfigError(f"the LLM engine needs at least one session slot, got {slots}")
         self.model = model.eval()
@@ -81,15 +82,17 @@ class Engine:
         self.vocab = min(len(tokenizer), model.config.vocab_size)
         self.window = window
         self.slots = slots
+        self.top_k = top_k  # candidates a sampled token is drawn from (0: the whole vocabulary, sorted)
+        self.keep_logits = keep_logits  # decode steps keep their logits for last_logits() (tests)
         self.decoder = LeanDecoder(model.model, model.config, positions=window)
         self.embed = model.model.embed_tokens.weight  # [V, hidden]
-        self.lm_head = model.lm_head.weight  # [V, hidden]
-        self.lm_bias = getattr(model.lm_head, "bias", None)
+        # the rows of the output layer the tokenizer can name (a view: padded ids are never computed)
+        self.lm_head = model.lm_head.weight[: self.vocab]  # [V, hidden]
+        bias = getattr(model.lm_head, "bias", None)
+        self.lm_bias = None if bias is None else bias[: self.vocab]
         self.kv = self.decoder.new_kv(slots)
         self._free = list(range(slots))
-        rows = self.lm_head.shape[0]
-        ids = torch.arange(rows, device=self.device)
-        self._outside_vocab = ids >= self.vocab  # [V]
+        rows = self.vocab
         self._stop = torch.zeros(rows, dtype=torch.bool, device=self.device)
         self.set_stop_ids(stop_ids)
         self._keys = token_keys(rows, self.device)
@@ -104,7 +107,7 @@ class Engine:
         self._buf.staging_floats = torch.zeros(2, slots, dtype=torch.float32, pin_memory=pin)
         # one attention length: sink windows are nearly full once a dialogue runs, so every decode
         # step of a session has the same shapes
-        self.graphs = BucketedStep("llm decode", self._decode_fn, buckets_for(slots), (self.kv.positions + 1,),
+        self.graphs = BucketedStep("llm decode", self._decode_fn, buckets_for(slots), (self.kv.columns,),
                                    device=str(self.device), graphs=graphs)
         self.shape_log: list[tuple] | None = None  # tests: the shapes each eager decode step saw
 
@@ -138,9 +141,8 @@ class Engine:
     # -- compute -----------------------------------------------------------------------------------
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden`` ``[..., hidden]`` -> fp32 logits ``[..., V]``, ids beyond the tokenizer at -inf."""
-        logits = F.linear(hidden, self.lm_head, self.lm_bias).float()
-        return logits.masked_fill(self._outside_vocab, float("-inf"))
+        """``hidden`` ``[..., hidden]`` -> fp32 logits ``[..., V]`` of the ids the tokenizer names."""
+        return F.linear(hidden, self.lm_head, self.lm_bias).float()
 
     @torch.inference_mode()
     def prefill(self, slot: SinkSlot, ids: Sequence[int]) -> torch.Tensor:
@@ -161,7 +163,7 @@ class Engine:
         dev = logits.device
         token = sample_rows(logits[None], torch.tensor([draw.temperature], device=dev),
                             torch.tensor([draw.top_p], device=dev), torch.tensor([draw.seed], device=dev),
-                            torch.tensor([draw.counter], device=dev), self._keys)
+                            torch.tensor([draw.counter], device=dev), self._keys, top_k=self.top_k)
         return int(token[0])
 
     def _decode_fn(self, b: int, length: int) -> None:
@@ -174,9 +176,10 @@ class Engine:
         hidden = self.decoder.decode(x, positions, self.kv, buf.rows[:b], length)
         logits = self._logits(hidden)  # [b, V]
         logits = logits.masked_fill(ban.bool()[:, None] & self._stop, float("-inf"))
-        buf.logits[:b] = logits
+        if self.keep_logits:
+            buf.logits[:b] = logits
         temperature, top_p = buf.floats[:, :b]
-        buf.out[:b] = sample_rows(logits, temperature, top_p, seed, counter, self._keys)
+        buf.out[:b] = sample_rows(logits, temperature, top_p, seed, counter, self._keys, top_k=self.top_k)
 
     @torch.inference_mode()
     def decode(self, requests: Sequence[DecodeRequest]) -> list[int]:
@@ -198,12 +201,15 @@ class Engine:
             floats[:, slot.row] = (d.temperature, d.top_p)
         self._buf.ints[:, :bucket].copy_(self._buf.staging_ints[:, :bucket], non_blocking=True)
         self._buf.floats[:, :bucket].copy_(self._buf.staging_floats[:, :bucket], non_blocking=True)
-        self.graphs.run(rows, self.kv.positions + 1)
+        self.graphs.run(rows, self.kv.columns)
         out = self._buf.out[:bucket].cpu()  # the step's one host sync
         return [int(out[r.slot.row]) for r in requests]
 
     def last_logits(self, slot: SinkSlot) -> torch.Tensor:
-        """The logits the latest decode step computed for ``slot`` (tests and inspection)."""
+        """The logits the latest decode step computed for ``slot`` (an engine made with ``keep_logits``:
+        tests and inspection)."""
+        if not self.keep_logits:
+            raise RuntimeError("this engine keeps no logits: make it with keep_logits=True")
         return self._buf.logits[slot.row].clone()
 
     def capture(self, progress: Callable[[str], None] | None = None) -> None:

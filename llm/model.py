@@ -29,6 +29,7 @@ class LLMSettings:
     max_reply_tokens: int = 160
     temperature: float = 0.7
     top_p: float = 0.9
+    top_k: int = 50  # tokens a draw chooses among, before top_p (0: the whole vocabulary, sorted each step)
     seed: int = 0
     backchannel_max_words: int = 4  # longer speech over the agent is always an interruption
     fixed_length: bool = False  # never stop before max_reply_tokens (benchmarks on random weights)
@@ -53,7 +54,7 @@ class SinkLLM:
                               f"window of {sliding} tokens; use --llm-window {sliding} or less")
         fmt = ChatFormat.from_tokenizer(tokenizer, getattr(model, "generation_config", None))
         self.engine = Engine(model, tokenizer, device, window=self.settings.window, slots=slots,
-                             stop_ids=sorted(fmt.stop_ids), graphs=graphs)
+                             stop_ids=sorted(fmt.stop_ids), graphs=graphs, top_k=self.settings.top_k)
         self.format = fmt
         self.answer_ids = _answer_ids(fmt)
         self.scheduler: Scheduler = Scheduler("llm", self._decode_step, device=device, max_batch=slots,

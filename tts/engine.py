@@ -35,8 +35,8 @@ import numpy as np
 
 from duplex.engine.decoder import LeanDecoder
 from duplex.engine.graphs import BucketedStep, buckets_for, lengths_for
+from duplex.engine.sampling import exponential, token_keys
 from duplex.engine.sampling import sample as sample_rows
-from duplex.engine.sampling import token_keys
 from duplex.tts.codec import CodecState, StreamingDecoder, StreamingEncoder
 
 if TYPE_CHECKING:
@@ -132,6 +132,7 @@ class CsmEngine:
     def __init__(self, model, tokenizer, *, speaker: int = 0, sampling: Sampling = Sampling(), slots: int = 4,
                  graphs: bool = True) -> None:
         import torch
+        import torch.nn.functional as F
 
         from duplex.tts.configs import token_ids
 
@@ -184,12 +185,16 @@ class CsmEngine:
         self._rows = torch.arange(slots, device=dev)
         self._depth_positions = torch.arange(k, device=dev)
         self._causal2 = torch.ones(2, 2, dtype=torch.bool, device=dev).tril()
-        self._offsets = torch.arange(k, device=dev) * self.vocab_size  # codebook i's ids in the depth embedding
+        # codebook i's embedding table, already through the depth decoder's input projection
+        # ([V, H_depth] each): a code's input is one lookup
+        with torch.no_grad():
+            projected = F.linear(self.depth_embed, self.depth_project)  # [K * V, H_depth]
+        self._depth_tables = [projected[i * self.vocab_size:(i + 1) * self.vocab_size] for i in range(k)]
         pin = dev.type == "cuda"
         self._staging_ints = torch.zeros(3, slots, dtype=torch.long, pin_memory=pin)
         self._staging_temp = torch.zeros(slots, dtype=torch.float32, pin_memory=pin)
         # attention lengths in powers of two: a reply's row is usually far from full
-        self.graphs = BucketedStep("tts frame", self._frame_fn, buckets_for(slots), lengths_for(self.kv.positions + 1),
+        self.graphs = BucketedStep("tts frame", self._frame_fn, buckets_for(slots), lengths_for(self.kv.columns),
                                    device=str(dev), graphs=graphs)
         with torch.inference_mode():
             self._eos_embed = self._embed_frames(self._zeros_frame()[None])[0]  # [1, H]
@@ -364,26 +369,32 @@ class CsmEngine:
         t = self._lap(None, time.perf_counter())
         hidden = self.backbone.decode(self._inputs[:b], positions, self.kv, rows, length)  # [b, H]
         t = self._lap("backbone", t)
-        draws = counter * k  # codebook i of frame n draws with counter n * K + i
+        greedy = self.sampling.temperature <= 0  # fixed for the engine's life: no noise at all
+        # the race's noise for every codebook of the frame at once: codebook i of frame n draws with
+        # counter n * K + i
+        noise = None if greedy else exponential(seed[:, None], counter[:, None] * k + self._depth_positions,
+                                                self._keys)  # [b, K, codes]
 
         def draw(logits: torch.Tensor, index: int) -> torch.Tensor:  # only the codec's codes
-            return sample_rows(logits[:, :n_codes], temperature, None, seed, draws + index, self._keys, top_k=top_k)
+            if noise is None:
+                return logits[:, :n_codes].argmax(dim=-1)
+            return sample_rows(logits[:, :n_codes], temperature, None, seed, counter, self._keys, top_k=top_k,
+                               noise=noise[:, index])
 
         codes = [draw(F.linear(hidden, self.model.lm_head.weight), 0)]
-        x = torch.stack([hidden, F.embedding(codes[0], self.depth_embed)], dim=1)  # [b, 2, H]: positions 0, 1
+        x = torch.stack([F.linear(hidden, self.depth_project), F.embedding(codes[0], self._depth_tables[0])],
+                        dim=1)  # [b, 2, H_depth]: positions 0, 1
         pos = self._depth_positions[:2].expand(b, 2)
         mask = self._causal2.expand(b, 2, 2)
-        h = self.depth.forward(F.linear(x, self.depth_project), pos, self.depth_kv, slice(0, b), rows, 2, mask)
+        h = self.depth.forward(x, pos, self.depth_kv, slice(0, b), rows, 2, mask)
         for index in range(1, k):
             codes.append(draw(h[:, -1] @ self.codebook_heads[index - 1], index))
             if index == k - 1:
                 break
-            x = F.embedding(codes[-1] + self._offsets[index], self.depth_embed)[:, None]  # [b, 1, H]
+            x = F.embedding(codes[-1], self._depth_tables[index])[:, None]  # [b, 1, H_depth]
             p = index + 1
             pos = self._depth_positions[p:p + 1].expand(b, 1)
-            mask = pos.new_ones(b, 1, p + 1, dtype=torch.bool)
-            h = self.depth.forward(F.linear(x, self.depth_project), pos, self.depth_kv, slice(0, b), rows, p + 1,
-                                   mask)
+            h = self.depth.forward(x, pos, self.depth_kv, slice(0, b), rows, p + 1, None)  # sees positions 0..p
         frame = torch.stack(codes, dim=1)  # [b, K]
         self._codes[:b] = frame
         active = positions < self.kv.scratch_position
