@@ -143,9 +143,9 @@ class StreamingASR:
         self._batch.close()
 
     @property
-    def batch_sizes(self) -> list[int]:
-        """Sessions per step, one entry per step run so far (for tests and benchmarks)."""
-        return self._batch.batch_sizes
+    def scheduler(self) -> Scheduler[SessionState, StepResult]:
+        """The engine's scheduler (its tick history: tests and benchmarks)."""
+        return self._batch
 
     # -- slots (event loop) -------------------------------------------------------------------------
 

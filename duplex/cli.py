@@ -53,6 +53,9 @@ def add_agent_options(p: argparse.ArgumentParser, default_profile: str = "pretra
                         "default 32 on a GPU, 4 on the CPU)")
     g.add_argument("--no-graphs", dest="graphs", action="store_false",
                    help="run the engines' batched steps eagerly instead of as captured CUDA graphs")
+    g.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="run each decoder layer as separate kernels instead of fusing them with torch.compile "
+                        "(GPU only; the CPU never compiles)")
     g.add_argument("--config", default=None, metavar="FILE",
                    help="a TOML file of agent settings (any AgentConfig field; [turn] for turn timings, "
                         "[fake.llm] etc. for the fake stages); options given here override it")
@@ -61,7 +64,7 @@ def add_agent_options(p: argparse.ArgumentParser, default_profile: str = "pretra
 
 # agent options that are AgentConfig fields of the same name
 _CLI_FIELDS = ("profile", "device", "asr_model", "asr_latency", "llm_model", "llm_window", "tts_model", "voice",
-               "voice_text", "system_prompt", "seed", "engine_slots", "graphs")
+               "voice_text", "system_prompt", "seed", "engine_slots", "graphs", "compile")
 
 
 def apply_config_file(args: argparse.Namespace) -> None:

@@ -239,6 +239,7 @@ class LeanDecoder:
         self.cos = cos[0]  # [P + 1, D]
         self.sin_signed = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
         self._key_index = table  # arange, sliced by decode steps (a captured step allocates nothing)
+        self.layer_fn: Callable[..., torch.Tensor] = self.layer  # or its compiled form (compile())
 
     def new_kv(self, slots: int, positions: int | None = None) -> SlotKV:
         """Zeroed K/V for ``slots`` rows of ``positions`` positions (each plus scratch, padded)."""
@@ -259,7 +260,6 @@ class LeanDecoder:
         ``(write_rows[b], positions[b, t])``; attention reads positions ``[0, length)`` of the rows
         ``rows`` (``B`` of them, in the order of ``x``), as ``mask`` ``[B, T, length]`` allows (None:
         every key)."""
-        import torch.nn.functional as F
 
         b, t, _ = x.shape
         heads, kv_heads = self.heads, self.kv_heads
@@ -268,23 +268,40 @@ class LeanDecoder:
         bias = attention_mask(mask, heads // kv_heads, x.dtype)
         row_index = write_rows[:, None].expand(b, t)
         for index, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.norm1, layer.eps1)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(b, t, -1, self.head_dim)
-            if layer.q_norm is not None and layer.k_norm is not None:  # both or neither (checked at load)
-                q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)  # [B, T, H(kv), D]
-                q = rope(rms_norm(q, layer.q_norm, layer.qk_eps), cos, sin)
-                k = rope(rms_norm(k, layer.k_norm, layer.qk_eps), cos, sin)
-            else:  # queries and keys rotated together
-                qk = rope(qkv[:, :, :heads + kv_heads], cos, sin)
-                q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads:]
-            keys, values = kv.keys[index], kv.values[index]
-            keys[row_index, :, positions] = k  # [B, T, H_kv, D] into [S, H_kv, P, D]
-            values[row_index, :, positions] = v
-            attn = attention(q, keys[rows, :, :length], values[rows, :, :length], bias, self.scale)
-            x = _residual_linear(x, attn, layer.out, layer.out_bias)
-            gate, up = F.linear(rms_norm(x, layer.norm2, layer.eps2), layer.gate_up, layer.gate_up_bias).chunk(2, -1)
-            x = _residual_linear(x, self.act(gate) * up, layer.down, layer.down_bias)
+            x = self.layer_fn(x, layer, cos, sin, bias, kv.keys[index], kv.values[index], row_index, positions, rows,
+                              length)
         return rms_norm(x, self.norm, self.norm_eps)
+
+    def layer(self, x: torch.Tensor, layer: LayerWeights, cos: torch.Tensor, sin: torch.Tensor,
+              bias: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor, row_index: torch.Tensor,
+              positions: torch.Tensor, rows: slice, length: int) -> torch.Tensor:
+        """One layer of :meth:`forward` (what :meth:`compile` fuses): ``x`` ``[B, T, hidden]`` in and out,
+        this layer's K/V written into ``keys``/``values`` at ``(row_index, positions)``."""
+        import torch.nn.functional as F
+
+        b, t, _ = x.shape
+        heads, kv_heads = self.heads, self.kv_heads
+        h = rms_norm(x, layer.norm1, layer.eps1)
+        qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(b, t, -1, self.head_dim)
+        if layer.q_norm is not None and layer.k_norm is not None:  # both or neither (checked at load)
+            q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)  # [B, T, H(kv), D]
+            q = rope(rms_norm(q, layer.q_norm, layer.qk_eps), cos, sin)
+            k = rope(rms_norm(k, layer.k_norm, layer.qk_eps), cos, sin)
+        else:  # queries and keys rotated together
+            qk = rope(qkv[:, :, :heads + kv_heads], cos, sin)
+            q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads:]
+        keys[row_index, :, positions] = k  # [B, T, H_kv, D] into [S, H_kv, P, D]
+        values[row_index, :, positions] = v
+        attn = attention(q, keys[rows, :, :length], values[rows, :, :length], bias, self.scale)
+        x = _residual_linear(x, attn, layer.out, layer.out_bias)
+        gate, up = F.linear(rms_norm(x, layer.norm2, layer.eps2), layer.gate_up, layer.gate_up_bias).chunk(2, -1)
+        return _residual_linear(x, self.act(gate) * up, layer.down, layer.down_bias)
+
+    def compile(self) -> None:
+        """Fuse each layer's kernels (:mod:`duplex.engine.fusion`); compiled on first use of a shape."""
+        from duplex.engine.fusion import compile_fn
+
+        self.layer_fn = compile_fn(self.layer)
 
     # -- the two shapes every engine uses --------------------------------------------------------
 

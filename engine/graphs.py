@@ -56,6 +56,7 @@ class BucketedStep:
         self._graphs: dict[tuple[int, int], Any] = {}
         self.capture_s = 0.0
         self.eager = False  # benchmarks: run the captured buckets eagerly, to compare
+        self.compiled = False  # fn runs compiled kernels: capture() runs every bucket once even without graphs
         # tests on the CPU: capture() makes each bucket's capture call eagerly, on the inputs a GPU
         # would record it with, so a check can compare every later step with the call a graph holds
         self.rehearse = False
@@ -85,7 +86,7 @@ class BucketedStep:
         ``prepare(bucket)`` puts harmless inputs into the static buffers first (rows at their scratch
         positions), so the warm-up steps change no session's state."""
         keys = [(b, n) for b in reversed(self.buckets) for n in reversed(self.lengths)]
-        if not self.graphs_enabled and self.rehearse:
+        if not self.graphs_enabled and (self.rehearse or self.compiled):  # compile now, not in a session
             for b, n in keys:
                 if prepare is not None:
                     prepare(b)
@@ -121,6 +122,15 @@ class BucketedStep:
         self.capture_s = time.perf_counter() - start
         log.info("%s: captured %d CUDA graphs (buckets %s) in %.1f s", self.name, len(self._graphs),
                  ",".join(map(str, self.buckets)), self.capture_s)
+
+    def ops(self, prepare: Callable[[int], None], bucket: int = 1, length: int | None = None) -> int:
+        """Kernels one eager call of the step launches for ``bucket`` rows over ``length`` positions
+        (the longest by default), counted by :func:`duplex.engine.opcount.count_ops`."""
+        from duplex.engine.opcount import count_ops
+
+        b, n = self.bucket(bucket), self.lengths[-1] if length is None else self.length(length)
+        prepare(b)
+        return sum(count_ops(lambda: self.fn(b, n)).values())
 
     def run(self, rows: int, needed: int) -> tuple[int, int]:
         """Run the step for ``rows`` rows and ``needed`` positions (each padded up to a bucket);

@@ -53,6 +53,17 @@ class Output(Generic[Out]):
 
 StepFn = Callable[[list[Any]], Sequence[Any]]  # states -> one Output, value or Exception per state
 
+HISTORY = 4096  # ticks the scheduler remembers (benchmarks and tests read the latest)
+
+
+@dataclass(frozen=True)
+class Tick:
+    """One tick as it ran: rows stepped (0: jobs only), jobs run (urgent ones too), seconds on the worker."""
+
+    rows: int
+    jobs: int
+    seconds: float
+
 
 @dataclass(eq=False)
 class Row(Generic[S, Out]):
@@ -98,9 +109,8 @@ class Scheduler(Generic[S, Out]):
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-        self.batch_sizes: list[int] = []  # rows in each step, for benchmarks and tests
-        self.step_seconds: list[float] = []  # wall time of each tick that ran a step (same order)
-        self.ticks = 0
+        self.history: deque[Tick] = deque(maxlen=HISTORY)  # the latest ticks, for benchmarks and tests
+        self.ticks = 0  # ticks run so far
 
     # -- rows --------------------------------------------------------------------------------------
 
@@ -140,6 +150,15 @@ class Scheduler(Generic[S, Out]):
         finally:
             self.leave(row)
         return out.value
+
+    def ticks_since(self, count: int) -> list[Tick]:
+        """The ticks run after the first ``count`` (:attr:`ticks` read earlier), as far as the history reaches."""
+        new = self.ticks - count
+        return list(self.history)[-new:] if new > 0 else []
+
+    def batch_sizes(self, since: int = 0) -> list[int]:
+        """Rows of each step run after the first ``since`` ticks (ticks without a step left out)."""
+        return [t.rows for t in self.ticks_since(since) if t.rows]
 
     # -- jobs --------------------------------------------------------------------------------------
 
@@ -209,9 +228,6 @@ class Scheduler(Generic[S, Out]):
                 wake.clear()
                 continue
             states = [r.state for r in ready]
-            if ready:
-                self.batch_sizes.append(len(ready))
-            self.ticks += 1
             started = time.perf_counter()
             try:
                 job_results, outputs, late = await self.worker.run(self._tick, urgent, states, jobs)
@@ -219,8 +235,8 @@ class Scheduler(Generic[S, Out]):
                 for job in (*urgent, *jobs):
                     job.future.cancel()
                 raise
-            if ready:
-                self.step_seconds.append(time.perf_counter() - started)
+            self.history.append(Tick(len(ready), len(urgent) + len(jobs), time.perf_counter() - started))
+            self.ticks += 1
             for job, (ok, value) in zip((*urgent, *late), job_results):
                 if job.future.done():
                     continue

@@ -33,6 +33,7 @@ import statistics
 import time
 from typing import TYPE_CHECKING, Any
 
+from duplex.engine.roofline import floor_fraction
 from duplex.stages import Message
 
 if TYPE_CHECKING:
@@ -65,13 +66,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile in ("tiny", "pretrained") and not getattr(args, "llm_model", None):
         archs = (args.profile,)
     graphs = getattr(args, "graphs", True)
+    compile_ = getattr(args, "compile", True)
     if device == "cpu" and args.profile == "tiny":
         torch.set_num_threads(1)  # tiny ops: a second intra-op thread only adds sync cost
     print(f"window {plan['window']} tokens, decode {plan['decode']} tokens per reply, batches "
-          f"{list(plan['batches'])}, device {device}, profile {args.profile}, graphs {graphs}")
+          f"{list(plan['batches'])}, device {device}, profile {args.profile}, graphs {graphs}, compile {compile_ and device.startswith('cuda')}")
     results: dict[str, Any] = {}
     for arch in archs:
-        llm = _load(args.profile, arch, device, plan, graphs)
+        llm = _load(args.profile, arch, device, plan, graphs, compile_)
         try:
             results[arch] = figures = asyncio.run(_bench_one(llm, plan, device))
         finally:
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def _load(profile: Profile, arch: str, device: str, plan: dict[str, Any], graphs: bool):
+def _load(profile: Profile, arch: str, device: str, plan: dict[str, Any], graphs: bool, compile_: bool):
     from duplex.config import AgentConfig
     from duplex.llm.model import LLMSettings, SinkLLM
     from duplex.llm.profiles import load_model
@@ -94,7 +96,8 @@ def _load(profile: Profile, arch: str, device: str, plan: dict[str, Any], graphs
     model, tokenizer = load_model(config, device)
     settings = LLMSettings(window=plan["window"], max_reply_tokens=plan["decode"], temperature=0.0,
                            fixed_length=True)
-    return SinkLLM(model, tokenizer, device, settings, slots=max(plan["batches"]) + 1, graphs=graphs)
+    return SinkLLM(model, tokenizer, device, settings, slots=max(plan["batches"]) + 1, graphs=graphs,
+                   compile=compile_)
 
 
 async def _bench_one(llm, plan: dict[str, Any], device: str) -> dict[str, Any]:
@@ -104,11 +107,16 @@ async def _bench_one(llm, plan: dict[str, Any], device: str) -> dict[str, Any]:
     run = llm.scheduler.run
     figures: dict[str, Any] = await run(_single_session, llm, plan)
     figures["graphs_captured"] = llm.engine.graphs.captured
+    figures["compiled"] = llm.engine.graphs.compiled
     figures["capture_s"] = round(capture_s, 2)
+    figures["layers"] = llm.engine.num_layers
+    figures["ops_per_step"] = await run(llm.engine.ops_per_step, 1)  # eager kernels (opcount); the budget test's count
     history = _history(llm, plan["window"] // 2)
     batches = []
     for b in plan["batches"]:
         row, texts = await _batch(llm, history, b)
+        row["ops_per_step"] = await run(llm.engine.ops_per_step, b)
+        row["floor_fraction"] = floor_fraction(llm.engine.step_bytes(b), row["step_ms"] / 1e3, device)
         if llm.engine.graphs.captured:  # the same, eager, side by side
             llm.engine.graphs.eager = True
             try:
@@ -119,8 +127,10 @@ async def _bench_one(llm, plan: dict[str, Any], device: str) -> dict[str, Any]:
             # greedy replies: the graph replays must say exactly what the eager steps say
             row["captured_equals_eager"] = texts == eager_texts
         batches.append(row)
+        floor = "" if row["floor_fraction"] is None else f", {100 * row['floor_fraction']:.0f}% of the bandwidth floor"
         print(f"  batch {b:>3}: step {row['step_ms']:.2f} ms, {row['per_session_per_s']:.1f} tok/s per session, "
-              f"{row['aggregate_per_s']:.0f} tok/s in all, first token {row['first_token_ms']:.1f} ms"
+              f"{row['aggregate_per_s']:.0f} tok/s in all{floor}, first token {row['first_token_ms']:.1f} ms, "
+              f"{row['ops_per_step']} eager ops per step"
               + (f" (eager: step {row['step_ms_eager']:.2f} ms, {row['aggregate_per_s_eager']:.0f} tok/s; "
                  f"replies {'equal' if row['captured_equals_eager'] else 'DIFFER'})"
                  if "step_ms_eager" in row else ""), flush=True)
@@ -148,7 +158,7 @@ async def _batch(llm, history: list[Message], b: int) -> tuple[dict[str, Any], l
                 decoding.set()
             return "".join(pieces)
 
-        ticks0 = len(llm.scheduler.batch_sizes)
+        ticks0 = llm.scheduler.ticks
         start = time.perf_counter()
         tasks = [asyncio.create_task(reply(s)) for s in streams[:b]]
         await decoding.wait()  # a new reply joins while the others decode: its prefill runs between steps
@@ -158,17 +168,17 @@ async def _batch(llm, history: list[Message], b: int) -> tuple[dict[str, Any], l
         first.append(time.perf_counter() - t_join)
         texts = list(await asyncio.gather(*tasks))
         elapsed = time.perf_counter() - start
-        sizes = llm.scheduler.batch_sizes[ticks0:]
-        steps = sum(1 for size in sizes if size >= 1)
-        tokens = sum(sizes)
+        ticks = [t for t in llm.scheduler.ticks_since(ticks0) if t.rows]
+        steps, tokens = len(ticks), sum(t.rows for t in ticks)
+        # the step alone: ticks with every reply in it and no job (the joiner's reply start) beside it
+        steady = [t.seconds for t in ticks if t.rows >= b and not t.jobs] or [t.seconds for t in ticks]
     finally:
         for s in streams:
             await s.aclose()
-    step_s = elapsed / max(steps, 1)
-    per_session = tokens / b / elapsed
-    return {"batch": b, "step_ms": round(step_s * 1e3, 3), "per_session_per_s": round(per_session, 2),
-            "aggregate_per_s": round(tokens / elapsed, 1), "first_token_ms": round(first[0] * 1e3, 2),
-            "steps": steps}, texts
+    step_s = statistics.median(steady)
+    return {"batch": b, "step_ms": round(step_s * 1e3, 3), "per_session_per_s": round(1.0 / step_s, 2),
+            "aggregate_per_s": round(b / step_s, 1), "wall_aggregate_per_s": round(tokens / elapsed, 1),
+            "first_token_ms": round(first[0] * 1e3, 2), "steps": steps}, texts
 
 
 def _begin(stream):

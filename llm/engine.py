@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from duplex.engine import fusion
 from duplex.engine.decoder import LeanDecoder
 from duplex.engine.graphs import BucketedStep, buckets_for
 from duplex.engine.sampling import sample as sample_rows
@@ -67,7 +68,7 @@ class Engine:
     """A causal LM with RoPE, its K/V pool of ``slots`` sessions of ``window`` positions, and its steps."""
 
     def __init__(self, model: Any, tokenizer: Any, device: str, *, window: int, slots: int = 4,
-                 stop_ids: Sequence[int] = (), graphs: bool = True, top_k: int = 50,
+                 stop_ids: Sequence[int] = (), graphs: bool = True, compile: bool = True, top_k: int = 50,
                  keep_logits: bool = False) -> None:
         if slots < 1:
             raise ConfigError(f"the LLM engine needs at least one session slot, got {slots}")
@@ -110,6 +111,11 @@ class Engine:
         self.graphs = BucketedStep("llm decode", self._decode_fn, buckets_for(slots), (self.kv.columns,),
                                    device=str(self.device), graphs=graphs)
         self.shape_log: list[tuple] | None = None  # tests: the shapes each eager decode step saw
+        self._sample = sample_rows
+        self.graphs.compiled = fusion.wanted(str(self.device), compile)
+        if self.graphs.compiled:  # fused layers and sampler (CUDA); compiled in capture(), at load
+            self.decoder.compile()
+            self._sample = fusion.compile_fn(sample_rows)
 
     def set_stop_ids(self, stop_ids: Sequence[int] | frozenset[int]) -> None:
         """The tokens that end a reply (a fixed-length reply never samples them); updated in place,
@@ -179,7 +185,7 @@ class Engine:
         if self.keep_logits:
             buf.logits[:b] = logits
         temperature, top_p = buf.floats[:, :b]
-        buf.out[:b] = sample_rows(logits, temperature, top_p, seed, counter, self._keys, top_k=self.top_k)
+        buf.out[:b] = self._sample(logits, temperature, top_p, seed, counter, self._keys, top_k=self.top_k)
 
     @torch.inference_mode()
     def decode(self, requests: Sequence[DecodeRequest]) -> list[int]:
@@ -212,15 +218,37 @@ class Engine:
             raise RuntimeError("this engine keeps no logits: make it with keep_logits=True")
         return self._buf.logits[slot.row].clone()
 
-    def capture(self, progress: Callable[[str], None] | None = None) -> None:
-        """Warm up and capture the decode step for every bucket (CUDA with graphs on; else nothing)."""
-        def prepare(b: int) -> None:
-            self._buf.ints[:, :b] = 0
-            self._buf.ints[1, :b] = self.kv.scratch_position  # every row writes only its scratch column
-            self._buf.floats[:, :b] = 1.0
+    def _prepare(self, b: int) -> None:
+        """Harmless inputs for rows ``0..b-1``: every row writes only its scratch column."""
+        self._buf.ints[:, :b] = 0
+        self._buf.ints[1, :b] = self.kv.scratch_position
+        self._buf.floats[:, :b] = 1.0
 
+    def capture(self, progress: Callable[[str], None] | None = None) -> None:
+        """Compile the fused layers (CUDA), then warm up and capture the decode step for every bucket
+        (CUDA with graphs on; else nothing)."""
         with torch.inference_mode():
-            self.graphs.capture(prepare, progress)
+            if self.graphs.compiled:  # prefills of one and of several tokens, into the scratch row
+                fusion.warm_prefills(self.decoder, self.kv, progress, "llm")
+            self.graphs.capture(self._prepare, progress)
+
+    def ops_per_step(self, bucket: int = 1) -> int:
+        """Kernels one decode step of ``bucket`` rows launches (eager; :mod:`duplex.engine.opcount`)."""
+        sample, self._sample = self._sample, sample_rows
+        try:
+            with fusion.eager_layers(self.decoder):
+                return self.graphs.ops(self._prepare, bucket)
+        finally:
+            self._sample = sample
+
+    def step_bytes(self, rows: int) -> int:
+        """Bytes a decode step of ``rows`` rows must read: the layers' and output layer's weights, and
+        each row's K/V over the whole window."""
+        from duplex.engine.roofline import weight_bytes
+
+        layers = weight_bytes(self.model.model.layers, self.model.model.norm)
+        head = self.lm_head.numel() * self.lm_head.element_size()
+        return layers + head + rows * self.kv.slot_nbytes()
 
 
 def token_probability(logits: torch.Tensor, token_ids: Sequence[int]) -> float:

@@ -46,7 +46,7 @@ class SinkLLM:
     batch); ``graphs`` captures the decode step in CUDA graphs on a GPU (see :meth:`warm_up`)."""
 
     def __init__(self, model: Any, tokenizer: Any, device: str, settings: LLMSettings | None = None, *,
-                 slots: int = 4, graphs: bool = True) -> None:
+                 slots: int = 4, graphs: bool = True, compile: bool = True) -> None:
         self.settings = settings or LLMSettings()
         sliding = getattr(model.config, "sliding_window", None) if model.config.model_type == "mistral" else None
         if sliding and self.settings.window > sliding:
@@ -54,7 +54,8 @@ class SinkLLM:
                               f"window of {sliding} tokens; use --llm-window {sliding} or less")
         fmt = ChatFormat.from_tokenizer(tokenizer, getattr(model, "generation_config", None))
         self.engine = Engine(model, tokenizer, device, window=self.settings.window, slots=slots,
-                             stop_ids=sorted(fmt.stop_ids), graphs=graphs, top_k=self.settings.top_k)
+                             stop_ids=sorted(fmt.stop_ids), graphs=graphs, compile=compile,
+                             top_k=self.settings.top_k)
         self.format = fmt
         self.answer_ids = _answer_ids(fmt)
         self.scheduler: Scheduler = Scheduler("llm", self._decode_step, device=device, max_batch=slots,

@@ -82,6 +82,7 @@ def build_llm(config: AgentConfig, device: str):
     from duplex.llm.model import SinkLLM
 
     model, tokenizer = load_model(config, device)
-    llm = SinkLLM(model, tokenizer, device, settings_from(config), slots=config.slots(), graphs=config.graphs)
+    llm = SinkLLM(model, tokenizer, device, settings_from(config), slots=config.slots(), graphs=config.graphs,
+                   compile=config.compile)
     llm.check_system_prompt(config.system_prompt)
     return llm

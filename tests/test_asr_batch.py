@@ -59,7 +59,7 @@ async def test_sessions_started_at_different_times_batch_exactly(tiny_nemo, jfk1
             await streams["A"].aclose()
             a_left = True
         tick += 1
-    assert max(asr.batch_sizes) >= 3
+    assert max(asr.scheduler.batch_sizes()) >= 3
     mixed = [s for s in log.steps if 0 in s and any(n > 0 for n in s)]
     assert mixed, "no step batched a first chunk with later ones"
     for name, stream in streams.items():

@@ -199,13 +199,13 @@ def test_sessions_on_one_agent_do_not_share_state(vad_model, jfk16):
         a, b = agent.session(), agent.session()
         return await asyncio.gather(drive(agent, talk, session=a), drive(agent, silence(len(talk) / 16000), session=b))
 
-    batches_before = len(vad_model.worker.batch_sizes)
+    batches_before = vad_model.worker.ticks
     ra, rb = run_virtual(main())
     assert [t["role"] for t in ra.conversation["turns"]] == ["user", "assistant"]
     assert rb.conversation["turns"] == [] and not rb.of(ev.SpeechStarted) and not rb.of(ev.ReplyStarted)
     sa, sb = agent.stages.llm.streams
     assert sa.shown and not sb.shown
-    assert max(vad_model.worker.batch_sizes[batches_before:]) == 2
+    assert max(vad_model.worker.batch_sizes(batches_before)) == 2
     assert not agent.sessions
 
 

@@ -75,9 +75,9 @@ async def test_concurrent_streams_equal_streams_alone(make_tts):
         stream = tts.new_stream()
         alone.append(np.concatenate([c.pcm for c in await collect(stream, [text])]))
     streams = [tts.new_stream() for _ in texts]
-    before = len(tts.scheduler.batch_sizes)
+    before = tts.scheduler.ticks
     together = await asyncio.gather(*(collect(s, [t]) for s, t in zip(streams, texts)))
-    assert max(tts.scheduler.batch_sizes[before:]) == 3
+    assert max(tts.scheduler.batch_sizes(before)) == 3
     for a, chunks in zip(alone, together):
         b = np.concatenate([c.pcm for c in chunks])
         assert a.shape == b.shape and float(np.abs(a - b).max()) <= 1e-5

@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from duplex.config import AgentConfig
+    from duplex.engine.roofline import floor_fraction
     from duplex.errors import ConfigError
     from duplex.tts.profiles import load_engine
     from duplex.tts.stream import CsmTTS, TTSSettings
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
     batches = tuple(getattr(args, "batch", None) or ((1, 8) if quick else (1, 8, 32, 64)))
     config = AgentConfig(profile=args.profile, device=args.device, tts_model=args.tts_model, voice=args.voice,
                          voice_text=args.voice_text, seed=args.seed, engine_slots=max(batches) + 1,
-                         graphs=getattr(args, "graphs", True)).validate()
+                         graphs=getattr(args, "graphs", True), compile=getattr(args, "compile", True)).validate()
     device = config.resolved_device()
     if device == "cpu" and args.profile == "tiny":
         torch.set_num_threads(1)  # tiny ops: a second intra-op thread only adds sync cost
@@ -115,6 +116,10 @@ def run(args: argparse.Namespace) -> dict:
         rows = []
         for b in batches:
             row, audio = await _batch(tts, b, frames)
+            row["ops_per_step"] = await tts.scheduler.run(engine.ops_per_step, b)
+            # the replies here are short: their frames attend over the shortest length bucket
+            row["floor_fraction"] = floor_fraction(engine.step_bytes(b, engine.graphs.lengths[0]),
+                                                   row["step_ms"] / 1e3, device)
             if engine.graphs.captured:  # the same, eager, side by side
                 engine.graphs.eager = True
                 try:
@@ -125,9 +130,10 @@ def run(args: argparse.Namespace) -> dict:
                 # same seeds, same draws: the graph replays must make exactly the eager steps' audio
                 row["captured_equals_eager"] = all(np.array_equal(a, e) for a, e in zip(audio, eager_audio))
             rows.append(row)
+            floor = "" if row["floor_fraction"] is None else f", {100 * row['floor_fraction']:.0f}% of the floor"
             print(f"  batch {b:>3}: step {row['step_ms']:.2f} ms, {row['per_session_per_s']:.1f} frames/s per "
-                  f"reply, {row['aggregate_per_s']:.0f} frames/s in all, RTF {row['rtf']:.3f}, first audio "
-                  f"{row['first_audio_ms']:.1f} ms" + (f" (eager: step {row['step_ms_eager']:.2f} ms, RTF "
+                  f"reply, {row['aggregate_per_s']:.0f} frames/s in all, RTF {row['rtf']:.3f}{floor}, first audio "
+                  f"{row['first_audio_ms']:.1f} ms, {row['ops_per_step']} eager ops" + (f" (eager: step {row['step_ms_eager']:.2f} ms, RTF "
                                                         f"{row['rtf_eager']:.3f}; audio "
                                                         f"{'equal' if row['captured_equals_eager'] else 'DIFFERS'})"
                                                         if "step_ms_eager" in row else ""),
@@ -144,7 +150,10 @@ def run(args: argparse.Namespace) -> dict:
                      for stage, seconds in stages.items()}
         print("per eager frame (chunk 2): " + ", ".join(f"{k.split('_')[0]} {v:.2f} ms" for k, v in breakdown.items()))
         return {"chunk_frames": chunks, "batches": rows, "breakdown_eager_chunk_2": breakdown,
-                "graphs_captured": engine.graphs.captured, "capture_s": round(capture_s, 2)}
+                "graphs_captured": engine.graphs.captured, "compiled": engine.graphs.compiled,
+                "capture_s": round(capture_s, 2), "ops_per_step": rows[0]["ops_per_step"] if rows else None,
+                "layers": {"backbone": len(engine.backbone.layers), "depth": len(engine.depth.layers),
+                           "codebooks": engine.num_codebooks}}
 
     try:
         figures = asyncio.run(measure())
@@ -166,7 +175,7 @@ async def _batch(tts, b: int, frames: int) -> tuple[dict, list[np.ndarray]]:
     scheduler = tts.scheduler
     frame_ms = 1000.0 / tts.engine.frame_rate
     speaking = asyncio.Event()
-    n0 = len(scheduler.batch_sizes)
+    n0 = scheduler.ticks
     start = time.perf_counter()
     tasks = [asyncio.create_task(_reply(tts, TEXT, speaking)) for _ in range(b)]
     await speaking.wait()
@@ -174,11 +183,11 @@ async def _batch(tts, b: int, frames: int) -> tuple[dict, list[np.ndarray]]:
     results = await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - start
     first_join = (await joiner)[0]
-    sizes = scheduler.batch_sizes[n0:]
-    seconds = scheduler.step_seconds[n0:]
-    full = [s for s, n in zip(seconds, sizes) if n >= b] or seconds  # steady state: every reply in the step
+    ticks = [t for t in scheduler.ticks_since(n0) if t.rows]
+    # steady state: every reply in the step, no job (a new segment's prefill) beside it
+    full = [t.seconds for t in ticks if t.rows >= b and not t.jobs] or [t.seconds for t in ticks]
     step_s = statistics.median(full)
-    made = sum(sizes)
+    made = sum(t.rows for t in ticks)
     if any(r[2] != frames * tts.engine.frame_size for r in results):
         raise RuntimeError("a reply made the wrong number of frames")
     return {"batch": b, "step_ms": round(step_s * 1e3, 3), "per_session_per_s": round(1.0 / step_s, 2),

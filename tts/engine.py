@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import numpy as np
 
+from duplex.engine import fusion
 from duplex.engine.decoder import LeanDecoder
 from duplex.engine.graphs import BucketedStep, buckets_for, lengths_for
 from duplex.engine.sampling import exponential, token_keys
@@ -130,7 +131,7 @@ class CsmEngine:
     """A loaded CSM + Mimi, its K/V pool of ``slots`` replies, and the blocking steps of synthesis."""
 
     def __init__(self, model, tokenizer, *, speaker: int = 0, sampling: Sampling = Sampling(), slots: int = 4,
-                 graphs: bool = True) -> None:
+                 graphs: bool = True, compile: bool = True) -> None:
         import torch
         import torch.nn.functional as F
 
@@ -198,6 +199,12 @@ class CsmEngine:
                                    device=str(dev), graphs=graphs)
         with torch.inference_mode():
             self._eos_embed = self._embed_frames(self._zeros_frame()[None])[0]  # [1, H]
+        self._sample = sample_rows
+        self.graphs.compiled = fusion.wanted(str(dev), compile)
+        if self.graphs.compiled:  # fused layers and sampler (CUDA); compiled in capture(), at load
+            self.backbone.compile()
+            self.depth.compile()
+            self._sample = fusion.compile_fn(sample_rows)
 
     # -- prompt pieces ---------------------------------------------------------------------------
 
@@ -378,8 +385,8 @@ class CsmEngine:
         def draw(logits: torch.Tensor, index: int) -> torch.Tensor:  # only the codec's codes
             if noise is None:
                 return logits[:, :n_codes].argmax(dim=-1)
-            return sample_rows(logits[:, :n_codes], temperature, None, seed, counter, self._keys, top_k=top_k,
-                               noise=noise[:, index])
+            return self._sample(logits[:, :n_codes], temperature, None, seed, counter, self._keys, top_k=top_k,
+                                noise=noise[:, index])
 
         codes = [draw(F.linear(hidden, self.model.lm_head.weight), 0)]
         x = torch.stack([F.linear(hidden, self.depth_project), F.embedding(codes[0], self._depth_tables[0])],
@@ -487,16 +494,42 @@ class CsmEngine:
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + now - start
         return now
 
-    def capture(self, progress: Callable[[str], None] | None = None) -> None:
-        """Warm up and capture the frame step for every bucket (CUDA with graphs on; else nothing)."""
-        import torch
+    def _prepare(self, b: int) -> None:
+        """Harmless inputs for rows ``0..b-1``: every row writes only its scratch column."""
+        self._ints[:, :b] = 0
+        self._ints[0, :b] = self.kv.scratch_position
+        self._temperature[:b] = 1.0
 
-        def prepare(b: int) -> None:
-            self._ints[:, :b] = 0
-            self._ints[0, :b] = self.kv.scratch_position  # every row writes only its scratch column
-            self._temperature[:b] = 1.0
+    def capture(self, progress: Callable[[str], None] | None = None) -> None:
+        """Compile the fused layers (CUDA), then warm up and capture the frame step for every bucket
+        (CUDA with graphs on; else nothing)."""
+        import torch
 
         saved = self._inputs.clone()
         with torch.inference_mode():
-            self.graphs.capture(prepare, progress)
+            if self.graphs.compiled:  # text and voice prefills, into the scratch row
+                fusion.warm_prefills(self.backbone, self.kv, progress, "tts")
+            self.graphs.capture(self._prepare, progress)
             self._inputs.copy_(saved)
+
+    def ops_per_step(self, bucket: int = 1) -> int:
+        """Kernels one frame step of ``bucket`` rows launches (eager; :mod:`duplex.engine.opcount`)."""
+        saved, sample = self._inputs.clone(), self._sample
+        self._sample = sample_rows
+        try:
+            with fusion.eager_layers(self.backbone, self.depth):
+                return self.graphs.ops(self._prepare, bucket)
+        finally:
+            self._inputs.copy_(saved)
+            self._sample = sample
+
+    def step_bytes(self, rows: int, length: int) -> int:
+        """Bytes a frame step of ``rows`` rows attending over ``length`` positions must read: the
+        backbone's and depth decoder's weights, the codebook heads, and each row's backbone K/V."""
+        from duplex.engine.roofline import weight_bytes
+
+        m = self.model
+        weights = weight_bytes(m.backbone_model.layers, m.depth_decoder.model.layers, m.lm_head)
+        heads = self.codebook_heads.numel() * self.codebook_heads.element_size()
+        kv = self.kv.slot_nbytes() * min(length, self.kv.columns) // self.kv.columns
+        return weights + heads + rows * kv

@@ -33,7 +33,7 @@ def load_engine(config: AgentConfig, device: str):
         model, tokenizer = loading.load_pretrained(config.tts_model, device)
     else:
         raise ConfigError(f"no TTS model for profile {config.profile!r}")
-    return CsmEngine(model, tokenizer, slots=config.slots(), graphs=config.graphs)
+    return CsmEngine(model, tokenizer, slots=config.slots(), graphs=config.graphs, compile=config.compile)
 
 
 def build_tts(config: AgentConfig, device: str):

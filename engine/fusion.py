@@ -1,0 +1,84 @@
+"""Fused kernels for the engines' steps: each decoder layer (and the sampler) compiled by Inductor.
+
+An eager layer is some thirty kernels (two RMSNorms of eight each, RoPE, the K/V writes, attention,
+four matrix products, the gated MLP), most of them tiny: on a GPU the step then waits between kernels
+rather than on memory. :func:`compile_fn` hands a function to ``torch.compile`` (Inductor), which
+fuses each chain of element-wise work and reductions into one Triton kernel and leaves the matrix
+products and the attention to their own kernels: about ten kernels a layer. The engines compile the
+*layer* (one compiled function serves every layer of a model, with dynamic shapes for every batch
+size, prefill length and attention length), not the whole step, so compiling takes seconds per
+variant instead of minutes, and the compiled layer runs inside the CUDA graphs the engines capture
+(:mod:`duplex.engine.graphs`) exactly as the eager one does.
+
+Compiling happens at load, in the engines' warm-up (with a progress line); Inductor's artifacts are
+cached between runs under the duplex cache (``$DUPLEX_CACHE/inductor``), so later loads take
+seconds. Only CUDA compiles: on the CPU the eager layer is as fast for the tiny models tests use and
+needs no C++ toolchain.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from duplex.engine.decoder import LeanDecoder, SlotKV
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable)
+
+
+def wanted(device: str, compile: bool) -> bool:
+    """Whether an engine on ``device`` compiles its steps: asked for, on CUDA (the CPU runs eagerly)."""
+    return bool(compile) and str(device).startswith("cuda")
+
+
+def compile_fn(fn: F) -> F:
+    """``fn`` compiled by Inductor with dynamic shapes, whole (no graph breaks); caches under the duplex
+    cache unless ``TORCHINDUCTOR_CACHE_DIR`` says otherwise."""
+    import torch
+
+    from duplex.config import cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    # one compiled layer serves every layer; batch buckets, prefill lengths and depth steps each add
+    # a variant or two at most, far under this limit
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 64)
+    return torch.compile(fn, dynamic=True, fullgraph=True)  # type: ignore[return-value]
+
+
+def warm_prefills(decoder: LeanDecoder, kv: SlotKV, progress: Callable[[str], None] | None, name: str) -> None:
+    """Compile the fused layer for the prefill shapes now, not in a session's first turn: prefills of
+    several tokens and of one, into the scratch row (which no session reads)."""
+    import time
+
+    import torch
+
+    start = time.perf_counter()
+    if progress is not None:
+        progress(f"{name}: compiling fused layers (the first run on a machine takes a minute or two; cached after)")
+    for n in (3, 2, 1):
+        decoder.prefill(torch.zeros(n, decoder.hidden, dtype=decoder.dtype, device=decoder.device), kv,
+                        kv.scratch_row, 0)
+    log.info("%s: prefill variants compiled in %.1f s", name, time.perf_counter() - start)
+
+
+class eager_layers:
+    """Within this block the decoders run their plain (unfused) layers: counting ops, comparing."""
+
+    def __init__(self, *decoders: LeanDecoder) -> None:
+        self.decoders = decoders
+        self.saved: list = []
+
+    def __enter__(self) -> None:
+        self.saved = [d.layer_fn for d in self.decoders]
+        for d in self.decoders:
+            d.layer_fn = d.layer
+
+    def __exit__(self, *exc: object) -> None:
+        for d, fn in zip(self.decoders, self.saved):
+            d.layer_fn = fn

@@ -1,0 +1,86 @@
+"""Kernel budgets of the captured steps, held on the CPU: a step that grows shows here before any GPU.
+
+A captured step is one graph replay, but the GPU runs its kernels one after the other, a few
+microseconds each however small, so the number of kernels per step is what a fused step keeps down.
+:func:`duplex.engine.opcount.count_ops` counts the aten ops of one eager step that launch a kernel
+(views and allocations left out), through a real engine built on the tiny checkpoints. Each budget
+is split into a cost per layer (measured as the difference between the model and the same model
+with one layer fewer) and a fixed cost (embedding, masks, final norm, output layer, sampling), so
+it holds for the full-size models too. On a GPU the steps are compiled (:mod:`duplex.engine.fusion`)
+and launch fewer kernels still; these are the eager counts, which the CPU and ``--no-compile`` run.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from llm_fixtures import make_llm, tiny_checkpoints, single_torch_thread  # noqa: F401
+from tts_fixtures import make_engine, one_torch_thread, tiny_tts_checkpoint  # noqa: F401
+
+LAYER_BUDGET = 25  # fp32: two RMSNorms of 6, qkv, RoPE of 4, two K/V writes, attention, 4 GEMMs, silu, mul
+LLM_FIXED_BUDGET = 80  # embedding, RoPE tables, mask, final norm, output layer, top-k sampling with its noise
+TTS_CODEBOOK_BUDGET = 20  # per codebook: its head, the draw from the frame's noise, the depth step's glue
+TTS_FIXED_BUDGET = 80  # the backbone's own glue, the frame's noise for every codebook, the next input
+
+
+def _with_layers(decoder, n: int):
+    """A context in which ``decoder`` runs only its first ``n`` layers."""
+    class _Layers:
+        def __enter__(self):
+            self.saved = decoder.layers
+            decoder.layers = decoder.layers[:n]
+
+        def __exit__(self, *exc):
+            decoder.layers = self.saved
+
+    return _Layers()
+
+
+def test_the_llm_decode_step_stays_within_its_kernel_budget(make_llm):
+    """One decode step of the LLM costs at most LAYER_BUDGET kernels per layer and LLM_FIXED_BUDGET
+    more, at batch 1 and 4 (the count does not grow with the batch)."""
+    llm = make_llm("qwen2", window=128)
+    engine = llm.engine
+    layers = len(engine.decoder.layers)
+    assert layers >= 2
+    full = {b: engine.ops_per_step(b) for b in (1, 4)}
+    with _with_layers(engine.decoder, layers - 1):
+        fewer = engine.ops_per_step(1)
+    per_layer, fixed = full[1] - fewer, full[1] - layers * (full[1] - fewer)
+    print(f"llm decode: {full[1]} ops ({layers} layers): {per_layer} per layer + {fixed}")
+    assert full[4] == full[1]
+    assert 10 <= per_layer <= LAYER_BUDGET, per_layer  # >= 10: the count sees the layers at all
+    assert fixed <= LLM_FIXED_BUDGET, fixed
+
+
+def test_the_tts_frame_step_stays_within_its_kernel_budget(make_engine):
+    """One frame step of CSM (backbone, first codebook, every depth step unrolled, every codebook
+    drawn) costs at most LAYER_BUDGET kernels per layer pass (each backbone layer, and each depth layer
+    in each of the K - 1 depth steps), TTS_CODEBOOK_BUDGET per codebook and TTS_FIXED_BUDGET more."""
+    engine = make_engine()
+    k, backbone, depth = engine.num_codebooks, len(engine.backbone.layers), len(engine.depth.layers)
+    full = engine.ops_per_step(1)
+    with _with_layers(engine.backbone, backbone - 1):
+        per_backbone_layer = full - engine.ops_per_step(1)
+    with _with_layers(engine.depth, depth - 1):
+        per_depth_layer = (full - engine.ops_per_step(1)) / (k - 1)
+    rest = full - backbone * per_backbone_layer - (k - 1) * depth * per_depth_layer
+    print(f"tts frame: {full} ops ({k} codebooks, {backbone}+{depth} layers): {per_backbone_layer} per backbone "
+          f"layer, {per_depth_layer:.2f} per depth layer pass, {rest:.0f} for codebooks and glue")
+    assert 10 <= per_backbone_layer <= LAYER_BUDGET
+    # the same layer; the first depth step runs two positions (two more copies for its queries)
+    assert per_backbone_layer <= per_depth_layer <= LAYER_BUDGET + 2 / (k - 1)
+    assert rest <= k * TTS_CODEBOOK_BUDGET + TTS_FIXED_BUDGET, rest
+    assert engine.ops_per_step(4) == full
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_greedy_frames_make_no_noise(make_engine, greedy):
+    """A greedy TTS engine (temperature 0) hashes no noise at all: its frame step has no bit mixing."""
+    from duplex.engine.opcount import count_ops
+    from duplex.tts.engine import Sampling
+
+    engine = make_engine(sampling=Sampling(temperature=0.0) if greedy else Sampling())
+    engine._prepare(1)
+    ops = count_ops(lambda: engine._frame_fn(1, engine.graphs.lengths[0]))
+    assert (ops["bitwise_xor"] == 0) == greedy
