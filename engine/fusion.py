@@ -82,3 +82,38 @@ class eager_layers:
     def __exit__(self, *exc: object) -> None:
         for d, fn in zip(self.decoders, self.saved):
             d.layer_fn = fn
+
+
+def with_fallback(capture: Callable[[], None], eager: Callable[[], None], compiled: bool,
+                  progress: Callable[[str], None] | None, name: str) -> bool:
+    """Run ``capture()`` (an engine's compile, warm-up and capture); if the compiled kernels fail
+    there, say so, switch the engine to its eager layers (``eager()``) and capture again. Returns
+    whether the engine still runs compiled kernels."""
+    if not compiled:
+        capture()
+        return False
+    try:
+        capture()
+        return True
+    except Exception as exc:  # an Inductor or Triton failure on this machine: run unfused, not at all
+        log.exception("%s: the fused layers failed; running them unfused", name)
+        if progress is not None:
+            progress(f"{name}: the fused layers failed ({type(exc).__name__}: {exc}); running them unfused")
+        eager()
+        capture()
+        return False
+
+
+def agreement(decoder: LeanDecoder, kv: SlotKV, tokens: int = 16) -> float:
+    """The relative difference of the fused layers from the unfused ones on one prefill of ``tokens``
+    random inputs into the scratch row: ``|fused - unfused| / |unfused|`` of the final hidden states
+    (rounding differs, in bf16 about 1e-2 at most; a wrong kernel gives about 1)."""
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(tokens, decoder.hidden, generator=g).to(decoder.device, decoder.dtype)
+    with torch.inference_mode():
+        fused = decoder.prefill(x, kv, kv.scratch_row, 0).float()
+        with eager_layers(decoder):
+            plain = decoder.prefill(x, kv, kv.scratch_row, 0).float()
+    return float((fused - plain).norm() / plain.norm())

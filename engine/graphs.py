@@ -123,6 +123,11 @@ class BucketedStep:
         log.info("%s: captured %d CUDA graphs (buckets %s) in %.1f s", self.name, len(self._graphs),
                  ",".join(map(str, self.buckets)), self.capture_s)
 
+    def reset(self) -> None:
+        """Forget the captured graphs (a capture that failed half-way starts over)."""
+        self._graphs.clear()
+        self.capture_s = 0.0
+
     def ops(self, prepare: Callable[[int], None], bucket: int = 1, length: int | None = None) -> int:
         """Kernels one eager call of the step launches for ``bucket`` rows over ``length`` positions
         (the longest by default), counted by :func:`duplex.engine.opcount.count_ops`."""

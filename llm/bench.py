@@ -33,6 +33,7 @@ import statistics
 import time
 from typing import TYPE_CHECKING, Any
 
+from duplex.engine import fusion
 from duplex.engine.roofline import floor_fraction
 from duplex.stages import Message
 
@@ -111,6 +112,9 @@ async def _bench_one(llm, plan: dict[str, Any], device: str) -> dict[str, Any]:
     figures["capture_s"] = round(capture_s, 2)
     figures["layers"] = llm.engine.num_layers
     figures["ops_per_step"] = await run(llm.engine.ops_per_step, 1)  # eager kernels (opcount); the budget test's count
+    if llm.engine.graphs.compiled:  # the fused layers compute what the plain ones do (up to rounding)
+        figures["fused_vs_unfused_rel_err"] = await run(fusion.agreement, llm.engine.decoder, llm.engine.kv)
+        print(f"  fused layers vs unfused: relative difference {figures['fused_vs_unfused_rel_err']:.2e}")
     history = _history(llm, plan["window"] // 2)
     batches = []
     for b in plan["batches"]:

@@ -227,10 +227,18 @@ class Engine:
     def capture(self, progress: Callable[[str], None] | None = None) -> None:
         """Compile the fused layers (CUDA), then warm up and capture the decode step for every bucket
         (CUDA with graphs on; else nothing)."""
-        with torch.inference_mode():
-            if self.graphs.compiled:  # prefills of one and of several tokens, into the scratch row
-                fusion.warm_prefills(self.decoder, self.kv, progress, "llm")
-            self.graphs.capture(self._prepare, progress)
+        def capture() -> None:
+            with torch.inference_mode():
+                if self.graphs.compiled:  # prefills of one and of several tokens, into the scratch row
+                    fusion.warm_prefills(self.decoder, self.kv, progress, "llm")
+                self.graphs.capture(self._prepare, progress)
+
+        def eager() -> None:
+            self.decoder.layer_fn, self._sample = self.decoder.layer, sample_rows
+            self.graphs.compiled = False
+            self.graphs.reset()
+
+        self.graphs.compiled = fusion.with_fallback(capture, eager, self.graphs.compiled, progress, "llm")
 
     def ops_per_step(self, bucket: int = 1) -> int:
         """Kernels one decode step of ``bucket`` rows launches (eager; :mod:`duplex.engine.opcount`)."""

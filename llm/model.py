@@ -58,6 +58,7 @@ class SinkLLM:
                              top_k=self.settings.top_k)
         self.format = fmt
         self.answer_ids = _answer_ids(fmt)
+        self.listens = 0  # listen prefills run for all sessions (one per session a listen covers)
         self.scheduler: Scheduler = Scheduler("llm", self._decode_step, device=device, max_batch=slots,
                                               job_budget=4)
 

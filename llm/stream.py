@@ -142,6 +142,7 @@ class SinkLLMStream:
             return self._listen_now(messages)
         finally:
             self._listens += 1
+            self.model.listens += 1
             self._listen_s += time.perf_counter() - start
 
     def _listen_now(self, messages: Sequence[Message]) -> float | None:

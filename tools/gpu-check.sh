@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Every GPU figure of the engines in one run (about 5 minutes on one H100/H200): package versions,
-# then `duplex bench llm` (Qwen2.5-1.5B, batches 1 8 32), `duplex bench tts` (CSM-1B, batches
-# 1 8 32 64) and `duplex bench e2e` (all three models, sessions in real time), each with CUDA
-# graphs captured and, for llm and tts, eager side by side, with the replies of both compared (greedy
-# LLM text, seeded TTS audio: they must be equal). JSON lands in $OUT (default artifacts/gpu).
+# Every GPU figure of the engines in one run (about 8 minutes on one H100/H200): package versions, what
+# a kernel launch, a graph-replayed kernel and a host sync cost (tools/launch-costs.py), then
+# `duplex bench llm` (Qwen2.5-1.5B, batches 1 8 32), `duplex bench tts` (CSM-1B, batches 1 8 32 64)
+# and `duplex bench e2e` (all three models, a sweep of concurrent sessions in real time), each with
+# fused (compiled) layers and CUDA graphs captured and, for llm and tts, eager side by side, with the
+# replies of both compared (greedy LLM text, seeded TTS audio: they must be equal) and the fused
+# layers compared with the unfused ones. JSON lands in $OUT (default artifacts/gpu).
 #
 #   here, once:     bash tools/gpu-wheels.sh      (wheels of the versions CI uses, into .whl/)
 #   on the device:  run(command="bash tools/gpu-check.sh", carry=[".whl"], timeout_s=480)
@@ -30,7 +32,8 @@ DUPLEX="$PY -m duplex.cli"
 $PY - <<'PY'
 import importlib.metadata as m, platform
 print("python", platform.python_version())
-for p in ("torch", "transformers", "tokenizers", "numpy", "nemo_toolkit", "silero-vad", "soxr", "soundfile",
+for p in ("torch", "triton", "transformers", "huggingface-hub", "tokenizers", "numpy", "nemo_toolkit", "lightning",
+          "silero-vad", "soxr", "soundfile",
           "omegaconf", "lhotse", "librosa", "duplex"):
     try:
         print(p, m.version(p))
@@ -40,6 +43,7 @@ import torch
 print("cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
 PY
 status=0
+echo; $PY tools/launch-costs.py --device "$DEVICE" | tee "$OUT/launch-costs.log"
 run() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
   echo; echo "=== $name ($(date -u +%H:%M:%S))"
@@ -49,8 +53,8 @@ run() {  # name, seconds, command...
   [ "$rc" = 0 ] || status=1
 }
 if [ "$PROFILE" = tiny ]; then LLM=(); else LLM=(--llm-model qwen2.5-1.5b); fi
-run llm 110 $DUPLEX bench llm --device "$DEVICE" --profile "$PROFILE" "${LLM[@]}" --batch 1 8 32 --out "$OUT"
-run tts 130 $DUPLEX bench tts --device "$DEVICE" --profile "$PROFILE" --batch 1 8 32 64 --out "$OUT"
+run llm 150 $DUPLEX bench llm --device "$DEVICE" --profile "$PROFILE" "${LLM[@]}" --batch 1 8 32 --out "$OUT"
+run tts 170 $DUPLEX bench tts --device "$DEVICE" --profile "$PROFILE" --batch 1 8 32 64 --out "$OUT"
 run e2e 200 $DUPLEX bench e2e --device "$DEVICE" --profile "$PROFILE" --out "$OUT"
 echo
 if grep -q "DIFFER" "$OUT/llm.log" "$OUT/tts.log" 2>/dev/null; then
@@ -58,4 +62,5 @@ if grep -q "DIFFER" "$OUT/llm.log" "$OUT/tts.log" 2>/dev/null; then
 elif grep -q "equal)" "$OUT/llm.log" 2>/dev/null; then
   echo "=== captured steps say and make exactly what eager ones do (every batch size, llm and tts)"
 fi
+grep -h "fused layers\|launch costs" "$OUT"/*.log 2>/dev/null
 exit $status

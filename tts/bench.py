@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from duplex.config import AgentConfig
+    from duplex.engine import fusion
     from duplex.engine.roofline import floor_fraction
     from duplex.errors import ConfigError
     from duplex.tts.profiles import load_engine
@@ -95,6 +96,12 @@ def run(args: argparse.Namespace) -> dict:
         t = time.perf_counter()
         await tts.warm_up(lambda line: print(f"  ({line})", flush=True))
         capture_s = time.perf_counter() - t
+        agree = {}
+        if engine.graphs.compiled:  # the fused layers compute what the plain ones do (up to rounding)
+            agree = {"fused_vs_unfused_rel_err": {
+                "backbone": await tts.scheduler.run(fusion.agreement, engine.backbone, engine.kv),
+                "depth": await tts.scheduler.run(fusion.agreement, engine.depth, engine.depth_kv, 4)}}
+            print(f"  fused layers vs unfused: relative difference {agree['fused_vs_unfused_rel_err']}", flush=True)
         await _reply(tts, TEXT)  # warm-up: first-call costs and the voice prompt's cached prefix
         print(f"{'chunk':>5} {'first audio ms':>15} {'RTF':>6} {'ms/frame':>9}")
         chunks: dict[str, dict[str, float]] = {}
@@ -150,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
                      for stage, seconds in stages.items()}
         print("per eager frame (chunk 2): " + ", ".join(f"{k.split('_')[0]} {v:.2f} ms" for k, v in breakdown.items()))
         return {"chunk_frames": chunks, "batches": rows, "breakdown_eager_chunk_2": breakdown,
-                "graphs_captured": engine.graphs.captured, "compiled": engine.graphs.compiled,
+                "graphs_captured": engine.graphs.captured, "compiled": engine.graphs.compiled, **agree,
                 "capture_s": round(capture_s, 2), "ops_per_step": rows[0]["ops_per_step"] if rows else None,
                 "layers": {"backbone": len(engine.backbone.layers), "depth": len(engine.depth.layers),
                            "codebooks": engine.num_codebooks}}

@@ -506,11 +506,21 @@ class CsmEngine:
         import torch
 
         saved = self._inputs.clone()
-        with torch.inference_mode():
-            if self.graphs.compiled:  # text and voice prefills, into the scratch row
-                fusion.warm_prefills(self.backbone, self.kv, progress, "tts")
-            self.graphs.capture(self._prepare, progress)
+
+        def capture() -> None:
+            with torch.inference_mode():
+                if self.graphs.compiled:  # text and voice prefills, into the scratch row
+                    fusion.warm_prefills(self.backbone, self.kv, progress, "tts")
+                self.graphs.capture(self._prepare, progress)
+                self._inputs.copy_(saved)
+
+        def eager() -> None:
+            self.backbone.layer_fn, self.depth.layer_fn, self._sample = self.backbone.layer, self.depth.layer, sample_rows
+            self.graphs.compiled = False
+            self.graphs.reset()
             self._inputs.copy_(saved)
+
+        self.graphs.compiled = fusion.with_fallback(capture, eager, self.graphs.compiled, progress, "tts")
 
     def ops_per_step(self, bucket: int = 1) -> int:
         """Kernels one frame step of ``bucket`` rows launches (eager; :mod:`duplex.engine.opcount`)."""
