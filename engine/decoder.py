@@ -21,7 +21,7 @@ forward); nothing here depends on how a transformers version names its cache arg
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -319,6 +319,27 @@ class LeanDecoder:
         mask = torch.arange(end, device=self.device)[None, None, :] <= positions[:, :, None]  # [1, T, end]
         rows = torch.tensor([row], device=self.device)
         return self.forward(x[None], positions, kv, slice(row, row + 1), rows, end, mask)[0]
+
+    def prefill_rows(self, x: torch.Tensor, starts: Sequence[int], counts: Sequence[int], kv: SlotKV
+                     ) -> torch.Tensor:
+        """Several rows' prefills in one pass: row ``r`` (of rows ``0..B-1``) runs ``x[r, :counts[r]]``
+        at positions ``starts[r]..``; ``x`` ``[B, T, hidden]``, ``T >= max(counts)``. Rows with fewer
+        tokens (or none) run the rest at the scratch position, which only their scratch column sees.
+        Returns the normed hidden states ``[B, T, hidden]`` (those of the padding are meaningless)."""
+        import torch
+
+        b, t, _ = x.shape
+        end = max(s + n for s, n in zip(starts, counts))
+        if end > kv.positions:
+            raise RuntimeError(f"a prefill to position {end} does not fit {kv.positions} positions; "
+                               "evict or truncate first")
+        length = min(kv.columns, -(-end // 8) * 8)  # the keys any row reads, aligned to 8
+        step = torch.arange(t, device=self.device)
+        start = torch.tensor(list(starts), device=self.device)[:, None]
+        count = torch.tensor(list(counts), device=self.device)[:, None]
+        positions = torch.where(step < count, start + step, kv.scratch_position)  # [B, T]
+        mask = self.key_index(length)[None, None, :] <= positions[:, :, None]  # [B, T, L]
+        return self.forward(x, positions, kv, slice(0, b), torch.arange(b, device=self.device), length, mask)
 
     def decode(self, x: torch.Tensor, positions: torch.Tensor, kv: SlotKV, row_range: torch.Tensor,
                length: int | None = None) -> torch.Tensor:

@@ -87,6 +87,34 @@ class _Job:
     fn: Callable[..., Any]
     args: tuple
     future: asyncio.Future
+    seq: int = 0  # order of submission, shared with coalesced items
+
+
+BatchFn = Callable[[list[Any]], Sequence[Any]]  # items -> one result or Exception per item
+
+
+@dataclass(eq=False)
+class Coalesced:
+    """One kind of work that many sessions ask for (an LLM listen), run for all of them together: at
+    most once every ``period`` seconds, ``fn(items)`` on every item waiting, in one tick. Made by
+    :meth:`Scheduler.coalesce`; :meth:`submit` queues an item."""
+
+    scheduler: Scheduler
+    fn: BatchFn
+    period: float
+    items: deque[tuple[Any, asyncio.Future, int]] = field(default_factory=deque)  # (item, future, seq)
+    last: float = float("-inf")  # loop time of the last batch
+    timer: asyncio.TimerHandle | None = None
+    batches: int = 0  # batches run so far
+    handled: int = 0  # items they held
+
+    def submit(self, item: Any) -> asyncio.Future:
+        """Queue ``item`` for the next batch of this kind; await the future for its result."""
+        loop = self.scheduler._ensure_running()
+        future = loop.create_future()
+        self.items.append((item, future, self.scheduler._next_seq()))
+        self.scheduler._kick()
+        return future
 
 
 class Scheduler(Generic[S, Out]):
@@ -105,6 +133,8 @@ class Scheduler(Generic[S, Out]):
         self._rows: list[Row] = []
         self._urgent: deque[_Job] = deque()
         self._jobs: deque[_Job] = deque()
+        self._kinds: list[Coalesced] = []
+        self._seq = 0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -164,12 +194,24 @@ class Scheduler(Generic[S, Out]):
 
     def run(self, fn: Callable[..., T], *args: Any, urgent: bool = False) -> asyncio.Future[T]:
         """Queue ``fn(*args)`` for the worker thread between steps (urgent: before the next step), in
-        call order; await the returned future for its result (cancelling it drops a job not started)."""
+        call order; await the returned future for its result (cancelling it drops a job not started).
+        Coalesced items submitted before a job run before it."""
         loop = self._ensure_running()
-        job = _Job(fn, args, loop.create_future())
+        job = _Job(fn, args, loop.create_future(), self._next_seq())
         (self._urgent if urgent else self._jobs).append(job)
         self._kick()
         return job.future
+
+    def coalesce(self, fn: BatchFn, period: float = 0.0) -> Coalesced:
+        """A kind of work run for every session that asked, together: ``fn(items)`` once per tick at
+        most every ``period`` seconds (sooner when a job submitted after an item waits behind it)."""
+        kind = Coalesced(self, fn, period)
+        self._kinds.append(kind)
+        return kind
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -181,6 +223,9 @@ class Scheduler(Generic[S, Out]):
             self._loop = loop
             self._wake = asyncio.Event()
             self._rows = []  # rows of an earlier loop cannot be served on this one
+            for kind in self._kinds:  # nor its coalesced items; and this loop's clock starts afresh
+                kind.items.clear()
+                kind.last, kind.timer = float("-inf"), None
             self._task = loop.create_task(self._dispatch(), name=f"engine-{self.name}")
         return loop
 
@@ -188,7 +233,7 @@ class Scheduler(Generic[S, Out]):
         if self._wake is not None:
             self._wake.set()
 
-    def _plan(self) -> tuple[list[_Job], list[Row], list[_Job]]:
+    def _plan(self) -> tuple[list[_Job], list[Row], list[tuple[Coalesced, list]], list[_Job]]:
         urgent = [j for j in self._urgent if not j.future.done()]
         self._urgent.clear()
         ready = sorted((r for r in self._rows if r.wants_step), key=lambda r: r.deadline)[: self.max_batch]
@@ -198,7 +243,25 @@ class Scheduler(Generic[S, Out]):
             job = self._jobs.popleft()
             if not job.future.done():  # done: its caller was cancelled while it waited
                 jobs.append(job)
-        return urgent, ready, jobs
+        assert self._loop is not None
+        now = self._loop.time()
+        batches = []
+        for kind in self._kinds:
+            items = [entry for entry in kind.items if not entry[1].done()]
+            kind.items.clear()
+            if not items:
+                continue
+            due = kind.last + kind.period
+            if kind.timer is not None:
+                kind.timer.cancel()
+                kind.timer = None
+            if now >= due - 1e-6 or any(job.seq > items[0][2] for job in jobs):  # (timers may fire a hair early)
+                kind.last = now
+                batches.append((kind, items))
+            else:  # wait for the clock (a job queued behind the items would have made them due)
+                kind.items.extend(items)
+                kind.timer = self._loop.call_at(due, self._kick)
+        return urgent, ready, batches, jobs
 
     async def _dispatch(self) -> None:
         try:
@@ -212,31 +275,45 @@ class Scheduler(Generic[S, Out]):
                 row.done = True
                 row.ready.set()
             self._rows = []
-            for job in (*self._urgent, *self._jobs):
-                if not job.future.done():
-                    job.future.set_exception(exc)
-            self._urgent.clear()
-            self._jobs.clear()
+            for future in self._drain():
+                if not future.done():
+                    future.set_exception(exc)
 
     async def _loop_forever(self) -> None:
         assert self._wake is not None
         wake = self._wake
         while True:
-            urgent, ready, jobs = self._plan()
-            if not (urgent or ready or jobs):
+            urgent, ready, batches, jobs = self._plan()
+            if not (urgent or ready or batches or jobs):
                 await wake.wait()
                 wake.clear()
                 continue
             states = [r.state for r in ready]
             started = time.perf_counter()
+            work = [(kind, [item for item, _, _ in items]) for kind, items in batches]
             try:
-                job_results, outputs, late = await self.worker.run(self._tick, urgent, states, jobs)
+                job_results, outputs, batch_results, late = await self.worker.run(self._tick, urgent, states, work,
+                                                                                  jobs)
             except asyncio.CancelledError:
                 for job in (*urgent, *jobs):
                     job.future.cancel()
+                for _, items in batches:
+                    for _, future, _ in items:
+                        future.cancel()
                 raise
-            self.history.append(Tick(len(ready), len(urgent) + len(jobs), time.perf_counter() - started))
+            self.history.append(Tick(len(ready), len(urgent) + len(jobs) + len(batches),
+                                     time.perf_counter() - started))
             self.ticks += 1
+            for (kind, items), results in zip(batches, batch_results):
+                kind.batches += 1
+                kind.handled += len(items)
+                for (_, future, _), result in zip(items, results):
+                    if future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
             for job, (ok, value) in zip((*urgent, *late), job_results):
                 if job.future.done():
                     continue
@@ -258,33 +335,35 @@ class Scheduler(Generic[S, Out]):
             if ready:
                 await asyncio.sleep(0)  # let the consumers take their outputs (and make room) first
 
-    def _tick(self, urgent: list[_Job], states: list[Any], jobs: list[_Job]):
-        """Worker thread: urgent jobs, one batched step, then the other jobs."""
+    def _tick(self, urgent: list[_Job], states: list[Any], work: list[tuple[Coalesced, list]], jobs: list[_Job]):
+        """Worker thread: urgent jobs, one batched step, the coalesced batches, then the other jobs."""
         results = [_call(job) for job in urgent]
         outputs: list[Any] = []
         if states:
-            outputs = self._run_step(states)
+            outputs = self._isolated(self._step, states, "a batched step")
+        batch_results = [self._isolated(kind.fn, items, "a coalesced batch") for kind, items in work]
         results += [_call(job) for job in jobs]
-        return results, outputs, jobs
+        return results, outputs, batch_results, jobs
 
-    def _run_step(self, states: list[Any]) -> list[Any]:
+    def _isolated(self, fn: BatchFn, states: list[Any], what: str) -> list[Any]:
+        """``fn(states)``; if it raises, ``fn`` again for each state alone (it commits nothing before
+        it succeeds), so only the states that fail alone get the error."""
         try:
-            outputs = list(self._step(states))
+            outputs = list(fn(states))
         except Exception as exc:
             if not self.isolate_failures or len(states) == 1:
                 return [exc] * len(states)
-            log.warning("%s: a batched step of %d rows failed (%s); re-running each row alone",
-                        self.name, len(states), exc)
+            log.warning("%s: %s of %d rows failed (%s); re-running each row alone", self.name, what, len(states), exc)
         else:
             if len(outputs) == len(states):
                 return outputs
-            # a bug in the step; it committed its rows, so it is not re-run
-            error = RuntimeError(f"{self.name}: step returned {len(outputs)} outputs for {len(states)} rows")
+            # a bug in fn; it committed its rows, so it is not re-run
+            error = RuntimeError(f"{self.name}: {what} returned {len(outputs)} outputs for {len(states)} rows")
             return [error] * len(states)
         outputs = []
         for state in states:
             try:
-                outputs.extend(self._step([state]))
+                outputs.extend(fn([state]))
             except Exception as exc:  # this row's own failure
                 outputs.append(exc)
         return outputs
@@ -302,9 +381,21 @@ class Scheduler(Generic[S, Out]):
                 await asyncio.gather(self._task, return_exceptions=True)
                 self._task = None
         finally:  # cancelled or not, no job is left waiting and the worker thread stops
-            for job in (*self._urgent, *self._jobs):
-                job.future.cancel()
+            for future in self._drain():
+                future.cancel()
             self.worker.close()
+
+    def _drain(self) -> list[asyncio.Future]:
+        """Take every job and coalesced item still waiting; returns their futures."""
+        futures = [job.future for job in (*self._urgent, *self._jobs)]
+        self._urgent.clear()
+        self._jobs.clear()
+        for kind in self._kinds:
+            futures += [future for _, future, _ in kind.items]
+            kind.items.clear()
+            if kind.timer is not None:
+                kind.timer.cancel()
+        return futures
 
     def close(self) -> None:
         """Stop the worker thread from outside a running loop (tests, shutdown)."""

@@ -93,12 +93,25 @@ class SinkContext:
              generation_prompt: bool = False) -> torch.Tensor:
         """Make the cache hold ``messages`` rendered (last one open, or followed by the generation
         prompt); returns the next-token logits after it."""
+        rest = self.plan(messages, open_last=open_last, generation_prompt=generation_prompt)
+        if len(rest):
+            self.extend(rest)
+        assert self.logits is not None
+        return self.logits
+
+    def plan(self, messages: Sequence[Message], *, open_last: bool = False,
+             generation_prompt: bool = False) -> list[int]:
+        """The first half of :meth:`sync`: truncate the cache to what it shares with ``messages``
+        rendered (or rebuild it, if that is what they need) and return the tokens still to run after
+        it. Run them with :meth:`extend`, or with other sessions' in one pass
+        (:meth:`reserve`, the engine's ``prefill_rows``, then :meth:`commit_prefilled`)."""
         first_change = self.dialogue.update(messages, open_last=open_last, generation_prompt=generation_prompt)
         last = messages[-1].role if messages else None
         self.open_role = last if open_last else ("assistant" if generation_prompt else None)
         total = self.dialogue.length
         if self.length == 0 or first_change < self.offset or total < self.offset:
-            return self._rebuild()
+            self._rebuild()
+            return []
         # Longest common prefix of the held window and the new rendering, both from dialogue index
         # `offset` on (the sink is unchanged: a change there has first_change < offset).
         held = np.asarray(self.ids[self.sink:], dtype=np.int64)
@@ -108,13 +121,17 @@ class SinkContext:
         if self.end == total and self.logits is None:
             # Nothing new to run, but the last token's logits are gone: run it again.
             if self.length - 1 < self.sink < self.offset:
-                return self._rebuild()
+                self._rebuild()
+                return []
             self.truncate(self.length - 1)
-        rest = self.dialogue.ids(self.end, total)
-        if len(rest):
-            self.extend(rest)
-        assert self.logits is not None
-        return self.logits
+        return [int(t) for t in self.dialogue.ids(self.end, total)]
+
+    def commit_prefilled(self, tokens: Sequence[int], logits: torch.Tensor) -> None:
+        """A pass of several sessions ran ``tokens`` after what this cache held (room reserved first)."""
+        self.ids.extend(int(t) for t in tokens)
+        self.prefilled += len(tokens)
+        self.logits = logits
+        assert self.cache.length == len(self.ids)
 
     def extend(self, tokens: Sequence[int] | np.ndarray) -> torch.Tensor:
         """Run ``tokens`` after what the cache holds, evicting old chunks when they do not fit."""

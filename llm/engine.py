@@ -162,6 +162,33 @@ class Engine:
         slot.length += n
         return self._logits(hidden[-1])
 
+    @torch.inference_mode()
+    def prefill_rows(self, requests: Sequence[tuple[SinkSlot, Sequence[int]]]) -> list[torch.Tensor]:
+        """Several sessions' prefills in one pass (each runs its ``ids`` after what its slot holds);
+        returns each one's next-token logits ``[V]`` (fp32), in order. The pass covers rows up to the
+        highest one asked for; the others only write their scratch column."""
+        if not requests:
+            return []
+        rows = max(slot.row for slot, _ in requests) + 1
+        t = max(len(ids) for _, ids in requests)
+        tokens = torch.zeros(rows, t, dtype=torch.long)
+        starts, counts = [0] * rows, [0] * rows
+        for slot, ids in requests:
+            if slot.length + len(ids) > slot.capacity:
+                raise RuntimeError(f"sink cache overflow: {slot.length} + {len(ids)} > {slot.capacity} slots; "
+                                   "evict before writing")
+            if counts[slot.row]:
+                raise RuntimeError(f"LLM slot {slot.row} asked for twice in one prefill")
+            tokens[slot.row, :len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
+            starts[slot.row], counts[slot.row] = slot.length, len(ids)
+        x = F.embedding(tokens.to(self.device), self.embed)  # [B, T, H]
+        hidden = self.decoder.prefill_rows(x, starts, counts, self.kv)
+        last = torch.tensor([[slot.row, len(ids) - 1] for slot, ids in requests], device=self.device)
+        logits = self._logits(hidden[last[:, 0], last[:, 1]])  # [N, V]: each request's last token
+        for slot, ids in requests:
+            slot.length += len(ids)
+        return list(logits)
+
     def sample(self, logits: torch.Tensor, draw: Draw) -> int:
         """One token from ``logits`` ``[V]`` with the same sampler the decode step uses."""
         if draw.ban_stop:

@@ -9,6 +9,7 @@ Each session's dialogue state lives in a :class:`~duplex.llm.stream.SinkLLMStrea
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +20,10 @@ from duplex.llm.chat import ChatFormat, DialogueTokens
 from duplex.llm.context import SinkContext, check_window
 from duplex.llm.engine import Engine
 from duplex.llm.stream import SinkLLMStream
+from duplex.stages import Message
 
 USER_TURN_TOKENS = 32  # room for a few words of the user, on top of a whole reply, in "one turn"
+LISTEN_PERIOD_S = 0.08  # listens run together at most this often (one ASR chunk)
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,8 @@ class SinkLLM:
     batch); ``graphs`` captures the decode step in CUDA graphs on a GPU (see :meth:`warm_up`)."""
 
     def __init__(self, model: Any, tokenizer: Any, device: str, settings: LLMSettings | None = None, *,
-                 slots: int = 4, graphs: bool = True, compile: bool = True) -> None:
+                 slots: int = 4, graphs: bool = True, compile: bool = True, listen_period: float = LISTEN_PERIOD_S
+                 ) -> None:
         self.settings = settings or LLMSettings()
         sliding = getattr(model.config, "sliding_window", None) if model.config.model_type == "mistral" else None
         if sliding and self.settings.window > sliding:
@@ -61,6 +65,9 @@ class SinkLLM:
         self.listens = 0  # listen prefills run for all sessions (one per session a listen covers)
         self.scheduler: Scheduler = Scheduler("llm", self._decode_step, device=device, max_batch=slots,
                                               job_budget=4)
+        # every session's new words in one prefill pass, at most once per listen_period (the ASR's
+        # chunk: partials come no faster), never one prefill per partial
+        self.listening = self.scheduler.coalesce(self._listen_batch, period=listen_period)
 
     @property
     def format(self) -> ChatFormat:
@@ -104,6 +111,25 @@ class SinkLLM:
             done, text = stream.decoded(reply, request, token)
             outputs[i] = Output((done, text), done=done)
         return outputs
+
+    def _listen_batch(self, items: list[tuple[SinkLLMStream, tuple[Message, ...]]]) -> list[float | None]:
+        """Every waiting session's listen (worker thread): each brings its cache up to its dialogue,
+        and the new tokens of all of them run in one pass (:meth:`Engine.prefill_rows`); returns each
+        one's P(end of message), or None. A failure re-runs each session alone (the scheduler), which
+        plans again from the state the failed pass left (nothing committed)."""
+        start = time.perf_counter()
+        plans = [stream.plan_listen(messages) for stream, messages in items]
+        run = [p for p in plans if p is not None and p.tokens]
+        if len(run) == 1:  # alone: its own row only
+            logits = [self.engine.prefill(run[0].ctx.cache, run[0].tokens)]
+        else:
+            logits = self.engine.prefill_rows([(p.ctx.cache, p.tokens) for p in run])
+        ran = dict(zip(map(id, run), logits))
+        results = [None if p is None else p.finish(ran.get(id(p))) for p in plans]
+        share = (time.perf_counter() - start) / len(items)
+        for stream, _ in items:
+            stream._listen_s += share
+        return results
 
     def close(self) -> None:
         self.scheduler.close()

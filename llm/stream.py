@@ -24,10 +24,11 @@ the engine's worker thread, in the order the scheduler runs the work (:mod:`dupl
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import torch
 
 from duplex.llm.context import SinkContext
 from duplex.llm.engine import DecodeRequest, Draw, TextDecoder, token_probability
@@ -52,6 +53,33 @@ class _Reply:
     decoder: TextDecoder
     last: int | None = None  # sampled, not yet run through the model
     count: int = 0
+
+
+@dataclass
+class Listen:
+    """One session's listen, planned: the tokens to run on its cache and how the cache takes them
+    (kept, or rolled back to ``mark`` when they only scored the user's words on top of a reply)."""
+
+    stream: SinkLLMStream
+    ctx: SinkContext
+    tokens: list[int]
+    mark: int | None = None  # scoring: roll back to this length afterwards
+    saved: torch.Tensor | None = None  # scoring: the logits to restore
+
+    def finish(self, logits: torch.Tensor | None) -> float:
+        """The tokens ran (``logits`` after them; None: there were none): commit or roll back, and
+        return P(end of message)."""
+        ctx = self.ctx
+        if logits is None:
+            assert ctx.logits is not None and self.mark is None
+            logits = ctx.logits
+        elif self.mark is not None:
+            ctx.prefilled += len(self.tokens)
+            ctx.cache.truncate(self.mark)
+            ctx.logits = self.saved
+        else:
+            ctx.commit_prefilled(self.tokens, logits)
+        return token_probability(logits, [self.stream.model.format.end_of_message])
 
 
 @dataclass
@@ -84,7 +112,7 @@ class SinkLLMStream:
 
     async def listen(self, messages: Sequence[Message]) -> float | None:
         self._check_open()
-        return await self.model.scheduler.run(self._listen, frozen(messages))
+        return await self.model.listening.submit((self, frozen(messages)))
 
     async def reply(self, messages: Sequence[Message]) -> AsyncIterator[str]:
         self._check_open()
@@ -136,30 +164,33 @@ class SinkLLMStream:
             self._ctx = self.model.new_context(self.system_prompt)
         return self._ctx
 
-    def _listen(self, messages: Sequence[Message]) -> float | None:
-        start = time.perf_counter()
-        try:
-            return self._listen_now(messages)
-        finally:
-            self._listens += 1
-            self.model.listens += 1
-            self._listen_s += time.perf_counter() - start
-
-    def _listen_now(self, messages: Sequence[Message]) -> float | None:
+    def plan_listen(self, messages: Sequence[Message]) -> Listen | None:
+        """The first half of a listen (worker thread): the tokens it runs, on the cache made ready
+        for them (truncated, or rebuilt, and room reserved); None when there is nothing to estimate
+        (the last message is not the user's; the cache then follows the dialogue unless a reply holds
+        it). :meth:`SinkLLM._listen_batch` runs the tokens of many sessions in one pass."""
+        self._listens += 1
+        self.model.listens += 1
         ctx = self._context()
         fmt = self.model.format
         if not messages or messages[-1].role != "user":
             if self._active is None:
                 ctx.sync(messages)
             return None
-        if self._active is not None:
+        if self._active is not None:  # score the user's words on top of the reply, then roll back
             tail = fmt.encode(self._close_open(ctx) + fmt.render(messages[-1], open_=True))
             if len(tail) > ctx.max_tail:
                 return None  # too long to score on top of the reply; no estimate this time
-            logits = ctx.score(tail)
+            tokens = [int(t) for t in tail]
+            ctx.reserve(len(tokens))
+            return Listen(self, ctx, tokens, mark=ctx.length, saved=ctx.logits)
+        tokens = ctx.plan(messages, open_last=True)
+        if len(tokens) > ctx.max_tail:  # a long catch-up: run it alone, in chunks
+            ctx.extend(tokens)
+            tokens = []
         else:
-            logits = ctx.sync(messages, open_last=True)
-        return token_probability(logits, [fmt.end_of_message])
+            ctx.reserve(len(tokens))
+        return Listen(self, ctx, tokens)
 
     def draw(self) -> Draw:
         """How this session samples its next token."""

@@ -126,3 +126,45 @@ async def test_closing_does_not_swallow_the_callers_cancellation():
         await closer
     with pytest.raises(RuntimeError, match="shutdown"):  # the worker thread was stopped all the same
         await s.worker.run(lambda: None)
+
+
+async def test_coalesced_items_run_together_once_per_period():
+    """Items of a coalesced kind submitted within one period wait for the clock and run in one batch;
+    a job submitted after an item makes the batch run first (before it, in the same tick); a batch
+    that fails is re-run item by item, so only the bad item gets the error."""
+    from time import monotonic as now  # the test loop's clock, readable on the worker thread too
+
+    log: list = []
+    s = make(log)
+    batches: list[tuple] = []
+
+    def run_batch(items: list) -> list:
+        batches.append((round(now(), 3), tuple(items)))
+        if "bad" in items:
+            raise ValueError("bad item")
+        return [f"done {i}" for i in items]
+
+    kind = s.coalesce(run_batch, period=0.2)
+    assert await kind.submit("first") == "done first"  # the first runs at once
+    t0 = batches[-1][0]
+    futures = [kind.submit(f"x{i}") for i in range(5)]
+    await asyncio.sleep(0.05)
+    futures.append(kind.submit("late"))
+    assert await asyncio.gather(*futures) == [f"done x{i}" for i in range(5)] + ["done late"]
+    assert batches[-1][1] == ("x0", "x1", "x2", "x3", "x4", "late")  # one batch, on the clock
+    assert batches[-1][0] - t0 >= 0.2 - 1e-3
+
+    before = now()
+    item = kind.submit("y")
+    job = s.run(lambda: log.append(("job", "after y")) or "job ran")
+    assert await asyncio.gather(item, job) == ["done y", "job ran"]
+    assert now() - before < 0.15 and log[-1] == ("job", "after y")  # not held for the period: the job waited
+
+    await asyncio.sleep(0.25)
+    good, bad = kind.submit("good"), kind.submit("bad")
+    assert await good == "done good"
+    with pytest.raises(ValueError, match="bad item"):
+        await bad
+    assert [b[1] for b in batches[-3:]] == [("good", "bad"), ("good",), ("bad",)]
+    assert kind.batches == 4 and kind.handled == 10  # re-runs of a failed batch are not batches
+    await s.aclose()

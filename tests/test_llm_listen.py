@@ -1,0 +1,99 @@
+"""Listening on a clock: every session's new words in one prefill pass, never one prefill per partial.
+
+The LLM takes the user's words of all sessions that have new ones together, at most once per listen
+period (one ASR chunk), as one pass over the engine's rows (:meth:`Engine.prefill_rows`). Each
+session's cache, logits and end-of-turn estimate must be those it gets listening alone, whichever
+other sessions share the pass (and whether they are replying meanwhile)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from duplex.stages import Message
+from llm_fixtures import SHORT_SYSTEM, make_llm, max_kv_diff, tiny_checkpoints, single_torch_thread  # noqa: F401
+
+DIALOGUES = [
+    [Message("user", "Hello there.")],
+    [Message("user", "Book a table."), Message("assistant", "For how many?"), Message("user", "Four people, at")],
+    [Message("user", "What is the weather like in Paris tomorrow morning, and should I take an umbrella")],
+]
+
+
+async def test_sessions_listening_together_get_what_each_gets_alone(make_llm):
+    """Three sessions' listens, submitted at once, run as one pass; a fourth session scores its user's
+    words on top of its active reply in the same pass. Each cache (ids, K/V, logits) and estimate
+    equals that of a session of the same dialogue listening alone, and the reply is left as it was."""
+    llm = make_llm("qwen2", window=256, max_reply_tokens=16, temperature=0.0)
+    together = [llm.new_stream(SHORT_SYSTEM) for _ in DIALOGUES]
+    speaker = llm.new_stream(SHORT_SYSTEM)
+    reply = speaker.reply([Message("user", "Tell me a story.")])
+    await reply.__anext__()  # the reply holds the speaker's cache now ...
+    await asyncio.sleep(0.3)  # ... and has decoded as far ahead as it may: it waits for its reader
+    held = list(speaker.context.ids)
+    over = [Message("user", "Tell me a story."), Message("assistant", "Once"), Message("user", "wait, stop")]
+    batches = llm.listening.batches
+    got = await asyncio.gather(*(s.listen(d) for s, d in zip(together, DIALOGUES)), speaker.listen(over))
+    assert llm.listening.batches == batches + 1  # one pass for all four
+    scored_alone = await speaker.listen(over)  # alone now: the same score, the reply untouched
+    assert speaker.context.ids == held
+    assert got[-1] == pytest.approx(scored_alone, abs=1e-6)
+    for stream, dialogue, p in zip(together, DIALOGUES, got):
+        alone = llm.new_stream(SHORT_SYSTEM)
+        p_alone = await alone.listen(dialogue)
+        a, b = stream.context, alone.context
+        assert a.ids == b.ids and max_kv_diff(a, b) < 1e-5
+        assert float((a.logits - b.logits).abs().max()) < 1e-5
+        assert p == pytest.approx(p_alone, abs=1e-6)
+        await alone.aclose()
+    await reply.aclose()
+    for s in (*together, speaker):
+        await s.aclose()
+
+
+async def test_no_prefill_per_partial_only_one_pass_per_listen_period(make_llm):
+    """Four sessions whose words change every 20 ms (four times faster than ASR partials come) for
+    a second, each with one listen in flight as a session keeps it: the LLM runs at most one pass
+    per listen period (80 ms), each session is prefilled at most that often, and the passes hold
+    several sessions at once."""
+    llm = make_llm("qwen2", window=256, max_reply_tokens=16)
+    period = llm.listening.period
+    streams = [llm.new_stream(SHORT_SYSTEM) for _ in range(4)]
+    words = "so I was thinking that we could maybe go to the lake this weekend if the weather holds".split()
+    said = [1] * len(streams)
+    done = asyncio.Event()
+
+    async def speak(i: int) -> None:
+        while not done.is_set():
+            await asyncio.sleep(0.02)
+            said[i] += 1
+
+    async def listen(i: int) -> int:
+        count = 0
+        while not done.is_set():
+            text = " ".join((words * 4)[: said[i]])
+            await streams[i].listen([Message("user", text)])
+            count += 1
+        return count
+
+    batches0, handled0 = llm.listening.batches, llm.listening.handled
+    start = time.monotonic()
+    speakers = [asyncio.create_task(speak(i)) for i in range(len(streams))]
+    listeners = [asyncio.create_task(listen(i)) for i in range(len(streams))]
+    await asyncio.sleep(1.0)
+    done.set()
+    counts = await asyncio.gather(*listeners)
+    await asyncio.gather(*speakers)
+    elapsed = time.monotonic() - start
+    batches, handled = llm.listening.batches - batches0, llm.listening.handled - handled0
+    ticks = elapsed / period + 1  # the most passes the clock allows
+    print(f"{handled} listens of {len(streams)} sessions in {batches} passes over {elapsed:.2f} s "
+          f"(at most {ticks:.1f}); partials {sum(said)}")
+    assert batches <= ticks
+    assert all(c <= ticks for c in counts)
+    assert sum(said) > 3 * handled  # many partials, few prefills
+    assert handled / batches >= 2.5  # passes are shared
+    for s in streams:
+        await s.aclose()
