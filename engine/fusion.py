@@ -47,7 +47,8 @@ def compile_fn(fn: F) -> F:
     # one compiled layer serves every layer; batch buckets, prefill lengths and depth steps each add
     # a variant or two at most, far under this limit
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, 64)
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its name before 2.7
+    setattr(config, name, max(getattr(config, name), 64))
     return torch.compile(fn, dynamic=True, fullgraph=True)  # type: ignore[return-value]
 
 
