@@ -53,9 +53,9 @@ def add_agent_options(p: argparse.ArgumentParser, default_profile: str = "pretra
                         "default 32 on a GPU, 4 on the CPU)")
     g.add_argument("--no-graphs", dest="graphs", action="store_false",
                    help="run the engines' batched steps eagerly instead of as captured CUDA graphs")
-    g.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="run each decoder layer as separate kernels instead of fusing them with torch.compile "
-                        "(GPU only; the CPU never compiles)")
+    g.add_argument("--compile", dest="compile", action="store_true",
+                   help="fuse each decoder layer's kernels with torch.compile at load (GPU only, experimental: "
+                        "the first load takes minutes; the CPU never compiles)")
     g.add_argument("--config", default=None, metavar="FILE",
                    help="a TOML file of agent settings (any AgentConfig field; [turn] for turn timings, "
                         "[fake.llm] etc. for the fake stages); options given here override it")

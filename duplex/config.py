@@ -93,9 +93,9 @@ class AgentConfig:
     engine_slots: int | None = None
     # Capture the engines' batched steps in CUDA graphs at load (GPU only; --no-graphs to compare).
     graphs: bool = True
-    # Fuse each decoder layer's kernels with torch.compile at load (CUDA only; the first load on a
-    # machine takes a minute or two, later ones reuse the cache; --no-compile to compare).
-    compile: bool = True
+    # Fuse each decoder layer's kernels with torch.compile at load (CUDA only; experimental: the first
+    # load on a machine takes minutes, later ones reuse the cache; --compile turns it on).
+    compile: bool = False
     # Benchmarks: replies always run to max_reply_tokens, so figures do not depend on when random
     # weights happen to stop.
     fixed_lengths: bool = False

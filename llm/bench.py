@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile in ("tiny", "pretrained") and not getattr(args, "llm_model", None):
         archs = (args.profile,)
     graphs = getattr(args, "graphs", True)
-    compile_ = getattr(args, "compile", True)
+    compile_ = getattr(args, "compile", False)
     if device == "cpu" and args.profile == "tiny":
         torch.set_num_threads(1)  # tiny ops: a second intra-op thread only adds sync cost
     print(f"window {plan['window']} tokens, decode {plan['decode']} tokens per reply, batches "

@@ -68,7 +68,7 @@ class Engine:
     """A causal LM with RoPE, its K/V pool of ``slots`` sessions of ``window`` positions, and its steps."""
 
     def __init__(self, model: Any, tokenizer: Any, device: str, *, window: int, slots: int = 4,
-                 stop_ids: Sequence[int] = (), graphs: bool = True, compile: bool = True, top_k: int = 50,
+                 stop_ids: Sequence[int] = (), graphs: bool = True, compile: bool = False, top_k: int = 50,
                  keep_logits: bool = False) -> None:
         if slots < 1:
             raise ConfigError(f"the LLM engine needs at least one session slot, got {slots}")
@@ -121,8 +121,9 @@ class Engine:
         """The tokens that end a reply (a fixed-length reply never samples them); updated in place,
         so captured steps see the change."""
         self._stop.zero_()
-        if stop_ids:
-            self._stop[sorted(int(t) for t in stop_ids)] = True
+        ids = sorted(int(t) for t in stop_ids if int(t) < self.vocab)  # the others are never sampled anyway
+        if ids:
+            self._stop[ids] = True
 
     # -- slots -------------------------------------------------------------------------------------
 

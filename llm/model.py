@@ -49,7 +49,7 @@ class SinkLLM:
     batch); ``graphs`` captures the decode step in CUDA graphs on a GPU (see :meth:`warm_up`)."""
 
     def __init__(self, model: Any, tokenizer: Any, device: str, settings: LLMSettings | None = None, *,
-                 slots: int = 4, graphs: bool = True, compile: bool = True, listen_period: float = LISTEN_PERIOD_S
+                 slots: int = 4, graphs: bool = True, compile: bool = False, listen_period: float = LISTEN_PERIOD_S
                  ) -> None:
         self.settings = settings or LLMSettings()
         sliding = getattr(model.config, "sliding_window", None) if model.config.model_type == "mistral" else None

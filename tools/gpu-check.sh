@@ -53,8 +53,8 @@ run() {  # name, seconds, command...
   [ "$rc" = 0 ] || status=1
 }
 if [ "$PROFILE" = tiny ]; then LLM=(); else LLM=(--llm-model qwen2.5-1.5b); fi
-run llm 160 $DUPLEX bench llm --device "$DEVICE" --profile "$PROFILE" "${LLM[@]}" --batch 1 8 32 --out "$OUT"
-run tts 170 $DUPLEX bench tts --device "$DEVICE" --profile "$PROFILE" --batch 1 8 32 64 --out "$OUT"
+run llm 110 $DUPLEX bench llm --device "$DEVICE" --profile "$PROFILE" "${LLM[@]}" --batch 1 8 32 --out "$OUT"
+run tts 130 $DUPLEX bench tts --device "$DEVICE" --profile "$PROFILE" --batch 1 8 32 64 --out "$OUT"
 run e2e 200 $DUPLEX bench e2e --device "$DEVICE" --profile "$PROFILE" --out "$OUT"
 echo
 if grep -q "DIFFER" "$OUT/llm.log" "$OUT/tts.log" 2>/dev/null; then

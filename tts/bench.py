@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> dict:
     batches = tuple(getattr(args, "batch", None) or ((1, 8) if quick else (1, 8, 32, 64)))
     config = AgentConfig(profile=args.profile, device=args.device, tts_model=args.tts_model, voice=args.voice,
                          voice_text=args.voice_text, seed=args.seed, engine_slots=max(batches) + 1,
-                         graphs=getattr(args, "graphs", True), compile=getattr(args, "compile", True)).validate()
+                         graphs=getattr(args, "graphs", True), compile=getattr(args, "compile", False)).validate()
     device = config.resolved_device()
     if device == "cpu" and args.profile == "tiny":
         torch.set_num_threads(1)  # tiny ops: a second intra-op thread only adds sync cost

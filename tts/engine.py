@@ -131,7 +131,7 @@ class CsmEngine:
     """A loaded CSM + Mimi, its K/V pool of ``slots`` replies, and the blocking steps of synthesis."""
 
     def __init__(self, model, tokenizer, *, speaker: int = 0, sampling: Sampling = Sampling(), slots: int = 4,
-                 graphs: bool = True, compile: bool = True) -> None:
+                 graphs: bool = True, compile: bool = False) -> None:
         import torch
         import torch.nn.functional as F
 
@@ -195,7 +195,7 @@ class CsmEngine:
         self._staging_ints = torch.zeros(3, slots, dtype=torch.long, pin_memory=pin)
         self._staging_temp = torch.zeros(slots, dtype=torch.float32, pin_memory=pin)
         # attention lengths in powers of two: a reply's row is usually far from full
-        self.graphs = BucketedStep("tts frame", self._frame_fn, buckets_for(slots), lengths_for(self.kv.columns),
+        self.graphs = BucketedStep("tts frame", self._frame_fn, buckets_for(slots), lengths_for(self.kv.positions),
                                    device=str(dev), graphs=graphs)
         with torch.inference_mode():
             self._eos_embed = self._embed_frames(self._zeros_frame()[None])[0]  # [1, H]
