@@ -535,11 +535,13 @@ class CsmEngine:
 
     def step_bytes(self, rows: int, length: int) -> int:
         """Bytes a frame step of ``rows`` rows attending over ``length`` positions must read: the
-        backbone's and depth decoder's weights, the codebook heads, and each row's backbone K/V."""
+        backbone's weights once, the depth decoder's once per depth step (K - 1 of them), the codebook
+        heads, and each row's backbone K/V."""
         from duplex.engine.roofline import weight_bytes
 
         m = self.model
-        weights = weight_bytes(m.backbone_model.layers, m.depth_decoder.model.layers, m.lm_head)
+        backbone = weight_bytes(m.backbone_model.layers, m.lm_head)
+        depth = weight_bytes(m.depth_decoder.model.layers) * (self.num_codebooks - 1)
         heads = self.codebook_heads.numel() * self.codebook_heads.element_size()
         kv = self.kv.slot_nbytes() * min(length, self.kv.columns) // self.kv.columns
-        return weights + heads + rows * kv
+        return backbone + depth + heads + rows * kv
