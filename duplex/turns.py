@@ -18,6 +18,9 @@ Phases::
 
 A backchannel check is about the exact words it was asked about: a verdict about words that have
 grown since is stale and the check is asked again; a check that fails counts as an interruption.
+Words that come after a backchannel verdict in the same utterance ("yeah" ... "yeah but wait stop
+that", in one breath or after a comma pause) are new speech over the agent: it pauses again at
+once and the whole utterance is checked; only the words judged are dropped.
 
 End of turn: the user's speech stopped, the ASR has closed the utterance (its final arrived), there
 are words, and the silence since the speech ended lasts :meth:`TurnPolicy.commit_wait`: from
@@ -117,7 +120,8 @@ class TurnPolicy:
         self.in_utterance = False  # the VAD heard speech the ASR has not closed yet
         self.check_pending = False
         self.pause_start: int | None = None  # stream sample where the current pause began
-        self.discard_utterance = False  # the open utterance was a backchannel: not part of any turn
+        self.discard_utterance = False  # the open utterance was a backchannel: not part of any turn ...
+        self.backchannel_words = 0  # ... as far as the words judged so (more words are new speech)
         self.speculated: str | None = None  # the text an outstanding speculative reply answers
         self._ended_text: list[str] = []  # the last ended turn, restored if its reply is cancelled
 
@@ -152,9 +156,12 @@ class TurnPolicy:
 
     def transcript(self, text: str) -> list[Action]:
         """A partial hypothesis of the open utterance. Words with no speech heard by the VAD (an ASR
-        hallucinating on silence or noise) are ignored: they neither interrupt nor make a turn."""
-        if self.discard_utterance or not self.in_utterance:
+        hallucinating on silence or noise) are ignored: they neither interrupt nor make a turn. In an
+        utterance judged a backchannel only words beyond those judged count: "yeah" was one, "yeah
+        but wait" is new speech over the agent (it pauses again and is checked, whole)."""
+        if not self.in_utterance or (self.discard_utterance and not self._beyond_backchannel(text)):
             return []
+        self.discard_utterance = False
         if text != self.partial:
             self.partial, self.eot = text, None
         return self._words_arrived()
@@ -162,9 +169,9 @@ class TurnPolicy:
     def final(self, text: str, eou: bool = False) -> list[Action]:
         """The ASR closed an utterance (``text`` may be empty: nothing was recognised)."""
         self.partial = ""
-        if self.discard_utterance or not self.in_utterance:
-            self.discard_utterance = False
+        if not self.in_utterance or (self.discard_utterance and not self._beyond_backchannel(text)):
             text = ""
+        self.discard_utterance = False
         if not self.user_speaking:
             self.in_utterance = False
         if text:
@@ -179,6 +186,10 @@ class TurnPolicy:
         if text == self.user_text:
             self.eot = probability
         return self.advance(self.now)
+
+    def _beyond_backchannel(self, text: str) -> bool:
+        """Whether ``text`` (of an utterance judged a backchannel) has more words than were judged."""
+        return len(text.split()) > self.backchannel_words
 
     def _words_arrived(self) -> list[Action]:
         text = self.user_text
@@ -205,6 +216,7 @@ class TurnPolicy:
         if backchannel:
             self.phase, self.pause_start = Phase.SPEAKING, None
             self.finals, self.partial, self.discard_utterance = [], "", True
+            self.backchannel_words = len(text.split())
             return [Resume()]
         return [self._interrupt()]
 

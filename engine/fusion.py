@@ -49,6 +49,12 @@ def compile_fn(fn: F) -> F:
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its name before 2.7
     setattr(config, name, max(getattr(config, name), 64))
+    # every dimension its own symbol: sizes that happen to be equal when a variant is traced (an
+    # attention length and the K/V column count, the hidden size) are not taken for one another
+    # (on the H200 with torch 2.11 they were, and the compiled TTS layer failed its stride check)
+    import torch.fx.experimental._config as fx_config
+
+    fx_config.use_duck_shape = False
     return torch.compile(fn, dynamic=True, fullgraph=True)  # type: ignore[return-value]
 
 

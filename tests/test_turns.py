@@ -166,3 +166,58 @@ def test_a_failed_check_yields_and_no_pause_outlives_its_bound():
     r = _speaking_policy(max_pause_s=2.0, false_interruption_s=5.0)
     r.speech_started(s(3))  # a noise with no words, and a long false-interruption wait
     assert r.advance(s(5.0)) == [Resume()] and r.phase is Phase.SPEAKING
+
+
+def _speaking(p: TurnPolicy) -> None:
+    """The agent is speaking its reply to a first turn (from 3 s)."""
+    p.speech_started(0)
+    p.transcript("tell me a story")
+    p.speech_stopped(s(1))
+    p.final("tell me a story")
+    assert p.advance(s(3)) == [EndTurn("tell me a story", s(1))]
+    p.reply_audible()
+
+
+def test_a_backchannel_interrupt_in_one_breath_pauses_again_and_interrupts():
+    """The user says "yeah but wait stop that" in one breath: the check of "yeah" answers backchannel
+    before the words grow and the agent resumes, but the words that follow in the same utterance are
+    new speech over it: it pauses again at once, checks the whole utterance and yields; the turn
+    holds every word."""
+    p = TurnPolicy(TurnConfig())
+    _speaking(p)
+    assert p.speech_started(s(4)) == [Pause(s(4))]
+    assert p.transcript("yeah") == [CheckBargeIn("yeah")]
+    assert p.barge_in_verdict(True, "yeah") == [Resume()]
+    assert p.transcript("yeah") == []  # the judged words again: nothing new
+    assert p.transcript("yeah but wait") == [Pause(s(4)), CheckBargeIn("yeah but wait")]
+    assert p.phase is Phase.PAUSED
+    assert p.transcript("yeah but wait stop that") == []  # one check at a time
+    assert p.barge_in_verdict(False, "yeah but wait") == [CheckBargeIn("yeah but wait stop that")]  # grown: ask again
+    assert p.barge_in_verdict(False, "yeah but wait stop that") == [Interrupt("yeah but wait stop that")]
+    p.speech_stopped(s(6))
+    p.final("yeah but wait stop that")
+    assert p.user_text == "yeah but wait stop that" and p.phase is Phase.LISTENING
+
+
+def test_a_backchannel_then_words_after_a_comma_pause_interrupt_too():
+    """"yeah, ... wait stop": the VAD ends the speech after "yeah" and hears it start again before
+    the ASR closes the utterance; the new words pause the agent again and are checked. A plain
+    backchannel ("mm-hm") whose final adds nothing leaves the agent speaking and nothing in the turn."""
+    p = TurnPolicy(TurnConfig())
+    _speaking(p)
+    p.speech_started(s(4))
+    p.transcript("yeah")
+    assert p.barge_in_verdict(True, "yeah") == [Resume()]
+    p.speech_stopped(s(4.4))
+    assert p.speech_started(s(4.6)) == [Pause(s(4.6))]  # speech again: paused at once (as any speech)
+    assert p.transcript("yeah wait stop") == [CheckBargeIn("yeah wait stop")]
+    assert p.barge_in_verdict(False, "yeah wait stop") == [Interrupt("yeah wait stop")]
+
+    q = TurnPolicy(TurnConfig())
+    _speaking(q)
+    q.speech_started(s(4))
+    q.transcript("mm-hm")
+    assert q.barge_in_verdict(True, "mm-hm") == [Resume()]
+    q.speech_stopped(s(4.5))
+    assert q.final("mm-hm") == [] and q.user_text == "" and q.phase is Phase.SPEAKING
+    assert q.advance(s(8)) == [] and q.phase is Phase.SPEAKING
