@@ -61,4 +61,5 @@ def build_asr(config: AgentConfig, device: str, *, max_batch: int = 32):
     require("nemo_toolkit")
 
     model = load_model(config, device)
-    return StreamingASR(model, context=resolve_context(config, model), device=device, max_batch=max_batch)
+    return StreamingASR(model, context=resolve_context(config, model), device=device, max_batch=max_batch,
+                        graphs=config.graphs)

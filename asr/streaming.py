@@ -15,7 +15,8 @@ session goes on, even if the caller is cancelled, so the state never tears.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -25,8 +26,9 @@ from duplex.audio import to_mono_float
 from duplex.clock import now
 from duplex.errors import ConfigError
 from duplex.events import INPUT_RATE, TranscriptFinal, TranscriptPartial
+from duplex.engine.graphs import BucketedStep, buckets_for
 from duplex.engine.scheduler import Scheduler
-from duplex.asr.decoding import CTCGreedy, RNNTGreedy, Tokens
+from duplex.asr.decoding import Commit, CTCGreedy, RNNTGreedy, Tokens
 from duplex.asr import kv_encoder
 from duplex.asr.encoder import ChunkPlan, NemoLayers, check_cache_aware, pre_encode, select_context
 from duplex.asr.frontend import AudioBuffer, MelSpec, frame_segment, log_mel
@@ -35,6 +37,8 @@ from duplex.asr.vocab import Vocabulary
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class SessionState:
@@ -65,7 +69,7 @@ class StreamingASR:
     """
 
     def __init__(self, model, *, context: tuple[int, int], device: str = "cpu", decoder: str | None = None,
-                 max_batch: int = 32, fast: bool = True, name: str = "asr") -> None:
+                 max_batch: int = 32, fast: bool = True, name: str = "asr", graphs: bool = True) -> None:
         import torch
 
         check_cache_aware(model)
@@ -89,8 +93,18 @@ class StreamingASR:
         self.fast = fast and kv_encoder.supported(model.encoder)
         layers = kv_encoder.KVEncoder if self.fast else NemoLayers
         with torch.no_grad():
-            self.layers = layers(model.encoder, self.plan, capacity, device, self.dtype)
-            self.decoder = self._make_decoder(model, capacity)
+            # one slot more than the batch: the scratch slot, which padding rows of a captured step use
+            self.layers = layers(model.encoder, self.plan, capacity + 1, device, self.dtype)
+            self.decoder = self._make_decoder(model, capacity + 1)
+        self._scratch = capacity
+        # A session's later chunks (every chunk once its pre-encode cache is full) have one shape: their
+        # subsampling and conformer layers are one step per batch bucket, captured as CUDA graphs on a
+        # GPU (duplex.engine.graphs); first chunks run the same code eagerly.
+        self.graphs = BucketedStep(f"{name} encoder", self._encode_fn, buckets_for(capacity), (1,), device=device,
+                                   graphs=graphs)
+        self._mel_in = torch.zeros(capacity, self.spec.n_mels, self.plan.pre_cache + self.plan.mel, device=device)
+        self._slots_in = torch.full((capacity,), self._scratch, dtype=torch.int64, device=device)
+        self._encoded: dict[int, tuple[torch.Tensor, Commit]] = {}  # per bucket: its step's output and commit
         if device.startswith("cuda"):
             torch.cuda.synchronize()  # the worker thread runs on a stream of its own
         # The step commits every session's state only once the whole batch has run, so the scheduler
@@ -153,6 +167,8 @@ class StreamingASR:
         if self._free:
             return self._free.pop()
         self._next_slot += 1
+        if self._next_slot - 1 == self._scratch:  # never a session's
+            self._next_slot += 1
         return self._next_slot - 1
 
     def _release_slot(self, slot: int) -> None:
@@ -178,6 +194,12 @@ class StreamingASR:
         if tuple(encoder.att_context_size) != self.plan.context:  # another StreamingASR shares the model
             encoder.set_default_att_context_size(list(self.plan.context))
         top = max(s.slot for s in states) + 1
+        if top > self.layers.pool.capacity and self.graphs.captured:
+            # the pools move: the captured steps would read the old ones
+            log.warning("%d ASR sessions at once exceed the %d the encoder step was captured for; it runs "
+                        "eagerly from now on", top, self._scratch)
+            self.graphs.reset()
+            self.graphs.graphs_enabled = False
         self.layers.pool.grow(top)
         self.decoder.grow(top)
         fresh = [s for s in states if s.fresh]
@@ -250,14 +272,30 @@ class StreamingASR:
             self._prepare(states)
             counts = [self.plan.first_mel if s.n_chunks == 0 else self.plan.mel for s in states]
             mels = self._new_mel(states, counts)
-            pre, mel_caches = self._subsample(states, mels)
-            x = torch.stack(pre)  # [B, out, D]
+            steady = [i for i, s in enumerate(states) if self._steady(s)]
+            others = [i for i in range(len(states)) if i not in set(steady)]
+            rows: list[torch.Tensor | None] = [None] * len(states)  # each session's encoder output [D, out]
+            mel_caches: list[torch.Tensor | None] = [None] * len(states)
+            commits = []
+            if steady:  # one shape: the (captured) step of a bucket
+                encoded, commit, caches = self._encode_steady([states[i] for i in steady], [mels[i] for i in steady])
+                commits.append(commit)
+                for j, i in enumerate(steady):
+                    rows[i], mel_caches[i] = encoded[j], caches[j]
+            if others:
+                pre, caches = self._subsample([states[i] for i in others], [mels[i] for i in others])
+                slots = torch.tensor([states[i].slot for i in others], dtype=torch.int64, device=self.device)
+                encoded, commit = self.layers.encode(torch.stack(pre), slots)  # [B, D, out]
+                commits.append(commit)
+                for j, i in enumerate(others):
+                    rows[i], mel_caches[i] = encoded[j], caches[j]
+            encoded = torch.stack(rows)  # type: ignore[arg-type]  # [B, D, out]
             slots = torch.tensor([s.slot for s in states], dtype=torch.int64, device=self.device)
-            encoded, commit_encoder = self.layers.encode(x, slots)  # [B, D, out]
             tokens, commit_decoder = self.decoder.decode(encoded, slots, self._valid(states, encoded.size(2)))
             kept = {b: encoded[b].float().cpu() for b, s in enumerate(states) if s.encoded is not None}
             # the batch succeeded: commit every session's state
-            commit_encoder()
+            for commit in commits:
+                commit()
             commit_decoder()
             results = []
             for b, (s, n, cache) in enumerate(zip(states, counts, mel_caches)):
@@ -271,6 +309,49 @@ class StreamingASR:
                 s.n_enc += encoded.size(2)
                 s.n_chunks += 1
             return results
+
+    def _steady(self, state: SessionState) -> bool:
+        """Whether ``state``'s next chunk has the steady shape: a later chunk after a full pre-encode cache."""
+        return state.mel_cache is not None and state.mel_cache.size(1) == self.plan.pre_cache
+
+    def _encode_steady(self, states: Sequence[SessionState], mels: Sequence[torch.Tensor]
+                       ) -> tuple[torch.Tensor, Commit, list[torch.Tensor]]:
+        """Steady chunks of ``states`` through the step of their batch bucket (a graph replay on a GPU):
+        their encoder output [B, D, out], the commit of their encoder caches, and their next
+        pre-encode caches (for :meth:`_step` to commit)."""
+        import torch
+
+        n = len(states)
+        bucket = self.graphs.bucket(n)
+        inputs = [torch.cat([s.mel_cache, mel], dim=1) for s, mel in zip(states, mels)]  # type: ignore[list-item]
+        self._mel_in[:n] = torch.stack(inputs)
+        slots = [s.slot for s in states] + [self._scratch] * (bucket - n)  # padding rows: the scratch slot
+        self._slots_in[:bucket] = torch.tensor(slots, dtype=torch.int64)
+        self.graphs.run(n, 1)
+        encoded, commit = self._encoded[bucket]
+        return encoded[:n], commit, [x[:, -self.plan.pre_cache:].clone() for x in inputs]
+
+    def _encode_fn(self, b: int, length: int) -> None:
+        """The captured step of bucket ``b``: subsample and encode the steady chunks in the static
+        inputs (rows ``0..b-1``; padding rows read and write the scratch slot); its output and the
+        commit of its caches are kept for :meth:`_encode_steady` (a replay refills the same tensors)."""
+        x = pre_encode(self.nemo.encoder, self.plan, self._mel_in[:b].to(self.dtype), first=True)[:, self.plan.drop:]
+        self._encoded[b] = self.layers.encode(x, self._slots_in[:b])
+
+    async def warm_up(self, progress: Callable[[str], None] | None = None) -> None:
+        """Capture the steady encoder step for every batch bucket (CUDA graphs; nothing on the CPU),
+        on the engine's own thread, before the first session needs it."""
+        await self._batch.run(self._capture, progress)
+
+    def _capture(self, progress: Callable[[str], None] | None) -> None:
+        import torch
+
+        def prepare(b: int) -> None:
+            self._mel_in[:b] = 0.0
+            self._slots_in[:b] = self._scratch  # capture touches no session's cache
+
+        with torch.no_grad():
+            self.graphs.capture(prepare, progress)
 
     def _flush(self, state: SessionState) -> StepResult:
         """Decode what the stream holds beyond its last chunk, provisionally, then reset decoding.

@@ -22,6 +22,7 @@ from duplex.stages import Message
 from graph_safety import StepTrace
 from llm_fixtures import ARCHS, SHORT_SYSTEM, make_llm, tiny_checkpoints, single_torch_thread  # noqa: F401
 from tts_fixtures import jfk24, make_engine, one_torch_thread, tiny_tts_checkpoint, voice_a  # noqa: F401
+from asr_fixtures import tiny_nemo  # noqa: F401
 
 
 def test_the_check_catches_what_a_replay_would_get_wrong():
@@ -201,4 +202,39 @@ def test_tts_frame_step_replays(make_engine, voice_a):
     finally:
         trace.restore()
     assert trace.repeated >= 5 and trace.fewest_ops > 100
+    assert trace.problems() == []
+
+
+def test_asr_steady_encoder_step_replays(tiny_nemo, jfk16):
+    """The ASR's steady step (subsampling and conformer layers of every later chunk), for sessions
+    that start at different times (so first and steady chunks share ticks), end utterances (flushes)
+    and leave: every call of a bucket runs the same ops on the same buffers, and none is forbidden."""
+    from duplex.asr.streaming import StreamingASR
+    from asr_fixtures import packets, stream_all
+
+    asr = StreamingASR(tiny_nemo, context=(70, 0), max_batch=4)
+    trace = StepTrace(asr.graphs)
+    asr.graphs.rehearse = True  # first, each bucket's call as a GPU captures it at load
+
+    async def main():
+        await asr.warm_up()
+        streams = [asr.new_stream() for _ in range(3)]
+        clips = [jfk16[i * 8000:i * 8000 + 3 * 16000] for i in range(3)]
+
+        async def run(i: int):
+            await asyncio.sleep(0.05 * i)  # later sessions join while the first is steady
+            events = await stream_all(streams[i], packets(clips[i], seed=i))
+            await streams[i].endpoint()
+            events += await stream_all(streams[i], packets(clips[i][:16000], seed=i + 10))
+            await streams[i].aclose()
+            return events
+
+        await asyncio.gather(*(run(i) for i in range(3)))
+        await asr.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        trace.restore()
+    assert trace.repeated >= 20 and len(trace.calls) >= 2 and trace.fewest_ops > 50
     assert trace.problems() == []
