@@ -67,25 +67,34 @@ class RNNTGreedy:
         """``encoded`` [B, D, T]; ``valid`` [B, T] bool: frames to decode (others are skipped). Returns
         each session's tokens and the call that advances their decoding state (nothing is written
         before it)."""
+        labels, apply = self.labels(encoded, slots, valid, static=False)
+        return self.tokens(labels), apply
+
+    def labels(self, encoded: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, *, static: bool
+               ) -> tuple[torch.Tensor, Commit]:
+        """The labels emitted, ``[B, T, max_symbols]`` (-1: none), and the commit of the new state.
+
+        ``static``: every frame runs all ``max_symbols`` label steps and nothing asks the host (a
+        step that can be captured in a CUDA graph; rows with nothing to emit keep their state, so the
+        labels are the same); otherwise a frame stops at its first step where no row emits (one small
+        host sync a step)."""
         import torch
 
         batch, _, frames = encoded.shape
         f = self.joint.project_encoder(encoded.transpose(1, 2))  # [B, T, H]
         g = self.g.index_select(0, slots)  # [B, 1, H]
         h, c = self.h.index_select(1, slots), self.c.index_select(1, slots)  # [layers, B, H]
-        out: list[Tokens] = [[] for _ in range(batch)]
+        out = torch.full((batch, frames, self.max_symbols), -1, dtype=torch.int64, device=encoded.device)
         check_reset = self.reset_ids.numel() > 0
         for t in range(frames):
             active = valid[:, t]
-            for _ in range(self.max_symbols):
+            for step in range(self.max_symbols):
                 logits = self.joint.joint_after_projection(f[:, t:t + 1], g)  # [B, 1, 1, V+1]
                 label = logits[:, 0, 0].argmax(dim=-1)  # [B]
                 emit = active & (label != self.blank)
-                emitted = emit.nonzero().flatten().tolist()  # the one host sync of the inner step
-                if not emitted:
+                if not static and not bool(emit.any()):  # the host sync of an eager step
                     break
-                for b, k in zip(emitted, label[emit].tolist()):
-                    out[b].append((t, k))
+                out[:, t, step] = torch.where(emit, label, -1)
                 g_new, (h_new, c_new) = self.decoder.predict(label.unsqueeze(1), (h, c), add_sos=False,
                                                              batch_size=batch)
                 g_new = self.joint.project_prednet(g_new)
@@ -101,12 +110,18 @@ class RNNTGreedy:
                 h = torch.where(keep.view(1, -1, 1), h_new, h)
                 c = torch.where(keep.view(1, -1, 1), c_new, c)
                 active = keep
+
         def apply() -> None:
             self.g.index_copy_(0, slots, g)
             self.h.index_copy_(1, slots, h)
             self.c.index_copy_(1, slots, c)
 
         return out, apply
+
+    @staticmethod
+    def tokens(labels: torch.Tensor) -> list[Tokens]:
+        """Each row's ``(frame, token)`` from :meth:`labels` (one copy to the host)."""
+        return [[(t, k) for t, row in enumerate(frames) for k in row if k >= 0] for frames in labels.tolist()]
 
 
 class CTCGreedy:

@@ -56,6 +56,16 @@ class SessionState:
 
 
 @dataclass(frozen=True)
+class _SteadyStep:
+    """What the steady step of one bucket made (tensors a graph replay refills in place)."""
+
+    encoded: torch.Tensor  # [B, D, out]
+    encoder: Commit  # advances the encoder caches of the rows
+    labels: torch.Tensor | None  # [B, out, max_symbols] (RNNT), -1 where none
+    decoder: Commit | None  # advances the decoding state of the rows (RNNT)
+
+
+@dataclass(frozen=True)
 class StepResult:
     tokens: Tokens  # (encoder frame since stream start, token id)
     horizon: int  # input samples the result depends on
@@ -104,7 +114,8 @@ class StreamingASR:
                                    graphs=graphs)
         self._mel_in = torch.zeros(capacity, self.spec.n_mels, self.plan.pre_cache + self.plan.mel, device=device)
         self._slots_in = torch.full((capacity,), self._scratch, dtype=torch.int64, device=device)
-        self._encoded: dict[int, tuple[torch.Tensor, Commit]] = {}  # per bucket: its step's output and commit
+        self._valid_in = torch.zeros(capacity, self.plan.out, dtype=torch.bool, device=device)
+        self._encoded: dict[int, _SteadyStep] = {}  # per bucket: what its step made
         if device.startswith("cuda"):
             torch.cuda.synchronize()  # the worker thread runs on a stream of its own
         # The step commits every session's state only once the whole batch has run, so the scheduler
@@ -276,12 +287,16 @@ class StreamingASR:
             others = [i for i in range(len(states)) if i not in set(steady)]
             rows: list[torch.Tensor | None] = [None] * len(states)  # each session's encoder output [D, out]
             mel_caches: list[torch.Tensor | None] = [None] * len(states)
-            commits = []
-            if steady:  # one shape: the (captured) step of a bucket
-                encoded, commit, caches = self._encode_steady([states[i] for i in steady], [mels[i] for i in steady])
-                commits.append(commit)
+            tokens: list[Tokens | None] = [None] * len(states)
+            commits: list[Commit] = []
+            if steady:  # one shape: the (captured) step of a bucket, decoding included for RNNT heads
+                encoded, done, caches, found = self._encode_steady([states[i] for i in steady],
+                                                                   [mels[i] for i in steady])
+                commits += done
                 for j, i in enumerate(steady):
                     rows[i], mel_caches[i] = encoded[j], caches[j]
+                    if found is not None:
+                        tokens[i] = found[j]
             if others:
                 pre, caches = self._subsample([states[i] for i in others], [mels[i] for i in others])
                 slots = torch.tensor([states[i].slot for i in others], dtype=torch.int64, device=self.device)
@@ -289,14 +304,19 @@ class StreamingASR:
                 commits.append(commit)
                 for j, i in enumerate(others):
                     rows[i], mel_caches[i] = encoded[j], caches[j]
-            encoded = torch.stack(rows)  # type: ignore[arg-type]  # [B, D, out]
-            slots = torch.tensor([s.slot for s in states], dtype=torch.int64, device=self.device)
-            tokens, commit_decoder = self.decoder.decode(encoded, slots, self._valid(states, encoded.size(2)))
-            kept = {b: encoded[b].float().cpu() for b, s in enumerate(states) if s.encoded is not None}
+            undecoded = [i for i, t in enumerate(tokens) if t is None]
+            if undecoded:
+                encoded = torch.stack([rows[i] for i in undecoded])  # type: ignore[misc]  # [B, D, out]
+                slots = torch.tensor([states[i].slot for i in undecoded], dtype=torch.int64, device=self.device)
+                found, commit = self.decoder.decode(encoded, slots,
+                                                    self._valid([states[i] for i in undecoded], encoded.size(2)))
+                commits.append(commit)
+                for j, i in enumerate(undecoded):
+                    tokens[i] = found[j]
+            kept = {b: rows[b].float().cpu() for b, s in enumerate(states) if s.encoded is not None}  # type: ignore[union-attr]
             # the batch succeeded: commit every session's state
             for commit in commits:
                 commit()
-            commit_decoder()
             results = []
             for b, (s, n, cache) in enumerate(zip(states, counts, mel_caches)):
                 s.n_mel += n
@@ -304,9 +324,9 @@ class StreamingASR:
                 s.mel_cache = cache
                 if s.encoded is not None:
                     s.encoded.append(kept[b])
-                results.append(StepResult([(s.n_enc + t, k) for t, k in tokens[b]],
+                results.append(StepResult([(s.n_enc + t, k) for t, k in tokens[b]],  # type: ignore[union-attr]
                                           min(s.audio.fed, self.spec.samples_needed(s.n_mel))))
-                s.n_enc += encoded.size(2)
+                s.n_enc += self.plan.out
                 s.n_chunks += 1
             return results
 
@@ -315,10 +335,11 @@ class StreamingASR:
         return state.mel_cache is not None and state.mel_cache.size(1) == self.plan.pre_cache
 
     def _encode_steady(self, states: Sequence[SessionState], mels: Sequence[torch.Tensor]
-                       ) -> tuple[torch.Tensor, Commit, list[torch.Tensor]]:
+                       ) -> tuple[torch.Tensor, list[Commit], list[torch.Tensor], list[Tokens] | None]:
         """Steady chunks of ``states`` through the step of their batch bucket (a graph replay on a GPU):
-        their encoder output [B, D, out], the commit of their encoder caches, and their next
-        pre-encode caches (for :meth:`_step` to commit)."""
+        their encoder output [B, D, out], the commits of their encoder caches and decoding state,
+        their next pre-encode caches (for :meth:`_step` to commit) and, for an RNNT head, their tokens
+        (decoded inside the step; None: decode them after it)."""
         import torch
 
         n = len(states)
@@ -327,16 +348,27 @@ class StreamingASR:
         self._mel_in[:n] = torch.stack(inputs)
         slots = [s.slot for s in states] + [self._scratch] * (bucket - n)  # padding rows: the scratch slot
         self._slots_in[:bucket] = torch.tensor(slots, dtype=torch.int64)
+        self._valid_in[:n] = self._valid(states, self.plan.out)
+        self._valid_in[n:bucket] = False
         self.graphs.run(n, 1)
-        encoded, commit = self._encoded[bucket]
-        return encoded[:n], commit, [x[:, -self.plan.pre_cache:].clone() for x in inputs]
+        step = self._encoded[bucket]
+        commits = [step.encoder] + ([step.decoder] if step.decoder is not None else [])
+        found = None if step.labels is None else RNNTGreedy.tokens(step.labels[:n])  # the step's one host sync
+        return step.encoded[:n], commits, [x[:, -self.plan.pre_cache:].clone() for x in inputs], found
 
     def _encode_fn(self, b: int, length: int) -> None:
-        """The captured step of bucket ``b``: subsample and encode the steady chunks in the static
-        inputs (rows ``0..b-1``; padding rows read and write the scratch slot); its output and the
-        commit of its caches are kept for :meth:`_encode_steady` (a replay refills the same tensors)."""
+        """The captured step of bucket ``b``: subsample, encode and (RNNT) decode the steady chunks in
+        the static inputs (rows ``0..b-1``; padding rows read and write the scratch slot); its outputs
+        and commits are kept for :meth:`_encode_steady` (a replay refills the same tensors)."""
         x = pre_encode(self.nemo.encoder, self.plan, self._mel_in[:b].to(self.dtype), first=True)[:, self.plan.drop:]
-        self._encoded[b] = self.layers.encode(x, self._slots_in[:b])
+        slots = self._slots_in[:b]
+        encoded, encoder = self.layers.encode(x, slots)
+        labels, decoder = None, None
+        if isinstance(self.decoder, RNNTGreedy):
+            # captured (or rehearsed for a check), every label step runs; eager, a frame stops early
+            static = self.graphs.graphs_enabled or self.graphs.rehearse
+            labels, decoder = self.decoder.labels(encoded, slots, self._valid_in[:b], static=static)
+        self._encoded[b] = _SteadyStep(encoded, encoder, labels, decoder)
 
     async def warm_up(self, progress: Callable[[str], None] | None = None) -> None:
         """Capture the steady encoder step for every batch bucket (CUDA graphs; nothing on the CPU),
@@ -349,6 +381,7 @@ class StreamingASR:
         def prepare(b: int) -> None:
             self._mel_in[:b] = 0.0
             self._slots_in[:b] = self._scratch  # capture touches no session's cache
+            self._valid_in[:b] = False
 
         with torch.no_grad():
             self.graphs.capture(prepare, progress)

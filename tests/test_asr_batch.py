@@ -91,14 +91,14 @@ async def test_a_failing_session_ends_alone_and_the_others_stay_exact(tiny_nemo,
         stream.state.encoded = []
     bad = streams["C"].state
     if where == "decoder":
-        decode = asr.decoder.decode
+        labels = asr.decoder.labels  # both paths decode through it (the steady step and the others)
 
-        def failing(encoded, slots, valid):
+        def failing(encoded, slots, valid, *, static):
             if bad.n_chunks >= 3 and bad.slot in slots.tolist():
                 raise RuntimeError("C's decoder failed")
-            return decode(encoded, slots, valid)
+            return labels(encoded, slots, valid, static=static)
 
-        asr.decoder.decode = failing
+        asr.decoder.labels = failing
     queues = {name: [pcm[i:i + 320] for i in range(0, pcm.size, 320)] for name, pcm in audio.items()}
     errors: dict[str, BaseException] = {}
     while any(queues[n] for n in audio if n not in errors):

@@ -76,3 +76,36 @@ async def test_eou_token_gives_final_and_resets(tiny_eou_nemo, jfk16):
     tail = await stream.endpoint()
     assert all(not f.eou for f in tail)
     await asr.aclose()
+
+
+def test_static_decoding_emits_what_the_early_stopping_one_does(tiny_eou_nemo, jfk16):
+    """RNNT greedy decoding as the captured ASR step runs it (every label step of every frame, no host
+    sync) emits exactly the labels, and leaves exactly the decoding state, of the eager decoding that
+    stops a frame at its first step without a label, over real speech with end-of-utterance resets,
+    for a batch of sessions at different points and a frame left out by ``valid``."""
+    from duplex.asr.decoding import RNNTGreedy
+    from duplex.asr.streaming import StreamingASR
+
+    asr = StreamingASR(tiny_eou_nemo, context=(70, 1), max_batch=4)
+    encoded = offline_encoder(tiny_eou_nemo, jfk16[: 6 * 16000], (70, 1))[1][None]  # [1, D, T]
+    decoder = asr.decoder
+    assert isinstance(decoder, RNNTGreedy)
+    slots = torch.tensor([0, 1, 2])
+    emitted = resets = 0
+    for start in range(0, encoded.size(2) - 8, 2):
+        chunk = torch.stack([encoded[0, :, start:start + 2], encoded[0, :, start + 3:start + 5],
+                             encoded[0, :, start + 6:start + 8]])  # three sessions, two frames each
+        valid = torch.ones(3, 2, dtype=torch.bool)
+        valid[2, 0] = False
+        before = (decoder.g.clone(), decoder.h.clone(), decoder.c.clone())
+        eager, commit_eager = decoder.labels(chunk, slots, valid, static=False)
+        commit_eager()
+        after = (decoder.g.clone(), decoder.h.clone(), decoder.c.clone())
+        decoder.g, decoder.h, decoder.c = before
+        static, commit_static = decoder.labels(chunk, slots, valid, static=True)
+        commit_static()
+        assert torch.equal(eager[:, :, : static.size(2)], static)
+        assert all(torch.equal(a, b) for a, b in zip(after, (decoder.g, decoder.h, decoder.c)))
+        emitted += int((static >= 0).sum())
+        resets += int(torch.isin(static, decoder.reset_ids).sum())
+    assert emitted > 10 and resets >= 1  # the comparison saw labels, and resets among them
