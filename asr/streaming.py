@@ -384,7 +384,16 @@ class StreamingASR:
             self._valid_in[:b] = False
 
         with torch.no_grad():
-            self.graphs.capture(prepare, progress)
+            try:
+                self.graphs.capture(prepare, progress)
+            except Exception as exc:  # a module that cannot be captured on this machine: run eagerly
+                if not self.graphs.graphs_enabled:
+                    raise
+                log.exception("%s: capturing the steady step failed; it runs eagerly", self.graphs.name)
+                if progress is not None:
+                    progress(f"{self.graphs.name}: capture failed ({type(exc).__name__}: {exc}); running eagerly")
+                self.graphs.reset()
+                self.graphs.graphs_enabled = False
 
     def _flush(self, state: SessionState) -> StepResult:
         """Decode what the stream holds beyond its last chunk, provisionally, then reset decoding.

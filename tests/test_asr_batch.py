@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from asr_fixtures import TokenLog, packets, tiny_nemo  # noqa: F401 (fixture)
+from asr_fixtures import TokenLog, packets, stream_all, tiny_nemo  # noqa: F401 (fixture)
 
 
 async def alone(model, context, pcm, seed):
@@ -117,4 +117,22 @@ async def test_a_failing_session_ends_alone_and_the_others_stay_exact(tiny_nemo,
         assert encoded.shape == ref_encoded.shape
         assert (encoded - ref_encoded).abs().max().item() < 1e-5, name
         assert log.of(streams[name]) == ref_tokens, name
+    await asr.aclose()
+
+
+async def test_a_capture_that_fails_leaves_the_asr_running_eagerly(tiny_nemo, jfk16):
+    """If capturing the steady step fails at load (here: graphs asked for on a machine without CUDA),
+    the ASR says so and runs the same step eagerly: a session still gets its transcript."""
+    from duplex.asr.streaming import StreamingASR
+
+    asr = StreamingASR(tiny_nemo, context=(70, 0), max_batch=2)
+    asr.graphs.graphs_enabled = True  # as on a GPU: capture() now needs CUDA, which is not here
+    lines: list[str] = []
+    await asr.warm_up(lines.append)
+    assert not asr.graphs.graphs_enabled and not asr.graphs.captured
+    assert any("capture failed" in line and "running eagerly" in line for line in lines)
+    log = TokenLog(asr)
+    stream = asr.new_stream()
+    await stream_all(stream, packets(jfk16[: 3 * 16000], seed=1))
+    assert len(log.of(stream)) > 3
     await asr.aclose()
