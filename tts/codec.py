@@ -95,6 +95,24 @@ class CodecState:
 # -- building blocks -------------------------------------------------------------------------------
 
 
+def padding_total(conv) -> int:
+    """A ``MimiConv1d``'s left context in samples, from its convolution's sizes (its own
+    ``padding_total`` is a device tensor: reading it would wait for the GPU, at every chunk)."""
+    inner = conv.conv
+    return (inner.kernel_size[0] - 1) * inner.dilation[0] + 1 - inner.stride[0]
+
+
+def _check_paddings(module) -> None:
+    """Every causal convolution's ``padding_total`` is the one :func:`padding_total` computes (read
+    once, at load)."""
+    from transformers.models.mimi.modeling_mimi import MimiConv1d
+
+    for name, conv in module.named_modules():
+        if isinstance(conv, MimiConv1d) and int(conv.padding_total) != padding_total(conv):
+            raise ValueError(f"Mimi convolution {name}: padding {int(conv.padding_total)} where its sizes give "
+                             f"{padding_total(conv)}")
+
+
 def conv_step(name: str, conv, x: torch.Tensor, state: CodecState) -> torch.Tensor:
     """One chunk through a causal ``MimiConv1d``: prepend the kept left context, keep the new one.
 
@@ -102,7 +120,7 @@ def conv_step(name: str, conv, x: torch.Tensor, state: CodecState) -> torch.Tens
     """
     import torch
 
-    pad = int(conv.padding_total)
+    pad = padding_total(conv)
     context = state.conv_context.get(name)
     if context is None:  # first chunk: the one-shot left padding
         if conv.pad_mode == "replicate":
@@ -250,6 +268,7 @@ class StreamingDecoder:
 
         self._zero_padded = all(m.pad_mode == "constant" for m in decoder.modules()
                                 if isinstance(m, MimiConv1d))
+        _check_paddings(decoder)
 
     def new_state(self, batch: int = 1) -> CodecState:
         p = next(self._decoder.parameters())
@@ -302,6 +321,7 @@ class StreamingEncoder:
         self._encoder = encoder
         self.frame_size = int(codec.config.frame_size)
         self.num_codebooks = int(codec.config.num_quantizers)
+        _check_paddings(encoder)
 
     def new_state(self, batch: int = 1) -> CodecState:
         p = next(self._encoder.parameters())
