@@ -44,11 +44,15 @@ class TurnConfig:
     # The longest the agent stays paused under the user's speech before the policy decides without
     # a verdict (yield if there are words, resume if there are none).
     max_pause_s: float = 3.0
-    # Whether to ask the LLM if words said over the agent are a backchannel to talk over.
+    # Whether to ask the LLM if words said over the agent are a backchannel to talk over ...
     backchannels: bool = True
+    # ... and how long its answer may take: a check still unanswered then is an error, and the agent
+    # yields (the user is not left talking into a paused agent for max_pause_s).
+    check_timeout_s: float = 0.5
 
     def validate(self) -> None:
-        for name in ("confident_silence_s", "min_silence_s", "max_silence_s", "false_interruption_s", "max_pause_s"):
+        for name in ("confident_silence_s", "min_silence_s", "max_silence_s", "false_interruption_s", "max_pause_s",
+                     "check_timeout_s"):
             value = getattr(self, name)
             if not (0.0 <= value <= 10.0):
                 raise ConfigError(f"turn.{name} must be between 0 and 10 seconds, got {value}")

@@ -411,18 +411,23 @@ class Session:
                 self._withdraw()
 
     async def _check(self, text: str) -> None:
-        """Ask whether ``text`` (said over the agent) is a backchannel; a failed check is a verdict
-        too (None: yield), so the pause never waits on it for good."""
+        """Ask whether ``text`` (said over the agent) is a backchannel; a failed check, or one not
+        answered within ``turn.check_timeout_s``, is a verdict too (None: yield), so the pause never
+        waits on it for long."""
         backchannel: bool | None = False
-        if self.config.turn.backchannels:
+        turn = self.config.turn
+        if turn.backchannels:
             try:
-                backchannel = await self._llm.is_backchannel(self.conversation.messages(), text)
+                backchannel = await asyncio.wait_for(self._llm.is_backchannel(self.conversation.messages(), text),
+                                                     turn.check_timeout_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("%s: the backchannel check failed (%s); yielding", self.name, exc)
+                why = (f"no answer within {turn.check_timeout_s} s (turn.check_timeout_s)"
+                       if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}")
+                log.warning("%s: the backchannel check failed (%s); yielding", self.name, why)
                 self._emit(ev.Error(stream_samples=self._vad_pos, wall=now(), stage="llm",
-                                    message=f"backchannel check failed: {type(exc).__name__}: {exc}"))
+                                    message=f"backchannel check failed: {why}"))
                 backchannel = None
         self._apply(self.policy.barge_in_verdict(backchannel, text))
 
