@@ -8,7 +8,8 @@ as speech gives, though random weights emit them in bursts, and the rate actuall
 as ``lab/fr``):
 
 - ``step_ms[b]``: one batched stream step (exact log-mel of the chunk, subsampling, 17 conformer
-  layers with caches, greedy decoding) for ``b`` sessions at once, ``b`` in 1/8/32 (1/8 with
+  layers with caches, greedy decoding; on a GPU the steady chunk is one captured graph unless
+  ``--no-graphs``) for ``b`` sessions at once, ``b`` in 1/8/32 (1/8 with
   ``--quick``): the median over every chunk of 6 s of audio (2 s with ``--quick``), on the ASR
   worker thread as in a live session;
 - ``rtf``: step time over chunk duration at batch 1 (below 1: faster than real time);
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> dict:
     rows: dict[str, dict] = {}
     for context in contexts:
         rows["[%d,%d]" % context] = row = _measure(model, context, device, batches, seconds,
-                                                  tune=config.profile == "random")
+                                                  tune=config.profile == "random", graphs=config.graphs)
         print(f"{'[%d,%d]' % context:>8} {row['chunk_ms']:>5.0f}ms "
               + " ".join(f"{row['step_ms'][b]:>7.1f}ms" for b in batches)
               + f" {row['rtf']:>6.3f} {row['live_rtf']:>6.3f} "
@@ -86,10 +87,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _measure(model, context, device: str, batches, seconds: float, tune: bool) -> dict:
+def _measure(model, context, device: str, batches, seconds: float, tune: bool, graphs: bool) -> dict:
     from duplex.asr.streaming import StreamingASR
 
-    asr = StreamingASR(model, context=context, device=device, max_batch=max(batches))
+    asr = StreamingASR(model, context=context, device=device, max_batch=max(batches), graphs=graphs)
     try:
         return asyncio.run(_measure_on_worker(asr, model, context, device, batches, seconds, tune))
     finally:
@@ -104,6 +105,7 @@ async def _measure_on_worker(asr, model, context, device: str, batches, seconds:
         from duplex.asr.synthetic import tune_label_rate
 
         await run(tune_label_rate, model)
+    await asr.warm_up()  # the steady step captured per batch bucket (CUDA graphs; nothing on the CPU)
     chunk_s = asr.chunk_seconds
     steps = max(3, round(seconds / chunk_s))  # every chunk of the clip: its label rate is the tuned one
     audio = _audio(chunk_s * (steps + 2) + 1.0)

@@ -30,7 +30,7 @@ is complete).
 
 Speculation: as soon as the speech stops with words (and whenever those words change while the
 silence lasts), :class:`Speculate` asks for a reply to be made at once with its audio held back;
-:class:`EndTurn` commits it if it answers the same text; speech before that :class:`Withdraw`\ s it.
+:class:`EndTurn` commits it if it answers the same text; speech before that withdraws it (:class:`Withdraw`).
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU figure of the engines in one run (about 8 minutes on one H100/H200): package versions, what
 # a kernel launch, a graph-replayed kernel and a host sync cost (tools/launch-costs.py), then
-# `duplex bench llm` (Qwen2.5-1.5B, batches 1 8 32), `duplex bench tts` (CSM-1B, batches 1 8 32 64)
-# and `duplex bench e2e` (all three models, a sweep of concurrent sessions in real time), each with
-# fused (compiled) layers and CUDA graphs captured and, for llm and tts, eager side by side, with the
-# replies of both compared (greedy LLM text, seeded TTS audio: they must be equal) and the fused
-# layers compared with the unfused ones. JSON lands in $OUT (default artifacts/gpu).
+# `duplex bench asr --quick` (the captured steady ASR step), `duplex bench llm` (Qwen2.5-1.5B, batches
+# 1 8 32), `duplex bench tts` (CSM-1B, batches 1 8 32 64) and `duplex bench e2e` (all three models, a
+# sweep of concurrent sessions in real time), each with CUDA graphs captured and, for llm and tts,
+# eager side by side, with the replies of both compared (greedy LLM text, seeded TTS audio: they must
+# be equal). COMPILE=1 fuses the layers with torch.compile (--compile) and compares them with the
+# unfused ones. JSON lands in $OUT (default artifacts/gpu); on the device, as one archive,
+# gpu-check.tgz (the device returns at most 8 files).
 #
 #   here, once:     bash tools/gpu-wheels.sh      (wheels of the versions CI uses, into .whl/)
 #   on the device:  run(command="bash tools/gpu-check.sh", carry=[".whl"], timeout_s=480)
@@ -53,9 +55,11 @@ run() {  # name, seconds, command...
   [ "$rc" = 0 ] || status=1
 }
 if [ "$PROFILE" = tiny ]; then LLM=(); else LLM=(--llm-model qwen2.5-1.5b); fi
+if [ "${COMPILE:-0}" = 1 ]; then LLM+=(--compile); FUSE=(--compile); else FUSE=(); fi
+run asr 90 $DUPLEX bench asr --device "$DEVICE" --profile "$PROFILE" --quick --out "$OUT"
 run llm 110 $DUPLEX bench llm --device "$DEVICE" --profile "$PROFILE" "${LLM[@]}" --batch 1 8 32 --out "$OUT"
-run tts 130 $DUPLEX bench tts --device "$DEVICE" --profile "$PROFILE" --batch 1 8 32 64 --out "$OUT"
-run e2e 200 $DUPLEX bench e2e --device "$DEVICE" --profile "$PROFILE" --out "$OUT"
+run tts 130 $DUPLEX bench tts --device "$DEVICE" --profile "$PROFILE" "${FUSE[@]}" --batch 1 8 32 64 --out "$OUT"
+run e2e 200 $DUPLEX bench e2e --device "$DEVICE" --profile "$PROFILE" "${FUSE[@]}" --out "$OUT"
 echo
 if grep -q "DIFFER" "$OUT/llm.log" "$OUT/tts.log" 2>/dev/null; then
   echo "=== captured steps DIFFER from eager ones (see the batch lines above): a regression"; status=1
@@ -63,4 +67,8 @@ elif grep -q "equal)" "$OUT/llm.log" 2>/dev/null; then
   echo "=== captured steps say and make exactly what eager ones do (every batch size, llm and tts)"
 fi
 grep -h "fused layers\|launch costs" "$OUT"/*.log 2>/dev/null
+if [ "$DEVICE" != cpu ]; then  # the device returns at most 8 files: one archive of them all
+  (cd "$OUT" && tar czf gpu-check.tgz --exclude=gpu-check.tgz ./*.log ./*.json 2>/dev/null \
+     && find . -maxdepth 1 -type f ! -name gpu-check.tgz ! -name '*.png' -delete)
+fi
 exit $status
