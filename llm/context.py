@@ -220,15 +220,24 @@ class SinkContext:
     def score(self, tokens: Sequence[int] | np.ndarray) -> torch.Tensor:
         """Logits after ``tokens`` appended to what the cache holds, then rolled back exactly."""
         tokens = [int(t) for t in tokens]
-        if len(tokens) > self.max_tail:
-            raise ValueError(f"a scoring tail of {len(tokens)} tokens does not fit the window")
-        self.reserve(len(tokens))
-        mark, saved = self.length, self.logits
+        mark = self.begin_score(len(tokens))
         logits = self.engine.prefill(self.cache, tokens)
-        self.prefilled += len(tokens)
-        self.cache.truncate(mark)
-        self.logits = saved
+        self.end_score(mark, len(tokens))
         return logits
+
+    def begin_score(self, n: int) -> tuple[int, torch.Tensor | None]:
+        """Make room for a scoring tail of ``n`` tokens; returns what :meth:`end_score` rolls back to."""
+        if n > self.max_tail:
+            raise ValueError(f"a scoring tail of {n} tokens does not fit the window")
+        self.reserve(n)
+        return self.length, self.logits
+
+    def end_score(self, mark: tuple[int, torch.Tensor | None], n: int) -> None:
+        """A scoring tail of ``n`` tokens ran after :meth:`begin_score` gave ``mark``: roll it back."""
+        length, logits = mark
+        self.prefilled += n
+        self.cache.truncate(length)
+        self.logits = logits
 
 
 def check_window(window: int, sink: int, min_turn: int) -> None:

@@ -63,8 +63,7 @@ class Listen:
     stream: SinkLLMStream
     ctx: SinkContext
     tokens: list[int]
-    mark: int | None = None  # scoring: roll back to this length afterwards
-    saved: torch.Tensor | None = None  # scoring: the logits to restore
+    mark: tuple[int, torch.Tensor | None] | None = None  # scoring: what SinkContext.end_score rolls back to
 
     def finish(self, logits: torch.Tensor | None) -> float:
         """The tokens ran (``logits`` after them; None: there were none): commit or roll back, and
@@ -74,9 +73,7 @@ class Listen:
             assert ctx.logits is not None and self.mark is None
             logits = ctx.logits
         elif self.mark is not None:
-            ctx.prefilled += len(self.tokens)
-            ctx.cache.truncate(self.mark)
-            ctx.logits = self.saved
+            ctx.end_score(self.mark, len(self.tokens))
         else:
             ctx.commit_prefilled(self.tokens, logits)
         return token_probability(logits, [self.stream.model.format.end_of_message])
@@ -182,8 +179,7 @@ class SinkLLMStream:
             if len(tail) > ctx.max_tail:
                 return None  # too long to score on top of the reply; no estimate this time
             tokens = [int(t) for t in tail]
-            ctx.reserve(len(tokens))
-            return Listen(self, ctx, tokens, mark=ctx.length, saved=ctx.logits)
+            return Listen(self, ctx, tokens, mark=ctx.begin_score(len(tokens)))
         tokens = ctx.plan(messages, open_last=True)
         if len(tokens) > ctx.max_tail:  # a long catch-up: run it alone, in chunks
             ctx.extend(tokens)
