@@ -26,6 +26,7 @@ BENCHES: dict[str, str] = {
     "e2e": "duplex.e2e:run",
     "endurance": "duplex.endurance:run",
     "transport": "duplex.transport.bench:run",
+    "capacity": "duplex.transport.capacity:run",
     "echo": "duplex.transport.echo_bench:run",
     "cluster": "duplex.cluster.bench:run",
     "turns": "duplex.turntaking:run",

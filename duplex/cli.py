@@ -27,7 +27,8 @@ COMMANDS: dict[str, str] = {
     "doctor": "duplex.doctor:main",
 }
 
-BENCHMARKS = ("asr", "llm", "tts", "e2e", "all", "endurance", "transport", "turns", "echo", "cluster")
+BENCHMARKS = ("asr", "llm", "tts", "e2e", "all", "endurance", "transport", "capacity", "turns", "echo",
+              "cluster")
 
 
 def add_agent_options(p: argparse.ArgumentParser, default_profile: str = "pretrained") -> None:
@@ -162,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a stage, e2e, all (the stages and e2e), endurance (a long dialogue, on the "
                         "virtual clock or with --realtime on the wall clock; use --profile tiny), turns (turn-taking scenarios; --profile fake "
                         "or tiny), echo (the echo guard of duplex mic in simulated rooms), or "
-                        "cluster (sessions through duplex serve --replicas N)")
+                        "cluster (sessions through duplex serve --replicas N), capacity (the e2e sweep of "
+                        "concurrent sessions through real WebRTC peers into the server)")
     p.add_argument("--minutes", type=float, default=60.0, help="endurance: minutes of dialogue")
     p.add_argument("--out", default="artifacts/bench", help="folder for JSON results and plots")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and settings (a smoke run)")

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 
 import numpy as np
 
@@ -137,56 +139,99 @@ async def _gpu_busy(samples: list[float], device: str) -> None:
         await asyncio.sleep(0.1)
 
 
-async def concurrency(agent: Agent, steps: list[Step], max_sessions: int,
-                      sizes: tuple[int, ...] = SIZES) -> list[ConcurrencyRow]:
-    """Run 1, 2, 4, 8, ... sessions at once (up to ``max_sessions``), until two sizes in a row fall out
-    of real time (input lag p99 over LAG_P99_S or max over MAX_LAG_S, or a gap in reply audio)."""
-    rows: list[ConcurrencyRow] = []
-    device = agent.config.resolved_device()
-    schedulers = _schedulers(agent)
-    llm = agent.stages.llm
+def concurrency_row(n: int, *, lags: list[float], underruns: int, v2v: list[float], ticks: dict[str, list[float]],
+                    gpu: list[float], cpu_s_per_s: dict[str, float], listens: int | None,
+                    wall: float) -> ConcurrencyRow:
+    """One size of a concurrency sweep from what was sampled while ``n`` sessions ran for ``wall``
+    seconds: input lags (every 0.1 s), reply-audio gaps, voice-to-voice latencies, each engine's tick
+    times (ms), GPU utilisation samples, CPU seconds per second by process, and LLM listen prefills."""
+    p99, worst = _quantile(lags, 0.99) or 0.0, max(lags, default=0.0)
+    return {
+        "sessions": n, "real_time": p99 <= LAG_P99_S and worst <= MAX_LAG_S and underruns == 0,
+        "input_lag_p99_s": round(p99, 3), "input_lag_max_s": round(worst, 3),
+        "underruns": underruns, "v2v_p50_s": _quantile(v2v, 0.5), "v2v_p99_s": _quantile(v2v, 0.99),
+        "voice_to_voice_s": [round(x, 3) for x in v2v],
+        "tick_ms_p50": {role: q for role, v in ticks.items() if (q := _quantile(v, 0.5)) is not None},
+        "tick_ms_p99": {role: q for role, v in ticks.items() if (q := _quantile(v, 0.99)) is not None},
+        "gpu_busy": round(sum(gpu) / len(gpu), 3) if gpu else None, "cpu_s_per_s": cpu_s_per_s,
+        "listen_prefills_per_session_s": None if listens is None else round(listens / n / wall, 2),
+        "wall_s": round(wall, 1)}
+
+
+def print_row(row: ConcurrencyRow) -> None:
+    cpu = ", ".join(f"{name} {value:.2f}" for name, value in row["cpu_s_per_s"].items())
+    print(f"  {row['sessions']:3d} sessions: input lag p99 {row['input_lag_p99_s']:5.2f} s, max "
+          f"{row['input_lag_max_s']:5.2f} s, reply-audio gaps {row['underruns']:4d}, v2v p50 {row['v2v_p50_s']} s, "
+          f"CPU s/s {cpu}" + (f", GPU busy {row['gpu_busy']:.0%}" if row["gpu_busy"] is not None else "")
+          + f", listens {row['listen_prefills_per_session_s']}/session/s -> "
+          f"{'real time' if row['real_time'] else 'NOT real time'}", flush=True)
+
+
+Row = TypeVar("Row", bound=ConcurrencyRow)
+
+
+async def sweep(measure: Callable[[int], Awaitable[Row]], max_sessions: int,
+                sizes: tuple[int, ...] = SIZES) -> list[Row]:
+    """``measure`` 1, 2, 4, 8, ... sessions at once (up to ``max_sessions``), printing each row, until
+    two sizes in a row fall out of real time (input lag p99 over LAG_P99_S or max over MAX_LAG_S, or a
+    gap in reply audio)."""
+    rows: list[Row] = []
     failed = 0
     for n in (size for size in sizes if size <= max_sessions):
-        ticks0 = {role: s.ticks for role, s in schedulers.items()}
-        listens0 = getattr(llm, "listens", None)
-        gpu: list[float] = []
-        sampler = asyncio.create_task(_gpu_busy(gpu, device)) if device.startswith("cuda") else None
-        t, cpu = now(), time.process_time()
-        try:
-            results = await asyncio.gather(*(_run_monitored(agent, steps) for _ in range(n)))
-        finally:
-            if sampler is not None:
-                sampler.cancel()
-                await asyncio.gather(sampler, return_exceptions=True)
-        wall, cpu = now() - t, time.process_time() - cpu
-        lags = [lag for _, k in results for lag in k.lags]
-        underruns = sum(k.underruns for _, k in results)
-        v2v = [x for run, _ in results for r in run.turn_metrics() if (x := r.get("voice_to_voice_s")) is not None]
-        ticks = {role: [1e3 * tick.seconds for tick in s.ticks_since(ticks0[role])] for role, s in schedulers.items()}
-        p99, worst = _quantile(lags, 0.99) or 0.0, max(lags, default=0.0)
-        ok = p99 <= LAG_P99_S and worst <= MAX_LAG_S and underruns == 0
-        listens = getattr(llm, "listens", None)
-        rows.append({
-            "sessions": n, "real_time": ok, "input_lag_p99_s": round(p99, 3), "input_lag_max_s": round(worst, 3),
-            "underruns": underruns, "v2v_p50_s": _quantile(v2v, 0.5), "v2v_p99_s": _quantile(v2v, 0.99),
-            "voice_to_voice_s": [round(x, 3) for x in v2v],
-            "tick_ms_p50": {role: q for role, v in ticks.items() if (q := _quantile(v, 0.5)) is not None},
-            "tick_ms_p99": {role: q for role, v in ticks.items() if (q := _quantile(v, 0.99)) is not None},
-            "gpu_busy": round(sum(gpu) / len(gpu), 3) if gpu else None,
-            "cpu_s_per_s": {"agent": round(cpu / wall, 3)},  # one process: the agent
-            "listen_prefills_per_session_s": (None if listens is None or listens0 is None
-                                              else round((listens - listens0) / n / wall, 2)),
-            "wall_s": round(wall, 1)})
-        row = rows[-1]
-        print(f"  {n:3d} sessions: input lag p99 {p99:5.2f} s, max {worst:5.2f} s, reply-audio gaps {underruns:4d}, "
-              f"v2v p50 {row['v2v_p50_s']} s, CPU {row['cpu_s_per_s']['agent']:.2f} s/s"
-              + (f", GPU busy {row['gpu_busy']:.0%}" if row["gpu_busy"] is not None else "")
-              + f", listens {row['listen_prefills_per_session_s']}/session/s -> "
-              f"{'real time' if ok else 'NOT real time'}", flush=True)
-        failed = 0 if ok else failed + 1
+        rows.append(await measure(n))
+        print_row(rows[-1])
+        failed = 0 if rows[-1]["real_time"] else failed + 1
         if failed == 2:
             break
     return rows
+
+
+def engine_probe(agent: Agent) -> Callable[[], dict[str, Any]]:
+    """Start counting each engine's ticks and the LLM's listens now; the returned function gives what
+    happened since: ``ticks`` (ms per tick, by engine) and ``listens`` (None without a listen counter)."""
+    schedulers = _schedulers(agent)
+    ticks0 = {role: s.ticks for role, s in schedulers.items()}
+    llm = agent.stages.llm
+    listens0 = getattr(llm, "listens", None)
+
+    def since() -> dict[str, Any]:
+        listens = getattr(llm, "listens", None)
+        return {"ticks": {role: [1e3 * tick.seconds for tick in s.ticks_since(ticks0[role])]
+                          for role, s in schedulers.items()},
+                "listens": None if listens is None or listens0 is None else listens - listens0}
+
+    return since
+
+
+@contextlib.asynccontextmanager
+async def gpu_sampling(device: str) -> AsyncIterator[list[float]]:
+    """GPU utilisation samples (every 0.1 s) while the block runs; none off CUDA."""
+    samples: list[float] = []
+    sampler = asyncio.create_task(_gpu_busy(samples, device)) if device.startswith("cuda") else None
+    try:
+        yield samples
+    finally:
+        if sampler is not None:
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
+
+
+async def concurrency(agent: Agent, steps: list[Step], max_sessions: int,
+                      sizes: tuple[int, ...] = SIZES) -> list[ConcurrencyRow]:
+    """The sweep of :func:`sweep` over sessions of this agent, each running ``steps``."""
+    async def measure(n: int) -> ConcurrencyRow:
+        probe = engine_probe(agent)
+        t, cpu = now(), time.process_time()
+        async with gpu_sampling(agent.config.resolved_device()) as gpu:
+            results = await asyncio.gather(*(_run_monitored(agent, steps) for _ in range(n)))
+        wall, cpu = now() - t, time.process_time() - cpu
+        return concurrency_row(
+            n, lags=[lag for _, k in results for lag in k.lags], underruns=sum(k.underruns for _, k in results),
+            v2v=[x for run, _ in results for r in run.turn_metrics() if (x := r.get("voice_to_voice_s")) is not None],
+            gpu=gpu, cpu_s_per_s={"agent": round(cpu / wall, 3)},  # one process: the agent
+            wall=wall, **probe())
+
+    return await sweep(measure, max_sessions, sizes)
 
 
 def plot(turns: list[dict[str, float]], path: Path, title: str) -> None:

@@ -1,0 +1,29 @@
+"""``duplex bench capacity``'s measurement: real aiortc peers in a child process talking to the server.
+
+Proves the row of one size is measured from both processes: every peer got a session and a whole
+answer, voice-to-voice at the peer's ear is a positive figure for each of them (the child's clock and
+the server's are one), the input lag was sampled from the server's sessions, CPU is reported for the
+server and for the peers' process, and the sessions are gone before the next size starts.
+"""
+
+from __future__ import annotations
+
+from tests.transport_fixtures import load_agent, running_server
+
+
+
+async def test_a_size_of_the_sweep_is_measured_through_real_peers():
+    from duplex.transport.capacity import measure
+
+    agent = await load_agent()
+    try:
+        async with running_server(agent, max_sessions=4) as (server, url):
+            row = await measure(server, agent, url, 2)
+            assert not server.peers, "the sessions of a size must be closed before the next size starts"
+    finally:
+        await agent.aclose()
+    assert row["sessions"] == 2 and row["no_session"] == 0 and row["unanswered"] == 0, row
+    assert len(row["voice_to_voice_s"]) == 2 and all(0.0 < x < 10.0 for x in row["voice_to_voice_s"]), row
+    assert row["input_lag_max_s"] >= row["input_lag_p99_s"] >= 0.0
+    assert row["underruns"] == 0 and row["real_time"], row
+    assert set(row["cpu_s_per_s"]) == {"server", "peers"} and all(v > 0 for v in row["cpu_s_per_s"].values())

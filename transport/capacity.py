@@ -1,0 +1,189 @@
+"""``duplex bench capacity``: how many WebRTC sessions one server holds in real time.
+
+The same sweep as ``bench e2e`` (1, 2, 4, 8, ... sessions, stopping after two sizes that fail), but
+each session is a real aiortc peer talking over loopback to the server ``duplex serve`` runs (its
+:class:`~duplex.transport.server.Server` and agent, in this process), so the figures include Opus,
+SRTP, the jitter buffers and the data channel. The peers run in a child process of their own
+(``python -m duplex.transport.capacity peers URL N``), so this process's CPU seconds are the server's.
+
+Each peer says JFK's "And so my fellow Americans" and waits for the whole answer. Per size, the row
+of :func:`duplex.e2e.concurrency_row`: the server sessions' input lag (sampled every 0.1 s, p99 and
+max), reply-audio gaps in their playouts, voice-to-voice at the peer's ear (the end of its speech
+leaving to the first loud frame of the answer out of its decoder; one monotonic clock serves both
+processes), each engine's tick times, GPU busy, CPU seconds per second of the server and of the
+peers' process, and LLM listens per session-second; plus the peers that got no session or no answer.
+
+Run: ``duplex bench capacity --profile tiny`` (results in ``<out>/capacity.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from duplex.e2e import ConcurrencyRow
+
+ANSWER_TIMEOUT_S = 90.0  # a peer whose answer has not finished by then counts as unanswered
+LOUD_RMS = 0.03  # a 20 ms block this loud is speech (the file track's own threshold)
+HEARD_PEAK = 0.01  # an agent frame with a sample this loud is heard
+
+
+def _phrase() -> np.ndarray:
+    """JFK's "And so my fellow Americans" at 48 kHz, then silence while the agent answers."""
+    from duplex.audio import SAMPLE_SPEECH, read_audio
+
+    pcm, _ = read_audio(SAMPLE_SPEECH, 48_000)
+    return np.concatenate([pcm[int(0.2 * 48_000):int(2.4 * 48_000)], np.zeros(int(ANSWER_TIMEOUT_S) * 48_000,
+                                                                             np.float32)])
+
+
+def _loud_span_s(pcm: np.ndarray, rate: int = 48_000) -> float:
+    """Seconds from the start of the first loud 20 ms block to the end of the last one."""
+    step = rate // 50
+    blocks = pcm[:len(pcm) // step * step].reshape(-1, step)
+    loud = np.flatnonzero(np.sqrt(np.mean(blocks.astype(np.float64) ** 2, axis=1)) > LOUD_RMS)
+    return 0.0 if loud.size == 0 else (loud[-1] + 1 - loud[0]) * step / rate
+
+
+async def _peers(url: str, n: int) -> dict[str, Any]:
+    """The child process: ``n`` peers at once, each saying the phrase and waiting for the answer."""
+    from duplex.transport.client import connect, file_track
+    from duplex.transport.ice import allow_loopback_candidates
+
+    allow_loopback_candidates()
+    phrase = _phrase()
+    span = _loud_span_s(phrase)
+    cpu0 = time.process_time()
+
+    async def one() -> dict[str, Any]:
+        mic = file_track(phrase)
+        row: dict[str, Any] = {"created": False, "answered": False, "v2v_ear_s": None}
+        try:
+            client = await connect(url, mic)
+        except Exception as exc:  # refused (no seat) or failed: counted, the others go on
+            row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+            return row
+        try:
+            await client.wait_for("session.created", timeout=20)
+            row["created"] = True
+            await client.wait_for("response.done", timeout=ANSWER_TIMEOUT_S)
+            row["answered"] = True
+            if mic.first_loud_wall is not None:
+                end = mic.first_loud_wall + span
+                heard = next((w for w, f in zip(client.frame_walls, client.frames)
+                              if w >= end and np.abs(f).max() > HEARD_PEAK), None)
+                row["v2v_ear_s"] = None if heard is None else round(heard - end, 4)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+        return row
+
+    rows = await asyncio.gather(*(one() for _ in range(n)))
+    return {"peers": rows, "cpu_s": time.process_time() - cpu0}
+
+
+class CapacityRow(ConcurrencyRow):
+    """A size of the sweep, plus what the peers saw: those that got no session, or no whole answer."""
+
+    no_session: int
+    unanswered: int
+
+
+async def measure(server, agent, url: str, n: int) -> CapacityRow:
+    """``n`` peers (a child process) against ``server``; the sweep row, plus the peers' outcomes."""
+    from duplex.clock import now
+    from duplex.e2e import concurrency_row, engine_probe, gpu_sampling
+
+    lags: list[float] = []
+    underruns: dict[str, int] = {}
+    probe = engine_probe(agent)
+    t, cpu = now(), time.process_time()
+    async with gpu_sampling(agent.config.resolved_device()) as gpu:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "duplex.transport.capacity", "peers", url, str(n),
+            stdout=asyncio.subprocess.PIPE)
+        reading = asyncio.create_task(child.communicate())
+        while not reading.done():
+            for pc_id, peer in list(server.peers.items()):
+                lags.append(peer.session.lag_s)
+                underruns[pc_id] = peer.session.playout.underruns
+            await asyncio.wait([reading], timeout=0.1)
+        out, _ = reading.result()
+    wall, cpu = now() - t, time.process_time() - cpu
+    if child.returncode != 0 or not out.strip():
+        raise RuntimeError(f"the peers' process failed (exit {child.returncode}); its traceback is above")
+    peers = json.loads(out.decode().strip().splitlines()[-1])
+    for _ in range(100):  # the sessions close as their peers hang up: wait, so sizes do not overlap
+        if not server.peers:
+            break
+        await asyncio.sleep(0.1)
+    v2v = [p["v2v_ear_s"] for p in peers["peers"] if p["v2v_ear_s"] is not None]
+    base = concurrency_row(
+        n, lags=lags, underruns=sum(underruns.values()), v2v=v2v, gpu=gpu,
+        cpu_s_per_s={"server": round(cpu / wall, 3), "peers": round(peers["cpu_s"] / wall, 3)},
+        wall=wall, **probe())
+    no_session = sum(not p["created"] for p in peers["peers"])
+    unanswered = sum(p["created"] and not p["answered"] for p in peers["peers"])
+    base["real_time"] = base["real_time"] and no_session == 0 and unanswered == 0
+    return CapacityRow(**base, no_session=no_session, unanswered=unanswered)
+
+
+async def _bench(args: argparse.Namespace) -> dict[str, Any]:
+    from aiohttp import web
+
+    from duplex.agent import Agent
+    from duplex.cli import config_from_args
+    from duplex.e2e import apply_bench_settings, max_sessions, sweep
+    from duplex.transport.ice import allow_loopback_candidates
+    from duplex.transport.server import Server, ServerOptions
+
+    allow_loopback_candidates()
+    config = config_from_args(args)
+    apply_bench_settings(config, quick=True)  # short fixed replies, engine rows for every session
+    most = max_sessions(config, args.quick)
+    print(f"loading the {config.profile} profile ...", flush=True)
+    agent = await Agent.load(config)
+    server = Server(agent, ServerOptions(max_sessions=most))
+    runner = web.AppRunner(server.app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        print(f"WebRTC peers (a child process) over loopback into the server at {url}:", flush=True)
+        rows = await sweep(lambda n: measure(server, agent, url, n), most)
+        best = max([r["sessions"] for r in rows if r["real_time"]], default=0)
+        print(f"largest number of concurrent WebRTC sessions in real time: {best}")
+        return {"concurrency": rows, "max_real_time_sessions": best,
+                "note": "server and agent in one process, the peers in another, on this machine"}
+    finally:
+        await server.close()
+        await runner.cleanup()
+        await agent.aclose()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """``duplex bench capacity``: prints each size's row and returns the figures."""
+    return asyncio.run(_bench(args))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="the peers' process of duplex bench capacity")
+    parser.add_argument("role", choices=["peers"])
+    parser.add_argument("url", help="the server's base URL")
+    parser.add_argument("n", type=int, help="peers to run at once")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(_peers(args.url, args.n))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
