@@ -235,3 +235,62 @@ class StepTrace:
     def fewest_ops(self) -> int:
         """The fewest aten ops any recorded call ran (a check that saw no ops would prove nothing)."""
         return min((len(t) for traces in self.calls.values() for t in traces), default=0)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts, inside the block on this thread, what would make the host wait for a GPU: a ``.cpu()``
+    copy, ``.tolist()``, ``.item()``/``int()``/``bool()`` or an op whose output shape depends on data,
+    each on a tensor that lives on the device. On the CPU every tensor is a host tensor, so device
+    and host are told apart by where a tensor came from: a ``.cpu()`` result, and whatever is computed
+    from host tensors only, is on the host; everything else would be on the engine's device.
+    ``counts``: by kind (``cpu``, ``tolist``, the aten op), with where it happened."""
+
+    _SCALAR_OPS = ("_local_scalar_dense", "is_nonzero", "nonzero", "equal", "masked_select", "unique")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.host: set[int] = set()  # storages of host tensors
+        self.counts: list[str] = []
+        self._saved: dict[str, Callable] = {}
+
+    def _on_host(self, t: torch.Tensor) -> bool:
+        return t.untyped_storage().data_ptr() in self.host
+
+    def __enter__(self):
+        self._saved = {name: getattr(torch.Tensor, name) for name in ("cpu", "tolist")}
+        thread, mode = threading.get_ident(), self
+
+        def cpu(t, *args, **kwargs):
+            out = mode._saved["cpu"](t, *args, **kwargs)
+            if threading.get_ident() == thread and not mode._on_host(t):
+                mode.counts.append("cpu")
+            # a copy even on the CPU, so that its storage is told apart from the device tensor's
+            out = out.clone() if out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else out
+            mode.host.add(out.untyped_storage().data_ptr())
+            return out
+
+        def tolist(t, *args, **kwargs):
+            if threading.get_ident() == thread and not mode._on_host(t):
+                mode.counts.append("tolist")
+            return mode._saved["tolist"](t, *args, **kwargs)
+
+        torch.Tensor.cpu, torch.Tensor.tolist = cpu, tolist  # type: ignore[method-assign]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, method in self._saved.items():
+            setattr(torch.Tensor, name, method)
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        name = _op_name(func)
+        if name in self._SCALAR_OPS and tensors and not all(self._on_host(t) for t in tensors):
+            self.counts.append(name)
+        out = func(*args, **kwargs)
+        if tensors and all(self._on_host(t) for t in tensors):
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.host.add(t.untyped_storage().data_ptr())
+        return out

@@ -1,0 +1,73 @@
+"""Host syncs per engine tick, counted on the CPU where a GPU would pay them.
+
+Each sync stops the host until the GPU has drained its queue, so the next tick cannot be launched
+while this one runs. Over a real conversation on the tiny profile (every stage the real code), with
+each engine stepping as its captured graph would (``graphs.rehearse``), a *step tick* (rows stepping,
+no job) may wait for the GPU once: the LLM copies its sampled ids, the ASR its labels (a tick
+that only gathers audio for an unfinished chunk copies nothing); the TTS copies
+its codes, and in a tick where a reply's audio chunk is due, the codec's audio as well (folding that
+second copy into the first is open work). Jobs (prefills, scores) are eager and are not counted here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import defaultdict
+
+import pytest
+
+from duplex.agent import Agent
+from duplex.config import AgentConfig
+from duplex.e2e import _schedulers, apply_bench_settings, conversation_script
+from duplex.scenario import run_scenario
+from tests.graph_safety import HostSyncs
+
+BUDGET = {"llm": 1, "asr": 1, "tts": 2}  # host syncs per step tick
+
+
+@pytest.fixture(scope="module")
+def syncs_per_tick() -> dict[str, list[int]]:
+    """Host syncs of every step tick of each engine over one spoken turn and its answer."""
+    found: dict[str, list[int]] = defaultdict(list)
+
+    async def main() -> None:
+        config = AgentConfig(profile="tiny", device="cpu")
+        apply_bench_settings(config, quick=True)
+        agent = await Agent.load(config)
+        for role in ("llm", "tts"):
+            getattr(agent.stages, role).engine.graphs.rehearse = True
+        agent.stages.asr.graphs.rehearse = True
+        for role, scheduler in _schedulers(agent).items():
+            if role not in BUDGET:
+                continue  # the VAD is a CPU model: nothing to wait for
+
+            def counted(urgent, states, work, jobs, _tick=scheduler._tick, _role=role):
+                if urgent or work or jobs or not states:
+                    return _tick(urgent, states, work, jobs)
+                assert threading.current_thread() is not threading.main_thread()
+                with HostSyncs() as syncs:
+                    out = _tick(urgent, states, work, jobs)
+                found[_role].append(len(syncs.counts))
+                return out
+
+            scheduler._tick = counted
+        try:
+            await run_scenario(agent.session(), conversation_script(quick=True))
+        finally:
+            await agent.aclose()
+
+    asyncio.run(main())
+    return found
+
+
+@pytest.mark.parametrize("role", sorted(BUDGET))
+def test_a_step_tick_waits_for_the_gpu_at_most_its_budget(syncs_per_tick, role):
+    """Every step tick of the engine stays within its budget of host syncs, and there were many."""
+    ticks = syncs_per_tick[role]
+    assert len(ticks) >= 5, f"the conversation made only {len(ticks)} {role} step ticks"
+    if role == "asr":  # a session's first chunk runs eagerly (its shapes differ): the steady ones count
+        first = next(i for i, n in enumerate(ticks) if n > 0)
+        ticks = ticks[first + 1:]
+    assert max(ticks) <= BUDGET[role], (role, ticks)
+    assert ticks.count(1) >= 3, (role, ticks)  # the counter sees the copy a tick makes
