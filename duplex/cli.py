@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer repetitions and settings (a smoke run)")
     p.add_argument("--realtime", action="store_true", help="turns, endurance: run on the wall clock (default: virtual)")
     p.add_argument("--batch", type=int, nargs="+", default=None, metavar="N",
-                   help="llm, tts, cluster: the batch sizes (concurrent sessions) to measure, e.g. --batch 1 8 32")
+                   help="llm, tts, cluster, capacity: the batch sizes (concurrent sessions) to measure, "
+                        "e.g. --batch 1 8 32")
     p.add_argument("--replicas", type=int, default=None, metavar="N", help="cluster: agent replicas (default 2)")
     add_agent_options(p, default_profile="random")
 

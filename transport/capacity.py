@@ -13,7 +13,8 @@ leaving to the first loud frame of the answer out of its decoder; one monotonic 
 processes), each engine's tick times, GPU busy, CPU seconds per second of the server and of the
 peers' process, and LLM listens per session-second; plus the peers that got no session or no answer.
 
-Run: ``duplex bench capacity --profile tiny`` (results in ``<out>/capacity.json``).
+Run: ``duplex bench capacity --profile tiny`` (results in ``<out>/capacity.json``); ``--batch 1 8 16``
+picks the sizes (default: 1, 2, 4 on the CPU, up to 64 on a GPU).
 """
 
 from __future__ import annotations
@@ -142,14 +143,17 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
 
     from duplex.agent import Agent
     from duplex.cli import config_from_args
-    from duplex.e2e import apply_bench_settings, max_sessions, sweep
+    from duplex.e2e import SIZES, apply_bench_settings, max_sessions, sweep
     from duplex.transport.ice import allow_loopback_candidates
     from duplex.transport.server import Server, ServerOptions
 
     allow_loopback_candidates()
     config = config_from_args(args)
-    apply_bench_settings(config, quick=True)  # short fixed replies, engine rows for every session
-    most = max_sessions(config, args.quick)
+    sizes = tuple(sorted(args.batch)) if getattr(args, "batch", None) else SIZES
+    most = max(sizes) if getattr(args, "batch", None) else max_sessions(config, args.quick)
+    if config.engine_slots is None:
+        config.engine_slots = most  # engine rows for every session
+    apply_bench_settings(config, quick=True)  # short fixed replies
     print(f"loading the {config.profile} profile ...", flush=True)
     agent = await Agent.load(config)
     server = Server(agent, ServerOptions(max_sessions=most))
@@ -160,7 +164,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
         print(f"WebRTC peers (a child process) over loopback into the server at {url}:", flush=True)
-        rows = await sweep(lambda n: measure(server, agent, url, n), most)
+        rows = await sweep(lambda n: measure(server, agent, url, n), most, sizes)
         best = max([r["sessions"] for r in rows if r["real_time"]], default=0)
         print(f"largest number of concurrent WebRTC sessions in real time: {best}")
         return {"concurrency": rows, "max_real_time_sessions": best,
