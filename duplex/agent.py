@@ -59,6 +59,11 @@ class Agent:
                 raise TypeError(f"unknown agent option {key!r}")
             setattr(config, key, value)
         config.validate()
+        if config.engine_core == "process":  # the models load, warm up and run in the core process
+            from duplex.core.remote import Core
+
+            core = await Core.start(config)
+            return cls(core.stages(), config)
         stages = await asyncio.to_thread(build_stages, config)
         await warm_up(stages)
         return cls(stages, config)

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from duplex.config import PROFILES
+from duplex.config import ENGINE_CORES, PROFILES
 
 COMMANDS: dict[str, str] = {
     "simulate": "duplex.simulate:main",
@@ -57,6 +57,9 @@ def add_agent_options(p: argparse.ArgumentParser, default_profile: str = "pretra
     g.add_argument("--compile", dest="compile", action="store_true",
                    help="fuse each decoder layer's kernels with torch.compile at load (GPU only, experimental: "
                         "the first load takes minutes; the CPU never compiles)")
+    g.add_argument("--engine-core", choices=ENGINE_CORES, default="thread",
+                   help="where the models run: thread = in this process (default); process = a child process "
+                        "that owns the device, so sessions, WebRTC and HTTP do not share its interpreter lock")
     g.add_argument("--config", default=None, metavar="FILE",
                    help="a TOML file of agent settings (any AgentConfig field; [turn] for turn timings, "
                         "[fake.llm] etc. for the fake stages); options given here override it")
@@ -65,7 +68,7 @@ def add_agent_options(p: argparse.ArgumentParser, default_profile: str = "pretra
 
 # agent options that are AgentConfig fields of the same name
 _CLI_FIELDS = ("profile", "device", "asr_model", "asr_latency", "llm_model", "llm_window", "tts_model", "voice",
-               "voice_text", "system_prompt", "seed", "engine_slots", "graphs", "compile")
+               "voice_text", "system_prompt", "seed", "engine_slots", "graphs", "compile", "engine_core")
 
 
 def apply_config_file(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ from duplex.errors import ConfigError
 
 Profile = Literal["pretrained", "tiny", "random", "fake"]
 PROFILES: tuple[str, ...] = ("pretrained", "tiny", "random", "fake")
+ENGINE_CORES: tuple[str, ...] = ("thread", "process")  # where the engines run (AgentConfig.engine_core)
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a friendly voice assistant in a spoken conversation. Answer briefly, in one to three short "
@@ -100,6 +101,9 @@ class AgentConfig:
     # Fuse each decoder layer's kernels with torch.compile at load (CUDA only; experimental: the first
     # load on a machine takes minutes, later ones reuse the cache; --compile turns it on).
     compile: bool = False
+    # Where the engines run: "thread" (in this process, on worker threads) or "process" (a child
+    # process that owns the device; sessions, WebRTC and HTTP stay here, off the engines' GIL).
+    engine_core: str = "thread"
     # Benchmarks: replies always run to max_reply_tokens, so figures do not depend on when random
     # weights happen to stop.
     fixed_lengths: bool = False
@@ -140,6 +144,8 @@ class AgentConfig:
             raise ConfigError(f"temperature must be in [0, 2], got {self.temperature}")
         if self.engine_slots is not None and not (1 <= self.engine_slots <= 256):
             raise ConfigError(f"engine_slots must be in 1..256, got {self.engine_slots}")
+        if self.engine_core not in ENGINE_CORES:
+            raise ConfigError(f"engine_core must be one of {', '.join(ENGINE_CORES)}, got {self.engine_core!r}")
         if not (1 <= self.tts_chunk_frames <= 50):
             raise ConfigError(f"tts_chunk_frames must be in 1..50, got {self.tts_chunk_frames}")
         if (self.voice is None) != (self.voice_text is None):
