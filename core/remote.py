@@ -209,7 +209,7 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
 
 
 class RemoteModel:
-    """One role of the core's stages: opens streams there."""
+    """One role of the core's stages: opens streams there (the agent closes the core, not its models)."""
 
     def __init__(self, core: Core, role: str, stream: type[RemoteStream], sample_rate: int | None = None) -> None:
         self.core, self.role, self._stream = core, role, stream
@@ -218,9 +218,6 @@ class RemoteModel:
 
     def new_stream(self, *params: Any) -> Any:
         return self._stream(self, params)
-
-    async def aclose(self) -> None:
-        await self.core.aclose()
 
 
 class RemoteStream:

@@ -10,12 +10,15 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from duplex.config import AgentConfig, load_config
 from duplex.profiles import build_stages
 from duplex.session import Session
 from duplex.stages import Stages
+
+if TYPE_CHECKING:
+    from duplex.core.remote import Core
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +42,10 @@ class Agent:
     >>> async with agent.session() as session: ...    # doctest: +SKIP
     """
 
-    def __init__(self, stages: Stages, config: AgentConfig) -> None:
+    def __init__(self, stages: Stages, config: AgentConfig, core: Core | None = None) -> None:
         self.stages = stages
         self.config = config
+        self.core = core  # the engine core process serving the stages (engine_core "process"), if any
         self._count = itertools.count(1)
         self.sessions: set[Session] = set()
 
@@ -63,7 +67,7 @@ class Agent:
             from duplex.core.remote import Core
 
             core = await Core.start(config)
-            return cls(core.stages(), config)
+            return cls(core.stages(), config, core)
         stages = await asyncio.to_thread(build_stages, config)
         await warm_up(stages)
         return cls(stages, config)
@@ -81,8 +85,11 @@ class Agent:
         return session
 
     async def aclose(self) -> None:
-        """Close every open session, then the models' workers."""
+        """Close every open session, then the models' workers (or the engine core process)."""
         await asyncio.gather(*(s.close() for s in list(self.sessions)), return_exceptions=True)
+        if self.core is not None:
+            await self.core.aclose()
+            return
         for model in (self.stages.vad, self.stages.asr, self.stages.llm, self.stages.tts):
             close = getattr(model, "aclose", None)
             if close is not None:

@@ -139,6 +139,31 @@ async def _gpu_busy(samples: list[float], device: str) -> None:
         await asyncio.sleep(0.1)
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) process ``pid`` has used so far; None where /proc cannot tell."""
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def core_cpu(agent: Agent) -> Callable[[float], dict[str, float]]:
+    """Start counting the engine core process's CPU (none in one process); the returned function gives
+    ``{"core": seconds per second}`` over ``wall`` seconds since."""
+    pid = agent.core.process.pid if agent.core is not None else None
+    start = process_cpu_s(pid) if pid is not None else None
+
+    def since(wall: float) -> dict[str, float]:
+        end = process_cpu_s(pid) if pid is not None else None
+        return {} if start is None or end is None else {"core": round((end - start) / wall, 3)}
+
+    return since
+
+
 def concurrency_row(n: int, *, lags: list[float], underruns: int, v2v: list[float], ticks: dict[str, list[float]],
                     gpu: list[float], cpu_s_per_s: dict[str, float], listens: int | None,
                     wall: float) -> ConcurrencyRow:
@@ -220,7 +245,7 @@ async def concurrency(agent: Agent, steps: list[Step], max_sessions: int,
                       sizes: tuple[int, ...] = SIZES) -> list[ConcurrencyRow]:
     """The sweep of :func:`sweep` over sessions of this agent, each running ``steps``."""
     async def measure(n: int) -> ConcurrencyRow:
-        probe = engine_probe(agent)
+        probe, core = engine_probe(agent), core_cpu(agent)
         t, cpu = now(), time.process_time()
         async with gpu_sampling(agent.config.resolved_device()) as gpu:
             results = await asyncio.gather(*(_run_monitored(agent, steps) for _ in range(n)))
@@ -228,7 +253,7 @@ async def concurrency(agent: Agent, steps: list[Step], max_sessions: int,
         return concurrency_row(
             n, lags=[lag for _, k in results for lag in k.lags], underruns=sum(k.underruns for _, k in results),
             v2v=[x for run, _ in results for r in run.turn_metrics() if (x := r.get("voice_to_voice_s")) is not None],
-            gpu=gpu, cpu_s_per_s={"agent": round(cpu / wall, 3)},  # one process: the agent
+            gpu=gpu, cpu_s_per_s={"agent": round(cpu / wall, 3), **core(wall)},  # the agent (+ its core)
             wall=wall, **probe())
 
     return await sweep(measure, max_sessions, sizes)

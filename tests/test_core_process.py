@@ -5,8 +5,8 @@
   end-of-turn estimate, reply and backchannel verdict, and the TTS's audio samples and word timings.
 - A reply closed half-way (a barge-in) is closed in the core too: the LLM's reply and the TTS's
   synthesis end there, and the streams a session opened are gone once it closes.
-- A core that dies fails the calls waiting on it and every later one with a clear error, and the
-  agent still closes; a core whose models fail to load reports that error to the frontend.
+- A core that dies fails the calls waiting on it and every later one with a clear error, a session
+  using it ends with that error as its reason, and the agent still closes; a core whose models fail to load reports that error to the frontend.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def test_every_stage_answers_across_the_process_boundary_as_in_one_process(jfk16
             assert len(first.pcm) > 0
             await llm.aclose()
             await tts.aclose()
-            core = there.stages.llm.core  # type: ignore[attr-defined]
+            core = there.core
             assert await core.census() == {"streams": 0, "iterators": 0, "requests": 0, "pulls": 0}
         finally:
             await there.aclose()
@@ -98,14 +98,29 @@ def test_a_dead_core_fails_its_calls_clearly_and_the_agent_still_closes():
 
     async def main():
         agent = await Agent.load(AgentConfig(profile="fake", device="cpu", engine_core="process"))
-        core = agent.stages.llm.core  # type: ignore[attr-defined]
+        core = agent.core
+        assert core is not None
         llm = agent.stages.llm.new_stream("")
         await llm.listen(QUESTION)  # the core answers while it lives
+        session = agent.session()
+        events = session.events()
+        session.push_audio(np.zeros(1600, np.float32), 16000)
         os.kill(core.process.pid, signal.SIGKILL)
         with pytest.raises(CoreGone, match="engine core process has gone"):
             await asyncio.wait_for(llm.listen(QUESTION), 10)
         with pytest.raises(CoreGone):
             agent.stages.asr.new_stream()
+        for _ in range(100):  # the session's next model call fails: it ends, with the reason
+            if session.closed:
+                break
+            session.push_audio(np.zeros(320, np.float32), 16000)
+            await asyncio.sleep(0.02)
+        assert session.closed
+        errors = []
+        async for event in events:
+            if event.type == "error":
+                errors.append(event.message)
+        assert any("engine core process has gone" in m for m in errors), errors
         await asyncio.wait_for(agent.aclose(), 10)
 
     asyncio.run(main())

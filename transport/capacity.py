@@ -4,7 +4,8 @@ The same sweep as ``bench e2e`` (1, 2, 4, 8, ... sessions, stopping after two si
 each session is a real aiortc peer talking over loopback to the server ``duplex serve`` runs (its
 :class:`~duplex.transport.server.Server` and agent, in this process), so the figures include Opus,
 SRTP, the jitter buffers and the data channel. The peers run in a child process of their own
-(``python -m duplex.transport.capacity peers URL N``), so this process's CPU seconds are the server's.
+(``python -m duplex.transport.capacity peers URL N``), so this process's CPU seconds are the server's
+(with ``--engine-core process``, the engine core's are reported apart).
 
 Each peer says JFK's "And so my fellow Americans" and waits for the whole answer. Per size, the row
 of :func:`duplex.e2e.concurrency_row`: the server sessions' input lag (sampled every 0.1 s, p99 and
@@ -102,11 +103,11 @@ class CapacityRow(ConcurrencyRow):
 async def measure(server, agent, url: str, n: int) -> CapacityRow:
     """``n`` peers (a child process) against ``server``; the sweep row, plus the peers' outcomes."""
     from duplex.clock import now
-    from duplex.e2e import concurrency_row, engine_probe, gpu_sampling
+    from duplex.e2e import concurrency_row, core_cpu, engine_probe, gpu_sampling
 
     lags: list[float] = []
     underruns: dict[str, int] = {}
-    probe = engine_probe(agent)
+    probe, core = engine_probe(agent), core_cpu(agent)
     t, cpu = now(), time.process_time()
     async with gpu_sampling(agent.config.resolved_device()) as gpu:
         child = await asyncio.create_subprocess_exec(
@@ -130,7 +131,7 @@ async def measure(server, agent, url: str, n: int) -> CapacityRow:
     v2v = [p["v2v_ear_s"] for p in peers["peers"] if p["v2v_ear_s"] is not None]
     base = concurrency_row(
         n, lags=lags, underruns=sum(underruns.values()), v2v=v2v, gpu=gpu,
-        cpu_s_per_s={"server": round(cpu / wall, 3), "peers": round(peers["cpu_s"] / wall, 3)},
+        cpu_s_per_s={"server": round(cpu / wall, 3), **core(wall), "peers": round(peers["cpu_s"] / wall, 3)},
         wall=wall, **probe())
     no_session = sum(not p["created"] for p in peers["peers"])
     unanswered = sum(p["created"] and not p["answered"] for p in peers["peers"])
