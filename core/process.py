@@ -74,6 +74,11 @@ class Connection:
             (rid,) = args
             self._send("result", rid, {"streams": len(self.streams), "iterators": len(self.iterators),
                                        "requests": len(self.tasks), "pulls": len(self.pulls)})
+        elif kind == "ticks":
+            from duplex.e2e import engine_ticks
+
+            rid, since = args
+            self._send("result", rid, engine_ticks(self.stages, since))
         elif kind == "cancel":
             (rid,) = args
             task = self.tasks.get(rid)

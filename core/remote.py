@@ -123,6 +123,11 @@ class Core:
         """What is open in the core: streams, iterators, requests in flight, streamed inputs waited on."""
         return (await self.request("census"))[1]
 
+    async def engine_ticks(self, since: dict[str, int] | None) -> dict[str, Any]:
+        """The core's :func:`duplex.e2e.engine_ticks`: its engines' tick counts, the ticks since
+        ``since`` and the LLM's listen count."""
+        return (await self.request("ticks", since))[1]
+
     async def call(self, sid: int, method: str, params: tuple[Any, ...]) -> Any:
         return (await self.request("call", sid, method, params))[1]
 

@@ -2,8 +2,8 @@
 
 A message is a tuple whose first item names it. Frontend to core: ``open`` a stage stream, ``call``
 one of its coroutine methods, ``iter`` (make) one of its async iterators and ask it for the ``next``
-item, ``aclose`` an iterator, ``cancel`` a request in flight, ask for a ``census`` of what is open, and answer a ``pull`` with a
-``piece`` (an input the core's iterator reads from the frontend, e.g. the reply text the TTS speaks).
+item, ``aclose`` an iterator, ``cancel`` a request in flight, ask for a ``census`` of what is open or the
+engines' ``ticks`` (for the benches), and answer a ``pull`` with a ``piece`` (an input the core's iterator reads from the frontend, e.g. the reply text the TTS speaks).
 Core to frontend: ``hello`` (or ``failed``) once the models are loaded, then ``result``/``error`` of a
 call, ``next`` or ``aclose`` (``stop``: the iterator is exhausted), and ``pull`` for a streamed
 input. Requests carry an id of their own; streams and iterators are named by ids the frontend picks.

@@ -116,11 +116,11 @@ def _quantile(values: list[float], q: float) -> float | None:
     return round(float(np.quantile(values, q)), 4) if values else None
 
 
-def _schedulers(agent: Agent) -> dict[str, Any]:
+def _schedulers(stages: Any) -> dict[str, Any]:
     """Each model's engine scheduler (the fake profile's stages have none)."""
     found = {}
     for role in ("vad", "asr", "llm", "tts"):
-        model = getattr(agent.stages, role)
+        model = getattr(stages, role)
         scheduler = getattr(model, "scheduler", None) or getattr(model, "worker", None)
         if scheduler is not None and hasattr(scheduler, "ticks_since"):
             found[role] = scheduler
@@ -211,19 +211,32 @@ async def sweep(measure: Callable[[int], Awaitable[Row]], max_sessions: int,
     return rows
 
 
-def engine_probe(agent: Agent) -> Callable[[], dict[str, Any]]:
-    """Start counting each engine's ticks and the LLM's listens now; the returned function gives what
-    happened since: ``ticks`` (ms per tick, by engine) and ``listens`` (None without a listen counter)."""
-    schedulers = _schedulers(agent)
-    ticks0 = {role: s.ticks for role, s in schedulers.items()}
-    llm = agent.stages.llm
-    listens0 = getattr(llm, "listens", None)
+def engine_ticks(stages: Any, since: dict[str, int] | None = None) -> dict[str, Any]:
+    """Each engine's tick count now (``counts``), the times (ms) of the ticks run since the counts in
+    ``since`` (``ticks``, by engine) and the LLM's listen count (``listens``, None without a counter).
+    The engine core process answers the same for its stages."""
+    schedulers = _schedulers(stages)
+    return {"counts": {role: s.ticks for role, s in schedulers.items()},
+            "ticks": {role: [1e3 * tick.seconds for tick in s.ticks_since(since[role])]
+                      for role, s in schedulers.items() if since is not None and role in since},
+            "listens": getattr(stages.llm, "listens", None)}
 
-    def since() -> dict[str, Any]:
-        listens = getattr(llm, "listens", None)
-        return {"ticks": {role: [1e3 * tick.seconds for tick in s.ticks_since(ticks0[role])]
-                          for role, s in schedulers.items()},
-                "listens": None if listens is None or listens0 is None else listens - listens0}
+
+async def engine_probe(agent: Agent) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """Start counting each engine's ticks and the LLM's listens now, in this process or in the agent's
+    engine core; the returned function gives what happened since: ``ticks`` (ms per tick, by engine)
+    and ``listens`` (None without a listen counter)."""
+    async def read(since: dict[str, int] | None) -> dict[str, Any]:
+        if agent.core is not None:
+            return await agent.core.engine_ticks(since)
+        return engine_ticks(agent.stages, since)
+
+    start = await read(None)
+
+    async def since() -> dict[str, Any]:
+        end = await read(start["counts"])
+        listens0, listens = start["listens"], end["listens"]
+        return {"ticks": end["ticks"], "listens": None if listens is None or listens0 is None else listens - listens0}
 
     return since
 
@@ -245,7 +258,7 @@ async def concurrency(agent: Agent, steps: list[Step], max_sessions: int,
                       sizes: tuple[int, ...] = SIZES) -> list[ConcurrencyRow]:
     """The sweep of :func:`sweep` over sessions of this agent, each running ``steps``."""
     async def measure(n: int) -> ConcurrencyRow:
-        probe, core = engine_probe(agent), core_cpu(agent)
+        probe, core = await engine_probe(agent), core_cpu(agent)
         t, cpu = now(), time.process_time()
         async with gpu_sampling(agent.config.resolved_device()) as gpu:
             results = await asyncio.gather(*(_run_monitored(agent, steps) for _ in range(n)))
@@ -254,7 +267,7 @@ async def concurrency(agent: Agent, steps: list[Step], max_sessions: int,
             n, lags=[lag for _, k in results for lag in k.lags], underruns=sum(k.underruns for _, k in results),
             v2v=[x for run, _ in results for r in run.turn_metrics() if (x := r.get("voice_to_voice_s")) is not None],
             gpu=gpu, cpu_s_per_s={"agent": round(cpu / wall, 3), **core(wall)},  # the agent (+ its core)
-            wall=wall, **probe())
+            wall=wall, **await probe())
 
     return await sweep(measure, max_sessions, sizes)
 

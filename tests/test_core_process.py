@@ -21,6 +21,7 @@ import pytest
 
 from duplex.agent import Agent
 from duplex.config import AgentConfig
+from duplex.e2e import engine_probe
 from duplex.stages import Dialogue, Message
 
 QUESTION = Dialogue((Message("user", "hello there"), Message("assistant", "hi, how can I help?")),
@@ -69,7 +70,10 @@ def test_every_stage_answers_across_the_process_boundary_as_in_one_process(jfk16
             await here.aclose()
         there = await Agent.load(_config("process"))
         try:
+            probe = await engine_probe(there)
             remote = await _every_stage(there, jfk16)
+            seen = await probe()  # the benches read the core's engines across the boundary
+            assert seen["ticks"]["llm"] and seen["ticks"]["tts"] and isinstance(seen["listens"], int)
             # a reply closed half-way: the TTS's synthesis and the LLM's reply end in the core too
             llm, tts = there.stages.llm.new_stream(""), there.stages.tts.new_stream()
             tokens = llm.reply(QUESTION)

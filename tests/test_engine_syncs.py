@@ -38,7 +38,7 @@ def syncs_per_tick() -> dict[str, list[int]]:
         for role in ("llm", "tts"):
             getattr(agent.stages, role).engine.graphs.rehearse = True
         agent.stages.asr.graphs.rehearse = True
-        for role, scheduler in _schedulers(agent).items():
+        for role, scheduler in _schedulers(agent.stages).items():
             if role not in BUDGET:
                 continue  # the VAD is a CPU model: nothing to wait for
 

@@ -107,7 +107,7 @@ async def measure(server, agent, url: str, n: int) -> CapacityRow:
 
     lags: list[float] = []
     underruns: dict[str, int] = {}
-    probe, core = engine_probe(agent), core_cpu(agent)
+    probe, core = await engine_probe(agent), core_cpu(agent)
     t, cpu = now(), time.process_time()
     async with gpu_sampling(agent.config.resolved_device()) as gpu:
         child = await asyncio.create_subprocess_exec(
@@ -132,7 +132,7 @@ async def measure(server, agent, url: str, n: int) -> CapacityRow:
     base = concurrency_row(
         n, lags=lags, underruns=sum(underruns.values()), v2v=v2v, gpu=gpu,
         cpu_s_per_s={"server": round(cpu / wall, 3), **core(wall), "peers": round(peers["cpu_s"] / wall, 3)},
-        wall=wall, **probe())
+        wall=wall, **await probe())
     no_session = sum(not p["created"] for p in peers["peers"])
     unanswered = sum(p["created"] and not p["answered"] for p in peers["peers"])
     base["real_time"] = base["real_time"] and no_session == 0 and unanswered == 0
