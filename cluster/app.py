@@ -30,7 +30,8 @@ from typing import Any
 from duplex.cluster.routing import (Capacity, ReplicaStatus, cluster_status, owner_of, placement, prometheus,
                                     public_id)
 from duplex.config import AgentConfig
-from duplex.transport.server import ApiResponse, ServerOptions, too_large, unauthorized
+from duplex.transport.server import (ApiResponse, ServerOptions, cors_headers, refuse_request, too_large,
+                                     unauthorized)
 from duplex.transport.signalling import BadRequest, parse_json
 
 log = logging.getLogger(__name__)
@@ -186,8 +187,20 @@ class Ingress:
         self._placing: Counter[str] = Counter()  # new sessions sent to each replica, not answered yet
 
     async def __call__(self, request: Any) -> Any:
-        path, method = request.url.path, request.method
+        path, method, headers = request.url.path, request.method, request.headers
+        refused = refuse_request(self.options.server, method, request.url.scheme, headers.get("host"),
+                                 headers.get("origin"), headers.get("content-type"))
+        if refused is not None:
+            return _json(refused)
+        response = await self._answer(request, path, method)
+        response.headers.update(cors_headers(self.options.server, headers.get("origin")))
+        return response
+
+    async def _answer(self, request: Any, path: str, method: str) -> Any:
         try:
+            if path == "/api/offer" and method == "OPTIONS" and cors_headers(self.options.server,
+                                                                             request.headers.get("origin")):
+                return _text(204, "", "text/plain")  # a preflight from an allowed origin
             if path == "/api/offer" and method in ("POST", "PATCH"):
                 answer = await self._offer_request(method, request)
             elif path == "/api/offer":

@@ -119,7 +119,9 @@ def serve_main(args: Any, config: AgentConfig) -> int:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= args.replicas else 0.0
     options = ClusterOptions(
         replicas=args.replicas, gpus_per_replica=gpus,
-        server=ServerOptions(max_sessions=args.max_sessions, token=args.token, admin_token=args.admin_token),
+        server=ServerOptions(max_sessions=args.max_sessions, token=args.token, admin_token=args.admin_token,
+                             loopback_bind=is_loopback_host(args.host), allowed_hosts=tuple(args.allowed_host or ()),
+                             allowed_origins=tuple(args.allowed_origin or ())),
         loopback=is_loopback_host(args.host))
     cluster = start(config, options, host=args.host, port=args.port, address=args.ray_address,
                     cert=args.cert, key=args.key)

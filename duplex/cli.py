@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "?token=...); advised whenever --host is not loopback")
     p.add_argument("--admin-token", default=None, help="GET /api/status lists connection ids only to requests "
                    "with Authorization: Bearer <this>")
+    p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="bound to loopback, the server answers only requests naming this machine (localhost, an "
+                        "IP address) so no web page can reach it by rebinding its own name; also accept this Host "
+                        "name (repeatable)")
+    p.add_argument("--allowed-origin", action="append", default=None, metavar="ORIGIN",
+                   help="offers and candidates are accepted only from the server's own page; also accept them from "
+                        "pages of this origin, e.g. https://app.example.com (repeatable; answered with CORS headers)")
     p.add_argument("--cert", default=None, help="TLS certificate (PEM): serve https:// (browsers give the "
                    "microphone only to https:// pages or localhost)")
     p.add_argument("--key", default=None, help="the TLS certificate's private key (PEM)")

@@ -98,7 +98,8 @@ def _ingress_call(ingress, method: str, path: str, chunks: list[bytes], headers:
         return {"type": "http.request", "body": chunk, "more_body": read < len(chunks)}
 
     scope = {"type": "http", "method": method, "path": path, "query_string": b"", "client": ("192.0.2.1", 5000),
-             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+             "headers": [(k.lower().encode(), v.encode())
+                         for k, v in {"Content-Type": "application/json", **headers}.items()]}
     response = asyncio.run(ingress(Request(scope, receive)))
     return response.status_code, json.loads(response.body), read
 

@@ -51,6 +51,8 @@ HOSTILE_SDP = [
 
 
 async def _request(method: str, url: str, data: bytes | None = None, **kw) -> tuple[int, dict]:
+    if data is not None:  # raw bodies are sent as JSON, as the page sends them (the server refuses other types)
+        kw["headers"] = {"Content-Type": "application/json", **kw.get("headers", {})}
     async with aiohttp.ClientSession() as http:
         async with http.request(method, url, data=data, **kw) as r:
             body = await r.json(content_type=None) if r.content_type == "application/json" else {}

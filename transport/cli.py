@@ -50,7 +50,8 @@ def tls_context(cert: str | None, key: str | None):
 
 async def serve(config: AgentConfig, host: str, port: int, max_sessions: int, *,
                 stop: asyncio.Event | None = None, on_ready: Callable[[str], None] | None = None,
-                token: str | None = None, admin_token: str | None = None, tls=None) -> None:
+                token: str | None = None, admin_token: str | None = None, tls=None,
+                allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = ()) -> None:
     """Run the WebRTC server until ``stop`` is set (or Ctrl-C), then close every session and the models."""
     from aiohttp import web
 
@@ -73,7 +74,9 @@ async def serve(config: AgentConfig, host: str, port: int, max_sessions: int, *,
     try:
         if is_loopback_host(host):
             allow_loopback_candidates()  # clients are on this machine, which may have no other interface
-        server = Server(agent, ServerOptions(max_sessions=max_sessions, token=token, admin_token=admin_token))
+        server = Server(agent, ServerOptions(max_sessions=max_sessions, token=token, admin_token=admin_token,
+                                             loopback_bind=is_loopback_host(host), allowed_hosts=allowed_hosts,
+                                             allowed_origins=allowed_origins))
         runner = web.AppRunner(server.app, handle_signals=False, access_log=None)
         await runner.setup()
         await web.SockSite(runner, sock, ssl_context=tls).start()
@@ -115,7 +118,8 @@ def serve_main(args: argparse.Namespace) -> int:
         return serve_cluster(args, config)
     tls = tls_context(args.cert, args.key)
     asyncio.run(serve(config, args.host, args.port, args.max_sessions, token=args.token,
-                      admin_token=args.admin_token, tls=tls))
+                      admin_token=args.admin_token, tls=tls, allowed_hosts=tuple(args.allowed_host or ()),
+                      allowed_origins=tuple(args.allowed_origin or ())))
     print("duplex serve: stopped", file=sys.stderr)
     return 0
 

@@ -52,6 +52,9 @@ class ServerOptions:
     peer: PeerOptions = field(default_factory=PeerOptions)
     token: str | None = None  # offers and candidates must present it (Authorization: Bearer ...)
     admin_token: str | None = None  # the status shows connection ids only to requests presenting it
+    loopback_bind: bool = True  # bound to loopback only: a request's Host must name this machine (DNS rebinding)
+    allowed_hosts: tuple[str, ...] = ()  # more Host names accepted on a loopback bind (--allowed-host)
+    allowed_origins: tuple[str, ...] = ()  # pages elsewhere that may POST/PATCH, with CORS (--allowed-origin)
 
 
 @dataclass
@@ -79,20 +82,102 @@ def unauthorized(token: str | None, authorization: str | None) -> ApiResponse | 
     return None
 
 
-class Server:
-    """Holds the agent, the open peers and the aiohttp application that serves them. The signalling
-    calls (:meth:`offer`, :meth:`candidates`, :meth:`status_body`) take the request's bytes and
-    Authorization header and answer an :class:`ApiResponse`, so a cluster replica serves them too."""
+def refuse_request(options: ServerOptions, method: str, scheme: str, host: str | None, origin: str | None,
+                   content_type: str | None) -> ApiResponse | None:
+    """What no web page may do, checked before anything else (here and in the cluster's ingress):
 
-    def __init__(self, agent: Agent, options: ServerOptions | None = None) -> None:
-        self.agent = agent
-        self.options = options or ServerOptions()
-        self.peers: dict[str, Peer] = {}
-        self.closed_peers = 0
-        self.close_reasons: Counter[str] = Counter()  # why peers were closed, for status and tests
-        self._opening = 0
-        self._restarting: dict[str, Peer] = {}  # connections whose restart is being answered (the old peer)
-        self._closing = False
+    - on a loopback bind, a ``Host`` that does not name this machine (``localhost``, ``*.localhost``, an IP
+      address, or an ``allowed_hosts`` name) is a 403: a page whose name was rebound to 127.0.0.1 sends
+      its own name;
+    - a POST or PATCH whose ``Origin`` is present and is neither the page's own (this request's Host) nor
+      one of ``allowed_origins`` is a 403: another site's page posting here;
+    - a POST or PATCH whose ``Content-Type`` is not ``application/json`` is a 415, so a cross-site
+      "simple" request (text/plain, no preflight) never reaches the API.
+
+    A request without ``Host`` or ``Origin`` is no browser's and passes those checks."""
+    if options.loopback_bind and host is not None and not _local_host(host, options.allowed_hosts):
+        return ApiResponse(403, {"error": f"this server answers requests for this machine only, not for Host {host!r} "
+                                          "(start it with --allowed-host NAME to accept that name)"})
+    if method not in ("POST", "PATCH"):
+        return None
+    if origin is not None and not _own_origin(origin, host, scheme) and _origin(origin) not in _origins(options):
+        return ApiResponse(403, {"error": f"requests from pages of {origin!r} are refused: only this server's own "
+                                          "page may use its API (start it with --allowed-origin to accept another)"})
+    if (content_type or "").split(";")[0].strip().lower() != "application/json":
+        return ApiResponse(415, {"error": "send the request body as JSON with Content-Type: application/json"})
+    return None
+
+
+def cors_headers(options: ServerOptions, origin: str | None) -> dict[str, str]:
+    """CORS headers for a request from one of ``allowed_origins`` (none for anyone else: no CORS by default)."""
+    if origin is None or _origin(origin) not in _origins(options):
+        return {}
+    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin", "Access-Control-Allow-Methods": "POST, PATCH",
+            "Access-Control-Allow-Headers": "Content-Type, Authorization", "Access-Control-Max-Age": "600"}
+
+
+def _origin(text: str) -> str:
+    return text.strip().rstrip("/").lower()
+
+
+def _origins(options: ServerOptions) -> set[str]:
+    return {_origin(o) for o in options.allowed_origins}
+
+
+def _split_host(host: str) -> tuple[str, int | None] | None:
+    """``(name, port)`` of a Host header (``[::1]:8080`` included); None if it is not one."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit("//" + host.strip())
+        return (parts.hostname or "").lower(), parts.port
+    except ValueError:
+        return None
+
+
+def _local_host(host: str, allowed: tuple[str, ...]) -> bool:
+    import ipaddress
+
+    split = _split_host(host)
+    if split is None or not split[0]:
+        return False
+    name = split[0]
+    if name == "localhost" or name.endswith(".localhost") or name in {a.lower() for a in allowed}:
+        return True
+    try:
+        ipaddress.ip_address(name)  # an address cannot be rebound: a page there is at that address
+    except ValueError:
+        return False
+    return True
+
+
+def _own_origin(origin: str, host: str | None, scheme: str) -> bool:
+    """Whether ``origin`` is the origin of this server's page as the request names it (scheme aside: a
+    proxy may end TLS in front of it)."""
+    from urllib.parse import urlsplit
+
+    defaults = {"http": 80, "https": 443}
+    try:
+        parts = urlsplit(origin.strip())
+        origin_port = parts.port or defaults.get(parts.scheme)
+    except ValueError:
+        return False
+    split = _split_host(host) if host is not None else None
+    if split is None or not parts.hostname:
+        return False
+    name, port = split
+    return parts.hostname.lower() == name and origin_port == (port or defaults.get(scheme))
+
+
+class Site:
+    """The page and the signalling API over HTTP (aiohttp), with every check of what a request may do.
+    The signalling calls (:meth:`offer`, :meth:`candidates`, :meth:`status_body`) take the request's
+    bytes and Authorization header and answer an :class:`ApiResponse`; :class:`Server` answers them
+    with sessions of its own, the front of ``duplex serve --workers N``
+    (:class:`duplex.transport.workers.Front`) by sending each to the worker process that owns it."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
         self.app = self._build_app()
 
     # -- app ---------------------------------------------------------------------------------------
@@ -124,10 +209,24 @@ class Server:
         return web.json_response(body, status=status, headers=headers)
 
     async def _errors(self, request, handler):
-        """Every refusal as JSON ``{"error": message}``; nothing a client sends raises out of here."""
+        """Every refusal as JSON ``{"error": message}``; nothing a client sends raises out of here. What
+        no web page may do (:func:`refuse_request`) is refused before any handler runs."""
+        headers = request.headers
+        refused = refuse_request(self.options, request.method, request.scheme, headers.get("Host"),
+                                 headers.get("Origin"), headers.get("Content-Type"))
+        if refused is not None:
+            return self._respond(refused)
+        response = await self._handle(request, handler)
+        response.headers.update(cors_headers(self.options, headers.get("Origin")))
+        return response
+
+    async def _handle(self, request, handler):
         from aiohttp import web
 
         try:
+            if request.method == "OPTIONS" and request.path == "/api/offer" and cors_headers(
+                    self.options, request.headers.get("Origin")):
+                return web.Response(status=204)  # a preflight from an allowed origin
             response = await handler(request)
             if response.status >= 400 and response.content_type != "application/json":
                 return self._json(response.status, {"error": _refusal(request, response.status, response.reason)})
@@ -182,6 +281,42 @@ class Server:
     async def status(self, request):
         return self._respond(self.status_body(request.headers.get("Authorization")))
 
+    async def post_offer(self, request):
+        return self._respond(await self.offer(await self._body(request), request.headers.get("Authorization"),
+                                              request.remote))
+
+    async def patch_offer(self, request):
+        return self._respond(await self.candidates(await self._body(request), request.headers.get("Authorization")))
+
+    # -- the signalling calls, answered by a subclass ----------------------------------------------
+
+    async def offer(self, body: bytes, authorization: str | None = None, remote: str | None = None) -> ApiResponse:
+        raise NotImplementedError
+
+    async def candidates(self, body: bytes, authorization: str | None = None) -> ApiResponse:
+        raise NotImplementedError
+
+    def status_body(self, authorization: str | None = None) -> ApiResponse:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Runs when the app shuts down."""
+
+
+class Server(Site):
+    """Holds the agent, the open peers and the aiohttp application that serves them; the signalling
+    calls are answered here, so a cluster replica or a serve worker answers them too."""
+
+    def __init__(self, agent: Agent, options: ServerOptions | None = None) -> None:
+        self.agent = agent
+        self.peers: dict[str, Peer] = {}
+        self.closed_peers = 0
+        self.close_reasons: Counter[str] = Counter()  # why peers were closed, for status and tests
+        self._opening = 0
+        self._restarting: dict[str, Peer] = {}  # connections whose restart is being answered (the old peer)
+        self._closing = False
+        super().__init__(options or ServerOptions())
+
     def room(self) -> int:
         """Seats for new sessions (none while closing). Offers being answered are not subtracted: the
         cluster's ingress counts those it has sent itself."""
@@ -212,13 +347,6 @@ class Server:
             return ApiResponse(403, {"error": "this connection belongs to the page that opened it: send the "
                                               "'secret' from its answer to renegotiate, restart or add candidates"})
         return None
-
-    async def post_offer(self, request):
-        return self._respond(await self.offer(await self._body(request), request.headers.get("Authorization"),
-                                              request.remote))
-
-    async def patch_offer(self, request):
-        return self._respond(await self.candidates(await self._body(request), request.headers.get("Authorization")))
 
     async def offer(self, body: bytes, authorization: str | None = None, remote: str | None = None) -> ApiResponse:
         """``POST /api/offer``: a new connection, a renegotiation or a restart (see the module docstring)."""
