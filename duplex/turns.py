@@ -36,6 +36,7 @@ silence lasts), :class:`Speculate` asks for a reply to be made at once with its 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 from duplex.config import TurnConfig
@@ -103,6 +104,11 @@ class Withdraw:
 Action = EndTurn | CancelReply | Pause | CheckBargeIn | Resume | Interrupt | Speculate | Withdraw
 
 
+def _words(text: str) -> tuple[str, ...]:
+    """The words of ``text`` as a backchannel is compared: lower case, no punctuation."""
+    return tuple(re.findall(r"[\w'-]+", text.lower()))
+
+
 class TurnPolicy:
     def __init__(self, config: TurnConfig | None = None, rate: int = INPUT_RATE) -> None:
         self.cfg = config or TurnConfig()
@@ -121,7 +127,7 @@ class TurnPolicy:
         self.check_pending = False
         self.pause_start: int | None = None  # stream sample where the current pause began
         self.discard_utterance = False  # the open utterance was a backchannel: not part of any turn ...
-        self.backchannel_words = 0  # ... as far as the words judged so (more words are new speech)
+        self.backchannel_words: tuple[str, ...] = ()  # ... as far as the words judged so (others are new speech)
         self.speculated: str | None = None  # the text an outstanding speculative reply answers
         self._ended_text: list[str] = []  # the last ended turn, restored if its reply is cancelled
 
@@ -188,8 +194,11 @@ class TurnPolicy:
         return self.advance(self.now)
 
     def _beyond_backchannel(self, text: str) -> bool:
-        """Whether ``text`` (of an utterance judged a backchannel) has more words than were judged."""
-        return len(text.split()) > self.backchannel_words
+        """Whether ``text`` (of an utterance judged a backchannel) goes beyond the exact words judged:
+        anything but those words or the start of them ("yeah" judged: "yeah", "Yeah." and "" are not
+        beyond it; "yeah but" is, and so is "yeah wait" after "yeah yeah" was judged)."""
+        words = _words(text)
+        return words != self.backchannel_words[:len(words)]
 
     def _words_arrived(self) -> list[Action]:
         text = self.user_text
@@ -215,8 +224,8 @@ class TurnPolicy:
             return [CheckBargeIn(self.user_text)]
         if backchannel:
             self.phase, self.pause_start = Phase.SPEAKING, None
+            self.backchannel_words = _words(self.partial)  # the open utterance's words judged
             self.finals, self.partial, self.discard_utterance = [], "", True
-            self.backchannel_words = len(text.split())
             return [Resume()]
         return [self._interrupt()]
 

@@ -1,5 +1,7 @@
 """The turn-taking and barge-in policy as a pure state machine (no audio, no models)."""
 
+import pytest
+
 from duplex.config import TurnConfig
 from duplex.turns import CancelReply, CheckBargeIn, EndTurn, Interrupt, Pause, Phase, Resume, TurnPolicy
 
@@ -221,3 +223,70 @@ def test_a_backchannel_then_words_after_a_comma_pause_interrupt_too():
     q.speech_stopped(s(4.5))
     assert q.final("mm-hm") == [] and q.user_text == "" and q.phase is Phase.SPEAKING
     assert q.advance(s(8)) == [] and q.phase is Phase.SPEAKING
+
+
+def test_the_issue_reproduction_pauses_and_keeps_the_words():
+    """Issue 21's policy-only reproduction: "yeah" judged a backchannel, then the partial "yeah but
+    wait stop that" of the same utterance. It was ignored (the agent talked over the user and the
+    words were lost); it pauses the agent at the speech's onset and asks about the whole utterance."""
+    p = TurnPolicy(TurnConfig())
+    _speaking(p)
+    p.speech_started(s(4))
+    p.transcript("yeah")
+    assert p.barge_in_verdict(True, "yeah") == [Resume()]
+    assert p.transcript("yeah but wait stop that") == [Pause(s(4)), CheckBargeIn("yeah but wait stop that")]
+    assert p.phase is Phase.PAUSED and p.user_text == "yeah but wait stop that"
+
+
+@pytest.mark.parametrize("comma_pause", [False, True], ids=["one-breath", "comma-pause"])
+@pytest.mark.parametrize("slow_check", [False, True], ids=["fast-check", "slow-check"])
+def test_a_backchannel_led_interruption_is_never_talked_over(comma_pause: bool, slow_check: bool):
+    """"yeah ... but wait stop that" over the agent, in one breath or with a comma pause shorter than
+    the VAD's hangover (the speech stops and starts again before the ASR closes the utterance), with
+    a check that answers before the words grow (fast) or after (slow: its verdict about "yeah" is
+    stale). Whatever the order, the agent is paused from the moment the new words arrive until the
+    interruption, never resumed under them, and the next turn holds every word."""
+    p = TurnPolicy(TurnConfig())
+    _speaking(p)
+    assert p.speech_started(s(4)) == [Pause(s(4))]
+    assert p.transcript("yeah") == [CheckBargeIn("yeah")]
+    onset = s(4)
+    actions: list = []
+    if not slow_check:
+        assert p.barge_in_verdict(True, "yeah") == [Resume()]
+    if comma_pause:
+        actions += p.speech_stopped(s(4.3))
+        actions += p.speech_started(s(4.45))
+        onset = s(4.45)
+    actions += p.transcript("yeah but wait stop that")
+    if slow_check:
+        actions += p.barge_in_verdict(True, "yeah")  # about older words: asked again
+    else:
+        assert actions[0] == Pause(onset)
+    assert actions[-1] == CheckBargeIn("yeah but wait stop that")
+    assert Resume() not in actions and p.phase is Phase.PAUSED
+    assert p.barge_in_verdict(False, "yeah but wait stop that") == [Interrupt("yeah but wait stop that")]
+    p.speech_stopped(s(6))
+    p.final("yeah but wait stop that")
+    assert p.advance(s(8)) == [EndTurn("yeah but wait stop that", s(6))]
+
+
+def test_only_the_exact_words_judged_are_dropped():
+    """What counts as the backchannel is the exact words judged, not how many there were: "yeah
+    yeah" judged, a revision to "yeah wait" is new speech; the judged words again (in any case or
+    punctuation) or the start of them are not."""
+    p = TurnPolicy(TurnConfig())
+    _speaking(p)
+    p.speech_started(s(4))
+    p.transcript("yeah yeah")
+    assert p.barge_in_verdict(True, "yeah yeah") == [Resume()]
+    assert p.transcript("yeah") == [] and p.transcript("Yeah, yeah.") == []
+    assert p.transcript("yeah wait") == [Pause(s(4)), CheckBargeIn("yeah wait")]
+
+    q = TurnPolicy(TurnConfig())
+    _speaking(q)
+    q.speech_started(s(4))
+    q.transcript("okay")
+    assert q.barge_in_verdict(True, "okay") == [Resume()]
+    q.speech_stopped(s(4.4))
+    assert q.final("Okay.") == [] and q.user_text == "" and q.phase is Phase.SPEAKING
