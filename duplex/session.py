@@ -59,6 +59,14 @@ RESUME_QUEUED_S = 5.0  # ... until the backlog is down to this
 PROGRESS_EVERY = 10  # frames between PlaybackProgress events (200 ms)
 
 
+def _cancelling() -> bool:
+    """Whether the running task itself is being cancelled (not merely an awaited call that was).
+    Python 3.10 cannot tell: there any cancellation counts as the task's own."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
+
+
 class Subscription(Generic[T]):
     """An async iterator over what a session publishes, registered when created (nothing is missed).
 
@@ -411,20 +419,23 @@ class Session:
                 self._withdraw()
 
     async def _check(self, text: str) -> None:
-        """Ask whether ``text`` (said over the agent) is a backchannel; a failed check, or one not
-        answered within ``turn.check_timeout_s``, is a verdict too (None: yield), so the pause never
-        waits on it for long."""
+        """Ask whether ``text`` (said over the agent) is a backchannel; a failed check, one cancelled
+        under it (the engine or the core dropped the call), or one not answered within
+        ``turn.check_timeout_s`` is a verdict too (None: yield), so the pause never waits on it for
+        long. Only this task being cancelled (the session closing) ends it without a verdict."""
         backchannel: bool | None = False
         turn = self.config.turn
         if turn.backchannels:
             try:
                 backchannel = await asyncio.wait_for(self._llm.is_backchannel(self.conversation.messages(), text),
                                                      turn.check_timeout_s)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and _cancelling():
+                    raise
                 why = (f"no answer within {turn.check_timeout_s} s (turn.check_timeout_s)"
-                       if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}")
+                       if isinstance(exc, asyncio.TimeoutError) else
+                       "the call was cancelled" if isinstance(exc, asyncio.CancelledError) else
+                       f"{type(exc).__name__}: {exc}")
                 log.warning("%s: the backchannel check failed (%s); yielding", self.name, why)
                 self._emit(ev.Error(stream_samples=self._vad_pos, wall=now(), stage="llm",
                                     message=f"backchannel check failed: {why}"))
