@@ -166,13 +166,19 @@ async def _capped_body(request: Any, cap: int) -> bytes | ApiResponse:
     refused = too_large(declared, cap)
     if refused is not None:
         return refused
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        refused = too_large(size, cap)
-        if refused is not None:
-            return refused
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            refused = too_large(size, cap)
+            if refused is not None:
+                return refused
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody is left to answer: one line, not a traceback
+        log.info("%s %s: the client left before sending its whole body", request.method, request.url.path)
+        return ApiResponse(400, {"error": "the request body was cut short"})
     return b"".join(chunks)
 
 

@@ -119,7 +119,7 @@ def _ingress_call(ingress, method: str, path: str, body: bytes, headers: dict[st
 
     scope = {"type": "http", "method": method, "path": path, "query_string": b"", "client": ("192.0.2.1", 5000),
              "scheme": "http", "server": ("127.0.0.1", 8080),
-             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+             "headers": [(k.lower().encode(), v.encode("latin-1")) for k, v in headers.items()]}
     response = asyncio.run(ingress(Request(scope, receive)))
     return response.status_code, json.loads(response.body or b"{}"), dict(response.headers)
 
@@ -145,3 +145,145 @@ def test_the_ingress_refuses_foreign_hosts_origins_and_content_types():
     status, reply, _ = _ingress_call(open_ingress, "POST", "/api/offer", body,
                                      {**JSON, "Host": "agent.example.com", "Origin": "http://agent.example.com"})
     assert status == 401  # past the guards: the page's own origin, any Host on an open bind
+
+
+# -- 4. no input reaches a 500 -------------------------------------------------------------------------
+
+
+async def _raw(url: str, data: bytes, *, leave: bool = False, timeout: float = 5.0) -> tuple[int, dict]:
+    """Send ``data`` on a raw connection to the server at ``url``: (status, JSON body) of its answer,
+    or (0, {}) with ``leave`` (the client hangs up right after sending)."""
+    import asyncio
+
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        if leave:
+            return 0, {}
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        status = int(head.split(b" ", 2)[1])
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        body = await asyncio.wait_for(reader.readexactly(length), timeout) if length else b""
+        return status, json.loads(body) if body.startswith(b"{") else {"_raw": body.decode(errors="replace")}
+    finally:
+        writer.close()
+
+
+def _http(method: str, headers: dict[str, str | bytes], body: bytes = b"") -> bytes:
+    lines = [f"{method} /api/offer HTTP/1.1".encode(), b"Host: 127.0.0.1"]
+    lines += [k.encode() + b": " + (v if isinstance(v, bytes) else v.encode()) for k, v in headers.items()]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def _no_tracebacks(caplog) -> None:
+    bad = [r for r in caplog.records if r.levelno >= 40 or r.exc_info]
+    assert not bad, [f"{r.name}: {r.getMessage()}" for r in bad]
+
+
+async def test_bad_headers_and_bodies_are_4xx_not_500(caplog, jfk_path):
+    """What reached a 500 before: an Authorization header that is not UTF-8 (with --token), a body
+    whose Content-Encoding does not decode, a client that leaves mid-body, and a 'secret' that is a
+    lone surrogate. Each is now a 4xx JSON answer (the client that left gets none) and leaves no
+    ERROR or traceback in the log; the server goes on serving."""
+    import asyncio
+    import logging
+
+    from tests.transport_fixtures import connect, file_track, jfk48
+
+    caplog.set_level(logging.INFO)
+    agent = await load_agent()
+    try:
+        async with running_server(agent, token="t0ken") as (server, url):
+            body = json.dumps(OFFER).encode()
+            status, reply = await _raw(url, _http("POST", {"Authorization": b"Bearer \xff\xfe\xc3", **JSON,
+                                                            "Content-Length": str(len(body))}, body))
+            assert status == 401 and "token" in reply["error"]
+            auth = {"Authorization": "Bearer t0ken", **JSON}
+            status, reply = await _raw(url, _http("POST", {**auth, "Content-Encoding": "gzip",
+                                                           "Content-Length": "9"}, b"not gzip!"))
+            assert status == 400 and "cannot read the request body" in reply["error"]
+            await _raw(url, _http("POST", {**auth, "Content-Length": "1000"}, b'{"sdp": "v=0'), leave=True)
+            await asyncio.sleep(0.3)
+            assert any("left before sending its whole body" in r.getMessage() for r in caplog.records)
+
+            client = await connect(url, file_track(jfk48(jfk_path)), token="t0ken")
+            try:
+                for method, request in (("PATCH", {"pc_id": client.pc_id, "secret": "\udcff", "candidates": []}),
+                                        ("POST", {**OFFER, "pc_id": client.pc_id, "secret": "\ud800x"})):
+                    status, reply, _ = await _request(method, url + "/api/offer", json.dumps(request).encode(),
+                                                      {"Authorization": "Bearer t0ken", **JSON})
+                    assert status == 403 and "secret" in reply["error"], (method, status, reply)
+                status, reply, _ = await _request("GET", url + "/api/status")
+                assert status == 200 and reply["sessions"] == 1
+            finally:
+                await client.close()
+    finally:
+        await agent.aclose()
+    _no_tracebacks(caplog)
+
+
+async def test_aiortc_failing_in_its_own_task_is_one_warning(caplog):
+    """An offer aiortc accepts but cannot set up (no a=fingerprint) fails later inside aiortc's own
+    connect task, which nobody awaits: asyncio's "Task exception was never retrieved" traceback
+    before; one WARNING line now, and the loop's handler is the test's own again after the server."""
+    import asyncio
+    import gc
+    import logging
+
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+    from aiortc.mediastreams import AudioStreamTrack
+
+    caplog.set_level(logging.INFO)
+    loop = asyncio.get_running_loop()
+    before = loop.get_exception_handler()
+    agent = await load_agent()
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    try:
+        async with running_server(agent) as (server, url):
+            pc.addTrack(AudioStreamTrack())
+            pc.createDataChannel("events")
+            await pc.setLocalDescription(await pc.createOffer())
+            sdp = "".join(line for line in pc.localDescription.sdp.splitlines(keepends=True)
+                          if not line.startswith("a=fingerprint"))
+            status, answer, _ = await _request("POST", url + "/api/offer",
+                                               json.dumps({"sdp": sdp, "type": "offer"}).encode(), JSON)
+            assert status == 200
+            await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+            for _ in range(100):  # ICE connects over loopback, then aiortc's DTLS start fails
+                gc.collect()
+                if any("failed inside aiortc" in r.getMessage() for r in caplog.records):
+                    break
+                await asyncio.sleep(0.1)
+            warnings = [r for r in caplog.records if "failed inside aiortc" in r.getMessage()]
+            assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+            assert "AssertionError" in warnings[0].getMessage()
+    finally:
+        await pc.close()
+        await agent.aclose()
+    assert loop.get_exception_handler() is before
+    _no_tracebacks(caplog)
+
+
+def test_the_ingress_answers_a_client_that_left_mid_body_without_a_500():
+    """A client that hangs up mid-body at the ingress is a 400 (logged as one line), not a 500 with a
+    traceback; an Authorization that is not UTF-8 is a 401."""
+    ingress = _ingress(ServerOptions(token="t0ken"))
+    from starlette.requests import Request
+
+    async def left():
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "POST", "path": "/api/offer", "query_string": b"", "scheme": "http",
+             "client": ("192.0.2.1", 5000), "server": ("127.0.0.1", 8080),
+             "headers": [(b"host", b"127.0.0.1:8080"), (b"content-type", b"application/json"),
+                         (b"authorization", b"Bearer t0ken")]}
+    import asyncio
+
+    response = asyncio.run(ingress(Request(scope, left)))
+    assert response.status_code == 400 and b"cut short" in response.body
+    status, reply, _ = _ingress_call(ingress, "POST", "/api/offer", json.dumps(OFFER).encode(),
+                                     {**JSON, "Host": "127.0.0.1:8080", "Authorization": "Bearer \xff\xfe"})  # as bytes
+    assert status == 401

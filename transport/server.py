@@ -82,6 +82,10 @@ def unauthorized(token: str | None, authorization: str | None) -> ApiResponse | 
     return None
 
 
+class _Unreadable(BadRequest):
+    """A request body that could not be read to its end."""
+
+
 def refuse_request(options: ServerOptions, method: str, scheme: str, host: str | None, origin: str | None,
                    content_type: str | None) -> ApiResponse | None:
     """What no web page may do, checked before anything else (here and in the cluster's ingress):
@@ -171,7 +175,7 @@ def _own_origin(origin: str, host: str | None, scheme: str) -> bool:
 
 class Site:
     """The page and the signalling API over HTTP (aiohttp), with every check of what a request may do.
-    The signalling calls (:meth:`offer`, :meth:`candidates`, :meth:`status_body`) take the request's
+    The signalling calls (:meth:`offer`, :meth:`candidates`, :meth:`status_of`) take the request's
     bytes and Authorization header and answer an :class:`ApiResponse`; :class:`Server` answers them
     with sessions of its own, the front of ``duplex serve --workers N``
     (:class:`duplex.transport.workers.Front`) by sending each to the worker process that owns it."""
@@ -199,6 +203,7 @@ class Site:
             app.router.add_get("/{name:[A-Za-z0-9_.-]+}", self.file)  # the page's files, one level, no paths
         else:
             log.warning("the web client folder %s is missing; only the API is served", root)
+        app.on_startup.append(_log_webrtc_task_failures)
         app.on_shutdown.append(lambda _app: self.close())
         return app
 
@@ -232,7 +237,10 @@ class Site:
                 return self._json(response.status, {"error": _refusal(request, response.status, response.reason)})
             return response
         except BadRequest as exc:
-            return self._json(400, {"error": str(exc)})
+            response = self._json(400, {"error": str(exc)})
+            if isinstance(exc, _Unreadable):
+                response.force_close()  # the connection ends with this answer
+            return response
         except web.HTTPRequestEntityTooLarge:
             return self._json(413, {"error": f"request body too large (at most {self.options.max_body} bytes)"})
         except web.HTTPException as exc:
@@ -253,7 +261,15 @@ class Site:
 
         if request.content_length is not None and request.content_length > self.options.max_body:
             raise web.HTTPRequestEntityTooLarge(max_size=self.options.max_body, actual_size=request.content_length)
-        return await request.read()
+        try:
+            return await request.read()
+        except web.RequestPayloadError as exc:  # e.g. a Content-Encoding the body does not decode with
+            request.content.feed_eof()  # nothing more is read from it (aiohttp would, and fail again)
+            why = getattr(exc.__cause__, "message", None) or str(exc.__cause__ or exc)
+            raise _Unreadable(f"cannot read the request body: {why.strip()}") from None
+        except ConnectionResetError:  # the client left before its body was in
+            _gone.log(f"{request.method} {request.path}: the client left before sending its whole body")
+            raise BadRequest("the request body was cut short") from None
 
     def _respond(self, answer: ApiResponse):
         return self._json(answer.status, answer.body, headers=answer.headers or None)
@@ -279,7 +295,7 @@ class Site:
         return web.FileResponse(path, headers={"Cache-Control": "no-store"})
 
     async def status(self, request):
-        return self._respond(self.status_body(request.headers.get("Authorization")))
+        return self._respond(await self.status_of(request.headers.get("Authorization")))
 
     async def post_offer(self, request):
         return self._respond(await self.offer(await self._body(request), request.headers.get("Authorization"),
@@ -296,7 +312,8 @@ class Site:
     async def candidates(self, body: bytes, authorization: str | None = None) -> ApiResponse:
         raise NotImplementedError
 
-    def status_body(self, authorization: str | None = None) -> ApiResponse:
+    async def status_of(self, authorization: str | None = None) -> ApiResponse:
+        """``GET /api/status``."""
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -327,6 +344,9 @@ class Server(Site):
         not starts a new session."""
         return pc_id in self.peers or pc_id in self._restarting
 
+    async def status_of(self, authorization: str | None = None) -> ApiResponse:
+        return self.status_body(authorization)
+
     def status_body(self, authorization: str | None = None) -> ApiResponse:
         """Counts, states and limits; the connection ids only with the operator's token."""
         body: dict[str, Any] = {
@@ -343,7 +363,7 @@ class Server(Site):
 
     def _refuse_not_owner(self, peer: Peer, secret: str | None) -> ApiResponse | None:
         """403 unless ``secret`` is the one this connection's answer carried."""
-        if secret is None or not hmac.compare_digest(secret.encode(), peer.secret.encode()):  # any text
+        if secret is None or not _same(secret, peer.secret):
             return ApiResponse(403, {"error": "this connection belongs to the page that opened it: send the "
                                               "'secret' from its answer to renegotiate, restart or add candidates"})
         return None
@@ -464,7 +484,65 @@ def _refusal(request, status: int, reason: str) -> str:
 def _bearer_ok(authorization: str | None, token: str) -> bool:
     header = authorization or ""
     given = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    return bool(given) and hmac.compare_digest(given.encode(), token.encode())
+    return bool(given) and _same(given, token)
+
+
+def _same(given: str, expected: str) -> bool:
+    """A constant-time comparison of any two strings (lone surrogates and undecodable bytes included)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
+
+
+class _RateLimitedLog:
+    """One log line per ``every_s`` for something a client can cause at will (a lost connection, a
+    malformed message), with the count of those not logged in between: never a flood, never silent."""
+
+    def __init__(self, level: int, every_s: float = 10.0) -> None:
+        self.level, self.every_s = level, every_s
+        self._last = -float("inf")
+        self._skipped = 0
+
+    def log(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            self._skipped += 1
+            return
+        more = f" (and {self._skipped} more like it in the last {now - self._last:.0f} s)" if self._skipped else ""
+        self._last, self._skipped = now, 0
+        log.log(self.level, "%s%s", message, more)
+
+
+_gone = _RateLimitedLog(logging.INFO)  # clients that left mid-request
+_webrtc_failed = _RateLimitedLog(logging.WARNING)  # aiortc's own tasks failing on what a peer sent
+
+
+async def _log_webrtc_task_failures(app) -> None:
+    """aiortc runs a connection's ICE and DTLS setup in tasks of its own that nobody awaits, so a
+    peer's bad parameters end there as asyncio's "Task exception was never retrieved" traceback: one
+    WARNING line (rate-limited) instead, for as long as the app runs; anything else goes on to the
+    loop's handler as before."""
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc, task = context.get("exception"), context.get("future")
+        coro = task.get_coro() if isinstance(task, asyncio.Task) else None
+        where = getattr(getattr(coro, "cr_code", None), "co_filename", "")
+        if exc is not None and {"aiortc", "aioice"} & set(Path(where).parts):
+            _webrtc_failed.log(f"a WebRTC connection failed inside aiortc ({getattr(coro, '__qualname__', '?')}): "
+                               f"{type(exc).__name__}: {exc}")
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
+
+    async def restore(_app) -> None:
+        if loop.get_exception_handler() is handle:
+            loop.set_exception_handler(previous)
+
+    app.on_cleanup.append(restore)
 
 
 def _why(exc: Exception) -> str:
