@@ -30,8 +30,8 @@ from typing import Any
 from duplex.cluster.routing import (Capacity, ReplicaStatus, cluster_status, owner_of, placement, prometheus,
                                     public_id)
 from duplex.config import AgentConfig
-from duplex.transport.server import (ApiResponse, ServerOptions, cors_headers, refuse_request, too_large,
-                                     unauthorized)
+from duplex.transport.server import (SECURITY_HEADERS, ApiResponse, ServerOptions, cors_headers, not_open,
+                                     refuse_request, status_refused, too_large, unauthorized)
 from duplex.transport.signalling import BadRequest, parse_json
 
 log = logging.getLogger(__name__)
@@ -196,10 +196,12 @@ class Ingress:
         path, method, headers = request.url.path, request.method, request.headers
         refused = refuse_request(self.options.server, method, request.url.scheme, headers.get("host"),
                                  headers.get("origin"), headers.get("content-type"))
-        if refused is not None:
-            return _json(refused)
-        response = await self._answer(request, path, method)
-        response.headers.update(cors_headers(self.options.server, headers.get("origin")))
+        if refused is None and path in ("/api/status", "/metrics"):
+            refused = status_refused(self.options.server, headers.get("authorization"))
+        response = _json(refused) if refused is not None else await self._answer(request, path, method)
+        response.headers.update(SECURITY_HEADERS)
+        if refused is None:
+            response.headers.update(cors_headers(self.options.server, headers.get("origin")))
         return response
 
     async def _answer(self, request: Any, path: str, method: str) -> Any:
@@ -259,7 +261,7 @@ class Ingress:
             return ApiResponse(400, {"error": "'pc_id' must be the id from this connection's answer (a string)"})
         owner = owner_of(session, self.names) if session is not None else None
         if owner is None and method == "PATCH":
-            return ApiResponse(404, {"error": f"no open connection {session}; post an offer first"})
+            return not_open(session)
         if owner is not None:
             replica, local = owner
             capacity, = await self._capacities([replica], session=local)

@@ -186,8 +186,9 @@ def _no_tracebacks(caplog) -> None:
 async def test_bad_headers_and_bodies_are_4xx_not_500(caplog, jfk_path):
     """What reached a 500 before: an Authorization header that is not UTF-8 (with --token), a body
     whose Content-Encoding does not decode, a client that leaves mid-body, and a 'secret' that is a
-    lone surrogate. Each is now a 4xx JSON answer (the client that left gets none) and leaves no
-    ERROR or traceback in the log; the server goes on serving."""
+    lone surrogate. Each is now a 4xx JSON answer (the client that left gets none; an offer with such
+    a secret is a new session, as any offer not holding the connection's secret) and leaves no ERROR
+    or traceback in the log; the server goes on serving."""
     import asyncio
     import logging
 
@@ -211,12 +212,15 @@ async def test_bad_headers_and_bodies_are_4xx_not_500(caplog, jfk_path):
 
             client = await connect(url, file_track(jfk48(jfk_path)), token="t0ken")
             try:
-                for method, request in (("PATCH", {"pc_id": client.pc_id, "secret": "\udcff", "candidates": []}),
-                                        ("POST", {**OFFER, "pc_id": client.pc_id, "secret": "\ud800x"})):
-                    status, reply, _ = await _request(method, url + "/api/offer", json.dumps(request).encode(),
-                                                      {"Authorization": "Bearer t0ken", **JSON})
-                    assert status == 403 and "secret" in reply["error"], (method, status, reply)
-                status, reply, _ = await _request("GET", url + "/api/status")
+                request = {"pc_id": client.pc_id, "secret": "\udcff", "candidates": []}
+                status, reply, _ = await _request("PATCH", url + "/api/offer", json.dumps(request).encode(), auth)
+                assert status == 404 and "no open connection" in reply["error"], (status, reply)
+                request = {"sdp": client.pc.localDescription.sdp, "type": "offer", "pc_id": client.pc_id,
+                           "secret": "\ud800x"}
+                status, reply, _ = await _request("POST", url + "/api/offer", json.dumps(request).encode(), auth)
+                assert status == 200 and reply["pc_id"] != client.pc_id  # a session of its own
+                await server.peers[reply["pc_id"]].close("test")
+                status, reply, _ = await _request("GET", url + "/api/status", headers=auth)
                 assert status == 200 and reply["sessions"] == 1
             finally:
                 await client.close()
@@ -287,3 +291,84 @@ def test_the_ingress_answers_a_client_that_left_mid_body_without_a_500():
     status, reply, _ = _ingress_call(ingress, "POST", "/api/offer", json.dumps(OFFER).encode(),
                                      {**JSON, "Host": "127.0.0.1:8080", "Authorization": "Bearer \xff\xfe"})  # as bytes
     assert status == 401
+
+
+# -- 6. small leaks --------------------------------------------------------------------------------------
+
+
+def _strip_id(reply: dict, pc_id: str) -> str:
+    return reply["error"].replace(pc_id, "<id>")
+
+
+async def test_status_needs_the_token_and_a_live_id_answers_as_an_unknown_one(jfk_path):
+    """With --token the status is a 401 without it (the admin token also opens it); candidates for a
+    live connection without its secret get exactly the answer of an unknown id (404, same message),
+    and an offer naming a live connection without its secret gets a new session, as one naming an
+    unknown id does; the owner's session is untouched. Every answer carries the security headers."""
+    from tests.transport_fixtures import connect, file_track, jfk48
+
+    agent = await load_agent()
+    try:
+        async with running_server(agent, token="t0ken", admin_token="op") as (server, url):
+            status, reply, headers = await _request("GET", url + "/api/status")
+            assert status == 401 and "token" in reply["error"] and headers["WWW-Authenticate"] == "Bearer"
+            for token in ("t0ken", "op"):
+                status, reply, _ = await _request("GET", url + "/api/status", headers={"Authorization": f"Bearer {token}"})
+                assert status == 200 and ("peers" in reply) == (token == "op")
+            auth = {"Authorization": "Bearer t0ken", **JSON}
+            client = await connect(url, file_track(jfk48(jfk_path)), token="t0ken")
+            try:
+                unknown = "pc_0011223344556677"
+                answers = []
+                for pc_id in (client.pc_id, unknown):
+                    for secret in (None, "guess"):
+                        body = json.dumps({"pc_id": pc_id, "secret": secret, "candidates": []}).encode()
+                        status, reply, _ = await _request("PATCH", url + "/api/offer", body, auth)
+                        answers.append((status, _strip_id(reply, pc_id)))
+                assert len(set(answers)) == 1 and answers[0][0] == 404, answers
+                for pc_id in (client.pc_id, unknown):
+                    body = json.dumps({"sdp": client.pc.localDescription.sdp, "type": "offer", "pc_id": pc_id,
+                                       "restart_pc": True}).encode()
+                    status, reply, _ = await _request("POST", url + "/api/offer", body, auth)
+                    assert status == 200 and reply["pc_id"] not in (client.pc_id, unknown)
+                    await server.peers[reply["pc_id"]].close("test")
+                assert client.pc_id in server.peers and not server.peers[client.pc_id].closed
+            finally:
+                await client.close()
+    finally:
+        await agent.aclose()
+
+
+async def test_every_answer_carries_the_security_headers():
+    """The page, its files, the API, a 404 and a refused Host: no framing (CSP frame-ancestors 'none',
+    X-Frame-Options), no type sniffing, no Referer carrying ?token= elsewhere."""
+    agent = await load_agent()
+    try:
+        async with running_server(agent) as (_, url):
+            for path, extra, code in (("/", {}, 200), ("/app.js", {}, 200), ("/api/status", {}, 200),
+                                      ("/nothing.js", {}, 404), ("/api/status", {"Host": "evil.example"}, 403)):
+                status, _, headers = await _request("GET", url + path, headers=extra)
+                assert status == code, (path, status)
+                assert headers["Content-Security-Policy"] == "frame-ancestors 'none'", path
+                assert headers["X-Content-Type-Options"] == "nosniff" and headers["X-Frame-Options"] == "DENY"
+                assert headers["Referrer-Policy"] == "no-referrer"
+    finally:
+        await agent.aclose()
+
+
+def test_the_ingress_status_and_metrics_need_the_token_and_carry_the_headers():
+    """At the ingress too: the status and the metrics are 401 without the token, before any replica
+    is asked; a PATCH naming no replica of ours is the replicas' own 404; answers carry the headers."""
+    ingress = _ingress(ServerOptions(token="t0ken"))
+    host = {"Host": "127.0.0.1:8080"}
+    for path in ("/api/status", "/metrics"):
+        status, reply, headers = _ingress_call(ingress, "GET", path, b"", host)
+        assert status == 401 and "token" in reply["error"], path
+        assert headers["content-security-policy"] == "frame-ancestors 'none'"
+        assert headers["x-content-type-options"] == "nosniff"
+    body = json.dumps({"pc_id": "agent-9.pc_0011223344556677", "secret": "s", "candidates": []}).encode()
+    status, reply, _ = _ingress_call(ingress, "PATCH", "/api/offer", body,
+                                     {**host, **JSON, "Authorization": "Bearer t0ken"})
+    from duplex.transport.server import not_open
+
+    assert status == 404 and reply == not_open("agent-9.pc_0011223344556677").body

@@ -9,10 +9,12 @@ Routes:
   (connection ids only with the operator token).
 
 Ownership: each connection's answer carries a ``secret`` (random, 192 bits) given to that peer only;
-renegotiating, restarting or trickling candidates for a ``pc_id`` needs it (403 otherwise), so knowing
-an id is not enough to act on someone else's session. ``token`` (``--token``) makes every offer and
-candidate request present ``Authorization: Bearer <token>`` (401 otherwise); ``admin_token``
-(``--admin-token``) does the same for the connection ids in the status.
+renegotiating, restarting or trickling candidates for a ``pc_id`` needs it, so knowing an id is not
+enough to act on someone else's session. Without it a connection answers as one that is not open (an
+offer naming it starts a new session, candidates for it are a 404), so nobody learns which ids are live.
+``token`` (``--token``) makes every offer, candidate and status request present ``Authorization: Bearer
+<token>`` (401 otherwise); ``admin_token`` (``--admin-token``) is needed for the connection ids in the
+status (and opens the status too). Every answer carries :data:`SECURITY_HEADERS`.
 
 Hygiene: request bodies are capped (``max_body`` bytes, 413 beyond), at most ``max_sessions`` peers
 at once (503 beyond, with ``Retry-After``), every refused request gets a JSON ``{"error": ...}`` with a
@@ -110,6 +112,25 @@ def refuse_request(options: ServerOptions, method: str, scheme: str, host: str |
     if (content_type or "").split(";")[0].strip().lower() != "application/json":
         return ApiResponse(415, {"error": "send the request body as JSON with Content-Type: application/json"})
     return None
+
+
+# On every answer: no page may frame this one (clickjacking the microphone button), no browser may
+# guess a type other than the one sent, and the page's address (which may hold ?token=) is never sent on.
+SECURITY_HEADERS = {"Content-Security-Policy": "frame-ancestors 'none'", "X-Frame-Options": "DENY",
+                    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+def not_open(pc_id: object) -> ApiResponse:
+    """The 404 for candidates naming a connection that is not open, or not the sender's."""
+    return ApiResponse(404, {"error": f"no open connection {pc_id} with this secret; post an offer first (the "
+                                      "'secret' comes with its answer)"})
+
+
+def status_refused(options: ServerOptions, authorization: str | None) -> ApiResponse | None:
+    """401 for the status without the token when the server has one (the operator's admin token will do)."""
+    if options.admin_token and _bearer_ok(authorization, options.admin_token):
+        return None
+    return unauthorized(options.token, authorization)
 
 
 def cors_headers(options: ServerOptions, origin: str | None) -> dict[str, str]:
@@ -219,10 +240,10 @@ class Site:
         headers = request.headers
         refused = refuse_request(self.options, request.method, request.scheme, headers.get("Host"),
                                  headers.get("Origin"), headers.get("Content-Type"))
-        if refused is not None:
-            return self._respond(refused)
-        response = await self._handle(request, handler)
-        response.headers.update(cors_headers(self.options, headers.get("Origin")))
+        response = self._respond(refused) if refused is not None else await self._handle(request, handler)
+        response.headers.update(SECURITY_HEADERS)
+        if refused is None:
+            response.headers.update(cors_headers(self.options, headers.get("Origin")))
         return response
 
     async def _handle(self, request, handler):
@@ -295,7 +316,8 @@ class Site:
         return web.FileResponse(path, headers={"Cache-Control": "no-store"})
 
     async def status(self, request):
-        return self._respond(await self.status_of(request.headers.get("Authorization")))
+        authorization = request.headers.get("Authorization")
+        return self._respond(status_refused(self.options, authorization) or await self.status_of(authorization))
 
     async def post_offer(self, request):
         return self._respond(await self.offer(await self._body(request), request.headers.get("Authorization"),
@@ -361,12 +383,13 @@ class Server(Site):
                              for pid, p in self.peers.items()}
         return ApiResponse(200, body)
 
-    def _refuse_not_owner(self, peer: Peer, secret: str | None) -> ApiResponse | None:
-        """403 unless ``secret`` is the one this connection's answer carried."""
-        if secret is None or not _same(secret, peer.secret):
-            return ApiResponse(403, {"error": "this connection belongs to the page that opened it: send the "
-                                              "'secret' from its answer to renegotiate, restart or add candidates"})
-        return None
+    def _owned(self, pc_id: str | None, secret: str | None) -> Peer | None:
+        """Connection ``pc_id`` (open, or being restarted) if ``secret`` is the one its answer carried;
+        None otherwise, so a connection of someone else's answers exactly as one that is not open."""
+        peer = (self.peers.get(pc_id) or self._restarting.get(pc_id)) if pc_id else None
+        if peer is None or secret is None or not _same(secret, peer.secret):
+            return None
+        return peer
 
     async def offer(self, body: bytes, authorization: str | None = None, remote: str | None = None) -> ApiResponse:
         """``POST /api/offer``: a new connection, a renegotiation or a restart (see the module docstring)."""
@@ -394,13 +417,7 @@ class Server(Site):
         offer = parse_offer(parse_json(body))
         if self._closing:
             return ApiResponse(503, {"error": "the server is shutting down"})
-        existing = self.peers.get(offer.pc_id) if offer.pc_id else None
-        if existing is None and offer.pc_id in self._restarting:  # its old peer is gone, the new one not yet here
-            existing = self._restarting[offer.pc_id]
-        if existing is not None:
-            refused = self._refuse_not_owner(existing, offer.secret)
-            if refused is not None:
-                return refused
+        existing = self._owned(offer.pc_id, offer.secret)  # None: a new session, whatever pc_id it names
         if existing is not None and self._restarting.get(existing.pc_id) is existing:
             return ApiResponse(409, {"error": "a restart of this connection is already under way; use its answer"})
         if existing is not None and not offer.restart_pc:
@@ -445,12 +462,9 @@ class Server(Site):
         if refused is not None:
             return refused
         patch = parse_patch(parse_json(body))
-        peer = self.peers.get(patch.pc_id)
-        if peer is None:
-            return ApiResponse(404, {"error": f"no open connection {patch.pc_id}; post an offer first"})
-        refused = self._refuse_not_owner(peer, patch.secret)
-        if refused is not None:
-            return refused
+        peer = self._owned(patch.pc_id, patch.secret)
+        if peer is None or peer.pc_id not in self.peers:
+            return not_open(patch.pc_id)
         try:
             await asyncio.wait_for(add_candidates(peer, patch.candidates), CANDIDATES_TIMEOUT_S)
         except (ValueError, TypeError) as exc:
