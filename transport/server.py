@@ -37,11 +37,12 @@ from typing import Any
 
 from duplex.agent import Agent
 from duplex.transport.peer import Peer, PeerOptions, add_candidates, open_peer, renegotiate
-from duplex.transport.signalling import BadRequest, parse_json, parse_offer, parse_patch
+from duplex.transport.signalling import BadRequest, Offer, parse_json, parse_offer, parse_patch
 
 log = logging.getLogger(__name__)
 
 WEB_ROOT = Path(__file__).resolve().parents[1] / "web"
+NOT_CONNECTED = "no WebRTC connection in time (ICE did not complete)"  # a close reason
 OFFER_TIMEOUT_S = 20.0  # answering an offer (ICE gathering included) takes well under a second
 CANDIDATES_TIMEOUT_S = 5.0  # adding trickled candidates (mDNS names are resolved, 1 s each at most)
 
@@ -57,6 +58,11 @@ class ServerOptions:
     loopback_bind: bool = True  # bound to loopback only: a request's Host must name this machine (DNS rebinding)
     allowed_hosts: tuple[str, ...] = ()  # more Host names accepted on a loopback bind (--allowed-host)
     allowed_origins: tuple[str, ...] = ()  # pages elsewhere that may POST/PATCH, with CORS (--allowed-origin)
+    # A session whose WebRTC connection is not up this long after its answer (or after the last candidates
+    # its page trickled in, up to first_frame_timeout_s in all) is closed: it can never talk, only hold a seat.
+    connect_timeout_s: float = 6.0
+    max_pending_per_address: int = 2  # sessions not connected yet from one address (an IPv6 /64) at once ...
+    pending_exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # ... except from these (this machine: benches)
 
 
 @dataclass
@@ -118,6 +124,54 @@ def refuse_request(options: ServerOptions, method: str, scheme: str, host: str |
 # guess a type other than the one sent, and the page's address (which may hold ?token=) is never sent on.
 SECURITY_HEADERS = {"Content-Security-Policy": "frame-ancestors 'none'", "X-Frame-Options": "DENY",
                     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+def unconnectable(sdp: str) -> str | None:
+    """What an offer lacks to ever connect (None if nothing): ICE credentials (``a=ice-ufrag``,
+    ``a=ice-pwd``) and a DTLS ``a=fingerprint`` for every media section it sends on, its own or the
+    session's. aiortc accepts such an offer and fails later, in a task of its own."""
+    sections: list[list[str]] = [[]]
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            sections.append([])
+        sections[-1].append(line.strip())
+    used = [m for m in sections[1:] if m[0].split(" ")[1:2] != ["0"] and "a=bundle-only" not in m]
+    for attribute in ("a=fingerprint:", "a=ice-ufrag:", "a=ice-pwd:"):
+        def has(lines: list[str]) -> bool:
+            return any(line.startswith(attribute) and line[len(attribute):].strip() for line in lines)
+
+        if not has(sections[0]) and (not used or not all(has(m) for m in used)):
+            return attribute.rstrip(":")
+    return None
+
+
+def _require_connectable(offer: Offer) -> None:
+    lacking = unconnectable(offer.sdp)
+    if lacking is not None:
+        raise BadRequest(f"cannot use this offer: it has no {lacking} line, so it can never connect")
+
+
+def address_key(remote: str | None) -> str:
+    """Whose sessions count together: an IPv4 address, or an IPv6 address's /64 (one host's share)."""
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(remote or "")
+    except ValueError:
+        return remote or "?"
+    if address.version == 6 and address.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address.ipv4_mapped or address) if address.version == 6 else str(address)
+
+
+def _within(remote: str | None, networks: tuple[str, ...]) -> bool:
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(remote or "")
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(n, strict=False) for n in networks)
 
 
 def not_open(pc_id: object) -> ApiResponse:
@@ -353,6 +407,8 @@ class Server(Site):
         self.close_reasons: Counter[str] = Counter()  # why peers were closed, for status and tests
         self._opening = 0
         self._restarting: dict[str, Peer] = {}  # connections whose restart is being answered (the old peer)
+        self._pending: dict[str, _Pending] = {}  # answered sessions whose connection is not up yet
+        self._opening_from: Counter[str] = Counter()  # offers being answered, by address_key
         self._closing = False
         super().__init__(options or ServerOptions())
 
@@ -421,6 +477,7 @@ class Server(Site):
         if existing is not None and self._restarting.get(existing.pc_id) is existing:
             return ApiResponse(409, {"error": "a restart of this connection is already under way; use its answer"})
         if existing is not None and not offer.restart_pc:
+            _require_connectable(offer)
             try:
                 answer = await asyncio.wait_for(renegotiate(existing, offer), OFFER_TIMEOUT_S)
             except (ValueError, TypeError, KeyError, IndexError, AssertionError) as exc:
@@ -429,6 +486,15 @@ class Server(Site):
         if existing is None and len(self.peers) + self._opening >= self.options.max_sessions:
             return ApiResponse(503, {"error": f"the server is at its limit of {self.options.max_sessions} "
                                               "concurrent sessions; try again later"}, {"Retry-After": "10"})
+        key = address_key(remote)
+        pending = self._opening_from[key] + sum(1 for p in self._pending.values() if p.key == key)
+        if pending >= self.options.max_pending_per_address and not _within(remote, self.options.pending_exempt):
+            return ApiResponse(429, {"error": f"{pending} sessions from your address are still connecting (at most "
+                                              f"{self.options.max_pending_per_address} at once); try again when they "
+                                              "are up or closed"},
+                               {"Retry-After": f"{self.options.connect_timeout_s:.0f}"})
+        _require_connectable(offer)
+        self._opening_from[key] += 1
         self._opening += 1  # a seat held from here on (a restart keeps the one of the connection it replaces)
         if existing is not None:
             self._restarting[existing.pc_id] = existing
@@ -442,6 +508,9 @@ class Server(Site):
             raise BadRequest(f"cannot use this offer: {_why(exc)}") from None
         finally:
             self._opening -= 1
+            self._opening_from[key] -= 1
+            if not self._opening_from[key]:
+                del self._opening_from[key]
             if existing is not None:
                 self._restarting.pop(existing.pc_id, None)
         if self._closing:  # the server began to close while this offer was answered
@@ -452,6 +521,8 @@ class Server(Site):
         self.peers[peer.pc_id] = peer
         if peer.closed:  # closed while answering (e.g. the session failed at once)
             self.peers.pop(peer.pc_id, None)
+        else:
+            self._watch_connection(peer, key)
         log.info("session %s opened from %s (%d/%d sessions)", peer.pc_id, remote or "?", len(self.peers),
                  self.options.max_sessions, extra={"event": "session_opened", "pc_id": peer.pc_id,
                                                    "sessions": len(self.peers)})
@@ -469,11 +540,49 @@ class Server(Site):
             await asyncio.wait_for(add_candidates(peer, patch.candidates), CANDIDATES_TIMEOUT_S)
         except (ValueError, TypeError) as exc:
             raise BadRequest(f"cannot use these candidates: {_why(exc)}") from None
+        pending = self._pending.get(peer.pc_id)
+        if pending is not None and patch.candidates:  # progress: the page is still gathering
+            pending.extend(self.options.connect_timeout_s)
         return ApiResponse(200, {"pc_id": patch.pc_id, "added": len(patch.candidates)})
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
+    def _watch_connection(self, peer: Peer, key: str) -> None:
+        """Close ``peer`` if its connection is not up within ``connect_timeout_s`` (see :class:`_Pending`)."""
+        loop = asyncio.get_running_loop()
+        pending = _Pending(key, asyncio.Event(), loop.time() + self.options.connect_timeout_s,
+                           loop.time() + self.options.peer.first_frame_timeout_s)
+
+        @peer.pc.on("connectionstatechange")
+        def _changed() -> None:
+            if peer.pc.connectionState == "connected":
+                pending.connected.set()
+
+        if peer.pc.connectionState == "connected":
+            return
+        self._pending[peer.pc_id] = pending
+        pending.task = asyncio.create_task(self._await_connection(peer, pending), name=f"{peer.pc_id}-connect")
+
+    async def _await_connection(self, peer: Peer, pending: _Pending) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while not pending.connected.is_set():
+                left = pending.deadline - loop.time()
+                if left <= 0:
+                    peer.close_soon(NOT_CONNECTED)
+                    return
+                try:
+                    await asyncio.wait_for(pending.connected.wait(), left)
+                except asyncio.TimeoutError:
+                    pass  # the deadline may have moved (candidates came in): look again
+        finally:
+            if self._pending.get(peer.pc_id) is pending:
+                del self._pending[peer.pc_id]
+
     def _forget(self, peer: Peer) -> None:
+        pending = self._pending.pop(peer.pc_id, None)
+        if pending is not None and pending.task is not None and pending.task is not asyncio.current_task():
+            pending.task.cancel()
         if self.peers.pop(peer.pc_id, None) is not None:
             self.closed_peers += 1
             self.close_reasons[peer.close_reason] += 1
@@ -489,6 +598,26 @@ class Server(Site):
         self._closing = True
         await asyncio.gather(*(p.close("the server is shutting down") for p in list(self.peers.values())),
                              return_exceptions=True)
+        watches = [p.task for p in self._pending.values() if p.task is not None]
+        for task in watches:
+            task.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
+
+
+@dataclass
+class _Pending:
+    """A session answered but not connected yet: closed at ``deadline``, which candidates the page
+    trickles in move on (never past ``latest``)."""
+
+    key: str  # address_key of the page that offered it
+    connected: asyncio.Event
+    deadline: float  # loop time
+    latest: float
+    task: asyncio.Task | None = None
+
+    def extend(self, seconds: float) -> None:
+        now = asyncio.get_running_loop().time()
+        self.deadline = min(max(self.deadline, now + seconds), self.latest)
 
 
 def _refusal(request, status: int, reason: str) -> str:
