@@ -8,6 +8,7 @@ and checks the answer and what it left behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import aiohttp
@@ -434,7 +435,7 @@ async def test_a_session_that_never_connects_is_closed_and_pending_ones_are_capp
     agent = await load_agent()
     pcs = []
     try:
-        async with running_server(agent, connect_timeout_s=1.5, max_pending_per_address=2, pending_exempt=(),
+        async with running_server(agent, connect_timeout_s=1.5, max_pending_per_address=2, per_address_exempt=(),
                                   max_sessions=8) as (server, url):
             talking = await connect(url, file_track(jfk48(jfk_path)))
             await talking.wait_for("session.created", timeout=10)
@@ -462,3 +463,202 @@ async def test_a_session_that_never_connects_is_closed_and_pending_ones_are_capp
         for pc in pcs:
             await pc.close()
         await agent.aclose()
+
+
+# -- 3 and 5. deadlines, connection caps, aiohttp's own refusals ------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _served(site):
+    """``site`` (a Server or a bare Site) on 127.0.0.1 through its own runner, as `duplex serve` runs it."""
+    from aiohttp import web
+
+    runner = site.runner(access_log=None)
+    await runner.setup()
+    tcp = web.TCPSite(runner, "127.0.0.1", 0)
+    await tcp.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def _open(url: str, source: str = "127.0.0.1"):
+    import asyncio
+
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    return await asyncio.open_connection(host, int(port), local_addr=(source, 0))
+
+
+async def _closed_within(reader, seconds: float) -> bytes:
+    """What the server sent before closing the connection; fails if it stays open ``seconds``."""
+    import asyncio
+
+    return await asyncio.wait_for(reader.read(), seconds)
+
+
+async def test_stalled_headers_and_bodies_are_cut_off(monkeypatch):
+    """A connection that sends nothing, or never finishes its headers, was kept for an hour (aiohttp's
+    keep-alive default); one that sends its body a byte at a time, for as long as it liked. Now the
+    headers must be in within the header deadline (closed otherwise) and a body within the body
+    deadline (408 JSON, then closed); a prompt request on the same server is served meanwhile."""
+    import asyncio
+
+    from duplex.transport import server as server_module
+
+    monkeypatch.setattr(server_module, "HEADER_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(server_module, "BODY_TIMEOUT_S", 1.0)
+    agent = await load_agent()
+    try:
+        async with _served(server_module.Server(agent)) as url:
+            silent, _ = await _open(url)
+            partial, partial_w = await _open(url)
+            partial_w.write(b"POST /api/offer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: appl")
+            slow, slow_w = await _open(url)
+            slow_w.write(_http("POST", {**JSON, "Content-Length": "100"}, b'{"sdp": '))
+
+            async def dribble():
+                for _ in range(40):
+                    await asyncio.sleep(0.1)
+                    slow_w.write(b" ")
+
+            dribbling = asyncio.create_task(dribble())
+            status, _, _ = await _request("GET", url + "/api/status")
+            assert status == 200
+            assert await _closed_within(silent, 5) == b""
+            assert await _closed_within(partial, 5) == b""
+            answer = await _closed_within(slow, 5)
+            assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in answer, answer[:200]
+            dribbling.cancel()
+            status, _, _ = await _request("GET", url + "/api/status")
+            assert status == 200
+    finally:
+        await agent.aclose()
+
+
+async def test_connections_per_address_are_capped():
+    """More than max_connections_per_address open connections from one address: the next is answered
+    429 JSON and closed at once; another address is served, and a closed connection frees its place."""
+    from duplex.transport.server import Site
+
+    site = Site(ServerOptions(max_connections_per_address=3, per_address_exempt=()))
+    async with _served(site) as url:
+        held = [await _open(url) for _ in range(3)]
+        extra, _ = await _open(url)
+        answer = await _closed_within(extra, 5)
+        assert answer.startswith(b"HTTP/1.1 429") and b'"error"' in answer and b"too many connections" in answer
+        other, other_w = await _open(url, "127.0.0.2")
+        other_w.write(b"GET /app.js HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert (await _closed_within(other, 5)).startswith(b"HTTP/1.1 200")
+        held[0][1].close()
+        await held[0][1].wait_closed()
+        import asyncio
+
+        for _ in range(50):  # the server sees the close a moment later
+            again, again_w = await _open(url)
+            again_w.write(b"GET /app.js HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            answer = await _closed_within(again, 5)
+            if not answer.startswith(b"HTTP/1.1 429"):
+                break
+            await asyncio.sleep(0.1)
+        assert answer.startswith(b"HTTP/1.1 200")
+        for _, writer in held[1:]:
+            writer.close()
+
+
+async def test_malformed_requests_are_json_400s_and_one_log_line(caplog):
+    """What aiohttp refuses itself (not HTTP at all, a broken header, an overlong header line, a bad
+    Content-Length) was a plain-text 400 and a ~10-line ERROR traceback each; now each is a JSON 400
+    with the security headers, and 40 of them leave one log line, no traceback."""
+    import logging
+
+    from duplex.transport.server import Site
+
+    caplog.set_level(logging.DEBUG)
+    bad = [b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header Line\r\n\r\n",
+           b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 20_000 + b"\r\n\r\n",
+           b"POST /api/offer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -5\r\n\r\n"]
+    async with _served(Site(ServerOptions())) as url:
+        for i in range(40):
+            reader, writer = await _open(url)
+            writer.write(bad[i % len(bad)])
+            answer = await _closed_within(reader, 5)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.split(b" ")[1] == b"400" and b"application/json" in head, answer[:300]
+            assert b"X-Content-Type-Options: nosniff" in head
+            assert json.loads(body)["error"].startswith("malformed HTTP request"), body
+    lines = [r for r in caplog.records if "malformed HTTP request" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+CHILD = """
+import asyncio, resource, sys
+soft, hard = int(sys.argv[1]), int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+import logging
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+from aiohttp import web
+from duplex.transport import connections, server
+server.HEADER_TIMEOUT_S = 1.0
+async def main():
+    site = server.Site(server.ServerOptions())
+    runner = site.runner(access_log=None)
+    await runner.setup()
+    tcp = web.TCPSite(runner, "127.0.0.1", 0)
+    await tcp.start()
+    print("PORT", runner.addresses[0][1], "NOFILE", resource.getrlimit(resource.RLIMIT_NOFILE)[0], flush=True)
+    await asyncio.sleep(30)
+asyncio.run(main())
+"""
+
+
+async def test_the_file_limit_is_raised_and_running_out_of_files_is_one_line(tmp_path):
+    """In a child process: a soft RLIMIT_NOFILE under the hard one is raised to it at start. With the
+    hard limit itself tiny (64 files), 150 idle connections run the server out of files: asyncio's
+    accept errors (a traceback each, 132,459 of them in 27 s in the issue) are one WARNING line,
+    and once the header deadline has closed the idle connections the server answers again."""
+    import asyncio
+    import resource
+    import subprocess
+    import sys
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+
+    async def start(soft: int, hard: int):
+        child = await asyncio.create_subprocess_exec(sys.executable, str(script), str(soft), str(hard),
+                                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        line = (await asyncio.wait_for(child.stdout.readline(), 60)).decode().split()
+        return child, f"http://127.0.0.1:{line[1]}", int(line[3])
+
+    child, _, nofile = await start(64, min(hard, 4096))
+    child.kill()
+    await child.wait()
+    assert nofile == min(hard, 4096)
+
+    child, url, nofile = await start(64, 64)
+    try:
+        assert nofile == 64
+        held = []
+        for _ in range(150):
+            held.append(await _open(url))
+        await asyncio.sleep(3)  # accept fails while the files last; the deadline closes what it took
+        for _, writer in held:
+            writer.close()
+        for _ in range(100):
+            try:
+                status, _, _ = await _request("GET", url + "/app.js")
+                if status == 200:
+                    break
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+        assert status == 200
+    finally:
+        child.kill()
+        await child.wait()
+    log = (await child.stderr.read()).decode()
+    assert log.count("cannot accept connections") == 1, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]

@@ -77,7 +77,7 @@ async def serve(config: AgentConfig, host: str, port: int, max_sessions: int, *,
         server = Server(agent, ServerOptions(max_sessions=max_sessions, token=token, admin_token=admin_token,
                                              loopback_bind=is_loopback_host(host), allowed_hosts=allowed_hosts,
                                              allowed_origins=allowed_origins))
-        runner = web.AppRunner(server.app, handle_signals=False, access_log=None)
+        runner = server.runner(handle_signals=False, access_log=None)  # connection limits: see transport.connections
         await runner.setup()
         await web.SockSite(runner, sock, ssl_context=tls).start()
         bound_port = runner.addresses[0][1] if runner.addresses else port

@@ -19,7 +19,9 @@ status (and opens the status too). Every answer carries :data:`SECURITY_HEADERS`
 Hygiene: request bodies are capped (``max_body`` bytes, 413 beyond), at most ``max_sessions`` peers
 at once (503 beyond, with ``Retry-After``), every refused request gets a JSON ``{"error": ...}`` with a
 4xx status and a message saying what was wrong, and nothing a client sends can raise out of a
-handler (an unexpected failure is a logged 500 for that request only). Peers that vanish are closed
+handler (an unexpected failure is a logged 500 for that request only). Headers must be in within
+``HEADER_TIMEOUT_S`` and a body within :data:`BODY_TIMEOUT_S` (408); connections per address are capped
+and aiohttp's own refusals are JSON too when served through :meth:`Site.runner` (:mod:`.connections`). Peers that vanish are closed
 with their session (see :mod:`.peer`); :meth:`Server.close` closes them all on shutdown.
 """
 
@@ -36,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from duplex.agent import Agent
+from duplex.transport.connections import (HEADER_TIMEOUT_S, Limits, RateLimitedLog, Runner, address_key,
+                                          raise_file_limit, within)
 from duplex.transport.peer import Peer, PeerOptions, add_candidates, open_peer, renegotiate
 from duplex.transport.signalling import BadRequest, Offer, parse_json, parse_offer, parse_patch
 
@@ -43,6 +47,8 @@ log = logging.getLogger(__name__)
 
 WEB_ROOT = Path(__file__).resolve().parents[1] / "web"
 NOT_CONNECTED = "no WebRTC connection in time (ICE did not complete)"  # a close reason
+BODY_TIMEOUT_S = 10.0  # a request's body, once its headers are in
+LINGER_S = 2.0  # the rest of a body refused unread, dropped before the connection closes (aiohttp's default: 10)
 OFFER_TIMEOUT_S = 20.0  # answering an offer (ICE gathering included) takes well under a second
 CANDIDATES_TIMEOUT_S = 5.0  # adding trickled candidates (mDNS names are resolved, 1 s each at most)
 
@@ -61,8 +67,9 @@ class ServerOptions:
     # A session whose WebRTC connection is not up this long after its answer (or after the last candidates
     # its page trickled in, up to first_frame_timeout_s in all) is closed: it can never talk, only hold a seat.
     connect_timeout_s: float = 6.0
-    max_pending_per_address: int = 2  # sessions not connected yet from one address (an IPv6 /64) at once ...
-    pending_exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # ... except from these (this machine: benches)
+    max_pending_per_address: int = 2  # sessions not connected yet from one address (an IPv6 /64) at once
+    max_connections_per_address: int = 32  # open HTTP connections from one address (429 and closed beyond)
+    per_address_exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # no per-address caps (this machine: benches)
 
 
 @dataclass
@@ -92,6 +99,10 @@ def unauthorized(token: str | None, authorization: str | None) -> ApiResponse | 
 
 class _Unreadable(BadRequest):
     """A request body that could not be read to its end."""
+
+
+class _TooSlow(Exception):
+    """A request body that did not arrive within :data:`BODY_TIMEOUT_S`."""
 
 
 def refuse_request(options: ServerOptions, method: str, scheme: str, host: str | None, origin: str | None,
@@ -149,29 +160,6 @@ def _require_connectable(offer: Offer) -> None:
     lacking = unconnectable(offer.sdp)
     if lacking is not None:
         raise BadRequest(f"cannot use this offer: it has no {lacking} line, so it can never connect")
-
-
-def address_key(remote: str | None) -> str:
-    """Whose sessions count together: an IPv4 address, or an IPv6 address's /64 (one host's share)."""
-    import ipaddress
-
-    try:
-        address = ipaddress.ip_address(remote or "")
-    except ValueError:
-        return remote or "?"
-    if address.version == 6 and address.ipv4_mapped is None:
-        return str(ipaddress.ip_network(f"{address}/64", strict=False))
-    return str(address.ipv4_mapped or address) if address.version == 6 else str(address)
-
-
-def _within(remote: str | None, networks: tuple[str, ...]) -> bool:
-    import ipaddress
-
-    try:
-        address = ipaddress.ip_address(remote or "")
-    except ValueError:
-        return False
-    return any(address in ipaddress.ip_network(n, strict=False) for n in networks)
 
 
 def not_open(pc_id: object) -> ApiResponse:
@@ -268,7 +256,11 @@ class Site:
         async def errors(request, handler):
             return await self._errors(request, handler)
 
-        app = web.Application(client_max_size=self.options.max_body, middlewares=[errors])
+        # keepalive_timeout: aiohttp closes a connection whose next request's headers are not all in by
+        # then (from connecting, or from its previous answer); its default is an hour. lingering_time: how
+        # long it reads (and drops) the rest of a body it answered without reading, before closing.
+        app = web.Application(client_max_size=self.options.max_body, middlewares=[errors],
+                              handler_args={"keepalive_timeout": HEADER_TIMEOUT_S, "lingering_time": LINGER_S})
         app.router.add_post("/api/offer", self.post_offer)
         app.router.add_patch("/api/offer", self.patch_offer)
         app.router.add_get("/api/status", self.status)
@@ -278,9 +270,16 @@ class Site:
             app.router.add_get("/{name:[A-Za-z0-9_.-]+}", self.file)  # the page's files, one level, no paths
         else:
             log.warning("the web client folder %s is missing; only the API is served", root)
-        app.on_startup.append(_log_webrtc_task_failures)
+        app.on_startup.append(_raise_file_limit)
+        app.on_startup.append(_log_loop_errors)
         app.on_shutdown.append(lambda _app: self.close())
         return app
+
+    def runner(self, **kwargs: Any) -> Runner:
+        """The aiohttp runner to serve :attr:`app` with (kwargs: :class:`aiohttp.web.AppRunner`'s): each
+        connection held to the per-address cap, aiohttp's own refusals as JSON (see :mod:`.connections`)."""
+        return Runner(self.app, Limits(self.options.max_connections_per_address, self.options.per_address_exempt,
+                                       SECURITY_HEADERS), **kwargs)
 
     @staticmethod
     def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None):
@@ -316,6 +315,10 @@ class Site:
             if isinstance(exc, _Unreadable):
                 response.force_close()  # the connection ends with this answer
             return response
+        except _TooSlow:
+            response = self._json(408, {"error": f"the request body did not arrive within {BODY_TIMEOUT_S:g} s"})
+            response.force_close()
+            return response
         except web.HTTPRequestEntityTooLarge:
             return self._json(413, {"error": f"request body too large (at most {self.options.max_body} bytes)"})
         except web.HTTPException as exc:
@@ -337,7 +340,10 @@ class Site:
         if request.content_length is not None and request.content_length > self.options.max_body:
             raise web.HTTPRequestEntityTooLarge(max_size=self.options.max_body, actual_size=request.content_length)
         try:
-            return await request.read()
+            return await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            _gone.log(f"{request.method} {request.path}: the body took over {BODY_TIMEOUT_S:g} s; answered 408")
+            raise _TooSlow() from None
         except web.RequestPayloadError as exc:  # e.g. a Content-Encoding the body does not decode with
             request.content.feed_eof()  # nothing more is read from it (aiohttp would, and fail again)
             why = getattr(exc.__cause__, "message", None) or str(exc.__cause__ or exc)
@@ -488,7 +494,7 @@ class Server(Site):
                                               "concurrent sessions; try again later"}, {"Retry-After": "10"})
         key = address_key(remote)
         pending = self._opening_from[key] + sum(1 for p in self._pending.values() if p.key == key)
-        if pending >= self.options.max_pending_per_address and not _within(remote, self.options.pending_exempt):
+        if pending >= self.options.max_pending_per_address and not within(remote, self.options.per_address_exempt):
             return ApiResponse(429, {"error": f"{pending} sessions from your address are still connecting (at most "
                                               f"{self.options.max_pending_per_address} at once); try again when they "
                                               "are up or closed"},
@@ -635,38 +641,33 @@ def _same(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
 
 
-class _RateLimitedLog:
-    """One log line per ``every_s`` for something a client can cause at will (a lost connection, a
-    malformed message), with the count of those not logged in between: never a flood, never silent."""
-
-    def __init__(self, level: int, every_s: float = 10.0) -> None:
-        self.level, self.every_s = level, every_s
-        self._last = -float("inf")
-        self._skipped = 0
-
-    def log(self, message: str) -> None:
-        now = time.monotonic()
-        if now - self._last < self.every_s:
-            self._skipped += 1
-            return
-        more = f" (and {self._skipped} more like it in the last {now - self._last:.0f} s)" if self._skipped else ""
-        self._last, self._skipped = now, 0
-        log.log(self.level, "%s%s", message, more)
+_gone = RateLimitedLog(log, logging.INFO)  # clients that left mid-request
+_webrtc_failed = RateLimitedLog(log, logging.WARNING)  # aiortc's own tasks failing on what a peer sent
+_accept_failed = RateLimitedLog(log, logging.WARNING)  # the listening socket out of files
 
 
-_gone = _RateLimitedLog(logging.INFO)  # clients that left mid-request
-_webrtc_failed = _RateLimitedLog(logging.WARNING)  # aiortc's own tasks failing on what a peer sent
+async def _raise_file_limit(app) -> None:
+    limits = raise_file_limit()
+    if limits is not None and limits[1] > limits[0]:
+        log.info("open-file limit raised from %d to %d (connections and peers each take files)", *limits)
 
 
-async def _log_webrtc_task_failures(app) -> None:
-    """aiortc runs a connection's ICE and DTLS setup in tasks of its own that nobody awaits, so a
-    peer's bad parameters end there as asyncio's "Task exception was never retrieved" traceback: one
-    WARNING line (rate-limited) instead, for as long as the app runs; anything else goes on to the
-    loop's handler as before."""
+async def _log_loop_errors(app) -> None:
+    """What asyncio reports about the server, for as long as the app runs, one WARNING line each
+    (rate-limited) instead of a traceback each; anything else goes on to the loop's handler as before:
+
+    - aiortc runs a connection's ICE and DTLS setup in tasks of its own that nobody awaits, so a peer's
+      bad parameters end there as "Task exception was never retrieved";
+    - out of files, the listening socket's accept fails for every waiting connection (asyncio pauses
+      accepting for a second, and reports each time)."""
     loop = asyncio.get_running_loop()
     previous = loop.get_exception_handler()
 
     def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if str(context.get("message", "")).startswith("socket.accept() out of system resource"):
+            _accept_failed.log(f"cannot accept connections: {context.get('exception')} (asyncio retries each "
+                               "second; idle connections close within their header deadline)")
+            return
         exc, task = context.get("exception"), context.get("future")
         coro = task.get_coro() if isinstance(task, asyncio.Task) else None
         where = getattr(getattr(coro, "cr_code", None), "co_filename", "")
