@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from duplex.cluster.app import ClusterOptions, build
@@ -35,6 +36,8 @@ class Cluster:
     url: str
     options: ClusterOptions
     started_ray: bool  # this process started Ray (and stops it)
+    joined: bool = False  # Ray runs elsewhere (--ray-address): its processes are not this one's to stop
+    _processes: dict[int, str | None] = field(default_factory=dict)  # pid: its start time (see remember())
 
     def handle(self, replica: str) -> Any:
         from ray import serve
@@ -49,6 +52,81 @@ class Cluster:
         if self.started_ray:
             serve.shutdown()
             ray.shutdown()
+
+    def kill(self, grace_s: float = 0.5) -> None:
+        """Stop at once (Ctrl-C, SIGTERM). A Ray this process started goes with every process it started:
+        SIGTERM, then SIGKILL for those left after ``grace_s`` (Ray's agents ignore SIGTERM, and a terminal's
+        Ctrl-C reaches Ray's head processes too, orphaning their children: see :meth:`remember`). No
+        graceful Serve shutdown, which took over 40 s. On a cluster it joined, only this app is deleted."""
+        from ray import serve
+
+        if self.joined or not self.started_ray:
+            serve.delete(self.options.app_name)
+            return
+        ours = {pid for pid, born in self._processes.items() if _started_at(pid) == born}  # not a pid reused since
+        ours |= set(_descendants(os.getpid()))
+        _signal_all(ours, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(_alive(pid) for pid in ours):
+            time.sleep(0.05)
+        _signal_all({pid for pid in ours if _alive(pid)}, signal.SIGKILL)
+
+    def remember(self) -> None:
+        """Note the processes Ray runs for this one now (its head, agents, replicas), so :meth:`kill` finds
+        them even after their parent is gone."""
+        self._processes = {pid: _started_at(pid) for pid in _descendants(os.getpid())}
+
+
+def _signal_all(pids: set[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _started_at(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks after boot, from /proc), to tell it from a later process given its pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, theirs, ...), from /proc; none where there is no /proc."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def start(config: AgentConfig, options: ClusterOptions, *, host: str = "127.0.0.1", port: int = 8080,
@@ -87,7 +165,8 @@ def start(config: AgentConfig, options: ClusterOptions, *, host: str = "127.0.0.
     serve.start(http_options=http, proxy_location="HeadOnly")
     serve.run(build(config, options), name=options.app_name, route_prefix="/")
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    return Cluster(f"{'https' if cert else 'http'}://{shown}:{port}", options, started)
+    return Cluster(f"{'https' if cert else 'http'}://{shown}:{port}", options, started,
+                   joined=address is not None or "RAY_ADDRESS" in os.environ)
 
 
 def wait_ready(cluster: Cluster, timeout_s: float = 600.0) -> None:
@@ -112,10 +191,12 @@ def serve_main(args: Any, config: AgentConfig) -> int:
     from duplex.transport.server import ServerOptions
 
     gpus = args.gpus_per_replica
+    started_ray = False
     if gpus is None:  # one GPU per replica where the cluster has them
         ray = _ray()
         if not ray.is_initialized():
             ray.init(address=args.ray_address, include_dashboard=False, logging_level=logging.WARNING)
+            started_ray = True
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= args.replicas else 0.0
     options = ClusterOptions(
         replicas=args.replicas, gpus_per_replica=gpus,
@@ -125,9 +206,13 @@ def serve_main(args: Any, config: AgentConfig) -> int:
         loopback=is_loopback_host(args.host))
     cluster = start(config, options, host=args.host, port=args.port, address=args.ray_address,
                     cert=args.cert, key=args.key)
+    cluster.started_ray = cluster.started_ray or started_ray
+    for sig in (signal.SIGINT, signal.SIGTERM):  # both stop it the same way (Ray's driver exits on SIGTERM)
+        signal.signal(sig, signal.default_int_handler)
     try:
         print(f"duplex serve: {args.replicas} replicas ({gpus:g} GPU each), loading their models ...", flush=True)
         wait_ready(cluster)
+        cluster.remember()
         link = cluster.url + "/" + (f"?token={args.token}" if args.token else "")
         print(f"duplex serve: open {link} in a browser (profile {config.profile}, {args.replicas} replicas of at "
               f"most {args.max_sessions} sessions); status at {cluster.url}/api/status, metrics at "
@@ -137,6 +222,10 @@ def serve_main(args: Any, config: AgentConfig) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        cluster.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the stop short
+            signal.signal(sig, signal.SIG_IGN)
+        started = time.monotonic()
+        cluster.kill()
+        log.info("stopped in %.1f s", time.monotonic() - started)
     print("duplex serve: stopped", file=sys.stderr)
     return 0

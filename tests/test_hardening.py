@@ -662,3 +662,82 @@ async def test_the_file_limit_is_raised_and_running_out_of_files_is_one_line(tmp
     log = (await child.stderr.read()).decode()
     assert log.count("cannot accept connections") == 1, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
+
+
+# -- 7. duplex serve --replicas stops, all of it ----------------------------------------------------------
+
+
+def _processes_below(pid: int) -> dict[int, str]:
+    """Every live process below ``pid`` and its command name, from /proc."""
+    import os
+
+    table: dict[int, tuple[int, str, str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    head, _, rest = f.read().rpartition(")")
+                fields = rest.split()
+                table[int(entry)] = (int(fields[1]), fields[0], head.partition("(")[2])
+            except (OSError, ValueError, IndexError):
+                pass
+    found, todo = {}, [pid]
+    while todo:
+        parent = todo.pop()
+        for child, (ppid, state, name) in table.items():
+            if ppid == parent and state != "Z":
+                found[child] = name
+                todo.append(child)
+    return found
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_serve_replicas_and_every_process_it_started():
+    """`duplex serve --replicas 2` (fake profile) in a session of its own; Ctrl-C as a terminal sends it
+    (SIGINT to the whole process group). It stopped after over 40 s and left Ray's dashboard and
+    runtime-env agents running; now it exits within a generous 10 s (about half a second here) and no
+    process it started (Ray's head, agents, the replicas) is left."""
+    pytest.importorskip("ray", reason="the cluster extra is not installed: pip install -e '.[cluster]'")
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    duplex = str(Path(sys.executable).with_name("duplex"))
+    child = subprocess.Popen([duplex, "serve", "--replicas", "2", "--profile", "fake", "--port", str(port)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    started: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 180
+        assert child.stdout is not None
+        for line in child.stdout:
+            if "open http" in line or time.monotonic() > deadline:
+                break
+        assert "open http" in line, "the cluster did not start"
+        started = _processes_below(child.pid)
+        assert any("raylet" in name for name in started.values()), started
+        asked = time.monotonic()
+        os.killpg(child.pid, signal.SIGINT)
+        child.wait(timeout=10)
+        took = time.monotonic() - asked
+        time.sleep(0.5)  # a process SIGKILLed a moment ago may not be gone from /proc yet
+        left = {pid: name for pid, name in started.items() if _processes_below(1).get(pid) == name}
+        assert not left, (left, f"exited after {took:.1f} s")
+        print(f"duplex serve --replicas 2 stopped {took:.2f} s after Ctrl-C; {len(started)} processes it started, "
+              "none left")
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        for pid in started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
