@@ -30,8 +30,8 @@ from typing import Any
 from duplex.cluster.routing import (Capacity, ReplicaStatus, cluster_status, owner_of, placement, prometheus,
                                     public_id)
 from duplex.config import AgentConfig
-from duplex.transport.server import (SECURITY_HEADERS, ApiResponse, ServerOptions, cors_headers, not_open,
-                                     refuse_request, status_refused, too_large, unauthorized)
+from duplex.transport.server import (BODY_TIMEOUT_S, SECURITY_HEADERS, ApiResponse, ServerOptions, cors_headers,
+                                     not_open, refuse_request, status_refused, too_large, unauthorized)
 from duplex.transport.signalling import BadRequest, parse_json
 
 log = logging.getLogger(__name__)
@@ -168,18 +168,28 @@ async def _capped_body(request: Any, cap: int) -> bytes | ApiResponse:
         return refused
     from starlette.requests import ClientDisconnect
 
-    chunks, size = [], 0
-    try:
+    chunks: list[bytes] = []
+
+    async def read() -> ApiResponse | None:
+        size = 0
         async for chunk in request.stream():
             size += len(chunk)
             refused = too_large(size, cap)
             if refused is not None:
                 return refused
             chunks.append(chunk)
+        return None
+
+    try:
+        refused = await asyncio.wait_for(read(), BODY_TIMEOUT_S)
     except ClientDisconnect:  # nobody is left to answer: one line, not a traceback
         log.info("%s %s: the client left before sending its whole body", request.method, request.url.path)
         return ApiResponse(400, {"error": "the request body was cut short"})
-    return b"".join(chunks)
+    except asyncio.TimeoutError:  # a body sent a byte at a time
+        log.info("%s %s: the body took over %g s; answered 408", request.method, request.url.path, BODY_TIMEOUT_S)
+        return ApiResponse(408, {"error": f"the request body did not arrive within {BODY_TIMEOUT_S:g} s"},
+                           {"Connection": "close"})
+    return refused if refused is not None else b"".join(chunks)
 
 
 class Ingress:

@@ -664,6 +664,34 @@ async def test_the_file_limit_is_raised_and_running_out_of_files_is_one_line(tmp
     assert "Traceback" not in log, log[-3000:]
 
 
+def test_the_ingress_cuts_off_a_body_sent_a_byte_at_a_time(monkeypatch):
+    """A body that stops arriving at the ingress is a 408 after the body deadline (it was read for as
+    long as the client kept the connection), and no replica is asked."""
+    pytest.importorskip("starlette", reason="the cluster extra is not installed: pip install -e '.[cluster]'")
+    import asyncio
+
+    from starlette.requests import Request
+
+    from duplex.cluster import app
+
+    monkeypatch.setattr(app, "BODY_TIMEOUT_S", 0.5)
+    ingress = _ingress(ServerOptions())
+    sent = 0
+
+    async def trickle():
+        nonlocal sent
+        sent += 1
+        if sent > 1:
+            await asyncio.sleep(3600)  # the rest never comes
+        return {"type": "http.request", "body": b'{"sdp": ', "more_body": True}
+
+    scope = {"type": "http", "method": "POST", "path": "/api/offer", "query_string": b"", "scheme": "http",
+             "client": ("192.0.2.1", 5000), "server": ("127.0.0.1", 8080),
+             "headers": [(b"host", b"127.0.0.1:8080"), (b"content-type", b"application/json")]}
+    response = asyncio.run(asyncio.wait_for(ingress(Request(scope, trickle)), 10))
+    assert response.status_code == 408 and b"did not arrive within 0.5 s" in response.body
+
+
 # -- 7. duplex serve --replicas stops, all of it ----------------------------------------------------------
 
 
