@@ -186,30 +186,34 @@ def wait_ready(cluster: Cluster, timeout_s: float = 600.0) -> None:
 
 
 def serve_main(args: Any, config: AgentConfig) -> int:
-    """``duplex serve --replicas N``: run until Ctrl-C."""
+    """``duplex serve --replicas N``: run until Ctrl-C or SIGTERM, which stop it at once (see
+    :meth:`Cluster.kill`), also while Ray is still starting."""
     from duplex.transport.ice import is_loopback_host
     from duplex.transport.server import ServerOptions
 
-    gpus = args.gpus_per_replica
+    _stop_on_signals()
+    cluster: Cluster | None = None
     started_ray = False
-    if gpus is None:  # one GPU per replica where the cluster has them
-        ray = _ray()
-        if not ray.is_initialized():
-            ray.init(address=args.ray_address, include_dashboard=False, logging_level=logging.WARNING)
-            started_ray = True
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= args.replicas else 0.0
-    options = ClusterOptions(
-        replicas=args.replicas, gpus_per_replica=gpus,
-        server=ServerOptions(max_sessions=args.max_sessions, token=args.token, admin_token=args.admin_token,
-                             loopback_bind=is_loopback_host(args.host), allowed_hosts=tuple(args.allowed_host or ()),
-                             allowed_origins=tuple(args.allowed_origin or ())),
-        loopback=is_loopback_host(args.host))
-    cluster = start(config, options, host=args.host, port=args.port, address=args.ray_address,
-                    cert=args.cert, key=args.key)
-    cluster.started_ray = cluster.started_ray or started_ray
-    for sig in (signal.SIGINT, signal.SIGTERM):  # both stop it the same way (Ray's driver exits on SIGTERM)
-        signal.signal(sig, signal.default_int_handler)
+    local = args.ray_address is None and "RAY_ADDRESS" not in os.environ  # a Ray of its own on this machine
     try:
+        gpus = args.gpus_per_replica
+        if gpus is None:  # one GPU per replica where the cluster has them
+            ray = _ray()
+            if not ray.is_initialized():
+                started_ray = local
+                ray.init(address=args.ray_address, include_dashboard=False, logging_level=logging.WARNING)
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= args.replicas else 0.0
+        options = ClusterOptions(
+            replicas=args.replicas, gpus_per_replica=gpus,
+            server=ServerOptions(max_sessions=args.max_sessions, token=args.token, admin_token=args.admin_token,
+                                 loopback_bind=is_loopback_host(args.host),
+                                 allowed_hosts=tuple(args.allowed_host or ()),
+                                 allowed_origins=tuple(args.allowed_origin or ())),
+            loopback=is_loopback_host(args.host))
+        cluster = start(config, options, host=args.host, port=args.port, address=args.ray_address,
+                        cert=args.cert, key=args.key)
+        cluster.started_ray = cluster.started_ray or started_ray
+        _stop_on_signals()  # again: Ray's driver sets its own SIGTERM handler
         print(f"duplex serve: {args.replicas} replicas ({gpus:g} GPU each), loading their models ...", flush=True)
         wait_ready(cluster)
         cluster.remember()
@@ -224,8 +228,18 @@ def serve_main(args: Any, config: AgentConfig) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the stop short
             signal.signal(sig, signal.SIG_IGN)
-        started = time.monotonic()
-        cluster.kill()
-        log.info("stopped in %.1f s", time.monotonic() - started)
+        began = time.monotonic()
+        if cluster is not None:
+            cluster.kill()
+        elif local:  # stopped (or failed) while Ray was starting: whatever it started goes
+            _signal_all(set(_descendants(os.getpid())), signal.SIGKILL)
+        log.info("stopped in %.1f s", time.monotonic() - began)
     print("duplex serve: stopped", file=sys.stderr)
     return 0
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM both raise KeyboardInterrupt in the main thread (so :func:`serve_main` stops
+    the same way for both)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
