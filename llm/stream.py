@@ -13,7 +13,11 @@ the engine's worker thread, in the order the scheduler runs the work (:mod:`dupl
   iterator leaves the step (a step already running lands, no further one starts).
 - While a reply is being generated the cache belongs to it: ``listen`` and ``is_backchannel`` then
   score a short tail (the user's words) on top of the cache and roll it back exactly, so the reply
-  goes on unchanged. ``is_backchannel`` runs as an *urgent* job (before the next decode step, never
+  goes on unchanged. A listen of the very words the reply answers (a speculation started when the
+  speech stopped, the ASR final's listen coming after) is answered with the estimate made before the
+  reply's tokens (a listen's, or the reply's own prefill of the words left open), so the estimate
+  that picks the commit wait is the same number whether or not a speculation is in flight.
+  ``is_backchannel`` runs as an *urgent* job (before the next decode step, never
   behind bulk work) and also scores on top of a finished reply still in the cache (what the agent
   was saying is the context the question needs). Once the reply is closed, the next ``listen``
   truncates the cache to the words the person heard (the conversation record passes only those)
@@ -53,6 +57,7 @@ class _Reply:
     decoder: TextDecoder
     last: int | None = None  # sampled, not yet run through the model
     count: int = 0
+    started: bool = False  # its prefill ran: the cache holds its generation prompt and tokens
 
 
 @dataclass
@@ -64,10 +69,14 @@ class Listen:
     ctx: SinkContext
     tokens: list[int]
     mark: tuple[int, torch.Tensor | None] | None = None  # scoring: what SinkContext.end_score rolls back to
+    messages: Sequence[Message] = ()
+    known: float | None = None  # the estimate of these very messages, made before a reply took the cache
 
     def finish(self, logits: torch.Tensor | None) -> float:
         """The tokens ran (``logits`` after them; None: there were none): commit or roll back, and
         return P(end of message)."""
+        if self.known is not None:
+            return self.known
         ctx = self.ctx
         if logits is None:
             assert ctx.logits is not None and self.mark is None
@@ -76,7 +85,10 @@ class Listen:
             ctx.end_score(self.mark, len(self.tokens))
         else:
             ctx.commit_prefilled(self.tokens, logits)
-        return token_probability(logits, [self.stream.model.format.end_of_message])
+        p = token_probability(logits, [self.stream.model.format.end_of_message])
+        if self.mark is None:
+            self.stream._estimate = (self.messages, p)
+        return p
 
 
 @dataclass
@@ -89,6 +101,10 @@ class SinkLLMStream:
     _closed: bool = False
     _listens: int = 0  # listen jobs run, and their seconds on the worker (the prefill of new words)
     _listen_s: float = 0.0
+    # The estimate of the last dialogue the cache held with the user's message open (a listen's, or
+    # a reply's own before its generation prompt): a listen of the same words while a reply holds
+    # the cache answers it, so a speculation never changes the estimate it waits for.
+    _estimate: tuple[Sequence[Message], float] | None = None
 
     @property
     def context(self) -> SinkContext | None:
@@ -174,7 +190,11 @@ class SinkLLMStream:
             if self._active is None:
                 ctx.sync(messages)
             return None
-        if self._active is not None:  # score the user's words on top of the reply, then roll back
+        if self._active is not None and self._active.started:
+            known = self._estimate
+            if known is not None and (known[0] is messages or known[0] == messages):
+                return Listen(self, ctx, [], messages=messages, known=known[1])  # before the reply's tokens
+            # other words: score them on top of the reply, then roll back
             tail = fmt.encode(self._close_open(ctx) + fmt.render(messages[-1], open_=True))
             if len(tail) > ctx.max_tail:
                 return None  # too long to score on top of the reply; no estimate this time
@@ -186,7 +206,7 @@ class SinkLLMStream:
             tokens = []
         else:
             ctx.reserve(len(tokens))
-        return Listen(self, ctx, tokens)
+        return Listen(self, ctx, tokens, messages=messages)
 
     def draw(self) -> Draw:
         """How this session samples its next token."""
@@ -197,7 +217,15 @@ class SinkLLMStream:
         """Prefill up to the generation prompt and sample the first token: (finished, new text)."""
         if self._active is not reply:
             return True, ""  # closed or superseded while this job waited
-        logits = self._context().sync(messages, generation_prompt=True)
+        ctx = self._context()
+        reply.started = True
+        known = self._estimate
+        if messages and messages[-1].role == "user" and (known is None or known[0] != messages):
+            # the user's words first, open, exactly as a listen runs them: their estimate is the one
+            # a listen of these words gives, whether it comes before the reply or while it runs
+            logits = ctx.sync(messages, open_last=True)
+            self._estimate = (messages, token_probability(logits, [self.model.format.end_of_message]))
+        logits = ctx.sync(messages, generation_prompt=True)
         token = self.model.engine.sample(logits, self.draw())
         self._draws += 1
         return self._took(reply, token)
