@@ -9,7 +9,15 @@ Scenarios (the user's side; ground truth from the script itself):
   and pauses;
 - ``backchannel``: a question, then "yeah" while the agent speaks (it should talk on);
 - ``interrupt``: a question, then a real interruption while the agent speaks (it should stop);
-- ``noise``: a question, then a 150 ms noise burst (a cough) while the agent speaks (it should go on).
+- ``noise``: a question, then a 150 ms noise burst (a cough) while the agent speaks (it should go on);
+- ``backchannel-led-interrupt``: a question, then "yeah but wait stop that" over the agent in one
+  breath (the check of "yeah" says backchannel before the words grow: the words after it must stop it);
+- ``backchannel-led-interrupt-comma``: the same with a 120 ms pause after "yeah" (shorter than the
+  VAD's hangover).
+
+Speech with known text comes from espeak-ng; without it every such piece is replaced by a cut of JFK's
+speech (other audio, other figures): the run says so loudly and ``turns.json`` records it
+(``espeak_ng: false`` and the substituted pieces).
 
 With the fake stages (``--profile fake``) every scenario runs under each end-of-turn estimate: ``right``
 (0.97 once the user's utterance is complete, 0.05 before), ``wrong`` (0.97 throughout: confident and
@@ -20,7 +28,9 @@ mean nothing). Everything runs on the virtual clock unless ``--realtime``.
 
 Per scenario and in total: voice-to-voice p50/p90, false cut-ins (the agent's audio starting while the
 user is mid-utterance, pauses included), missed interruptions, backchannels and noises treated as
-interruptions, barge-in latency, and the fraction of started speculative replies that were withdrawn.
+interruptions, barge-in latency, the fraction of started speculative replies that were withdrawn, and
+talk-over (seconds of agent audio heard while the user was saying words of a turn or an interruption;
+runs with the confident and wrong estimate, whose cut-ins are by design, left out of the total).
 ``<out>/turns.json`` holds ``total`` and ``scenarios``; ``<out>/turns-<scenario>-<estimate>.png`` a
 timeline of each run (user speech, agent audio, commits, withdrawals).
 """
@@ -29,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,14 +95,19 @@ def _voiced_s(audio: np.ndarray, frame: int = 320, rms: float = 0.02) -> float:
     return (loud[-1] + 1) * frame / RATE if loud.size else len(audio) / RATE
 
 
+SUBSTITUTED: list[str] = []  # texts whose espeak-ng speech was replaced by other audio (no espeak-ng)
+
+
 def _speech(text: str, fallback: np.ndarray) -> np.ndarray:
     try:
         return espeak(text, RATE)
     except AudioFormatError:
+        SUBSTITUTED.append(text)
         return fallback
 
 
 def scenarios(only: list[str] | None = None) -> list[Scenario]:
+    SUBSTITUTED.clear()
     jfk, _ = read_audio(SAMPLE_SPEECH, RATE)
     fallback = jfk[int(0.2 * RATE):int(2.3 * RATE)]
     # JFK's four phrases and the pauses between them (0.6-1.2 s), one utterance
@@ -146,6 +162,14 @@ def scenarios(only: list[str] | None = None) -> list[Scenario]:
                                              _speech("No wait, stop, that is not what I asked.", fallback), True)],
                     wait_speaking_before=1))
     out.append(make("noise", [question, ("noise", 1, "", cough, True)], wait_speaking_before=1))
+    out.append(make("backchannel-led-interrupt",
+                    [question, ("interrupt", 1, "yeah but wait stop that",
+                                _speech("Yeah but wait stop that.", fallback), True)], wait_speaking_before=1))
+    out.append(make("backchannel-led-interrupt-comma",
+                    [question, ("interrupt", 1, "yeah", _speech("yeah", fallback[:8000]), False),
+                     ("silence", 1, "", 0.12, False),
+                     ("interrupt", 1, "wait stop that", _speech("wait, stop that.", fallback), True)],
+                    wait_speaking_before=1))
     return [s for s in out if not only or s.name in only]
 
 
@@ -220,7 +244,8 @@ def score(scenario: Scenario, run: ScenarioRun, speculations: dict[str, int]) ->
         elif p.kind == "noise" and acted:
             noises += 1
     started = speculations.get("started", 0)
-    return {"voice_to_voice_s": [round(x, 3) for x in v2v],
+    return {"talk_over_s": round(talk_over_s(scenario, run), 3),
+            "voice_to_voice_s": [round(x, 3) for x in v2v],
             "v2v_p50_s": _q(v2v, 0.5), "v2v_p90_s": _q(v2v, 0.9),
             "false_cut_ins": false_cut_ins, "missed_interruptions": missed,
             "backchannels_interrupted": backchannels, "noise_interrupted": noises,
@@ -229,6 +254,21 @@ def score(scenario: Scenario, run: ScenarioRun, speculations: dict[str, int]) ->
             "wasted_fraction": round(speculations.get("withdrawn", 0) / started, 3) if started else 0.0,
             "replies": len(run.of(ev.ReplyStarted)), "timeouts": run.timeouts,
             "heard": [t.get("heard") for t in run.conversation.get("turns", []) if t["role"] == "assistant"]}
+
+
+def talk_over_s(scenario: Scenario, run: ScenarioRun, frame_s: float = 0.02) -> float:
+    """Seconds of agent audio heard while the user was saying words of a turn or an interruption
+    (backchannels and noises are talked over by design). Input seconds of a frame: it ends at its
+    wall time less the run's start, on the virtual clock as on the wall clock."""
+    spans = [(p.start_s, p.end_s) for p in scenario.pieces.values() if p.kind in ("utterance", "interrupt")]
+    heard = 0.0
+    for wall, frame in zip(run.frame_walls, run.frames):
+        if np.abs(frame).max() <= 1e-4:
+            continue
+        end = wall - run.t0
+        start = end - frame_s
+        heard += sum(max(0.0, min(end, b) - max(start, a)) for a, b in spans)
+    return heard
 
 
 def _q(values: list[float], q: float) -> float | None:
@@ -351,8 +391,13 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                   f"{figures['speculations_withdrawn']}/{figures['speculations_started']}", flush=True)
     total = totals(rows)
     print("total: " + ", ".join(f"{k} {v}" for k, v in total.items()))
+    substituted = sorted(set(SUBSTITUTED))
+    if substituted:
+        print("\n" + "!" * 100 + "\n!! espeak-ng is missing: every scripted utterance was replaced by a cut of "
+              "JFK's speech, so these\n!! figures are NOT comparable with runs that had it "
+              "(apt-get install espeak-ng)\n" + "!" * 100, file=sys.stderr, flush=True)
     return {"profile": profile, "clock": "wall" if getattr(args, "realtime", False) else "virtual",
-            "total": total, "scenarios": rows}
+            "espeak_ng": not substituted, "substituted_audio": substituted, "total": total, "scenarios": rows}
 
 
 def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -363,6 +408,7 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     started = sum(r["speculations_started"] for r in rows)
     withdrawn = sum(r["speculations_withdrawn"] for r in rows)
     cut_in_safe = [r for r in rows if r["estimate"] in ("absent", "low", "model")]
+    talk_over = sum(r["talk_over_s"] for r in rows if r["estimate"] != "wrong")
     return {"runs": len(rows), "v2v_p50_s": _q(v2v, 0.5), "v2v_p90_s": _q(v2v, 0.9),
             "confident_v2v_p50_s": _q(confident, 0.5),
             "false_cut_ins": sum(r["false_cut_ins"] for r in rows),
@@ -370,7 +416,8 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "missed_interruptions": sum(r["missed_interruptions"] for r in rows),
             "backchannels_interrupted": sum(r["backchannels_interrupted"] for r in rows),
             "noise_interrupted": sum(r["noise_interrupted"] for r in rows),
-            "barge_in_p50_s": _q(barge, 0.5), "wasted_fraction": round(withdrawn / started, 3) if started else 0.0}
+            "barge_in_p50_s": _q(barge, 0.5), "wasted_fraction": round(withdrawn / started, 3) if started else 0.0,
+            "talk_over_s": round(talk_over, 3)}
 
 
 def _fmt(x: float | None) -> str:

@@ -18,9 +18,11 @@ def test_turn_bench_on_the_fake_stages(tmp_path, capsys):
     data = json.loads((tmp_path / "turns.json").read_text())["figures"]
     total, rows = data["total"], data["scenarios"]
     assert {"false_cut_ins", "missed_interruptions", "backchannels_interrupted", "wasted_fraction",
-            "barge_in_p50_s", "confident_v2v_p50_s"} <= set(total)
+            "barge_in_p50_s", "confident_v2v_p50_s", "talk_over_s"} <= set(total)
+    assert data["espeak_ng"] is True and data["substituted_audio"] == []
     assert {(r["scenario"], r["estimate"]) for r in rows} == {
-        (s, e) for s in ("jfk", "question", "pause", "um", "backchannel", "interrupt", "noise")
+        (s, e) for s in ("jfk", "question", "pause", "um", "backchannel", "interrupt", "noise",
+                         "backchannel-led-interrupt", "backchannel-led-interrupt-comma")
         for e in ("right", "wrong", "low", "absent")}
     # never talking into a pause unless an estimate was confident (and wrong)
     assert total["false_cut_ins_without_a_confident_estimate"] == 0
@@ -28,7 +30,27 @@ def test_turn_bench_on_the_fake_stages(tmp_path, capsys):
     assert 0 < total["confident_v2v_p50_s"] <= 0.25
     assert total["missed_interruptions"] == 0 and total["backchannels_interrupted"] == 0
     assert total["noise_interrupted"] == 0
+    # "yeah but wait stop that" (one breath, or a comma pause): stopped, not talked over to the end
+    led = [r for r in rows if "backchannel" in r["scenario"] and "interrupt" in r["scenario"]]
+    assert len(led) == 8 and all(r["missed_interruptions"] == 0 for r in led)
+    assert all(r["talk_over_s"] < 1.0 for r in led)
     assert 0 < total["wasted_fraction"] < 1  # pauses cost withdrawn speculations
     assert all(not r["timeouts"] for r in rows)
     assert len(list(tmp_path.glob("turns-*.png"))) == len(rows)
     assert "total:" in capsys.readouterr().out
+
+
+def test_turn_bench_without_espeak_says_so_loudly_and_records_it(tmp_path, capsys, monkeypatch):
+    """Without espeak-ng the scripted utterances are replaced by other audio: the figures are not
+    comparable, so the run warns on stderr and turns.json records it."""
+    import duplex.turntaking as turntaking
+    from duplex.errors import AudioFormatError
+
+    def missing(text, rate):
+        raise AudioFormatError("espeak-ng is not installed")
+
+    monkeypatch.setattr(turntaking, "espeak", missing)
+    assert main(["bench", "turns", "--profile", "fake", "--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "turns.json").read_text())["figures"]
+    assert data["espeak_ng"] is False and "yeah but wait stop that." in [t.lower() for t in data["substituted_audio"]]
+    assert "espeak-ng is missing" in capsys.readouterr().err
