@@ -9,7 +9,11 @@ the plumbing, never the product. Options come from ``AgentConfig.fake[role]``:
   per recognised word), ``rms`` (voicing threshold), ``delay_s`` (await per packet), ``compute_s``
   (blocking compute per packet on a worker thread), ``fail_at_s`` (raise once the stream passes it).
 - LLM: ``replies`` (cycled; default echoes the user), ``ttft_s``, ``token_s``, ``eot`` (the
-  end-of-turn probability ``listen`` reports, or None), ``compute_s``.
+  end-of-turn probability ``listen`` reports, or None), ``eot_by_text`` (a table: the user's words,
+  compared in lower case without punctuation, to the estimate for them) and ``eot_by_words`` (a
+  table: a word count, as a TOML key ``"4"``, to the estimate), which come first in that order, so
+  "right" can be scripted from a file (``eot = 0.05`` and ``eot_by_words = { "6" = 0.97 }``),
+  ``compute_s``.
 - TTS: ``word_s`` (audio seconds per word), ``first_chunk_s``, ``rtf`` (await per chunk, as a
   fraction of its duration), ``compute_s``.
 
@@ -143,6 +147,33 @@ class FakeLLM:
     eot_fn: Callable[[str], float | None] | None = None
     # tests: replaces the backchannel check (a check that fails or stalls)
     is_backchannel_override: Callable[[Sequence[Message], str], Awaitable[bool]] | None = None
+    eot_by_text: dict[str, float] = field(default_factory=dict)  # the user's words -> estimate
+    eot_by_words: dict[str, float] = field(default_factory=dict)  # word count ("4": TOML keys) -> estimate
+
+    def __post_init__(self) -> None:
+        def probability(where: str, value: object) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ConfigError(f"fake.llm.{where} must be a probability in [0, 1], got {value!r}")
+            return float(value)
+
+        by_words: dict[int, float] = {}
+        for key, value in self.eot_by_words.items():
+            try:
+                count = int(key)
+            except (TypeError, ValueError):
+                raise ConfigError(f"fake.llm.eot_by_words keys are word counts, got {key!r}") from None
+            by_words[count] = probability(f"eot_by_words[{key!r}]", value)
+        self._eot_by_words = by_words
+        self._eot_by_text = {_plain(k): probability(f"eot_by_text[{k!r}]", v) for k, v in self.eot_by_text.items()}
+
+    def estimate(self, text: str) -> float | None:
+        """The end-of-turn probability ``listen`` reports for the user's words ``text``."""
+        if self.eot_fn is not None:
+            return self.eot_fn(text)
+        plain = _plain(text)
+        if plain in self._eot_by_text:
+            return self._eot_by_text[plain]
+        return self._eot_by_words.get(len(plain.split()), self.eot)
 
     def new_stream(self, system_prompt: str) -> FakeLLMStream:
         stream = FakeLLMStream(self)
@@ -167,9 +198,7 @@ class FakeLLMStream:
         self.shown.append(list(messages))
         if self.m.compute_s:
             await _compute(self.m.worker, self.m.compute_s)
-        if self.m.eot_fn is not None:
-            return self.m.eot_fn(messages[-1].content if messages else "")
-        return self.m.eot
+        return self.m.estimate(messages[-1].content if messages else "")
 
     async def reply(self, messages: Sequence[Message]) -> AsyncIterator[str]:
         self.shown.append(list(messages))
@@ -249,6 +278,11 @@ class FakeTTSStream:
 
     async def aclose(self) -> None:
         return None
+
+
+def _plain(text: str) -> str:
+    """Words as the fake LLM's estimate tables compare them: lower case, no punctuation."""
+    return " ".join(re.findall(r"[\w'-]+", text.lower()))
 
 
 def build(role: str, config: AgentConfig) -> Any:
