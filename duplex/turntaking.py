@@ -26,6 +26,12 @@ estimate); the fake ASR recognises the script's own words, and the fake LLM and 
 time. With ``--profile tiny`` the real stages run once per scenario (random weights: their estimates
 mean nothing). Everything runs on the virtual clock unless ``--realtime``.
 
+With the fake stages the one-turn scenarios (``jfk``, ``question``, ``pause``, ``um``) run once more
+with the ``right`` estimate and realistic stage delays (LLM first token 0.15 s, TTS first audio 0.1 s:
+``REALISTIC_*``, the bounds the issue sets for a GPU): ``confident_v2v_p50_realistic_s`` (from the VAD's
+end of speech) and ``confident_v2v_true_end_p50_realistic_s`` (from the end of the script's last sound,
+found by level, so it can fall after a quiet tail the VAD counts as speech), rows under ``realistic``.
+
 Per scenario and in total: voice-to-voice p50/p90, false cut-ins (the agent's audio starting while the
 user is mid-utterance, pauses included), missed interruptions, backchannels and noises treated as
 interruptions, barge-in latency, the fraction of started speculative replies that were withdrawn, and
@@ -56,6 +62,11 @@ RATE = 16_000
 ESTIMATES = ("right", "wrong", "low", "absent")
 AGENT_WORDS = "sure here is what I found about that for you today"
 INTERRUPT_WINDOW_S = 2.0  # an interruption not acted on within this is missed
+CONFIDENT = ("question", "pause", "um", "jfk")  # scenarios of one user turn: confident v2v
+# Stage delays of the realistic runs: the bounds the issue sets for the GPU (LLM first token, TTS
+# first audio); the fake runs above take no compute time at all.
+REALISTIC_LLM_FIRST_TOKEN_S = 0.15
+REALISTIC_TTS_FIRST_AUDIO_S = 0.10
 
 
 @dataclass
@@ -244,7 +255,7 @@ def score(scenario: Scenario, run: ScenarioRun, speculations: dict[str, int]) ->
         elif p.kind == "noise" and acted:
             noises += 1
     started = speculations.get("started", 0)
-    return {"talk_over_s": round(talk_over_s(scenario, run), 3),
+    return {"talk_over_s": round(talk_over_s(scenario, run), 3), "v2v_true_end_s": v2v_true_end(scenario, run),
             "voice_to_voice_s": [round(x, 3) for x in v2v],
             "v2v_p50_s": _q(v2v, 0.5), "v2v_p90_s": _q(v2v, 0.9),
             "false_cut_ins": false_cut_ins, "missed_interruptions": missed,
@@ -254,6 +265,18 @@ def score(scenario: Scenario, run: ScenarioRun, speculations: dict[str, int]) ->
             "wasted_fraction": round(speculations.get("withdrawn", 0) / started, 3) if started else 0.0,
             "replies": len(run.of(ev.ReplyStarted)), "timeouts": run.timeouts,
             "heard": [t.get("heard") for t in run.conversation.get("turns", []) if t["role"] == "assistant"]}
+
+
+def v2v_true_end(scenario: Scenario, run: ScenarioRun) -> list[float]:
+    """Per user turn, seconds from the end of its last sound (the script's truth, not the VAD's end,
+    which comes a hangover later and is where ``voice_to_voice_s`` starts) to the next agent audio."""
+    outs = sorted(e.stream_samples / RATE for e in run.of(ev.AudioOut))
+    out = []
+    for _, end in scenario.spans():
+        after = [t for t in outs if t >= end]
+        if after:
+            out.append(round(after[0] - end, 3))
+    return out
 
 
 def talk_over_s(scenario: Scenario, run: ScenarioRun, frame_s: float = 0.02) -> float:
@@ -322,7 +345,8 @@ def plot(scenario: Scenario, run: ScenarioRun, path: Path, title: str) -> None:
 # -- the benchmark -------------------------------------------------------------------------------------
 
 
-async def _agent(profile: str, truth: Truth, estimate: str, config_args, vad) -> Any:
+async def _agent(profile: str, truth: Truth, estimate: str, config_args, vad,
+                 delays: tuple[float, float] | None = None) -> Any:
     from duplex.agent import Agent
     from duplex.config import AgentConfig
     from duplex.fakes import FakeASR, FakeLLM, FakeTTS
@@ -331,8 +355,9 @@ async def _agent(profile: str, truth: Truth, estimate: str, config_args, vad) ->
     if profile == "fake":
         config = AgentConfig(profile="fake")
         stages = Stages(vad=vad, asr=FakeASR(word_at=truth.word_at),
-                        llm=FakeLLM(replies=[AGENT_WORDS], ttft_s=0.0, token_s=0.0, eot_fn=_eot(estimate, truth)),
-                        tts=FakeTTS(first_chunk_s=0.0))
+                        llm=FakeLLM(replies=[AGENT_WORDS], ttft_s=delays[0] if delays else 0.0, token_s=0.0,
+                                    eot_fn=_eot(estimate, truth)),
+                        tts=FakeTTS(first_chunk_s=delays[1] if delays else 0.0))
         return Agent(stages, config)
     return await Agent.load(config_args)
 
@@ -368,28 +393,49 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         from duplex.asr.vad import SileroVAD
 
         vad = SileroVAD()  # one network for every run (its streams hold the state)
+    async def one(scenario: Scenario, estimate: str, delays: tuple[float, float] | None) -> dict[str, Any]:
+        truth = Truth(scenario)
+        agent = await _agent(profile, truth, estimate, config_args, vad, delays)
+        try:
+            result, speculations = await _run(agent, scenario, truth)
+        finally:
+            if profile == "fake":
+                for model in (agent.stages.asr, agent.stages.llm, agent.stages.tts):
+                    model.worker.close()
+            else:
+                await agent.aclose()
+        figures = {"scenario": scenario.name, "estimate": estimate, **score(scenario, result, speculations)}
+        tag = "" if delays is None else "-realistic"
+        await asyncio.to_thread(plot, scenario, result, out / f"turns-{scenario.name}-{estimate}{tag}.png",
+                                f"{scenario.name}, end-of-turn estimate {estimate} ({profile}"
+                                f"{'' if delays is None else ', stage delays %.2f + %.2f s' % delays})")
+        print(f"  {scenario.name + tag:11s} {estimate:6s} v2v p50 {_fmt(figures['v2v_p50_s'])} p90 "
+              f"{_fmt(figures['v2v_p90_s'])} (true end {_fmt(_q(figures['v2v_true_end_s'], 0.5))})  cut-ins "
+              f"{figures['false_cut_ins']}  missed "
+              f"{figures['missed_interruptions']}  backchannel->int {figures['backchannels_interrupted']}  "
+              f"noise->int {figures['noise_interrupted']}  barge-in {_fmt(figures['barge_in_p50_s'])}  wasted "
+              f"{figures['speculations_withdrawn']}/{figures['speculations_started']}  talk-over "
+              f"{figures['talk_over_s']:.3f}", flush=True)
+        return figures
+
     for scenario in scenarios(only):
         for estimate in estimates:
-            truth = Truth(scenario)
-            agent = await _agent(profile, truth, estimate, config_args, vad)
-            try:
-                result, speculations = await _run(agent, scenario, truth)
-            finally:
-                if profile == "fake":
-                    for model in (agent.stages.asr, agent.stages.llm, agent.stages.tts):
-                        model.worker.close()
-                else:
-                    await agent.aclose()
-            figures = {"scenario": scenario.name, "estimate": estimate, **score(scenario, result, speculations)}
-            rows.append(figures)
-            await asyncio.to_thread(plot, scenario, result, out / f"turns-{scenario.name}-{estimate}.png",
-                                    f"{scenario.name}, end-of-turn estimate {estimate} ({profile})")
-            print(f"  {scenario.name:11s} {estimate:6s} v2v p50 {_fmt(figures['v2v_p50_s'])} p90 "
-                  f"{_fmt(figures['v2v_p90_s'])}  cut-ins {figures['false_cut_ins']}  missed "
-                  f"{figures['missed_interruptions']}  backchannel->int {figures['backchannels_interrupted']}  "
-                  f"noise->int {figures['noise_interrupted']}  barge-in {_fmt(figures['barge_in_p50_s'])}  wasted "
-                  f"{figures['speculations_withdrawn']}/{figures['speculations_started']}", flush=True)
+            rows.append(await one(scenario, estimate, None))
+    # The same confident turns with the stage delays a GPU shows (the runs above have none): what
+    # speculation hides, and what it does not.
+    realistic: list[dict[str, Any]] = []
+    delays = (getattr(args, "llm_first_token_s", None) or REALISTIC_LLM_FIRST_TOKEN_S,
+              getattr(args, "tts_first_audio_s", None) or REALISTIC_TTS_FIRST_AUDIO_S)
+    if profile == "fake":
+        print(f"  realistic stage delays: LLM first token {delays[0]} s, TTS first audio {delays[1]} s")
+        for scenario in scenarios([n for n in CONFIDENT if not only or n in only]):
+            realistic.append(await one(scenario, "right", delays))
     total = totals(rows)
+    if realistic:
+        v2v = [x for r in realistic for x in r["voice_to_voice_s"][:1]]
+        true_end = [x for r in realistic for x in r["v2v_true_end_s"][:1]]
+        total["confident_v2v_p50_realistic_s"] = _q(v2v, 0.5)
+        total["confident_v2v_true_end_p50_realistic_s"] = _q(true_end, 0.5)
     print("total: " + ", ".join(f"{k} {v}" for k, v in total.items()))
     substituted = sorted(set(SUBSTITUTED))
     if substituted:
@@ -397,12 +443,13 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
               "JFK's speech, so these\n!! figures are NOT comparable with runs that had it "
               "(apt-get install espeak-ng)\n" + "!" * 100, file=sys.stderr, flush=True)
     return {"profile": profile, "clock": "wall" if getattr(args, "realtime", False) else "virtual",
-            "espeak_ng": not substituted, "substituted_audio": substituted, "total": total, "scenarios": rows}
+            "espeak_ng": not substituted, "substituted_audio": substituted, "total": total, "scenarios": rows,
+            "realistic": {"llm_first_token_s": delays[0], "tts_first_audio_s": delays[1], "scenarios": realistic}}
 
 
 def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     v2v = [x for r in rows for x in r["voice_to_voice_s"]]
-    confident = [x for r in rows if r["estimate"] == "right" and r["scenario"] in ("question", "pause", "um", "jfk")
+    confident = [x for r in rows if r["estimate"] == "right" and r["scenario"] in CONFIDENT
                  for x in r["voice_to_voice_s"][:1]]
     barge = [x for r in rows for x in r["barge_in_s"]]
     started = sum(r["speculations_started"] for r in rows)
