@@ -19,20 +19,16 @@ Ray restarts a replica that dies (its sessions end; their pages reconnect to ano
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from duplex.cluster.routing import (Capacity, ReplicaStatus, cluster_status, owner_of, placement, prometheus,
-                                    public_id)
+from duplex.cluster.routing import ReplicaDown, Router, cluster_status, prometheus
 from duplex.config import AgentConfig
 from duplex.transport.server import (BODY_TIMEOUT_S, SECURITY_HEADERS, ApiResponse, ServerOptions, cors_headers,
-                                     not_open, refuse_request, status_refused, too_large, unauthorized)
-from duplex.transport.signalling import BadRequest, parse_json
+                                     refuse_request, status_refused, too_large, unauthorized)
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +196,7 @@ class Ingress:
         self.names = options.names()
         self.agents = dict(zip(self.names, agents))  # name -> DeploymentHandle
         self.web_root = Path(options.server.web_root)
-        self._placing: Counter[str] = Counter()  # new sessions sent to each replica, not answered yet
+        self.router = Router(self.names, self._call, call_timeout_s=CALL_TIMEOUT_S, status_timeout_s=STATUS_TIMEOUT_S)
 
     async def __call__(self, request: Any) -> Any:
         path, method, headers = request.url.path, request.method, request.headers
@@ -225,9 +221,9 @@ class Ingress:
                 answer = ApiResponse(405, {"error": f"{method} is not allowed here: POST an offer or PATCH "
                                                     "candidates"}, {"Allow": "POST, PATCH"})
             elif path == "/api/status" and method == "GET":
-                answer = ApiResponse(200, cluster_status(await self._statuses(request.headers.get("authorization"))))
+                answer = ApiResponse(200, cluster_status(await self.router.statuses(request.headers.get("authorization"))))
             elif path == "/metrics" and method == "GET":
-                return _text(200, prometheus(await self._statuses(None)), "text/plain; version=0.0.4")
+                return _text(200, prometheus(await self.router.statuses(None)), "text/plain; version=0.0.4")
             elif method == "GET" and path.lstrip("/") in FILES:
                 return self._file(FILES[path.lstrip("/")])
             else:
@@ -251,84 +247,16 @@ class Ingress:
         refused = unauthorized(self.options.server.token, authorization)
         if refused is not None:
             return refused
-        return await self._signal(method, body, authorization, request.client.host if request.client else None)
+        return await self.router.signal(method, body, authorization, request.client.host if request.client else None)
 
-    async def _signal(self, method: str, body: bytes, authorization: str | None, remote: str | None) -> ApiResponse:
-        """A new session to the replica with the most room; a follow-up to the replica its id names.
+    async def _call(self, name: str, method: str, args: tuple[Any, ...]) -> Any:
+        """One call to replica ``name`` through its Serve handle (the router's carrier)."""
+        from ray.exceptions import RayActorError
 
-        Before a follow-up is sent on, its owner is asked (the short capacity question) whether it is up
-        and still holds the session: a call to a dead replica would wait in Serve's queue for its
-        replacement, while a page whose connection went quiet asks exactly this and must hear in seconds,
-        before its browser's own checks give up. A dead owner is a 503 and one loading again after its
-        restart a 404. An offer naming a connection that is no longer open starts a new session, as on a
-        single server, placed like any other."""
         try:
-            request = parse_json(body)
-        except BadRequest as exc:
-            return ApiResponse(400, {"error": str(exc)})
-        session = request.get("pc_id")
-        if not isinstance(session, str) and (session is not None or method == "PATCH"):
-            return ApiResponse(400, {"error": "'pc_id' must be the id from this connection's answer (a string)"})
-        owner = owner_of(session, self.names) if session is not None else None
-        if owner is None and method == "PATCH":
-            return not_open(session)
-        if owner is not None:
-            replica, local = owner
-            capacity, = await self._capacities([replica], session=local)
-            if not capacity.up:
-                return _not_answering(replica)
-            if not capacity.ready:
-                return ApiResponse(404, {"error": f"replica {replica} has restarted and holds none of its "
-                                                  "earlier sessions; post a new offer"})
-            if capacity.holds or method == "PATCH":
-                forwarded = json.dumps({**request, "pc_id": local}).encode()
-                call = (self.agents[replica].offer.remote(forwarded, authorization, remote) if method == "POST"
-                        else self.agents[replica].candidates.remote(forwarded, authorization))
-                return _public(replica, await _call(replica, call))
-        if session is not None:
-            body = json.dumps({k: v for k, v in request.items() if k not in ("pc_id", "secret", "restart_pc")}).encode()
-        return await self._new_session(body, authorization, remote)
-
-    async def _new_session(self, body: bytes, authorization: str | None, remote: str | None) -> ApiResponse:
-        capacities = await self._capacities()
-        for c in capacities:  # offers on their way to a replica take a seat there already
-            c.free -= self._placing[c.replica]
-        order = placement(capacities)
-        if not order:
-            return ApiResponse(503, {"error": f"all {len(self.names)} replicas are full or starting; try again "
-                                              "later"}, {"Retry-After": "10"})
-        answer = ApiResponse(503, {"error": "no replica took the session"}, {"Retry-After": "10"})
-        for replica in order:  # a replica that filled up since it was asked says 503: try the next
-            self._placing[replica] += 1
-            try:
-                answer = await _call(replica, self.agents[replica].offer.remote(body, authorization, remote))
-            finally:
-                self._placing[replica] -= 1
-            if answer.status != 503:
-                return _public(replica, answer)
-        return answer
-
-    async def _capacities(self, names: list[str] | None = None, session: str | None = None) -> list[Capacity]:
-        """Each replica's room (of ``names``, default all), asked with a short timeout: one that does not
-        answer in time counts as down. Also whether it holds ``session``."""
-        async def ask(name: str) -> Capacity:
-            try:
-                c = await asyncio.wait_for(self.agents[name].capacity.remote(session), STATUS_TIMEOUT_S)
-            except Exception:
-                return Capacity(name, up=False)
-            return Capacity(name, up=True, ready=bool(c["ready"]), free=int(c["free"]), holds=bool(c["holds"]))
-
-        return list(await asyncio.gather(*(ask(n) for n in (self.names if names is None else names))))
-
-    async def _statuses(self, authorization: str | None) -> list[ReplicaStatus]:
-        async def ask(name: str) -> ReplicaStatus:
-            try:
-                body = await asyncio.wait_for(self.agents[name].status.remote(authorization), STATUS_TIMEOUT_S)
-            except Exception:
-                return ReplicaStatus(name, up=False)
-            return ReplicaStatus(name, up=True, body=body)
-
-        return list(await asyncio.gather(*(ask(n) for n in self.names)))
+            return await getattr(self.agents[name], method).remote(*args)
+        except RayActorError as exc:  # dead, or being replaced
+            raise ReplicaDown(f"{type(exc).__name__}") from exc
 
     # -- the page -----------------------------------------------------------------------------------
 
@@ -340,33 +268,6 @@ class Ingress:
             return _json(ApiResponse(404, {"error": f"the web client is missing ({path})"}))
         return Response(path.read_bytes(), 200, {"Cache-Control": "no-store"},
                         media_type=TYPES.get(path.suffix, "application/octet-stream"))
-
-
-def _public(replica: str, answer: ApiResponse) -> ApiResponse:
-    """The replica's answer with the id the page must use from now on."""
-    if answer.status == 200 and "pc_id" in answer.body:
-        return replace(answer, body={**answer.body, "pc_id": public_id(replica, answer.body["pc_id"])})
-    return answer
-
-
-async def _call(replica: str, call: Any) -> ApiResponse:
-    """A signalling call's answer; 503 if the replica died or does not answer in time (its sessions
-    are gone), 500 if the call failed inside it (its log has the traceback)."""
-    from ray.exceptions import RayActorError, RayTaskError
-
-    try:
-        return await asyncio.wait_for(call, CALL_TIMEOUT_S)
-    except (RayActorError, asyncio.TimeoutError) as exc:
-        log.warning("replica %s did not answer: %s", replica, type(exc).__name__)
-        return _not_answering(replica)
-    except RayTaskError as exc:
-        log.error("replica %s failed a signalling call: %s", replica, exc)
-        return ApiResponse(500, {"error": f"replica {replica} failed this request; see its log"})
-
-
-def _not_answering(replica: str) -> ApiResponse:
-    return ApiResponse(503, {"error": f"replica {replica} is not answering (restarting?); sessions it held "
-                                      "have ended: connect again"}, {"Retry-After": "5"})
 
 
 def _json(answer: ApiResponse) -> Any:

@@ -1,16 +1,29 @@
-"""What the cluster's ingress decides, as plain functions (no Ray here, so they are tested alone):
+"""What a front door over several agent processes decides: the cluster's ingress (Ray Serve replicas)
+and ``duplex serve --workers N`` (worker processes) alike. No Ray here, so it is tested alone:
 
 - a session's public id names the replica that owns it (``agent-1.<the replica's own id>``), so every
   follow-up of a session (candidates, renegotiation, restart) reaches its owner with no table to keep;
 - a new session goes to the replica with the most free capacity (ties: the lowest name), never to one
   that is full, still loading or not answering;
-- the status of every replica, summed, and the same figures in Prometheus' text format.
+- the status of every replica, summed, and the same figures in Prometheus' text format;
+- :class:`Router`: the signalling requests routed by those rules, over whatever carries a call to a
+  replica (a Ray handle, a worker's socket).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import asyncio
+import json
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from duplex.transport.server import ApiResponse
+
+log = logging.getLogger(__name__)
 
 SEPARATOR = "."
 
@@ -109,3 +122,138 @@ def prometheus(replicas: list[ReplicaStatus]) -> str:
             text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
             lines.append(f"{name}{{{text}}} {value:g}")
     return "\n".join(lines) + "\n"
+
+
+class ReplicaDown(Exception):
+    """A replica did not answer a call: it died, is restarting, or its connection is gone."""
+
+
+# Carries one call to a replica: (replica, method, arguments) -> its answer. The methods are those of
+# a cluster replica and a serve worker: offer(body, authorization, remote), candidates(body,
+# authorization), capacity(session) and status(authorization). Raises ReplicaDown when the replica
+# cannot answer, anything else when the call failed inside it.
+Call = Callable[[str, str, tuple[Any, ...]], Awaitable[Any]]
+
+
+class Router:
+    """The signalling API of several agent processes behind one address: a new session to the replica
+    with the most room, every follow-up to the replica its id names, the status summed."""
+
+    def __init__(self, names: list[str], call: Call, *, call_timeout_s: float = 25.0,
+                 status_timeout_s: float = 2.0) -> None:
+        self.names = names
+        self._call_replica = call
+        self.call_timeout_s = call_timeout_s  # a signalling call (an offer takes well under a second)
+        self.status_timeout_s = status_timeout_s  # a capacity or status question; slower counts as down
+        self._placing: Counter[str] = Counter()  # new sessions sent to each replica, not answered yet
+
+    async def signal(self, method: str, body: bytes, authorization: str | None, remote: str | None) -> ApiResponse:
+        """POST (``offer``) or PATCH (``candidates``) /api/offer, checked for size and token already.
+
+        Before a follow-up is sent on, its owner is asked (the short capacity question) whether it is up
+        and still holds the session: a call to a dead replica could wait for its replacement, while a
+        page whose connection went quiet asks exactly this and must hear in seconds, before its
+        browser's own checks give up. A dead owner is a 503 and one loading again after its restart a
+        404. An offer naming a connection that is no longer open starts a new session, as on a single
+        server, placed like any other."""
+        from duplex.transport.server import ApiResponse
+        from duplex.transport.signalling import BadRequest, parse_json
+
+        try:
+            request = parse_json(body)
+        except BadRequest as exc:
+            return ApiResponse(400, {"error": str(exc)})
+        session = request.get("pc_id")
+        if not isinstance(session, str) and (session is not None or method == "PATCH"):
+            return ApiResponse(400, {"error": "'pc_id' must be the id from this connection's answer (a string)"})
+        owner = owner_of(session, self.names) if session is not None else None
+        if owner is None and method == "PATCH":
+            return ApiResponse(404, {"error": f"no open connection {session}; post an offer first"})
+        if owner is not None:
+            replica, local = owner
+            capacity, = await self.capacities([replica], session=local)
+            if not capacity.up:
+                return _not_answering(replica)
+            if not capacity.ready:
+                return ApiResponse(404, {"error": f"replica {replica} has restarted and holds none of its "
+                                                  "earlier sessions; post a new offer"})
+            if capacity.holds or method == "PATCH":
+                forwarded = json.dumps({**request, "pc_id": local}).encode()
+                args = (forwarded, authorization, remote) if method == "POST" else (forwarded, authorization)
+                return _public(replica, await self._call(replica, "offer" if method == "POST" else "candidates", args))
+        if session is not None:
+            body = json.dumps({k: v for k, v in request.items() if k not in ("pc_id", "secret", "restart_pc")}).encode()
+        return await self._new_session(body, authorization, remote)
+
+    async def _new_session(self, body: bytes, authorization: str | None, remote: str | None) -> ApiResponse:
+        from duplex.transport.server import ApiResponse
+
+        capacities = await self.capacities()
+        for c in capacities:  # offers on their way to a replica take a seat there already
+            c.free -= self._placing[c.replica]
+        order = placement(capacities)
+        if not order:
+            return ApiResponse(503, {"error": f"all {len(self.names)} replicas are full or starting; try again "
+                                              "later"}, {"Retry-After": "10"})
+        answer = ApiResponse(503, {"error": "no replica took the session"}, {"Retry-After": "10"})
+        for replica in order:  # a replica that filled up since it was asked says 503: try the next
+            self._placing[replica] += 1
+            try:
+                answer = await self._call(replica, "offer", (body, authorization, remote))
+            finally:
+                self._placing[replica] -= 1
+            if answer.status != 503:
+                return _public(replica, answer)
+        return answer
+
+    async def capacities(self, names: list[str] | None = None, session: str | None = None) -> list[Capacity]:
+        """Each replica's room (of ``names``, default all), asked with a short timeout: one that does not
+        answer in time counts as down. Also whether it holds ``session``."""
+        async def ask(name: str) -> Capacity:
+            try:
+                c = await asyncio.wait_for(self._call_replica(name, "capacity", (session,)), self.status_timeout_s)
+            except Exception:
+                return Capacity(name, up=False)
+            return Capacity(name, up=True, ready=bool(c["ready"]), free=int(c["free"]), holds=bool(c["holds"]))
+
+        return list(await asyncio.gather(*(ask(n) for n in (self.names if names is None else names))))
+
+    async def statuses(self, authorization: str | None) -> list[ReplicaStatus]:
+        """Each replica's own status (see Server.status_body); one that does not answer in time is down."""
+        async def ask(name: str) -> ReplicaStatus:
+            try:
+                body = await asyncio.wait_for(self._call_replica(name, "status", (authorization,)),
+                                              self.status_timeout_s)
+            except Exception:
+                return ReplicaStatus(name, up=False)
+            return ReplicaStatus(name, up=True, body=body)
+
+        return list(await asyncio.gather(*(ask(n) for n in self.names)))
+
+    async def _call(self, replica: str, method: str, args: tuple[Any, ...]) -> ApiResponse:
+        """A signalling call's answer; 503 if the replica is down or does not answer in time (its sessions
+        are gone), 500 if the call failed inside it (its log has the traceback)."""
+        from duplex.transport.server import ApiResponse
+
+        try:
+            return await asyncio.wait_for(self._call_replica(replica, method, args), self.call_timeout_s)
+        except (ReplicaDown, asyncio.TimeoutError) as exc:
+            log.warning("replica %s did not answer: %s", replica, exc or type(exc).__name__)
+            return _not_answering(replica)
+        except Exception as exc:
+            log.error("replica %s failed a signalling call: %s", replica, exc)
+            return ApiResponse(500, {"error": f"replica {replica} failed this request; see its log"})
+
+
+def _public(replica: str, answer: ApiResponse) -> ApiResponse:
+    """The replica's answer with the id the page must use from now on."""
+    if answer.status == 200 and "pc_id" in answer.body:
+        return replace(answer, body={**answer.body, "pc_id": public_id(replica, answer.body["pc_id"])})
+    return answer
+
+
+def _not_answering(replica: str) -> ApiResponse:
+    from duplex.transport.server import ApiResponse
+
+    return ApiResponse(503, {"error": f"replica {replica} is not answering (restarting?); sessions it held "
+                                      "have ended: connect again"}, {"Retry-After": "5"})

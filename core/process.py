@@ -1,12 +1,13 @@
-"""The engine core's process: loads the agent's models and serves their streams to one frontend.
+"""The engine core's process: loads the agent's models and serves their streams to its frontends.
 
 :func:`main` is the child process's entry (``python -m duplex.core.process``, started by
 :class:`duplex.core.remote.Core`): it listens
 on the Unix socket it was given, loads and warms up the models (progress lines on stderr, as in one
 process), greets the frontend with what it needs to know (``hello``: the TTS sample rate), and then
 runs each call the frontend sends as a task of its own on its event loop, where the engines'
-schedulers run too. It ends when the frontend hangs up (or its parent process has gone): every
-stream still open is closed, then the models.
+schedulers run too. More frontends may connect (``duplex serve --workers N``: each worker process is
+one), all stepped by the same engines. It ends when the first frontend (the process that started it)
+hangs up or has gone: every stream still open is closed, then the models.
 """
 
 from __future__ import annotations
@@ -201,14 +202,39 @@ class Connection:
 
 
 async def serve(config: AgentConfig, path: str, parent: int) -> None:
-    """Listen on ``path``, load the models, serve the first frontend that connects, then close."""
+    """Listen on ``path``, load the models, then serve every frontend that connects: the first (the
+    process that started the core) owns it, and when it hangs up (or its process has gone) every
+    other frontend is cut off, their streams closed, then the models."""
     from duplex.agent import warm_up
     from duplex.profiles import build_stages
 
-    connected: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+    loaded = asyncio.get_running_loop().create_future()  # the stages, or why they could not load
+    owner: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # done when the owner hangs up
+    serving: set[asyncio.Task[None]] = set()
+    arrivals = itertools.count()
 
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await connected.put((reader, writer))
+        first = next(arrivals) == 0
+        try:
+            stages = await asyncio.shield(loaded)
+        except Exception as exc:
+            wire.write(writer, "failed", wire.portable(exc))
+            await writer.drain()
+            writer.close()
+            if first and not owner.done():
+                owner.set_result(None)
+            return
+        wire.write(writer, "hello", {"tts_sample_rate": stages.tts.sample_rate, "pid": os.getpid()})
+        task = asyncio.current_task()
+        assert task is not None
+        serving.add(task)
+        try:
+            await Connection(stages, reader, writer).serve()
+        finally:
+            serving.discard(task)
+            writer.close()
+            if first and not owner.done():
+                owner.set_result(None)
 
     server = await asyncio.start_unix_server(accept, path=path)
     watch = asyncio.create_task(_watch_parent(parent))
@@ -217,21 +243,14 @@ async def serve(config: AgentConfig, path: str, parent: int) -> None:
         try:
             stages = await asyncio.to_thread(build_stages, config)
             await warm_up(stages)
+            loaded.set_result(stages)
         except Exception as exc:
-            reader, writer = await connected.get()
-            wire.write(writer, "failed", wire.portable(exc))
-            await writer.drain()
-            writer.close()
-            return
-        reader, writer = await connected.get()
-        server.close()  # one frontend per core
-        wire.write(writer, "hello", {"tts_sample_rate": stages.tts.sample_rate, "pid": os.getpid()})
-        connection = Connection(stages, reader, writer)
-        serving = asyncio.create_task(connection.serve())
-        await asyncio.wait([serving, watch], return_when=asyncio.FIRST_COMPLETED)
-        serving.cancel()
-        await asyncio.gather(serving, return_exceptions=True)
-        writer.close()
+            loaded.set_exception(exc)
+        await asyncio.wait([owner, watch], return_when=asyncio.FIRST_COMPLETED)
+        server.close()
+        for task in list(serving):  # the others' streams close as their connections end
+            task.cancel()
+        await asyncio.gather(*serving, return_exceptions=True)
     finally:
         watch.cancel()
         server.close()

@@ -38,10 +38,12 @@ class CoreGone(RuntimeError):
 
 
 class Core:
-    """The engine core process and the one connection to it. Owns both: :meth:`aclose` ends them."""
+    """A connection to the engine core process. The one made by :meth:`start` owns the process too
+    (:meth:`aclose` ends both); one made by :meth:`connect` (a ``duplex serve`` worker's) only hangs up."""
 
-    def __init__(self, process: asyncio.subprocess.Process, folder: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 info: dict[str, Any]) -> None:
+    def __init__(self, path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, info: dict[str, Any],
+                 process: asyncio.subprocess.Process | None = None, folder: str | None = None) -> None:
+        self.path = path  # the core's socket: more frontends connect to it
         self.process, self.folder = process, folder
         self.reader, self.writer = reader, writer
         self.info = info
@@ -73,18 +75,21 @@ class Core:
                     break
                 except (FileNotFoundError, ConnectionRefusedError):
                     await asyncio.sleep(0.05)
-            try:  # loading takes minutes on a GPU: wait as long as the core lives (it hangs up if it dies)
-                kind, payload = await wire.read(reader)
-            except asyncio.IncompleteReadError:
-                raise CoreGone("the engine core process exited while loading; its error is above") from None
-            if kind == "failed":
-                writer.close()
-                raise payload
-            return cls(process, folder, reader, writer, payload)
+            info = await _greeting(reader, writer)
+            return cls(path, reader, writer, info, process, folder)
         except BaseException:
             await _stop(process)
             shutil.rmtree(folder, ignore_errors=True)
             raise
+
+    @classmethod
+    async def connect(cls, path: str) -> Core:
+        """Another frontend's connection to the core listening on ``path`` (started by :meth:`start`)."""
+        try:
+            reader, writer = await asyncio.open_unix_connection(path)
+        except OSError as exc:
+            raise CoreGone(f"cannot reach the engine core at {path}: {exc}") from None
+        return cls(path, reader, writer, await _greeting(reader, writer))
 
     def stages(self) -> Stages:
         """The four stages, served by this core."""
@@ -184,7 +189,7 @@ class Core:
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
-            code = self.process.returncode
+            code = self.process.returncode if self.process is not None else None
             self.gone = CoreGone("the engine core process has gone" + (f" (exit code {code})" if code is not None
                                                                          else ""))
             for future in self._waiting.values():
@@ -192,13 +197,30 @@ class Core:
                     future.set_exception(self.gone)
 
     async def aclose(self) -> None:
-        """Hang up (the core closes every stream and its models, then exits) and wait for the process."""
+        """Hang up (the core closes this connection's streams) and, when this connection owns the
+        process, wait for it (it closes every other frontend's streams and the models, then exits)."""
         if not self.writer.is_closing():
             self.writer.close()
         self._reading.cancel()
         await asyncio.gather(self._reading, return_exceptions=True)
-        await _stop(self.process)
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.process is not None:
+            await _stop(self.process)
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+async def _greeting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> dict[str, Any]:
+    """The core's ``hello`` once its models are loaded and warm (what a frontend needs to know), or
+    the error that stopped them loading."""
+    try:  # loading takes minutes on a GPU: wait as long as the core lives (it hangs up if it dies)
+        kind, payload = await wire.read(reader)
+    except asyncio.IncompleteReadError:
+        writer.close()
+        raise CoreGone("the engine core process exited while loading; its error is above") from None
+    if kind == "failed":
+        writer.close()
+        raise payload
+    return payload
 
 
 async def _stop(process: asyncio.subprocess.Process) -> None:

@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cert", default=None, help="TLS certificate (PEM): serve https:// (browsers give the "
                    "microphone only to https:// pages or localhost)")
     p.add_argument("--key", default=None, help="the TLS certificate's private key (PEM)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="spread the sessions over N worker processes (WebRTC, turn-taking, each on a core of its "
+                        "own) around one engine core process that steps every session's models together "
+                        "(default: one process; --max-sessions counts all workers' sessions)")
     p.add_argument("--replicas", type=int, default=None, metavar="N",
                    help="run N agents on Ray Serve (one per GPU where the cluster has them) behind one address; "
                         "needs pip install -e '.[cluster]' (default: one agent in this process, no Ray)")
@@ -183,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llm, tts, cluster, capacity: the batch sizes (concurrent sessions) to measure, "
                         "e.g. --batch 1 8 32")
     p.add_argument("--replicas", type=int, default=None, metavar="N", help="cluster: agent replicas (default 2)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="capacity: the sessions in N worker processes around one engine core, as serve --workers N")
     add_agent_options(p, default_profile="random")
 
     p = sub.add_parser("doctor", help="check this machine: versions, extras, devices, tools, models, port")

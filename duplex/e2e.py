@@ -154,7 +154,7 @@ def process_cpu_s(pid: int) -> float | None:
 def core_cpu(agent: Agent) -> Callable[[float], dict[str, float]]:
     """Start counting the engine core process's CPU (none in one process); the returned function gives
     ``{"core": seconds per second}`` over ``wall`` seconds since."""
-    pid = agent.core.process.pid if agent.core is not None else None
+    pid = int(agent.core.info["pid"]) if agent.core is not None else None
     start = process_cpu_s(pid) if pid is not None else None
 
     def since(wall: float) -> dict[str, float]:

@@ -27,3 +27,20 @@ async def test_a_size_of_the_sweep_is_measured_through_real_peers():
     assert row["input_lag_max_s"] >= row["input_lag_p99_s"] >= 0.0
     assert row["underruns"] == 0 and row["real_time"], row
     assert set(row["cpu_s_per_s"]) == {"server", "peers"} and all(v > 0 for v in row["cpu_s_per_s"].values())
+
+
+async def test_the_sweep_runs_through_serve_workers_around_one_engine_core():
+    """``bench capacity --workers 2``: the peers' sessions run in two worker processes around one
+    engine core, as ``duplex serve --workers 2`` runs them; the row is measured from the workers
+    (every peer answered, voice-to-voice at each ear) and reports the workers' and the core's CPU."""
+    from duplex.cli import build_parser
+    from duplex.transport.capacity import _bench
+
+    args = build_parser().parse_args(["bench", "capacity", "--profile", "fake", "--device", "cpu", "--batch", "2",
+                                      "--workers", "2"])
+    result = await _bench(args)
+    row, = result["concurrency"]
+    assert result["workers"] == 2 and row["sessions"] == 2, result
+    assert row["no_session"] == 0 and row["unanswered"] == 0 and len(row["voice_to_voice_s"]) == 2, row
+    assert {"server", "workers", "core", "peers"} <= set(row["cpu_s_per_s"]), row
+    assert row["cpu_s_per_s"]["workers"] > 0 and row["cpu_s_per_s"]["core"] > 0, row

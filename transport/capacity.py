@@ -15,7 +15,9 @@ processes), each engine's tick times, GPU busy, CPU seconds per second of the se
 peers' process, and LLM listens per session-second; plus the peers that got no session or no answer.
 
 Run: ``duplex bench capacity --profile tiny`` (results in ``<out>/capacity.json``); ``--batch 1 8 16``
-picks the sizes (default: 1, 2, 4 on the CPU, up to 64 on a GPU).
+picks the sizes (default: 1, 2, 4 on the CPU, up to 64 on a GPU); ``--workers N`` runs the sessions
+as ``duplex serve --workers N`` does (worker processes around one engine core; their CPU is reported
+as ``workers``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -100,6 +103,28 @@ class CapacityRow(ConcurrencyRow):
     unanswered: int
 
 
+async def _sessions(server) -> dict[str, tuple[float, int]]:
+    """Each open session's input lag and reply-audio gaps so far, by id: the server's own, or (a
+    ``--workers`` front) every worker's."""
+    from duplex.transport.workers import Front
+
+    if isinstance(server, Front):
+        return await server.sessions()
+    return {pc_id: (p.session.lag_s, p.session.playout.underruns) for pc_id, p in list(server.peers.items())}
+
+
+def _workers_cpu(server) -> Callable[[], float] | None:
+    """The CPU seconds the front's workers use from now on (None without workers)."""
+    from duplex.e2e import process_cpu_s
+    from duplex.transport.workers import Front
+
+    if not isinstance(server, Front):
+        return None
+    pids = [w.pid for w in server.workers.values() if w.pid is not None]
+    start = {pid: process_cpu_s(pid) or 0.0 for pid in pids}
+    return lambda: sum((process_cpu_s(pid) or start[pid]) - start[pid] for pid in pids)
+
+
 async def measure(server, agent, url: str, n: int) -> CapacityRow:
     """``n`` peers (a child process) against ``server``; the sweep row, plus the peers' outcomes."""
     from duplex.clock import now
@@ -108,6 +133,7 @@ async def measure(server, agent, url: str, n: int) -> CapacityRow:
     lags: list[float] = []
     underruns: dict[str, int] = {}
     probe, core = await engine_probe(agent), core_cpu(agent)
+    workers_cpu = _workers_cpu(server)
     t, cpu = now(), time.process_time()
     async with gpu_sampling(agent.config.resolved_device()) as gpu:
         child = await asyncio.create_subprocess_exec(
@@ -115,23 +141,26 @@ async def measure(server, agent, url: str, n: int) -> CapacityRow:
             stdout=asyncio.subprocess.PIPE)
         reading = asyncio.create_task(child.communicate())
         while not reading.done():
-            for pc_id, peer in list(server.peers.items()):
-                lags.append(peer.session.lag_s)
-                underruns[pc_id] = peer.session.playout.underruns
+            for pc_id, (lag, gaps) in (await _sessions(server)).items():
+                lags.append(lag)
+                underruns[pc_id] = gaps
             await asyncio.wait([reading], timeout=0.1)
         out, _ = reading.result()
     wall, cpu = now() - t, time.process_time() - cpu
+    cpu_s_per_s = {"server": round(cpu / wall, 3)}
+    if workers_cpu is not None:
+        cpu_s_per_s["workers"] = round(workers_cpu() / wall, 3)
     if child.returncode != 0 or not out.strip():
         raise RuntimeError(f"the peers' process failed (exit {child.returncode}); its traceback is above")
     peers = json.loads(out.decode().strip().splitlines()[-1])
     for _ in range(100):  # the sessions close as their peers hang up: wait, so sizes do not overlap
-        if not server.peers:
+        if not await _sessions(server):
             break
         await asyncio.sleep(0.1)
     v2v = [p["v2v_ear_s"] for p in peers["peers"] if p["v2v_ear_s"] is not None]
     base = concurrency_row(
         n, lags=lags, underruns=sum(underruns.values()), v2v=v2v, gpu=gpu,
-        cpu_s_per_s={"server": round(cpu / wall, 3), **core(wall), "peers": round(peers["cpu_s"] / wall, 3)},
+        cpu_s_per_s={**cpu_s_per_s, **core(wall), "peers": round(peers["cpu_s"] / wall, 3)},
         wall=wall, **await probe())
     no_session = sum(not p["created"] for p in peers["peers"])
     unanswered = sum(p["created"] and not p["answered"] for p in peers["peers"])
@@ -146,7 +175,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     from duplex.cli import config_from_args
     from duplex.e2e import SIZES, apply_bench_settings, max_sessions, sweep
     from duplex.transport.ice import allow_loopback_candidates
-    from duplex.transport.server import Server, ServerOptions
+    from duplex.transport.server import Server, ServerOptions, Site
 
     allow_loopback_candidates()
     config = config_from_args(args)
@@ -156,8 +185,16 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         config.engine_slots = most  # engine rows for every session
     apply_bench_settings(config, quick=True)  # short fixed replies
     print(f"loading the {config.profile} profile ...", flush=True)
-    agent = await Agent.load(config)
-    server = Server(agent, ServerOptions(max_sessions=most))
+    workers = getattr(args, "workers", None)
+    server: Site
+    if workers:  # the sessions in worker processes around one engine core, as serve --workers runs them
+        from duplex.transport.workers import Front
+
+        front, core = await Front.start(config, ServerOptions(max_sessions=most), workers, loopback=True)
+        agent, server = Agent(core.stages(), config, core), front  # this process's agent: the core's owner
+    else:
+        agent = await Agent.load(config)
+        server = Server(agent, ServerOptions(max_sessions=most))
     runner = web.AppRunner(server.app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -168,8 +205,10 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         rows = await sweep(lambda n: measure(server, agent, url, n), most, sizes)
         best = max([r["sessions"] for r in rows if r["real_time"]], default=0)
         print(f"largest number of concurrent WebRTC sessions in real time: {best}")
-        return {"concurrency": rows, "max_real_time_sessions": best,
-                "note": "server and agent in one process, the peers in another, on this machine"}
+        where = (f"{workers} worker processes and a front around one engine core" if workers
+                 else "server and agent in one process")
+        return {"concurrency": rows, "max_real_time_sessions": best, "workers": workers,
+                "note": f"{where}, the peers in another process, on this machine"}
     finally:
         await server.close()
         await runner.cleanup()

@@ -51,13 +51,15 @@ def tls_context(cert: str | None, key: str | None):
 async def serve(config: AgentConfig, host: str, port: int, max_sessions: int, *,
                 stop: asyncio.Event | None = None, on_ready: Callable[[str], None] | None = None,
                 token: str | None = None, admin_token: str | None = None, tls=None,
-                allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = ()) -> None:
-    """Run the WebRTC server until ``stop`` is set (or Ctrl-C), then close every session and the models."""
+                allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = (),
+                workers: int | None = None) -> None:
+    """Run the WebRTC server until ``stop`` is set (or Ctrl-C), then close every session and the models.
+    With ``workers``, the sessions run in that many worker processes around one engine core process
+    (:mod:`duplex.transport.workers`), ``max_sessions`` in all."""
     from aiohttp import web
 
-    from duplex.agent import Agent
-    from duplex.transport.ice import allow_loopback_candidates, is_loopback_host
-    from duplex.transport.server import Server, ServerOptions
+    from duplex.transport.ice import is_loopback_host
+    from duplex.transport.server import ServerOptions
 
     stop = stop or asyncio.Event()
     try:  # bind first: a busy port fails at once, not after loading the models
@@ -66,18 +68,16 @@ async def serve(config: AgentConfig, host: str, port: int, max_sessions: int, *,
         raise UserError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port "
                         "or stop the program using it") from None
     runner = None
+    loopback = is_loopback_host(host)
+    options = ServerOptions(max_sessions=max_sessions, token=token, admin_token=admin_token, loopback_bind=loopback,
+                            allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
     try:
-        agent = await Agent.load(config)
+        site, owner = await _answering(config, options, workers, loopback=loopback)
     except BaseException:
         sock.close()
         raise
     try:
-        if is_loopback_host(host):
-            allow_loopback_candidates()  # clients are on this machine, which may have no other interface
-        server = Server(agent, ServerOptions(max_sessions=max_sessions, token=token, admin_token=admin_token,
-                                             loopback_bind=is_loopback_host(host), allowed_hosts=allowed_hosts,
-                                             allowed_origins=allowed_origins))
-        runner = server.runner(handle_signals=False, access_log=None)  # connection limits: see transport.connections
+        runner = site.runner(handle_signals=False, access_log=None)  # connection limits: see transport.connections
         await runner.setup()
         await web.SockSite(runner, sock, ssl_context=tls).start()
         bound_port = runner.addresses[0][1] if runner.addresses else port
@@ -86,8 +86,9 @@ async def serve(config: AgentConfig, host: str, port: int, max_sessions: int, *,
         if on_ready is not None:
             on_ready(url)
         else:
+            spread = f" over {workers} worker processes" if workers else ""
             print(f"duplex serve: open {url} in a browser (profile {config.profile}, at most {max_sessions} "
-                  "sessions); Ctrl-C stops", flush=True)
+                  f"sessions{spread}); Ctrl-C stops", flush=True)
             if not is_loopback_host(host) and tls is None:
                 print("duplex serve: browsers give the microphone only to https:// pages or localhost; "
                       "from another machine, use --cert/--key, an SSH tunnel (ssh -L) or an HTTPS proxy",
@@ -101,7 +102,24 @@ async def serve(config: AgentConfig, host: str, port: int, max_sessions: int, *,
         if runner is not None:
             await runner.cleanup()  # runs the app's on_shutdown: every peer and session closed
         sock.close()  # (already closed by the site when it started)
-        await agent.aclose()
+        await owner.aclose()  # the agent, or the workers' engine core
+
+
+async def _answering(config: AgentConfig, options, workers: int | None, *, loopback: bool):
+    """What answers the HTTP API, and what to close after it: a server and its agent in this process,
+    or (``workers``) the front over that many worker processes and their engine core."""
+    from duplex.agent import Agent
+    from duplex.transport.ice import allow_loopback_candidates
+    from duplex.transport.server import Server
+
+    if loopback:
+        allow_loopback_candidates()  # clients are on this machine, which may have no other interface
+    if workers is None:
+        agent = await Agent.load(config)
+        return Server(agent, options), agent
+    from duplex.transport.workers import Front
+
+    return await Front.start(config, options, workers, loopback=loopback)
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -111,6 +129,10 @@ def serve_main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be 0-65535, got {args.port}")
     if not 1 <= args.max_sessions <= 1000:
         raise ConfigError(f"--max-sessions must be 1-1000, got {args.max_sessions}")
+    if args.workers is not None and not 1 <= args.workers <= args.max_sessions:
+        raise ConfigError(f"--workers must be 1 to --max-sessions ({args.max_sessions}), got {args.workers}")
+    if args.workers is not None and args.replicas is not None:
+        raise ConfigError("--workers and --replicas do not go together: each replica is one agent process")
     config = config_from_args(args)
     if args.replicas is not None:
         from duplex.cluster.launch import serve_main as serve_cluster
@@ -119,7 +141,7 @@ def serve_main(args: argparse.Namespace) -> int:
     tls = tls_context(args.cert, args.key)
     asyncio.run(serve(config, args.host, args.port, args.max_sessions, token=args.token,
                       admin_token=args.admin_token, tls=tls, allowed_hosts=tuple(args.allowed_host or ()),
-                      allowed_origins=tuple(args.allowed_origin or ())))
+                      allowed_origins=tuple(args.allowed_origin or ()), workers=args.workers))
     print("duplex serve: stopped", file=sys.stderr)
     return 0
 

@@ -1,0 +1,93 @@
+"""`duplex serve --workers 2` as a user runs it: a front process, two worker processes and one engine
+core; real aiortc peers placed on the workers, a worker killed, and Ctrl-C stopping them all."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import aiohttp
+import pytest
+
+from duplex.transport.ice import allow_loopback_candidates
+from tests.test_transport_cli import _start
+from tests.transport_fixtures import connect, file_track, jfk48
+
+pytestmark = pytest.mark.slow
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not yet reaped) is not running
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _command(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+
+
+async def test_sessions_spread_over_workers_that_share_one_core(jfk_path):
+    """Two peers land on two different workers (the one with most room first) and both converse
+    (speech heard, a reply's audio received) through the one engine core; the status sums the workers;
+    a worker killed is shown down, its seats gone, and the next offer goes to the survivor; Ctrl-C
+    stops the front, the surviving worker and the core (no process left, exit 0, no traceback)."""
+    allow_loopback_candidates()
+    proc, url = await _start("--profile", "fake", "--port", "0", "--max-sessions", "4", "--workers", "2")
+    base = url.rstrip("/")
+    clients = []
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(2):
+                clients.append(await connect(base, file_track(jfk48(jfk_path))))
+            assert {c.pc_id.split(".")[0] for c in clients} == {"worker-0", "worker-1"}
+            for c in clients:
+                await c.wait_for("input_audio_buffer.speech_started", timeout=30)
+                await c.wait_for("response.done", timeout=60)
+                assert len(c.audio()) > 0, "the agent's reply was heard"
+            async with http.get(f"{base}/api/status") as r:
+                status = await r.json()
+            assert status["sessions"] == 2 and status["max_sessions"] == 4 and status["replicas_up"] == 2
+            pids = {w["name"]: w["pid"] for w in status["replicas"]}
+            assert all(w["sessions"] == 1 for w in status["replicas"])
+
+            os.kill(pids["worker-0"], signal.SIGKILL)
+            for _ in range(50):
+                async with http.get(f"{base}/api/status") as r:
+                    status = await r.json()
+                if status["replicas_up"] == 1:
+                    break
+                await asyncio.sleep(0.2)
+            assert status["replicas_up"] == 1 and status["max_sessions"] == 2, status
+            survivor = await connect(base, file_track(jfk48(jfk_path)))
+            clients.append(survivor)
+            assert survivor.pc_id.startswith("worker-1.")
+            patch = {"pc_id": clients[0].pc_id, "secret": clients[0].secret, "candidates": []}
+            async with http.patch(f"{base}/api/offer", data=json.dumps(patch),
+                                  headers={"Content-Type": "application/json"}) as r:
+                assert r.status == 503 and "worker-0" in (await r.json())["error"]
+        core = [pid for pid in _children(proc.pid) if b"duplex.core.process" in _command(pid)]
+        assert len(core) == 1
+        proc.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(proc.wait(), 30)
+    finally:
+        for c in clients:
+            await c.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    err = (await proc.stderr.read()).decode()
+    assert code == 0, err
+    assert "Traceback" not in err and "duplex serve: stopped" in err
+    for pid in [pids["worker-1"], *core]:
+        assert not _alive(pid), f"process {pid} outlived duplex serve"

@@ -1,0 +1,327 @@
+"""``duplex serve --workers N``: the sessions spread over N worker processes around one engine core.
+
+Three kinds of process (see docs/DESIGN.md, "The engine core process"):
+
+- the **engine core** (:mod:`duplex.core.process`): every model, stepping every session of every
+  worker in the same batched ticks;
+- **workers** (``python -m duplex.transport.workers``): each a :class:`~duplex.transport.server.Server`
+  without HTTP of its own: its sessions, their aiortc peers (media flows between a browser and its
+  worker directly, on the worker's own ICE candidates), turn-taking and records, on a GIL of its own.
+  Its agent's stages are the core's (:meth:`duplex.core.remote.Core.connect`). It answers the front's
+  signalling calls (``offer``, ``candidates``, ``capacity``, ``status``) over a Unix socket;
+- the **front** (:class:`Front`, the ``duplex serve`` process): the page and the HTTP API with every
+  check a single server makes (:class:`~duplex.transport.server.Site`), each new session placed on
+  the worker with the most room and every follow-up sent to the worker its id names
+  (:class:`duplex.cluster.routing.Router`, the cluster ingress's rules: ids read ``worker-1.<id>``).
+
+The front starts the core (and owns it: when the front ends, so does the core), then the workers,
+which connect to it. A worker that dies takes its sessions with it (their pages are told and may
+connect again, to another worker); the others go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from duplex.cluster.routing import ReplicaDown, Router, cluster_status
+from duplex.config import AgentConfig
+from duplex.core import wire
+from duplex.transport.server import ApiResponse, ServerOptions, Site
+
+log = logging.getLogger(__name__)
+
+STOP_S = 5.0  # how long a closing worker may take before it is killed
+
+
+@dataclass
+class WorkerSetup:
+    """What a worker process is told on its stdin."""
+
+    config: AgentConfig
+    options: ServerOptions  # each worker's own (max_sessions: per worker)
+    core: str  # the engine core's socket
+    front: str  # the front's socket
+    name: str
+    loopback: bool  # clients are on this machine: offer loopback ICE candidates too
+    log_level: int  # duplex's loggers, as in the front
+
+
+class Worker:
+    """The front's side of one worker process: its calls, one request each, answered in any order."""
+
+    def __init__(self, name: str, process: asyncio.subprocess.Process) -> None:
+        self.name, self.process = name, process
+        self.writer: asyncio.StreamWriter | None = None
+        self.pid: int | None = None
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._reading: asyncio.Task[None] | None = None
+        self.gone = False
+
+    def attach(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pid: int) -> None:
+        self.writer, self.pid = writer, pid
+        self._reading = asyncio.create_task(self._read_loop(reader))
+
+    async def call(self, method: str, args: tuple[Any, ...]) -> Any:
+        if self.gone or self.writer is None or self.writer.is_closing():
+            raise ReplicaDown(f"worker {self.name} has exited")
+        rid = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = future
+        try:
+            wire.write(self.writer, "call", rid, method, args)
+            return await future
+        finally:
+            self._waiting.pop(rid, None)
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                kind, rid, value = await wire.read(reader)
+                future = self._waiting.get(rid)
+                if future is None or future.done():
+                    continue
+                if kind == "error":
+                    future.set_exception(value)
+                else:
+                    future.set_result(value)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        finally:
+            self.gone = True
+            log.warning("worker %s has gone (exit code %s); its sessions have ended", self.name,
+                        self.process.returncode)
+            for future in self._waiting.values():
+                if not future.done():
+                    future.set_exception(ReplicaDown(f"worker {self.name} has exited"))
+
+    async def aclose(self) -> None:
+        """Hang up (the worker closes its sessions, then exits) and wait for it, killing it after STOP_S."""
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.close()
+        if self._reading is not None:
+            await asyncio.gather(self._reading, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self.process.wait(), STOP_S)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+
+
+class Front(Site):
+    """The page and the HTTP API of ``duplex serve --workers N`` (see the module docstring)."""
+
+    def __init__(self, workers: dict[str, Worker], options: ServerOptions) -> None:
+        self.workers = workers
+        self.router = Router(list(workers), self._call)
+        super().__init__(options)
+
+    async def _call(self, name: str, method: str, args: tuple[Any, ...]) -> Any:
+        return await self.workers[name].call(method, args)
+
+    async def offer(self, body: bytes, authorization: str | None = None, remote: str | None = None) -> ApiResponse:
+        return await self.router.signal("POST", body, authorization, remote)
+
+    async def candidates(self, body: bytes, authorization: str | None = None) -> ApiResponse:
+        return await self.router.signal("PATCH", body, authorization, None)
+
+    async def status_of(self, authorization: str | None = None) -> ApiResponse:
+        return ApiResponse(200, cluster_status(await self.router.statuses(authorization)))
+
+    async def sessions(self) -> dict[str, tuple[float, int]]:
+        """Every worker's open sessions, by public id: input lag (s) and reply-audio gaps (for the benches)."""
+        live = [w for w in self.workers.values() if not w.gone]
+        answers = await asyncio.gather(*(w.call("sessions", ()) for w in live), return_exceptions=True)
+        return {f"{w.name}.{pc_id}": value for w, answer in zip(live, answers)
+                if isinstance(answer, dict) for pc_id, value in answer.items()}
+
+    @classmethod
+    async def start(cls, config: AgentConfig, options: ServerOptions, workers: int, *,
+                    loopback: bool = False) -> tuple[Front, Any]:
+        """Start the engine core (it loads the models) and ``workers`` worker processes sharing
+        ``options.max_sessions`` seats; the front, and the core's connection (its owner: close the
+        front's workers with :meth:`close`, then the core)."""
+        import shutil
+        import tempfile
+        from dataclasses import replace
+
+        if not 1 <= workers <= options.max_sessions:
+            raise ValueError(f"{workers} workers need 1 to max_sessions ({options.max_sessions}) workers")
+
+        from duplex.core.remote import Core
+
+        core = await Core.start(config)
+        folder = tempfile.mkdtemp(prefix="duplex-front-")  # mode 0700: only this user reaches the socket
+        path = os.path.join(folder, "front.sock")
+        started: dict[str, Worker] = {}
+        hello: dict[str, asyncio.Future[Any]] = {}
+
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                kind, name, payload = await wire.read(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            if name not in hello or hello[name].done():
+                writer.close()
+                return
+            if kind == "failed":
+                writer.close()
+                hello[name].set_exception(payload)
+                return
+            started[name].attach(reader, writer, int(payload["pid"]))
+            hello[name].set_result(None)
+
+        server = await asyncio.start_unix_server(accept, path=path)
+        try:
+            for i in range(workers):
+                name = f"worker-{i}"
+                hello[name] = asyncio.get_running_loop().create_future()
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "duplex.transport.workers", str(os.getpid()), stdin=asyncio.subprocess.PIPE)
+                started[name] = Worker(name, process)
+                assert process.stdin is not None
+                seats = options.max_sessions // workers + (i < options.max_sessions % workers)
+                setup = WorkerSetup(config, replace(options, max_sessions=seats), core.path, path, name, loopback,
+                                    logging.getLogger("duplex").getEffectiveLevel())
+                process.stdin.write(pickle.dumps(setup))
+                await process.stdin.drain()
+                process.stdin.close()
+            await asyncio.gather(*(_started(started[n], hello[n]) for n in started))
+        except BaseException:
+            await asyncio.gather(*(w.aclose() for w in started.values()), return_exceptions=True)
+            await core.aclose()
+            raise
+        finally:
+            server.close()
+            shutil.rmtree(folder, ignore_errors=True)
+        return cls(started, options), core
+
+    async def close(self) -> None:
+        """Every worker closes its sessions and exits (the app's shutdown runs this)."""
+        await asyncio.gather(*(w.aclose() for w in self.workers.values()))
+
+
+async def _started(worker: Worker, hello: asyncio.Future[Any]) -> None:
+    """Wait for ``worker``'s hello (or the error that stopped it), or for it to exit before it said one."""
+    exited = asyncio.create_task(worker.process.wait())
+    await asyncio.wait([hello, exited], return_when=asyncio.FIRST_COMPLETED)
+    exited.cancel()
+    if hello.done():
+        hello.result()  # raises the worker's error
+        return
+    raise RuntimeError(f"worker {worker.name} exited (code {worker.process.returncode}) before it started; "
+                       "its error is above")
+
+
+# -- the worker process ---------------------------------------------------------------------------
+
+
+async def _serve_worker(setup: WorkerSetup, parent: int) -> None:
+    """Connect to the core, build the agent and its server, then answer the front's calls until it hangs up."""
+    from duplex.agent import Agent
+    from duplex.core.remote import Core
+    from duplex.transport.server import Server
+
+    if setup.loopback:
+        from duplex.transport.ice import allow_loopback_candidates
+
+        allow_loopback_candidates()
+    reader, writer = await asyncio.open_unix_connection(setup.front)
+    try:
+        core = await Core.connect(setup.core)
+        agent = Agent(core.stages(), setup.config, core)
+        server = Server(agent, setup.options)
+    except Exception as exc:
+        wire.write(writer, "failed", setup.name, wire.portable(exc))
+        await writer.drain()
+        writer.close()
+        return
+    wire.write(writer, "hello", setup.name, {"pid": os.getpid()})
+    calls: set[asyncio.Task[None]] = set()
+
+    async def answer(rid: int, method: str, args: tuple[Any, ...]) -> None:
+        try:
+            value = await _method(server, method, args)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("worker %s: %s failed", setup.name, method)
+            if not writer.is_closing():
+                wire.write(writer, "error", rid, wire.portable(exc))
+            return
+        if not writer.is_closing():
+            wire.write(writer, "result", rid, value)
+
+    watch = asyncio.create_task(_watch_parent(parent))
+    try:
+        while not watch.done():
+            reading = asyncio.ensure_future(wire.read(reader))
+            await asyncio.wait([reading, watch], return_when=asyncio.FIRST_COMPLETED)
+            if not reading.done():
+                reading.cancel()
+                break
+            try:
+                _, rid, method, args = reading.result()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break  # the front has hung up: stop
+            task = asyncio.create_task(answer(rid, method, args))
+            calls.add(task)
+            task.add_done_callback(calls.discard)
+    finally:
+        watch.cancel()
+        for task in list(calls):
+            task.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+        await server.close()
+        await agent.aclose()
+        writer.close()
+
+
+async def _method(server: Any, method: str, args: tuple[Any, ...]) -> Any:
+    """One signalling call of the front, answered by this worker's server."""
+    if method == "offer":
+        return await server.offer(*args)
+    if method == "candidates":
+        return await server.candidates(*args)
+    if method == "capacity":
+        (session,) = args
+        return {"ready": True, "free": server.room(), "holds": session is not None and server.holds(session)}
+    if method == "sessions":
+        return {pc_id: (p.session.lag_s, p.session.playout.underruns) for pc_id, p in list(server.peers.items())}
+    if method == "status":
+        (authorization,) = args
+        body = server.status_body(authorization).body
+        return {**body, "pid": os.getpid()}
+    raise ValueError(f"unknown worker call {method!r}")
+
+
+async def _watch_parent(parent: int) -> None:
+    """Return when the front's process has gone (killed without closing its workers)."""
+    while os.getppid() == parent:  # noqa: ASYNC110 (no event tells a process its parent died)
+        await asyncio.sleep(1.0)
+
+
+def main() -> None:
+    """A worker's entry: ``python -m duplex.transport.workers PARENT_PID``, its :class:`WorkerSetup`
+    pickled on stdin."""
+    parent = int(sys.argv[1])
+    setup = pickle.load(sys.stdin.buffer)
+    assert isinstance(setup, WorkerSetup), type(setup)
+    logging.basicConfig(level=logging.WARNING, format=f"duplex {setup.name}: %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("duplex").setLevel(setup.log_level)
+    asyncio.run(_serve_worker(setup, parent))
+
+
+if __name__ == "__main__":  # run as the module itself, so the pickled WorkerSetup is this module's class
+    from duplex.transport.workers import main as worker_main
+
+    worker_main()
