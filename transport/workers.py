@@ -65,6 +65,7 @@ class Worker:
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._reading: asyncio.Task[None] | None = None
         self.gone = False
+        self._closing = False  # the front hung up itself: its going is no news
 
     def attach(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pid: int) -> None:
         self.writer, self.pid = writer, pid
@@ -97,14 +98,16 @@ class Worker:
             pass
         finally:
             self.gone = True
-            log.warning("worker %s has gone (exit code %s); its sessions have ended", self.name,
-                        self.process.returncode)
+            if not self._closing:
+                log.warning("worker %s has gone (exit code %s); its sessions have ended", self.name,
+                            self.process.returncode)
             for future in self._waiting.values():
                 if not future.done():
                     future.set_exception(ReplicaDown(f"worker {self.name} has exited"))
 
     async def aclose(self) -> None:
         """Hang up (the worker closes its sessions, then exits) and wait for it, killing it after STOP_S."""
+        self._closing = True
         if self.writer is not None and not self.writer.is_closing():
             self.writer.close()
         if self._reading is not None:
