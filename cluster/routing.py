@@ -156,7 +156,7 @@ class Router:
         browser's own checks give up. A dead owner is a 503 and one loading again after its restart a
         404. An offer naming a connection that is no longer open starts a new session, as on a single
         server, placed like any other."""
-        from duplex.transport.server import ApiResponse
+        from duplex.transport.server import ApiResponse, not_open
         from duplex.transport.signalling import BadRequest, parse_json
 
         try:
@@ -168,7 +168,7 @@ class Router:
             return ApiResponse(400, {"error": "'pc_id' must be the id from this connection's answer (a string)"})
         owner = owner_of(session, self.names) if session is not None else None
         if owner is None and method == "PATCH":
-            return ApiResponse(404, {"error": f"no open connection {session}; post an offer first"})
+            return not_open(session)
         if owner is not None:
             replica, local = owner
             capacity, = await self.capacities([replica], session=local)
