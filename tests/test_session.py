@@ -110,26 +110,6 @@ def test_a_failing_backchannel_check_yields_and_the_session_goes_on(vad_model, j
                                                                                       "thanks"]
 
 
-def test_a_hung_backchannel_check_yields_after_its_timeout(vad_model, jfk16):
-    """A backchannel check that never answers does not hold the agent paused for max_pause_s: after
-    turn.check_timeout_s the session reports it and yields (the reply stops, the words are a turn)."""
-    agent = make_agent(vad_model, asr={"utterances": ["hello there", "yeah"]}, llm={"replies": [REPLY, "sure"]})
-
-    async def hung(messages, text):
-        await asyncio.sleep(60)
-        return True
-
-    agent.stages.llm.is_backchannel_override = hung
-    pcm = np.concatenate([clip(jfk16, 0.2, 2.4), silence(2.8), clip(jfk16, 3.25, 3.9), silence(4.0)])
-    run = run_virtual(drive(agent, pcm))
-    barge, = run.of(ev.BargeIn)
-    interrupted, = run.of(ev.Interrupted)
-    assert not run.of(ev.Resumed)
-    assert any("no answer within 0.5 s" in e.message for e in run.of(ev.Error))
-    assert interrupted.wall - barge.wall < 1.0  # the check's timeout, not max_pause_s (3 s)
-    assert [t["text"] for t in run.conversation["turns"] if t["role"] == "user"] == ["hello there", "yeah"]
-
-
 def test_user_going_on_while_agent_thinks(vad_model, jfk16):
     """If the user speaks again before any reply audio, the reply is dropped unheard and the turn
     continues: one user turn with all the words, one reply."""
