@@ -5,6 +5,7 @@ Each area's own fixtures (tiny ASR/LLM/TTS models) live in tests/<area>_fixtures
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -21,6 +22,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # Where JFK's four phrases start and end (seconds), from listening and the waveform.
 JFK_PHRASES = [(0.35, 2.24), (3.30, 4.42), (5.41, 7.65), (8.19, 10.59)]
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored():
+    """Every test starts with the logging setup the run began with: ``duplex.cli.main`` sets the
+    ``duplex`` logger's level and the root's handlers (a ``doctor`` run leaves ``duplex`` at WARNING),
+    which would hide a later test's INFO lines from caplog, depending on the order tests ran in."""
+    root, ours = logging.getLogger(), logging.getLogger("duplex")
+    before = root.level, root.handlers[:], ours.level, ours.handlers[:], ours.propagate
+    yield
+    root.setLevel(before[0])
+    root.handlers[:] = before[1]
+    ours.setLevel(before[2])
+    ours.handlers[:] = before[3]
+    ours.propagate = before[4]
 
 
 @pytest.fixture(scope="session")
