@@ -5,7 +5,8 @@ previous window, with a recurrent state. We call its inner network with that sta
 so one loaded network serves every session: a :class:`~duplex.engine.scheduler.Scheduler` stacks the windows
 and states of all sessions that have audio ready into one step. Speech boundaries come from a
 hysteresis on the probabilities (start above ``threshold`` for ``min_speech_ms``, end below
-``neg_threshold`` for ``min_silence_ms``) and carry exact stream times.
+``neg_threshold`` for ``min_silence_ms``) and carry exact stream times; each change of the
+window-by-window decision is a ``VoiceEdge`` (the earliest sign of speech, one window in).
 
 The weights ship inside the ``silero-vad`` package; we load the TorchScript file directly, without
 importing the package (whose import sets torch to one thread for the whole process).
@@ -24,7 +25,7 @@ import numpy as np
 from duplex.clock import now
 from duplex.config import AgentConfig
 from duplex.errors import ModelNotFoundError
-from duplex.events import SpeechStarted, SpeechStopped
+from duplex.events import SpeechStarted, SpeechStopped, VADEvent, VoiceEdge
 from duplex.engine.scheduler import Scheduler
 
 PROBS_KEPT = 3000  # windows of probability kept for inspection (96 s): bounded, however long a session runs
@@ -117,7 +118,7 @@ class SileroVADStream:
         self.s = VADStreamState()
         self.probs: deque[float] = deque(maxlen=PROBS_KEPT)  # the latest windows' probabilities, for inspection
 
-    async def feed(self, pcm: np.ndarray) -> list[SpeechStarted | SpeechStopped]:
+    async def feed(self, pcm: np.ndarray) -> list[VADEvent]:
         s = self.s
         audio = np.concatenate([s.pending, pcm.astype(np.float32, copy=False)])
         n = len(audio) // WINDOW
@@ -131,30 +132,39 @@ class SileroVADStream:
         probs, s.state = await self.model.worker.submit(_Request(windows, s.state))
         return self._detect(probs)
 
-    def _detect(self, probs: np.ndarray) -> list[SpeechStarted | SpeechStopped]:
+    def _detect(self, probs: np.ndarray) -> list[VADEvent]:
+        """Hysteresis over the windows' probabilities. The window-by-window decision is the state
+        unless a run that may flip it is under way (``run_start`` set): each change of it is a
+        :class:`VoiceEdge` at that window, the flip itself a SpeechStarted / SpeechStopped."""
         s, cfg = self.s, self.model.settings
-        events: list[SpeechStarted | SpeechStopped] = []
+        events: list[VADEvent] = []
         for p in probs:
             start = s.scored
             s.scored += WINDOW
             self.probs.append(float(p))
+            voiced_before = s.speaking != (s.run_start is not None)
+            flip: SpeechStarted | SpeechStopped | None = None
             if not s.speaking:
                 if p >= cfg.threshold:
                     s.run_start = start if s.run_start is None else s.run_start
                     if s.scored - s.run_start >= cfg.min_speech_ms * 16:
                         s.speaking, s.speech_start, s.run_start = True, s.run_start, None
-                        events.append(SpeechStarted(stream_samples=s.scored, wall=now(), start=s.speech_start))
+                        flip = SpeechStarted(stream_samples=s.scored, wall=now(), start=s.speech_start)
                 else:
                     s.run_start = None
             else:
                 if p < cfg.neg_threshold:
                     s.run_start = start if s.run_start is None else s.run_start
                     if s.scored - s.run_start >= cfg.min_silence_ms * 16:
-                        events.append(SpeechStopped(stream_samples=s.scored, wall=now(),
-                                                    start=s.speech_start, end=s.run_start))
+                        flip = SpeechStopped(stream_samples=s.scored, wall=now(), start=s.speech_start, end=s.run_start)
                         s.speaking, s.run_start = False, None
                 elif p >= cfg.threshold:
                     s.run_start = None
+            voiced = s.speaking != (s.run_start is not None)
+            if voiced != voiced_before:
+                events.append(VoiceEdge(stream_samples=s.scored, wall=now(), at=start, voiced=voiced))
+            if flip is not None:
+                events.append(flip)
         return events
 
     async def aclose(self) -> None:

@@ -208,7 +208,8 @@ def serve_main(args: Any, config: AgentConfig) -> int:
             server=ServerOptions(max_sessions=args.max_sessions, token=args.token, admin_token=args.admin_token,
                                  loopback_bind=is_loopback_host(args.host),
                                  allowed_hosts=tuple(args.allowed_host or ()),
-                                 allowed_origins=tuple(args.allowed_origin or ())),
+                                 allowed_origins=tuple(args.allowed_origin or ()),
+                                 peer=_peer_options(args)),
             loopback=is_loopback_host(args.host))
         cluster = start(config, options, host=args.host, port=args.port, address=args.ray_address,
                         cert=args.cert, key=args.key)
@@ -243,3 +244,10 @@ def _stop_on_signals() -> None:
     the same way for both)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.default_int_handler)
+
+
+def _peer_options(args: Any):
+    from duplex.transport.peer import PeerOptions
+
+    ms = getattr(args, "output_buffer_ms", None)
+    return PeerOptions() if ms is None else PeerOptions(output_buffer_ms=ms)

@@ -27,7 +27,7 @@ import numpy as np
 
 from duplex.config import AgentConfig
 from duplex.core import wire
-from duplex.events import SpeechStarted, SpeechStopped, TranscriptFinal, TranscriptPartial
+from duplex.events import TranscriptFinal, TranscriptPartial, VADEvent
 from duplex.stages import AudioChunk, Dialogue, Message, Stages
 
 STOP_S = 5.0  # how long a closing core may take before it is killed
@@ -298,7 +298,7 @@ class RemoteIterator:
 
 
 class RemoteVADStream(RemoteStream):
-    async def feed(self, pcm: np.ndarray) -> list[SpeechStarted | SpeechStopped]:
+    async def feed(self, pcm: np.ndarray) -> list[VADEvent]:
         return await self._call("feed", pcm)
 
 

@@ -28,6 +28,7 @@ BENCHES: dict[str, str] = {
     "transport": "duplex.transport.bench:run",
     "capacity": "duplex.transport.capacity:run",
     "echo": "duplex.transport.echo_bench:run",
+    "barge-in": "duplex.transport.barge_bench:run",
     "cluster": "duplex.cluster.bench:run",
     "turns": "duplex.turntaking:run",
 }

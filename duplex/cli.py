@@ -27,7 +27,7 @@ COMMANDS: dict[str, str] = {
     "doctor": "duplex.doctor:main",
 }
 
-BENCHMARKS = ("asr", "llm", "tts", "e2e", "all", "endurance", "transport", "capacity", "turns", "echo",
+BENCHMARKS = ("asr", "llm", "tts", "e2e", "all", "endurance", "transport", "capacity", "turns", "echo", "barge-in",
               "cluster")
 
 
@@ -140,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cert", default=None, help="TLS certificate (PEM): serve https:// (browsers give the "
                    "microphone only to https:// pages or localhost)")
     p.add_argument("--key", default=None, help="the TLS certificate's private key (PEM)")
+    p.add_argument("--output-buffer-ms", type=int, default=None, metavar="MS",
+                   help="the agent's voice waiting for the WebRTC sender, at most (default 60; whole 20 ms frames). "
+                        "Not latency (the sender takes each frame at once) but slack for a busy server: smaller "
+                        "loses audio sooner when the server stalls, larger loses none until then; either way a "
+                        "barge-in takes back what waits, so it is never heard")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="spread the sessions over N worker processes (WebRTC, turn-taking, each on a core of its "
                         "own) around one engine core process that steps every session's models together "
@@ -177,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a stage, e2e, all (the stages and e2e), endurance (a long dialogue, on the "
                         "virtual clock or with --realtime on the wall clock; use --profile tiny), turns (turn-taking scenarios; --profile fake "
                         "or tiny), echo (the echo guard of duplex mic in simulated rooms), or "
+                        "barge-in (onset to the agent's last sample at a plain WebRTC client's ear), "
                         "cluster (sessions through duplex serve --replicas N), capacity (the e2e sweep of "
                         "concurrent sessions through real WebRTC peers into the server)")
     p.add_argument("--minutes", type=float, default=60.0, help="endurance: minutes of dialogue")

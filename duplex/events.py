@@ -70,6 +70,22 @@ class SpeechStopped(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class VoiceEdge(Event):
+    """VAD: its window-by-window decision changed at ``at`` (stream samples, a window's start):
+    ``voiced``, a window at or above the threshold after silence, or not, one below it after speech.
+    :class:`SpeechStarted` / :class:`SpeechStopped` follow when the change lasts (``min_speech_ms``,
+    ``min_silence_ms``); this is the earliest sign, for what must act before that (pausing the
+    agent's voice under the user's, at the first voiced window)."""
+
+    type: ClassVar[str] = "vad.voice_edge"
+    at: int
+    voiced: bool
+
+
+VADEvent = SpeechStarted | SpeechStopped | VoiceEdge
+
+
+@dataclass(frozen=True, kw_only=True)
 class TranscriptPartial(Event):
     """ASR hypothesis of the current utterance: ``stable`` never changes again, ``unstable`` may."""
 

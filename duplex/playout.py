@@ -5,6 +5,12 @@ clears the buffer at once, so output of a cancelled reply can never reach the sp
 bounded (``capacity_s``): a TTS running ahead of playback waits in :meth:`Playout.put`. The session
 pulls one frame per 20 ms tick with :meth:`Playout.next_frame`; the count of reply samples played is
 the playback position the conversation record cuts interrupted replies at.
+
+No cut clicks: a pause (and a drop of a reply being heard) fades the next ``FADE_MS`` out instead of
+stopping mid-wave, and a resume fades back in from the exact sample the pause stopped at (the faded
+samples were not counted as played, so they play again). Frames handed out but not heard yet (waiting
+in a live output's queue at a barge-in) are given back with :meth:`Playout.rewind`: they play again
+on resume and never count as heard.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+
+FADE_MS = 10
+HISTORY_FRAMES = 50  # frames handed out that rewind() can give back (1 s)
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,14 @@ class Playout:
         self._space = asyncio.Event()
         self._space.set()
         self._silence = np.zeros(self.frame_samples, np.float32)
+        fade = self.sample_rate * FADE_MS // 1000
+        self._fade_out = np.linspace(1.0, 0.0, fade, endpoint=False, dtype=np.float32)
+        self._fade_in = 1.0 - self._fade_out  # from 0 up
+        self._edge: str | None = None  # "out": the next frame fades the audio out, "in": fades it in
+        self._tail: np.ndarray | None = None  # a dropped reply's fade-out, still to be heard
+        # per frame handed out: its reply, the reply samples it took, the played count before it
+        self._history: deque[tuple[int | None, np.ndarray | None, int]] = deque(maxlen=HISTORY_FRAMES)
+        self._last_taken: np.ndarray | None = None
 
     @property
     def buffered(self) -> int:
@@ -73,22 +90,73 @@ class Playout:
             self._generation_done = True
 
     def drop(self) -> None:
-        """Forget the playing reply and everything queued for it (barge-in)."""
+        """Forget the playing reply and everything queued for it (barge-in); if it was being heard,
+        its next ``FADE_MS`` still play, fading out."""
+        if self.active is not None and not self.paused and not self.held and self.played and self._chunks:
+            self._tail = self._faded(self._peek(len(self._fade_out)), self._fade_out)
+        self._history.clear()
         self._chunks.clear()
         self._buffered = 0
         self.active, self.paused, self._generation_done, self.held = None, False, False, False
         self._space.set()
 
     def pause(self) -> None:
-        self.paused = True
+        if not self.paused:
+            self.paused, self._edge = True, "out"
 
     def resume(self) -> None:
-        self.paused = False
+        if self.paused:
+            self.paused, self._edge = False, "in"
+
+    def rewind(self, frames: int) -> int:
+        """Give back the last ``frames`` frames handed out (not heard: a live output dropped them):
+        their reply audio goes back in front of the buffer and off the played count. Returns the
+        reply samples given back."""
+        back = 0
+        for _ in range(min(frames, len(self._history))):
+            reply_id, pcm, played = self._history.pop()
+            if reply_id is None or pcm is None or reply_id != self.active:
+                continue
+            self._chunks.appendleft(pcm)
+            self._buffered += len(pcm)
+            self.played, back = played, back + len(pcm)
+        if back and not self.paused:
+            self._edge = "in"
+        return back
+
+    def _peek(self, n: int) -> np.ndarray:
+        """The next ``n`` buffered samples (fewer if not there), not consumed."""
+        out, need = [], n
+        for chunk in self._chunks:
+            out.append(chunk[:need])
+            need -= len(out[-1])
+            if need <= 0:
+                break
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def _faded(self, pcm: np.ndarray, ramp: np.ndarray) -> np.ndarray:
+        frame = np.zeros(self.frame_samples, np.float32)
+        n = min(len(pcm), len(ramp))
+        frame[:n] = pcm[:n] * ramp[:n]
+        return frame
 
     def next_frame(self) -> Frame:
         """The next 20 ms of output (silence when idle, paused or starved)."""
+        self._last_taken = None
+        frame = self._next_frame()
+        taken = self._last_taken
+        self._history.append((frame.reply_id, taken, frame.played - (len(taken) if taken is not None else 0)))
+        return frame
+
+    def _next_frame(self) -> Frame:
         reply = self.active
+        if self._tail is not None:
+            tail, self._tail = self._tail, None
+            return Frame(tail, None, self.played, False)
         if reply is None or self.paused or self.held:
+            if reply is not None and self.paused and self._edge == "out":
+                self._edge = None
+                return Frame(self._faded(self._peek(len(self._fade_out)), self._fade_out), None, self.played, False)
             return Frame(self._silence, None, self.played, False)
         if self._buffered < self.frame_samples and not self._generation_done:
             if self.played:
@@ -105,6 +173,11 @@ class Playout:
                 self._chunks.popleft()
             else:
                 self._chunks[0] = chunk[take:]
+        self._last_taken = out[:filled].copy()
+        if self._edge == "in":
+            n = min(filled, len(self._fade_in))
+            out[:n] *= self._fade_in[:n]
+        self._edge = None
         self._buffered -= filled
         self.played += filled
         if self._buffered < self.capacity:

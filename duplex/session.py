@@ -76,6 +76,16 @@ class Subscription(Generic[T]):
         self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize)
         self.dropped = 0
 
+    def queued(self) -> int:
+        """Items published but not read yet."""
+        return self._queue.qsize()
+
+    def drop_newest(self, n: int) -> None:
+        """Forget the ``n`` newest unread items (a live audio output's frames not heard yet)."""
+        items = [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+        for item in items[:len(items) - n]:
+            self._queue.put_nowait(item)
+
     def _put(self, item: object) -> None:
         if self._queue.full():
             self._queue.get_nowait()
@@ -115,6 +125,7 @@ class Session:
         self.state: ev.AgentStateName = "listening"
         self._event_subs: list[Subscription[Event]] = []
         self._audio_subs: list[Subscription[np.ndarray]] = []
+        self._live_subs: list[Subscription[np.ndarray]] = []  # speakers and wires (see audio())
         self._resampler: StreamResampler | None = None
         self._pushed = 0  # input samples (16 kHz) handed to the models
         self._arrival_ends: list[int] = []  # stream sample at the end of each pushed block ...
@@ -206,11 +217,15 @@ class Session:
             sub._put(_CLOSED)
         return sub
 
-    def audio(self, maxsize: int = 50) -> Subscription[np.ndarray]:
+    def audio(self, maxsize: int = 50, *, live: bool = False) -> Subscription[np.ndarray]:
         """The agent's voice: one float32 frame of 20 ms at :attr:`output_rate` every 20 ms, silence
-        when it is not speaking."""
+        when it is not speaking. ``live``: a speaker or a wire, where a barge-in must be heard at once:
+        frames of the reply still unread when the agent pauses are taken back (they play again on
+        resume and never count as heard). A recording leaves it off and gets every frame."""
         sub: Subscription[np.ndarray] = Subscription(maxsize)
         self._audio_subs.append(sub)
+        if live:
+            self._live_subs.append(sub)
         if self.closed:
             sub._put(_CLOSED)
         return sub
@@ -321,7 +336,9 @@ class Session:
             self._queued_s["vad"] -= block.size / INPUT_RATE
             for event in found:
                 self._emit(event)
-                if isinstance(event, ev.SpeechStarted):
+                if isinstance(event, ev.VoiceEdge):
+                    self._apply(self.policy.voice_edge(event.at, event.voiced))
+                elif isinstance(event, ev.SpeechStarted):
                     if not self.policy.user_text:
                         self._turn_start = event.start
                     self._apply(self.policy.speech_started(event.start))
@@ -394,6 +411,7 @@ class Session:
                 self._end_turn(action)
             elif isinstance(action, Pause):
                 self.playout.pause()
+                self._take_back_unheard()
                 self._pause_start = action.speech_start
                 if self._reply is not None:
                     self._emit(ev.BargeIn(stream_samples=self._vad_pos, wall=now(),
@@ -598,6 +616,18 @@ class Session:
             if delay < -1.0:  # the loop was stalled for a long time: do not burst to catch up
                 tick = now()
             await asyncio.sleep(max(0.0, delay))
+
+    def _take_back_unheard(self) -> None:
+        """The frames every live output still holds unread are not heard yet: they leave the queues
+        and go back to the playout, which fades out from the last frame that did go out."""
+        unread = min((sub.queued() for sub in self._live_subs), default=0)
+        if not unread:
+            return
+        for sub in self._live_subs:
+            sub.drop_newest(unread)
+        self.playout.rewind(unread)
+        if self._reply is not None and not self._reply.done:
+            self._reply.played = min(self._reply.played, self.playout.played)
 
     def _on_frame(self, frame: Frame) -> None:
         self._frames += 1

@@ -20,7 +20,7 @@ from typing import Literal, Protocol, overload, runtime_checkable
 
 import numpy as np
 
-from duplex.events import SpeechStarted, SpeechStopped, TranscriptFinal, TranscriptPartial, Word
+from duplex.events import TranscriptFinal, TranscriptPartial, VADEvent, Word
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +113,8 @@ class VoicePrompt:
 
 @runtime_checkable
 class VADStream(Protocol):
-    async def feed(self, pcm: np.ndarray) -> list[SpeechStarted | SpeechStopped]:
-        """Consume the next input samples; return speech boundaries found so far."""
+    async def feed(self, pcm: np.ndarray) -> list[VADEvent]:
+        """Consume the next input samples; return speech boundaries (and voice edges) found so far."""
         ...
 
     async def aclose(self) -> None: ...

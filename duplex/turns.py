@@ -126,6 +126,7 @@ class TurnPolicy:
         self.in_utterance = False  # the VAD heard speech the ASR has not closed yet
         self.check_pending = False
         self.pause_start: int | None = None  # stream sample where the current pause began
+        self.pause_unconfirmed = False  # the pause came from one voiced VAD window; no SpeechStarted yet
         self.discard_utterance = False  # the open utterance was a backchannel: not part of any turn ...
         self.backchannel_words: tuple[str, ...] = ()  # ... as far as the words judged so (others are new speech)
         self.speculated: str | None = None  # the text an outstanding speculative reply answers
@@ -137,8 +138,25 @@ class TurnPolicy:
     def user_text(self) -> str:
         return " ".join(t for t in (*self.finals, self.partial) if t)
 
+    def voice_edge(self, at: int, voiced: bool) -> list[Action]:
+        """The VAD's window-by-window decision changed (before it is speech or silence for sure).
+        A voiced window while the agent speaks pauses it at once: barge-in acts on the first window,
+        not ``min_speech_ms`` later. If that voice dies before it is speech (a click, a cough), the
+        agent resumes where it paused; if it becomes speech, the pause goes on as any other."""
+        if voiced and self.phase is Phase.SPEAKING and not self.user_speaking:
+            self.now = max(self.now, at)
+            pause = self._pause(at)
+            self.pause_unconfirmed = True
+            return [pause]
+        if not voiced and not self.user_speaking and self.phase is Phase.PAUSED and self.pause_unconfirmed \
+                and not self.check_pending:
+            self.phase, self.pause_start, self.pause_unconfirmed = Phase.SPEAKING, None, False
+            return [Resume()]
+        return []
+
     def speech_started(self, start: int) -> list[Action]:
         self.user_speaking, self.speech_start, self.in_utterance = True, start, True
+        self.pause_unconfirmed = False
         self.now = max(self.now, start)
         if self.speculated is not None:  # only in LISTENING: the turn goes on
             self.speculated = None
@@ -152,7 +170,7 @@ class TurnPolicy:
         return []
 
     def _pause(self, start: int) -> Pause:
-        self.phase, self.pause_start = Phase.PAUSED, start
+        self.phase, self.pause_start, self.pause_unconfirmed = Phase.PAUSED, start, False
         return Pause(start)
 
     def speech_stopped(self, end: int) -> list[Action]:
@@ -258,7 +276,8 @@ class TurnPolicy:
                 return [Speculate(self.user_text)]
         if self.awaiting_final:
             return []
-        if self.phase is Phase.PAUSED and not self.user_text and not self.check_pending:
+        if self.phase is Phase.PAUSED and not self.user_text and not self.check_pending \
+                and not self.pause_unconfirmed:  # (that pause ends with its voice: voice_edge)
             if silence >= self.cfg.false_interruption_s:
                 self.phase, self.pause_start = Phase.SPEAKING, None
                 return [Resume()]

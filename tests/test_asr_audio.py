@@ -142,3 +142,25 @@ async def test_cancelled_feed_keeps_state_whole(tiny_nemo, jfk16):
     # the words of the step that landed under the cancellation are in the transcript too
     assert [f.text for f in finals] == [e.text for e in ref_events if isinstance(e, TranscriptFinal)]
     await asr.aclose()
+
+
+async def test_vad_voice_edge_comes_one_window_before_speech_started(vad_model, jfk16):
+    """On real speech each SpeechStarted is preceded by a voiced VoiceEdge at the same start, one
+    32 ms window earlier (min_speech_ms is two windows), and each SpeechStopped by an unvoiced edge
+    at its end: what pauses the agent under the user's voice comes a window before the speech is sure."""
+    from duplex import events as ev
+
+    stream = vad_model.new_stream()
+    found = []
+    for i in range(0, len(jfk16), 320):
+        found += await stream.feed(jfk16[i:i + 320])
+    started = [e for e in found if isinstance(e, ev.SpeechStarted)]
+    stopped = [e for e in found if isinstance(e, ev.SpeechStopped)]
+    assert len(started) >= 3 and stopped
+    for e in started:
+        edge = next(x for x in found if isinstance(x, ev.VoiceEdge) and x.voiced and x.at == e.start)
+        assert edge.stream_samples == e.stream_samples - 512
+    for e in stopped:
+        assert any(isinstance(x, ev.VoiceEdge) and not x.voiced and x.at == e.end for x in found)
+    voiced = [x.voiced for x in found if isinstance(x, ev.VoiceEdge)]
+    assert all(a != b for a, b in zip(voiced, voiced[1:]))  # edges alternate

@@ -41,15 +41,35 @@ def test_unusable_audio_is_refused(bad, rate, message):
 
 
 def test_streaming_resampler_matches_offline(jfk16):
-    """Resampling 20 ms blocks one by one equals resampling the whole signal (no edge clicks)."""
+    """Resampling 20 ms blocks one by one equals resampling the whole signal, ``delay`` samples
+    later (no edge clicks), for every rate pair on the audio path and one soxr handles."""
     x = jfk16[:16000]
-    whole = resample(x, 16000, 48000)
-    r = StreamResampler(16000, 48000)
-    parts = [r(x[i:i + 320]) for i in range(0, len(x), 320)] + [r(np.zeros(0, np.float32), last=True)]
-    streamed = np.concatenate(parts)
-    n = min(len(whole), len(streamed)) - 200
-    assert abs(len(streamed) - len(whole)) <= 2
-    assert np.max(np.abs(streamed[200:n] - whole[200:n])) < 1e-3
+    for rate_in, rate_out in ((16000, 48000), (48000, 16000), (24000, 48000), (16000, 24000)):
+        src = resample(x, 16000, rate_in)
+        whole = resample(src, rate_in, rate_out)
+        r = StreamResampler(rate_in, rate_out)
+        block = rate_in // 50
+        parts = [r(src[i:i + block]) for i in range(0, len(src), block)] + [r(np.zeros(0, np.float32), last=True)]
+        streamed = np.concatenate(parts)[r.delay:]
+        n = min(len(whole), len(streamed)) - 200
+        assert abs(len(streamed) - len(whole)) <= 2, (rate_in, rate_out)
+        assert np.max(np.abs(streamed[200:n] - whole[200:n])) < 1e-3, (rate_in, rate_out)
+
+
+def test_streaming_resampler_adds_no_latency_between_the_paths_rates():
+    """Between the rates of the audio path (integer ratios) each 20 ms block comes out whole, at
+    once, and a signal comes out under 1 ms late: soxr's stream held back up to 38 ms and let it go
+    in bursts, which a real-time path pads with silence (latency on every turn and barge-in)."""
+    rng = np.random.default_rng(0)
+    for rate_in, rate_out in ((16000, 48000), (48000, 16000), (24000, 48000)):
+        r = StreamResampler(rate_in, rate_out)
+        sizes = {len(r(rng.standard_normal(rate_in // 50).astype(np.float32) * 0.1)) for _ in range(50)}
+        assert sizes == {rate_out // 50}, (rate_in, rate_out, sizes)
+        assert r.delay <= rate_out // 1000
+        impulse = np.zeros(rate_in // 10, np.float32)
+        impulse[rate_in // 50] = 1.0  # 20 ms in
+        out = StreamResampler(rate_in, rate_out)(impulse)
+        assert int(np.argmax(np.abs(out))) == rate_out // 50 + r.delay
 
 
 def test_read_audio_errors(tmp_path):

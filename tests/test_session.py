@@ -346,3 +346,33 @@ def test_a_close_cut_short_is_finished_by_the_next(vad_model):
 
     seen, still_known, cancelled = run_virtual(main())
     assert not still_known and cancelled  # the subscription ended: the iteration above returned
+
+
+def test_pause_fades_out_and_resume_goes_on_from_the_same_sample():
+    """A pause does not stop mid-wave: the next frame fades the coming audio out over 10 ms and
+    counts none of it as played; the resume fades in from that same sample. Frames given back with
+    rewind (a live output's unread queue at a barge-in) leave the played count and play again."""
+    sig = (0.1 + np.arange(9600) / 9600 * 0.8).astype(np.float32)  # each sample distinct, never 0
+    async def main():
+        p = Playout(24000)
+        p.start_reply(1)
+        assert await p.put(1, sig)
+        p.end_reply(1)
+        f1, f2 = p.next_frame(), p.next_frame()
+        assert np.array_equal(np.concatenate([f1.pcm, f2.pcm]), sig[:960]) and p.played == 960
+        p.pause()
+        assert p.rewind(1) == 480 and p.played == 480  # f2 was not heard
+        fade = p.next_frame()
+        assert fade.reply_id is None and p.played == 480
+        assert abs(fade.pcm[0] - sig[480]) < 1e-6  # continues f1 exactly
+        assert np.all(np.abs(np.diff(fade.pcm)) < 0.02) and not fade.pcm[240:].any()  # 10 ms down, no step
+        assert not p.next_frame().pcm.any()
+        p.resume()
+        back = p.next_frame()
+        assert back.reply_id == 1 and p.played == 960
+        assert back.pcm[0] == 0 and np.allclose(back.pcm[240:], sig[720:960])  # faded in, then as before
+        assert np.all(np.abs(np.diff(back.pcm)) < 0.02)
+        p.drop()  # a reply dropped while heard fades out too
+        assert p.active is None
+
+    run_virtual(main())

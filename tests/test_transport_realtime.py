@@ -14,6 +14,7 @@ W = (ev.Word("you", 0, 4800), ev.Word("said", 4800, 9600))
 
 SAMPLES: list[ev.Event] = [
     ev.AudioIn(stream_samples=320, wall=1.0, samples=320),
+    ev.VoiceEdge(stream_samples=6112, wall=1.45, at=5600, voiced=True),
     ev.SpeechStarted(stream_samples=8000, wall=1.5, start=5600),
     ev.TranscriptPartial(stream_samples=9000, wall=1.6, stable="ask not", unstable="what"),
     ev.SpeechStopped(stream_samples=30000, wall=2.9, start=5600, end=28000),
@@ -42,11 +43,12 @@ def _event_classes() -> set[type]:
 
 def test_every_event_type_is_mapped_or_deliberately_skipped():
     """Each event class of duplex.events has a sample here and becomes a message, except AudioIn
-    (one per 20 ms packet, deliberately not sent)."""
+    (one per 20 ms packet) and VoiceEdge (the VAD's window-by-window flicker, several a second in
+    speech; speech_started/stopped carry what a client needs), deliberately not sent."""
     assert {type(e) for e in SAMPLES} == _event_classes()
     enc = RealtimeEncoder(t0=1.0, output_rate=24_000)
     skipped = [type(e) for e in SAMPLES if enc.encode(e) is None]
-    assert skipped == [ev.AudioIn]
+    assert skipped == [ev.AudioIn, ev.VoiceEdge]
 
 
 def test_messages_use_realtime_names_and_carry_times():

@@ -290,3 +290,21 @@ def test_only_the_exact_words_judged_are_dropped():
     assert q.barge_in_verdict(True, "okay") == [Resume()]
     q.speech_stopped(s(4.4))
     assert q.final("Okay.") == [] and q.user_text == "" and q.phase is Phase.SPEAKING
+
+
+def test_a_voiced_window_pauses_at_once_and_its_end_before_speech_resumes():
+    """The VAD's first voiced window over the agent pauses it (barge-in one window in, not
+    min_speech_ms later). If that voice ends before it is speech (a click, a cough), the agent
+    resumes at once, and the quiet since the last utterance does not resume it early; if it becomes
+    speech, the pause is that speech's: no second pause, a dip inside the speech does not resume."""
+    p = _speaking_policy(false_interruption_s=0.6)
+    assert p.voice_edge(s(3), True) == [Pause(s(3))]
+    assert p.advance(s(3.05)) == []  # 2 s after the last speech ended: still paused
+    assert p.voice_edge(s(3.032), False) == [Resume()]
+    assert p.phase is Phase.SPEAKING
+    assert p.voice_edge(s(4), True) == [Pause(s(4))]
+    assert p.speech_started(s(4)) == []
+    assert p.voice_edge(s(4.3), False) == []
+    assert p.phase is Phase.PAUSED
+    assert p.transcript("stop") == [CheckBargeIn("stop")]
+    assert p.voice_edge(s(5), True) == [] and p.voice_edge(s(6), False) == []  # not speaking: no pause

@@ -52,13 +52,14 @@ async def serve(config: AgentConfig, host: str, port: int, max_sessions: int, *,
                 stop: asyncio.Event | None = None, on_ready: Callable[[str], None] | None = None,
                 token: str | None = None, admin_token: str | None = None, tls=None,
                 allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = (),
-                workers: int | None = None) -> None:
+                workers: int | None = None, output_buffer_ms: int | None = None) -> None:
     """Run the WebRTC server until ``stop`` is set (or Ctrl-C), then close every session and the models.
     With ``workers``, the sessions run in that many worker processes around one engine core process
     (:mod:`duplex.transport.workers`), ``max_sessions`` in all."""
     from aiohttp import web
 
     from duplex.transport.ice import is_loopback_host
+    from duplex.transport.peer import PeerOptions
     from duplex.transport.server import ServerOptions
 
     stop = stop or asyncio.Event()
@@ -70,7 +71,8 @@ async def serve(config: AgentConfig, host: str, port: int, max_sessions: int, *,
     runner = None
     loopback = is_loopback_host(host)
     options = ServerOptions(max_sessions=max_sessions, token=token, admin_token=admin_token, loopback_bind=loopback,
-                            allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
+                            allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
+                            peer=PeerOptions() if output_buffer_ms is None else PeerOptions(output_buffer_ms=output_buffer_ms))
     try:
         site, owner = await _answering(config, options, workers, loopback=loopback)
     except BaseException:
@@ -141,7 +143,8 @@ def serve_main(args: argparse.Namespace) -> int:
     tls = tls_context(args.cert, args.key)
     asyncio.run(serve(config, args.host, args.port, args.max_sessions, token=args.token,
                       admin_token=args.admin_token, tls=tls, allowed_hosts=tuple(args.allowed_host or ()),
-                      allowed_origins=tuple(args.allowed_origin or ()), workers=args.workers))
+                      allowed_origins=tuple(args.allowed_origin or ()), workers=args.workers,
+                      output_buffer_ms=args.output_buffer_ms))
     print("duplex serve: stopped", file=sys.stderr)
     return 0
 

@@ -43,9 +43,26 @@ class PeerOptions:
     idle_timeout_s: float = 4.0  # no microphone frame for this long: the peer is gone (released within 5 s)
     first_frame_timeout_s: float = 15.0  # ... except before its first frame (the connection is being set up)
     # Microphone frames aiortc holds before decoding the oldest (its default is 4: 80 ms added to
-    # every turn's latency). 2 still absorbs 20 ms of network jitter and reordering by one packet.
-    input_prefetch: int = 2
+    # every turn's latency and to every barge-in). 0: each packet is decoded as it arrives (the VAD
+    # and the ASR take audio by its arrival and need no smoothing; a packet older than one already
+    # decoded is dropped, as a late one would be). 1 or 2 absorb reordering by that many packets.
+    input_prefetch: int = 0
+    # The agent's voice waiting for aiortc's sender, at most (whole 20 ms frames, at least one). The
+    # sender takes each frame at once, so this is slack for a stalled event loop, not latency: a
+    # sender further behind loses the oldest frames (audible, counted in the track's ``dropped``).
+    # At a barge-in whatever waits is taken back unheard (see Session.audio(live=True)).
+    output_buffer_ms: int = 60
     ice_servers: tuple[str, ...] = ()  # STUN/TURN URLs; none by default (aiortc's default is Google's STUN)
+
+    def __post_init__(self) -> None:
+        from duplex.errors import ConfigError
+
+        if isinstance(self.output_buffer_ms, bool) or not isinstance(self.output_buffer_ms, int) \
+                or not 20 <= self.output_buffer_ms <= 1000:
+            raise ConfigError(f"--output-buffer-ms must be a whole number of milliseconds from 20 to 1000 "
+                              f"(one to fifty 20 ms frames), got {self.output_buffer_ms!r}")
+        if self.input_prefetch not in range(0, 9):
+            raise ConfigError(f"input_prefetch must be 0 to 8 frames, got {self.input_prefetch!r}")
 
 
 @dataclass
@@ -207,7 +224,7 @@ async def open_peer(agent: Agent, offer: Offer, options: PeerOptions, on_closed:
     config = RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in options.ice_servers])
     pc = RTCPeerConnection(configuration=config)
     session = agent.session()
-    track = agent_audio_track(session)
+    track = agent_audio_track(session, queue_frames=max(1, options.output_buffer_ms // 20))
     peer = Peer(pc_id=f"pc_{secrets.token_hex(8)}", pc=pc, session=session, track=track, options=options,
                 on_closed=on_closed)
     try:
@@ -250,17 +267,42 @@ async def renegotiate(peer: Peer, offer: Offer) -> dict[str, str]:
 
 
 def set_input_prefetch(pc: Any, remote: Any, prefetch: int) -> None:
-    """Give the receiver of ``remote`` a jitter buffer that holds ``prefetch`` frames (aiortc has no
-    option for it; its receiver keeps the buffer in a private attribute, replaced here before any
-    packet arrives). Left alone if aiortc's internals differ."""
+    """Give the receiver of ``remote`` a jitter buffer that holds ``prefetch`` frames, 0 for none
+    (aiortc has no option for it; its receiver keeps the buffer in a private attribute, replaced here
+    before any packet arrives). Left alone if aiortc's internals differ."""
     from aiortc.jitterbuffer import JitterBuffer
 
     for transceiver in pc.getTransceivers():
         receiver = transceiver.receiver
         if receiver.track is remote and hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
-            receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16, prefetch=prefetch)
+            receiver._RTCRtpReceiver__jitter_buffer = (
+                _no_jitter_buffer() if prefetch == 0 else JitterBuffer(capacity=16, prefetch=prefetch))
             return
     log.debug("could not set the microphone jitter buffer; aiortc's default stays")
+
+
+def _no_jitter_buffer() -> Any:
+    """aiortc's audio jitter buffer without the wait: every Opus packet (one packet, one frame) is a
+    frame at once. aiortc's own releases a frame only when ``prefetch`` later ones have arrived (it
+    knows a frame is complete when the next one begins: 20 ms even at ``prefetch=1``)."""
+    from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+    from aiortc.utils import uint16_add
+
+    class NoJitterBuffer(JitterBuffer):
+        def __init__(self) -> None:
+            super().__init__(capacity=16)
+            self._newest: int | None = None
+
+        def add(self, packet: Any) -> tuple[bool, JitterFrame | None]:
+            seq = packet.sequence_number
+            if self._newest is not None and 0 < uint16_add(self._newest, -seq) < 0x8000:
+                return False, None  # older than one already decoded: too late to use
+            if seq == self._newest:
+                return False, None  # a duplicate
+            self._newest = seq
+            return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)
+
+    return NoJitterBuffer()
 
 
 async def _negotiate(pc: Any, offer: Offer) -> None:

@@ -41,8 +41,8 @@ class RealtimeEncoder:
 
     def encode(self, event: ev.Event) -> dict[str, Any] | None:
         item = f"item_user_{self._utterance}"
-        if isinstance(event, ev.AudioIn):
-            return None  # one per 20 ms packet: too chatty for the page
+        if isinstance(event, (ev.AudioIn, ev.VoiceEdge)):
+            return None  # one per 20 ms packet / the VAD's window-by-window flicker: too chatty for the page
         if isinstance(event, ev.SpeechStarted):
             self._utterance += 1
             return {**self._base("input_audio_buffer.speech_started", event),

@@ -85,14 +85,15 @@ async def pump_microphone(track, session: Session, stats: InputStats, idle_timeo
     return "session closed"
 
 
-def agent_audio_track(session: Session, *, queue_frames: int = 10):
+def agent_audio_track(session: Session, *, queue_frames: int = 3):
     """The session's ``audio()`` as an aiortc ``MediaStreamTrack`` of 20 ms frames at 48 kHz.
 
-    ``queue_frames`` bounds the frames waiting between the session and aiortc's sender; if the sender
-    falls further behind, the oldest are dropped (counted in ``dropped``) rather than delaying the
-    voice. The streaming resampler returns its output in uneven bursts, so resampled audio goes
-    through a small FIFO; when it runs short (only at the start, until it holds the resampler's
-    slack of ~25 ms) silence is put in front, so every frame is exactly 20 ms."""
+    ``queue_frames`` bounds the frames waiting between the session and aiortc's sender (a live
+    output: at a barge-in the session takes back what waits, so it is never heard). aiortc sends a
+    frame as soon as ``recv`` returns it, so the queue is empty unless the sender stalls; if it
+    falls further behind than that, the oldest are dropped (counted in ``dropped``) rather than
+    delaying the voice from then on. The resampler (24 -> 48 kHz, integer ratio) gives each frame
+    whole, under 1 ms late; the FIFO only evens out a rate whose ratio is not whole."""
     import av
     from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
@@ -103,7 +104,7 @@ def agent_audio_track(session: Session, *, queue_frames: int = 10):
 
         def __init__(self) -> None:
             super().__init__()
-            self.frames = session.audio(maxsize=queue_frames)
+            self.frames = session.audio(maxsize=queue_frames, live=True)
             self.resampler = StreamResampler(session.output_rate, WIRE_RATE)
             self.fifo = np.zeros(0, np.float32)  # resampled audio not yet sent, at 48 kHz
             self.time_base = fractions.Fraction(1, WIRE_RATE)

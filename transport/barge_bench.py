@@ -1,0 +1,199 @@
+"""Barge-in at the ear: from the user's speech onset to the agent's last audible sample at a client.
+
+The server's own ``barge_in_s`` stops at its decision; a person hears the agent until the audio
+already on its way has played out. Here a real aiortc peer (:mod:`.client`) talks to ``duplex serve``
+(``fake`` models) over loopback: it says a phrase, waits until it hears the agent's reply, and after
+``--lead`` seconds of it speaks again over the agent without muting anything itself (a phone app, a
+SIP bridge, another SDK: a *plain* client). Its microphone is real time: a 20 ms frame leaves when its
+last sample has been captured. Its receiver holds ``--client-prefetch`` frames in its jitter buffer
+before playing (aiortc's default is 4; 2, 40 ms, is what a browser's settles to on a clean network).
+
+Per run, on the one loop clock both ends share:
+
+- ``ear_ms``: the onset (the first sample of the second phrase above -34 dBFS) to the last sample of
+  the agent's audio played at the client above -40 dBFS (a frame plays from when the jitter buffer
+  hands it out);
+- ``server_ms``: the server's own ``barge_in_s`` for the same barge-in;
+- ``clicks``: sample-to-sample jumps the agent's beeps cannot make (> 0.1 full scale) anywhere in what
+  the client played, the cut included; ``underruns``: frames of silence inside the reply because its
+  audio came late (the server's count) and frames the outbound queue dropped.
+
+Run: ``duplex bench barge-in --profile fake`` (best of ``--runs``, default 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fractions
+import statistics
+
+import numpy as np
+
+from duplex.agent import Agent
+from duplex.audio import SAMPLE_SPEECH, read_audio, to_int16
+from duplex.config import AgentConfig
+
+RATE = 48_000
+FRAME = RATE // 50
+FAKE = {"llm": {"eot": 0.9, "ttft_s": 0.1, "token_s": 0.02,
+                "replies": ["one two three four five six seven eight nine ten eleven twelve."]},
+        "tts": {"word_s": 0.25, "first_chunk_s": 0.05}}
+ONSET_RMS = 0.02  # -34 dBFS over 2 ms: the user's speech has begun
+AUDIBLE_RMS = 0.01  # -40 dBFS over 1 ms: the agent can still be heard
+CLICK = 0.1  # a 0.3-amplitude beep below 700 Hz moves at most 0.03 per sample at 48 kHz
+
+
+def _first_above(pcm: np.ndarray, rms: float, block: int) -> int:
+    n = len(pcm) // block
+    levels = np.sqrt(np.mean(pcm[:n * block].reshape(n, block) ** 2, axis=1))
+    hits = np.flatnonzero(levels > rms)
+    return int(hits[0]) * block if len(hits) else -1
+
+
+def _last_above(pcm: np.ndarray, rms: float, block: int) -> int:
+    """The end (exclusive) of the last ``block`` whose RMS is above ``rms``; 0 if none."""
+    n = len(pcm) // block
+    levels = np.sqrt(np.mean(pcm[:n * block].reshape(n, block) ** 2, axis=1))
+    hits = np.flatnonzero(levels > rms)
+    return (int(hits[-1]) + 1) * block if len(hits) else 0
+
+
+def talker(first: np.ndarray, second: np.ndarray):
+    """A microphone that says ``first``, then silence until :meth:`go`, then ``second`` from the next
+    frame on, then silence. Frames leave in real time, each when its last sample is captured."""
+    import av
+    from aiortc.mediastreams import MediaStreamTrack
+
+    class Talker(MediaStreamTrack):
+        kind = "audio"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.start: float | None = None
+            self.sent = 0  # frames sent
+            self.queue = list(np.array_split(first[:len(first) // FRAME * FRAME], len(first) // FRAME))
+            self.onset_wall: float | None = None  # when the onset of `second` was spoken
+
+        def go(self) -> None:
+            offset = _first_above(second, ONSET_RMS, 96)
+            self.queue = list(np.array_split(second[:len(second) // FRAME * FRAME], len(second) // FRAME))
+            # the second phrase's first frame is the next one: it starts being captured at `sent`
+            assert self.start is not None, "go() before the first frame was sent"
+            self.onset_wall = self.start + (self.sent + max(0, offset) / FRAME) * 0.02
+
+        async def recv(self):
+            loop = asyncio.get_running_loop()
+            if self.start is None:
+                self.start = loop.time()
+            await asyncio.sleep(max(0.0, self.start + (self.sent + 1) * 0.02 - loop.time()))
+            block = self.queue.pop(0) if self.queue else np.zeros(FRAME, np.float32)
+            stereo = np.repeat(to_int16(block)[:, None], 2, axis=1).reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(stereo, format="s16", layout="stereo")
+            frame.sample_rate, frame.pts, frame.time_base = RATE, self.sent * FRAME, fractions.Fraction(1, RATE)
+            self.sent += 1
+            return frame
+
+    return Talker()
+
+
+async def _one(url: str, server, prefetch: int, lead_s: float, first: np.ndarray, second: np.ndarray) -> dict:
+    from duplex.transport.client import connect
+
+    mic = talker(first, second)
+    client = await connect(url, mic, prefetch=prefetch)
+    try:
+        await client.wait_for("session.created", timeout=20)
+        peer = server.peers[client.pc_id]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while loop.time() < deadline:  # the client hears the reply begin
+            if any(np.abs(f).max() > 0.05 for f in client.frames[-3:]):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise RuntimeError("the agent's reply never reached the client")
+        await asyncio.sleep(lead_s)
+        mic.go()
+        await client.wait_for("agent.interrupted", timeout=10)
+        await asyncio.sleep(0.5)
+        assert mic.onset_wall is not None
+        # what the client played: frame i plays from frame_walls[i] for 20 ms
+        walls, frames = list(client.frame_walls), list(client.frames)
+        ear = max((w + _last_above(f, AUDIBLE_RMS, 48) / RATE for w, f in zip(walls, frames)
+                   if w + 0.02 >= mic.onset_wall and _last_above(f, AUDIBLE_RMS, 48)), default=None)
+        audio = np.concatenate(frames)
+        metric = next((m for m in client.of("agent.metric") if m.get("name") == "barge_in_s"), None)
+        server_s = None if metric is None else float(metric["value"])
+        paused = None if metric is None else peer.session.t0 + metric["t"]  # the first frame the pause silenced
+        return {"ear_ms": None if ear is None else round(1000 * (ear - mic.onset_wall), 1),
+                "server_ms": None if server_s is None else round(1000 * server_s, 1),
+                # where the rest goes: the onset's way in (to the VAD window it starts), the cut's way out
+                "in_ms": None if paused is None or server_s is None
+                else round(1000 * (paused - server_s - mic.onset_wall), 1),
+                "out_ms": None if ear is None or paused is None else round(1000 * (ear - paused), 1),
+                "clicks": int(np.sum(np.abs(np.diff(audio)) > CLICK)),
+                "underruns": peer.session.playout.underruns, "dropped": peer.track.dropped,
+                "queued_ms": round(1000 * peer.track.buffered_s(), 1)}
+    finally:
+        with contextlib.suppress(Exception):
+            await client.close()
+
+
+async def measure_webrtc(runs: int, prefetch: int, lead_s: float) -> list[dict]:
+    from aiohttp import web
+
+    from duplex.transport.ice import allow_loopback_candidates
+    from duplex.transport.server import Server, ServerOptions
+
+    allow_loopback_candidates()
+    pcm, _ = read_audio(SAMPLE_SPEECH, RATE)
+    first, second = pcm[int(0.2 * RATE):int(2.4 * RATE)], pcm[int(5.3 * RATE):int(7.8 * RATE)]
+    agent = await Agent.load(AgentConfig(profile="fake", device="cpu", fake=dict(FAKE)))
+    server = Server(agent, ServerOptions(max_sessions=2))
+    runner = web.AppRunner(server.app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        return [await _one(url, server, prefetch, lead_s, first, second) for _ in range(runs)]
+    finally:
+        await runner.cleanup()
+        await agent.aclose()
+
+
+def _summary(rows: list[dict]) -> dict:
+    ears = [r["ear_ms"] for r in rows if r["ear_ms"] is not None]
+    servers = [r["server_ms"] for r in rows if r["server_ms"] is not None]
+    return {"ear_ms_best": min(ears, default=None),
+            "ear_ms_median": round(statistics.median(ears), 1) if ears else None,
+            "server_ms_median": round(statistics.median(servers), 1) if servers else None,
+            "clicks": sum(r["clicks"] for r in rows), "underruns": sum(r["underruns"] for r in rows),
+            "dropped": sum(r["dropped"] for r in rows)}
+
+
+def run(args: argparse.Namespace) -> dict:
+    """``duplex bench barge-in``: prints one line per run and the summary; returns the figures."""
+    runs = getattr(args, "runs", None) or (2 if getattr(args, "quick", False) else 3)
+    prefetch = getattr(args, "client_prefetch", None) or 2
+    lead = getattr(args, "lead", None) or 0.6
+    rows = asyncio.run(measure_webrtc(runs, prefetch, lead))
+    for i, r in enumerate(rows):
+        print(f"webrtc run {i + 1}: {r}", flush=True)
+    summary = _summary(rows)
+    print(f"webrtc (plain client, jitter buffer {prefetch} frames): {summary}", flush=True)
+    return {"webrtc": {"runs": rows, **summary, "client_prefetch": prefetch}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="barge-ins per transport (the best is the figure)")
+    parser.add_argument("--client-prefetch", type=int, default=2, help="frames the client's jitter buffer holds")
+    parser.add_argument("--lead", type=float, default=0.6, help="seconds of the reply heard before the user speaks")
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
