@@ -83,6 +83,15 @@ class StreamResampler:
 
             self._soxr = soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality=quality)
 
+    def state(self) -> object:
+        """What it remembers of the input so far (to go back to with :meth:`restore`: output taken
+        back and made again must join what was kept without a step). None under soxr."""
+        return None if self._fir is None else (self._fir.history.copy(), self._fir.skip)
+
+    def restore(self, state: object) -> None:
+        if self._fir is not None and state is not None:
+            self._fir.history, self._fir.skip = state  # type: ignore[misc]
+
     def __call__(self, pcm: np.ndarray, last: bool = False) -> np.ndarray:
         pcm = pcm.astype(np.float32, copy=False)
         if self._fir is not None:

@@ -141,10 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "microphone only to https:// pages or localhost)")
     p.add_argument("--key", default=None, help="the TLS certificate's private key (PEM)")
     p.add_argument("--output-buffer-ms", type=int, default=None, metavar="MS",
-                   help="the agent's voice waiting for the WebRTC sender, at most (default 60; whole 20 ms frames). "
-                        "Not latency (the sender takes each frame at once) but slack for a busy server: smaller "
-                        "loses audio sooner when the server stalls, larger loses none until then; either way a "
-                        "barge-in takes back what waits, so it is never heard")
+                   help="the agent's voice that may wait for the WebRTC sender (default 200; whole 20 ms frames). "
+                        "Not latency: the sender takes each frame at once, so nothing waits unless the server "
+                        "stalls, and a barge-in takes back whatever waits (never heard). Smaller loses audio "
+                        "in a shorter stall; larger sends a longer stall's backlog in a burst")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="spread the sessions over N worker processes (WebRTC, turn-taking, each on a core of its "
                         "own) around one engine core process that steps every session's models together "

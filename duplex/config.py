@@ -42,6 +42,9 @@ class TurnConfig:
     # A barge-in with no recognised words this long after the user's speech stopped is a false alarm
     # (cough, noise): the agent resumes where it paused.
     false_interruption_s: float = 0.6
+    # The agent pauses at the first voiced VAD window under its voice; a voice that ends before it is
+    # speech resumes it after this much quiet (a dip inside the first syllable does not).
+    onset_hold_s: float = 0.25
     # The longest the agent stays paused under the user's speech before the policy decides without
     # a verdict (yield if there are words, resume if there are none).
     max_pause_s: float = 3.0
@@ -52,7 +55,8 @@ class TurnConfig:
     check_timeout_s: float = 0.5
 
     def validate(self) -> None:
-        for name in ("confident_silence_s", "min_silence_s", "max_silence_s", "false_interruption_s", "max_pause_s",
+        for name in ("confident_silence_s", "min_silence_s", "max_silence_s", "false_interruption_s", "onset_hold_s",
+                     "max_pause_s",
                      "check_timeout_s"):
             value = getattr(self, name)
             if not (0.0 <= value <= 10.0):

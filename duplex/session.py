@@ -75,6 +75,9 @@ class Subscription(Generic[T]):
     def __init__(self, maxsize: int) -> None:
         self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize)
         self.dropped = 0
+        # A live audio output that keeps frames of its own after reading them (a sound card's
+        # queue) sets this: at a pause it drops those not played yet and returns how many.
+        self.take_back: Callable[[], int] | None = None
 
     def queued(self) -> int:
         """Items published but not read yet."""
@@ -618,14 +621,19 @@ class Session:
             await asyncio.sleep(max(0.0, delay))
 
     def _take_back_unheard(self) -> None:
-        """The frames every live output still holds unread are not heard yet: they leave the queues
-        and go back to the playout, which fades out from the last frame that did go out."""
-        unread = min((sub.queued() for sub in self._live_subs), default=0)
-        if not unread:
-            return
+        """The frames a live output has not played yet (unread in its queue, or held by the output
+        itself: ``take_back``) are not heard: they go, and back to the playout, which fades out from
+        the last frame that did play. With several live outputs, the one nearest to its ear sets
+        how far back (the others skip what they held beyond it, under the fade)."""
+        unheard = []
         for sub in self._live_subs:
-            sub.drop_newest(unread)
-        self.playout.rewind(unread)
+            queued = sub.queued()
+            sub.drop_newest(queued)
+            unheard.append(queued + (sub.take_back() if sub.take_back is not None else 0))
+        back = min(unheard, default=0)
+        if not back:
+            return
+        self.playout.rewind(back)
         if self._reply is not None and not self._reply.done:
             self._reply.played = min(self._reply.played, self.playout.played)
 

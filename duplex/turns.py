@@ -127,6 +127,7 @@ class TurnPolicy:
         self.check_pending = False
         self.pause_start: int | None = None  # stream sample where the current pause began
         self.pause_unconfirmed = False  # the pause came from one voiced VAD window; no SpeechStarted yet
+        self.resume_at: int | None = None  # ... and its voice has ended: resume here unless it comes back
         self.discard_utterance = False  # the open utterance was a backchannel: not part of any turn ...
         self.backchannel_words: tuple[str, ...] = ()  # ... as far as the words judged so (others are new speech)
         self.speculated: str | None = None  # the text an outstanding speculative reply answers
@@ -142,16 +143,16 @@ class TurnPolicy:
         """The VAD's window-by-window decision changed (before it is speech or silence for sure).
         A voiced window while the agent speaks pauses it at once: barge-in acts on the first window,
         not ``min_speech_ms`` later. If that voice dies before it is speech (a click, a cough), the
-        agent resumes where it paused; if it becomes speech, the pause goes on as any other."""
+        agent resumes where it paused (``onset_hold_s`` of quiet later: a dip inside the first syllable
+        is not the end); if it becomes speech, the pause goes on as any other."""
+        self.now = max(self.now, at)
         if voiced and self.phase is Phase.SPEAKING and not self.user_speaking:
-            self.now = max(self.now, at)
             pause = self._pause(at)
             self.pause_unconfirmed = True
             return [pause]
-        if not voiced and not self.user_speaking and self.phase is Phase.PAUSED and self.pause_unconfirmed \
-                and not self.check_pending:
-            self.phase, self.pause_start, self.pause_unconfirmed = Phase.SPEAKING, None, False
-            return [Resume()]
+        if self.phase is Phase.PAUSED and self.pause_unconfirmed and not self.user_speaking:
+            self.resume_at = None if voiced else at + int(self.cfg.onset_hold_s * self.rate)
+            return self.advance(self.now)
         return []
 
     def speech_started(self, start: int) -> list[Action]:
@@ -170,7 +171,7 @@ class TurnPolicy:
         return []
 
     def _pause(self, start: int) -> Pause:
-        self.phase, self.pause_start, self.pause_unconfirmed = Phase.PAUSED, start, False
+        self.phase, self.pause_start, self.pause_unconfirmed, self.resume_at = Phase.PAUSED, start, False, None
         return Pause(start)
 
     def speech_stopped(self, end: int) -> list[Action]:
@@ -255,6 +256,10 @@ class TurnPolicy:
 
     def advance(self, now: int) -> list[Action]:
         self.now = max(self.now, now)
+        if self.phase is Phase.PAUSED and self.pause_unconfirmed and self.resume_at is not None \
+                and self.now >= self.resume_at and not self.user_speaking and not self.check_pending:
+            self.phase, self.pause_start, self.pause_unconfirmed, self.resume_at = Phase.SPEAKING, None, False, None
+            return [Resume()]
         if self.phase is Phase.PAUSED and self.pause_start is not None \
                 and (self.now - self.pause_start) / self.rate >= self.cfg.max_pause_s:
             # no pause outlives its bound, whatever a check is doing: words mean yield, none resume

@@ -187,7 +187,9 @@ async def test_browser_talks_to_the_agent(jfk_path, artifacts):
 async def test_browser_barge_in_mutes_the_agent_at_once(jfk_path, artifacts):
     """The fake microphone says a phrase, waits for the agent to answer, then talks over it: the page
     mutes the agent's audio itself within 150 ms of the first loud microphone poll (it measures it),
-    the server confirms the barge-in and interrupts the reply, and the page unmutes afterwards."""
+    the server confirms the barge-in and interrupts the reply, and the page unmutes afterwards. A
+    client that mutes nothing itself hears the agent's stream stop too (read by the independent tap
+    ahead of the page's mute), within 0.2 s of the onset plus Chromium's own jitter buffer."""
     pytest.importorskip("selenium")
     from duplex.audio import read_audio, write_wav
 
@@ -207,7 +209,7 @@ async def test_browser_barge_in_mutes_the_agent_at_once(jfk_path, artifacts):
             _wait(driver, "!document.getElementById('agent-audio').muted", 5, "the agent unmuted")
             return driver.execute_script("""
                 const d = window.duplex;
-                return {bargeIns: d.bargeIns, types: d.messages.map(m => m.type), tap: window.__tap,
+                return {bargeIns: d.bargeIns, types: d.messages.map(m => m.type), tap: window.__tap, jb: d.stats.jitterBufferS,
                         cell: [...document.querySelectorAll('#latency .barge')].map(e => e.textContent)};""")
 
         page = await asyncio.to_thread(drive)
@@ -223,8 +225,16 @@ async def test_browser_barge_in_mutes_the_agent_at_once(jfk_path, artifacts):
                   if a0 <= 0.01 < agent and t < first["mutedAt"])  # the agent's audio that was cut
     onset = next(t for t, mic, _ in tap if t > audible and mic > 0.05)
     external_s = (first["mutedAt"] - onset) / 1000
-    print(f"barge-in: page {first['seconds']:.3f} s, independent tap {external_s:.3f} s")
+    # A plain client (no local mute: a phone app, a SIP bridge) hears the stream itself, which the
+    # tap reads before the page's <audio> element: the agent's last audible moment after the onset.
+    plain_s = (max(t for t, _, agent in tap if onset <= t < onset + 1000 and agent > 0.01) - onset) / 1000
+    print(f"barge-in: page {first['seconds']:.3f} s, independent tap {external_s:.3f} s, "
+          f"plain client's ear {plain_s:.3f} s, of it Chromium's jitter buffer {page['jb']:.3f} s")
     assert abs(first["seconds"] - external_s) <= 0.05
+    # Chromium's adaptive jitter buffer (40-60 ms here when the machine is quiet, 180 ms when it is
+    # loaded) is the client's; the rest is the server's and the network's (0.25 s in all before the
+    # server paused on the first voiced window and took back what waited; figures: bench barge-in)
+    assert plain_s - page["jb"] <= 0.2
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists() or not Path(CHROMEDRIVER).exists(),

@@ -295,12 +295,17 @@ def test_only_the_exact_words_judged_are_dropped():
 def test_a_voiced_window_pauses_at_once_and_its_end_before_speech_resumes():
     """The VAD's first voiced window over the agent pauses it (barge-in one window in, not
     min_speech_ms later). If that voice ends before it is speech (a click, a cough), the agent
-    resumes at once, and the quiet since the last utterance does not resume it early; if it becomes
+    resumes after onset_hold_s of quiet (a dip inside the first syllable does not resume it), and the
+    quiet since the last utterance does not resume it early; if it becomes
     speech, the pause is that speech's: no second pause, a dip inside the speech does not resume."""
-    p = _speaking_policy(false_interruption_s=0.6)
+    p = _speaking_policy(false_interruption_s=0.6, onset_hold_s=0.1)
     assert p.voice_edge(s(3), True) == [Pause(s(3))]
-    assert p.advance(s(3.05)) == []  # 2 s after the last speech ended: still paused
-    assert p.voice_edge(s(3.032), False) == [Resume()]
+    assert p.advance(s(3.02)) == []  # 2 s after the last speech ended: still paused
+    assert p.voice_edge(s(3.032), False) == []
+    assert p.voice_edge(s(3.1), True) == []  # back within onset_hold_s: a dip, still paused
+    assert p.voice_edge(s(3.132), False) == []
+    assert p.advance(s(3.2)) == []
+    assert p.advance(s(3.232)) == [Resume()]  # onset_hold_s of quiet: it was no speech
     assert p.phase is Phase.SPEAKING
     assert p.voice_edge(s(4), True) == [Pause(s(4))]
     assert p.speech_started(s(4)) == []

@@ -15,7 +15,7 @@ Per run, on the one loop clock both ends share:
   hands it out);
 - ``server_ms``: the server's own ``barge_in_s`` for the same barge-in;
 - ``clicks``: sample-to-sample jumps the agent's beeps cannot make (> 0.1 full scale) anywhere in what
-  the client played, the cut included; ``underruns``: frames of silence inside the reply because its
+  the client played (a frame lost to a stalled machine makes one), ``cut_clicks`` those at the cut; ``underruns``: frames of silence inside the reply because its
   audio came late (the server's count) and frames the outbound queue dropped.
 
 Run: ``duplex bench barge-in --profile fake`` (best of ``--runs``, default 3).
@@ -31,6 +31,7 @@ import statistics
 
 import numpy as np
 
+from duplex import events as ev
 from duplex.agent import Agent
 from duplex.audio import SAMPLE_SPEECH, read_audio, to_int16
 from duplex.config import AgentConfig
@@ -58,6 +59,16 @@ def _last_above(pcm: np.ndarray, rms: float, block: int) -> int:
     levels = np.sqrt(np.mean(pcm[:n * block].reshape(n, block) ** 2, axis=1))
     hits = np.flatnonzero(levels > rms)
     return (int(hits[-1]) + 1) * block if len(hits) else 0
+
+
+def _clicks(walls: list[float], frames: list[np.ndarray], ear: float | None) -> tuple[int, int]:
+    """Clicks in what was played, and those within 50 ms of the cut (``ear``): a stall of a loaded
+    machine elsewhere in the reply is not the cut's doing."""
+    audio = np.concatenate(frames)
+    times = np.concatenate([w + np.arange(len(f)) / RATE for w, f in zip(walls, frames)])
+    jumps = np.abs(np.diff(audio)) > CLICK
+    at_cut = jumps & (np.abs(times[1:] - ear) < 0.05) if ear is not None else jumps & False
+    return int(jumps.sum()), int(at_cut.sum())
 
 
 def talker(first: np.ndarray, second: np.ndarray):
@@ -123,7 +134,7 @@ async def _one(url: str, server, prefetch: int, lead_s: float, first: np.ndarray
         walls, frames = list(client.frame_walls), list(client.frames)
         ear = max((w + _last_above(f, AUDIBLE_RMS, 48) / RATE for w, f in zip(walls, frames)
                    if w + 0.02 >= mic.onset_wall and _last_above(f, AUDIBLE_RMS, 48)), default=None)
-        audio = np.concatenate(frames)
+        clicks, cut_clicks = _clicks(walls, frames, ear)
         metric = next((m for m in client.of("agent.metric") if m.get("name") == "barge_in_s"), None)
         server_s = None if metric is None else float(metric["value"])
         paused = None if metric is None else peer.session.t0 + metric["t"]  # the first frame the pause silenced
@@ -133,7 +144,7 @@ async def _one(url: str, server, prefetch: int, lead_s: float, first: np.ndarray
                 "in_ms": None if paused is None or server_s is None
                 else round(1000 * (paused - server_s - mic.onset_wall), 1),
                 "out_ms": None if ear is None or paused is None else round(1000 * (ear - paused), 1),
-                "clicks": int(np.sum(np.abs(np.diff(audio)) > CLICK)),
+                "clicks": clicks, "cut_clicks": cut_clicks,
                 "underruns": peer.session.playout.underruns, "dropped": peer.track.dropped,
                 "queued_ms": round(1000 * peer.track.buffered_s(), 1)}
     finally:
@@ -164,14 +175,99 @@ async def measure_webrtc(runs: int, prefetch: int, lead_s: float) -> list[dict]:
         await agent.aclose()
 
 
+class SoundCard:
+    """A simulated full-duplex sound card for ``duplex mic`` (:class:`~.mic.AudioDevice`): every
+    20 ms of the loop clock the callback gets the next microphone block (captured over the 20 ms
+    before) and fills a speaker block, heard ``output_latency_s`` later (PortAudio's "low" latency
+    on a desktop is ~10-20 ms). No echo: the echo guard's rooms are ``duplex bench echo``'s."""
+
+    def __init__(self, first: np.ndarray, output_latency_s: float = 0.01) -> None:
+        self.rate, self.block = RATE, FRAME
+        self.output_latency_s, self.latency_s = output_latency_s, 2 * output_latency_s
+        self.mic = list(first[:len(first) // FRAME * FRAME].reshape(-1, FRAME))
+        self.heard: list[tuple[float, np.ndarray]] = []  # (when the block starts being heard, its samples)
+        self.onset_wall: float | None = None
+        self._t0 = 0.0
+        self._k = 0  # callbacks so far
+        self._task: asyncio.Task | None = None
+        self.audible = asyncio.Event()  # the agent's voice has reached the speaker
+
+    def go(self, second: np.ndarray) -> None:
+        """The user starts ``second`` with the next block captured."""
+        offset = _first_above(second, ONSET_RMS, 96)
+        self.mic = list(second[:len(second) // FRAME * FRAME].reshape(-1, FRAME))
+        self.onset_wall = self._t0 + self._k * 0.02 + max(0, offset) / RATE
+
+    def start(self, callback) -> None:
+        self._task = asyncio.create_task(self._run(callback))
+
+    async def _run(self, callback) -> None:
+        loop = asyncio.get_running_loop()
+        self._t0 = loop.time()
+        while True:
+            await asyncio.sleep(max(0.0, self._t0 + (self._k + 1) * 0.02 - loop.time()))
+            mic = self.mic.pop(0) if self.mic else np.zeros(FRAME, np.float32)
+            speaker = np.zeros(FRAME, np.float32)
+            callback(mic.astype(np.float32), speaker)
+            self.heard.append((loop.time() + self.output_latency_s, speaker))
+            if np.abs(speaker).max() > 0.05:
+                self.audible.set()
+            self._k += 1
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+async def measure_mic(runs: int, lead_s: float, output_latency_s: float = 0.01) -> list[dict]:
+    """The same barge-in through ``duplex mic``'s path (:class:`~.mic.MicLink`) on a
+    :class:`SoundCard`. Without the echo guard: it delays nothing (AEC3 works block by block), but
+    in a room with no echo it would take the first second of the reply to learn that, and hold back
+    speech not clearly louder than the agent meanwhile (``duplex bench echo`` measures it)."""
+    from duplex.transport.mic import talk
+
+    guard = False
+    pcm, _ = read_audio(SAMPLE_SPEECH, RATE)
+    first, second = pcm[int(0.2 * RATE):int(2.4 * RATE)], pcm[int(5.3 * RATE):int(7.8 * RATE)]
+    agent = await Agent.load(AgentConfig(profile="fake", device="cpu", fake=dict(FAKE)))
+    rows = []
+    try:
+        for _ in range(runs):
+            card = SoundCard(first, output_latency_s)
+            session = agent.session()
+            events = session.events()
+            stop = asyncio.Event()
+            talking = asyncio.create_task(talk(session, card, guard=guard, stop=stop))
+            await asyncio.wait_for(card.audible.wait(), 20)  # the reply is heard
+            await asyncio.sleep(lead_s)
+            card.go(second)
+            await asyncio.sleep(1.0)
+            stop.set()
+            link = await talking
+            seen = [e async for e in events]  # (the session is closed: they end)
+            metric = next((e.value for e in seen if isinstance(e, ev.Metric) and e.name == "barge_in_s"), None)
+            assert card.onset_wall is not None
+            ear = max((w + _last_above(b, AUDIBLE_RMS, 48) / RATE for w, b in card.heard
+                       if w + 0.02 >= card.onset_wall and _last_above(b, AUDIBLE_RMS, 48)), default=None)
+            clicks, cut_clicks = _clicks([w for w, _ in card.heard], [b for _, b in card.heard], ear)
+            rows.append({"ear_ms": None if ear is None else round(1000 * (ear - card.onset_wall), 1),
+                         "server_ms": None if metric is None else round(1000 * metric, 1),
+                         "clicks": clicks, "cut_clicks": cut_clicks,
+                         "underruns": link.underruns, "dropped": link.overflows, "echo_guard": guard})
+    finally:
+        await agent.aclose()
+    return rows
+
+
 def _summary(rows: list[dict]) -> dict:
     ears = [r["ear_ms"] for r in rows if r["ear_ms"] is not None]
     servers = [r["server_ms"] for r in rows if r["server_ms"] is not None]
     return {"ear_ms_best": min(ears, default=None),
             "ear_ms_median": round(statistics.median(ears), 1) if ears else None,
             "server_ms_median": round(statistics.median(servers), 1) if servers else None,
-            "clicks": sum(r["clicks"] for r in rows), "underruns": sum(r["underruns"] for r in rows),
-            "dropped": sum(r["dropped"] for r in rows)}
+            "clicks": sum(r["clicks"] for r in rows), "cut_clicks": sum(r["cut_clicks"] for r in rows),
+            "underruns": sum(r["underruns"] for r in rows),
+            "dropped": sum(r["dropped"] for r in rows)}  # (mic: blocks the speaker queue overflowed)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -184,7 +280,13 @@ def run(args: argparse.Namespace) -> dict:
         print(f"webrtc run {i + 1}: {r}", flush=True)
     summary = _summary(rows)
     print(f"webrtc (plain client, jitter buffer {prefetch} frames): {summary}", flush=True)
-    return {"webrtc": {"runs": rows, **summary, "client_prefetch": prefetch}}
+    mic_rows = asyncio.run(measure_mic(runs, lead))
+    for i, r in enumerate(mic_rows):
+        print(f"mic run {i + 1}: {r}", flush=True)
+    mic_summary = _summary(mic_rows)
+    print(f"mic (simulated sound card, 10 ms output latency): {mic_summary}", flush=True)
+    return {"webrtc": {"runs": rows, **summary, "client_prefetch": prefetch},
+            "mic": {"runs": mic_rows, **mic_summary, "output_latency_s": 0.01}}
 
 
 def main() -> None:

@@ -5,7 +5,9 @@ once per 20 ms block from its own thread: :class:`~.devices.SoundDeviceAudio`, o
 the tests):
 
 - speaker: the session's 20 ms frames, resampled to the device rate and cut into device blocks, wait
-  in a short queue that the callback drains (``prebuffer`` blocks of slack for the two clocks);
+  in a short queue that the callback drains (``prebuffer`` blocks of slack for the two clocks); at a
+  barge-in what waits there is taken back (a live output: see ``Session.audio``), so the agent
+  stops after the device's own output latency;
 - reference: the callback keeps what it wrote and hands each microphone block the speaker audio that
   was written ``device.latency_s`` earlier, i.e. what is coming back through the room right now;
 - microphone: each block and its reference, resampled to 16 kHz alike, go through the
@@ -62,7 +64,9 @@ class MicLink:
         self.guard = guard
         self.prebuffer = prebuffer
         self.speaker: deque[np.ndarray] = deque(maxlen=queue_blocks)  # device blocks to play
+        self._made: deque[object] = deque(maxlen=queue_blocks)  # the resampler's state after each block
         self._playing = False  # the callback drains the queue; False until `prebuffer` blocks wait
+        self._resampler: StreamResampler | None = None
         self._history: np.ndarray | None = None  # what the speaker was given, latency_s of it + a block
         self._mic_q: asyncio.Queue[tuple[np.ndarray, np.ndarray]] = asyncio.Queue(maxsize=250)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -117,9 +121,11 @@ class MicLink:
 
     async def _play(self) -> None:
         dev = self.device
-        resampler = StreamResampler(self.session.output_rate, dev.rate)
+        resampler = self._resampler = StreamResampler(self.session.output_rate, dev.rate)
         fifo = np.zeros(0, np.float32)
-        async for frame in self.session.audio(maxsize=25):
+        frames = self.session.audio(maxsize=25, live=True)
+        frames.take_back = self._take_back
+        async for frame in frames:
             fifo = np.concatenate([fifo, resampler(frame)])
             if len(fifo) < dev.block:  # the resampler's uneven start: pad once, in front
                 fifo = np.concatenate([np.zeros(dev.block - len(fifo), np.float32), fifo])
@@ -127,7 +133,25 @@ class MicLink:
             if len(self.speaker) == self.speaker.maxlen:
                 self.overflows += 1  # the device runs slower than the session: drop the oldest
             self.speaker.append(block)
+            self._made.append(resampler.state())
             self.session.output_latency_s = round(dev.output_latency_s + len(self.speaker) * 0.02, 4)
+
+    def _take_back(self) -> int:
+        """At a barge-in: the blocks waiting for the device will not be heard, but one: it plays
+        while the session's next frame (its 10 ms fade-out, going on from the end of that block)
+        arrives, so the speaker never stops mid-wave. The others go (newest first, one atomic pop at
+        a time: the device thread takes from the other end) and play again on resume."""
+        taken = 0
+        while len(self.speaker) > 1:
+            try:
+                self.speaker.pop()
+            except IndexError:  # the device took the last one meanwhile
+                break
+            self._made.pop()
+            taken += 1
+        if taken and self._made and self._resampler is not None:  # the frames given back are resampled again from where the kept block ended
+            self._resampler.restore(self._made[-1])
+        return taken
 
     async def _listen(self) -> None:
         dev = self.device

@@ -47,11 +47,12 @@ class PeerOptions:
     # and the ASR take audio by its arrival and need no smoothing; a packet older than one already
     # decoded is dropped, as a late one would be). 1 or 2 absorb reordering by that many packets.
     input_prefetch: int = 0
-    # The agent's voice waiting for aiortc's sender, at most (whole 20 ms frames, at least one). The
+    # The agent's voice that may wait for aiortc's sender (whole 20 ms frames, at least one). The
     # sender takes each frame at once, so this is slack for a stalled event loop, not latency: a
     # sender further behind loses the oldest frames (audible, counted in the track's ``dropped``).
-    # At a barge-in whatever waits is taken back unheard (see Session.audio(live=True)).
-    output_buffer_ms: int = 60
+    # At a barge-in whatever waits is taken back unheard (see Session.audio(live=True)), so a
+    # larger bound costs a barge-in nothing.
+    output_buffer_ms: int = 200
     ice_servers: tuple[str, ...] = ()  # STUN/TURN URLs; none by default (aiortc's default is Google's STUN)
 
     def __post_init__(self) -> None:

@@ -85,12 +85,14 @@ async def pump_microphone(track, session: Session, stats: InputStats, idle_timeo
     return "session closed"
 
 
-def agent_audio_track(session: Session, *, queue_frames: int = 3):
+def agent_audio_track(session: Session, *, queue_frames: int = 10):
     """The session's ``audio()`` as an aiortc ``MediaStreamTrack`` of 20 ms frames at 48 kHz.
 
     ``queue_frames`` bounds the frames waiting between the session and aiortc's sender (a live
     output: at a barge-in the session takes back what waits, so it is never heard). aiortc sends a
-    frame as soon as ``recv`` returns it, so the queue is empty unless the sender stalls; if it
+    frame as soon as ``recv`` returns it, so the queue is empty unless the sender stalls (silence it
+    fell behind on is skipped, not sent in a burst that a browser's jitter buffer would take for
+    network jitter and answer with a longer delay for seconds, barge-ins included); if it
     falls further behind than that, the oldest are dropped (counted in ``dropped``) rather than
     delaying the voice from then on. The resampler (24 -> 48 kHz, integer ratio) gives each frame
     whole, under 1 ms late; the FIFO only evens out a rate whose ratio is not whole."""
@@ -125,6 +127,8 @@ def agent_audio_track(session: Session, *, queue_frames: int = 3):
                 raise MediaStreamError
             try:
                 pcm = await anext(self.frames)  # float32 [20 ms] at session.output_rate
+                while not pcm.any() and self.frames.queued():  # silence the sender fell behind on:
+                    pcm = await anext(self.frames)  # skip it rather than burst it (e.g. before ICE was up)
             except StopAsyncIteration:
                 self.stop()
                 raise MediaStreamError from None
