@@ -271,7 +271,7 @@ class Site:
         else:
             log.warning("the web client folder %s is missing; only the API is served", root)
         app.on_startup.append(_raise_file_limit)
-        app.on_startup.append(_log_loop_errors)
+        app.on_startup.append(log_loop_errors)
         app.on_shutdown.append(lambda _app: self.close())
         return app
 
@@ -652,7 +652,7 @@ async def _raise_file_limit(app) -> None:
         log.info("open-file limit raised from %d to %d (connections and peers each take files)", *limits)
 
 
-async def _log_loop_errors(app) -> None:
+async def log_loop_errors(app) -> None:
     """What asyncio reports about the server, for as long as the app runs, one WARNING line each
     (rate-limited) instead of a traceback each; anything else goes on to the loop's handler as before:
 

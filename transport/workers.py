@@ -232,7 +232,7 @@ async def _serve_worker(setup: WorkerSetup, parent: int) -> None:
     """Connect to the core, build the agent and its server, then answer the front's calls until it hangs up."""
     from duplex.agent import Agent
     from duplex.core.remote import Core
-    from duplex.transport.server import Server
+    from duplex.transport.server import Server, log_loop_errors
 
     if setup.loopback:
         from duplex.transport.ice import allow_loopback_candidates
@@ -243,6 +243,7 @@ async def _serve_worker(setup: WorkerSetup, parent: int) -> None:
         core = await Core.connect(setup.core)
         agent = Agent(core.stages(), setup.config, core)
         server = Server(agent, setup.options)
+        await log_loop_errors(server.app)  # aiortc's own tasks failing: one WARNING line, as in one process
     except Exception as exc:
         wire.write(writer, "failed", setup.name, wire.portable(exc))
         await writer.drain()
