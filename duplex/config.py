@@ -39,6 +39,10 @@ class TurnConfig:
     # Start the reply as soon as the user's speech stops, its audio held back until the turn ends
     # (withdrawn without a trace if the user goes on).
     speculate: bool = True
+    # ... starting once the user's voice has been quiet this long inside speech (the VAD's windows
+    # are 32 ms; its end of speech comes 160 ms in): earlier hides more of the reply's compute,
+    # and withdraws more guesses at pauses between words.
+    speculate_after_s: float = 0.064
     # A barge-in with no recognised words this long after the user's speech stopped is a false alarm
     # (cough, noise): the agent resumes where it paused.
     false_interruption_s: float = 0.6
@@ -56,6 +60,7 @@ class TurnConfig:
 
     def validate(self) -> None:
         for name in ("confident_silence_s", "min_silence_s", "max_silence_s", "false_interruption_s", "onset_hold_s",
+                     "speculate_after_s",
                      "max_pause_s",
                      "check_timeout_s"):
             value = getattr(self, name)

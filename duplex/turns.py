@@ -28,9 +28,11 @@ are words, and the silence since the speech ended lasts :meth:`TurnPolicy.commit
 through ``min_silence_s`` (an estimate at ``eot_threshold``) to ``max_silence_s`` (no sign the message
 is complete).
 
-Speculation: as soon as the speech stops with words (and whenever those words change while the
-silence lasts), :class:`Speculate` asks for a reply to be made at once with its audio held back;
-:class:`EndTurn` commits it if it answers the same text; speech before that withdraws it (:class:`Withdraw`).
+Speculation: once the user's voice has been quiet ``speculate_after_s`` inside speech (two VAD windows,
+not ``min_silence_ms`` later when the speech is sure to have stopped), and whenever the words change
+while the silence lasts,
+:class:`Speculate` asks for a reply to be made at once with its audio held back; :class:`EndTurn`
+commits it if it answers the same text; voice before that withdraws it (:class:`Withdraw`).
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ class TurnPolicy:
         self.pause_start: int | None = None  # stream sample where the current pause began
         self.pause_unconfirmed = False  # the pause came from one voiced VAD window; no SpeechStarted yet
         self.resume_at: int | None = None  # ... and its voice has ended: resume here unless it comes back
+        self.quiet_since: int | None = None  # the user's voice paused here, inside speech not ended yet
         self.discard_utterance = False  # the open utterance was a backchannel: not part of any turn ...
         self.backchannel_words: tuple[str, ...] = ()  # ... as far as the words judged so (others are new speech)
         self.speculated: str | None = None  # the text an outstanding speculative reply answers
@@ -146,6 +149,12 @@ class TurnPolicy:
         agent resumes where it paused (``onset_hold_s`` of quiet later: a dip inside the first syllable
         is not the end); if it becomes speech, the pause goes on as any other."""
         self.now = max(self.now, at)
+        if self.user_speaking:  # a pause inside speech the VAD has not ended (yet): see advance()
+            self.quiet_since = None if voiced else at
+            if voiced and self.speculated is not None and self.phase is Phase.LISTENING:
+                self.speculated = None  # the voice came back: the guess goes
+                return [Withdraw()]
+            return self.advance(self.now)
         if voiced and self.phase is Phase.SPEAKING and not self.user_speaking:
             pause = self._pause(at)
             self.pause_unconfirmed = True
@@ -175,7 +184,7 @@ class TurnPolicy:
         return Pause(start)
 
     def speech_stopped(self, end: int) -> list[Action]:
-        self.user_speaking, self.speech_end, self.awaiting_final = False, end, True
+        self.user_speaking, self.speech_end, self.awaiting_final, self.quiet_since = False, end, True, None
         self.now = max(self.now, end)
         return self.advance(self.now)
 
@@ -267,6 +276,11 @@ class TurnPolicy:
                 return [self._interrupt()]
             self.phase, self.pause_start, self.check_pending = Phase.SPEAKING, None, False
             return [Resume()]
+        if self.user_speaking and self.quiet_since is not None and self.phase is Phase.LISTENING \
+                and self.user_text and self.cfg.speculate and self.speculated != self.user_text \
+                and (self.now - self.quiet_since) / self.rate >= self.cfg.speculate_after_s:
+            self.speculated = self.user_text  # the voice paused inside speech: guess now, not at its end
+            return [Speculate(self.user_text)]
         if self.user_speaking or self.speech_end is None:
             return []
         silence = (self.now - self.speech_end) / self.rate

@@ -14,10 +14,11 @@ from tests.fake_agent import clip, drive, make_agent, silence
 
 def test_a_withdrawn_speculation_leaves_no_trace(vad_model, jfk16):
     """The user pauses mid-sentence (0.8 s, shorter than max_silence_s): a reply to the first half is
-    started at once, then withdrawn when they go on. Nothing of it was played or emitted, the record
-    holds one user turn with all the words and one reply, and that reply was made from all of them."""
+    started at once, then withdrawn when they go on (guesses at shorter pauses inside the phrases may
+    come and go too). Nothing of them was played or emitted, the record holds one user turn with all
+    the words and one reply, and that reply was made from all of them (the fake LLM echoes the words)."""
     agent = make_agent(vad_model, asr={"utterances": ["i would like", "a table for two"]},
-                       llm={"replies": ["first guess", "a table it is"], "ttft_s": 0.05},
+                       llm={"ttft_s": 0.05},
                        tts={"first_chunk_s": 0.02})
     pcm = np.concatenate([clip(jfk16, 0.2, 2.4), silence(0.8), clip(jfk16, 3.25, 4.6), silence(3.0)])
     sessions = []
@@ -33,14 +34,13 @@ def test_a_withdrawn_speculation_leaves_no_trace(vad_model, jfk16):
     assert {e.reply_id for e in (*run.of(ev.ReplyText), *run.of(ev.ReplyAudio), *run.of(ev.AudioOut),
                                  *run.of(ev.ReplyDone))} == {started.reply_id}
     text = "".join(e.delta for e in run.of(ev.ReplyText))
-    assert text == "a table it is" and "first" not in text
     second_start = next(e for e in run.of(ev.SpeechStarted) if e.start > 3 * 16000)
     out, = run.of(ev.AudioOut)
     assert out.wall > run.of(ev.SpeechStopped)[-1].wall  # no agent audio before the user was done
     assert not any(np.abs(f).max() > 0 for t, f in zip(run.frame_walls, run.frames) if t < out.wall)
     turns = run.conversation["turns"]
-    assert [t["role"] for t in turns] == ["user", "assistant"] and turns[1]["text"] == "a table it is"
     said = turns[0]["text"]
+    assert [t["role"] for t in turns] == ["user", "assistant"] and turns[1]["text"] == text == f"You said: {said}."
     assert said.startswith("i would like a") and said == run.of(ev.TurnEnded)[0].text
     stream, = agent.stages.llm.streams
     assert stream.shown[-1] == [Message("user", said)]  # the reply heard all the words

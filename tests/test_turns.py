@@ -3,7 +3,8 @@
 import pytest
 
 from duplex.config import TurnConfig
-from duplex.turns import CancelReply, CheckBargeIn, EndTurn, Interrupt, Pause, Phase, Resume, TurnPolicy
+from duplex.turns import (CancelReply, CheckBargeIn, EndTurn, Interrupt, Pause, Phase, Resume, Speculate, TurnPolicy,
+                          Withdraw)
 
 R = 16_000
 
@@ -313,3 +314,24 @@ def test_a_voiced_window_pauses_at_once_and_its_end_before_speech_resumes():
     assert p.phase is Phase.PAUSED
     assert p.transcript("stop") == [CheckBargeIn("stop")]
     assert p.voice_edge(s(5), True) == [] and p.voice_edge(s(6), False) == []  # not speaking: no pause
+
+
+def test_speculation_starts_at_the_first_silent_window_and_goes_when_the_voice_returns():
+    """A reply is speculated once the voice has been quiet speculate_after_s inside speech, well
+    before SpeechStopped (min_silence_ms: the LLM and TTS work hides behind that wait too); a
+    shorter dip does not; the voice coming back before the speech ended withdraws it; the stop that
+    follows does not speculate the same words twice."""
+    p = TurnPolicy(TurnConfig(speculate=True, speculate_after_s=0.064))
+    p.speech_started(s(0.5))
+    p.transcript("what time")
+    assert p.voice_edge(s(0.8), False) == [] and p.advance(s(0.832)) == []
+    assert p.voice_edge(s(0.832), True) == []  # a 32 ms dip between words: no guess
+    assert p.voice_edge(s(1.0), False) == []
+    assert p.advance(s(1.064)) == [Speculate("what time")]
+    assert p.voice_edge(s(1.1), True) == [Withdraw()]  # a pause inside the sentence
+    p.transcript("what time is it")
+    assert p.voice_edge(s(1.6), False) == []
+    assert p.advance(s(1.664)) == [Speculate("what time is it")]
+    assert p.speech_stopped(s(1.6)) == []  # already speculated on these words
+    assert p.final("what time is it") == []
+    assert p.voice_edge(s(2.5), False) == [] and p.voice_edge(s(2.6), True) == []  # after the stop: the VAD's business
