@@ -53,10 +53,14 @@ def silero_jit_path() -> Path:
     return path
 
 
+PEEK_MIN = 160  # new samples (10 ms) past the last whole window before a peek is worth a call
+
+
 @dataclass
 class _Request:
     windows: np.ndarray  # [N, CONTEXT + WINDOW] float32
     state: np.ndarray  # [2, 128] float32
+    peek: np.ndarray | None = None  # [CONTEXT + WINDOW]: the newest audio, scored from the final state, not kept
 
 
 @dataclass
@@ -70,6 +74,8 @@ class VADStreamState:
     speaking: bool = False
     speech_start: int = 0
     run_start: int | None = None  # start of the current run that may flip the state
+    recent: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # the newest CONTEXT + WINDOW samples
+    peek_voiced: bool = False  # a peek found voice the next whole window has not judged yet
 
 
 class SileroVAD:
@@ -86,18 +92,20 @@ class SileroVAD:
         with torch.no_grad():
             for batch in (1,) * 8 + (2,) * 4:
                 self._net(torch.zeros(batch, CONTEXT + WINDOW), torch.zeros(2, batch, STATE_SHAPE[1]))
-        self.worker: Scheduler[_Request, tuple[np.ndarray, np.ndarray]] = Scheduler(
+        self.worker: Scheduler[_Request, tuple[np.ndarray, np.ndarray, float | None]] = Scheduler(
             "vad", self._step, device=device, max_batch=max_batch)
 
     def new_stream(self) -> SileroVADStream:
         return SileroVADStream(self)
 
-    def _step(self, requests: Sequence[_Request]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Score the windows of many streams, window by window in lockstep (on the worker thread)."""
+    def _step(self, requests: Sequence[_Request]) -> list[tuple[np.ndarray, np.ndarray, float | None]]:
+        """Score the windows of many streams, window by window in lockstep, then their peeks (from
+        each stream's final state, which a peek does not change), on the worker thread."""
         import torch
 
         probs = [np.zeros(len(r.windows), np.float32) for r in requests]
         states = [r.state for r in requests]
+        peeks: list[float | None] = [None] * len(requests)
         for k in range(max(len(r.windows) for r in requests)):
             live = [i for i, r in enumerate(requests) if k < len(r.windows)]
             x = torch.from_numpy(np.stack([requests[i].windows[k] for i in live])).to(self.device)  # [B, 576]
@@ -107,7 +115,14 @@ class SileroVAD:
             for j, i in enumerate(live):
                 probs[i][k] = out[j, 0]
                 states[i] = h[:, j]
-        return list(zip(probs, states))
+        looking = [i for i, r in enumerate(requests) if r.peek is not None]
+        if looking:
+            x = torch.from_numpy(np.stack([r.peek for r in requests if r.peek is not None])).to(self.device)
+            h = torch.from_numpy(np.stack([states[i] for i in looking], axis=1)).to(self.device)
+            out, _ = self._net(x, h)
+            for j, i in enumerate(looking):
+                peeks[i] = float(out[j, 0])
+        return list(zip(probs, states, peeks))
 
 
 class SileroVADStream:
@@ -118,19 +133,40 @@ class SileroVADStream:
         self.s = VADStreamState()
         self.probs: deque[float] = deque(maxlen=PROBS_KEPT)  # the latest windows' probabilities, for inspection
 
-    async def feed(self, pcm: np.ndarray) -> list[VADEvent]:
+    async def feed(self, pcm: np.ndarray, peek: bool = False) -> list[VADEvent]:
+        """Score the whole windows ``pcm`` completes; their speech boundaries and voice edges.
+
+        ``peek`` (while the agent speaks, when a window sooner matters): also score the newest
+        window's worth of audio, ending at the last sample given, from the state after the last
+        whole window, without keeping what it changes; voice there is a :class:`VoiceEdge` up to a
+        window before the whole window that holds it completes (the next whole window judges it)."""
         s = self.s
-        audio = np.concatenate([s.pending, pcm.astype(np.float32, copy=False)])
+        pcm = pcm.astype(np.float32, copy=False)
+        s.recent = np.concatenate([s.recent, pcm])[-(CONTEXT + WINDOW):]
+        audio = np.concatenate([s.pending, pcm])
         n = len(audio) // WINDOW
         s.pending = audio[n * WINDOW:]
-        if n == 0:
+        look = peek and len(s.pending) >= PEEK_MIN and len(s.recent) == CONTEXT + WINDOW and not self._voiced()
+        if n == 0 and not look:
             return []
         blocks = audio[: n * WINDOW].reshape(n, WINDOW)
-        contexts = np.concatenate([s.context[None], blocks[:-1, -CONTEXT:]], axis=0)
+        contexts = np.concatenate([s.context[None], blocks[:-1, -CONTEXT:]], axis=0)[:n]
         windows = np.concatenate([contexts, blocks], axis=1)  # [n, 576]
-        s.context = blocks[-1, -CONTEXT:].copy()
-        probs, s.state = await self.model.worker.submit(_Request(windows, s.state))
-        return self._detect(probs)
+        if n:
+            s.context = blocks[-1, -CONTEXT:].copy()
+        probs, s.state, p = await self.model.worker.submit(_Request(windows, s.state, s.recent.copy() if look else None))
+        events = self._detect(probs)
+        if p is not None and p >= self.model.settings.threshold and not self._voiced():
+            s.peek_voiced = True
+            end = s.scored + len(s.pending)
+            events.append(VoiceEdge(stream_samples=end, wall=now(), at=end - WINDOW, voiced=True))
+        return events
+
+    def _voiced(self) -> bool:
+        """The window-by-window decision so far: the state, unless a run that may flip it is under
+        way, or voice a peek found."""
+        s = self.s
+        return (s.speaking != (s.run_start is not None)) or s.peek_voiced
 
     def _detect(self, probs: np.ndarray) -> list[VADEvent]:
         """Hysteresis over the windows' probabilities. The window-by-window decision is the state
@@ -142,7 +178,8 @@ class SileroVADStream:
             start = s.scored
             s.scored += WINDOW
             self.probs.append(float(p))
-            voiced_before = s.speaking != (s.run_start is not None)
+            voiced_before = self._voiced()
+            s.peek_voiced = False  # this window judges what a peek heard
             flip: SpeechStarted | SpeechStopped | None = None
             if not s.speaking:
                 if p >= cfg.threshold:
@@ -160,7 +197,7 @@ class SileroVADStream:
                         s.speaking, s.run_start = False, None
                 elif p >= cfg.threshold:
                     s.run_start = None
-            voiced = s.speaking != (s.run_start is not None)
+            voiced = self._voiced()
             if voiced != voiced_before:
                 events.append(VoiceEdge(stream_samples=s.scored, wall=now(), at=start, voiced=voiced))
             if flip is not None:

@@ -298,8 +298,8 @@ class RemoteIterator:
 
 
 class RemoteVADStream(RemoteStream):
-    async def feed(self, pcm: np.ndarray) -> list[VADEvent]:
-        return await self._call("feed", pcm)
+    async def feed(self, pcm: np.ndarray, peek: bool = False) -> list[VADEvent]:
+        return await self._call("feed", pcm, peek)
 
 
 class RemoteASRStream(RemoteStream):

@@ -334,7 +334,9 @@ class Session:
         while True:
             block = await self._vad_q.get()
             assert isinstance(block, np.ndarray)
-            found = await self._vad.feed(block)
+            # while the agent speaks, the VAD also looks at audio short of a whole window: the user's
+            # voice pauses the agent up to a window sooner
+            found = await self._vad.feed(block, peek=self.policy.phase is Phase.SPEAKING)
             self._vad_pos += block.size
             self._queued_s["vad"] -= block.size / INPUT_RATE
             for event in found:

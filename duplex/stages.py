@@ -113,8 +113,9 @@ class VoicePrompt:
 
 @runtime_checkable
 class VADStream(Protocol):
-    async def feed(self, pcm: np.ndarray) -> list[VADEvent]:
-        """Consume the next input samples; return speech boundaries (and voice edges) found so far."""
+    async def feed(self, pcm: np.ndarray, peek: bool = False) -> list[VADEvent]:
+        """Consume the next input samples; return speech boundaries (and voice edges) found so far.
+        ``peek``: look at the newest audio before its window is whole (voice found sooner)."""
         ...
 
     async def aclose(self) -> None: ...

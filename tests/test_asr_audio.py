@@ -164,3 +164,33 @@ async def test_vad_voice_edge_comes_one_window_before_speech_started(vad_model, 
         assert any(isinstance(x, ev.VoiceEdge) and not x.voiced and x.at == e.end for x in found)
     voiced = [x.voiced for x in found if isinstance(x, ev.VoiceEdge)]
     assert all(a != b for a, b in zip(voiced, voiced[1:]))  # edges alternate
+
+
+async def test_vad_peek_finds_voice_sooner_and_changes_nothing_else(vad_model, jfk16):
+    """Peeking (what the session does while the agent speaks) scores the newest audio before its
+    window is whole, from a copy of the state: the speech boundaries and every whole window's
+    probability are exactly those of a stream that never peeked, and each onset's first voiced
+    edge comes no later, for some a 20 ms block sooner."""
+    from duplex import events as ev
+
+    async def run(peek: bool):
+        stream = vad_model.new_stream()
+        found = []
+        for i in range(0, len(jfk16), 320):
+            found += await stream.feed(jfk16[i:i + 320], peek=peek)
+        return found, list(stream.probs)
+
+    plain, plain_probs = await run(False)
+    peeked, peeked_probs = await run(True)
+    bounds = (ev.SpeechStarted, ev.SpeechStopped)
+    assert [(type(e), e.stream_samples) for e in plain if isinstance(e, bounds)] == \
+        [(type(e), e.stream_samples) for e in peeked if isinstance(e, bounds)]
+    assert plain_probs == peeked_probs
+    sooner = 0
+    for start in (e for e in plain if isinstance(e, ev.SpeechStarted)):
+        first = next(x for x in plain if isinstance(x, ev.VoiceEdge) and x.voiced and x.at == start.start)
+        early = [x for x in peeked if isinstance(x, ev.VoiceEdge) and x.voiced
+                 and first.stream_samples - 2 * 512 <= x.stream_samples <= first.stream_samples]
+        assert early, start
+        sooner += early[0].stream_samples < first.stream_samples
+    assert sooner >= 1
