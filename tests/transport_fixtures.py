@@ -57,20 +57,11 @@ def speech_wav(jfk_path: Path, folder: Path, tail_s: float = 4.0, rate: int = 48
 @contextlib.asynccontextmanager
 async def running_server(agent: Agent, **options) -> AsyncIterator[tuple[Server, str]]:
     """The duplex server on 127.0.0.1 and a free port, in the running loop; closed on exit."""
-    from aiohttp import web
-
     allow_loopback_candidates()
     peer = PeerOptions(idle_timeout_s=options.pop("idle_timeout_s", PeerOptions.idle_timeout_s))
     server = Server(agent, ServerOptions(peer=peer, **options))
-    runner = web.AppRunner(server.app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield server, f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with server.on_loopback() as url:
+        yield server, url
 
 
 def jfk48(jfk_path: Path, tail_s: float = 3.0) -> np.ndarray:

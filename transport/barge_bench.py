@@ -153,8 +153,6 @@ async def _one(url: str, server, prefetch: int, lead_s: float, first: np.ndarray
 
 
 async def measure_webrtc(runs: int, prefetch: int, lead_s: float) -> list[dict]:
-    from aiohttp import web
-
     from duplex.transport.ice import allow_loopback_candidates
     from duplex.transport.server import Server, ServerOptions
 
@@ -163,15 +161,10 @@ async def measure_webrtc(runs: int, prefetch: int, lead_s: float) -> list[dict]:
     first, second = pcm[int(0.2 * RATE):int(2.4 * RATE)], pcm[int(5.3 * RATE):int(7.8 * RATE)]
     agent = await Agent.load(AgentConfig(profile="fake", device="cpu", fake=dict(FAKE)))
     server = Server(agent, ServerOptions(max_sessions=2))
-    runner = web.AppRunner(server.app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
-        return [await _one(url, server, prefetch, lead_s, first, second) for _ in range(runs)]
+        async with server.on_loopback() as url:
+            return [await _one(url, server, prefetch, lead_s, first, second) for _ in range(runs)]
     finally:
-        await runner.cleanup()
         await agent.aclose()
 
 

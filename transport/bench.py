@@ -41,7 +41,6 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def measure(peers: int, seconds: float) -> dict[str, float | None]:
-    from aiohttp import web
 
     from duplex.transport.client import connect, file_track
     from duplex.transport.ice import allow_loopback_candidates
@@ -52,48 +51,45 @@ async def measure(peers: int, seconds: float) -> dict[str, float | None]:
     speech = np.concatenate([resample(pcm, rate, 48_000), np.zeros(48_000 * 4, np.float32)])
     agent = await Agent.load(AgentConfig(profile="fake", device="cpu", fake=dict(FAKE)))
     server = Server(agent, ServerOptions(max_sessions=peers))
-    runner = web.AppRunner(server.app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     loop = asyncio.get_running_loop()
     clients, mics = [], []
     try:
-        mics = [file_track(speech) for _ in range(peers)]
-        clients = list(await asyncio.gather(*(connect(url, m, prefetch=1) for m in mics)))
-        await asyncio.gather(*(c.wait_for("session.created", timeout=20) for c in clients))
-        sessions = {c.pc_id: server.peers[c.pc_id] for c in clients}
-        cpu0, wall0 = time.process_time(), loop.time()
-        await asyncio.sleep(seconds)
-        cpu = (time.process_time() - cpu0) / (loop.time() - wall0)
-        mic_ms, voice_ms, event_ms, lost = [], [], [], 0
-        for c, mic in zip(clients, mics):
-            peer = sessions[c.pc_id]
-            if mic.first_loud_wall is not None and peer.input.first_loud_wall is not None:
-                mic_ms.append(1000 * (peer.input.first_loud_wall - mic.first_loud_wall))
-            t0 = peer.session.t0
-            out = next((m for m in c.messages if m["type"] == "output_audio_buffer.started"), None)
-            if out is not None:
-                heard = next((w for w, f in zip(c.frame_walls, c.frames) if w >= t0 + out["t"] - 0.005
-                              and np.abs(f).max() > 0.01), None)
-                if heard is not None:
-                    voice_ms.append(1000 * (heard - (t0 + out["t"])))
-            event_ms += [1000 * (m["_received"] - (t0 + m["t"])) for m in c.messages if "t" in m]
-            lost += peer.track.dropped
-        return {"peers": peers, "seconds": seconds,
-                "mic_to_server_ms_median": round(statistics.median(mic_ms), 1) if mic_ms else None,
-                "voice_to_peer_ms_median": round(statistics.median(voice_ms), 1) if voice_ms else None,
-                "voice_to_peer_ms_p95": round(_pct(voice_ms, 95), 1) if voice_ms else None,
-                "event_ms_median": round(statistics.median(event_ms), 2) if event_ms else None,
-                "event_ms_p95": round(_pct(event_ms, 95), 2) if event_ms else None,
-                "cpu_core_per_peer": round(cpu / peers, 3), "frames_dropped": lost,
-                "replies_heard": len(voice_ms)}
+        async with server.on_loopback() as url:
+            try:
+                mics = [file_track(speech) for _ in range(peers)]
+                clients = list(await asyncio.gather(*(connect(url, m, prefetch=1) for m in mics)))
+                await asyncio.gather(*(c.wait_for("session.created", timeout=20) for c in clients))
+                sessions = {c.pc_id: server.peers[c.pc_id] for c in clients}
+                cpu0, wall0 = time.process_time(), loop.time()
+                await asyncio.sleep(seconds)
+                cpu = (time.process_time() - cpu0) / (loop.time() - wall0)
+                mic_ms, voice_ms, event_ms, lost = [], [], [], 0
+                for c, mic in zip(clients, mics):
+                    peer = sessions[c.pc_id]
+                    if mic.first_loud_wall is not None and peer.input.first_loud_wall is not None:
+                        mic_ms.append(1000 * (peer.input.first_loud_wall - mic.first_loud_wall))
+                    t0 = peer.session.t0
+                    out = next((m for m in c.messages if m["type"] == "output_audio_buffer.started"), None)
+                    if out is not None:
+                        heard = next((w for w, f in zip(c.frame_walls, c.frames) if w >= t0 + out["t"] - 0.005
+                                      and np.abs(f).max() > 0.01), None)
+                        if heard is not None:
+                            voice_ms.append(1000 * (heard - (t0 + out["t"])))
+                    event_ms += [1000 * (m["_received"] - (t0 + m["t"])) for m in c.messages if "t" in m]
+                    lost += peer.track.dropped
+                return {"peers": peers, "seconds": seconds,
+                        "mic_to_server_ms_median": round(statistics.median(mic_ms), 1) if mic_ms else None,
+                        "voice_to_peer_ms_median": round(statistics.median(voice_ms), 1) if voice_ms else None,
+                        "voice_to_peer_ms_p95": round(_pct(voice_ms, 95), 1) if voice_ms else None,
+                        "event_ms_median": round(statistics.median(event_ms), 2) if event_ms else None,
+                        "event_ms_p95": round(_pct(event_ms, 95), 2) if event_ms else None,
+                        "cpu_core_per_peer": round(cpu / peers, 3), "frames_dropped": lost,
+                        "replies_heard": len(voice_ms)}
+            finally:
+                for c in clients:
+                    with contextlib.suppress(Exception):
+                        await c.close()
     finally:
-        for c in clients:
-            with contextlib.suppress(Exception):
-                await c.close()
-        await runner.cleanup()
         await agent.aclose()
 
 

@@ -169,7 +169,6 @@ async def measure(server, agent, url: str, n: int) -> CapacityRow:
 
 
 async def _bench(args: argparse.Namespace) -> dict[str, Any]:
-    from aiohttp import web
 
     from duplex.agent import Agent
     from duplex.cli import config_from_args
@@ -195,23 +194,20 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     else:
         agent = await Agent.load(config)
         server = Server(agent, ServerOptions(max_sessions=most))
-    runner = web.AppRunner(server.app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
-        print(f"WebRTC peers (a child process) over loopback into the server at {url}:", flush=True)
-        rows = await sweep(lambda n: measure(server, agent, url, n), most, sizes)
-        best = max([r["sessions"] for r in rows if r["real_time"]], default=0)
-        print(f"largest number of concurrent WebRTC sessions in real time: {best}")
-        where = (f"{workers} worker processes and a front around one engine core" if workers
-                 else "server and agent in one process")
-        return {"concurrency": rows, "max_real_time_sessions": best, "workers": workers,
-                "note": f"{where}, the peers in another process, on this machine"}
+        async with server.on_loopback() as url:
+            try:
+                print(f"WebRTC peers (a child process) over loopback into the server at {url}:", flush=True)
+                rows = await sweep(lambda n: measure(server, agent, url, n), most, sizes)
+                best = max([r["sessions"] for r in rows if r["real_time"]], default=0)
+                print(f"largest number of concurrent WebRTC sessions in real time: {best}")
+                where = (f"{workers} worker processes and a front around one engine core" if workers
+                         else "server and agent in one process")
+                return {"concurrency": rows, "max_real_time_sessions": best, "workers": workers,
+                        "note": f"{where}, the peers in another process, on this machine"}
+            finally:
+                await server.close()
     finally:
-        await server.close()
-        await runner.cleanup()
         await agent.aclose()
 
 

@@ -28,11 +28,13 @@ with their session (see :mod:`.peer`); :meth:`Server.close` closes them all on s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import secrets
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,6 +276,20 @@ class Site:
         app.on_startup.append(log_loop_errors)
         app.on_shutdown.append(lambda _app: self.close())
         return app
+
+    @contextlib.asynccontextmanager
+    async def on_loopback(self) -> AsyncIterator[str]:
+        """Serve :attr:`app` on 127.0.0.1 and a free port in the running loop, for benchmarks and
+        tests (plain aiohttp runner, no access log); yields the base URL, stops serving on exit."""
+        from aiohttp import web
+
+        runner = web.AppRunner(self.app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+        finally:
+            await runner.cleanup()
 
     def runner(self, **kwargs: Any) -> Runner:
         """The aiohttp runner to serve :attr:`app` with (kwargs: :class:`aiohttp.web.AppRunner`'s): each

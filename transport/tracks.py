@@ -120,7 +120,7 @@ def agent_audio_track(session: Session, *, queue_frames: int = 10):
 
         def buffered_s(self) -> float:
             """Seconds of agent audio taken from the session but not yet on the wire."""
-            return self.frames._queue.qsize() * 0.02 + len(self.fifo) / WIRE_RATE
+            return self.frames.queued() * 0.02 + len(self.fifo) / WIRE_RATE
 
         async def recv(self):
             if self.readyState != "live":
