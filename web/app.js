@@ -32,7 +32,6 @@ const duplex = window.duplex = {
   agentState: "-",           // as the server last reported it
   loudSince: 0,              // Date.now() when the microphone became loud (0: it is not)
   localPause: null,          // {onsetAt, mutedAt, id}: the page muted the agent at the user's speech onset
-  serverPausedAt: 0,         // Date.now() of the server's agent.barge_in for the pause going on (0: none)
   bargeIns: [],              // browser-measured barge-ins: {id, seconds} (speech onset to output muted)
   errors: [],                // the last 50 errors shown, oldest first (the page shows only the latest)
 };
@@ -53,7 +52,6 @@ function setConnection(text, cls) {
 
 function setAgentState(state) {
   duplex.agentState = state;
-  if (state === "speaking") duplex.serverPausedAt = 0;  // resumed (or a new reply): no pause goes on
   if (duplex.localPause && state === "speaking" && duplex.localPause.confirmed) unmuteAgent();  // resumed
   const el = $("agent-state");
   el.textContent = "agent: " + state;
@@ -262,10 +260,7 @@ function onMessage(m) {
     }
     case "agent.interrupted":
     case "response.done": {
-      if (m.type === "agent.interrupted") {  // the server dropped the rest of that reply
-        duplex.serverPausedAt = 0;
-        unmuteAgent();
-      }
+      if (m.type === "agent.interrupted") unmuteAgent();  // the server dropped the rest of that reply
       const r = reply(m.response_id);
       if (m.type === "response.done") {
         r.done = true;
@@ -288,7 +283,7 @@ function onMessage(m) {
       break;
     case "agent.barge_in":
       if (duplex.localPause) duplex.localPause.confirmed = true;  // the server heard it too
-      duplex.serverPausedAt = Date.now();  // its audio up to the pause is still on its way here
+      else if (duplex.agentState === "speaking") muteHere(Date.now(), true);
       setAgentState("paused");
       break;
     case "agent.metric":
@@ -523,17 +518,22 @@ function localBargeIn(loud, now) {
   if (p && !p.confirmed && now - p.mutedAt > 1000) unmuteAgent();  // the server heard no speech: false alarm
   if (!loud) { duplex.loudSince = 0; return; }
   if (!duplex.loudSince) duplex.loudSince = now;
-  // the server may pause first (on the VAD's first voiced window): what it sent before is still
-  // playing here, so the page mutes as well, at once
-  const pausedByServer = duplex.serverPausedAt > 0 && now - duplex.serverPausedAt < 500;
-  if (duplex.localPause || (duplex.agentState !== "speaking" && !pausedByServer) ||
-      now - duplex.loudSince < BARGE_MS) return;
+  if (duplex.localPause || duplex.agentState !== "speaking" || now - duplex.loudSince < BARGE_MS) return;
+  muteHere(duplex.loudSince, false);
+}
+
+// Mute the agent here; a barge-in of the page's own (from `onsetAt`, the microphone turning loud)
+// or, `serverFirst`, the server's pause arrived first (it pauses on its VAD's first voiced window,
+// often before the page's rule fires): what it sent before the pause still plays here, so the page
+// mutes too, and the figure is the server's (agent.metric barge_in_s), not the page's.
+function muteHere(onsetAt, serverFirst) {
   const audio = $("agent-audio");
   audio.muted = true;
   const id = [...duplex.replies.keys()].pop() || null;
-  duplex.localPause = {onsetAt: duplex.loudSince, mutedAt: Date.now(), id, confirmed: pausedByServer};
-  const seconds = (duplex.localPause.mutedAt - duplex.loudSince) / 1000;
-  duplex.bargeIns.push({id, seconds, onsetAt: duplex.loudSince, mutedAt: duplex.localPause.mutedAt});
+  duplex.localPause = {onsetAt, mutedAt: Date.now(), id, confirmed: serverFirst};
+  const seconds = (duplex.localPause.mutedAt - onsetAt) / 1000;
+  duplex.bargeIns.push({id, seconds, onsetAt, mutedAt: duplex.localPause.mutedAt, serverFirst});
+  if (serverFirst) return;
   if (id) {
     const row = latencyRow(id);
     row.bargeBrowser = seconds;
