@@ -137,26 +137,61 @@ class _Recorder(TorchDispatchMode):
 _HOST_SYNCS = ("tolist", "numpy", "cpu")  # never reach the dispatcher on a CPU tensor
 
 
+# Tensor methods that copy to the host and never reach the dispatcher on a CPU tensor: watched by
+# wrapping them. Engines step on several worker threads at once, each watched on its own, so the
+# wrappers are installed once while any watch is open (counted, under a lock) and each call reports to
+# the watches open on its own thread. (Saving and restoring the methods per watch lost reports when two
+# threads' watches interleaved: the watch closing last put back a wrapper of one closed before it.)
+_local = threading.local()
+_patch_lock = threading.Lock()
+_patch_users = 0
+_originals: dict[str, Callable] = {}
+HostCopy = Callable[[str, torch.Tensor, Any], Any]  # (method, tensor, its result) -> the result to return
+
+
+def _thread_watches() -> list[HostCopy]:
+    if not hasattr(_local, "watches"):
+        _local.watches = []
+    return _local.watches
+
+
+def _wrapped(name: str, original: Callable) -> Callable:
+    def call(t, *args, **kwargs):
+        out = original(t, *args, **kwargs)
+        for watch in list(_thread_watches()):
+            out = watch(name, t, out)
+        return out
+    return call
+
+
 @contextlib.contextmanager
-def _watch_host_syncs(problems: list[str]) -> Iterator[None]:
-    """Record calls of tensor methods that copy to the host, made on this thread while tracing."""
-    thread = threading.get_ident()
-    saved = {name: getattr(torch.Tensor, name) for name in _HOST_SYNCS}
-
-    def watched(name: str, method: Callable) -> Callable:
-        def call(self, *args, **kwargs):
-            if threading.get_ident() == thread:
-                problems.append(f"Tensor.{name}(): a host sync")
-            return method(self, *args, **kwargs)
-        return call
-
-    for name, method in saved.items():
-        setattr(torch.Tensor, name, watched(name, method))
+def _host_copies(watch: HostCopy) -> Iterator[None]:
+    """Call ``watch`` for every host-copying tensor method called on this thread inside the block."""
+    global _patch_users
+    with _patch_lock:
+        _patch_users += 1
+        if _patch_users == 1:
+            _originals.update({name: getattr(torch.Tensor, name) for name in _HOST_SYNCS})
+            for name, original in _originals.items():
+                setattr(torch.Tensor, name, _wrapped(name, original))
+    _thread_watches().append(watch)
     try:
         yield
     finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
+        _thread_watches().remove(watch)
+        with _patch_lock:
+            _patch_users -= 1
+            if _patch_users == 0:
+                for name, original in _originals.items():
+                    setattr(torch.Tensor, name, original)
+
+
+def _watch_host_syncs(problems: list[str]) -> contextlib.AbstractContextManager[None]:
+    """Record calls of tensor methods that copy to the host, made on this thread while tracing."""
+    def watch(name: str, t: torch.Tensor, out: Any) -> Any:
+        problems.append(f"Tensor.{name}(): a host sync")
+        return out
+    return _host_copies(watch)
 
 
 def _tensors_of(owner: Any) -> dict[str, int]:
@@ -251,36 +286,27 @@ class HostSyncs(TorchDispatchMode):
         super().__init__()
         self.host: set[int] = set()  # storages of host tensors
         self.counts: list[str] = []
-        self._saved: dict[str, Callable] = {}
 
     def _on_host(self, t: torch.Tensor) -> bool:
         return t.untyped_storage().data_ptr() in self.host
 
     def __enter__(self):
-        self._saved = {name: getattr(torch.Tensor, name) for name in ("cpu", "tolist")}
-        thread, mode = threading.get_ident(), self
-
-        def cpu(t, *args, **kwargs):
-            out = mode._saved["cpu"](t, *args, **kwargs)
-            if threading.get_ident() == thread and not mode._on_host(t):
-                mode.counts.append("cpu")
-            # a copy even on the CPU, so that its storage is told apart from the device tensor's
-            out = out.clone() if out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else out
-            mode.host.add(out.untyped_storage().data_ptr())
-            return out
-
-        def tolist(t, *args, **kwargs):
-            if threading.get_ident() == thread and not mode._on_host(t):
-                mode.counts.append("tolist")
-            return mode._saved["tolist"](t, *args, **kwargs)
-
-        torch.Tensor.cpu, torch.Tensor.tolist = cpu, tolist  # type: ignore[method-assign]
+        self._copies = _host_copies(self._host_copy)
+        self._copies.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
-        for name, method in self._saved.items():
-            setattr(torch.Tensor, name, method)
+        self._copies.__exit__(None, None, None)
         return super().__exit__(*exc)
+
+    def _host_copy(self, name: str, t: torch.Tensor, out: Any) -> Any:
+        if name == "numpy" or self._on_host(t):
+            return out
+        self.counts.append(name)
+        if name == "cpu":  # a copy even on the CPU, so that its storage is told apart from the device tensor's
+            out = out.clone() if out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else out
+            self.host.add(out.untyped_storage().data_ptr())
+        return out
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
