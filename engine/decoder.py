@@ -252,14 +252,14 @@ class LeanDecoder:
         return SlotKV([torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers],
                       [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers], positions)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: SlotKV, rows: slice, write_rows: torch.Tensor,
-                length: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: SlotKV, rows: slice | torch.Tensor,
+                write_rows: torch.Tensor, length: int, mask: torch.Tensor | None) -> torch.Tensor:
         """Run ``x`` ``[B, T, hidden]`` through the layers; returns the normed hidden states ``[B, T, hidden]``.
 
         Token ``(b, t)`` is at RoPE position ``positions[b, t]`` and writes its K/V at
         ``(write_rows[b], positions[b, t])``; attention reads positions ``[0, length)`` of the rows
-        ``rows`` (``B`` of them, in the order of ``x``), as ``mask`` ``[B, T, length]`` allows (None:
-        every key)."""
+        ``rows`` (``B`` of them, in the order of ``x``: a slice reads a view, an index tensor gathers),
+        as ``mask`` ``[B, T, length]`` allows (None: every key)."""
 
         b, t, _ = x.shape
         heads, kv_heads = self.heads, self.kv_heads
@@ -274,7 +274,7 @@ class LeanDecoder:
 
     def layer(self, x: torch.Tensor, layer: LayerWeights, cos: torch.Tensor, sin: torch.Tensor,
               bias: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor, row_index: torch.Tensor,
-              positions: torch.Tensor, rows: slice, length: int) -> torch.Tensor:
+              positions: torch.Tensor, rows: slice | torch.Tensor, length: int) -> torch.Tensor:
         """One layer of :meth:`forward` (what :meth:`compile` fuses): ``x`` ``[B, T, hidden]`` in and out,
         this layer's K/V written into ``keys``/``values`` at ``(row_index, positions)``."""
         import torch.nn.functional as F
@@ -320,11 +320,11 @@ class LeanDecoder:
         rows = torch.tensor([row], device=self.device)
         return self.forward(x[None], positions, kv, slice(row, row + 1), rows, end, mask)[0]
 
-    def prefill_rows(self, x: torch.Tensor, starts: Sequence[int], counts: Sequence[int], kv: SlotKV
-                     ) -> torch.Tensor:
-        """Several rows' prefills in one pass: row ``r`` (of rows ``0..B-1``) runs ``x[r, :counts[r]]``
-        at positions ``starts[r]..``; ``x`` ``[B, T, hidden]``, ``T >= max(counts)``. Rows with fewer
-        tokens (or none) run the rest at the scratch position, which only their scratch column sees.
+    def prefill_rows(self, x: torch.Tensor, rows: Sequence[int], starts: Sequence[int], counts: Sequence[int],
+                     kv: SlotKV) -> torch.Tensor:
+        """Several rows' prefills in one pass: entry ``i`` runs ``x[i, :counts[i]]`` into K/V row
+        ``rows[i]`` at positions ``starts[i]..``; ``x`` ``[B, T, hidden]``, ``T >= max(counts)``. Entries
+        with fewer tokens run the rest at the scratch position, which only their scratch column sees.
         Returns the normed hidden states ``[B, T, hidden]`` (those of the padding are meaningless)."""
         import torch
 
@@ -339,19 +339,23 @@ class LeanDecoder:
         count = torch.tensor(list(counts), device=self.device)[:, None]
         positions = torch.where(step < count, start + step, kv.scratch_position)  # [B, T]
         mask = self.key_index(length)[None, None, :] <= positions[:, :, None]  # [B, T, L]
-        return self.forward(x, positions, kv, slice(0, b), torch.arange(b, device=self.device), length, mask)
+        index = torch.tensor(list(rows), device=self.device)
+        return self.forward(x, positions, kv, index, index, length, mask)
 
-    def decode(self, x: torch.Tensor, positions: torch.Tensor, kv: SlotKV, row_range: torch.Tensor,
-               length: int | None = None) -> torch.Tensor:
-        """One token for each of rows ``0..B-1``: ``x`` ``[B, hidden]`` at ``positions`` ``[B]`` (a row
-        that has no token this step sits at the scratch position) -> normed hidden ``[B, hidden]``.
-        Attention reads the first ``length`` positions of every row (all of them by default; a row's
-        position must be below it unless the row is at the scratch position). ``row_range`` is
-        ``arange(B)`` (kept by the caller so a captured step allocates nothing)."""
-        b = x.shape[0]
+    def decode(self, x: torch.Tensor, positions: torch.Tensor, kv: SlotKV, rows: torch.Tensor,
+               length: int | None = None, *, read_rows: slice | None = None) -> torch.Tensor:
+        """One token for each of ``B`` entries: ``x`` ``[B, hidden]`` at ``positions`` ``[B]``, entry
+        ``i`` on K/V row ``rows[i]`` (an entry without a token sits at the scratch position, of its own
+        row or of the scratch row) -> normed hidden ``[B, hidden]``. Attention reads the first ``length``
+        positions of each entry's row (all of them by default; an entry's position must be below it
+        unless it is the scratch position). The rows are gathered by index, so a step's batch is the
+        entries that step, wherever their rows are; ``read_rows`` (``slice(0, B)`` when ``rows`` is
+        ``0..B-1``) reads them as a view instead. ``rows`` is a tensor the caller keeps, so a captured
+        step allocates nothing."""
         length = kv.columns if length is None else length
         mask = self.key_index(length)[None, None, :] <= positions[:, None, None]  # [B, 1, L]
-        return self.forward(x[:, None], positions[:, None], kv, slice(0, b), row_range, length, mask)[:, 0]
+        read = rows if read_rows is None else read_rows
+        return self.forward(x[:, None], positions[:, None], kv, read, rows, length, mask)[:, 0]
 
     def key_index(self, length: int) -> torch.Tensor:
         """``arange(length)``: a slice of one table made at load, so the first call of a step runs the

@@ -7,9 +7,10 @@ the K/V pool with one row per session (each session's attention-sink cache is a
 - :meth:`Engine.prefill` runs new tokens into one session's row (listening, the start of a reply,
   a scoring tail); eager, any length.
 - :meth:`Engine.decode` runs one token for each of several sessions at once and samples the next
-  one inside the step (:mod:`duplex.engine.sampling`, per-row settings and noise). The step covers
-  rows ``0..bucket-1``: rows without a token this step sit at the scratch position. Its shapes
-  depend only on the bucket, so on CUDA each bucket is one captured graph
+  one inside the step (:mod:`duplex.engine.sampling`, per-row settings and noise). The step's batch
+  is the sessions replying, gathered by row index (a session holds its row while it listens, so
+  replying rows are rarely ``0..n-1``), padded to a bucket with entries on the scratch row. Its
+  shapes depend only on the bucket, so on CUDA each bucket is one captured graph
   (:mod:`duplex.engine.graphs`) and a step costs one replay and one host sync.
 
 Everything here is blocking and runs on the LLM's worker thread.
@@ -53,11 +54,10 @@ class DecodeRequest:
 
 @dataclass
 class _Buffers:
-    """The decode step's static inputs and outputs, one entry per row (``slots`` of them)."""
+    """The decode step's static inputs and outputs, one entry per batch position (``slots`` of them)."""
 
-    ints: torch.Tensor  # [5, S] long: token, position, seed, counter, ban
+    ints: torch.Tensor  # [6, S] long: token, position, seed, counter, ban, K/V row
     floats: torch.Tensor  # [2, S] float32: temperature, top_p
-    rows: torch.Tensor  # [S] arange
     out: torch.Tensor  # [S] long: the sampled tokens
     logits: torch.Tensor  # [S, V] float32
     staging_ints: torch.Tensor = field(default=None)  # type: ignore[assignment]  # host copies
@@ -98,13 +98,13 @@ class Engine:
         self.set_stop_ids(stop_ids)
         self._keys = token_keys(rows, self.device)
         self._buf = _Buffers(
-            ints=torch.zeros(5, slots, dtype=torch.long, device=self.device),
+            ints=torch.zeros(6, slots, dtype=torch.long, device=self.device),
             floats=torch.ones(2, slots, dtype=torch.float32, device=self.device),
-            rows=torch.arange(slots, device=self.device),
             out=torch.zeros(slots, dtype=torch.long, device=self.device),
             logits=torch.zeros(slots, rows, dtype=torch.float32, device=self.device))
         pin = self.device.type == "cuda"
-        self._buf.staging_ints = torch.zeros(5, slots, dtype=torch.long, pin_memory=pin)
+        self._buf.staging_ints = torch.zeros(6, slots, dtype=torch.long, pin_memory=pin)
+        self._last_step: dict[int, int] = {}  # row -> its batch position in the latest decode step
         self._buf.staging_floats = torch.zeros(2, slots, dtype=torch.float32, pin_memory=pin)
         # one attention length: sink windows are nearly full once a dialogue runs, so every decode
         # step of a session has the same shapes
@@ -128,7 +128,7 @@ class Engine:
     # -- slots -------------------------------------------------------------------------------------
 
     def new_slot(self, *, rerotate: bool = True) -> SinkSlot:
-        """The lowest free row (rows stay compact, so decode buckets stay small)."""
+        """The lowest free row."""
         if not self._free:
             raise RuntimeError(f"all {self.slots} LLM session slots are in use; raise engine_slots "
                                "(--engine-slots) to serve more sessions at once")
@@ -166,26 +166,25 @@ class Engine:
     @torch.inference_mode()
     def prefill_rows(self, requests: Sequence[tuple[SinkSlot, Sequence[int]]]) -> list[torch.Tensor]:
         """Several sessions' prefills in one pass (each runs its ``ids`` after what its slot holds);
-        returns each one's next-token logits ``[V]`` (fp32), in order. The pass covers rows up to the
-        highest one asked for; the others only write their scratch column."""
+        returns each one's next-token logits ``[V]`` (fp32), in order. The pass's batch is the
+        requests, their rows gathered by index."""
         if not requests:
             return []
-        rows = max(slot.row for slot, _ in requests) + 1
+        rows = [slot.row for slot, _ in requests]
+        if len(set(rows)) < len(rows):
+            raise RuntimeError(f"an LLM slot asked for twice in one prefill (rows {rows})")
         t = max(len(ids) for _, ids in requests)
-        tokens = torch.zeros(rows, t, dtype=torch.long)
-        starts, counts = [0] * rows, [0] * rows
-        for slot, ids in requests:
+        tokens = torch.zeros(len(requests), t, dtype=torch.long)
+        for i, (slot, ids) in enumerate(requests):
             if slot.length + len(ids) > slot.capacity:
                 raise RuntimeError(f"sink cache overflow: {slot.length} + {len(ids)} > {slot.capacity} slots; "
                                    "evict before writing")
-            if counts[slot.row]:
-                raise RuntimeError(f"LLM slot {slot.row} asked for twice in one prefill")
-            tokens[slot.row, :len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
-            starts[slot.row], counts[slot.row] = slot.length, len(ids)
-        x = F.embedding(tokens.to(self.device), self.embed)  # [B, T, H]
-        hidden = self.decoder.prefill_rows(x, starts, counts, self.kv)
-        last = torch.tensor([[slot.row, len(ids) - 1] for slot, ids in requests], device=self.device)
-        logits = self._logits(hidden[last[:, 0], last[:, 1]])  # [N, V]: each request's last token
+            tokens[i, :len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
+        x = F.embedding(tokens.to(self.device), self.embed)  # [N, T, H]
+        hidden = self.decoder.prefill_rows(x, rows, [slot.length for slot, _ in requests],
+                                           [len(ids) for _, ids in requests], self.kv)
+        last = torch.tensor([len(ids) - 1 for _, ids in requests], device=self.device)
+        logits = self._logits(hidden[torch.arange(len(requests), device=self.device), last])  # [N, V]
         for slot, ids in requests:
             slot.length += len(ids)
         return list(logits)
@@ -201,13 +200,14 @@ class Engine:
         return int(token[0])
 
     def _decode_fn(self, b: int, length: int) -> None:
-        """The captured step: rows ``0..b-1`` from the static buffers, over their whole window."""
+        """The captured step: batch positions ``0..b-1`` from the static buffers, each on its K/V row,
+        over the whole window."""
         buf = self._buf
-        tokens, positions, seed, counter, ban = buf.ints[:, :b]
+        tokens, positions, seed, counter, ban, rows = buf.ints[:, :b]
         x = F.embedding(tokens, self.embed)  # [b, H]
         if self.shape_log is not None:
             self.shape_log.append((tuple(x.shape), tuple(positions.shape), tuple(self.kv.keys[0][:b].shape)))
-        hidden = self.decoder.decode(x, positions, self.kv, buf.rows[:b], length)
+        hidden = self.decoder.decode(x, positions, self.kv, rows, length)
         logits = self._logits(hidden)  # [b, V]
         logits = logits.masked_fill(ban.bool()[:, None] & self._stop, float("-inf"))
         if self.keep_logits:
@@ -218,38 +218,48 @@ class Engine:
     @torch.inference_mode()
     def decode(self, requests: Sequence[DecodeRequest]) -> list[int]:
         """One batched step: each request's token runs at its slot's next position (written there)
-        and the next token is sampled. Slot lengths are *not* advanced: the caller commits them."""
+        and the next token is sampled. Slot lengths are *not* advanced: the caller commits them.
+        The batch is the requests, in order, padded to a bucket on the scratch row."""
         if not requests:
             return []
-        rows = max(r.slot.row for r in requests) + 1
-        bucket = self.graphs.bucket(rows)
+        n = len(requests)
+        rows = [r.slot.row for r in requests]
+        if len(set(rows)) < n:
+            raise RuntimeError(f"an LLM slot asked for twice in one decode step (rows {rows})")
+        bucket = self.graphs.bucket(n)
         ints, floats = self._buf.staging_ints.numpy(), self._buf.staging_floats.numpy()  # views of the host buffers
         ints[:, :bucket] = 0
         ints[1, :bucket] = self.kv.scratch_position
+        ints[5, :bucket] = self.kv.scratch_row
         floats[:, :bucket] = 0.0
-        for r in requests:
+        for i, r in enumerate(requests):
             slot, d = r.slot, r.draw
             if slot.length >= slot.capacity:
                 raise RuntimeError(f"LLM slot {slot.row} is full ({slot.length} positions); evict before decoding")
-            ints[:, slot.row] = (r.token, slot.length, d.seed, d.counter, int(d.ban_stop))
-            floats[:, slot.row] = (d.temperature, d.top_p)
+            ints[:, i] = (r.token, slot.length, d.seed, d.counter, int(d.ban_stop), slot.row)
+            floats[:, i] = (d.temperature, d.top_p)
         self._buf.ints[:, :bucket].copy_(self._buf.staging_ints[:, :bucket], non_blocking=True)
         self._buf.floats[:, :bucket].copy_(self._buf.staging_floats[:, :bucket], non_blocking=True)
-        self.graphs.run(rows, self.kv.columns)
+        self.graphs.run(n, self.kv.columns)
         out = self._buf.out[:bucket].cpu()  # the step's one host sync
-        return [int(out[r.slot.row]) for r in requests]
+        self._last_step = {row: i for i, row in enumerate(rows)}
+        return [int(t) for t in out[:n]]
 
     def last_logits(self, slot: SinkSlot) -> torch.Tensor:
         """The logits the latest decode step computed for ``slot`` (an engine made with ``keep_logits``:
         tests and inspection)."""
         if not self.keep_logits:
             raise RuntimeError("this engine keeps no logits: make it with keep_logits=True")
-        return self._buf.logits[slot.row].clone()
+        if slot.row not in self._last_step:
+            raise RuntimeError(f"LLM slot {slot.row} took no part in the latest decode step")
+        return self._buf.logits[self._last_step[slot.row]].clone()
 
     def _prepare(self, b: int) -> None:
-        """Harmless inputs for rows ``0..b-1``: every row writes only its scratch column."""
+        """Harmless inputs for batch positions ``0..b-1``: every one writes only the scratch row's scratch
+        column."""
         self._buf.ints[:, :b] = 0
         self._buf.ints[1, :b] = self.kv.scratch_position
+        self._buf.ints[5, :b] = self.kv.scratch_row
         self._buf.floats[:, :b] = 1.0
 
     def capture(self, progress: Callable[[str], None] | None = None) -> None:

@@ -18,6 +18,9 @@ from llm_fixtures import make_llm, tiny_checkpoints, single_torch_thread  # noqa
 from tts_fixtures import make_engine, one_torch_thread, tiny_tts_checkpoint  # noqa: F401
 
 LAYER_BUDGET = 25  # fp32: two RMSNorms of 6, qkv, RoPE of 4, two K/V writes, attention, 4 GEMMs, silu, mul
+# the LLM decode step gathers each entry's K and V rows by index (its batch is the replying sessions,
+# wherever their rows are), two kernels per layer the TTS frame step (rows 0..b-1, a view) does not run
+LLM_LAYER_BUDGET = LAYER_BUDGET + 2
 LLM_FIXED_BUDGET = 80  # embedding, RoPE tables, mask, final norm, output layer, top-k sampling with its noise
 TTS_CODEBOOK_BUDGET = 20  # per codebook: its head, the draw from the frame's noise, the depth step's glue
 TTS_FIXED_BUDGET = 80  # the backbone's own glue, the frame's noise for every codebook, the next input
@@ -37,7 +40,7 @@ def _with_layers(decoder, n: int):
 
 
 def test_the_llm_decode_step_stays_within_its_kernel_budget(make_llm):
-    """One decode step of the LLM costs at most LAYER_BUDGET kernels per layer and LLM_FIXED_BUDGET
+    """One decode step of the LLM costs at most LLM_LAYER_BUDGET kernels per layer and LLM_FIXED_BUDGET
     more, at batch 1 and 4 (the count does not grow with the batch)."""
     llm = make_llm("qwen2", window=128)
     engine = llm.engine
@@ -49,7 +52,7 @@ def test_the_llm_decode_step_stays_within_its_kernel_budget(make_llm):
     per_layer, fixed = full[1] - fewer, full[1] - layers * (full[1] - fewer)
     print(f"llm decode: {full[1]} ops ({layers} layers): {per_layer} per layer + {fixed}")
     assert full[4] == full[1]
-    assert 10 <= per_layer <= LAYER_BUDGET, per_layer  # >= 10: the count sees the layers at all
+    assert 10 <= per_layer <= LLM_LAYER_BUDGET, per_layer  # >= 10: the count sees the layers at all
     assert fixed <= LLM_FIXED_BUDGET, fixed
 
 

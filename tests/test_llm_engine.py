@@ -79,6 +79,35 @@ def test_batched_decode_equals_each_session_alone_and_the_model(make_llm, tiny_c
     assert sampled[0] != sampled[1]  # different settings and seeds draw differently
 
 
+def test_a_decode_step_is_as_wide_as_its_replies_not_as_the_highest_row(make_llm):
+    """Four sessions hold rows 0-3 and only the one on row 3 replies: the decode step runs one entry
+    (its row gathered by index), not four, leaves the other sessions' K/V untouched, and gives that
+    session the same token and logits (<= 1e-5) as a step in which all four reply."""
+    engine = make_llm("qwen2", window=64, slots=4).engine
+    engine.keep_logits = True
+    slots = [engine.new_slot() for _ in range(4)]
+    assert [s.row for s in slots] == [0, 1, 2, 3]
+    g = torch.Generator().manual_seed(1)
+    for slot, n in zip(slots, (5, 9, 3, 7)):
+        engine.prefill(slot, torch.randint(0, engine.vocab, (n,), generator=g).tolist())
+    requests = [DecodeRequest(slot, 11 + i, Draw(0.8, 0.9, i, 1)) for i, slot in enumerate(slots)]
+    others = [(k[:3].clone(), v[:3].clone()) for k, v in zip(engine.kv.keys, engine.kv.values)]
+    engine.shape_log = []
+    alone = engine.decode(requests[3:])
+    alone_logits = engine.last_logits(slots[3])
+    shapes, engine.shape_log = engine.shape_log, None
+    assert [x for x, _, _ in shapes] == [(1, engine.decoder.hidden)]
+    for (k, v), (k0, v0) in zip(zip(engine.kv.keys, engine.kv.values), others):
+        assert torch.equal(k[:3], k0) and torch.equal(v[:3], v0)
+    together = engine.decode(requests)  # slot lengths were not advanced: the same positions again
+    assert together[3] == alone[0]
+    assert float((engine.last_logits(slots[3]) - alone_logits).abs().max()) <= 1e-5
+    with pytest.raises(RuntimeError, match="twice"):
+        engine.decode([requests[0], requests[0]])
+    for slot in slots:
+        engine.release(slot)
+
+
 def test_every_decode_step_of_a_session_sees_the_same_shapes(make_llm):
     """A reply decoded across many evictions and a rollback runs its decode steps on identical tensor
     shapes (the full window, whatever the cache holds), which is what lets a GPU replay one graph."""

@@ -374,7 +374,7 @@ class CsmEngine:
         rows = self._rows[:b]
         n_codes, k, top_k = self.codebook_size, self.num_codebooks, self.sampling.top_k
         t = self._lap(None, time.perf_counter())
-        hidden = self.backbone.decode(self._inputs[:b], positions, self.kv, rows, length)  # [b, H]
+        hidden = self.backbone.decode(self._inputs[:b], positions, self.kv, rows, length, read_rows=slice(0, b))
         t = self._lap("backbone", t)
         greedy = self.sampling.temperature <= 0  # fixed for the engine's life: no noise at all
         # the race's noise for every codebook of the frame at once: codebook i of frame n draws with
