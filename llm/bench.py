@@ -19,7 +19,10 @@ early), through the same engine, scheduler and streams a live session uses:
   spare (no eviction); the step shapes are static, so the difference is the eviction work;
 - **speedup over sliding-window recomputation**: re-running the model over the last ``window``
   tokens for every new token (what a model without a sink cache must do to stay within a window);
-- **cache memory**: bytes per session (constant).
+- **cache memory**: bytes per session (constant);
+- **replies among listeners** (``scattered``): a quarter of the largest batch replying on the highest
+  rows while every row is held by a listening session: the step as wide as the replies against a
+  step over every row up to the highest (what a step sized by the highest row ran).
 
 On CPU compare the ratios; absolute times mean something on a GPU.
 """
@@ -139,6 +142,11 @@ async def _bench_one(llm, plan: dict[str, Any], device: str) -> dict[str, Any]:
                  f"replies {'equal' if row['captured_equals_eager'] else 'DIFFER'})"
                  if "step_ms_eager" in row else ""), flush=True)
     figures["batches"] = batches
+    replies = max(1, max(plan["batches"]) // 4)
+    figures["scattered"] = scattered = await run(_scattered, llm, history, replies)
+    print(f"  {replies} replies among {scattered['rows_held']} listening sessions, on the highest rows: step "
+          f"{scattered['step_ms']:.2f} ms as wide as the replies, {scattered['step_ms_to_highest_row']:.2f} ms "
+          f"over every row up to the highest (x{scattered['speedup']})", flush=True)
     figures["device"] = device
     return figures
 
@@ -310,6 +318,39 @@ def _decode_cost(llm, history: list[Message], n: int) -> tuple[float, float, int
     plain_s = run(plain, steps) * n / steps
     plain.close()
     return sink_s, plain_s, n, evictions
+
+
+def _scattered(llm, history: list[Message], replies: int) -> dict[str, Any]:
+    """Decode steps of ``replies`` sessions on the highest rows while every row is held by a session
+    that listens (as in a server: each session keeps its LLM row for its whole life): the step as
+    wide as the replies (their rows gathered by index) against a step over every row up to the
+    highest one replying (what a step sized by the highest row ran). Medians of job-free steps."""
+    from duplex.llm.engine import DecodeRequest, Draw
+
+    engine = llm.engine
+    contexts = sorted((llm.new_context(SYSTEM) for _ in range(engine.free_slots)), key=lambda c: c.cache.row)
+    draw = Draw(0.0, 1.0, 0, 0)
+
+    def step_s(chosen) -> float:
+        requests = [DecodeRequest(ctx.cache, _first(ctx.logits), draw) for ctx in chosen]
+        times = []
+        for _ in range(9):  # the slots' lengths are not advanced: every step writes the same position
+            t0 = time.perf_counter()
+            engine.decode(requests)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[2:])
+
+    try:
+        for ctx in contexts:
+            _fill(llm, ctx, history, llm.settings.window // 2)
+        replying = contexts[-replies:]
+        narrow = step_s(replying)
+        wide = step_s(contexts)
+    finally:
+        for ctx in contexts:
+            ctx.close()
+    return {"replies": replies, "rows_held": len(contexts), "step_ms": round(narrow * 1e3, 3),
+            "step_ms_to_highest_row": round(wide * 1e3, 3), "speedup": round(wide / narrow, 2)}
 
 
 def _recompute(llm, window: int, steps: int) -> float:
