@@ -28,6 +28,7 @@ from duplex.errors import ConfigError
 from duplex.events import INPUT_RATE, TranscriptFinal, TranscriptPartial
 from duplex.engine.graphs import BucketedStep, buckets_for
 from duplex.engine.scheduler import Scheduler
+from duplex.engine.slots import SlotPool
 from duplex.asr.decoding import Commit, CTCGreedy, RNNTGreedy, Tokens
 from duplex.asr import kv_encoder
 from duplex.asr.encoder import ChunkPlan, NemoLayers, check_cache_aware, pre_encode, select_context
@@ -122,8 +123,9 @@ class StreamingASR:
         # re-runs a failed batch row by row and only the failing session gets the error.
         self._batch: Scheduler[SessionState, StepResult] = Scheduler(name, self._step, device=device,
                                                                      max_batch=max_batch)
-        self._free: list[int] = []
-        self._next_slot = 0
+        # session rows of the encoder caches and decoder states; they grow past the batch (eager
+        # then), never onto the scratch row
+        self.rows = SlotPool("ASR stream slots", None, reserved=(self._scratch,))
 
     # -- construction helpers ----------------------------------------------------------------------
 
@@ -171,19 +173,6 @@ class StreamingASR:
     def scheduler(self) -> Scheduler[SessionState, StepResult]:
         """The engine's scheduler (its tick history: tests and benchmarks)."""
         return self._batch
-
-    # -- slots (event loop) -------------------------------------------------------------------------
-
-    def _alloc_slot(self) -> int:
-        if self._free:
-            return self._free.pop()
-        self._next_slot += 1
-        if self._next_slot - 1 == self._scratch:  # never a session's
-            self._next_slot += 1
-        return self._next_slot - 1
-
-    def _release_slot(self, slot: int) -> None:
-        self._free.append(slot)
 
     def chunk_ready(self, state: SessionState) -> bool:
         """Whether ``state`` has the audio for its next chunk (plain arithmetic)."""
@@ -427,7 +416,7 @@ class ASRSession:
 
     def __init__(self, model: StreamingASR) -> None:
         self._model = model
-        self.state = SessionState(slot=model._alloc_slot())
+        self.state = SessionState(slot=model.rows.take())
         self._utterance = Utterance()
         self._lock = asyncio.Lock()
         self._closed = False
@@ -473,7 +462,7 @@ class ASRSession:
         async with self._lock:
             if not self._closed:
                 self._closed = True
-                self._model._release_slot(self.state.slot)
+                self._model.rows.give(self.state.slot)
 
     async def _land(self, job: Awaitable[StepResult]) -> StepResult:
         """Await a worker job. If the caller is cancelled meanwhile, the job (which may already be

@@ -29,6 +29,7 @@ from duplex.engine import fusion
 from duplex.engine.decoder import LeanDecoder
 from duplex.engine.graphs import BucketedStep, buckets_for
 from duplex.engine.sampling import sample as sample_rows
+from duplex.engine.slots import SlotPool
 from duplex.engine.sampling import token_keys
 from duplex.errors import ConfigError
 from duplex.llm.sink_cache import SinkSlot, rope_inv_freq
@@ -92,7 +93,7 @@ class Engine:
         bias = getattr(model.lm_head, "bias", None)
         self.lm_bias = None if bias is None else bias[: self.vocab]
         self.kv = self.decoder.new_kv(slots)
-        self._free = list(range(slots))
+        self.rows = SlotPool("LLM session slots", slots)
         rows = self.vocab
         self._stop = torch.zeros(rows, dtype=torch.bool, device=self.device)
         self.set_stop_ids(stop_ids)
@@ -129,21 +130,15 @@ class Engine:
 
     def new_slot(self, *, rerotate: bool = True) -> SinkSlot:
         """The lowest free row."""
-        if not self._free:
-            raise RuntimeError(f"all {self.slots} LLM session slots are in use; raise engine_slots "
-                               "(--engine-slots) to serve more sessions at once")
-        self._free.sort()
-        return SinkSlot(self.kv, self._free.pop(0), self.inv_freq, rerotate=rerotate)
+        return SinkSlot(self.kv, self.rows.take(), self.inv_freq, rerotate=rerotate)
 
     def release(self, slot: SinkSlot) -> None:
-        if slot.row in self._free:
-            raise RuntimeError(f"LLM slot {slot.row} released twice")
+        self.rows.give(slot.row)
         slot.length = 0
-        self._free.append(slot.row)
 
     @property
     def free_slots(self) -> int:
-        return len(self._free)
+        return self.rows.free
 
     # -- compute -----------------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from duplex.engine.decoder import LeanDecoder
 from duplex.engine.graphs import BucketedStep, buckets_for, lengths_for
 from duplex.engine.sampling import exponential, token_keys
 from duplex.engine.sampling import sample as sample_rows
+from duplex.engine.slots import SlotPool
 from duplex.tts.codec import CodecState, StreamingDecoder, StreamingEncoder
 
 if TYPE_CHECKING:
@@ -171,7 +172,8 @@ class CsmEngine:
         self.slots = slots
         self.kv = self.backbone.new_kv(slots)
         self.depth_kv = self.depth.new_kv(slots, positions=self.num_codebooks)
-        self._free = list(range(slots))
+        self.rows = SlotPool("TTS reply slots", slots,
+                             full_hint="raise engine_slots (--engine-slots) to speak more replies at once")
         self.on_frame: Callable[[int], None] | None = None  # test hook, called on the worker before each frame
         self.frames_generated = 0
         self.stage_seconds: dict[str, float] | None = None  # set to {} to time frame steps / decode
@@ -288,11 +290,7 @@ class CsmEngine:
     @_no_grad
     def new_reply(self, voice: Voice | None, seed: int, chunk_frames: int) -> Reply:
         """A reply on the lowest free row (rows stay compact, so frame-step buckets stay small)."""
-        if not self._free:
-            raise RuntimeError(f"all {self.slots} TTS reply slots are in use; raise engine_slots "
-                               "(--engine-slots) to speak more replies at once")
-        self._free.sort()
-        reply = Reply(voice=voice, row=self._free.pop(0), seed=seed, codec=self.decoder.new_state(),
+        reply = Reply(voice=voice, row=self.rows.take(), seed=seed, codec=self.decoder.new_state(),
                       chunk_frames=chunk_frames)
         try:
             self._load_prefix(reply)
@@ -304,7 +302,7 @@ class CsmEngine:
     def release(self, reply: Reply) -> None:
         """Free the reply's row and codec state (the reply is over); its frames stay for inspection."""
         if reply.row >= 0:
-            self._free.append(reply.row)
+            self.rows.give(reply.row)
             reply.row = -1
         reply.closed = True
         reply.codec = None
@@ -312,7 +310,7 @@ class CsmEngine:
 
     @property
     def free_slots(self) -> int:
-        return len(self._free)
+        return self.rows.free
 
     @_no_grad
     def begin_segment(self, reply: Reply, text: str, max_frames: int, *, stop_at_eos: bool = True) -> None:
