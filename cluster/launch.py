@@ -189,6 +189,7 @@ def serve_main(args: Any, config: AgentConfig) -> int:
     """``duplex serve --replicas N``: run until Ctrl-C or SIGTERM, which stop it at once (see
     :meth:`Cluster.kill`), also while Ray is still starting."""
     from duplex.transport.ice import is_loopback_host
+    from duplex.transport.peer import peer_options_from_args
     from duplex.transport.server import ServerOptions
 
     _stop_on_signals()
@@ -209,7 +210,7 @@ def serve_main(args: Any, config: AgentConfig) -> int:
                                  loopback_bind=is_loopback_host(args.host),
                                  allowed_hosts=tuple(args.allowed_host or ()),
                                  allowed_origins=tuple(args.allowed_origin or ()),
-                                 peer=_peer_options(args)),
+                                 peer=peer_options_from_args(args)),
             loopback=is_loopback_host(args.host))
         cluster = start(config, options, host=args.host, port=args.port, address=args.ray_address,
                         cert=args.cert, key=args.key)
@@ -246,8 +247,3 @@ def _stop_on_signals() -> None:
         signal.signal(sig, signal.default_int_handler)
 
 
-def _peer_options(args: Any):
-    from duplex.transport.peer import PeerOptions
-
-    ms = getattr(args, "output_buffer_ms", None)
-    return PeerOptions() if ms is None else PeerOptions(output_buffer_ms=ms)

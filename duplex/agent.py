@@ -76,11 +76,12 @@ class Agent:
     def output_rate(self) -> int:
         return self.stages.tts.sample_rate
 
-    def session(self) -> Session:
+    def session(self, *, record: str | os.PathLike | None = None) -> Session:
         """Open a session (call inside the running event loop; close it with ``await s.close()`` or
-        ``async with``)."""
+        ``async with``). ``record``: a folder to write its recording to when it closes (a stereo WAV
+        of both sides, the transcript heard, the events: :mod:`duplex.recording`)."""
         session = Session(self.stages, self.config, name=f"session-{next(self._count)}",
-                          on_close=self.sessions.discard)
+                          on_close=self.sessions.discard, record=record)
         self.sessions.add(session)
         return session
 

@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "Not latency: the sender takes each frame at once, so nothing waits unless the server "
                         "stalls, and a barge-in takes back whatever waits (never heard). Smaller loses audio "
                         "in a shorter stall; larger sends a longer stall's backlog in a burst")
+    p.add_argument("--record", default=None, metavar="DIR",
+                   help="write each session's recording to DIR/<connection id>/ when it ends: audio.wav (stereo: "
+                        "the user as received, the agent as played, one clock), transcript.json (both sides, word "
+                        "times, the agent's words as heard), events.jsonl, conversation.json")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="spread the sessions over N worker processes (WebRTC, turn-taking, each on a core of its "
                         "own) around one engine core process that steps every session's models together "
@@ -163,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
     p.add_argument("--input-device", default=None, help="microphone (index or name)")
     p.add_argument("--output-device", default=None, help="speaker (index or name)")
-    p.add_argument("--record", default=None, help="folder to save the session's timeline and conversation")
+    p.add_argument("--record", default=None, metavar="DIR",
+                   help="write the session's recording to DIR when it ends: audio.wav (stereo: you, the agent as "
+                        "played), transcript.json, events.jsonl, conversation.json")
     add_agent_options(p)
 
     p = sub.add_parser("transcribe", help="stream an audio file through the live ASR path")

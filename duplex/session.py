@@ -28,6 +28,7 @@ import bisect
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
@@ -42,6 +43,7 @@ from duplex.conversation import AgentTurn, Conversation
 from duplex.errors import AudioFormatError
 from duplex.events import INPUT_RATE, Event
 from duplex.playout import Frame, Playout
+from duplex.recording import MAX_EXTRAPOLATION_S, Recording
 from duplex.reply import Reply, TurnTiming
 from duplex.stages import Message, Stages
 from duplex.turns import (Action, CancelReply, CheckBargeIn, EndTurn, Interrupt, Pause, Phase, Resume,
@@ -111,7 +113,7 @@ class Session:
     event loop; feed it with :meth:`push_audio`; read :meth:`events` and :meth:`audio`; :meth:`close`."""
 
     def __init__(self, stages: Stages, config: AgentConfig, *, name: str = "session",
-                 on_close: Callable[[Session], None] | None = None) -> None:
+                 on_close: Callable[[Session], None] | None = None, record: str | os.PathLike[str] | None = None) -> None:
         self.name = name
         self._on_close = on_close
         self.config = config
@@ -119,6 +121,8 @@ class Session:
         self.conversation = Conversation(config.system_prompt)
         self.policy = TurnPolicy(config.turn)
         self.playout = Playout(self.output_rate)
+        # both sides on one clock and the transcript heard, written at close (duplex.recording)
+        self.recording = Recording(record, self.output_rate) if record is not None else None
         self._vad = stages.vad.new_stream()
         self._asr = stages.asr.new_stream()
         self._llm = stages.llm.new_stream(config.system_prompt)
@@ -202,6 +206,8 @@ class Session:
                                 message=f"dropped {self._dropped_s:.1f} s of input while the models were behind"))
             self.dropped_input_s += self._dropped_s
             self._dropped_s = 0.0
+        if self.recording is not None:
+            self.recording.user(block)
         self._pushed += block.size
         self._arrival_ends.append(self._pushed)
         self._arrival_walls.append(now())
@@ -283,6 +289,11 @@ class Session:
                 await stream.aclose()
             except Exception:  # closing must go on for the others
                 log.exception("%s: closing %s failed", self.name, type(stream).__name__)
+        if self.recording is not None:
+            try:
+                await self.recording.close(self.conversation)
+            except Exception:  # the session still closes; the folder says what was written
+                log.exception("%s: writing the recording to %s failed", self.name, self.recording.folder)
         subs: list[Subscription[Any]] = [*self._event_subs, *self._audio_subs]
         for sub in subs:
             sub._put(_CLOSED)
@@ -303,6 +314,8 @@ class Session:
     # -- plumbing --------------------------------------------------------------------------------
 
     def _emit(self, event: Event) -> None:
+        if self.recording is not None:
+            self.recording.event(event, self.t0)
         for sub in self._event_subs:
             sub._put(event)
 
@@ -615,12 +628,22 @@ class Session:
             frame = self.playout.next_frame()
             for sub in self._audio_subs:
                 sub._put(frame.pcm)
+            if self.recording is not None:
+                self.recording.agent(frame, self._stream_now())
             self._on_frame(frame)
             tick += period
             delay = tick - now()
             if delay < -1.0:  # the loop was stalled for a long time: do not burst to catch up
                 tick = now()
             await asyncio.sleep(max(0.0, delay))
+
+    def _stream_now(self) -> float:
+        """Where the input stream stands now, in its samples: what was received, plus the time since
+        its last block arrived (at most MAX_EXTRAPOLATION_S: a paused source stops the clock)."""
+        if not self._arrival_walls:
+            return 0.0
+        since = min(max(0.0, now() - self._arrival_walls[-1]), MAX_EXTRAPOLATION_S)
+        return self._pushed + since * INPUT_RATE
 
     def _take_back_unheard(self) -> None:
         """The frames a live output has not played yet (unread in its queue, or held by the output
@@ -636,6 +659,8 @@ class Session:
         if not back:
             return
         self.playout.rewind(back)
+        if self.recording is not None:
+            self.recording.unplay(back)
         if self._reply is not None and not self._reply.done:
             self._reply.played = min(self._reply.played, self.playout.played)
 

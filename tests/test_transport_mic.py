@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import importlib.abc
+import json
 import subprocess
 import sys
 import types
+import wave
 
 import numpy as np
 
@@ -92,12 +94,12 @@ def _agent(vad_model, jfk16: np.ndarray) -> Agent:
     return Agent(stages, AgentConfig(profile="fake"))
 
 
-def _converse(vad_model, jfk16: np.ndarray, user: np.ndarray, guard: bool):
+def _converse(vad_model, jfk16: np.ndarray, user: np.ndarray, guard: bool, record=None):
     agent = _agent(vad_model, jfk16)
     room = SimulatedRoom(resample(user, 16_000, 48_000))
 
     async def main():
-        session = agent.session()
+        session = agent.session(record=record)
         events = session.events()
         stop = asyncio.Event()
         asyncio.get_running_loop().call_later(len(user) / 16_000, stop.set)
@@ -126,20 +128,33 @@ def test_agent_on_open_speakers_does_not_interrupt_itself(vad_model, jfk16):
     assert 0.03 <= session.output_latency_s <= 0.12  # the device's output latency plus the queue
 
 
-def test_user_can_still_interrupt_through_the_guard(vad_model, jfk16):
+def test_user_can_still_interrupt_through_the_guard(vad_model, jfk16, tmp_path):
     """The same room, but the user speaks again 1.5 s into the agent's reply: the barge-in goes
-    through the guard, the reply is cut, and the record keeps only the words played before it."""
+    through the guard, the reply is cut, and the record keeps only the words played before it. The
+    recording (duplex mic --record) has the agent's voice in its right channel up to the barge-in and
+    none after it (what the sound card gave back unheard is silence), and the words heard."""
     first, second = jfk16[int(0.3 * 16_000):int(2.3 * 16_000)], jfk16[int(5.4 * 16_000):int(7.7 * 16_000)]
     user = np.zeros(12 * 16_000, np.float32)
     user[:len(first)] = first
     user[int(4.6 * 16_000):int(4.6 * 16_000) + len(second)] = second  # the reply starts near 3.1 s
-    events, record, link, session = _converse(vad_model, jfk16, user, guard=True)
+    events, record, link, session = _converse(vad_model, jfk16, user, guard=True, record=tmp_path)
     barge = [e for e in events if isinstance(e, ev.BargeIn)]
     interrupted = [e for e in events if isinstance(e, ev.Interrupted)]
     assert barge and interrupted
     assert abs(barge[0].speech_start / 16_000 - 4.6) < 0.35
     heard = interrupted[0].heard.split()
     assert 0 < len(heard) < len(REPLY.split())
+
+    with wave.open(str(tmp_path / "audio.wav")) as w:
+        rate = w.getframerate()
+        agent_out = np.frombuffer(w.readframes(w.getnframes()), "<i2").reshape(-1, 2)[:, 1] / 32767
+    cut = barge[0].wall - session.t0
+    assert np.abs(agent_out[int((cut - 1.0) * rate):int(cut * rate)]).max() > 0.05
+    after = [e.wall - session.t0 for e in events if isinstance(e, ev.AudioOut)][1]  # the next reply
+    assert np.abs(agent_out[int((cut + 0.06) * rate):int(after * rate)]).max() < 1e-3
+    said = [t for t in json.loads((tmp_path / "transcript.json").read_text())["turns"] if t["role"] == "assistant"][0]
+    assert [w["text"] for w in said["words"]] == heard and said["interrupted"]
+    assert said["words"][-1]["end_s"] <= cut + 0.06
 
 
 class _NoPortAudio(importlib.abc.MetaPathFinder, importlib.abc.Loader):

@@ -8,6 +8,8 @@ connection talking to the server through HTTP signalling and ICE/DTLS/SRTP/SCTP 
 from __future__ import annotations
 
 import asyncio
+import json
+import wave
 
 import numpy as np
 import pytest
@@ -17,16 +19,18 @@ from tests.transport_fixtures import PEER_PROFILE, SLOW, connect, file_track, jf
 pytestmark = pytest.mark.slow
 
 
-async def test_peer_talks_to_the_agent_over_webrtc(jfk_path):
+async def test_peer_talks_to_the_agent_over_webrtc(jfk_path, tmp_path):
     """A peer sending JFK's speech as its microphone gets, over one real WebRTC connection: the
     user's transcript and turn, a reply with its text, words and latency, the agent's voice as 20 ms
     frames at 48 kHz (silent until the user has spoken, audible once the agent speaks), and the
-    server's session hears the speech. (With the tiny profile the words are babble; the path is real.)"""
+    server's session hears the speech. (With the tiny profile the words are babble; the path is real.)
+    With --record the session leaves its recording: the speech in the left channel, the reply in the
+    right one where the transcript puts the words heard."""
     agent = await load_agent(PEER_PROFILE)
     speech = jfk48(jfk_path, tail_s=8.0)
     speech = np.concatenate([speech[:int(2.4 * 48_000)], speech[-8 * 48_000:]])  # "And so my fellow Americans"
     try:
-        async with running_server(agent) as (server, url):
+        async with running_server(agent, record_dir=str(tmp_path)) as (server, url):
             client = await connect(url, file_track(speech))
             try:
                 await client.wait_for("input_audio_buffer.speech_started", timeout=15 * SLOW)
@@ -70,6 +74,17 @@ async def test_peer_talks_to_the_agent_over_webrtc(jfk_path):
     level = np.sqrt(np.convolve(audio ** 2, np.ones(960) / 960, mode="valid"))
     assert level[:48_000].max() < 0.01
     assert level.max() > 0.02
+
+    folder = tmp_path / client.pc_id
+    with wave.open(str(folder / "audio.wav")) as w:
+        rate = w.getframerate()
+        stereo = np.frombuffer(w.readframes(w.getnframes()), "<i2").reshape(-1, 2) / 32767
+    assert np.abs(stereo[:, 0]).max() > 0.05  # the user's speech, as the session received it
+    transcript = json.loads((folder / "transcript.json").read_text())
+    said = [t for t in transcript["turns"] if t["role"] == "assistant"]
+    assert [t["role"] for t in transcript["turns"]][0] == "user" and said
+    first = said[0]["words"][0]
+    assert np.abs(stereo[int(first["start_s"] * rate):int((first["end_s"] + 0.05) * rate), 1]).max() > 0.01
 
 
 async def test_trickle_ice_by_patch(jfk_path):

@@ -58,7 +58,8 @@ def speech_wav(jfk_path: Path, folder: Path, tail_s: float = 4.0, rate: int = 48
 async def running_server(agent: Agent, **options) -> AsyncIterator[tuple[Server, str]]:
     """The duplex server on 127.0.0.1 and a free port, in the running loop; closed on exit."""
     allow_loopback_candidates()
-    peer = PeerOptions(idle_timeout_s=options.pop("idle_timeout_s", PeerOptions.idle_timeout_s))
+    peer = PeerOptions(idle_timeout_s=options.pop("idle_timeout_s", PeerOptions.idle_timeout_s),
+                       record_dir=options.pop("record_dir", None))
     server = Server(agent, ServerOptions(peer=peer, **options))
     async with server.on_loopback() as url:
         yield server, url

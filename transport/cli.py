@@ -9,9 +9,13 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from duplex.config import AgentConfig
 from duplex.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from duplex.transport.peer import PeerOptions
 
 
 @contextlib.contextmanager
@@ -52,7 +56,7 @@ async def serve(config: AgentConfig, host: str, port: int, max_sessions: int, *,
                 stop: asyncio.Event | None = None, on_ready: Callable[[str], None] | None = None,
                 token: str | None = None, admin_token: str | None = None, tls=None,
                 allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = (),
-                workers: int | None = None, output_buffer_ms: int | None = None) -> None:
+                workers: int | None = None, peer: PeerOptions | None = None) -> None:
     """Run the WebRTC server until ``stop`` is set (or Ctrl-C), then close every session and the models.
     With ``workers``, the sessions run in that many worker processes around one engine core process
     (:mod:`duplex.transport.workers`), ``max_sessions`` in all."""
@@ -72,7 +76,7 @@ async def serve(config: AgentConfig, host: str, port: int, max_sessions: int, *,
     loopback = is_loopback_host(host)
     options = ServerOptions(max_sessions=max_sessions, token=token, admin_token=admin_token, loopback_bind=loopback,
                             allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
-                            peer=PeerOptions() if output_buffer_ms is None else PeerOptions(output_buffer_ms=output_buffer_ms))
+                            peer=peer or PeerOptions())
     try:
         site, owner = await _answering(config, options, workers, loopback=loopback)
     except BaseException:
@@ -140,11 +144,13 @@ def serve_main(args: argparse.Namespace) -> int:
         from duplex.cluster.launch import serve_main as serve_cluster
 
         return serve_cluster(args, config)
+    from duplex.transport.peer import peer_options_from_args
+
     tls = tls_context(args.cert, args.key)
     asyncio.run(serve(config, args.host, args.port, args.max_sessions, token=args.token,
                       admin_token=args.admin_token, tls=tls, allowed_hosts=tuple(args.allowed_host or ()),
                       allowed_origins=tuple(args.allowed_origin or ()), workers=args.workers,
-                      output_buffer_ms=args.output_buffer_ms))
+                      peer=peer_options_from_args(args)))
     print("duplex serve: stopped", file=sys.stderr)
     return 0
 

@@ -20,7 +20,6 @@ depth plus the device's output latency is reported as ``session.output_latency_s
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -216,17 +215,12 @@ async def run_mic(config: AgentConfig, input_device: int, output_device: int, *,
     agent = await Agent.load(config)
     stop = asyncio.Event()
     try:
-        session = agent.session()
+        session = agent.session(record=record)
         events = session.events()
-        timeline: list[dict] = []
 
         async def show() -> None:
             async for event in events:
                 _print_event(event)
-                if record is not None and not isinstance(event, ev.AudioIn):
-                    row = ev.to_json(event)
-                    row["t"] = round(event.wall - session.t0, 4)
-                    timeline.append(row)
 
         shower = asyncio.create_task(show())
         print(f"duplex mic: listening at {device.rate} Hz (profile {config.profile}); talk, Ctrl-C stops",
@@ -235,15 +229,7 @@ async def run_mic(config: AgentConfig, input_device: int, output_device: int, *,
             await talk(session, device, stop=stop)
         await shower
         if record is not None:
-            out = Path(record)
-            conversation = session.conversation.to_json()
-
-            def save() -> None:
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "timeline.jsonl").write_text("".join(json.dumps(r) + "\n" for r in timeline))
-                (out / "conversation.json").write_text(json.dumps(conversation, indent=2))
-
-            await asyncio.to_thread(save)
-            print(f"duplex mic: wrote {out / 'timeline.jsonl'} and conversation.json", flush=True)
+            print(f"duplex mic: wrote {Path(record) / 'audio.wav'}, transcript.json, events.jsonl and "
+                  "conversation.json", flush=True)
     finally:
         await agent.aclose()

@@ -21,6 +21,7 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from duplex import events as ev
@@ -54,6 +55,8 @@ class PeerOptions:
     # larger bound costs a barge-in nothing.
     output_buffer_ms: int = 200
     ice_servers: tuple[str, ...] = ()  # STUN/TURN URLs; none by default (aiortc's default is Google's STUN)
+    # --record DIR: each session writes its recording (duplex.recording) to DIR/<its connection id>
+    record_dir: str | None = None
 
     def __post_init__(self) -> None:
         from duplex.errors import ConfigError
@@ -62,6 +65,8 @@ class PeerOptions:
                 or not 20 <= self.output_buffer_ms <= 1000:
             raise ConfigError(f"--output-buffer-ms must be a whole number of milliseconds from 20 to 1000 "
                               f"(one to fifty 20 ms frames), got {self.output_buffer_ms!r}")
+        if self.record_dir is not None and Path(self.record_dir).exists() and not Path(self.record_dir).is_dir():
+            raise ConfigError(f"--record {self.record_dir} is a file; give a folder (it is created if missing)")
         if self.input_prefetch not in range(0, 9):
             raise ConfigError(f"input_prefetch must be 0 to 8 frames, got {self.input_prefetch!r}")
 
@@ -216,6 +221,14 @@ class Peer:
         self.close_soon(reason)
 
 
+def peer_options_from_args(args: Any) -> PeerOptions:
+    """The peer options ``duplex serve``'s flags set (--output-buffer-ms, --record), for the single
+    server, its workers and the cluster's replicas alike."""
+    ms = getattr(args, "output_buffer_ms", None)
+    options = PeerOptions(record_dir=getattr(args, "record", None))
+    return options if ms is None else PeerOptions(output_buffer_ms=ms, record_dir=options.record_dir)
+
+
 async def open_peer(agent: Agent, offer: Offer, options: PeerOptions, on_closed: Callable[[Peer], None]) -> tuple[Peer, dict[str, str]]:
     """Answer ``offer`` with a new peer connection and session; returns the peer and the answer.
 
@@ -224,9 +237,10 @@ async def open_peer(agent: Agent, offer: Offer, options: PeerOptions, on_closed:
 
     config = RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in options.ice_servers])
     pc = RTCPeerConnection(configuration=config)
-    session = agent.session()
+    pc_id = f"pc_{secrets.token_hex(8)}"
+    session = agent.session(record=None if options.record_dir is None else Path(options.record_dir) / pc_id)
     track = agent_audio_track(session, queue_frames=max(1, options.output_buffer_ms // 20))
-    peer = Peer(pc_id=f"pc_{secrets.token_hex(8)}", pc=pc, session=session, track=track, options=options,
+    peer = Peer(pc_id=pc_id, pc=pc, session=session, track=track, options=options,
                 on_closed=on_closed)
     try:
         events = session.events()
