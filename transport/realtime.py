@@ -35,6 +35,11 @@ class RealtimeEncoder:
         self._ids = itertools.count(1)
         self._utterance = 0  # counts user utterances, for item ids
 
+    @property
+    def user_item(self) -> str:
+        """The item id of the user's current (or last) utterance."""
+        return f"item_user_{self._utterance}"
+
     def _base(self, kind: str, event: ev.Event) -> dict[str, Any]:
         return {"type": kind, "event_id": f"evt_{next(self._ids)}", "stream_s": round(event.stream_s, 3),
                 "t": round(event.wall - self.t0, 3)}

@@ -43,6 +43,7 @@ from duplex.agent import Agent
 from duplex.transport.connections import (HEADER_TIMEOUT_S, Limits, RateLimitedLog, Runner, address_key,
                                           raise_file_limit, within)
 from duplex.transport.peer import Peer, PeerOptions, add_candidates, open_peer, renegotiate
+from duplex.transport.realtime_socket import MAX_MESSAGE, RealtimeSocket, new_socket_id
 from duplex.transport.signalling import BadRequest, Offer, parse_json, parse_offer, parse_patch
 
 log = logging.getLogger(__name__)
@@ -425,6 +426,7 @@ class Server(Site):
     def __init__(self, agent: Agent, options: ServerOptions | None = None) -> None:
         self.agent = agent
         self.peers: dict[str, Peer] = {}
+        self.sockets: dict[str, RealtimeSocket] = {}  # conversations over /v1/realtime
         self.closed_peers = 0
         self.close_reasons: Counter[str] = Counter()  # why peers were closed, for status and tests
         self._opening = 0
@@ -434,10 +436,52 @@ class Server(Site):
         self._closing = False
         super().__init__(options or ServerOptions())
 
+    def _build_app(self):
+        app = super()._build_app()
+        app.router.add_get("/v1/realtime", self.realtime)  # the OpenAI Realtime protocol (WebSocket)
+        return app
+
+    async def realtime(self, request):
+        """``GET /v1/realtime``: a conversation over the OpenAI Realtime protocol
+        (:mod:`duplex.transport.realtime_socket`), with the token, origin and seat checks of an offer."""
+        from aiohttp import web
+
+        headers = request.headers
+        origin = headers.get("Origin")
+        if origin is not None and not _own_origin(origin, headers.get("Host"), request.scheme) \
+                and _origin(origin) not in _origins(self.options):
+            return self._json(403, {"error": f"WebSocket connections from pages of {origin!r} are refused (start the "
+                                             "server with --allowed-origin to accept them)"})
+        refused = unauthorized(self.options.token, headers.get("Authorization"))
+        if refused is not None:
+            return self._respond(refused)
+        if self._closing:
+            return self._json(503, {"error": "the server is shutting down"})
+        if self.room() - self._opening <= 0:
+            return self._json(503, {"error": f"the server is at its limit of {self.options.max_sessions} concurrent "
+                                             "sessions; try again later"}, headers={"Retry-After": "10"})
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, heartbeat=20.0)
+        if not ws.can_prepare(request).ok:
+            return self._json(400, {"error": "this endpoint speaks the Realtime protocol over a WebSocket: connect "
+                                             "with a WebSocket client (e.g. openai's client.realtime.connect() with "
+                                             "base_url http://HOST:PORT/v1)"})
+        await ws.prepare(request)
+        socket_id = new_socket_id()
+        record = self.options.peer.record_dir
+        session = self.agent.session(record=None if record is None else Path(record) / socket_id)
+        sock = RealtimeSocket(socket_id, ws, session, lambda s: self.sockets.pop(s.id, None))
+        self.sockets[socket_id] = sock
+        log.info("realtime session %s opened from %s", socket_id, request.remote or "?",
+                 extra={"event": "session_opened", "pc_id": socket_id, "sessions": len(self.peers) + len(self.sockets)})
+        reason = await sock.run()
+        log.info("realtime session %s closed: %s", socket_id, reason,
+                 extra={"event": "session_closed", "pc_id": socket_id, "reason": reason})
+        return ws
+
     def room(self) -> int:
         """Seats for new sessions (none while closing). Offers being answered are not subtracted: the
         cluster's ingress counts those it has sent itself."""
-        return 0 if self._closing else self.options.max_sessions - len(self.peers)
+        return 0 if self._closing else self.options.max_sessions - len(self.peers) - len(self.sockets)
 
     def holds(self, pc_id: str) -> bool:
         """Whether connection ``pc_id`` is open here (or being restarted): an offer naming one that is
@@ -450,7 +494,8 @@ class Server(Site):
     def status_body(self, authorization: str | None = None) -> ApiResponse:
         """Counts, states and limits; the connection ids only with the operator's token."""
         body: dict[str, Any] = {
-            "sessions": len(self.peers), "max_sessions": self.options.max_sessions,
+            "sessions": len(self.peers) + len(self.sockets), "realtime_sessions": len(self.sockets),
+            "max_sessions": self.options.max_sessions,
             "closed_sessions": self.closed_peers, "close_reasons": dict(self.close_reasons),
             "states": dict(Counter(p.session.state for p in self.peers.values())),
             "session_metrics": [dict(p.metrics) for p in self.peers.values()]}  # latencies, no ids
@@ -505,7 +550,7 @@ class Server(Site):
             except (ValueError, TypeError, KeyError, IndexError, AssertionError) as exc:
                 raise BadRequest(f"cannot use this offer: {_why(exc)}") from None
             return ApiResponse(200, answer)
-        if existing is None and len(self.peers) + self._opening >= self.options.max_sessions:
+        if existing is None and len(self.peers) + len(self.sockets) + self._opening >= self.options.max_sessions:
             return ApiResponse(503, {"error": f"the server is at its limit of {self.options.max_sessions} "
                                               "concurrent sessions; try again later"}, {"Retry-After": "10"})
         key = address_key(remote)
@@ -619,6 +664,7 @@ class Server(Site):
         """Close every peer (and its session); refuse new offers from now on."""
         self._closing = True
         await asyncio.gather(*(p.close("the server is shutting down") for p in list(self.peers.values())),
+                             *(s.close("the server is shutting down") for s in list(self.sockets.values())),
                              return_exceptions=True)
         watches = [p.task for p in self._pending.values() if p.task is not None]
         for task in watches:

@@ -1,0 +1,151 @@
+"""``/v1/realtime``: the official ``openai`` package's Realtime client, unchanged, talks to
+``duplex serve`` over a WebSocket: the user's speech in, the agent's voice out, a barge-in, and the
+refusals (token, foreign origin, unsupported requests) as the protocol's errors."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import numpy as np
+import pytest
+
+from duplex.audio import read_audio, resample
+from tests.transport_fixtures import load_agent, running_server
+
+pytestmark = pytest.mark.slow
+openai = pytest.importorskip("openai", minversion="1.107", reason="the Realtime client of the openai package")
+RATE = 24_000
+LONG_REPLY = " ".join(["word"] * 24)  # six seconds of beeps: time to talk over it
+
+
+def pcm16(pcm: np.ndarray) -> str:
+    return base64.b64encode((np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes()).decode()
+
+
+async def stream(conn, pcm: np.ndarray) -> None:
+    """Send ``pcm`` (24 kHz) in real time, 20 ms at a time, as a microphone would."""
+    block = RATE // 50
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for k, i in enumerate(range(0, len(pcm), block)):
+        await conn.input_audio_buffer.append(audio=pcm16(pcm[i:i + block]))
+        await asyncio.sleep(max(0.0, start + (k + 1) * 0.02 - loop.time()))
+
+
+async def test_the_openai_realtime_client_converses_and_is_interrupted(jfk_path):
+    """The openai client streams JFK's words, then nothing (the server pads silence up to real time,
+    so the agent's turn detection still sees the end of speech); it receives the transcript, a
+    response whose audio arrives as pcm16 deltas with its transcript, and response.done. Then it
+    talks over a long reply: the server says output_audio_buffer.cleared, truncates the item at the
+    position played and ends the response as cancelled with only the words heard. An unsupported
+    session.update is an error event, and the connection goes on."""
+    speech, rate = read_audio(jfk_path)
+    speech = resample(speech, rate, RATE)
+    first, second = speech[int(0.2 * RATE):int(2.4 * RATE)], speech[int(5.3 * RATE):int(7.8 * RATE)]
+    agent = await load_agent(llm={"replies": ["and so my friends", LONG_REPLY]})
+    received: list = []
+    try:
+        async with running_server(agent) as (server, url):
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused")
+            async with client.realtime.connect(model="duplex") as conn:
+
+                async def until(kind: str, timeout: float = 20.0, after: int = 0):
+                    deadline = asyncio.get_running_loop().time() + timeout
+                    while True:
+                        for event in received[after:]:
+                            if event.type == kind:
+                                return event
+                        after = len(received)
+                        left = deadline - asyncio.get_running_loop().time()
+                        if left <= 0:
+                            raise AssertionError(f"no {kind} in {timeout} s; got {[e.type for e in received]}")
+                        try:
+                            received.append(await asyncio.wait_for(conn.recv(), left))
+                        except asyncio.TimeoutError:
+                            raise AssertionError(f"no {kind} in {timeout} s; got {[e.type for e in received]}") from None
+
+                created = await until("session.created")
+                assert created.session.audio.input.format.rate == RATE
+                await conn.session.update(session={"type": "realtime", "audio": {
+                    "input": {"format": {"type": "audio/pcm", "rate": RATE}}}})
+                await until("session.updated")
+                mark = len(received)
+                await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+                error = await until("error", after=mark)
+                assert "turn_detection" in error.error.message
+                await until("session.updated", after=mark)
+                assert server.room() == server.options.max_sessions - 1
+
+                await stream(conn, first)
+                started = await until("input_audio_buffer.speech_started")
+                await until("input_audio_buffer.speech_stopped")
+                heard = await until("conversation.item.input_audio_transcription.completed")
+                assert heard.transcript and heard.item_id == started.item_id
+                response = await until("response.created")
+                delta = await until("response.output_audio.delta")
+                assert delta.response_id == response.response.id
+                done = await until("response.done")
+                assert done.response.status == "completed"
+                assert done.response.output[0].content[0].transcript == "and so my friends"
+                audio = b"".join(base64.b64decode(e.delta) for e in received
+                                 if e.type == "response.output_audio.delta" and e.response_id == done.response.id)
+                pcm = np.frombuffer(audio, "<i2")
+                assert len(pcm) >= 4 * 0.25 * RATE * 0.9 and np.abs(pcm).max() > 3000  # four beeps of 0.25 s
+                text = "".join(e.delta for e in received if e.type == "response.output_audio_transcript.delta"
+                               and e.response_id == done.response.id)
+                assert text.split() == "and so my friends".split()
+
+                # a second turn, then talk over its long reply once it is audible
+                mark = len(received)
+                await stream(conn, first)
+                await until("response.output_audio.delta", after=mark)
+                await asyncio.sleep(1.0)
+                barge = asyncio.create_task(stream(conn, second))
+                cleared = await until("output_audio_buffer.cleared", after=mark)
+                truncated = await until("conversation.item.truncated", after=mark)
+                cut = await until("response.done", after=mark)
+                await barge
+                assert cut.response.status == "cancelled" and cleared.response_id == cut.response.id
+                words = cut.response.output[0].content[0].transcript.split()
+                assert 0 < len(words) < len(LONG_REPLY.split())
+                assert 0 < truncated.audio_end_ms < 6000 and truncated.item_id == cut.response.output[0].id
+            for _ in range(50):
+                if not server.sockets:
+                    break
+                await asyncio.sleep(0.1)
+            assert not server.sockets  # the client's close ended the session
+    finally:
+        await agent.aclose()
+
+
+async def test_the_endpoint_refuses_what_it_must(jfk_path):
+    """Without the server's token: 401; from another site's page: 403; a plain GET: 400 saying it is
+    a WebSocket endpoint; a bad client event or bad audio: an error event, and the connection goes on."""
+    import aiohttp
+
+    agent = await load_agent()
+    try:
+        async with running_server(agent, token="s3cret") as (server, url):
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{url}/v1/realtime") as r:
+                    assert r.status == 401
+                auth = {"Authorization": "Bearer s3cret"}
+                async with http.get(f"{url}/v1/realtime", headers=auth) as r:
+                    assert r.status == 400 and "WebSocket" in (await r.json())["error"]
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await http.ws_connect(f"{url}/v1/realtime", headers={**auth, "Origin": "http://evil.example"})
+                assert refused.value.status == 403
+                async with http.ws_connect(f"{url}/v1/realtime", headers=auth) as ws:
+                    assert json.loads((await ws.receive()).data)["type"] == "session.created"
+                    await ws.send_str(json.dumps({"type": "input_audio_buffer.append", "audio": "not base64!"}))
+                    await ws.send_str("{not json")
+                    await ws.send_str(json.dumps({"type": "response.create"}))
+                    errors = [json.loads((await ws.receive(timeout=5)).data) for _ in range(3)]
+                    assert [e["error"]["code"] for e in errors] == ["invalid_audio", "invalid_json", "unsupported"]
+                    assert "response.create is not supported" in errors[2]["error"]["message"]
+                    await ws.send_str(json.dumps({"type": "input_audio_buffer.append", "audio": pcm16(np.zeros(480))}))
+                    assert server.sockets and not next(iter(server.sockets.values())).closed
+    finally:
+        await agent.aclose()
