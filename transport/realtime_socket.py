@@ -191,6 +191,8 @@ class RealtimeSocket:
                  asyncio.create_task(self._keep_time(), name=f"{self.id}-clock")]
         try:
             self.reason = await self._receive()
+        except (ConnectionError, RuntimeError) as exc:  # the socket broke under a send, or the session closed
+            self.reason = f"{type(exc).__name__}: {exc}"
         finally:
             for task in tasks:
                 task.cancel()
@@ -241,7 +243,7 @@ class RealtimeSocket:
             except ValueError as exc:
                 await self.error(str(exc), code="invalid_audio", param="audio", client_event=event_id)
                 return
-            if pcm.size:
+            if pcm.size and not self.session.closed:
                 self.session.push_audio(pcm, RATE)
                 self._received_s += pcm.size / RATE
         elif kind == "session.update":
