@@ -18,6 +18,7 @@ from duplex.session import Session
 from duplex.stages import Stages
 
 if TYPE_CHECKING:
+    from duplex.conversation import Conversation
     from duplex.core.remote import Core
 
 log = logging.getLogger(__name__)
@@ -76,12 +77,14 @@ class Agent:
     def output_rate(self) -> int:
         return self.stages.tts.sample_rate
 
-    def session(self, *, record: str | os.PathLike | None = None) -> Session:
+    def session(self, *, record: str | os.PathLike | None = None, resume: Conversation | None = None) -> Session:
         """Open a session (call inside the running event loop; close it with ``await s.close()`` or
         ``async with``). ``record``: a folder to write its recording to when it closes (a stereo WAV
-        of both sides, the transcript heard, the events: :mod:`duplex.recording`)."""
+        of both sides, the transcript heard, the events: :mod:`duplex.recording`). ``resume``: the
+        conversation of an earlier session (``session.conversation``) to continue: its record goes on,
+        and the LLM's context is rebuilt from it."""
         session = Session(self.stages, self.config, name=f"session-{next(self._count)}",
-                          on_close=self.sessions.discard, record=record)
+                          on_close=self.sessions.discard, record=record, resume=resume)
         self.sessions.add(session)
         return session
 

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import wave
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -91,8 +92,9 @@ class _Channel:
 class Recording:
     """Collects a session's two sides and events; :meth:`close` writes the files (see the module)."""
 
-    def __init__(self, folder: str | os.PathLike[str], rate: int) -> None:
+    def __init__(self, folder: str | os.PathLike[str], rate: int, *, earlier: Sequence[object] = ()) -> None:
         self.folder = Path(folder)
+        self._earlier = {id(t) for t in earlier}  # turns of a resumed conversation: not in this recording
         self.rate = rate
         self._resample = StreamResampler(INPUT_RATE, rate)
         self._user = _Channel()
@@ -221,7 +223,8 @@ class Recording:
         turns: list[dict[str, Any]] = []
         finals = sorted(self._finals, key=lambda w: w.start)
         starts = [w.start for w in finals]
-        user_turns = [t for t in conversation.turns if isinstance(t, UserTurn)]
+        ours = [t for t in conversation.turns if id(t) not in self._earlier]
+        user_turns = [t for t in ours if isinstance(t, UserTurn)]
         for k, t in enumerate(user_turns):  # a turn's words: from its start up to the next turn's
             lo = t.start if k else 0
             hi = user_turns[k + 1].start if k + 1 < len(user_turns) else None
@@ -230,7 +233,7 @@ class Recording:
                           "end_s": round(t.end / INPUT_RATE, 3),
                           "words": [{"text": w.text, "start_s": round(w.start / INPUT_RATE, 3),
                                      "end_s": round(w.end / INPUT_RATE, 3)} for w in words]})
-        for turn in conversation.turns:
+        for turn in ours:
             if not isinstance(turn, AgentTurn) or not turn.heard_words():
                 continue
             said: list[dict[str, Any]] = []

@@ -113,16 +113,20 @@ class Session:
     event loop; feed it with :meth:`push_audio`; read :meth:`events` and :meth:`audio`; :meth:`close`."""
 
     def __init__(self, stages: Stages, config: AgentConfig, *, name: str = "session",
-                 on_close: Callable[[Session], None] | None = None, record: str | os.PathLike[str] | None = None) -> None:
+                 on_close: Callable[[Session], None] | None = None, record: str | os.PathLike[str] | None = None,
+                 resume: Conversation | None = None) -> None:
         self.name = name
         self._on_close = on_close
         self.config = config
         self.output_rate: int = stages.tts.sample_rate
-        self.conversation = Conversation(config.system_prompt)
+        # the record; ``resume``: an earlier session's, continued (its turns are this session's
+        # LLM context too, which follows the record)
+        self.conversation = resume if resume is not None else Conversation(config.system_prompt)
         self.policy = TurnPolicy(config.turn)
         self.playout = Playout(self.output_rate)
         # both sides on one clock and the transcript heard, written at close (duplex.recording)
-        self.recording = Recording(record, self.output_rate) if record is not None else None
+        self.recording = Recording(record, self.output_rate, earlier=self.conversation.turns) \
+            if record is not None else None
         self._vad = stages.vad.new_stream()
         self._asr = stages.asr.new_stream()
         self._llm = stages.llm.new_stream(config.system_prompt)
@@ -145,7 +149,7 @@ class Session:
         self._vad_pos = 0
         self._turn_start = 0
         self._last_final_wall = self.t0
-        self._reply_id = 0
+        self._reply_id = max((t.reply_id for t in self.conversation.turns if isinstance(t, AgentTurn)), default=0)
         self._current: Reply | None = None  # the committed reply (playing, or about to)
         self._spec: Reply | None = None  # a speculative reply, made while the policy decides
         self.speculations = {"started": 0, "committed": 0, "withdrawn": 0}

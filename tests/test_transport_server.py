@@ -374,7 +374,8 @@ async def test_a_restart_keeps_its_seat_and_runs_once(jfk_path, monkeypatch):
     """On a full server (one seat), a page restarting its connection keeps the seat: an offer from
     someone else while the restart is answered gets 503, not the seat the old connection freed. A
     second restart of the same connection meanwhile gets 409, so no orphan peer is opened. The
-    restart then answers, and exactly one peer is open."""
+    restart then answers, and exactly one peer is open, continuing the old connection's conversation
+    record (a restart is the same conversation on a new connection)."""
     from duplex.transport import server as server_module
     from duplex.transport.client import connect as client_connect
 
@@ -396,6 +397,7 @@ async def test_a_restart_keeps_its_seat_and_runs_once(jfk_path, monkeypatch):
         async with running_server(agent, max_sessions=1) as (server, url):
             owner = await client_connect(url, file_track(jfk48(jfk_path)))
             await owner.wait_for("session.created", timeout=10)
+            record = server.peers[owner.pc_id].session.conversation
             restart = asyncio.create_task(client_connect(url, file_track(jfk48(jfk_path)), restart_of=owner))
             await answered.wait()
             sdp = owner.pc.localDescription.sdp
@@ -409,6 +411,7 @@ async def test_a_restart_keeps_its_seat_and_runs_once(jfk_path, monkeypatch):
             try:
                 await new.wait_for("session.created", timeout=10)
                 assert list(server.peers) == [new.pc_id] and len(calls) == 2
+                assert server.peers[new.pc_id].session.conversation is record and new.answer["resumed"]
             finally:
                 await new.close()
                 await owner.close()

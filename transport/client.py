@@ -75,6 +75,7 @@ class Client:
     channel: RTCDataChannel
     pc_id: str = ""
     secret: str = ""  # from the server's answer: renegotiation and candidates need it
+    answer: dict = field(default_factory=dict)  # the server's answer (resume_token, resumed ...)
     messages: list[dict] = field(default_factory=list)
     frames: list[np.ndarray] = field(default_factory=list)  # received agent audio, [T] float32 mono
     frame_walls: list[float] = field(default_factory=list)  # loop time each frame came out of the decoder
@@ -109,10 +110,11 @@ class Client:
 
 
 async def connect(base_url: str, mic, *, trickle: bool = False, restart_of: Client | None = None,
-                  prefetch: int | None = None, token: str | None = None) -> Client:
+                  prefetch: int | None = None, token: str | None = None, resume: str | None = None) -> Client:
     """Offer ``mic`` to the server like the page does (data channel "events", audio sendrecv);
     ``restart_of`` sends the offer as a restart of that client's connection (Pipecat's ``restart_pc``,
-    with its secret); ``token`` is the server's ``--token``;
+    with its secret); ``token`` is the server's ``--token``; ``resume``: an earlier answer's
+    ``resume_token``, to continue that conversation;
     ``prefetch`` sets this side's jitter buffer (frames held before decoding; aiortc's default 4)."""
     import aiohttp
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
@@ -165,11 +167,12 @@ async def connect(base_url: str, mic, *, trickle: bool = False, restart_of: Clie
     async with aiohttp.ClientSession(headers=headers) as http:
         body: dict[str, object] = {
             "sdp": sdp, "type": "offer", "pc_id": restart_of.pc_id if restart_of else None,
-            "restart_pc": restart_of is not None, "secret": restart_of.secret if restart_of else None}
+            "restart_pc": restart_of is not None, "secret": restart_of.secret if restart_of else None,
+            "resume": resume}
         async with http.post(f"{base_url}/api/offer", json=body) as r:
             assert r.status == 200, await r.text()
             answer = await r.json()
-        client.pc_id, client.secret = answer["pc_id"], answer["secret"]
+        client.pc_id, client.secret, client.answer = answer["pc_id"], answer["secret"], answer
         if trickle:
             body = {"pc_id": client.pc_id, "secret": client.secret, "candidates": [
                 {"candidate": c, "sdp_mid": "0", "sdp_mline_index": 0} for c in candidates]}

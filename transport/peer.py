@@ -22,7 +22,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from duplex import events as ev
 from duplex.agent import Agent
@@ -30,6 +30,9 @@ from duplex.session import Session
 from duplex.transport.realtime import RealtimeEncoder
 from duplex.transport.signalling import Candidate, Offer
 from duplex.transport.tracks import InputStats, agent_audio_track, pump_microphone
+
+if TYPE_CHECKING:
+    from duplex.conversation import Conversation
 
 log = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 5.0  # aiortc's close of a connection whose peer is gone can wait on the network
@@ -86,6 +89,7 @@ class Peer:
     close_reason: str = ""
     closed: bool = False
     secret: str = ""  # given to the page in its answer; renegotiation and candidates need it
+    resume_token: str = ""  # given in the answer too: a later session may continue this conversation with it
     metrics: dict[str, float] = field(default_factory=dict)  # the latest value of each Metric event
     opened_at: float = field(default_factory=time.monotonic)
     _backlog: list[str] = field(default_factory=list)
@@ -229,8 +233,10 @@ def peer_options_from_args(args: Any) -> PeerOptions:
     return options if ms is None else PeerOptions(output_buffer_ms=ms, record_dir=options.record_dir)
 
 
-async def open_peer(agent: Agent, offer: Offer, options: PeerOptions, on_closed: Callable[[Peer], None]) -> tuple[Peer, dict[str, str]]:
-    """Answer ``offer`` with a new peer connection and session; returns the peer and the answer.
+async def open_peer(agent: Agent, offer: Offer, options: PeerOptions, on_closed: Callable[[Peer], None], *,
+                    resume: Conversation | None = None) -> tuple[Peer, dict[str, str]]:
+    """Answer ``offer`` with a new peer connection and session (continuing ``resume``'s conversation
+    if given); returns the peer and the answer.
 
     On any failure everything made so far is closed again before the exception propagates."""
     from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
@@ -238,7 +244,8 @@ async def open_peer(agent: Agent, offer: Offer, options: PeerOptions, on_closed:
     config = RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in options.ice_servers])
     pc = RTCPeerConnection(configuration=config)
     pc_id = f"pc_{secrets.token_hex(8)}"
-    session = agent.session(record=None if options.record_dir is None else Path(options.record_dir) / pc_id)
+    session = agent.session(record=None if options.record_dir is None else Path(options.record_dir) / pc_id,
+                            resume=resume)
     track = agent_audio_track(session, queue_frames=max(1, options.output_buffer_ms // 20))
     peer = Peer(pc_id=pc_id, pc=pc, session=session, track=track, options=options,
                 on_closed=on_closed)

@@ -44,6 +44,7 @@ from duplex.transport.connections import (HEADER_TIMEOUT_S, Limits, RateLimitedL
                                           raise_file_limit, within)
 from duplex.transport.peer import Peer, PeerOptions, add_candidates, open_peer, renegotiate
 from duplex.transport.realtime_socket import MAX_MESSAGE, RealtimeSocket, new_socket_id
+from duplex.transport.resume import ResumableConversations, new_token
 from duplex.transport.signalling import BadRequest, Offer, parse_json, parse_offer, parse_patch
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class ServerOptions:
     max_pending_per_address: int = 2  # sessions not connected yet from one address (an IPv6 /64) at once
     max_connections_per_address: int = 32  # open HTTP connections from one address (429 and closed beyond)
     per_address_exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # no per-address caps (this machine: benches)
+    resume_ttl_s: float = 300.0  # an ended session's conversation may be continued this long (transport.resume)
 
 
 @dataclass
@@ -434,7 +436,9 @@ class Server(Site):
         self._pending: dict[str, _Pending] = {}  # answered sessions whose connection is not up yet
         self._opening_from: Counter[str] = Counter()  # offers being answered, by address_key
         self._closing = False
-        super().__init__(options or ServerOptions())
+        options = options or ServerOptions()
+        self.resumable = ResumableConversations(options.resume_ttl_s, capacity=max(16, 4 * options.max_sessions))
+        super().__init__(options)
 
     def _build_app(self):
         app = super()._build_app()
@@ -565,14 +569,22 @@ class Server(Site):
         self._opening += 1  # a seat held from here on (a restart keeps the one of the connection it replaces)
         if existing is not None:
             self._restarting[existing.pc_id] = existing
+        # the conversation goes on: a restart's (ICE restart by a new connection), or the one the
+        # offer's resume token names
+        resume = self.resumable.take(offer.resume) if offer.resume and existing is None else None
         try:
             if existing is not None:
                 await existing.close("restarted by the peer")
+                resume = existing.session.conversation
             peer, answer = await asyncio.wait_for(
-                open_peer(self.agent, offer, self.options.peer, self._forget), OFFER_TIMEOUT_S)
-        except (ValueError, TypeError, KeyError, IndexError, AssertionError) as exc:
-            # aiortc's SDP parser reports what it cannot use this way
-            raise BadRequest(f"cannot use this offer: {_why(exc)}") from None
+                open_peer(self.agent, offer, self.options.peer, self._forget, resume=resume), OFFER_TIMEOUT_S)
+        except BaseException as exc:
+            if resume is not None and existing is None and offer.resume:
+                self.resumable.keep(offer.resume, resume)  # not taken after all: still there to continue
+            if isinstance(exc, (ValueError, TypeError, KeyError, IndexError, AssertionError)):
+                # aiortc's SDP parser reports what it cannot use this way
+                raise BadRequest(f"cannot use this offer: {_why(exc)}") from None
+            raise
         finally:
             self._opening -= 1
             self._opening_from[key] -= 1
@@ -584,7 +596,13 @@ class Server(Site):
             await peer.close("the server is shutting down")
             return ApiResponse(503, {"error": "the server is shutting down"})
         peer.secret = secrets.token_urlsafe(24)
-        answer = {**answer, "secret": peer.secret}
+        peer.resume_token = new_token()
+        reply: dict[str, Any] = {**answer, "secret": peer.secret, "resume_token": peer.resume_token,
+                                 "resumed": resume is not None}
+        if offer.resume and existing is None and resume is None:
+            reply["resume_refused"] = (f"no conversation to continue with this resume token (they work once, for "
+                                        f"{self.options.resume_ttl_s:g} s after the connection ends): a new one "
+                                        "has begun")
         self.peers[peer.pc_id] = peer
         if peer.closed:  # closed while answering (e.g. the session failed at once)
             self.peers.pop(peer.pc_id, None)
@@ -593,7 +611,7 @@ class Server(Site):
         log.info("session %s opened from %s (%d/%d sessions)", peer.pc_id, remote or "?", len(self.peers),
                  self.options.max_sessions, extra={"event": "session_opened", "pc_id": peer.pc_id,
                                                    "sessions": len(self.peers)})
-        return ApiResponse(200, answer)
+        return ApiResponse(200, reply)
 
     async def _candidates(self, body: bytes, authorization: str | None) -> ApiResponse:
         refused = too_large(len(body), self.options.max_body) or unauthorized(self.options.token, authorization)
@@ -651,6 +669,8 @@ class Server(Site):
         if pending is not None and pending.task is not None and pending.task is not asyncio.current_task():
             pending.task.cancel()
         if self.peers.pop(peer.pc_id, None) is not None:
+            if not self._closing and peer.resume_token and peer.pc_id not in self._restarting:
+                self.resumable.keep(peer.resume_token, peer.session.conversation)
             self.closed_peers += 1
             self.close_reasons[peer.close_reason] += 1
             duration = time.monotonic() - peer.opened_at

@@ -38,6 +38,7 @@ class Offer:
     pc_id: str | None = None
     restart_pc: bool = False
     secret: str | None = None  # the connection's secret, to renegotiate or restart it
+    resume: str | None = None  # a new session continues the conversation this token names (transport.resume)
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,11 @@ def parse_offer(data: dict[str, Any]) -> Offer:
     if not isinstance(restart, bool):
         raise BadRequest("'restart_pc' must be true or false")
     check_sdp(sdp)
+    resume = data.get("resume")
+    if resume is not None and (not isinstance(resume, str) or len(resume) > 128):
+        raise BadRequest("'resume' must be the resume_token an earlier answer carried")
     return Offer(sdp=sdp, type=kind, pc_id=_pc_id(data.get("pc_id"), required=False), restart_pc=restart,
-                 secret=_secret(data.get("secret")))
+                 secret=_secret(data.get("secret")), resume=resume)
 
 
 def _secret(value: Any) -> str | None:

@@ -29,6 +29,8 @@ const duplex = window.duplex = {
   wanted: false,             // the user asked to be connected (a failure then reconnects)
   attempts: 0,               // reconnection tries since the last good connection
   reconnects: 0,             // reconnections made (for tests)
+  resumes: 0,                // connections that continued an earlier conversation (for tests)
+  resumed: false,            // the current connection did
   agentState: "-",           // as the server last reported it
   loudSince: 0,              // Date.now() when the microphone became loud (0: it is not)
   localPause: null,          // {onsetAt, mutedAt, id}: the page muted the agent at the user's speech onset
@@ -128,12 +130,17 @@ async function open() {
     await pc.setLocalDescription(await pc.createOffer());
     const res = await fetch("api/offer", {
       method: "POST", headers: apiHeaders(),
-      body: JSON.stringify({sdp: pc.localDescription.sdp, type: "offer", pc_id: null}),
+      // a reconnection (or a reload of this tab) continues the conversation while the server keeps it
+      body: JSON.stringify({sdp: pc.localDescription.sdp, type: "offer", pc_id: null, resume: resumeToken()}),
     });
     const body = await res.json().catch(() => ({error: res.statusText}));
     if (!res.ok) throw new Error(body.error || ("HTTP " + res.status));
     duplex.pcId = body.pc_id;
     duplex.secret = body.secret;  // only this page can renegotiate this connection or add candidates
+    keepResumeToken(body.resume_token);
+    duplex.resumed = !!body.resumed;
+    if (body.resumed) duplex.resumes++;
+    if (body.resume_refused) console.info(body.resume_refused);
     await pc.setRemoteDescription({sdp: body.sdp, type: body.type});
     flushCandidates();
   } catch (err) {
@@ -143,6 +150,19 @@ async function open() {
   $("disconnect").disabled = false;
   $("mute").disabled = false;
   statsTimer = setInterval(pollStats, STATS_MS);
+}
+
+// The token that lets the next connection of this tab continue this conversation (see the server's
+// transport/resume.py): kept in sessionStorage, so a reload continues too; Disconnect forgets it.
+function resumeToken() {
+  try { return sessionStorage.getItem("duplex.resume"); } catch (err) { return null; }
+}
+
+function keepResumeToken(token) {
+  try {
+    if (token) sessionStorage.setItem("duplex.resume", token);
+    else sessionStorage.removeItem("duplex.resume");
+  } catch (err) { /* storage refused: reconnections start new conversations */ }
 }
 
 function apiHeaders() {
@@ -568,7 +588,7 @@ function renderLinkStats() {
 // -- wiring -----------------------------------------------------------------------------------------
 
 $("connect").addEventListener("click", connect);
-$("disconnect").addEventListener("click", () => { duplex.wanted = false; disconnect(); });
+$("disconnect").addEventListener("click", () => { duplex.wanted = false; keepResumeToken(null); disconnect(); });
 $("mute").addEventListener("change", (e) => {
   if (duplex.stream) duplex.stream.getAudioTracks().forEach((t) => { t.enabled = !e.target.checked; });
 });
