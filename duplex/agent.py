@@ -9,10 +9,12 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from duplex.config import AgentConfig, load_config
+from duplex.errors import ConfigError
+from duplex.tools import Tool, load_tools
 from duplex.profiles import build_stages
 from duplex.session import Session
 from duplex.stages import Stages
@@ -43,19 +45,30 @@ class Agent:
     >>> async with agent.session() as session: ...    # doctest: +SKIP
     """
 
-    def __init__(self, stages: Stages, config: AgentConfig, core: Core | None = None) -> None:
+    def __init__(self, stages: Stages, config: AgentConfig, core: Core | None = None, *,
+                 tools: Sequence[Tool] = ()) -> None:
         self.stages = stages
+        self.tools: dict[str, Tool] = {}  # what its replies may call (duplex.tools): config.tools, then tools
+        for t in [*load_tools(config.tools), *tools]:
+            if t.name in self.tools:
+                raise ConfigError(f"two tools are named {t.name!r}")
+            self.tools[t.name] = t
+        if self.tools and not getattr(stages.llm, "calls_tools", False):
+            log.warning("%d tools are registered, but this LLM (%s) does not call tools yet: replies never use "
+                        "them (the fake profile's scripted LLM does)", len(self.tools), type(stages.llm).__name__)
         self.config = config
         self.core = core  # the engine core process serving the stages (engine_core "process"), if any
         self._count = itertools.count(1)
         self.sessions: set[Session] = set()
 
     @classmethod
-    async def load(cls, config: AgentConfig | str | os.PathLike | None = None, **overrides: Any) -> Agent:
+    async def load(cls, config: AgentConfig | str | os.PathLike | None = None, *, tools: Sequence[Tool] = (),
+                   **overrides: Any) -> Agent:
         """Build the profile's models on a thread (loading can take a while) and return the agent.
 
         ``config`` is an :class:`~duplex.config.AgentConfig` or the path of a TOML file of its fields
-        (:func:`~duplex.config.load_config`); ``overrides`` set fields, e.g. ``profile="tiny"``."""
+        (:func:`~duplex.config.load_config`); ``tools``: what replies may call (:mod:`duplex.tools`);
+        ``overrides`` set fields, e.g. ``profile="tiny"``."""
         if isinstance(config, (str, os.PathLike)):
             config = load_config(config)
         config = config or AgentConfig()
@@ -68,10 +81,10 @@ class Agent:
             from duplex.core.remote import Core
 
             core = await Core.start(config)
-            return cls(core.stages(), config, core)
+            return cls(core.stages(), config, core, tools=tools)
         stages = await asyncio.to_thread(build_stages, config)
         await warm_up(stages)
-        return cls(stages, config)
+        return cls(stages, config, tools=tools)
 
     @property
     def output_rate(self) -> int:
@@ -84,7 +97,8 @@ class Agent:
         conversation of an earlier session (``session.conversation``) to continue: its record goes on,
         and the LLM's context is rebuilt from it."""
         session = Session(self.stages, self.config, name=f"session-{next(self._count)}",
-                          on_close=self.sessions.discard, record=record, resume=resume)
+                          on_close=self.sessions.discard, record=record, resume=resume,
+                          tools=self.tools)
         self.sessions.add(session)
         return session
 

@@ -60,6 +60,9 @@ def add_agent_options(p: argparse.ArgumentParser, default_profile: str = "pretra
     g.add_argument("--engine-core", choices=ENGINE_CORES, default="thread",
                    help="where the models run: thread = in this process (default); process = a child process "
                         "that owns the device, so sessions, WebRTC and HTTP do not share its interpreter lock")
+    g.add_argument("--tools", action="append", default=None, metavar="MODULE:ATTR",
+                   help="tools the agent may call while it speaks: a duplex.tools.Tool, an async function or a "
+                        "list of them, imported from MODULE (repeatable; see the README's Tools)")
     g.add_argument("--config", default=None, metavar="FILE",
                    help="a TOML file of agent settings (any AgentConfig field; [turn] for turn timings, "
                         "[fake.llm] etc. for the fake stages); options given here override it")
@@ -68,7 +71,7 @@ def add_agent_options(p: argparse.ArgumentParser, default_profile: str = "pretra
 
 # agent options that are AgentConfig fields of the same name
 _CLI_FIELDS = ("profile", "device", "asr_model", "asr_latency", "llm_model", "llm_window", "tts_model", "voice",
-               "voice_text", "system_prompt", "seed", "engine_slots", "graphs", "compile", "engine_core")
+               "voice_text", "system_prompt", "seed", "engine_slots", "graphs", "compile", "engine_core", "tools")
 
 
 def apply_config_file(args: argparse.Namespace) -> None:

@@ -116,6 +116,10 @@ class AgentConfig:
     # Benchmarks: replies always run to max_reply_tokens, so figures do not depend on when random
     # weights happen to stop.
     fixed_lengths: bool = False
+    # A tool call that takes longer than this gets one holding phrase spoken while it runs.
+    tool_hold_s: float = 1.0
+    tool_hold_phrase: str = "One moment."
+    tools: list[str] = field(default_factory=list)  # module:attribute specs of tools to load (--tools)
     turn: TurnConfig = field(default_factory=TurnConfig)
     fake: dict[str, object] = field(default_factory=dict)  # options of the fake stages (profile "fake")
 
@@ -161,6 +165,12 @@ class AgentConfig:
             raise ConfigError("a voice prompt needs both the clip (voice) and its transcript (voice_text)")
         if self.voice is not None and not Path(self.voice).is_file():
             raise ConfigError(f"voice clip not found: {self.voice}")
+        if self.tools is None:
+            self.tools = []
+        if not isinstance(self.tools, list) or not all(isinstance(t, str) for t in self.tools):
+            raise ConfigError(f"tools must be a list of 'module:attribute' strings, got {self.tools!r}")
+        if not (0.0 < self.tool_hold_s <= 60.0):
+            raise ConfigError(f"tool_hold_s must be in (0, 60] seconds, got {self.tool_hold_s}")
         self.turn.validate()
         return self
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from duplex.events import INPUT_RATE, Word
 from duplex.stages import Dialogue, Message
+from duplex.tools import ToolCall
 
 
 @dataclass
@@ -29,6 +30,23 @@ class UserTurn:
 
 
 @dataclass
+class ToolUse:
+    """A tool call the reply made, where in the reply it came, and what it gave."""
+
+    call: ToolCall
+    text_before: str  # the reply's text before the call (its words are the ones spoken before it)
+    started_wall: float
+    output: str | None = None  # what the model was told; None while it runs
+    error: str | None = None
+    seconds: float = 0.0
+    spoken: bool = False  # the reply went on from its result (False: interrupted before)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"call_id": self.call.call_id, "name": self.call.name, "arguments": self.call.arguments,
+                "output": self.output, "error": self.error, "seconds": round(self.seconds, 3), "spoken": self.spoken}
+
+
+@dataclass
 class AgentTurn:
     reply_id: int
     turn: int  # the user turn it answers
@@ -41,6 +59,7 @@ class AgentTurn:
     done: bool = False
     started_wall: float = 0.0
     first_audio_wall: float | None = None
+    tools: list[ToolUse] = field(default_factory=list)
 
     role = "assistant"
 
@@ -52,10 +71,30 @@ def _add(out: list[Message], role: Literal["user", "assistant"], text: str) -> N
     """Append a message, merging it into the last one of the same role (chat templates alternate)."""
     if not text:
         return
-    if out and out[-1].role == role:
+    if out and out[-1].role == role and out[-1].tool_call is None:
         out[-1] = Message(role, f"{out[-1].content} {text}")
     else:
         out.append(Message(role, text))
+
+
+def _add_reply(out: list[Message], turn: AgentTurn) -> None:
+    """A reply as the LLM sees it: the words heard, with each tool call it made (and the tool's
+    output) where it came among them. A call made after the last word heard counts only if the
+    reply went on from its result (else the user never heard it made)."""
+    heard = turn.heard.split()
+    at = 0
+    for use in turn.tools:
+        if use.output is None:
+            continue  # never finished: the model never saw a result
+        said = len(use.text_before.split())
+        if said > len(heard) and not use.spoken:
+            break
+        before = min(said, len(heard))
+        _add(out, "assistant", " ".join(heard[at:before]))
+        out.append(Message("assistant", "", tool_call=use.call))
+        out.append(Message("tool", use.output))
+        at = before
+    _add(out, "assistant", " ".join(heard[at:]))
 
 
 class Conversation:
@@ -128,7 +167,7 @@ class Conversation:
                     if not turn.open:
                         _add(done, "user", turn.text)
                 elif turn.done:
-                    _add(done, "assistant", turn.heard)
+                    _add_reply(done, turn)
             self._cached = (self._version, tuple(done[:-1]), tuple(done[-1:]))
         _, settled, last = self._cached
         if not pending_user_text:
@@ -147,5 +186,6 @@ class Conversation:
                 turns.append({"role": "assistant", "reply_id": t.reply_id, "answers_turn": t.turn,
                               "heard": t.heard, "text": t.text, "interrupted": t.interrupted,
                               "played_s": round(t.played / t.sample_rate, 3),
-                              "words": [asdict(w) for w in t.words], "sample_rate": t.sample_rate})
+                              "words": [asdict(w) for w in t.words], "sample_rate": t.sample_rate,
+                              **({"tools": [u.to_json() for u in t.tools]} if t.tools else {})})
         return {"system_prompt": self.system_prompt, "turns": turns}

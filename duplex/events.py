@@ -156,6 +156,32 @@ class ReplyText(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ToolCalled(Event):
+    """The reply called a tool (``arguments``: the JSON the model wrote); the tool runs now."""
+
+    type: ClassVar[str] = "tool.called"
+    reply_id: int
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToolResult(Event):
+    """A tool call ended: ``output`` is what the model is told (``{"error": ...}`` on a failure).
+    ``spoken`` False: the reply was interrupted first and the result never reached speech."""
+
+    type: ClassVar[str] = "tool.result"
+    reply_id: int
+    call_id: str
+    name: str
+    output: str
+    error: str | None = None
+    seconds: float = 0.0
+    spoken: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
 class ReplyAudio(Event):
     """A chunk of synthesised reply audio was queued for playback (``words`` in reply samples)."""
 

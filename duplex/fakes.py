@@ -24,6 +24,7 @@ blocks a worker thread, like a real model step.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -37,6 +38,7 @@ from duplex.config import AgentConfig
 from duplex.errors import ConfigError
 from duplex.events import INPUT_RATE, TranscriptFinal, TranscriptPartial, Word
 from duplex.stages import AudioChunk, Message
+from duplex.tools import ToolCall
 from duplex.worker import ModelWorker
 
 BACKCHANNELS = {"mm-hm", "mhm", "mm", "uh-huh", "yeah", "yes", "right", "okay", "ok", "sure", "i see"}
@@ -136,6 +138,7 @@ class FakeASRStream:
 
 @dataclass
 class FakeLLM:
+    calls_tools = True  # its scripts may call tools ([[name {...}]], see FakeLLMStream)
     replies: Sequence[str] = ()
     ttft_s: float = 0.2
     token_s: float = 0.03
@@ -181,11 +184,19 @@ class FakeLLM:
         return stream
 
 
+TOOL_CALL = re.compile(r"\[\[(\S+)\s*(.*?)\]\]")  # in a scripted reply: [[name {"json": "arguments"}]]
+
+
 class FakeLLMStream:
+    """Scripted replies. A reply may call tools: ``"Let me look. [[weather {"city": "Paris"}]] It is
+    {result} there."`` speaks "Let me look.", calls ``weather``, and once asked again with its result
+    goes on with the text after the call, ``{result}`` replaced by the tool's output."""
+
     def __init__(self, model: FakeLLM) -> None:
         self.m = model
         self.shown: list[list[Message]] = []  # the dialogue each call was given, for tests
         self.replies = 0
+        self._rest: list[str] = []  # the current script after its last call: [name, arguments, text, ...]
 
     def reply_text(self, messages: Sequence[Message]) -> str:
         self.replies += 1
@@ -200,15 +211,26 @@ class FakeLLMStream:
             await _compute(self.m.worker, self.m.compute_s)
         return self.m.estimate(messages[-1].content if messages else "")
 
-    async def reply(self, messages: Sequence[Message]) -> AsyncIterator[str]:
+    async def reply(self, messages: Sequence[Message]) -> AsyncIterator[str | ToolCall]:
         self.shown.append(list(messages))
+        if messages and messages[-1].role == "tool" and self._rest:  # going on from a tool's result
+            text, self._rest = self._rest[0].replace("{result}", messages[-1].content), self._rest[1:]
+        else:
+            text, *self._rest = TOOL_CALL.split(self.reply_text(messages))
         await asyncio.sleep(self.m.ttft_s)
-        for i, word in enumerate(self.reply_text(messages).split()):
+        for i, word in enumerate(text.split()):
             if i:
                 await asyncio.sleep(self.m.token_s)
             if self.m.compute_s:
                 await _compute(self.m.worker, self.m.compute_s)
             yield word if i == 0 else " " + word
+        if self._rest:
+            name, arguments, self._rest = self._rest[0], self._rest[1], self._rest[2:]
+            try:
+                parsed = json.loads(arguments or "{}")
+            except json.JSONDecodeError:
+                parsed = arguments
+            yield ToolCall("", name, parsed if isinstance(parsed, dict) else arguments)
 
     async def is_backchannel(self, messages: Sequence[Message], text: str) -> bool:
         if self.m.is_backchannel_override is not None:  # tests: a check that fails or stalls

@@ -57,6 +57,11 @@ class Reply:
     task: asyncio.Task[None] | None = None
     held: list[Event] = field(default_factory=list)  # events made while speculative
     cancelled: bool = False  # no more text, audio or events of it (the TTS may still hold some)
+    committed: asyncio.Event = field(default_factory=asyncio.Event)  # set once it is a real reply
+
+    def __post_init__(self) -> None:
+        if not self.speculative:
+            self.committed.set()
 
     def cancel(self) -> None:
         """Stop generating (idempotent; a step already running in an engine lands and is dropped)."""
@@ -67,5 +72,6 @@ class Reply:
     def commit(self) -> list[Event]:
         """It is a real reply now: returns the events held back, in the order they were made."""
         self.speculative = False
+        self.committed.set()
         held, self.held = self.held, []
         return held

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import json
 import logging
 import math
 import os
@@ -39,11 +40,12 @@ from duplex import events as ev
 from duplex.audio import StreamResampler, to_mono_float
 from duplex.clock import now
 from duplex.config import AgentConfig
-from duplex.conversation import AgentTurn, Conversation
+from duplex.conversation import AgentTurn, Conversation, ToolUse
 from duplex.errors import AudioFormatError
 from duplex.events import INPUT_RATE, Event
 from duplex.playout import Frame, Playout
 from duplex.recording import MAX_EXTRAPOLATION_S, Recording
+from duplex.tools import MAX_CALLS_PER_REPLY, Tool, ToolCall, ToolOutcome, run_call
 from duplex.reply import Reply, TurnTiming
 from duplex.stages import Message, Stages
 from duplex.turns import (Action, CancelReply, CheckBargeIn, EndTurn, Interrupt, Pause, Phase, Resume,
@@ -59,6 +61,13 @@ MIN_RATE, MAX_RATE = 8_000, 192_000
 MAX_QUEUED_S = 10.0  # audio waiting for a lagging VAD/ASR before input is dropped ...
 RESUME_QUEUED_S = 5.0  # ... until the backlog is down to this
 PROGRESS_EVERY = 10  # frames between PlaybackProgress events (200 ms)
+
+
+async def _aclose(iterator: object) -> None:
+    """Close an async iterator that can be closed (the LLM's token streams are async generators)."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 def _cancelling() -> bool:
@@ -114,7 +123,7 @@ class Session:
 
     def __init__(self, stages: Stages, config: AgentConfig, *, name: str = "session",
                  on_close: Callable[[Session], None] | None = None, record: str | os.PathLike[str] | None = None,
-                 resume: Conversation | None = None) -> None:
+                 resume: Conversation | None = None, tools: dict[str, Tool] | None = None) -> None:
         self.name = name
         self._on_close = on_close
         self.config = config
@@ -124,6 +133,7 @@ class Session:
         self.conversation = resume if resume is not None else Conversation(config.system_prompt)
         self.policy = TurnPolicy(config.turn)
         self.playout = Playout(self.output_rate)
+        self.tools = tools or {}  # what replies may call (duplex.tools)
         # both sides on one clock and the transcript heard, written at close (duplex.recording)
         self.recording = Recording(record, self.output_rate, earlier=self.conversation.turns) \
             if record is not None else None
@@ -160,7 +170,7 @@ class Session:
         self._pause_start: int | None = None  # speech onset of a barge-in not yet silenced
         self._listen_task: asyncio.Task[None] | None = None
         self._listen_wanted = False
-        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._side_tasks: set[asyncio.Future[Any]] = set()
         self._reply_tasks: set[asyncio.Task[None]] = set()  # every reply's, until it has ended
         self._closing: asyncio.Future[None] | None = None
         self._frames = 0
@@ -586,17 +596,64 @@ class Session:
     async def _reply_loop(self, handle: Reply, messages: Sequence[Message]) -> None:
         rid, reply, timing = handle.reply_id, handle.record, handle.timing
         tokens = self._llm.reply(messages)
+        asked = list(messages)  # what the LLM is given: the dialogue, then this reply's tool calls and results
+
+        def say(piece: str) -> str:
+            reply.text += piece
+            self._emit_for(handle, ev.ReplyText(stream_samples=self._vad_pos, wall=now(), reply_id=rid, delta=piece))
+            return piece
 
         async def text() -> AsyncGenerator[str, None]:
-            async for piece in tokens:
-                if handle.cancelled:  # stopped while the TTS's reader was taking text: nothing more of it
+            nonlocal tokens
+            calls = 0
+            while True:
+                said, call = "", None
+                async for piece in tokens:
+                    if handle.cancelled:  # stopped while the TTS's reader was taking text: nothing more of it
+                        return
+                    if isinstance(piece, ToolCall):
+                        call = piece
+                        break
+                    if calls and not said and reply.text and not reply.text[-1].isspace() \
+                            and not piece[:1].isspace():
+                        piece = " " + piece  # going on after a tool: a new message, a new word
+                    if timing.first_token_wall is None:
+                        timing.first_token_wall = now()
+                    said += piece
+                    yield say(piece)
+                if call is None:
                     return
-                if timing.first_token_wall is None:
-                    timing.first_token_wall = now()
-                reply.text += piece
-                self._emit_for(handle, ev.ReplyText(stream_samples=self._vad_pos, wall=now(), reply_id=rid,
-                                                    delta=piece))
-                yield piece
+                await _aclose(tokens)
+                calls += 1
+                if calls > MAX_CALLS_PER_REPLY:
+                    self._emit_for(handle, ev.Error(stream_samples=self._vad_pos, wall=now(), stage="tool",
+                                                    message=f"the reply called tools {MAX_CALLS_PER_REPLY} times; "
+                                                            "it ends here"))
+                    return
+                await handle.committed.wait()  # a speculative reply never acts: it may yet be withdrawn
+                call = ToolCall(f"call_{rid}_{calls}", call.name, call.arguments)
+                use = ToolUse(call, text_before=reply.text, started_wall=now())
+                reply.tools.append(use)
+                self._emit_for(handle, ev.ToolCalled(
+                    stream_samples=self._vad_pos, wall=now(), reply_id=rid, call_id=call.call_id, name=call.name,
+                    arguments=call.arguments if isinstance(call.arguments, str) else json.dumps(call.arguments)))
+                task = asyncio.ensure_future(run_call(self.tools, call))
+                try:
+                    done, _ = await asyncio.wait({task}, timeout=self.config.tool_hold_s)
+                    if not done and self.config.tool_hold_phrase:
+                        yield say((" " if reply.text else "") + self.config.tool_hold_phrase)
+                    outcome = await asyncio.shield(task)
+                finally:
+                    if not task.done() or task.cancelled():
+                        self._abandon_tool(handle, use, task)
+                use.output, use.error, use.seconds, use.spoken = outcome.output, outcome.error, outcome.seconds, True
+                self._emit_for(handle, ev.ToolResult(
+                    stream_samples=self._vad_pos, wall=now(), reply_id=rid, call_id=call.call_id, name=call.name,
+                    output=outcome.output, error=outcome.error, seconds=outcome.seconds))
+                if said.strip():
+                    asked.append(Message("assistant", said.strip()))
+                asked.extend([Message("assistant", "", tool_call=call), Message("tool", outcome.output)])
+                tokens = self._llm.reply(asked)
 
         offset = 0
         pieces = text()
@@ -620,10 +677,36 @@ class Session:
                                             message=f"{type(exc).__name__}: {exc}"))
         finally:
             await pieces.aclose()
-            aclose = getattr(tokens, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await _aclose(tokens)
             self.playout.end_reply(rid)
+
+    def _abandon_tool(self, handle: Reply, use: ToolUse, task: asyncio.Future[ToolOutcome]) -> None:
+        """The reply stopped while its tool ran: the tool is cancelled, or (``cancel_on_interrupt``
+        False) finishes, its result recorded as never spoken."""
+        tool = self.tools.get(use.call.name)
+        rid, call = handle.reply_id, use.call
+
+        def recorded(outcome: ToolOutcome | None, error: str | None) -> None:
+            use.output = outcome.output if outcome is not None else None
+            use.error = error if outcome is None else outcome.error
+            use.seconds = outcome.seconds if outcome is not None else now() - use.started_wall
+            use.spoken = False
+            if not self.closed and not handle.speculative:
+                self._emit(ev.ToolResult(stream_samples=self._vad_pos, wall=now(), reply_id=rid, call_id=call.call_id,
+                                         name=call.name, output=use.output or "", error=use.error,
+                                         seconds=use.seconds, spoken=False))
+
+        if tool is None or tool.cancel_on_interrupt or task.done():
+            task.cancel()
+            recorded(None, "cancelled: the reply was interrupted")
+            return
+
+        def finished(done: asyncio.Future[ToolOutcome]) -> None:
+            recorded(None if done.cancelled() else done.result(), "cancelled" if done.cancelled() else None)
+
+        self._side_tasks.add(task)  # closing the session cancels it
+        task.add_done_callback(self._side_tasks.discard)
+        task.add_done_callback(finished)
 
     async def _playout_loop(self) -> None:
         period = self.playout.frame_samples / self.output_rate

@@ -21,14 +21,16 @@ from typing import Literal, Protocol, overload, runtime_checkable
 import numpy as np
 
 from duplex.events import TranscriptFinal, TranscriptPartial, VADEvent, Word
+from duplex.tools import ToolCall
 
 
 @dataclass(frozen=True, slots=True)
 class Message:
     """One message of the dialogue as the LLM sees it (built from the conversation record)."""
 
-    role: Literal["user", "assistant"]
-    content: str
+    role: Literal["user", "assistant", "tool"]
+    content: str  # a tool's: its output
+    tool_call: ToolCall | None = None  # an assistant message that calls a tool (its content then empty)
 
 
 class Dialogue(Sequence[Message]):
@@ -158,8 +160,10 @@ class LLMStream(Protocol):
         None if the backend has no estimate."""
         ...
 
-    def reply(self, messages: Sequence[Message]) -> AsyncIterator[str]:
-        """Stream the reply to ``messages`` as text pieces; stop early by closing the iterator."""
+    def reply(self, messages: Sequence[Message]) -> AsyncIterator[str | ToolCall]:
+        """Stream the reply to ``messages`` as text pieces; stop early by closing the iterator. A
+        :class:`~duplex.tools.ToolCall` item ends the reply there: the session runs the tool and asks
+        again with the call and its result appended (``Message("tool", output)``)."""
         ...
 
     async def is_backchannel(self, messages: Sequence[Message], text: str) -> bool:

@@ -15,11 +15,11 @@ RATE = 16_000
 
 
 def make_agent(vad_model, *, asr: dict | None = None, llm: dict | None = None, tts: dict | None = None,
-               turn: TurnConfig | None = None) -> Agent:
+               turn: TurnConfig | None = None, tools=()) -> Agent:
     config = AgentConfig(profile="fake", turn=turn or TurnConfig())
     stages = Stages(vad=vad_model, asr=FakeASR(**(asr or {})), llm=FakeLLM(**(llm or {})),
                     tts=FakeTTS(**(tts or {})))
-    return Agent(stages, config)
+    return Agent(stages, config, tools=tools)
 
 
 def clip(jfk16: np.ndarray, start_s: float, end_s: float) -> np.ndarray:

@@ -24,6 +24,10 @@ SAMPLES: list[ev.Event] = [
     ev.AgentState(stream_samples=34400, wall=3.3, state="thinking"),
     ev.ReplyStarted(stream_samples=34400, wall=3.3, reply_id=1, turn=0),
     ev.ReplyText(stream_samples=34400, wall=3.4, reply_id=1, delta="You"),
+    ev.ToolCalled(stream_samples=34400, wall=3.4, reply_id=1, call_id="call_1", name="weather",
+                  arguments='{"city": "Paris"}'),
+    ev.ToolResult(stream_samples=34400, wall=3.45, reply_id=1, call_id="call_1", name="weather",
+                  output='{"sky": "clear"}', seconds=0.05),
     ev.ReplyAudio(stream_samples=34400, wall=3.5, reply_id=1, offset=0, samples=9600, words=W),
     ev.AudioOut(stream_samples=35000, wall=3.6, reply_id=1),
     ev.PlaybackProgress(stream_samples=38000, wall=3.8, reply_id=1, played=4800),
@@ -73,6 +77,9 @@ def test_messages_use_realtime_names_and_carry_times():
     assert by_type["response.done"]["status"] == "cancelled" and by_type["response.done"]["heard"] == "You"
     assert by_type["agent.metric"] == {**by_type["agent.metric"], "name": "voice_to_voice_s", "value": 0.61}
     assert by_type["error"]["error"]["message"] == "boom"
+    assert by_type["response.function_call_arguments.done"]["arguments"] == '{"city": "Paris"}'
+    assert by_type["conversation.item.created"]["item"] == {
+        "id": "item_call_1_output", "type": "function_call_output", "call_id": "call_1", "output": '{"sky": "clear"}'}
     assert by_type["agent.state"]["state"] == "thinking"
     assert len({m["event_id"] for m in out}) == len(out)
     assert by_type["input_audio_buffer.speech_started"]["t"] == 0.5

@@ -74,6 +74,16 @@ class RealtimeEncoder:
         if isinstance(event, ev.ReplyText):
             return {**self._base("response.audio_transcript.delta", event), "response_id": _rid(event.reply_id),
                     "delta": event.delta}
+        if isinstance(event, ev.ToolCalled):
+            return {**self._base("response.function_call_arguments.done", event), "response_id": _rid(event.reply_id),
+                    "item_id": f"item_{event.call_id}", "call_id": event.call_id, "name": event.name,
+                    "arguments": event.arguments}
+        if isinstance(event, ev.ToolResult):
+            return {**self._base("conversation.item.created", event), "response_id": _rid(event.reply_id),
+                    "item": {"id": f"item_{event.call_id}_output", "type": "function_call_output",
+                             "call_id": event.call_id, "output": event.output},
+                    "name": event.name, "error": event.error, "seconds": round(event.seconds, 3),
+                    "spoken": event.spoken}
         if isinstance(event, ev.ReplyAudio):
             return {**self._base("response.audio.words", event), "response_id": _rid(event.reply_id),
                     "offset": event.offset, "samples": event.samples, "sample_rate": self.output_rate,
