@@ -224,7 +224,8 @@ async def serve(config: AgentConfig, path: str, parent: int) -> None:
             if first and not owner.done():
                 owner.set_result(None)
             return
-        wire.write(writer, "hello", {"tts_sample_rate": stages.tts.sample_rate, "pid": os.getpid()})
+        wire.write(writer, "hello", {"tts_sample_rate": stages.tts.sample_rate, "pid": os.getpid(),
+                                     "llm_calls_tools": bool(getattr(stages.llm, "calls_tools", False))})
         task = asyncio.current_task()
         assert task is not None
         serving.add(task)

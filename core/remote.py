@@ -94,8 +94,10 @@ class Core:
     def stages(self) -> Stages:
         """The four stages, served by this core."""
         rate = int(self.info["tts_sample_rate"])
+        llm = RemoteModel(self, "llm", RemoteLLMStream)
+        llm.calls_tools = bool(self.info.get("llm_calls_tools", False))  # its tool calls cross the socket
         return Stages(vad=RemoteModel(self, "vad", RemoteVADStream), asr=RemoteModel(self, "asr", RemoteASRStream),
-                      llm=RemoteModel(self, "llm", RemoteLLMStream),
+                      llm=llm,
                       tts=RemoteModel(self, "tts", RemoteTTSStream, sample_rate=rate))
 
     # -- requests ----------------------------------------------------------------------------------
@@ -240,6 +242,7 @@ class RemoteModel:
 
     def __init__(self, core: Core, role: str, stream: type[RemoteStream], sample_rate: int | None = None) -> None:
         self.core, self.role, self._stream = core, role, stream
+        self.calls_tools = False  # (the LLM's: set from the core's hello)
         if sample_rate is not None:
             self.sample_rate = sample_rate
 

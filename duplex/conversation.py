@@ -90,8 +90,7 @@ def _add_reply(out: list[Message], turn: AgentTurn) -> None:
         if said > len(heard) and not use.spoken:
             break
         before = min(said, len(heard))
-        _add(out, "assistant", " ".join(heard[at:before]))
-        out.append(Message("assistant", "", tool_call=use.call))
+        out.append(Message("assistant", " ".join(heard[at:before]), tool_call=use.call))
         out.append(Message("tool", use.output))
         at = before
     _add(out, "assistant", " ".join(heard[at:]))

@@ -178,7 +178,7 @@ class FakeLLM:
             return self._eot_by_text[plain]
         return self._eot_by_words.get(len(plain.split()), self.eot)
 
-    def new_stream(self, system_prompt: str) -> FakeLLMStream:
+    def new_stream(self, system_prompt: str, tools: Sequence[dict[str, Any]] = ()) -> FakeLLMStream:
         stream = FakeLLMStream(self)
         self.streams.append(stream)
         return stream

@@ -139,7 +139,9 @@ class Session:
             if record is not None else None
         self._vad = stages.vad.new_stream()
         self._asr = stages.asr.new_stream()
-        self._llm = stages.llm.new_stream(config.system_prompt)
+        # the tools' schemas go to the LLM's system block (a model that calls none ignores them)
+        self._llm = stages.llm.new_stream(config.system_prompt, [t.schema() for t in tools.values()]) if tools \
+            else stages.llm.new_stream(config.system_prompt)
         self._tts = stages.tts.new_stream()
         self.t0 = now()
         self.closed = False
@@ -650,9 +652,8 @@ class Session:
                 self._emit_for(handle, ev.ToolResult(
                     stream_samples=self._vad_pos, wall=now(), reply_id=rid, call_id=call.call_id, name=call.name,
                     output=outcome.output, error=outcome.error, seconds=outcome.seconds))
-                if said.strip():
-                    asked.append(Message("assistant", said.strip()))
-                asked.extend([Message("assistant", "", tool_call=call), Message("tool", outcome.output)])
+                # what it said and the call are one assistant message, as chat templates write a call
+                asked.extend([Message("assistant", said.strip(), tool_call=call), Message("tool", outcome.output)])
                 tokens = self._llm.reply(asked)
 
         offset = 0

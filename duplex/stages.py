@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, overload, runtime_checkable
+from typing import Any, Literal, Protocol, overload, runtime_checkable
 
 import numpy as np
 
@@ -175,7 +175,9 @@ class LLMStream(Protocol):
 
 
 class LLMModel(Protocol):
-    def new_stream(self, system_prompt: str) -> LLMStream: ...
+    def new_stream(self, system_prompt: str, tools: Sequence[dict[str, Any]] = ()) -> LLMStream:
+        """A session's stream; ``tools``: function schemas of what the session's replies may call."""
+        ...
 
 
 # -- TTS -------------------------------------------------------------------------------------------

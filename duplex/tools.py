@@ -159,6 +159,62 @@ def _mismatch(schema: dict[str, Any], value: Any) -> str | None:
     return None
 
 
+class ToolCallText:
+    """Finds tool calls in a reply's generated text, piece by piece: text before ``open_`` is speech;
+    what stands between ``open_`` and ``close`` (``<tool_call>`` ... ``</tool_call>`` in Qwen's
+    template) is the call. Text that may be the start of ``open_`` is held back until it is not."""
+
+    def __init__(self, open_: str, close: str) -> None:
+        self.open, self.close = open_, close
+        self._buffer = ""
+        self.in_call = False
+
+    def feed(self, text: str) -> tuple[str, ToolCall | None]:
+        """(speech to pass on, the call completed by this text, if any: nothing after it counts)."""
+        self._buffer += text
+        if not self.in_call:
+            at = self._buffer.find(self.open)
+            if at < 0:
+                keep = next((k for k in range(min(len(self.open) - 1, len(self._buffer)), 0, -1)
+                             if self._buffer.endswith(self.open[:k])), 0)
+                speech, self._buffer = self._buffer[:len(self._buffer) - keep], self._buffer[len(self._buffer) - keep:]
+                return speech, None
+            speech, self._buffer, self.in_call = self._buffer[:at], self._buffer[at + len(self.open):], True
+        else:
+            speech = ""
+        at = self._buffer.find(self.close)
+        if at < 0:
+            return speech, None
+        body, self._buffer, self.in_call = self._buffer[:at], "", False
+        return speech, parse_call(body)
+
+    def end(self) -> tuple[str, ToolCall | None]:
+        """The reply ended: text held back is speech; a call left open is parsed as it stands."""
+        rest, self._buffer = self._buffer, ""
+        if self.in_call:
+            self.in_call = False
+            return "", parse_call(rest)
+        return rest, None
+
+
+def parse_call(body: str) -> ToolCall:
+    """``{"name": ..., "arguments": {...}}`` (arguments may come as a JSON string); a body that is not
+    one is kept as text, so running it tells the model what was wrong."""
+    try:
+        data = json.loads(body.strip())
+    except json.JSONDecodeError:
+        return ToolCall("", "?", body.strip())
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        return ToolCall("", "?", body.strip())
+    arguments = data.get("arguments", data.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass
+    return ToolCall("", data["name"], arguments if isinstance(arguments, (dict, str)) else json.dumps(arguments))
+
+
 @dataclass
 class ToolOutcome:
     """What running one call gave: the text the model is told, and how it went."""

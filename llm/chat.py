@@ -42,13 +42,18 @@ class ChatFormat:
     generation_prompt: str
     end_of_message: int  # first token of the user suffix: "the user's message is complete"
     stop_ids: frozenset[int]  # tokens that end a reply
+    # Tool calls, where the template has them (Qwen2.5's <tool_call> JSON </tool_call>): the markers
+    # around a call in the assistant's text, and the rendering before an assistant message (a tool
+    # call message is rendered by the template itself, after it); None: this model calls no tools.
+    tool_markers: tuple[str, str] | None = None
+    call_base: str = ""
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, generation_config: Any = None) -> ChatFormat:
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("the LLM's tokenizer has no chat template; use an instruct/chat checkpoint")
 
-        def render(messages: list[dict[str, str]], gen: bool = False) -> str:
+        def render(messages: list[dict[str, Any]], gen: bool = False) -> str:
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen,
                                                  enable_thinking=False)
 
@@ -73,9 +78,13 @@ class ChatFormat:
                 stop.add(extra)
             elif extra:
                 stop.update(int(t) for t in extra)
-        fmt = cls(tokenizer=tokenizer, system_text=s, wrappers={"user": (user_prefix, user_suffix),
-                  "assistant": (asst_prefix, asst_suffix)}, generation_prompt=g[len(a):],
-                  end_of_message=fmt_tokens[0], stop_ids=frozenset(stop))
+        wrappers = {"user": (user_prefix, user_suffix), "assistant": (asst_prefix, asst_suffix)}
+        tool_format = _tool_format(render, system, a, b, asst_prefix, asst_suffix)
+        markers = None
+        if tool_format is not None:
+            markers, wrappers["tool"] = tool_format
+        fmt = cls(tokenizer=tokenizer, system_text=s, wrappers=wrappers, generation_prompt=g[len(a):],
+                  end_of_message=fmt_tokens[0], stop_ids=frozenset(stop), tool_markers=markers, call_base=a)
         fmt._check_local(render)
         return fmt
 
@@ -89,11 +98,25 @@ class ChatFormat:
             log.warning("the chat template is not message-local; duplex.llm renders each message with "
                         "the wrappers of its role, which may differ slightly from the template")
 
-    def render_system(self, system_prompt: str) -> str:
-        return self.system_text.replace(_A, system_prompt.strip())
+    def render_system(self, system_prompt: str, tools: Sequence[dict[str, Any]] = ()) -> str:
+        """The system block; with ``tools`` (OpenAI function schemas), as the template shows them."""
+        if not tools:
+            return self.system_text.replace(_A, system_prompt.strip())
+        return self.tokenizer.apply_chat_template([{"role": "system", "content": system_prompt.strip()}],
+                                                  tools=list(tools), tokenize=False, add_generation_prompt=False,
+                                                  enable_thinking=False)
 
     def render(self, message: Message, *, open_: bool = False) -> str:
-        """One message with its wrappers; ``open_`` leaves the suffix off (the message goes on)."""
+        """One message with its wrappers; ``open_`` leaves the suffix off (the message goes on). An
+        assistant message that calls a tool is rendered by the template (its call format)."""
+        if message.tool_call is not None:
+            call = message.tool_call
+            whole = self.tokenizer.apply_chat_template(
+                [{"role": "system", "content": _A}, {"role": "user", "content": _B},
+                 {"role": "assistant", "content": message.content.strip(), "tool_calls": [
+                     {"type": "function", "function": {"name": call.name, "arguments": call.arguments}}]}],
+                tokenize=False, add_generation_prompt=False, enable_thinking=False)
+            return whole[len(self.call_base):]
         if message.role not in self.wrappers:
             raise ValueError(f"unknown message role {message.role!r}; expected one of {', '.join(ROLES)}")
         prefix, suffix = self.wrappers[message.role]
@@ -101,6 +124,32 @@ class ChatFormat:
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+
+def _tool_format(render: Any, system: list[dict[str, Any]], a: str, b: str, asst_prefix: str,
+                 asst_suffix: str) -> tuple[tuple[str, str], tuple[str, str]] | None:
+    """The markers around a tool call in an assistant message and the wrappers of a tool message, if
+    the template renders both message-locally with markers (Qwen2.5's); None otherwise."""
+    call = {"type": "function", "function": {"name": "tool_name", "arguments": {"key": 1}}}
+    try:
+        with_call = render(system + [{"role": "user", "content": _B},
+                                     {"role": "assistant", "content": _A, "tool_calls": [call]}])
+        with_tool = render(system + [{"role": "user", "content": _B}, {"role": "assistant", "content": _A},
+                                     {"role": "tool", "content": _B}])
+    except Exception:  # jinja raising on a role or field it does not know: no tools
+        return None
+    body = with_call[len(a):] if with_call.startswith(a) else ""
+    if not (body.startswith(asst_prefix + _A) and body.endswith(asst_suffix)) or not with_tool.startswith(b):
+        return None
+    text = body[len(asst_prefix) + 1:len(body) - len(asst_suffix)]
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or "tool_name" not in text[start:end + 1]:
+        return None
+    open_, close = text[:start].strip(), text[end + 1:].strip()
+    tool_prefix, found, tool_suffix = with_tool[len(b):].partition(_B)
+    if not open_ or not close or not found:
+        return None
+    return (open_, close), (tool_prefix, tool_suffix)
 
 
 @dataclass
@@ -119,6 +168,7 @@ class DialogueTokens:
 
     fmt: ChatFormat
     system_prompt: str
+    tools: tuple[dict[str, Any], ...] = ()  # the tools the system block shows (function schemas)
     keys: list[tuple[str, int, bool]] = field(default_factory=list)  # (role, hash(content), open)
     segments: list[np.ndarray | None] = field(default_factory=list)  # None: pruned
     sizes: list[int] = field(default_factory=list)
@@ -144,7 +194,8 @@ class DialogueTokens:
             keys, rest = [("system", hash(self.system_prompt), False)], messages
             self._settled = messages.settled if isinstance(messages, Dialogue) else None
         self._messages = frozen(messages)  # references only: for re-tokenising pruned segments
-        keys += [(m.role, hash(m.content), open_last and i == n - 1) for i, m in enumerate(rest, start=first)]
+        keys += [(m.role, hash(m.content) if m.tool_call is None else hash((m.content, repr(m.tool_call))),
+                  open_last and i == n - 1) for i, m in enumerate(rest, start=first)]
         if generation_prompt:
             keys.append(("generation", 0, False))
         same = base
@@ -170,7 +221,7 @@ class DialogueTokens:
     def _encode(self, index: int, key: tuple[str, int, bool]) -> np.ndarray:
         role, _, open_ = key
         if index == 0:
-            return self.fmt.encode(self.fmt.render_system(self.system_prompt))
+            return self.fmt.encode(self.fmt.render_system(self.system_prompt, self.tools))
         if role == "generation":
             return self.fmt.encode(self.fmt.generation_prompt)
         return self.fmt.encode(self.fmt.render(self._messages[index - 1], open_=open_))

@@ -10,7 +10,7 @@ Each session's dialogue state lives in a :class:`~duplex.llm.stream.SinkLLMStrea
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,13 +92,21 @@ class SinkLLM:
         check_window(self.settings.window, sink, self.settings.min_turn)
         return sink
 
-    def new_context(self, system_prompt: str, *, rerotate: bool = True) -> SinkContext:
-        """A fresh session state on a free row of the engine (run it on the engine's thread)."""
-        return SinkContext.create(self.engine, DialogueTokens(self.format, system_prompt), self.settings.window,
-                                  min_turn=self.settings.min_turn, rerotate=rerotate)
+    def new_context(self, system_prompt: str, *, rerotate: bool = True,
+                    tools: Sequence[dict[str, Any]] = ()) -> SinkContext:
+        """A fresh session state on a free row of the engine (run it on the engine's thread); its
+        system block shows ``tools`` (function schemas) when the model calls tools."""
+        dialogue = DialogueTokens(self.format, system_prompt, tuple(tools) if self.calls_tools else ())
+        return SinkContext.create(self.engine, dialogue, self.settings.window, min_turn=self.settings.min_turn,
+                                  rerotate=rerotate)
 
-    def new_stream(self, system_prompt: str) -> SinkLLMStream:
-        return SinkLLMStream(self, system_prompt)
+    @property
+    def calls_tools(self) -> bool:
+        """Whether its chat template has a tool-call format duplex reads (Qwen2.5's)."""
+        return self.format.tool_markers is not None
+
+    def new_stream(self, system_prompt: str, tools: Sequence[dict[str, Any]] = ()) -> SinkLLMStream:
+        return SinkLLMStream(self, system_prompt, tools=tuple(tools))
 
     def _decode_step(self, rows: list[tuple[SinkLLMStream, Any]]) -> list[Output]:
         """The batched decode step (worker thread): one token for every replying session."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,6 +38,7 @@ from duplex.llm.context import SinkContext
 from duplex.llm.engine import DecodeRequest, Draw, TextDecoder, token_probability
 from duplex.llm.speech_text import SpeechText
 from duplex.stages import Message, frozen
+from duplex.tools import ToolCall, ToolCallText
 
 if TYPE_CHECKING:
     from duplex.llm.model import SinkLLM
@@ -95,6 +96,7 @@ class Listen:
 class SinkLLMStream:
     model: SinkLLM
     system_prompt: str
+    tools: tuple[dict[str, Any], ...] = ()  # function schemas the system block shows (duplex.tools)
     _ctx: SinkContext | None = None
     _draws: int = 0  # tokens this session has sampled (the sampler's per-session counter)
     _active: _Reply | None = None
@@ -127,23 +129,34 @@ class SinkLLMStream:
         self._check_open()
         return await self.model.listening.submit((self, frozen(messages)))
 
-    async def reply(self, messages: Sequence[Message]) -> AsyncIterator[str]:
+    async def reply(self, messages: Sequence[Message]) -> AsyncIterator[str | ToolCall]:
         self._check_open()
         scheduler = self.model.scheduler
         reply = _Reply(TextDecoder(self.model.engine.tokenizer))
         self._active = reply
         speech = SpeechText()
+        markers = self.model.format.tool_markers
+        calls = ToolCallText(*markers) if markers is not None and self.tools else None
         row = None
         try:
             done, text = await scheduler.run(self._reply_start, reply, frozen(messages))
             while True:
                 if not done and row is None:  # decode ahead while the consumer takes this piece
                     row = scheduler.join((self, reply), room=TOKENS_AHEAD)
+                call = None
+                if calls is not None:  # a tool call in the text ends the reply there
+                    text, call = calls.feed(text)
+                    if done and call is None:
+                        tail, call = calls.end()
+                        text += tail
                 piece = speech.feed(text) if text else ""
-                if done:
+                if done or call is not None:
                     piece += speech.flush()
                 if piece:
                     yield piece
+                if call is not None:
+                    yield call
+                    break
                 if done:
                     break
                 assert row is not None
@@ -174,7 +187,7 @@ class SinkLLMStream:
 
     def _context(self) -> SinkContext:
         if self._ctx is None:
-            self._ctx = self.model.new_context(self.system_prompt)
+            self._ctx = self.model.new_context(self.system_prompt, tools=self.tools)
         return self._ctx
 
     def plan_listen(self, messages: Sequence[Message]) -> Listen | None:

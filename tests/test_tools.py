@@ -112,9 +112,9 @@ def test_the_reply_speaks_calls_the_tool_and_goes_on_from_its_result(vad_model, 
     turn = [t for t in run.conversation["turns"] if t["role"] == "assistant"][0]
     assert turn["tools"][0]["name"] == "weather" and turn["tools"][0]["spoken"]
     stream = agent.stages.llm.streams[0]
-    asked = stream.shown[-1]  # the continuation's call: the dialogue, what was said, the call, its output
-    assert asked[-3:-2] == [Message("assistant", "Let me look.")]
-    assert asked[-2].tool_call is not None and asked[-2].tool_call.name == "weather"
+    asked = stream.shown[-1]  # the continuation's call: the dialogue, what was said with the call, its output
+    assert asked[-2].content == "Let me look." and asked[-2].tool_call is not None
+    assert asked[-2].tool_call.name == "weather" and asked[-2].tool_call.call_id == called.call_id
     assert asked[-1] == Message("tool", output)
 
 
@@ -189,3 +189,29 @@ def test_an_unknown_tool_and_a_tool_free_agent(vad_model, jfk16):
     assert "there is no tool 'nope'" in result.error and "weather" in result.error
     with pytest.raises(ConfigError, match="tool name"):
         Tool(name="no spaces", description="x", parameters={"type": "object"}, fn=weather.fn)
+
+
+def test_the_record_puts_each_call_among_the_words_heard():
+    """The next turn's context: the words heard before a call with the call, its output, then the
+    words heard after; a reply cut off before its call was heard shows no call at all."""
+    from duplex.conversation import Conversation, ToolUse
+    from duplex.events import Word
+    from duplex.tools import ToolCall
+
+    def reply(heard_words: int, spoken: bool) -> list[Message]:
+        conversation = Conversation("Be brief.")
+        conversation.user_turn_ended("weather please", 0, 16_000, 1.0)
+        turn = conversation.reply_started(1, 0, 24_000, 1.0)
+        words = "Let me look. It is sunny.".split()
+        turn.words = [Word(w, i * 1000, (i + 1) * 1000) for i, w in enumerate(words)]
+        call = ToolCall("call_1_1", "weather", {"city": "Paris"})
+        turn.tools.append(ToolUse(call, text_before="Let me look.", started_wall=1.0, output='{"sky": "sunny"}',
+                                  spoken=spoken))
+        turn.played = heard_words * 1000
+        conversation.reply_closed(1, interrupted=heard_words < len(words))
+        return list(conversation.messages())
+
+    call = ToolCall("call_1_1", "weather", {"city": "Paris"})
+    assert reply(6, True) == [Message("user", "weather please"), Message("assistant", "Let me look.", tool_call=call),
+                              Message("tool", '{"sky": "sunny"}'), Message("assistant", "It is sunny.")]
+    assert reply(2, False) == [Message("user", "weather please"), Message("assistant", "Let me")]
