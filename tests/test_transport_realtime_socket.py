@@ -149,3 +149,38 @@ async def test_the_endpoint_refuses_what_it_must(jfk_path):
                     assert server.sockets and not next(iter(server.sockets.values())).closed
     finally:
         await agent.aclose()
+
+
+async def test_a_tool_call_reaches_the_openai_client(jfk_path):
+    """With a tool registered (``tools`` in the config, as ``--tools`` sets it), a reply that calls it
+    shows on the socket as response.function_call_arguments.done, then conversation.item.created of
+    type function_call_output, and the reply goes on from the result in its audio transcript."""
+    from duplex.agent import Agent
+    from tests.transport_fixtures import agent_config
+
+    speech, rate = read_audio(jfk_path)
+    first = resample(speech, rate, RATE)[int(0.2 * RATE):int(2.4 * RATE)]
+    config = agent_config(llm={"replies": ['Let me look. [[weather {"city": "Paris"}]] It is {result}.']})
+    config.tools = ["tests.test_tools:weather"]
+    agent = await Agent.load(config)
+    received: list = []
+    try:
+        async with running_server(agent) as (_, url):
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused")
+            async with client.realtime.connect(model="duplex") as conn:
+                await stream(conn, first)
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 20
+                while not any(e.type == "response.done" for e in received):
+                    assert loop.time() < deadline, [e.type for e in received]
+                    received.append(await asyncio.wait_for(conn.recv(), deadline - loop.time()))
+        kinds = [e.type for e in received]
+        called = received[kinds.index("response.function_call_arguments.done")]
+        output = received[kinds.index("conversation.item.created")]
+        assert called.name == "weather" and json.loads(called.arguments) == {"city": "Paris"}
+        assert output.item.type == "function_call_output" and output.item.call_id == called.call_id
+        assert json.loads(output.item.output)["sky"] == "sunny"
+        done = received[kinds.index("response.done")]
+        assert done.response.output[0].content[0].transcript.startswith("Let me look. It is {")
+    finally:
+        await agent.aclose()
