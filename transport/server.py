@@ -128,7 +128,7 @@ def refuse_request(options: ServerOptions, method: str, scheme: str, host: str |
                                           "(start it with --allowed-host NAME to accept that name)"})
     if method not in ("POST", "PATCH"):
         return None
-    if origin is not None and not _own_origin(origin, host, scheme) and _origin(origin) not in _origins(options):
+    if foreign_origin(options, origin, host, scheme):
         return ApiResponse(403, {"error": f"requests from pages of {origin!r} are refused: only this server's own "
                                           "page may use its API (start it with --allowed-origin to accept another)"})
     if (content_type or "").split(";")[0].strip().lower() != "application/json":
@@ -221,6 +221,12 @@ def _local_host(host: str, allowed: tuple[str, ...]) -> bool:
     except ValueError:
         return False
     return True
+
+
+def foreign_origin(options: ServerOptions, origin: str | None, host: str | None, scheme: str) -> bool:
+    """Whether a request comes from another site's page: an ``Origin`` that is neither the page's own
+    (this request's Host) nor one of ``allowed_origins`` (no Origin: no browser's page)."""
+    return origin is not None and not _own_origin(origin, host, scheme) and _origin(origin) not in _origins(options)
 
 
 def _own_origin(origin: str, host: str | None, scheme: str) -> bool:
@@ -452,8 +458,7 @@ class Server(Site):
 
         headers = request.headers
         origin = headers.get("Origin")
-        if origin is not None and not _own_origin(origin, headers.get("Host"), request.scheme) \
-                and _origin(origin) not in _origins(self.options):
+        if foreign_origin(self.options, origin, headers.get("Host"), request.scheme):
             return self._json(403, {"error": f"WebSocket connections from pages of {origin!r} are refused (start the "
                                              "server with --allowed-origin to accept them)"})
         refused = unauthorized(self.options.token, headers.get("Authorization"))
