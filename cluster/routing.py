@@ -192,6 +192,15 @@ class Router:
         for c in capacities:  # offers on their way to a replica take a seat there already
             c.free -= self._placing[c.replica]
         order = placement(capacities)
+        request = json.loads(body)  # (parsed and checked by signal)
+        token = request.get("resume")
+        resumed = owner_of(token, self.names) if isinstance(token, str) else None
+        if resumed is not None:  # only the replica that issued a resume token holds its conversation
+            replica, local = resumed
+            body = json.dumps({**request, "resume": local}).encode()
+            if replica in order:
+                order.remove(replica)
+                order.insert(0, replica)
         if not order:
             return ApiResponse(503, {"error": f"all {len(self.names)} replicas are full or starting; try again "
                                               "later"}, {"Retry-After": "10"})
@@ -246,9 +255,13 @@ class Router:
 
 
 def _public(replica: str, answer: ApiResponse) -> ApiResponse:
-    """The replica's answer with the id the page must use from now on."""
+    """The replica's answer with the ids the page must use from now on (its connection's, and the
+    token that resumes its conversation: both lead back to the replica)."""
     if answer.status == 200 and "pc_id" in answer.body:
-        return replace(answer, body={**answer.body, "pc_id": public_id(replica, answer.body["pc_id"])})
+        body = {**answer.body, "pc_id": public_id(replica, answer.body["pc_id"])}
+        if isinstance(body.get("resume_token"), str):
+            body["resume_token"] = public_id(replica, body["resume_token"])
+        return replace(answer, body=body)
     return answer
 
 

@@ -335,6 +335,9 @@ class RemoteLLMStream(RemoteStream):
     async def is_backchannel(self, messages: Sequence[Message], text: str) -> bool:
         return await self._call("is_backchannel", self._dialogue(messages), text)
 
+    async def configure(self, system_prompt: str, tools: Sequence[dict[str, Any]] = ()) -> None:
+        await self._call("configure", system_prompt, tuple(tools))
+
 
 class RemoteTTSStream(RemoteStream):
     def __init__(self, model: RemoteModel, params: tuple[Any, ...]) -> None:

@@ -179,7 +179,7 @@ class FakeLLM:
         return self._eot_by_words.get(len(plain.split()), self.eot)
 
     def new_stream(self, system_prompt: str, tools: Sequence[dict[str, Any]] = ()) -> FakeLLMStream:
-        stream = FakeLLMStream(self)
+        stream = FakeLLMStream(self, system_prompt, tools)
         self.streams.append(stream)
         return stream
 
@@ -192,8 +192,9 @@ class FakeLLMStream:
     {result} there."`` speaks "Let me look.", calls ``weather``, and once asked again with its result
     goes on with the text after the call, ``{result}`` replaced by the tool's output."""
 
-    def __init__(self, model: FakeLLM) -> None:
+    def __init__(self, model: FakeLLM, system_prompt: str = "", tools: Sequence[dict[str, Any]] = ()) -> None:
         self.m = model
+        self.system_prompt, self.tools = system_prompt, tuple(tools)  # what its system block would show
         self.shown: list[list[Message]] = []  # the dialogue each call was given, for tests
         self.replies = 0
         self._rest: list[str] = []  # the current script after its last call: [name, arguments, text, ...]
@@ -236,6 +237,9 @@ class FakeLLMStream:
         if self.m.is_backchannel_override is not None:  # tests: a check that fails or stalls
             return await self.m.is_backchannel_override(messages, text)
         return re.sub(r"[^\w\s-]", "", text.lower()).strip() in BACKCHANNELS
+
+    async def configure(self, system_prompt: str, tools: Sequence[dict[str, Any]] = ()) -> None:
+        self.system_prompt, self.tools = system_prompt, tuple(tools)
 
     async def aclose(self) -> None:
         return None

@@ -41,7 +41,7 @@ from duplex.audio import StreamResampler, to_mono_float
 from duplex.clock import now
 from duplex.config import AgentConfig
 from duplex.conversation import AgentTurn, Conversation, ToolUse
-from duplex.errors import AudioFormatError
+from duplex.errors import AudioFormatError, ConfigError
 from duplex.events import INPUT_RATE, Event
 from duplex.playout import Frame, Playout
 from duplex.recording import MAX_EXTRAPOLATION_S, Recording
@@ -139,9 +139,12 @@ class Session:
             if record is not None else None
         self._vad = stages.vad.new_stream()
         self._asr = stages.asr.new_stream()
-        # the tools' schemas go to the LLM's system block (a model that calls none ignores them)
-        self._llm = stages.llm.new_stream(config.system_prompt, [t.schema() for t in tools.values()]) if tools \
-            else stages.llm.new_stream(config.system_prompt)
+        # the tools' schemas go to the LLM's system block (a model that calls none ignores them); the
+        # system prompt is the record's (a resumed conversation keeps the one it was given)
+        prompt = self.conversation.system_prompt
+        self._llm = stages.llm.new_stream(prompt, [t.schema() for t in self.tools.values()]) if self.tools \
+            else stages.llm.new_stream(prompt)
+        self.calls_tools = bool(getattr(stages.llm, "calls_tools", False))  # whether its LLM can call tools
         self._tts = stages.tts.new_stream()
         self.t0 = now()
         self.closed = False
@@ -254,6 +257,21 @@ class Session:
         if self.closed:
             sub._put(_CLOSED)
         return sub
+
+    async def configure(self, *, instructions: str | None = None, tools: Sequence[Tool] | None = None) -> None:
+        """Change what the agent is told (its system prompt, kept in the record) and the tools its
+        replies may call; the LLM's context is rebuilt under the new system block before its next call
+        (a reply already generating finishes under the old one). ``None`` leaves that part as it is."""
+        if self.closed:
+            raise RuntimeError(f"{self.name} is closed; start a new session")
+        if tools is not None:
+            names = [t.name for t in tools]
+            if len(set(names)) != len(names):
+                raise ConfigError(f"two tools share a name: {sorted({n for n in names if names.count(n) > 1})}")
+            self.tools = {t.name: t for t in tools}
+        if instructions is not None:
+            self.conversation.system_prompt = instructions
+        await self._llm.configure(self.conversation.system_prompt, [t.schema() for t in self.tools.values()])
 
     def stage_stats(self) -> dict[str, dict[str, float]]:
         """Figures the stage streams report about themselves (e.g. the LLM's KV-cache size), by role."""

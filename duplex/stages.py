@@ -171,6 +171,11 @@ class LLMStream(Protocol):
         ("mm-hm", "right") rather than an interruption to yield to."""
         ...
 
+    async def configure(self, system_prompt: str, tools: Sequence[dict[str, Any]] = ()) -> None:
+        """From the next call on, the system block says ``system_prompt`` and shows ``tools`` (the
+        context is rebuilt under it); a reply already generating finishes under the old one."""
+        ...
+
     async def aclose(self) -> None: ...
 
 

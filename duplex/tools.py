@@ -26,6 +26,7 @@ import json
 import types
 import typing
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -225,6 +226,18 @@ class ToolOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+_RUNNING: ContextVar[ToolCall | None] = ContextVar("duplex_tool_call", default=None)
+
+
+def current_call() -> ToolCall:
+    """Inside a tool's function, while it runs: the call it answers (its ``call_id`` is the one the
+    events and the record name; a tool run by a Realtime client waits for the output of that id)."""
+    call = _RUNNING.get()
+    if call is None:
+        raise RuntimeError("current_call() is for a tool's function, while the agent runs it")
+    return call
+
+
 async def run_call(tools: dict[str, Tool], call: ToolCall) -> ToolOutcome:
     """Run ``call``; every failure becomes the output ``{"error": ...}`` (the model is told, once)."""
     loop = asyncio.get_running_loop()
@@ -240,12 +253,15 @@ async def run_call(tools: dict[str, Tool], call: ToolCall) -> ToolOutcome:
         arguments = check_arguments(t, call.arguments)
     except ValueError as exc:
         return failed(str(exc))
+    running = _RUNNING.set(call)
     try:
         result = await asyncio.wait_for(t.fn(**arguments), t.timeout_s)
     except asyncio.TimeoutError:
         return failed(f"{t.name} took longer than {t.timeout_s:g} s")
     except Exception as exc:  # the tool's own failure: the model is told
         return failed(f"{t.name} failed: {type(exc).__name__}: {exc}")
+    finally:
+        _RUNNING.reset(running)
     try:
         output = result if isinstance(result, str) else json.dumps(result)
     except (TypeError, ValueError):

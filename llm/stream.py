@@ -107,6 +107,8 @@ class SinkLLMStream:
     # a reply's own before its generation prompt): a listen of the same words while a reply holds
     # the cache answers it, so a speculation never changes the estimate it waits for.
     _estimate: tuple[Sequence[Message], float] | None = None
+    # A system prompt and tools asked for while a reply held the cache: taken up by the next call
+    _next_system: tuple[str, tuple[dict[str, Any], ...]] | None = None
 
     @property
     def context(self) -> SinkContext | None:
@@ -176,6 +178,10 @@ class SinkLLMStream:
             return False
         return await self.model.scheduler.run(self._backchannel, frozen(messages), " ".join(words), urgent=True)
 
+    async def configure(self, system_prompt: str, tools: Sequence[dict[str, Any]] = ()) -> None:
+        self._check_open()
+        await self.model.scheduler.run(self._configure, system_prompt, tuple(tools))
+
     async def aclose(self) -> None:
         if self._closed:
             return
@@ -185,7 +191,16 @@ class SinkLLMStream:
 
     # -- jobs (worker thread) -------------------------------------------------------------------
 
+    def _configure(self, system_prompt: str, tools: tuple[dict[str, Any], ...]) -> None:
+        self._next_system = (system_prompt, tools)
+        self._context()  # taken up now unless a reply holds the cache
+
     def _context(self) -> SinkContext:
+        if self._next_system is not None and (self._active is None or not self._active.started):
+            # a new system block: the context is rebuilt under it (the next call prefills the dialogue)
+            (self.system_prompt, self.tools), self._next_system = self._next_system, None
+            self._release()
+            self._estimate = None
         if self._ctx is None:
             self._ctx = self.model.new_context(self.system_prompt, tools=self.tools)
         return self._ctx

@@ -4,7 +4,7 @@ loaded back through the same loader real checkpoints use.
 
 The tokenizer is a byte-level BPE trained on a few paragraphs written here, wrapped as a fast
 tokenizer with special tokens and a chat template of the model's family: ChatML
-(``<|im_start|>role ... <|im_end|>``) for Qwen2, Llama-3 headers (``<|start_header_id|>`` ...
+(``<|im_start|>role ... <|im_end|>``, with Qwen2.5's ``<tool_call>`` format) for Qwen2, Llama-3 headers (``<|start_header_id|>`` ...
 ``<|eot_id|>``) for Llama.
 """
 
@@ -18,12 +18,34 @@ from typing import Any, TypedDict
 
 from duplex.config import DEFAULT_SYSTEM_PROMPT, cache_dir
 
-VERSION = "v1"
+VERSION = "v2"  # v2: the Qwen2 template has a tool format
 ARCHS = ("qwen2", "llama")
 
+# ChatML with the tool format of Qwen2.5's template: the tools in the system block, a call as
+# <tool_call> JSON </tool_call> in the assistant's text, a result as a <tool_response> in a user turn
+# (so the tiny profile calls tools through the same code as the default pretrained model).
 CHATML_TEMPLATE = (
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' + (messages[0]['content'] if messages[0]['role'] == 'system' else '') -}}"
+    "{{- '\\n\\n# Tools\\nCall one by writing <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>.\\n<tools>' -}}"
+    "{%- for t in tools -%}{{- '\\n' + (t | tojson) -}}{%- endfor -%}"
+    "{{- '\\n</tools><|im_end|>\\n' -}}"
+    "{%- elif messages[0]['role'] == 'system' -%}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' -}}"
+    "{%- elif message['role'] == 'assistant' and message.tool_calls -%}"
+    "{{- '<|im_start|>assistant' -}}{%- if message['content'] -%}{{- '\\n' + message['content'] -}}{%- endif -%}"
+    "{%- for call in message.tool_calls -%}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + call.function.name + '\", \"arguments\": ' "
+    "+ (call.function.arguments | tojson) + '}\\n</tool_call>' -}}"
+    "{%- endfor -%}{{- '<|im_end|>\\n' -}}"
+    "{%- else -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )

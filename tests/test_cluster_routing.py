@@ -202,3 +202,34 @@ def test_a_follow_up_reaches_its_owner_only_while_it_holds_the_session(monkeypat
                                         {})
         assert status == 200 and to.calls[-1] == ("offer", sent)
         assert body["pc_id"] == ("agent-2" if to is owner else "agent-3") + ".pc_new"
+
+
+async def test_a_resume_token_leads_back_to_the_replica_that_issued_it():
+    """The token in an answer names its replica (as the connection id does); an offer that presents it
+    goes to that replica with the replica's own token, though another has more room; if that replica
+    is full, the offer goes elsewhere and is answered there (a new conversation, the refusal said)."""
+    from duplex.cluster.routing import Router
+    from duplex.transport.server import ApiResponse
+
+    free = {"agent-0": 5, "agent-1": 1}
+    offers: list[tuple[str, dict]] = []
+
+    async def call(name: str, method: str, args: tuple) -> object:
+        if method == "capacity":
+            return {"ready": True, "free": free[name], "holds": False}
+        assert method == "offer"
+        request = json.loads(args[0])
+        offers.append((name, request))
+        return ApiResponse(200, {"pc_id": "pc_1", "resume_token": f"tok-{name}",
+                                 "resumed": request.get("resume") == f"tok-{name}"})
+
+    router = Router(["agent-0", "agent-1"], call)
+    first = await router.signal("POST", json.dumps({"sdp": "x", "type": "offer"}).encode(), None, None)
+    assert first.body["resume_token"] == "agent-0.tok-agent-0"  # most room first
+    token = first.body["resume_token"].replace("agent-0", "agent-1")  # as if agent-1 had issued it
+    again = await router.signal("POST", json.dumps({"sdp": "x", "type": "offer", "resume": token}).encode(), None, None)
+    assert offers[-1] == ("agent-1", {"sdp": "x", "type": "offer", "resume": "tok-agent-1"})
+    assert again.body["resumed"] and again.body["pc_id"] == "agent-1.pc_1"
+    free["agent-1"] = 0
+    await router.signal("POST", json.dumps({"sdp": "x", "type": "offer", "resume": token}).encode(), None, None)
+    assert offers[-1] == ("agent-0", {"sdp": "x", "type": "offer", "resume": "tok-agent-1"})

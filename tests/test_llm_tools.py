@@ -4,9 +4,9 @@ to exactly the template's tokens, and a reply whose text holds a call stops ther
 
 from __future__ import annotations
 
-import copy
 import json
 
+import numpy as np
 import pytest
 
 from duplex.llm.chat import ChatFormat, DialogueTokens
@@ -16,34 +16,6 @@ from duplex.stages import Message
 from duplex.tools import ToolCall, ToolCallText, tool
 from llm_fixtures import tiny_checkpoints  # noqa: F401 (fixtures)
 
-# A ChatML template with tools, written for these tests in the shape of Qwen2.5's: the tools in the
-# system block, calls as <tool_call> JSON </tool_call> in the assistant's text, results in a user turn.
-TOOL_TEMPLATE = (
-    "{%- if tools -%}"
-    "{{- '<|im_start|>system\\n' + (messages[0]['content'] if messages[0]['role'] == 'system' else '') -}}"
-    "{{- '\\n\\n# Tools\\nCall one by writing <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>.\\n<tools>' -}}"
-    "{%- for t in tools -%}{{- '\\n' + (t | tojson) -}}{%- endfor -%}"
-    "{{- '\\n</tools><|im_end|>\\n' -}}"
-    "{%- elif messages[0]['role'] == 'system' -%}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}"
-    "{%- elif message['role'] == 'tool' -%}"
-    "{{- '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' -}}"
-    "{%- elif message['role'] == 'assistant' and message.tool_calls -%}"
-    "{{- '<|im_start|>assistant' -}}{%- if message['content'] -%}{{- '\\n' + message['content'] -}}{%- endif -%}"
-    "{%- for call in message.tool_calls -%}"
-    "{{- '\\n<tool_call>\\n{\"name\": \"' + call.function.name + '\", \"arguments\": ' "
-    "+ (call.function.arguments | tojson) + '}\\n</tool_call>' -}}"
-    "{%- endfor -%}{{- '<|im_end|>\\n' -}}"
-    "{%- else -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
-
-
 @tool
 async def weather(city: str) -> dict:
     """The current weather in a city."""
@@ -52,9 +24,8 @@ async def weather(city: str) -> dict:
 
 @pytest.fixture(scope="module")
 def tool_tokenizer(tiny_checkpoints):
+    """The tiny Qwen2's own tokenizer: its template has Qwen2.5's tool format (llm/tiny.py)."""
     _, tokenizer = tiny_checkpoints["qwen2"]
-    tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.chat_template = TOOL_TEMPLATE
     return tokenizer
 
 
@@ -67,10 +38,10 @@ def _dialogue(call: ToolCall) -> list[Message]:
 def test_the_tool_format_is_read_from_the_template_and_renders_exactly(tool_tokenizer, tiny_checkpoints):
     """The markers and the tool message's wrappers come from the template; a dialogue with a call, its
     result and more turns tokenises to exactly what the whole template renders (tools in the system
-    block included). The tiny models' plain ChatML template has no tool format: no tools."""
+    block included). The tiny Llama's template (Llama 3's headers, no tool format): no tools."""
     fmt = ChatFormat.from_tokenizer(tool_tokenizer)
     assert fmt.tool_markers == ("<tool_call>", "</tool_call>")
-    plain = ChatFormat.from_tokenizer(tiny_checkpoints["qwen2"][1])
+    plain = ChatFormat.from_tokenizer(tiny_checkpoints["llama"][1])
     assert plain.tool_markers is None and "tool" not in plain.wrappers
     call = ToolCall("call_1", "weather", {"city": "Paris"})
     messages = _dialogue(call)
@@ -139,3 +110,82 @@ async def test_a_reply_with_a_call_stops_there_and_goes_on_from_the_result(tool_
     finally:
         await stream.aclose()
         llm.close()
+
+
+async def test_configure_rebuilds_the_context_under_the_new_system_block(tool_tokenizer, tiny_checkpoints):
+    """New instructions and tools for a running stream (a Realtime client's session.update): its next
+    call runs on a context equal to the template's rendering of the dialogue under the new system
+    block, and gives the estimate a fresh stream made with them gives."""
+    model, _ = tiny_checkpoints["qwen2"]
+    llm = SinkLLM(model, tool_tokenizer, "cpu", LLMSettings(window=1024, max_reply_tokens=4), slots=3)
+    stream = llm.new_stream("Be brief.")
+    fresh = llm.new_stream("Answer in French.", [weather.schema()])
+    try:
+        dialogue = [Message("user", "What is the weather in Paris?")]
+        before = await stream.listen(dialogue)
+        await stream.configure("Answer in French.", [weather.schema()])
+        after = await stream.listen(dialogue)
+        expected = DialogueTokens(llm.format, "Answer in French.", (weather.schema(),))
+        expected.update(dialogue, open_last=True)
+        ctx = stream.context
+        assert ctx is not None and ctx.end == expected.length
+        assert list(ctx.dialogue.ids(0, expected.length)) == list(expected.ids(0))
+        assert after == await fresh.listen(dialogue) and after != before
+    finally:
+        await stream.aclose()
+        await fresh.aclose()
+        llm.close()
+
+
+def test_a_tiny_session_calls_a_tool_and_goes_on_from_its_result(jfk16, monkeypatch):
+    """End to end on the tiny profile (the real VAD, streaming ASR, sink-cache LLM and codec TTS):
+    only the LLM's sampled tokens are scripted (random weights never write a call). The tool's
+    schema reaches the system block through the tiny Qwen2's own template, the call written in the
+    reply's text is parsed there, the tool runs, its result is prefilled as the template's tool
+    message, the reply goes on from it, and the record, the events and the audio carry all of it."""
+    from duplex import events as ev
+    from duplex.agent import Agent
+    from duplex.clock import run_virtual
+    from duplex.config import AgentConfig
+    from tests.fake_agent import drive
+
+    call = 'Let me look.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    scripts: dict[int, list[int]] = {}
+    shown: list = []  # the tools each reply's system block showed
+    real_start, real_took = SinkLLMStream._reply_start, SinkLLMStream._took
+
+    def start(self, reply, messages):  # the call first; once the result is in, the rest of the reply
+        going_on = bool(messages) and messages[-1].role == "tool"
+        scripts[id(reply)] = self.model.format.encode("It is sunny." if going_on else call).tolist()
+        shown.append(self._context().dialogue.tools)
+        return real_start(self, reply, messages)
+
+    def took(self, reply, token):
+        script = scripts.get(id(reply))
+        return real_took(self, reply, script.pop(0) if script else next(iter(self.model.format.stop_ids)))
+
+    monkeypatch.setattr(SinkLLMStream, "_reply_start", start)
+    monkeypatch.setattr(SinkLLMStream, "_took", took)
+
+    async def main():
+        agent = await Agent.load(AgentConfig(profile="tiny", device="cpu", engine_slots=2, max_reply_tokens=200),
+                                 tools=[weather])
+        try:
+            session = agent.session()
+            run = await drive(agent, np.concatenate([jfk16[int(0.2 * 16000):int(2.4 * 16000)],
+                                                     np.zeros(12 * 16000, np.float32)]), session=session)
+            return run
+        finally:
+            await agent.aclose()
+
+    run = run_virtual(main())
+    called, = run.of(ev.ToolCalled)
+    result, = run.of(ev.ToolResult)
+    assert called.name == "weather" and json.loads(called.arguments) == {"city": "Paris"}
+    assert result.call_id == called.call_id and json.loads(result.output) == {"sky": "sunny"} and result.spoken
+    done = run.of(ev.ReplyDone)[0]
+    assert not done.interrupted and done.heard == "Let me look. It is sunny."
+    turn = [t for t in run.conversation["turns"] if t["role"] == "assistant"][0]
+    assert turn["tools"][0]["name"] == "weather" and turn["tools"][0]["spoken"]
+    assert sum(e.samples for e in run.of(ev.ReplyAudio)) > 0
+    assert shown and all(tools == (weather.schema(),) for tools in shown)

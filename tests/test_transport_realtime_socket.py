@@ -184,3 +184,67 @@ async def test_a_tool_call_reaches_the_openai_client(jfk_path):
         assert done.response.output[0].content[0].transcript.startswith("Let me look. It is {")
     finally:
         await agent.aclose()
+
+
+async def test_instructions_and_tools_the_client_runs(jfk_path):
+    """session.update sets the instructions (the LLM's system block and the record) and tools the
+    client runs: a reply that calls one sends response.function_call_arguments.done and waits; the
+    client's function_call_output item (then response.create, as the protocol has it) lets the reply
+    go on from that output. An output for a call nobody waits for, or a tool for an LLM that cannot
+    call tools, is an error event, and the connection goes on."""
+    speech, rate = read_audio(jfk_path)
+    first = resample(speech, rate, RATE)[int(0.2 * RATE):int(2.4 * RATE)]
+    agent = await load_agent(llm={"replies": ['Let me look. [[lookup {"city": "Paris"}]] It is {result}.']})
+    received: list = []
+    spec = {"type": "function", "name": "lookup", "description": "Look up the weather of a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    try:
+        async with running_server(agent) as (server, url):
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused")
+            async with client.realtime.connect(model="duplex") as conn:
+
+                async def until(kind: str, timeout: float = 20.0):
+                    loop = asyncio.get_running_loop()
+                    deadline = loop.time() + timeout
+                    while True:
+                        event = await asyncio.wait_for(conn.recv(), max(0.01, deadline - loop.time()))
+                        received.append(event)
+                        if event.type == kind:
+                            return event
+
+                await until("session.created")
+                session = next(iter(server.sockets.values())).session
+                session.calls_tools = False  # as with an LLM whose template has no tool format
+                await conn.session.update(session={"type": "realtime", "tools": [spec]})
+                refused = await until("error")
+                assert refused.error.param == "tools" and "does not call tools" in refused.error.message
+                assert (await until("session.updated")).session.tools == []
+                session.calls_tools = True
+                await conn.session.update(session={"type": "realtime", "instructions": "Answer in French.",
+                                                   "tools": [spec], "tool_choice": "auto"})
+                updated = await until("session.updated")
+                assert updated.session.instructions == "Answer in French."
+                assert [t.name for t in updated.session.tools] == ["lookup"]
+                llm = session._llm
+                assert llm.system_prompt == "Answer in French."
+                assert [t["function"]["name"] for t in llm.tools] == ["lookup"]
+                await conn.send({"type": "conversation.item.create", "item": {
+                    "type": "function_call_output", "call_id": "call_nobody", "output": "{}"}})
+                assert (await until("error")).error.code == "unknown_call"
+                sending = asyncio.create_task(stream(conn, first))
+                called = await until("response.function_call_arguments.done")
+                assert called.name == "lookup" and json.loads(called.arguments) == {"city": "Paris"}
+                await conn.send({"type": "conversation.item.create", "item": {
+                    "type": "function_call_output", "call_id": called.call_id, "output": '{"sky": "grey"}'}})
+                await conn.send({"type": "response.create"})
+                done = await until("response.done")
+                await sending
+        kinds = [e.type for e in received]
+        output = received[kinds.index("conversation.item.created")]
+        assert output.item.call_id == called.call_id and output.item.output == '{"sky": "grey"}'
+        assert done.response.output[0].content[0].transcript == 'Let me look. It is {"sky": "grey"}.'
+        # response.create after the output was no error
+        assert [e.error.code for e in received if e.type == "error"] == ["invalid_value", "unknown_call"]
+        assert session.conversation.system_prompt == "Answer in French."
+    finally:
+        await agent.aclose()

@@ -40,6 +40,7 @@ def _command(pid: int) -> bytes:
 async def test_sessions_spread_over_workers_that_share_one_core(jfk_path):
     """Two peers land on two different workers (the one with most room first) and both converse
     (speech heard, a reply's audio received) through the one engine core; the status sums the workers;
+    a client reconnecting with its resume token continues on the worker that keeps its conversation;
     a worker killed is shown down, its seats gone, and the next offer goes to the survivor; Ctrl-C
     stops the front, the surviving worker and the core (no process left, exit 0, no traceback)."""
     allow_loopback_candidates()
@@ -60,6 +61,20 @@ async def test_sessions_spread_over_workers_that_share_one_core(jfk_path):
             assert status["sessions"] == 2 and status["max_sessions"] == 4 and status["replicas_up"] == 2
             pids = {w["name"]: w["pid"] for w in status["replicas"]}
             assert all(w["sessions"] == 1 for w in status["replicas"])
+
+            # a client that reconnects with its resume token is placed on the worker keeping its record
+            gone = clients.pop(1)
+            await gone.close()
+            for _ in range(50):
+                async with http.get(f"{base}/api/status") as r:
+                    if (await r.json())["sessions"] == 1:
+                        break
+                await asyncio.sleep(0.2)
+            token = gone.answer["resume_token"]
+            assert token.split(".")[0] == gone.pc_id.split(".")[0]
+            back = await connect(base, file_track(jfk48(jfk_path)), resume=token)
+            clients.append(back)
+            assert back.answer["resumed"] is True and back.pc_id.split(".")[0] == gone.pc_id.split(".")[0]
 
             os.kill(pids["worker-0"], signal.SIGKILL)
             for _ in range(50):

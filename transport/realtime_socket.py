@@ -9,6 +9,11 @@ session in the protocol's names (the GA API's; see :data:`SUPPORTED_CLIENT_EVENT
 ASR, end-of-turn estimate, barge-in); what the protocol can ask for and duplex does not do is
 answered with an ``error`` event naming it, and the connection goes on.
 
+``session.update`` may set the instructions (the session's system prompt) and tools the client runs:
+a reply that calls one sends ``response.function_call_arguments.done`` and waits for the client's
+``conversation.item.create`` of a ``function_call_output`` with that ``call_id``; the reply then goes on
+from it by itself (the ``response.create`` the protocol sends after an output is taken as that).
+
 The input clock: the session's sense of time is the audio it receives, so a client that stops
 sending while nobody speaks (many send only speech) is padded with silence up to real time, less
 :data:`INPUT_SLACK_S` of network jitter.
@@ -34,7 +39,9 @@ import numpy as np
 
 from duplex import events as ev
 from duplex.audio import StreamResampler
+from duplex.errors import ConfigError
 from duplex.session import Session
+from duplex.tools import Tool, current_call
 from duplex.transport.realtime import RealtimeEncoder
 
 log = logging.getLogger(__name__)
@@ -44,7 +51,9 @@ INPUT_SLACK_S = 0.2  # input may lag real time by this much before silence fills
 TICK_S = 0.02
 MAX_MESSAGE = 1 << 20  # bytes per client message (an append of ~20 s of audio)
 
-SUPPORTED_CLIENT_EVENTS = ("session.update", "input_audio_buffer.append", "conversation.item.truncate")
+SUPPORTED_CLIENT_EVENTS = ("session.update", "input_audio_buffer.append", "conversation.item.truncate",
+                           "conversation.item.create", "response.create")
+CLIENT_TOOL_TIMEOUT_S = 30.0  # a tool the client runs: how long a reply waits for its output
 
 # data-channel names (transport.realtime, the Realtime beta's) -> the GA protocol's
 _RENAMED = {"response.audio_transcript.delta": "response.output_audio_transcript.delta"}
@@ -53,8 +62,10 @@ _DROPPED = {"response.audio.words", "response.audio.progress", "agent.state", "a
             "output_audio_buffer.started"}
 
 
-def session_object(session_id: str, output_rate: int, instructions: str) -> dict[str, Any]:
-    """What ``session.created``/``session.updated`` describe: the one configuration served."""
+def session_object(session_id: str, output_rate: int, instructions: str,
+                   tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """What ``session.created``/``session.updated`` describe: the configuration served, with the
+    session's instructions and the tools the client runs."""
     return {"id": session_id, "object": "realtime.session", "type": "realtime", "model": "duplex",
             "output_modalities": ["audio"], "instructions": instructions,
             "audio": {"input": {"format": {"type": "audio/pcm", "rate": RATE},
@@ -62,7 +73,7 @@ def session_object(session_id: str, output_rate: int, instructions: str) -> dict
                                                    "interrupt_response": True},
                                 "transcription": {"model": "duplex-asr"}},
                       "output": {"format": {"type": "audio/pcm", "rate": RATE}, "voice": "duplex"}},
-            "tools": [], "duplex": {"agent_output_rate": output_rate}}
+            "tools": list(tools or []), "tool_choice": "auto", "duplex": {"agent_output_rate": output_rate}}
 
 
 def _unsupported_session_fields(update: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -157,6 +168,9 @@ class RealtimeSocket:
         self._received_s = 0.0  # input seconds received or padded
         self._speaking: str | None = None  # the response whose audio is being sent
         self._stable: dict[str, str] = {}  # item id -> the part of its transcript sent as deltas
+        self._client_tools: dict[str, dict[str, Any]] = {}  # name -> the spec the client gave (it runs them)
+        self._outputs: dict[str, asyncio.Future[str]] = {}  # call id -> its output, sent by the client
+        self._creates = 0  # response.create events the protocol sends after outputs (the reply goes on)
         self._ids = 0
         self.closed = False
         self.reason = ""
@@ -201,7 +215,8 @@ class RealtimeSocket:
         return self.reason
 
     def _session_object(self) -> dict[str, Any]:
-        return session_object(self.id, self.session.output_rate, self.session.config.system_prompt)
+        return session_object(self.id, self.session.output_rate, self.session.conversation.system_prompt,
+                              list(self._client_tools.values()))
 
     async def close(self, reason: str) -> None:
         if self.closed:
@@ -248,15 +263,21 @@ class RealtimeSocket:
                 self._received_s += pcm.size / RATE
         elif kind == "session.update":
             update = message.get("session")
-            wrong = _unsupported_session_fields(update, self._session_object()) if isinstance(update, dict) \
-                else ["session"]
+            if isinstance(update, dict):
+                rest = await self._update(dict(update), event_id)
+                wrong = _unsupported_session_fields(rest, self._session_object())
+            else:
+                wrong = ["session"]
             if wrong:
                 await self.error(f"session.update asks for what this server does not do: {', '.join(wrong)} (it "
-                                 "serves pcm16 at 24 kHz both ways, its own full-duplex turn detection, and the "
-                                 "instructions it was started with); the rest is unchanged", param=wrong[0],
-                                 client_event=event_id)
+                                 "serves pcm16 at 24 kHz both ways and its own full-duplex turn detection); the "
+                                 "rest is unchanged", param=wrong[0], client_event=event_id)
             await self.send({"type": "session.updated", "event_id": self._event_id(),
                              "session": self._session_object()})
+        elif kind == "conversation.item.create":
+            await self._item_create(message, event_id)
+        elif kind == "response.create" and self._creates:
+            self._creates -= 1  # after a function output: the reply that called it goes on by itself
         elif kind == "conversation.item.truncate":
             # the record is cut at what the session played; say where that was
             await self.send({"type": "conversation.item.truncated", "event_id": self._event_id(),
@@ -266,6 +287,85 @@ class RealtimeSocket:
             await self.error(f"{kind} is not supported by duplex's Realtime endpoint (it supports "
                              f"{', '.join(SUPPORTED_CLIENT_EVENTS)}; turns and responses follow the agent's own "
                              "turn detection)", client_event=event_id)
+
+    # -- instructions and the client's tools --------------------------------------------------------
+
+    async def _update(self, update: dict[str, Any], event_id: str | None) -> dict[str, Any]:
+        """Take up a ``session.update``'s instructions and tools (those the client runs: a call is sent
+        as ``response.function_call_arguments.done``, and the reply waits for the client's
+        ``function_call_output`` item); returns the rest of ``update``, to be checked against what is served."""
+        instructions, tools = update.pop("instructions", None), update.pop("tools", None)
+        if update.get("tool_choice", "auto") == "auto":  # the model decides: the one choice served
+            update.pop("tool_choice", None)
+        if instructions is not None and not isinstance(instructions, str):
+            await self.error("session.update: instructions must be a string", code="invalid_value",
+                             param="instructions", client_event=event_id)
+            instructions = None
+        made: list[Tool] | None = None
+        if tools is not None:
+            try:
+                made = self._client_tool_list(tools)
+            except (ConfigError, ValueError) as exc:
+                await self.error(f"session.update: tools: {exc}; the tools are unchanged", code="invalid_value",
+                                 param="tools", client_event=event_id)
+        if instructions is None and made is None:
+            return update
+        own = [t for t in self.session.tools.values() if t.name not in self._client_tools]  # the server's (--tools)
+        theirs = [t for t in self.session.tools.values() if t.name in self._client_tools]
+        if made is not None:
+            self._client_tools, theirs = {t.name: spec for t, spec in zip(made, tools)}, made
+        await self.session.configure(instructions=instructions, tools=[*own, *theirs])
+        return update
+
+    def _client_tool_list(self, specs: Any) -> list[Tool]:
+        """Tools the client runs, from the protocol's function specs; ValueError naming what is wrong."""
+        if not isinstance(specs, list):
+            raise ValueError("give a list of {type: function, name, description, parameters}")
+        if specs and not self.session.calls_tools:
+            raise ValueError("this agent's LLM does not call tools (duplex reads the tool format of Qwen2.5's "
+                             "chat template; the fake profile's scripted LLM calls them too)")
+        own = [name for name in self.session.tools if name not in self._client_tools]
+        out = []
+        for spec in specs:
+            if not isinstance(spec, dict) or spec.get("type", "function") != "function" \
+                    or not isinstance(spec.get("name"), str):
+                raise ValueError(f"a tool is {{type: function, name, description, parameters}}, got {spec!r:.200}")
+            if spec["name"] in own:
+                raise ValueError(f"{spec['name']!r} is a tool of the server's own (--tools); name yours otherwise")
+            parameters = spec.get("parameters") or {"type": "object", "properties": {}}
+            out.append(Tool(name=spec["name"], description=str(spec.get("description", "")),
+                            parameters=parameters, fn=self._ask_client, timeout_s=CLIENT_TOOL_TIMEOUT_S))
+        names = [t.name for t in out]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two tools share a name: {sorted({n for n in names if names.count(n) > 1})}")
+        return out
+
+    async def _ask_client(self, **arguments: Any) -> str:
+        """A client's tool: the call went out as response.function_call_arguments.done; its output
+        comes back as a function_call_output item with the call's id."""
+        call = current_call()
+        future: asyncio.Future[str] = self._loop.create_future()
+        self._outputs[call.call_id] = future
+        try:
+            return await future
+        finally:
+            self._outputs.pop(call.call_id, None)
+
+    async def _item_create(self, message: dict[str, Any], event_id: str | None) -> None:
+        item = message.get("item")
+        if not isinstance(item, dict) or item.get("type") != "function_call_output":
+            await self.error("conversation.item.create takes only function_call_output items here (the output "
+                             "of a tool this client runs); the conversation is spoken", client_event=event_id)
+            return
+        call_id, output = item.get("call_id"), item.get("output")
+        future = self._outputs.get(call_id) if isinstance(call_id, str) else None
+        if future is None or future.done():
+            await self.error(f"no tool call {call_id!r} is waiting for its output (a barge-in cancelled it, it "
+                             f"timed out after {CLIENT_TOOL_TIMEOUT_S:g} s, or it was answered)", code="unknown_call",
+                             param="item.call_id", client_event=event_id)
+            return
+        future.set_result(output if isinstance(output, str) else json.dumps(output))
+        self._creates += 1
 
     async def _keep_time(self) -> None:
         """Silence for a client that stopped sending: the session's clock is the audio it receives."""
