@@ -40,9 +40,9 @@ class TurnConfig:
     # (withdrawn without a trace if the user goes on).
     speculate: bool = True
     # ... starting once the user's voice has been quiet this long inside speech (the VAD's windows
-    # are 32 ms; its end of speech comes 160 ms in): earlier hides more of the reply's compute,
-    # and withdraws more guesses at pauses between words.
-    speculate_after_s: float = 0.064
+    # are 32 ms, so 0.032 is its first silent window; its end of speech comes 160 ms in): earlier
+    # hides more of the reply's compute, and withdraws more guesses at pauses between words.
+    speculate_after_s: float = 0.032
     # A barge-in with no recognised words this long after the user's speech stopped is a false alarm
     # (cough, noise): the agent resumes where it paused.
     false_interruption_s: float = 0.6

@@ -28,8 +28,8 @@ are words, and the silence since the speech ended lasts :meth:`TurnPolicy.commit
 through ``min_silence_s`` (an estimate at ``eot_threshold``) to ``max_silence_s`` (no sign the message
 is complete).
 
-Speculation: once the user's voice has been quiet ``speculate_after_s`` inside speech (two VAD windows,
-not ``min_silence_ms`` later when the speech is sure to have stopped), and whenever the words change
+Speculation: once the user's voice has been quiet ``speculate_after_s`` inside speech (the VAD's first
+silent window, not ``min_silence_ms`` later when the speech is sure to have stopped), and whenever the words change
 while the silence lasts,
 :class:`Speculate` asks for a reply to be made at once with its audio held back; :class:`EndTurn`
 commits it if it answers the same text; voice before that withdraws it (:class:`Withdraw`).
