@@ -4,6 +4,7 @@ core; real aiortc peers placed on the workers, a worker killed, and Ctrl-C stopp
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import signal
 import aiohttp
 import pytest
 
+from duplex.audio import read_audio, resample
 from duplex.transport.ice import allow_loopback_candidates
 from tests.test_transport_cli import _start
 from tests.transport_fixtures import connect, file_track, jfk48
@@ -41,6 +43,7 @@ async def test_sessions_spread_over_workers_that_share_one_core(jfk_path):
     """Two peers land on two different workers (the one with most room first) and both converse
     (speech heard, a reply's audio received) through the one engine core; the status sums the workers;
     a client reconnecting with its resume token continues on the worker that keeps its conversation;
+    a Realtime WebSocket client converses through the front's relay to a worker;
     a worker killed is shown down, its seats gone, and the next offer goes to the survivor; Ctrl-C
     stops the front, the surviving worker and the core (no process left, exit 0, no traceback)."""
     allow_loopback_candidates()
@@ -75,6 +78,22 @@ async def test_sessions_spread_over_workers_that_share_one_core(jfk_path):
             back = await connect(base, file_track(jfk48(jfk_path)), resume=token)
             clients.append(back)
             assert back.answer["resumed"] is True and back.pc_id.split(".")[0] == gone.pc_id.split(".")[0]
+
+            # /v1/realtime is relayed to a worker: a spoken turn in, the agent's voice out
+            speech, rate = read_audio(jfk_path)
+            said = (resample(speech, rate, 24_000)[4_800:57_600] * 32767).astype("<i2")
+            async with http.ws_connect(f"{base}/v1/realtime") as ws:
+                assert json.loads((await ws.receive(timeout=10)).data)["type"] == "session.created"
+                for i in range(0, len(said), 480):
+                    chunk = base64.b64encode(said[i:i + 480].tobytes()).decode()
+                    await ws.send_str(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
+                    await asyncio.sleep(0.02)
+                kinds: list[str] = []
+                while "response.done" not in kinds:
+                    kinds.append(json.loads((await ws.receive(timeout=30)).data)["type"])
+                assert "input_audio_buffer.speech_started" in kinds and "response.output_audio.delta" in kinds
+                async with http.get(f"{base}/api/status") as r:
+                    assert (await r.json())["sessions"] == 3  # two WebRTC peers and this socket, summed
 
             os.kill(pids["worker-0"], signal.SIGKILL)
             for _ in range(50):

@@ -286,6 +286,26 @@ class Site:
         app.on_shutdown.append(lambda _app: self.close())
         return app
 
+    def realtime_upgrade(self, request):
+        """A ``GET /v1/realtime``: ``(the WebSocket to prepare, None)``, or ``(None, the refusal)`` for a page
+        of another site, a wrong token or a request that is no WebSocket upgrade (seats are the caller's)."""
+        from aiohttp import web
+
+        headers = request.headers
+        origin = headers.get("Origin")
+        if foreign_origin(self.options, origin, headers.get("Host"), request.scheme):
+            return None, self._json(403, {"error": f"WebSocket connections from pages of {origin!r} are refused (start "
+                                                   "the server with --allowed-origin to accept them)"})
+        refused = unauthorized(self.options.token, headers.get("Authorization"))
+        if refused is not None:
+            return None, self._respond(refused)
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, heartbeat=20.0)
+        if not ws.can_prepare(request).ok:
+            return None, self._json(400, {"error": "this endpoint speaks the Realtime protocol over a WebSocket: "
+                                                   "connect with a WebSocket client (e.g. openai's "
+                                                   "client.realtime.connect() with base_url http://HOST:PORT/v1)"})
+        return ws, None
+
     @contextlib.asynccontextmanager
     async def on_loopback(self) -> AsyncIterator[str]:
         """Serve :attr:`app` on 127.0.0.1 and a free port in the running loop, for benchmarks and
@@ -454,26 +474,14 @@ class Server(Site):
     async def realtime(self, request):
         """``GET /v1/realtime``: a conversation over the OpenAI Realtime protocol
         (:mod:`duplex.transport.realtime_socket`), with the token, origin and seat checks of an offer."""
-        from aiohttp import web
-
-        headers = request.headers
-        origin = headers.get("Origin")
-        if foreign_origin(self.options, origin, headers.get("Host"), request.scheme):
-            return self._json(403, {"error": f"WebSocket connections from pages of {origin!r} are refused (start the "
-                                             "server with --allowed-origin to accept them)"})
-        refused = unauthorized(self.options.token, headers.get("Authorization"))
+        ws, refused = self.realtime_upgrade(request)
         if refused is not None:
-            return self._respond(refused)
+            return refused
         if self._closing:
             return self._json(503, {"error": "the server is shutting down"})
         if self.room() - self._opening <= 0:
             return self._json(503, {"error": f"the server is at its limit of {self.options.max_sessions} concurrent "
                                              "sessions; try again later"}, headers={"Retry-After": "10"})
-        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, heartbeat=20.0)
-        if not ws.can_prepare(request).ok:
-            return self._json(400, {"error": "this endpoint speaks the Realtime protocol over a WebSocket: connect "
-                                             "with a WebSocket client (e.g. openai's client.realtime.connect() with "
-                                             "base_url http://HOST:PORT/v1)"})
         await ws.prepare(request)
         socket_id = new_socket_id()
         record = self.options.peer.record_dir

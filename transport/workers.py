@@ -13,6 +13,9 @@ Three kinds of process (see docs/DESIGN.md, "The engine core process"):
   check a single server makes (:class:`~duplex.transport.server.Site`), each new session placed on
   the worker with the most room and every follow-up sent to the worker its id names
   (:class:`duplex.cluster.routing.Router`, the cluster ingress's rules: ids read ``worker-1.<id>``).
+  A ``/v1/realtime`` WebSocket is checked there too and relayed, message by message, to the worker
+  with the most room, which serves it on its own HTTP (a Unix socket in a folder only this user
+  reaches).
 
 The front starts the core (and owns it: when the front ends, so does the core), then the workers,
 which connect to it. A worker that dies takes its sessions with it (their pages are told and may
@@ -31,9 +34,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from duplex.cluster.routing import ReplicaDown, Router, cluster_status
+from duplex.cluster.routing import ReplicaDown, Router, cluster_status, placement
 from duplex.config import AgentConfig
 from duplex.core import wire
+from duplex.transport.realtime_socket import MAX_MESSAGE
 from duplex.transport.server import ApiResponse, ServerOptions, Site
 
 log = logging.getLogger(__name__)
@@ -52,13 +56,15 @@ class WorkerSetup:
     name: str
     loopback: bool  # clients are on this machine: offer loopback ICE candidates too
     log_level: int  # duplex's loggers, as in the front
+    http: str  # where its own HTTP listens (a Unix socket the front relays /v1/realtime to)
 
 
 class Worker:
     """The front's side of one worker process: its calls, one request each, answered in any order."""
 
-    def __init__(self, name: str, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, name: str, process: asyncio.subprocess.Process, http: str = "") -> None:
         self.name, self.process = name, process
+        self.http = http  # its HTTP's Unix socket (the front relays /v1/realtime there)
         self.writer: asyncio.StreamWriter | None = None
         self.pid: int | None = None
         self._ids = itertools.count(1)
@@ -123,10 +129,48 @@ class Worker:
 class Front(Site):
     """The page and the HTTP API of ``duplex serve --workers N`` (see the module docstring)."""
 
-    def __init__(self, workers: dict[str, Worker], options: ServerOptions) -> None:
+    def __init__(self, workers: dict[str, Worker], options: ServerOptions, runtime: str = "") -> None:
         self.workers = workers
         self.router = Router(list(workers), self._call)
+        self.runtime = runtime  # the private folder of the workers' HTTP sockets (removed at close)
         super().__init__(options)
+
+    def _build_app(self):
+        app = super()._build_app()
+        app.router.add_get("/v1/realtime", self.realtime)
+        return app
+
+    async def realtime(self, request):
+        """``GET /v1/realtime``, checked here as on one server, then relayed to the worker with the most
+        room (its own Server runs the conversation): the client's messages and the worker's, as they are."""
+        import aiohttp
+
+        ws, refused = self.realtime_upgrade(request)
+        if refused is not None:
+            return refused
+        order = placement(await self.router.capacities())
+        inner = session = None
+        for name in order:  # a worker that filled up since it was asked says 503: try the next
+            session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=self.workers[name].http))
+            headers = {k: v for k, v in request.headers.items() if k == "Authorization"}
+            try:
+                inner = await session.ws_connect("http://localhost/v1/realtime", headers=headers,
+                                                 max_msg_size=MAX_MESSAGE)
+                break
+            except (aiohttp.ClientError, OSError) as exc:
+                log.info("worker %s did not take a realtime session: %s", name, exc)
+                await session.close()
+                session = None
+        if inner is None or session is None:
+            return self._json(503, {"error": f"all {len(self.workers)} workers are full or down; try again later"},
+                              headers={"Retry-After": "10"})
+        await ws.prepare(request)
+        try:
+            await _relay(ws, inner)
+        finally:
+            await inner.close()
+            await session.close()
+        return ws
 
     async def _call(self, name: str, method: str, args: tuple[Any, ...]) -> Any:
         return await self.workers[name].call(method, args)
@@ -165,6 +209,7 @@ class Front(Site):
         core = await Core.start(config)
         folder = tempfile.mkdtemp(prefix="duplex-front-")  # mode 0700: only this user reaches the socket
         path = os.path.join(folder, "front.sock")
+        runtime = tempfile.mkdtemp(prefix="duplex-workers-")  # the workers' HTTP sockets, for as long as they run
         started: dict[str, Worker] = {}
         hello: dict[str, asyncio.Future[Any]] = {}
 
@@ -190,11 +235,11 @@ class Front(Site):
                 hello[name] = asyncio.get_running_loop().create_future()
                 process = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "duplex.transport.workers", str(os.getpid()), stdin=asyncio.subprocess.PIPE)
-                started[name] = Worker(name, process)
+                started[name] = Worker(name, process, os.path.join(runtime, f"{name}.sock"))
                 assert process.stdin is not None
                 seats = options.max_sessions // workers + (i < options.max_sessions % workers)
                 setup = WorkerSetup(config, replace(options, max_sessions=seats), core.path, path, name, loopback,
-                                    logging.getLogger("duplex").getEffectiveLevel())
+                                    logging.getLogger("duplex").getEffectiveLevel(), started[name].http)
                 process.stdin.write(pickle.dumps(setup))
                 await process.stdin.drain()
                 process.stdin.close()
@@ -202,15 +247,46 @@ class Front(Site):
         except BaseException:
             await asyncio.gather(*(w.aclose() for w in started.values()), return_exceptions=True)
             await core.aclose()
+            shutil.rmtree(runtime, ignore_errors=True)
             raise
         finally:
             server.close()
             shutil.rmtree(folder, ignore_errors=True)
-        return cls(started, options), core
+        return cls(started, options, runtime), core
 
     async def close(self) -> None:
         """Every worker closes its sessions and exits (the app's shutdown runs this)."""
+        import shutil
+
         await asyncio.gather(*(w.aclose() for w in self.workers.values()))
+        if self.runtime:
+            shutil.rmtree(self.runtime, ignore_errors=True)
+
+
+async def _relay(outer: Any, inner: Any) -> None:
+    """Pass text and binary messages both ways between the client's WebSocket and the worker's until
+    either side closes; then close the other."""
+    from aiohttp import WSMsgType
+
+    async def pump(source: Any, sink: Any) -> None:
+        async for msg in source:
+            if msg.type == WSMsgType.TEXT:
+                await sink.send_str(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await sink.send_bytes(msg.data)
+            else:
+                break
+
+    tasks = [asyncio.create_task(pump(outer, inner)), asyncio.create_task(pump(inner, outer))]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for ws in (outer, inner):
+            with contextlib.suppress(Exception):
+                await ws.close()
 
 
 async def _started(worker: Worker, hello: asyncio.Future[Any]) -> None:
@@ -232,6 +308,8 @@ async def _serve_worker(setup: WorkerSetup, parent: int) -> None:
     """Connect to the core, build the agent and its server, then answer the front's calls until it hangs up."""
     from duplex.agent import Agent
     from duplex.core.remote import Core
+    from aiohttp import web
+
     from duplex.transport.server import Server, log_loop_errors
 
     if setup.loopback:
@@ -244,6 +322,9 @@ async def _serve_worker(setup: WorkerSetup, parent: int) -> None:
         agent = Agent(core.stages(), setup.config, core)
         server = Server(agent, setup.options)
         await log_loop_errors(server.app)  # aiortc's own tasks failing: one WARNING line, as in one process
+        runner = web.AppRunner(server.app, access_log=None)  # only the front reaches it (/v1/realtime relayed)
+        await runner.setup()
+        await web.UnixSite(runner, setup.http).start()
     except Exception as exc:
         wire.write(writer, "failed", setup.name, wire.portable(exc))
         await writer.drain()
@@ -286,6 +367,7 @@ async def _serve_worker(setup: WorkerSetup, parent: int) -> None:
             task.cancel()
         await asyncio.gather(*calls, return_exceptions=True)
         await server.close()
+        await runner.cleanup()
         await agent.aclose()
         writer.close()
 
