@@ -29,3 +29,15 @@ async def test_barge_in_on_the_sound_card_path_takes_back_what_waits_without_a_c
     print(row)
     assert row["ear_ms"] is not None and row["server_ms"] is not None
     assert row["cut_clicks"] == 0
+
+
+async def test_barge_in_over_the_realtime_socket_tells_the_client_and_stops_its_audio():
+    """The same over /v1/realtime: a client streaming its microphone and playing each audio delta as
+    it comes is told output_audio_buffer.cleared after the onset, and the server sends no audible
+    audio after that (the pause stopped the reply's frames at their source, not only in the client)."""
+    from duplex.transport.barge_bench import measure_realtime
+
+    row, = await measure_realtime(runs=1, lead_s=0.6)
+    print(row)
+    assert row["told_ms"] is not None and row["told_ms"] > 0
+    assert row["late_deltas"] == 0

@@ -10,7 +10,7 @@ before playing (aiortc's default is 4; 2, 40 ms, is what a browser's settles to 
 
 Per run, on the one loop clock both ends share:
 
-- ``ear_ms``: the onset (the first sample of the second phrase above -34 dBFS) to the last sample of
+- ``ear_ms``: the onset (the second phrase's first 2 ms above -34 dBFS that 10 ms of it follow) to the last sample of
   the agent's audio played at the client above -40 dBFS (a frame plays from when the jitter buffer
   hands it out);
 - ``server_ms``: the server's own ``barge_in_s`` for the same barge-in;
@@ -18,7 +18,11 @@ Per run, on the one loop clock both ends share:
   the client played (a frame lost to a stalled machine makes one), ``cut_clicks`` those at the cut; ``underruns``: frames of silence inside the reply because its
   audio came late (the server's count) and frames the outbound queue dropped.
 
-Run: ``duplex bench barge-in --profile fake`` (best of ``--runs``, default 3).
+The onset's place inside the VAD's 32 ms window decides how soon the window scores it as speech
+(20-60 ms), so run *i* of *n* starts the second phrase ``32 * i / n`` ms later within its frame
+(``lead_ms`` in each row): the runs sample that phase evenly instead of repeating one by chance.
+
+Run: ``duplex bench barge-in --profile fake`` (best and median of ``--runs``, default 3).
 """
 
 from __future__ import annotations
@@ -41,15 +45,29 @@ FRAME = RATE // 50
 FAKE = {"llm": {"eot": 0.9, "ttft_s": 0.1, "token_s": 0.02,
                 "replies": ["one two three four five six seven eight nine ten eleven twelve."]},
         "tts": {"word_s": 0.25, "first_chunk_s": 0.05}}
-ONSET_RMS = 0.02  # -34 dBFS over 2 ms: the user's speech has begun
+ONSET_RMS = 0.02  # -34 dBFS over 2 ms blocks, for 10 ms: the user's speech has begun
 AUDIBLE_RMS = 0.01  # -40 dBFS over 1 ms: the agent can still be heard
 CLICK = 0.1  # a 0.3-amplitude beep below 700 Hz moves at most 0.03 per sample at 48 kHz
 
 
-def _first_above(pcm: np.ndarray, rms: float, block: int) -> int:
+VAD_WINDOW_S = 0.032  # the onset phases the runs spread over
+
+
+def _delayed(second: np.ndarray, run: int, runs: int) -> tuple[np.ndarray, float]:
+    """``second`` started later by run ``run``'s share of one VAD window, and that delay (ms)."""
+    delay = VAD_WINDOW_S * run / runs
+    return np.concatenate([np.zeros(int(round(delay * RATE)), np.float32), second]), round(1000 * delay, 1)
+
+
+def _onset(pcm: np.ndarray, rms: float, block: int, hold: int = 5) -> int:
+    """The first sample of the first ``block`` above ``rms`` that ``hold - 1`` more follow (10 ms of
+    2 ms blocks): speech, not one block of a recording's noise floor crossing the threshold (JFK's
+    hiss peaks at -35 dBFS, and one such block, 90 ms before the word, was taken for its onset
+    whenever the phrase's alignment favoured it); -1 if none."""
     n = len(pcm) // block
-    levels = np.sqrt(np.mean(pcm[:n * block].reshape(n, block) ** 2, axis=1))
-    hits = np.flatnonzero(levels > rms)
+    above = np.sqrt(np.mean(pcm[:n * block].reshape(n, block) ** 2, axis=1)) > rms
+    runs = np.convolve(above.astype(int), np.ones(hold, int), "valid") == hold
+    hits = np.flatnonzero(runs)
     return int(hits[0]) * block if len(hits) else -1
 
 
@@ -88,7 +106,7 @@ def talker(first: np.ndarray, second: np.ndarray):
             self.onset_wall: float | None = None  # when the onset of `second` was spoken
 
         def go(self) -> None:
-            offset = _first_above(second, ONSET_RMS, 96)
+            offset = _onset(second, ONSET_RMS, 96)
             self.queue = list(np.array_split(second[:len(second) // FRAME * FRAME], len(second) // FRAME))
             # the second phrase's first frame is the next one: it starts being captured at `sent`
             assert self.start is not None, "go() before the first frame was sent"
@@ -163,7 +181,11 @@ async def measure_webrtc(runs: int, prefetch: int, lead_s: float) -> list[dict]:
     server = Server(agent, ServerOptions(max_sessions=2))
     try:
         async with server.on_loopback() as url:
-            return [await _one(url, server, prefetch, lead_s, first, second) for _ in range(runs)]
+            rows = []
+            for i in range(runs):
+                delayed, phase = _delayed(second, i, runs)
+                rows.append({**await _one(url, server, prefetch, lead_s, first, delayed), "phase_ms": phase})
+            return rows
     finally:
         await agent.aclose()
 
@@ -187,7 +209,7 @@ class SoundCard:
 
     def go(self, second: np.ndarray) -> None:
         """The user starts ``second`` with the next block captured."""
-        offset = _first_above(second, ONSET_RMS, 96)
+        offset = _onset(second, ONSET_RMS, 96)
         self.mic = list(second[:len(second) // FRAME * FRAME].reshape(-1, FRAME))
         self.onset_wall = self._t0 + self._k * 0.02 + max(0, offset) / RATE
 
@@ -212,6 +234,81 @@ class SoundCard:
             self._task.cancel()
 
 
+async def _one_socket(url: str, lead_s: float, first: np.ndarray, second: np.ndarray) -> dict:
+    """One barge-in over ``/v1/realtime``: a client that sends its microphone in 20 ms appends (each
+    when its last sample is captured) and plays each audio delta as it arrives, until told
+    ``output_audio_buffer.cleared``."""
+    import base64
+    import json
+
+    import aiohttp
+
+    from duplex.audio import resample
+
+    rate = 24_000
+    block = rate // 50
+    played: list[tuple[float, bool]] = []  # (arrival, audible) of each audio delta
+    told: list[float] = []
+    loop = asyncio.get_running_loop()
+    onset_wall: float | None = None
+    async with aiohttp.ClientSession() as http, http.ws_connect(f"{url}/v1/realtime") as ws:
+
+        async def listen() -> None:
+            async for msg in ws:
+                event = json.loads(msg.data)
+                if event["type"] == "response.output_audio.delta":
+                    pcm = np.frombuffer(base64.b64decode(event["delta"]), "<i2").astype(np.float32) / 32768
+                    played.append((loop.time(), bool(np.sqrt(np.mean(pcm ** 2)) > AUDIBLE_RMS)))
+                elif event["type"] == "output_audio_buffer.cleared":
+                    told.append(loop.time())
+
+        listening = asyncio.create_task(listen())
+        start, sent, queue = loop.time(), 0, resample(first, RATE, rate)
+        heard_at: float | None = None
+        try:
+            while not told and loop.time() - start < 30:
+                await asyncio.sleep(max(0.0, start + (sent + 1) * 0.02 - loop.time()))
+                if heard_at is None and any(a for _, a in played):
+                    heard_at = loop.time()  # the reply is heard: talk over it lead_s later
+                if onset_wall is None and heard_at is not None and loop.time() >= heard_at + lead_s:
+                    queue = resample(second, RATE, rate)  # captured from the start of this block on
+                    onset_wall = start + sent * 0.02 + max(0, _onset(queue, ONSET_RMS, 48)) / rate
+                chunk, queue = queue[:block], queue[block:]
+                chunk = np.pad(chunk, (0, block - len(chunk)))
+                data = base64.b64encode((np.clip(chunk, -1, 1) * 32767).astype("<i2").tobytes()).decode()
+                await ws.send_str(json.dumps({"type": "input_audio_buffer.append", "audio": data}))
+                sent += 1
+            await asyncio.sleep(0.3)
+        finally:
+            listening.cancel()
+            await asyncio.gather(listening, return_exceptions=True)
+    if onset_wall is None or not told:
+        return {"told_ms": None, "ear_ms": None, "late_deltas": None}
+    heard = [t + 0.02 for t, audible in played if audible and onset_wall <= t + 0.02 and t < told[0]]
+    ear = min(told[0], max(heard)) if heard else onset_wall
+    return {"told_ms": round(1000 * (told[0] - onset_wall), 1), "ear_ms": round(1000 * (ear - onset_wall), 1),
+            # audible audio the server still sent 20 ms or more after telling the client to drop it
+            "late_deltas": sum(1 for t, audible in played if audible and t > told[0] + 0.02)}
+
+
+async def measure_realtime(runs: int, lead_s: float) -> list[dict]:
+    from duplex.transport.server import Server, ServerOptions
+
+    pcm, _ = read_audio(SAMPLE_SPEECH, RATE)
+    first, second = pcm[int(0.2 * RATE):int(2.4 * RATE)], pcm[int(5.3 * RATE):int(7.8 * RATE)]
+    agent = await Agent.load(AgentConfig(profile="fake", device="cpu", fake=dict(FAKE)))
+    server = Server(agent, ServerOptions(max_sessions=2))
+    rows = []
+    try:
+        async with server.on_loopback() as url:
+            for i in range(runs):
+                delayed, phase = _delayed(second, i, runs)
+                rows.append({**await _one_socket(url, lead_s, first, delayed), "phase_ms": phase})
+    finally:
+        await agent.aclose()
+    return rows
+
+
 async def measure_mic(runs: int, lead_s: float, output_latency_s: float = 0.01) -> list[dict]:
     """The same barge-in through ``duplex mic``'s path (:class:`~.mic.MicLink`) on a
     :class:`SoundCard`. Without the echo guard: it delays nothing (AEC3 works block by block), but
@@ -225,7 +322,8 @@ async def measure_mic(runs: int, lead_s: float, output_latency_s: float = 0.01) 
     agent = await Agent.load(AgentConfig(profile="fake", device="cpu", fake=dict(FAKE)))
     rows = []
     try:
-        for _ in range(runs):
+        for i in range(runs):
+            delayed, phase = _delayed(second, i, runs)
             card = SoundCard(first, output_latency_s)
             session = agent.session()
             events = session.events()
@@ -233,7 +331,7 @@ async def measure_mic(runs: int, lead_s: float, output_latency_s: float = 0.01) 
             talking = asyncio.create_task(talk(session, card, guard=guard, stop=stop))
             await asyncio.wait_for(card.audible.wait(), 20)  # the reply is heard
             await asyncio.sleep(lead_s)
-            card.go(second)
+            card.go(delayed)
             await asyncio.sleep(1.0)
             stop.set()
             link = await talking
@@ -246,7 +344,8 @@ async def measure_mic(runs: int, lead_s: float, output_latency_s: float = 0.01) 
             rows.append({"ear_ms": None if ear is None else round(1000 * (ear - card.onset_wall), 1),
                          "server_ms": None if metric is None else round(1000 * metric, 1),
                          "clicks": clicks, "cut_clicks": cut_clicks,
-                         "underruns": link.underruns, "dropped": link.overflows, "echo_guard": guard})
+                         "underruns": link.underruns, "dropped": link.overflows, "echo_guard": guard,
+                         "phase_ms": phase})
     finally:
         await agent.aclose()
     return rows
@@ -278,8 +377,19 @@ def run(args: argparse.Namespace) -> dict:
         print(f"mic run {i + 1}: {r}", flush=True)
     mic_summary = _summary(mic_rows)
     print(f"mic (simulated sound card, 10 ms output latency): {mic_summary}", flush=True)
+    socket_rows = asyncio.run(measure_realtime(runs, lead))
+    for i, r in enumerate(socket_rows):
+        print(f"realtime run {i + 1}: {r}", flush=True)
+    told = [r["told_ms"] for r in socket_rows if r["told_ms"] is not None]
+    ears = [r["ear_ms"] for r in socket_rows if r["ear_ms"] is not None]
+    socket_summary = {"told_ms_median": round(statistics.median(told), 1) if told else None,
+                      "ear_ms_best": min(ears, default=None),
+                      "ear_ms_median": round(statistics.median(ears), 1) if ears else None}
+    print(f"realtime websocket (a client playing each delta on arrival, dropping the rest when told): "
+          f"{socket_summary}", flush=True)
     return {"webrtc": {"runs": rows, **summary, "client_prefetch": prefetch},
-            "mic": {"runs": mic_rows, **mic_summary, "output_latency_s": 0.01}}
+            "mic": {"runs": mic_rows, **mic_summary, "output_latency_s": 0.01},
+            "realtime": {"runs": socket_rows, **socket_summary}}
 
 
 def main() -> None:
