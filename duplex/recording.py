@@ -63,30 +63,46 @@ class _Placed:
 
 @dataclass
 class _Channel:
-    """One channel's samples not written yet; ``base`` is the recording sample of ``pcm[0]``."""
+    """One channel's samples not written yet, kept as the blocks they came in (joined once, when
+    taken: not once per 20 ms frame); ``base`` is the recording sample of the first."""
 
     base: int = 0
-    pcm: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    blocks: list[np.ndarray] = field(default_factory=list)  # our own copies
+    size: int = 0
 
     @property
     def end(self) -> int:
-        return self.base + len(self.pcm)
+        return self.base + self.size
 
     def put(self, at: int, pcm: np.ndarray) -> int:
         """Write ``pcm`` at ``at`` (never before the end: the channel only grows); returns where."""
         at = max(at, self.end)
         gap = at - self.end
-        self.pcm = np.concatenate([self.pcm, np.zeros(gap, np.float32), pcm.astype(np.float32, copy=False)])
+        if gap:
+            self.blocks.append(np.zeros(gap, np.float32))
+        self.blocks.append(np.array(pcm, np.float32))
+        self.size += gap + len(pcm)
         return at
+
+    def silence(self, start: int, end: int) -> None:
+        """Recording samples ``start..end`` (those still here) become silence."""
+        whole = self._joined()
+        whole[max(start - self.base, 0):max(end - self.base, 0)] = 0.0
 
     def take(self, upto: int) -> np.ndarray:
         """The samples before recording sample ``upto`` (zero-padded to it), gone from memory."""
         n = max(0, upto - self.base)
-        out = self.pcm[:n]
+        whole = self._joined()
+        out, rest = whole[:n], whole[n:]
         if len(out) < n:
             out = np.concatenate([out, np.zeros(n - len(out), np.float32)])
-        self.pcm, self.base = self.pcm[n:], self.base + n
+        self.blocks, self.size, self.base = [rest] if len(rest) else [], len(rest), self.base + n
         return out
+
+    def _joined(self) -> np.ndarray:
+        if len(self.blocks) != 1:
+            self.blocks = [np.concatenate(self.blocks) if self.blocks else np.zeros(0, np.float32)]
+        return self.blocks[0]
 
 
 class Recording:
@@ -127,19 +143,24 @@ class Recording:
             placed = self._replies.setdefault(frame.reply_id, [])
             before = placed[-1].after if placed else 0
             if frame.played > before:
-                placed.append(_Placed(at=at, before=before, after=frame.played))
+                last = placed[-1] if placed else None
+                if last is not None and last.at + last.after - last.before == at:
+                    last.after = frame.played  # the run of frames goes on: one entry per run, not per frame
+                else:
+                    placed.append(_Placed(at=at, before=before, after=frame.played))
         self._start_writer()
 
     def unplay(self, frames: int) -> None:
         """The last ``frames`` agent frames were not heard (a live output gave them back): silence."""
         for _ in range(min(frames, len(self._frames))):
             start, end = self._frames.pop()
-            lo, hi = max(start, self._agent.base) - self._agent.base, end - self._agent.base
-            if hi > 0:
-                self._agent.pcm[max(lo, 0):hi] = 0.0
+            self._agent.silence(start, end)
             for placed in self._replies.values():
                 while placed and placed[-1].at >= start:
                     placed.pop()
+                if placed and placed[-1].at + placed[-1].after - placed[-1].before > start:
+                    last = placed[-1]  # a run of frames that reached into this one: it ends before it
+                    last.after = last.before + start - last.at
 
     def event(self, event: ev.Event, t0: float) -> None:
         if isinstance(event, ev.AudioIn):

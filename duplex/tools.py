@@ -163,15 +163,21 @@ def _mismatch(schema: dict[str, Any], value: Any) -> str | None:
 class ToolCallText:
     """Finds tool calls in a reply's generated text, piece by piece: text before ``open_`` is speech;
     what stands between ``open_`` and ``close`` (``<tool_call>`` ... ``</tool_call>`` in Qwen's
-    template) is the call. Text that may be the start of ``open_`` is held back until it is not."""
+    template) is the call. Text that may be the start of ``open_`` is held back until it is not.
+    Without markers (``"", ""``: Llama 3.1's bare JSON) a reply that begins with ``{`` is a call,
+    whole; any other reply is speech."""
 
     def __init__(self, open_: str, close: str) -> None:
         self.open, self.close = open_, close
         self._buffer = ""
         self.in_call = False
+        self._bare = not open_ and not close
+        self._speech = False  # (bare) the reply began as words: no call in it
 
     def feed(self, text: str) -> tuple[str, ToolCall | None]:
         """(speech to pass on, the call completed by this text, if any: nothing after it counts)."""
+        if self._bare:
+            return self._feed_bare(text)
         self._buffer += text
         if not self.in_call:
             at = self._buffer.find(self.open)
@@ -188,6 +194,24 @@ class ToolCallText:
             return speech, None
         body, self._buffer, self.in_call = self._buffer[:at], "", False
         return speech, parse_call(body)
+
+    def _feed_bare(self, text: str) -> tuple[str, ToolCall | None]:
+        if self._speech:
+            return text, None
+        self._buffer += text
+        start = self._buffer.lstrip()
+        if not start:
+            return "", None
+        if not start.startswith("{"):
+            self._speech, speech, self._buffer = True, self._buffer, ""
+            return speech, None
+        self.in_call = True
+        try:  # the call ends where its JSON object does (the stop token follows it)
+            json.loads(start)
+        except json.JSONDecodeError:
+            return "", None
+        self._buffer, self.in_call = "", False
+        return "", parse_call(start)
 
     def end(self) -> tuple[str, ToolCall | None]:
         """The reply ended: text held back is speech; a call left open is parsed as it stands."""

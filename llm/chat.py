@@ -27,6 +27,9 @@ from duplex.stages import Dialogue, Message, frozen
 
 log = logging.getLogger(__name__)
 
+# Options every rendering passes (templates ignore those they do not read): no thinking block (Qwen3),
+# the tools in the system block rather than the first user message (Llama 3.1), so it stays message-local.
+TEMPLATE_OPTIONS: dict[str, Any] = {"enable_thinking": False, "tools_in_user_message": False}
 _A = "\ue000"  # placeholder contents: private-use characters no template touches
 _B = "\ue001"
 ROLES = ("user", "assistant")
@@ -42,11 +45,13 @@ class ChatFormat:
     generation_prompt: str
     end_of_message: int  # first token of the user suffix: "the user's message is complete"
     stop_ids: frozenset[int]  # tokens that end a reply
-    # Tool calls, where the template has them (Qwen2.5's <tool_call> JSON </tool_call>): the markers
-    # around a call in the assistant's text, and the rendering before an assistant message (a tool
-    # call message is rendered by the template itself, after it); None: this model calls no tools.
+    # Tool calls, where the template has them: the markers around a call in the assistant's text
+    # (Qwen2.5's <tool_call> JSON </tool_call>; ("", "") for Llama 3.1's bare JSON, the whole
+    # message), and the renderings a call message and a tool message follow (the template itself
+    # renders those two, after them: Llama 3.1's passes a result through tojson); None: no tools.
     tool_markers: tuple[str, str] | None = None
     call_base: str = ""
+    tool_base: str = ""
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, generation_config: Any = None) -> ChatFormat:
@@ -55,7 +60,7 @@ class ChatFormat:
 
         def render(messages: list[dict[str, Any]], gen: bool = False) -> str:
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen,
-                                                 enable_thinking=False)
+                                                 **TEMPLATE_OPTIONS)
 
         system = [{"role": "system", "content": _A}]
         s = render(system)
@@ -79,12 +84,10 @@ class ChatFormat:
             elif extra:
                 stop.update(int(t) for t in extra)
         wrappers = {"user": (user_prefix, user_suffix), "assistant": (asst_prefix, asst_suffix)}
-        tool_format = _tool_format(render, system, a, b, asst_prefix, asst_suffix)
-        markers = None
-        if tool_format is not None:
-            markers, wrappers["tool"] = tool_format
+        markers = _tool_format(render, system, a, b, asst_prefix, asst_suffix)
         fmt = cls(tokenizer=tokenizer, system_text=s, wrappers=wrappers, generation_prompt=g[len(a):],
-                  end_of_message=fmt_tokens[0], stop_ids=frozenset(stop), tool_markers=markers, call_base=a)
+                  end_of_message=fmt_tokens[0], stop_ids=frozenset(stop), tool_markers=markers, call_base=a,
+                  tool_base=b)
         fmt._check_local(render)
         return fmt
 
@@ -104,7 +107,7 @@ class ChatFormat:
             return self.system_text.replace(_A, system_prompt.strip())
         return self.tokenizer.apply_chat_template([{"role": "system", "content": system_prompt.strip()}],
                                                   tools=list(tools), tokenize=False, add_generation_prompt=False,
-                                                  enable_thinking=False)
+                                                  **TEMPLATE_OPTIONS)
 
     def render(self, message: Message, *, open_: bool = False) -> str:
         """One message with its wrappers; ``open_`` leaves the suffix off (the message goes on). An
@@ -115,8 +118,14 @@ class ChatFormat:
                 [{"role": "system", "content": _A}, {"role": "user", "content": _B},
                  {"role": "assistant", "content": message.content.strip(), "tool_calls": [
                      {"type": "function", "function": {"name": call.name, "arguments": call.arguments}}]}],
-                tokenize=False, add_generation_prompt=False, enable_thinking=False)
+                tokenize=False, add_generation_prompt=False, **TEMPLATE_OPTIONS)
             return whole[len(self.call_base):]
+        if message.role == "tool" and self.tool_markers is not None:
+            whole = self.tokenizer.apply_chat_template(
+                [{"role": "system", "content": _A}, {"role": "user", "content": _B},
+                 {"role": "assistant", "content": _A}, {"role": "tool", "content": message.content.strip()}],
+                tokenize=False, add_generation_prompt=False, **TEMPLATE_OPTIONS)
+            return whole[len(self.tool_base):]
         if message.role not in self.wrappers:
             raise ValueError(f"unknown message role {message.role!r}; expected one of {', '.join(ROLES)}")
         prefix, suffix = self.wrappers[message.role]
@@ -127,29 +136,30 @@ class ChatFormat:
 
 
 def _tool_format(render: Any, system: list[dict[str, Any]], a: str, b: str, asst_prefix: str,
-                 asst_suffix: str) -> tuple[tuple[str, str], tuple[str, str]] | None:
-    """The markers around a tool call in an assistant message and the wrappers of a tool message, if
-    the template renders both message-locally with markers (Qwen2.5's); None otherwise."""
+                 asst_suffix: str) -> tuple[str, str] | None:
+    """The markers around a tool call in an assistant message (Qwen2.5's ``<tool_call>`` ...
+    ``</tool_call>``; ``("", "")`` where the call is the whole message, bare JSON, as in Llama 3.1's),
+    if the template renders a call message and a tool message message-locally; None otherwise."""
     call = {"type": "function", "function": {"name": "tool_name", "arguments": {"key": 1}}}
     try:
         with_call = render(system + [{"role": "user", "content": _B},
                                      {"role": "assistant", "content": _A, "tool_calls": [call]}])
         with_tool = render(system + [{"role": "user", "content": _B}, {"role": "assistant", "content": _A},
-                                     {"role": "tool", "content": _B}])
+                                     {"role": "tool", "content": "result"}])
     except Exception:  # jinja raising on a role or field it does not know: no tools
         return None
     body = with_call[len(a):] if with_call.startswith(a) else ""
-    if not (body.startswith(asst_prefix + _A) and body.endswith(asst_suffix)) or not with_tool.startswith(b):
+    if not (body.startswith(asst_prefix) and body.endswith(asst_suffix)) or not with_tool.startswith(b) \
+            or "result" not in with_tool[len(b):]:
         return None
-    text = body[len(asst_prefix) + 1:len(body) - len(asst_suffix)]
+    text = body[len(asst_prefix):len(body) - len(asst_suffix)].replace(_A, "")  # (Llama 3.1 drops the words)
     start, end = text.find("{"), text.rfind("}")
     if start < 0 or "tool_name" not in text[start:end + 1]:
         return None
     open_, close = text[:start].strip(), text[end + 1:].strip()
-    tool_prefix, found, tool_suffix = with_tool[len(b):].partition(_B)
-    if not open_ or not close or not found:
+    if bool(open_) != bool(close):
         return None
-    return (open_, close), (tool_prefix, tool_suffix)
+    return open_, close
 
 
 @dataclass

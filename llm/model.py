@@ -102,7 +102,7 @@ class SinkLLM:
 
     @property
     def calls_tools(self) -> bool:
-        """Whether its chat template has a tool-call format duplex reads (Qwen2.5's)."""
+        """Whether its chat template has a tool-call format duplex reads (Qwen2.5's, Llama 3.1's)."""
         return self.format.tool_markers is not None
 
     def new_stream(self, system_prompt: str, tools: Sequence[dict[str, Any]] = ()) -> SinkLLMStream:

@@ -4,8 +4,8 @@ loaded back through the same loader real checkpoints use.
 
 The tokenizer is a byte-level BPE trained on a few paragraphs written here, wrapped as a fast
 tokenizer with special tokens and a chat template of the model's family: ChatML
-(``<|im_start|>role ... <|im_end|>``, with Qwen2.5's ``<tool_call>`` format) for Qwen2, Llama-3 headers (``<|start_header_id|>`` ...
-``<|eot_id|>``) for Llama.
+(``<|im_start|>role ... <|im_end|>``, with Qwen2.5's ``<tool_call>`` format) for Qwen2, Llama 3
+headers (``<|start_header_id|>`` ... ``<|eot_id|>``, with Llama 3.1's JSON tool calls) for Llama.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, TypedDict
 
 from duplex.config import DEFAULT_SYSTEM_PROMPT, cache_dir
 
-VERSION = "v2"  # v2: the Qwen2 template has a tool format
+VERSION = "v2"  # v2: both templates have a tool format
 ARCHS = ("qwen2", "llama")
 
 # ChatML with the tool format of Qwen2.5's template: the tools in the system block, a call as
@@ -50,11 +50,37 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
+# Llama 3's headers with the JSON tool calling of Llama 3.1's template (tools in the system block, as it
+# writes them with tools_in_user_message=False): a call is the assistant's whole message, bare
+# {"name": ..., "parameters": ...} JSON; a result is an ipython message, its content passed through
+# tojson as Llama 3.1's template does (a string, too: Jinja counts strings as iterable).
 LLAMA3_TEMPLATE = (
     "{{- bos_token -}}"
+    "{%- if tools -%}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nEnvironment: ipython\\nYou have access to the following "
+    "functions. To call a function, please respond with JSON for a function call. Respond in the format "
+    "{\"name\": function name, \"parameters\": dictionary of argument name and its value}. Do not use "
+    "variables.\\n\\n' -}}"
+    "{%- for t in tools -%}{{- (t | tojson) + '\\n\\n' -}}{%- endfor -%}"
+    "{{- (messages[0]['content'] if messages[0]['role'] == 'system' else '') | trim + '<|eot_id|>' -}}"
+    "{%- elif messages[0]['role'] == 'system' -%}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' + messages[0]['content'] | trim + '<|eot_id|>' -}}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' -}}"
+    "{%- if message.content is mapping or message.content is iterable -%}{{- message.content | tojson -}}"
+    "{%- else -%}{{- message.content -}}{%- endif -%}"
+    "{{- '<|eot_id|>' -}}"
+    "{%- elif message['role'] == 'assistant' and message.tool_calls -%}"
+    "{%- set call = message.tool_calls[0].function -%}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n{\"name\": \"' + call.name + '\", \"parameters\": ' "
+    "+ (call.arguments | tojson) + '}<|eot_id|>' -}}"
+    "{%- else -%}"
     "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
     " + '<|eot_id|>' -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
 )

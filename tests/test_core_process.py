@@ -84,6 +84,14 @@ def test_every_stage_answers_across_the_process_boundary_as_in_one_process(jfk16
             assert len(first.pcm) > 0
             await llm.aclose()
             await tts.aclose()
+            # new instructions for a stream across the boundary (a Realtime client's session.update):
+            # its next estimate is a fresh stream's under them
+            changed, fresh = there.stages.llm.new_stream(""), there.stages.llm.new_stream("Answer in French.")
+            await changed.listen(QUESTION)
+            await changed.configure("Answer in French.", [])
+            remote["configured"] = (await changed.listen(QUESTION), await fresh.listen(QUESTION))
+            await changed.aclose()
+            await fresh.aclose()
             core = there.core
             assert await core.census() == {"streams": 0, "iterators": 0, "requests": 0, "pulls": 0}
         finally:
@@ -95,6 +103,8 @@ def test_every_stage_answers_across_the_process_boundary_as_in_one_process(jfk16
     for key in ("vad", "asr", "estimate", "reply", "backchannel", "words"):
         assert remote[key] == alone[key], key
     assert np.array_equal(remote["audio"], alone["audio"])
+    changed, fresh = remote["configured"]
+    assert changed == fresh and changed != remote["estimate"]
 
 
 def test_a_dead_core_fails_its_calls_clearly_and_the_agent_still_closes():

@@ -4,6 +4,7 @@ to exactly the template's tokens, and a reply whose text holds a call stops ther
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -35,27 +36,37 @@ def _dialogue(call: ToolCall) -> list[Message]:
             Message("user", "Thanks.")]
 
 
-def test_the_tool_format_is_read_from_the_template_and_renders_exactly(tool_tokenizer, tiny_checkpoints):
-    """The markers and the tool message's wrappers come from the template; a dialogue with a call, its
-    result and more turns tokenises to exactly what the whole template renders (tools in the system
-    block included). The tiny Llama's template (Llama 3's headers, no tool format): no tools."""
-    fmt = ChatFormat.from_tokenizer(tool_tokenizer)
-    assert fmt.tool_markers == ("<tool_call>", "</tool_call>")
-    plain = ChatFormat.from_tokenizer(tiny_checkpoints["llama"][1])
-    assert plain.tool_markers is None and "tool" not in plain.wrappers
+PLAIN_CHATML = ("{%- for message in messages -%}"
+                "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+                "{%- endfor -%}"
+                "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+
+
+@pytest.mark.parametrize(("arch", "markers"), [("qwen2", ("<tool_call>", "</tool_call>")), ("llama", ("", ""))])
+def test_the_tool_format_is_read_from_the_template_and_renders_exactly(arch, markers, tiny_checkpoints):
+    """The call markers come from the template (Qwen2.5's <tool_call> tags; none around Llama 3.1's
+    bare JSON); a dialogue with a call, its result and more turns tokenises to exactly what the whole
+    template renders (tools in the system block; Llama's result passed through tojson by it). A
+    template without a tool format: no tools."""
+    tokenizer = tiny_checkpoints[arch][1]
+    fmt = ChatFormat.from_tokenizer(tokenizer)
+    assert fmt.tool_markers == markers
+    plain_tokenizer = copy.deepcopy(tiny_checkpoints["qwen2"][1])
+    plain_tokenizer.chat_template = PLAIN_CHATML
+    assert ChatFormat.from_tokenizer(plain_tokenizer).tool_markers is None
     call = ToolCall("call_1", "weather", {"city": "Paris"})
     messages = _dialogue(call)
     tokens = DialogueTokens(fmt, "Be brief.", (weather.schema(),))
     tokens.update(messages, generation_prompt=True)
-    whole = tool_tokenizer.apply_chat_template(
+    whole = tokenizer.apply_chat_template(
         [{"role": "system", "content": "Be brief."}]
         + [{"role": m.role, "content": m.content,
             **({"tool_calls": [{"type": "function", "function": {"name": m.tool_call.name,
                                                                  "arguments": m.tool_call.arguments}}]}
                if m.tool_call else {})} for m in messages],
-        tools=[weather.schema()], tokenize=False, add_generation_prompt=True)
-    assert "<tools>" in whole and '"name": "weather"' in whole
-    assert list(tokens.ids(0)) == tool_tokenizer(whole, add_special_tokens=False)["input_ids"]
+        tools=[weather.schema()], tokenize=False, add_generation_prompt=True, tools_in_user_message=False)
+    assert '"name": "weather"' in whole and "Be brief." in whole
+    assert list(tokens.ids(0)) == tokenizer(whole, add_special_tokens=False)["input_ids"]
 
 
 def test_the_call_parser_passes_speech_and_holds_back_a_marker_start():
@@ -73,13 +84,32 @@ def test_the_call_parser_passes_speech_and_holds_back_a_marker_start():
     assert broken.end() == ("", ToolCall("", "?", "weather(Paris)"))
 
 
-async def test_a_reply_with_a_call_stops_there_and_goes_on_from_the_result(tool_tokenizer, tiny_checkpoints,
+def test_a_bare_json_call_is_the_whole_reply():
+    """Without markers (Llama 3.1): a reply that begins with '{' is held back and is a call once its
+    JSON closes ("parameters" read as the arguments); a reply that begins with words is speech, a '{'
+    later in it included; a '{' that never becomes a call is told to the model as it stands."""
+    parser = ToolCallText("", "")
+    assert parser.feed(' {"name": "weather", ') == ("", None)
+    assert parser.feed('"parameters": {"city": "Paris"}}') == ("", ToolCall("", "weather", {"city": "Paris"}))
+    words = ToolCallText("", "")
+    assert words.feed("It is ") == ("It is ", None) and words.feed('{"name": 1}') == ('{"name": 1}', None)
+    assert words.end() == ("", None)
+    broken = ToolCallText("", "")
+    assert broken.feed("{weather") == ("", None) and broken.end() == ("", ToolCall("", "?", "{weather"))
+
+
+@pytest.mark.parametrize(("arch", "written", "said"), [
+    ("qwen2", 'Let me look.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+     "Let me look."),
+    ("llama", '{"name": "weather", "parameters": {"city": "Paris"}}', "")])
+async def test_a_reply_with_a_call_stops_there_and_goes_on_from_the_result(arch, written, said, tiny_checkpoints,
                                                                            monkeypatch):
     """The tiny model is made to write a reply with a tool call (its sampled tokens replaced by a
-    script): the stream yields the words before the call, then the ToolCall, and stops; asked again
-    with the call and its result, it replies from a context equal to the template's rendering."""
-    model, _ = tiny_checkpoints["qwen2"]
-    llm = SinkLLM(model, tool_tokenizer, "cpu", LLMSettings(window=1024, max_reply_tokens=400), slots=2)
+    script; Qwen2.5's tagged call after words, Llama 3.1's bare JSON): the stream yields the words
+    before the call, then the ToolCall, and stops; asked again with the call and its result, it
+    replies from a context equal to the template's rendering."""
+    model, tokenizer = tiny_checkpoints[arch]
+    llm = SinkLLM(model, tokenizer, "cpu", LLMSettings(window=1024, max_reply_tokens=400), slots=2)
     script: list[int] = []
     real_took = SinkLLMStream._took
 
@@ -89,15 +119,14 @@ async def test_a_reply_with_a_call_stops_there_and_goes_on_from_the_result(tool_
     monkeypatch.setattr(SinkLLMStream, "_took", scripted)
     stream = llm.new_stream("Be brief.", [weather.schema()])
     try:
-        script[:] = llm.format.encode('Let me look.\n<tool_call>\n{"name": "weather", "arguments": '
-                                      '{"city": "Paris"}}\n</tool_call>').tolist()
+        script[:] = llm.format.encode(written).tolist()
         question = [Message("user", "What is the weather in Paris?")]
         pieces = [p async for p in stream.reply(question)]
         call = pieces[-1]
         assert isinstance(call, ToolCall) and (call.name, call.arguments) == ("weather", {"city": "Paris"})
-        assert "".join(pieces[:-1]).strip() == "Let me look."
+        assert "".join(pieces[:-1]).strip() == said
         script[:] = llm.format.encode("It is sunny.").tolist()
-        asked = [*question, Message("assistant", "Let me look.", tool_call=ToolCall("c1", "weather", call.arguments)),
+        asked = [*question, Message("assistant", said, tool_call=ToolCall("c1", "weather", call.arguments)),
                  Message("tool", json.dumps({"sky": "sunny"}))]
         pieces = [p async for p in stream.reply(asked)]
         assert "".join(p for p in pieces if isinstance(p, str)).strip() == "It is sunny."

@@ -322,8 +322,8 @@ class RealtimeSocket:
         if not isinstance(specs, list):
             raise ValueError("give a list of {type: function, name, description, parameters}")
         if specs and not self.session.calls_tools:
-            raise ValueError("this agent's LLM does not call tools (duplex reads the tool format of Qwen2.5's "
-                             "chat template; the fake profile's scripted LLM calls them too)")
+            raise ValueError("this agent's LLM does not call tools (duplex reads the tool formats of Qwen2.5's "
+                             "and Llama 3.1's chat templates; the fake profile's scripted LLM calls them too)")
         own = [name for name in self.session.tools if name not in self._client_tools]
         out = []
         for spec in specs:
