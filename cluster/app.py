@@ -224,6 +224,9 @@ class Ingress:
                 answer = ApiResponse(200, cluster_status(await self.router.statuses(request.headers.get("authorization"))))
             elif path == "/metrics" and method == "GET":
                 return _text(200, prometheus(await self.router.statuses(None)), "text/plain; version=0.0.4")
+            elif path == "/v1/realtime":
+                answer = ApiResponse(501, {"error": "the Realtime WebSocket is not served through --replicas yet; "
+                                                    "connect to a duplex serve of one process or --workers N"})
             elif method == "GET" and path.lstrip("/") in FILES:
                 return self._file(FILES[path.lstrip("/")])
             else:

@@ -115,7 +115,8 @@ def test_the_ingress_refuses_before_it_routes():
     """As a single server does, the ingress checks the size and the token before it parses or routes:
     a body declared over the cap is a 413 before any of it is read, and one sent without a length is
     cut off once it passes the cap. Without the token, a follow-up naming any replica is a 401, not a
-    404 or 503 that would tell a stranger about the cluster. An integer with too many digits is a 400."""
+    404 or 503 that would tell a stranger about the cluster. An integer with too many digits is a 400.
+    The Realtime WebSocket, not served through replicas, says so."""
     pytest.importorskip("starlette", reason="the cluster extra is not installed: pip install -e '.[cluster]'")
     from duplex.cluster.app import Ingress
     from duplex.transport.server import ServerOptions
@@ -135,6 +136,8 @@ def test_the_ingress_refuses_before_it_routes():
     roomy = Ingress(ClusterOptions(replicas=2, server=ServerOptions(token="t0ken")), _NoReplica(), _NoReplica())
     status, body, _ = _ingress_call(roomy, "POST", "/api/offer", [b'{"pc_id": ' + b"1" * 5000 + b"}"], auth)
     assert status == 400 and "JSON" in body["error"]
+    status, body, _ = _ingress_call(roomy, "GET", "/v1/realtime", [b""], auth)  # said, not a bare 404
+    assert status == 501 and "--workers" in body["error"]
 
 
 class _Replica:
