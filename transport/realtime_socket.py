@@ -312,9 +312,13 @@ class RealtimeSocket:
             return update
         own = [t for t in self.session.tools.values() if t.name not in self._client_tools]  # the server's (--tools)
         theirs = [t for t in self.session.tools.values() if t.name in self._client_tools]
+        try:
+            await self.session.configure(instructions=instructions, tools=[*own, *(made if made is not None else theirs)])
+        except (ConfigError, RuntimeError) as exc:  # a closed session, a name the server's tools have
+            await self.error(f"session.update could not be applied: {exc}", code="invalid_value", client_event=event_id)
+            return update
         if made is not None:
-            self._client_tools, theirs = {t.name: spec for t, spec in zip(made, tools)}, made
-        await self.session.configure(instructions=instructions, tools=[*own, *theirs])
+            self._client_tools = {t.name: spec for t, spec in zip(made, tools)}
         return update
 
     def _client_tool_list(self, specs: Any) -> list[Tool]:
