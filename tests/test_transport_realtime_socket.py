@@ -234,9 +234,9 @@ async def test_instructions_and_tools_the_client_runs(jfk_path):
                 sending = asyncio.create_task(stream(conn, first))
                 called = await until("response.function_call_arguments.done")
                 assert called.name == "lookup" and json.loads(called.arguments) == {"city": "Paris"}
-                await conn.send({"type": "conversation.item.create", "item": {
-                    "type": "function_call_output", "call_id": called.call_id, "output": '{"sky": "grey"}'}})
-                await conn.send({"type": "response.create"})
+                await conn.conversation.item.create(item={  # as the README's snippet does
+                    "type": "function_call_output", "call_id": called.call_id, "output": '{"sky": "grey"}'})
+                await conn.response.create()
                 done = await until("response.done")
                 await sending
         kinds = [e.type for e in received]
