@@ -149,10 +149,11 @@ class Front(Site):
         if refused is not None:
             return refused
         order = placement(await self.router.capacities())
+        token = request.headers.get("Authorization")  # (the worker checks it again)
+        headers = {"Authorization": token} if token else {}
         inner = session = None
         for name in order:  # a worker that filled up since it was asked says 503: try the next
             session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=self.workers[name].http))
-            headers = {k: v for k, v in request.headers.items() if k == "Authorization"}
             try:
                 inner = await session.ws_connect("http://localhost/v1/realtime", headers=headers,
                                                  max_msg_size=MAX_MESSAGE)
