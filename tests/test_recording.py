@@ -127,3 +127,30 @@ def test_frames_taken_back_at_a_barge_in_are_silence_and_not_heard(tmp_path):
     assert np.all(right[:2 * n] > 0.4) and np.all(right[2 * n:5 * n] == 0) and np.all(right[5 * n:9 * n] > 0.4)
     (said,) = transcript["turns"]
     assert [(w["text"], w["start_s"]) for w in said["words"]] == [("early", 0.0), ("again", 5 * n / rate)]
+
+
+def test_a_run_of_frames_is_one_placement_and_a_take_back_cuts_it(tmp_path):
+    """Frames of a reply that play back to back are kept as one run (one entry, not one per frame,
+    for the transcript's word times); when the output gives its last two frames back (a barge-in),
+    those samples are silence and the run ends where they began; played again on resume, the same
+    reply samples are placed where they play then, and the channel written out holds exactly that."""
+    import asyncio
+
+    from duplex.recording import _Placed
+
+    async def main() -> Recording:
+        rec = Recording(tmp_path, 24_000)
+        for k in range(5):  # 20 ms frames: 480 samples at 24 kHz, 320 input samples apart
+            rec.agent(Frame(np.full(480, 0.5, np.float32), 1, 480 * (k + 1), False), 320 * k)
+        assert rec._replies[1] == [_Placed(at=0, before=0, after=2400)]
+        rec.unplay(2)
+        for k, played in ((8, 1920), (9, 2400)):  # resumed later: the two frames play again
+            rec.agent(Frame(np.full(480, 0.25, np.float32), 1, played, False), 320 * k)
+        rec._writer.cancel()
+        return rec
+
+    rec = asyncio.run(main())
+    assert rec._replies[1] == [_Placed(at=0, before=0, after=1440), _Placed(at=3840, before=1440, after=2400)]
+    assert rec._reply_time(1, 100) == 100 / 24_000 and rec._reply_time(1, 1500) == (3840 + 60) / 24_000
+    agent = rec._agent.take(4800)
+    assert np.all(agent[:1440] == 0.5) and np.all(agent[1440:3840] == 0.0) and np.all(agent[3840:] == 0.25)
