@@ -13,8 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from duplex.config import AgentConfig, load_config
-from duplex.errors import ConfigError
-from duplex.tools import Tool, load_tools
+from duplex.tools import Tool, load_tools, tool_table
 from duplex.profiles import build_stages
 from duplex.session import Session
 from duplex.stages import Stages
@@ -48,11 +47,8 @@ class Agent:
     def __init__(self, stages: Stages, config: AgentConfig, core: Core | None = None, *,
                  tools: Sequence[Tool] = ()) -> None:
         self.stages = stages
-        self.tools: dict[str, Tool] = {}  # what its replies may call (duplex.tools): config.tools, then tools
-        for t in [*load_tools(config.tools), *tools]:
-            if t.name in self.tools:
-                raise ConfigError(f"two tools are named {t.name!r}")
-            self.tools[t.name] = t
+        # what its replies may call (duplex.tools): config.tools, then tools
+        self.tools: dict[str, Tool] = tool_table([*load_tools(config.tools), *tools])
         if self.tools and not getattr(stages.llm, "calls_tools", False):
             log.warning("%d tools are registered, but this LLM (%s) does not call tools yet: replies never use "
                         "them (the fake profile's scripted LLM does)", len(self.tools), type(stages.llm).__name__)

@@ -41,11 +41,11 @@ from duplex.audio import StreamResampler, to_mono_float
 from duplex.clock import now
 from duplex.config import AgentConfig
 from duplex.conversation import AgentTurn, Conversation, ToolUse
-from duplex.errors import AudioFormatError, ConfigError
+from duplex.errors import AudioFormatError
 from duplex.events import INPUT_RATE, Event
 from duplex.playout import Frame, Playout
 from duplex.recording import MAX_EXTRAPOLATION_S, Recording
-from duplex.tools import MAX_CALLS_PER_REPLY, Tool, ToolCall, ToolOutcome, run_call
+from duplex.tools import MAX_CALLS_PER_REPLY, Tool, ToolCall, ToolOutcome, run_call, tool_table
 from duplex.reply import Reply, TurnTiming
 from duplex.stages import Message, Stages
 from duplex.turns import (Action, CancelReply, CheckBargeIn, EndTurn, Interrupt, Pause, Phase, Resume,
@@ -265,10 +265,7 @@ class Session:
         if self.closed:
             raise RuntimeError(f"{self.name} is closed; start a new session")
         if tools is not None:
-            names = [t.name for t in tools]
-            if len(set(names)) != len(names):
-                raise ConfigError(f"two tools share a name: {sorted({n for n in names if names.count(n) > 1})}")
-            self.tools = {t.name: t for t in tools}
+            self.tools = tool_table(tools)
         if instructions is not None:
             self.conversation.system_prompt = instructions
         await self._llm.configure(self.conversation.system_prompt, [t.schema() for t in self.tools.values()])

@@ -311,7 +311,14 @@ def load_tools(specs: Iterable[str]) -> list[Tool]:
         items = value if isinstance(value, (list, tuple)) else [value]
         for item in items:
             out.append(item if isinstance(item, Tool) else tool(item))
-    names = [t.name for t in out]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"two tools share a name: {sorted(n for n in names if names.count(n) > 1)}")
+    tool_table(out)
     return out
+
+
+def tool_table(tools: Iterable[Tool]) -> dict[str, Tool]:
+    """``tools`` by name; ConfigError naming the names two of them share."""
+    tools = list(tools)
+    names = [t.name for t in tools]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two tools share a name: {sorted({n for n in names if names.count(n) > 1})}")
+    return {t.name: t for t in tools}

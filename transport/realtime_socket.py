@@ -41,7 +41,7 @@ from duplex import events as ev
 from duplex.audio import StreamResampler
 from duplex.errors import ConfigError
 from duplex.session import Session
-from duplex.tools import Tool, current_call
+from duplex.tools import Tool, current_call, tool_table
 from duplex.transport.realtime import RealtimeEncoder
 
 log = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ class RealtimeSocket:
                                  param="tools", client_event=event_id)
         if instructions is None and made is None:
             return update
-        own = [t for t in self.session.tools.values() if t.name not in self._client_tools]  # the server's (--tools)
+        own = self._server_tools()
         theirs = [t for t in self.session.tools.values() if t.name in self._client_tools]
         try:
             await self.session.configure(instructions=instructions, tools=[*own, *(made if made is not None else theirs)])
@@ -321,6 +321,10 @@ class RealtimeSocket:
             self._client_tools = {t.name: spec for t, spec in zip(made, tools)}
         return update
 
+    def _server_tools(self) -> list[Tool]:
+        """The session's tools that are the server's own (``--tools``), not the client's."""
+        return [t for t in self.session.tools.values() if t.name not in self._client_tools]
+
     def _client_tool_list(self, specs: Any) -> list[Tool]:
         """Tools the client runs, from the protocol's function specs; ValueError naming what is wrong."""
         if not isinstance(specs, list):
@@ -328,7 +332,7 @@ class RealtimeSocket:
         if specs and not self.session.calls_tools:
             raise ValueError("this agent's LLM does not call tools (duplex reads the tool formats of Qwen2.5's "
                              "and Llama 3.1's chat templates; the fake profile's scripted LLM calls them too)")
-        own = [name for name in self.session.tools if name not in self._client_tools]
+        own = {t.name for t in self._server_tools()}
         out = []
         for spec in specs:
             if not isinstance(spec, dict) or spec.get("type", "function") != "function" \
@@ -339,9 +343,7 @@ class RealtimeSocket:
             parameters = spec.get("parameters") or {"type": "object", "properties": {}}
             out.append(Tool(name=spec["name"], description=str(spec.get("description", "")),
                             parameters=parameters, fn=self._ask_client, timeout_s=CLIENT_TOOL_TIMEOUT_S))
-        names = [t.name for t in out]
-        if len(set(names)) != len(names):
-            raise ValueError(f"two tools share a name: {sorted({n for n in names if names.count(n) > 1})}")
+        tool_table(out)  # (ConfigError when two share a name)
         return out
 
     async def _ask_client(self, **arguments: Any) -> str:
