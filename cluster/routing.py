@@ -182,17 +182,19 @@ class Router:
                 args = (forwarded, authorization, remote) if method == "POST" else (forwarded, authorization)
                 return _public(replica, await self._call(replica, "offer" if method == "POST" else "candidates", args))
         if session is not None:
-            body = json.dumps({k: v for k, v in request.items() if k not in ("pc_id", "secret", "restart_pc")}).encode()
-        return await self._new_session(body, authorization, remote)
+            request = {k: v for k, v in request.items() if k not in ("pc_id", "secret", "restart_pc")}
+            body = json.dumps(request).encode()
+        return await self._new_session(request, body, authorization, remote)
 
-    async def _new_session(self, body: bytes, authorization: str | None, remote: str | None) -> ApiResponse:
+    async def _new_session(self, request: dict[str, Any], body: bytes, authorization: str | None,
+                           remote: str | None) -> ApiResponse:
+        """Place a new session (``request``, parsed, and its ``body`` as it goes to a replica)."""
         from duplex.transport.server import ApiResponse
 
         capacities = await self.capacities()
         for c in capacities:  # offers on their way to a replica take a seat there already
             c.free -= self._placing[c.replica]
         order = placement(capacities)
-        request = json.loads(body)  # (parsed and checked by signal)
         token = request.get("resume")
         resumed = owner_of(token, self.names) if isinstance(token, str) else None
         if resumed is not None:  # only the replica that issued a resume token holds its conversation

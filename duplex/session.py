@@ -141,9 +141,7 @@ class Session:
         self._asr = stages.asr.new_stream()
         # the tools' schemas go to the LLM's system block (a model that calls none ignores them); the
         # system prompt is the record's (a resumed conversation keeps the one it was given)
-        prompt = self.conversation.system_prompt
-        self._llm = stages.llm.new_stream(prompt, [t.schema() for t in self.tools.values()]) if self.tools \
-            else stages.llm.new_stream(prompt)
+        self._llm = stages.llm.new_stream(self.conversation.system_prompt, [t.schema() for t in self.tools.values()])
         self.calls_tools = bool(getattr(stages.llm, "calls_tools", False))  # whether its LLM can call tools
         self._tts = stages.tts.new_stream()
         self.t0 = now()

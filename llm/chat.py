@@ -33,6 +33,9 @@ TEMPLATE_OPTIONS: dict[str, Any] = {"enable_thinking": False, "tools_in_user_mes
 _A = "\ue000"  # placeholder contents: private-use characters no template touches
 _B = "\ue001"
 ROLES = ("user", "assistant")
+# what a call message and a tool message are rendered after (ChatFormat.call_base, .tool_base)
+_CALL_CONTEXT: list[dict[str, Any]] = [{"role": "system", "content": _A}, {"role": "user", "content": _B}]
+_TOOL_CONTEXT: list[dict[str, Any]] = [*_CALL_CONTEXT, {"role": "assistant", "content": _A}]
 
 
 @dataclass(frozen=True)
@@ -64,9 +67,9 @@ class ChatFormat:
 
         system = [{"role": "system", "content": _A}]
         s = render(system)
-        a = render(system + [{"role": "user", "content": _B}])
-        b = render(system + [{"role": "user", "content": _B}, {"role": "assistant", "content": _A}])
-        g = render(system + [{"role": "user", "content": _B}], gen=True)
+        a = render(_CALL_CONTEXT)  # system, user
+        b = render(_TOOL_CONTEXT)  # system, user, assistant
+        g = render(_CALL_CONTEXT, gen=True)
         if not (a.startswith(s) and b.startswith(a) and g.startswith(a) and s.count(_A) == 1):
             raise ConfigError("the LLM's chat template does not render messages one after another; "
                               "duplex.llm needs a message-local template (ChatML, Llama 3, ...)")
@@ -114,22 +117,22 @@ class ChatFormat:
         assistant message that calls a tool is rendered by the template (its call format)."""
         if message.tool_call is not None:
             call = message.tool_call
-            whole = self.tokenizer.apply_chat_template(
-                [{"role": "system", "content": _A}, {"role": "user", "content": _B},
-                 {"role": "assistant", "content": message.content.strip(), "tool_calls": [
-                     {"type": "function", "function": {"name": call.name, "arguments": call.arguments}}]}],
-                tokenize=False, add_generation_prompt=False, **TEMPLATE_OPTIONS)
-            return whole[len(self.call_base):]
+            return self._rendered_after(_CALL_CONTEXT, self.call_base, {
+                "role": "assistant", "content": message.content.strip(),
+                "tool_calls": [{"type": "function", "function": {"name": call.name, "arguments": call.arguments}}]})
         if message.role == "tool" and self.tool_markers is not None:
-            whole = self.tokenizer.apply_chat_template(
-                [{"role": "system", "content": _A}, {"role": "user", "content": _B},
-                 {"role": "assistant", "content": _A}, {"role": "tool", "content": message.content.strip()}],
-                tokenize=False, add_generation_prompt=False, **TEMPLATE_OPTIONS)
-            return whole[len(self.tool_base):]
+            return self._rendered_after(_TOOL_CONTEXT, self.tool_base,
+                                        {"role": "tool", "content": message.content.strip()})
         if message.role not in self.wrappers:
             raise ValueError(f"unknown message role {message.role!r}; expected one of {', '.join(ROLES)}")
         prefix, suffix = self.wrappers[message.role]
         return prefix + message.content.strip() + ("" if open_ else suffix)
+
+    def _rendered_after(self, context: list[dict[str, Any]], base: str, message: dict[str, Any]) -> str:
+        """``message`` as the template itself writes it after ``context`` (which it renders as ``base``)."""
+        whole = self.tokenizer.apply_chat_template([*context, message], tokenize=False, add_generation_prompt=False,
+                                                   **TEMPLATE_OPTIONS)
+        return whole[len(base):]
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)

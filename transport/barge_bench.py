@@ -53,6 +53,12 @@ CLICK = 0.1  # a 0.3-amplitude beep below 700 Hz moves at most 0.03 per sample a
 VAD_WINDOW_S = 0.032  # the onset phases the runs spread over
 
 
+def _phrases() -> tuple[np.ndarray, np.ndarray]:
+    """The user's two phrases at the bench's rate: JFK's first words, and later ones said over the agent."""
+    pcm, _ = read_audio(SAMPLE_SPEECH, RATE)
+    return pcm[int(0.2 * RATE):int(2.4 * RATE)], pcm[int(5.3 * RATE):int(7.8 * RATE)]
+
+
 def _delayed(second: np.ndarray, run: int, runs: int) -> tuple[np.ndarray, float]:
     """``second`` started later by run ``run``'s share of one VAD window, and that delay (ms)."""
     delay = VAD_WINDOW_S * run / runs
@@ -175,8 +181,7 @@ async def measure_webrtc(runs: int, prefetch: int, lead_s: float) -> list[dict]:
     from duplex.transport.server import Server, ServerOptions
 
     allow_loopback_candidates()
-    pcm, _ = read_audio(SAMPLE_SPEECH, RATE)
-    first, second = pcm[int(0.2 * RATE):int(2.4 * RATE)], pcm[int(5.3 * RATE):int(7.8 * RATE)]
+    first, second = _phrases()
     agent = await Agent.load(AgentConfig(profile="fake", device="cpu", fake=dict(FAKE)))
     server = Server(agent, ServerOptions(max_sessions=2))
     try:
@@ -294,8 +299,7 @@ async def _one_socket(url: str, lead_s: float, first: np.ndarray, second: np.nda
 async def measure_realtime(runs: int, lead_s: float) -> list[dict]:
     from duplex.transport.server import Server, ServerOptions
 
-    pcm, _ = read_audio(SAMPLE_SPEECH, RATE)
-    first, second = pcm[int(0.2 * RATE):int(2.4 * RATE)], pcm[int(5.3 * RATE):int(7.8 * RATE)]
+    first, second = _phrases()
     agent = await Agent.load(AgentConfig(profile="fake", device="cpu", fake=dict(FAKE)))
     server = Server(agent, ServerOptions(max_sessions=2))
     rows = []
@@ -317,8 +321,7 @@ async def measure_mic(runs: int, lead_s: float, output_latency_s: float = 0.01) 
     from duplex.transport.mic import talk
 
     guard = False
-    pcm, _ = read_audio(SAMPLE_SPEECH, RATE)
-    first, second = pcm[int(0.2 * RATE):int(2.4 * RATE)], pcm[int(5.3 * RATE):int(7.8 * RATE)]
+    first, second = _phrases()
     agent = await Agent.load(AgentConfig(profile="fake", device="cpu", fake=dict(FAKE)))
     rows = []
     try:
