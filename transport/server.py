@@ -275,6 +275,7 @@ class Site:
         app.router.add_post("/api/offer", self.post_offer)
         app.router.add_patch("/api/offer", self.patch_offer)
         app.router.add_get("/api/status", self.status)
+        app.router.add_get("/v1/realtime", self.realtime)  # the OpenAI Realtime protocol (WebSocket)
         app.router.add_get("/", self.index)
         root = self.options.web_root
         if root.is_dir():
@@ -443,6 +444,10 @@ class Site:
         """``GET /api/status``."""
         raise NotImplementedError
 
+    async def realtime(self, request):
+        """``GET /v1/realtime`` (checked by :meth:`realtime_upgrade`, then served or relayed)."""
+        raise NotImplementedError
+
     async def close(self) -> None:
         """Runs when the app shuts down."""
 
@@ -465,11 +470,6 @@ class Server(Site):
         options = options or ServerOptions()
         self.resumable = ResumableConversations(options.resume_ttl_s, capacity=max(16, 4 * options.max_sessions))
         super().__init__(options)
-
-    def _build_app(self):
-        app = super()._build_app()
-        app.router.add_get("/v1/realtime", self.realtime)  # the OpenAI Realtime protocol (WebSocket)
-        return app
 
     async def realtime(self, request):
         """``GET /v1/realtime``: a conversation over the OpenAI Realtime protocol

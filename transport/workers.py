@@ -135,11 +135,6 @@ class Front(Site):
         self.runtime = runtime  # the private folder of the workers' HTTP sockets (removed at close)
         super().__init__(options)
 
-    def _build_app(self):
-        app = super()._build_app()
-        app.router.add_get("/v1/realtime", self.realtime)
-        return app
-
     async def realtime(self, request):
         """``GET /v1/realtime``, checked here as on one server, then relayed to the worker with the most
         room (its own Server runs the conversation): the client's messages and the worker's, as they are."""
