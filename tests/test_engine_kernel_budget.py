@@ -24,6 +24,11 @@ LLM_LAYER_BUDGET = LAYER_BUDGET + 2
 LLM_FIXED_BUDGET = 80  # embedding, RoPE tables, mask, final norm, output layer, top-k sampling with its noise
 TTS_CODEBOOK_BUDGET = 20  # per codebook: its head, the draw from the frame's noise, the depth step's glue
 TTS_FIXED_BUDGET = 80  # the backbone's own glue, the frame's noise for every codebook, the next input
+# the frame step ends by decoding its frame (Mimi, duplex.tts.slot_codec): per convolution the kept
+# left context joined, the convolution, the new context kept and committed, its activation or residual
+CODEC_CONV_BUDGET = 7
+CODEC_LAYER_BUDGET = 30  # per Mimi transformer layer: LayerNorms, qkv, RoPE, the window's K/V kept and committed
+CODEC_FIXED_BUDGET = 30  # beside a lookup and an add per codebook: the mask, RoPE tables, the output's clamp
 
 
 def _with_layers(decoder, n: int):
@@ -67,14 +72,43 @@ def test_the_tts_frame_step_stays_within_its_kernel_budget(make_engine):
         per_backbone_layer = full - engine.ops_per_step(1)
     with _with_layers(engine.depth, depth - 1):
         per_depth_layer = (full - engine.ops_per_step(1)) / (k - 1)
-    rest = full - backbone * per_backbone_layer - (k - 1) * depth * per_depth_layer
+    codec = _codec_ops(engine)
+    rest = full - backbone * per_backbone_layer - (k - 1) * depth * per_depth_layer - codec
     print(f"tts frame: {full} ops ({k} codebooks, {backbone}+{depth} layers): {per_backbone_layer} per backbone "
-          f"layer, {per_depth_layer:.2f} per depth layer pass, {rest:.0f} for codebooks and glue")
+          f"layer, {per_depth_layer:.2f} per depth layer pass, {codec} for the codec, {rest:.0f} for codebooks "
+          "and glue")
     assert 10 <= per_backbone_layer <= LAYER_BUDGET
     # the same layer; the first depth step runs two positions (two more copies for its queries)
     assert per_backbone_layer <= per_depth_layer <= LAYER_BUDGET + 2 / (k - 1)
     assert rest <= k * TTS_CODEBOOK_BUDGET + TTS_FIXED_BUDGET, rest
     assert engine.ops_per_step(4) == full
+
+
+def _codec_ops(engine) -> int:
+    """Kernels of the frame step's codec decode (one row), held to its budget per convolution and per
+    transformer layer."""
+    import torch
+
+    from duplex.engine.opcount import count_ops
+
+    codec = engine.codec
+    k = engine.num_codebooks
+
+    def ops() -> int:
+        codes, commit = torch.zeros(1, k, dtype=torch.long), torch.zeros(1, dtype=torch.bool)
+        return sum(count_ops(lambda: codec.step(codes, commit)).values())
+
+    full = ops()
+    transformer = codec.streaming.decoder.decoder_transformer
+    layers = len(transformer.layers)
+    with _with_layers(transformer, layers - 1):
+        per_layer = full - ops()
+    convs = len(codec.context) + len(codec.overlap)
+    rest = full - layers * per_layer
+    print(f"codec: {full} ops: {per_layer} per transformer layer, {rest} for {convs} convolutions and the rest")
+    assert 10 <= per_layer <= CODEC_LAYER_BUDGET, per_layer
+    assert rest <= convs * CODEC_CONV_BUDGET + 2 * k + CODEC_FIXED_BUDGET, rest
+    return full
 
 
 @pytest.mark.parametrize("greedy", [True, False])

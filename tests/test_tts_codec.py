@@ -110,3 +110,47 @@ def test_streaming_encoder_equals_one_shot(tiny_codec):
     codes = torch.cat([encoder.encode(audio[:, i:i + 2500], state) for i in range(0, audio.shape[-1], 2500)], -1)
     assert torch.equal(codes, ref_codes)
     assert state.pending.shape[-1] == 0  # every sample was consumed
+
+
+def _slot_decode(slots, codes: torch.Tensor, row: int, commit_mask: list[bool]) -> list[torch.Tensor]:
+    """Step ``codes`` ``[1, K, T]`` frame by frame through row ``row`` of ``slots`` (rows below it
+    step padding frames that never commit); returns each step's audio of that row."""
+    out = []
+    for t in range(codes.shape[-1]):
+        frames = torch.zeros(row + 1, codes.shape[1], dtype=torch.long)
+        frames[row] = codes[0, :, t]
+        commit = torch.zeros(row + 1, dtype=torch.bool)
+        commit[row] = commit_mask[t]
+        out.append(slots.step(frames, commit)[row])
+    return out
+
+
+def test_slot_decoder_equals_streaming_decode_in_any_row(tiny_codec, codes, one_shot):
+    """The frame step's decoder, one frame a step over static rows, gives one-shot MimiModel.decode's
+    samples to 1e-5 relative in whichever row the stream lives, next to rows that never commit (the
+    padding of a bucket), and a row reset for a new stream starts as a fresh decoder does."""
+    from duplex.tts.slot_codec import SlotDecoder
+
+    slots = SlotDecoder(tiny_codec, rows=4)
+    for row in (0, 2):
+        slots.reset(row)
+        audio = torch.cat(_slot_decode(slots, codes, row, [True] * FRAMES))
+        assert relative_error(audio, one_shot[0]) < 1e-5
+    assert int(slots.position[1]) == 0 and int(slots.valid[1]) == 0  # the padding rows moved nothing
+
+
+def test_a_frame_not_committed_leaves_the_stream_as_it_was(tiny_codec, codes, one_shot):
+    """An uncommitted step (the end-of-audio frame) is decoded but not taken into the state: the frames
+    after it sound exactly as if it had never been there. Negative control: committing it changes them."""
+    from duplex.tts.slot_codec import SlotDecoder
+
+    end = torch.zeros(1, codes.shape[1], 1, dtype=torch.long)  # the all-zero end frame, after frame 5
+    with_end = torch.cat([codes[..., :5], end, codes[..., 5:]], dim=-1)
+    slots = SlotDecoder(tiny_codec, rows=2)
+    slots.reset(1)
+    audio = _slot_decode(slots, with_end, 1, [t != 5 for t in range(FRAMES + 1)])
+    kept = torch.cat(audio[:5] + audio[6:])
+    assert relative_error(kept, one_shot[0]) < 1e-5
+    slots.reset(1)
+    committed = _slot_decode(slots, with_end, 1, [True] * (FRAMES + 1))
+    assert relative_error(torch.cat(committed[6:]), one_shot[0, 5 * 1920:]) > 1e-3

@@ -105,3 +105,37 @@ def test_long_reply_rebuilds_its_context(make_engine):
     assert len(reply.frames) == 6 * 10
     assert 1 < len(reply.history) < 6  # the oldest segments were dropped, the newest kept as context
     assert longest > engine.max_positions - 44  # it filled up before it was rebuilt
+
+
+def test_an_end_frame_mid_reply_leaves_no_trace_in_its_audio(make_engine):
+    """A segment that ends on the model's end-of-audio frame: the frame step decodes that frame too (the
+    host learns it is the end only from the step's one copy), yet the reply's audio, its next segment
+    included, equals decoding the frames it kept in one go (1e-5): the end frame's audio is dropped and
+    the codec state never took it in. The end frame is forced by zeroing the codebook heads for a step."""
+    from duplex.tts.codec import StreamingDecoder
+
+    engine = make_engine(sampling=GREEDY)
+    reply = engine.new_reply(None, seed=0, chunk_frames=2)
+    engine.begin_segment(reply, TEXT, 20, stop_at_eos=True)
+    audio = []
+    for _ in range(3):
+        step = engine.step(reply)
+        assert not step.done
+        audio += [step.pcm] if step.pcm is not None else []
+    heads = [engine.model.lm_head.weight, engine.codebook_heads]
+    saved = [h.clone() for h in heads]
+    for h in heads:
+        h.zero_()  # every logit 0: greedy draws code 0 in every codebook, the end frame
+    try:
+        step = engine.step(reply)
+    finally:
+        for h, s in zip(heads, saved):
+            h.copy_(s)
+    assert step.done and step.segment_frames == 3 and len(reply.frames) == 3
+    assert step.pcm is not None and step.pcm.shape == (engine.frame_size,)  # the third frame, its chunk cut short
+    audio.append(step.pcm)
+    audio += run_segment(engine, reply, "And then more.", 4)
+    decoder = StreamingDecoder(engine.model.codec_model)
+    expected = decoder.decode(torch.stack(reply.frames).T[None], decoder.new_state())[0]
+    assert len(reply.frames) == 7
+    assert np.abs(np.concatenate(audio) - expected.clamp(-1, 1).numpy()).max() < 1e-5 * float(expected.abs().max())

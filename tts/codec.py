@@ -30,8 +30,8 @@ if TYPE_CHECKING:  # heavy imports stay lazy
 class WindowKV:
     """KV cache of one streaming transformer: the last ``window - 1`` positions of every layer.
 
-    ``valid`` and ``position`` are per row (``[B]`` long, on the CPU; an int means every row), so
-    rows of different streams, at different points of their audio, can be decoded in one batch."""
+    ``valid`` and ``position`` are per row (``[B]`` long, on the codec's device; an int means every
+    row), so rows of different streams, at different points of their audio, can be decoded in one batch."""
 
     keys: list[torch.Tensor]  # per layer [B, H_kv, window - 1, D]
     values: list[torch.Tensor]
@@ -54,42 +54,14 @@ class CodecState:
     overlap: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> [B, C_out, k - s]
     frames: int = 0  # frames decoded (decoder) or encoded (encoder) so far
     pending: torch.Tensor | None = None  # encoder only: input samples short of a whole frame [B, 1, n]
+    # rows that decode their first frame while their contexts are already set (static rows, see
+    # duplex.tts.slot_codec): with replicate padding their left context is their first input repeated
+    fresh: torch.Tensor | None = None
 
     def copy(self) -> CodecState:
         return CodecState(self.kv.copy(), {k: v.clone() for k, v in self.conv_context.items()},
                           {k: v.clone() for k, v in self.overlap.items()}, self.frames,
                           None if self.pending is None else self.pending.clone())
-
-    @staticmethod
-    def stack(states: list[CodecState]) -> CodecState:
-        """One batched state from single-row decoder states (a stream that has not decoded yet gets
-        zero left contexts and no overlap tails, which is what a first chunk sees)."""
-        import torch
-
-        def rows(dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-            out = {}
-            for name in {n for d in dicts for n in d}:
-                like = next(d[name] for d in dicts if name in d)
-                out[name] = torch.cat([d.get(name, torch.zeros_like(like)) for d in dicts])
-            return out
-
-        size = len(states[0].kv.keys)
-        kv = WindowKV([torch.cat([s.kv.keys[i] for s in states]) for i in range(size)],
-                      [torch.cat([s.kv.values[i] for s in states]) for i in range(size)],
-                      torch.cat([torch.as_tensor(s.kv.valid).reshape(-1) for s in states]),
-                      torch.cat([torch.as_tensor(s.kv.position).reshape(-1) for s in states]))
-        return CodecState(kv, rows([s.conv_context for s in states]), rows([s.overlap for s in states]))
-
-    def unstack(self, states: list[CodecState]) -> None:
-        """Write row ``i`` of this batched state back into ``states[i]``."""
-        for i, s in enumerate(states):
-            s.kv.keys = [k[i:i + 1] for k in self.kv.keys]
-            s.kv.values = [v[i:i + 1] for v in self.kv.values]
-            s.kv.valid = self.kv.valid[i:i + 1]  # type: ignore[index]
-            s.kv.position = self.kv.position[i:i + 1]  # type: ignore[index]
-            s.conv_context = {n: t[i:i + 1] for n, t in self.conv_context.items()}
-            s.overlap = {n: t[i:i + 1] for n, t in self.overlap.items()}
-            s.frames += self.frames
 
 
 # -- building blocks -------------------------------------------------------------------------------
@@ -127,6 +99,8 @@ def conv_step(name: str, conv, x: torch.Tensor, state: CodecState) -> torch.Tens
             context = x[..., :1].expand(-1, -1, pad)
         else:
             context = x.new_zeros(x.shape[0], x.shape[1], pad)
+    elif state.fresh is not None and conv.pad_mode == "replicate":
+        context = torch.where(state.fresh[:, None, None], x[..., :1].expand(-1, -1, pad), context)
     full = torch.cat([context, x], dim=-1)
     state.conv_context[name] = full[..., full.shape[-1] - pad:].clone()
     return conv.conv(full)
@@ -164,7 +138,7 @@ def _new_window(transformer, batch: int, device, dtype) -> WindowKV:
     n = len(transformer.layers)
     return WindowKV([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
                     [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
-                    torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long))
+                    torch.zeros(batch, dtype=torch.long, device=device), torch.zeros(batch, dtype=torch.long, device=device))
 
 
 def transformer_step(transformer, x: torch.Tensor, kv: WindowKV) -> torch.Tensor:
@@ -182,14 +156,14 @@ def transformer_step(transformer, x: torch.Tensor, kv: WindowKV) -> torch.Tensor
     slots = kv.keys[0].shape[2] if kv.keys else 0
     window = slots + 1
     device = x.device
-    valid = torch.as_tensor(kv.valid).reshape(-1).expand(batch)  # [B]
-    start = torch.as_tensor(kv.position).reshape(-1).expand(batch)  # [B]
-    positions = (start[:, None] + torch.arange(steps)).to(device)  # [B, T]
+    valid = torch.as_tensor(kv.valid, device=device).reshape(-1).expand(batch)  # [B]
+    start = torch.as_tensor(kv.position, device=device).reshape(-1).expand(batch)  # [B]
+    positions = start[:, None] + torch.arange(steps, device=device)  # [B, T]
     cos, sin = transformer.rotary_emb(x, positions)
     # mask [B, 1, T, slots + T]: True = may attend
     i = torch.arange(steps, device=device)[None, :, None]
     j = torch.arange(slots, device=device)[None, None, :]
-    cached_ok = (j >= i) & (j >= slots - valid.to(device)[:, None, None])  # [B, T, slots]
+    cached_ok = (j >= i) & (j >= slots - valid[:, None, None])  # [B, T, slots]
     new_j = torch.arange(steps, device=device)[None, None, :]
     new_ok = ((new_j <= i) & (new_j > i - window)).expand(batch, steps, steps)
     mask = torch.cat([cached_ok, new_ok], dim=2)[:, None]
@@ -261,24 +235,20 @@ class StreamingDecoder:
             raise ValueError("this Mimi model has no decoder")
         _check_causal(codec.config)
         self.codec = codec
-        self._decoder = decoder
+        self.decoder = decoder
         self.frame_size = int(codec.config.frame_size)
         self.num_codebooks = int(codec.config.num_quantizers)
-        from transformers.models.mimi.modeling_mimi import MimiConv1d
-
-        self._zero_padded = all(m.pad_mode == "constant" for m in decoder.modules()
-                                if isinstance(m, MimiConv1d))
         _check_paddings(decoder)
 
     def new_state(self, batch: int = 1) -> CodecState:
-        p = next(self._decoder.parameters())
-        return CodecState(_new_window(self._decoder.decoder_transformer, batch, p.device, p.dtype))
+        p = next(self.decoder.parameters())
+        return CodecState(_new_window(self.decoder.decoder_transformer, batch, p.device, p.dtype))
 
     def decode(self, codes: torch.Tensor, state: CodecState) -> torch.Tensor:
         """``codes`` ``[B, K, T]`` (the next T frames) -> audio ``[B, T * frame_size]``."""
         if codes.ndim != 3 or codes.shape[1] != self.num_codebooks:
             raise ValueError(f"codes must be [B, {self.num_codebooks}, T], got {tuple(codes.shape)}")
-        decoder = self._decoder
+        decoder = self.decoder
         latents = self.codec.quantizer.decode(codes)  # [B, C, T]
         p = next(decoder.parameters())
         latents = latents.to(p.dtype)
@@ -288,21 +258,6 @@ class StreamingDecoder:
         audio = _seanet_step("seanet", decoder.decoder_seanet, x, state)  # [B, 1, T * frame_size]
         state.frames += codes.shape[-1]
         return audio[:, 0]
-
-    def decode_batch(self, codes: torch.Tensor, states: list[CodecState]) -> torch.Tensor:
-        """The next T frames of several single-row streams at once: ``codes`` ``[B, K, T]``, one state
-        per row -> audio ``[B, T * frame_size]``, each row exactly what it decodes alone."""
-        if len(states) == 1:
-            return self.decode(codes, states[0])
-        if not self._zero_padded and len({bool(s.conv_context) for s in states}) > 1:
-            # replicate padding: a first chunk's left context depends on its own input
-            import torch
-
-            return torch.cat([self.decode(codes[i:i + 1], s) for i, s in enumerate(states)])
-        batch = CodecState.stack(states)
-        audio = self.decode(codes, batch)
-        batch.unstack(states)
-        return audio
 
 
 class StreamingEncoder:

@@ -14,12 +14,15 @@ sampled, then all depth-decoder steps run unrolled with every codebook sampled i
 (:mod:`duplex.engine.sampling`, per-row seeds and counters), and each row's next input is the new
 frame's embedding. Rows without a frame to make sit at the scratch position. The step's shapes
 depend only on the bucket, so on CUDA each bucket is one captured graph (:mod:`duplex.engine.graphs`)
-and a frame costs one replay and one host sync for every reply together. Chunks that are due are
-then decoded by the streaming Mimi codec in one batched call (:meth:`StreamingDecoder.decode_batch`).
+and a frame costs one replay and one host sync for every reply together. The step ends by decoding
+each row's new frame with the Mimi codec (:class:`~duplex.tts.slot_codec.SlotDecoder`, its state in
+static rows beside the K/V rows), so that one copy brings codes and audio together; the host hands a
+reply's audio out in chunks of ``chunk_frames`` frames, and drops the audio of the end frame, which
+the decoder's state never took in (the device knows a frame is the end before the host does).
 
 One :class:`Reply` holds what one reply carries from frame to frame: its backbone row (starting with
 the voice prompt's cached prefix, then every earlier segment of the reply, so voice and prosody carry
-over), its codec decoder state (one per reply, so segment joins are seamless) and its sampler counter.
+over), its codec decoder row (one per reply, so segment joins are seamless) and its sampler counter.
 Everything here is blocking and runs on the TTS worker thread; callers can stop between any two steps.
 """
 
@@ -39,7 +42,8 @@ from duplex.engine.graphs import BucketedStep, buckets_for, lengths_for
 from duplex.engine.sampling import exponential, token_keys
 from duplex.engine.sampling import sample as sample_rows
 from duplex.engine.slots import SlotPool
-from duplex.tts.codec import CodecState, StreamingDecoder, StreamingEncoder
+from duplex.tts.codec import StreamingEncoder
+from duplex.tts.slot_codec import SlotDecoder
 
 if TYPE_CHECKING:
     import torch
@@ -80,16 +84,15 @@ class Reply:
     """Everything one reply carries from frame to frame."""
 
     voice: Voice | None
-    row: int  # its row of the backbone K/V pool and of the frame step (-1 once released)
+    row: int  # its row of the backbone K/V pool, of the frame step and of the codec (-1 once released)
     seed: int
-    codec: CodecState | None  # None once released
     chunk_frames: int
     prefix_length: int = 0  # backbone positions of the voice prefix
     length: int = 0  # backbone positions filled
     staged: bool = False  # the frame step's input buffer holds this reply's next input
     ended_at_limit: bool = False  # the last segment stopped at its frame limit: an end frame must follow
     drawn: int = 0  # frames sampled so far (the sampler's counter)
-    pending: list[torch.Tensor] = field(default_factory=list)  # generated frames not yet decoded, each [K]
+    audio: list[np.ndarray] = field(default_factory=list)  # decoded frames not yet handed out, each [frame_size]
     segment: SegmentRecord | None = None
     max_frames: int = 0
     stop_at_eos: bool = True
@@ -163,7 +166,7 @@ class CsmEngine:
         self.depth_embed = depth.model.embed_tokens.weight  # [K * V, H_backbone]
         self.depth_project = depth.model.inputs_embeds_projector.weight  # [hidden, H_backbone]
         self.codebook_heads = depth.codebooks_head.weight  # [K - 1, hidden, V]
-        self.decoder = StreamingDecoder(model.codec_model)
+        self.codec = SlotDecoder(model.codec_model, slots)
         self.encoder = StreamingEncoder(model.codec_model)
         ids = token_ids(tokenizer)
         self.bos, self.eos = ids["bos"], ids["eos"]
@@ -182,9 +185,11 @@ class CsmEngine:
         k = self.num_codebooks
         self._keys = token_keys(self.codebook_size, dev)
         self._inputs = torch.zeros(slots, self.backbone.hidden, dtype=self.dtype, device=dev)  # next input per row
-        self._ints = torch.zeros(3, slots, dtype=torch.long, device=dev)  # position, seed, frame counter
+        # position, seed, frame counter, whether the end frame ends the segment (stop_at_eos)
+        self._ints = torch.zeros(4, slots, dtype=torch.long, device=dev)
         self._temperature = torch.zeros(slots, dtype=torch.float32, device=dev)
-        self._codes = torch.zeros(slots, k, dtype=torch.long, device=dev)  # the step's output
+        # the step's output, copied to the host in one piece: each row's codes, then its frame's audio
+        self._out = torch.zeros(slots, k + self.frame_size, dtype=torch.float32, device=dev)
         self._rows = torch.arange(slots, device=dev)
         self._depth_positions = torch.arange(k, device=dev)
         self._causal2 = torch.ones(2, 2, dtype=torch.bool, device=dev).tril()
@@ -194,7 +199,7 @@ class CsmEngine:
             projected = F.linear(self.depth_embed, self.depth_project)  # [K * V, H_depth]
         self._depth_tables = [projected[i * self.vocab_size:(i + 1) * self.vocab_size] for i in range(k)]
         pin = dev.type == "cuda"
-        self._staging_ints = torch.zeros(3, slots, dtype=torch.long, pin_memory=pin)
+        self._staging_ints = torch.zeros(4, slots, dtype=torch.long, pin_memory=pin)
         self._staging_temp = torch.zeros(slots, dtype=torch.float32, pin_memory=pin)
         # attention lengths in powers of two: a reply's row is usually far from full
         self.graphs = BucketedStep("tts frame", self._frame_fn, buckets_for(slots), lengths_for(self.kv.positions),
@@ -290,9 +295,9 @@ class CsmEngine:
     @_no_grad
     def new_reply(self, voice: Voice | None, seed: int, chunk_frames: int) -> Reply:
         """A reply on the lowest free row (rows stay compact, so frame-step buckets stay small)."""
-        reply = Reply(voice=voice, row=self.rows.take(), seed=seed, codec=self.decoder.new_state(),
-                      chunk_frames=chunk_frames)
+        reply = Reply(voice=voice, row=self.rows.take(), seed=seed, chunk_frames=chunk_frames)
         try:
+            self.codec.reset(reply.row)
             self._load_prefix(reply)
         except BaseException:
             self.release(reply)
@@ -300,12 +305,11 @@ class CsmEngine:
         return reply
 
     def release(self, reply: Reply) -> None:
-        """Free the reply's row and codec state (the reply is over); its frames stay for inspection."""
+        """Free the reply's row (the reply is over); its frames stay for inspection."""
         if reply.row >= 0:
             self.rows.give(reply.row)
             reply.row = -1
         reply.closed = True
-        reply.codec = None
         reply.segment = None
 
     @property
@@ -367,7 +371,7 @@ class CsmEngine:
         import torch
         import torch.nn.functional as F
 
-        positions, seed, counter = self._ints[:, :b]
+        positions, seed, counter, stop = self._ints[:, :b]
         temperature = self._temperature[:b]
         rows = self._rows[:b]
         n_codes, k, top_k = self.codebook_size, self.num_codebooks, self.sampling.top_k
@@ -401,16 +405,20 @@ class CsmEngine:
             pos = self._depth_positions[p:p + 1].expand(b, 1)
             h = self.depth.forward(x, pos, self.depth_kv, slice(0, b), rows, p + 1, None)  # sees positions 0..p
         frame = torch.stack(codes, dim=1)  # [b, K]
-        self._codes[:b] = frame
         active = positions < self.kv.scratch_position
         following = self.model.backbone_model.embed_tokens(frame[:, None])[:, 0]  # [b, H]
         self._inputs[:b] = torch.where(active[:, None], following, self._inputs[:b])
-        self._lap("depth", t)
+        t = self._lap("depth", t)
+        end = (frame == 0).all(dim=-1) & (stop != 0)  # the end frame: decoded, never taken into the state
+        pcm = self.codec.step(frame, active & ~end)
+        self._out[:b, :k] = frame
+        self._out[:b, k:] = pcm.float().clamp(-1.0, 1.0)
+        self._lap("decode", t)
 
     @_no_grad
     def step_frames(self, replies: Sequence[Reply]) -> list[Step]:
-        """One frame for each of ``replies`` (each inside a segment), in one batched step; then one
-        batched codec decode for the replies whose chunk is full or whose segment ended."""
+        """One frame for each of ``replies`` (each inside a segment) and its audio, in one batched step;
+        a reply's audio is handed out when its chunk is full or its segment ended."""
 
         for reply in replies:
             if not reply.active or not reply.staged:
@@ -424,17 +432,18 @@ class CsmEngine:
         ints[0, :bucket] = self.kv.scratch_position
         temp[:bucket] = 0.0
         for reply in replies:
-            ints[:, reply.row] = (reply.length, reply.seed, reply.drawn)
+            ints[:, reply.row] = (reply.length, reply.seed, reply.drawn, reply.stop_at_eos)
             temp[reply.row] = self.sampling.temperature
             if self.on_frame is not None:
                 self.on_frame(self.frames_generated)
         self._ints[:, :bucket].copy_(self._staging_ints[:, :bucket], non_blocking=True)
         self._temperature[:bucket].copy_(self._staging_temp[:bucket], non_blocking=True)
         self.graphs.run(rows, max(r.length for r in replies) + 1)
-        codes = self._codes[:bucket].cpu()  # the step's one host sync
-        results: list[tuple[Reply, int, bool]] = []
+        out = self._out[:bucket].cpu()  # the step's one host sync: codes and audio
+        k = self.num_codebooks
+        steps: list[Step] = []
         for reply in replies:  # commit only once the whole step ran
-            frame = codes[reply.row].clone()
+            frame = out[reply.row, :k].long()
             reply.length += 1
             reply.drawn += 1
             self.frames_generated += 1
@@ -443,36 +452,18 @@ class CsmEngine:
             eos = reply.stop_at_eos and not bool(frame.any())
             if not eos:
                 segment.frames.append(frame)
-                reply.pending.append(frame)
                 reply.frames.append(frame)
+                reply.audio.append(out[reply.row, k:].numpy().copy())  # on the CPU, out is the buffer
             done = eos or len(segment.frames) >= reply.max_frames
             if done:
                 reply.history.append(segment)
                 reply.segment = None
                 reply.ended_at_limit = not eos
-            results.append((reply, len(segment.frames), done))
-        audio = self._decode_due([(r, done) for r, _, done in results])
-        return [Step(pcm=audio.get(id(r)), segment_frames=n, done=done) for r, n, done in results]
-
-    def _decode_due(self, replies: list[tuple[Reply, bool]]) -> dict[int, np.ndarray]:
-        """Decode the chunks that are due, one batched call per chunk length."""
-        import torch
-
-        due = [r for r, done in replies if r.pending and (done or len(r.pending) >= r.chunk_frames)]
-        t = time.perf_counter()
-        out: dict[int, np.ndarray] = {}
-        for n in sorted({len(r.pending) for r in due}):
-            group = [r for r in due if len(r.pending) == n]
-            codes = torch.stack([torch.stack(r.pending, dim=-1) for r in group]).to(self.device)  # [G, K, n]
-            states = [r.codec for r in group]
-            assert all(s is not None for s in states)
-            audio = self.decoder.decode_batch(codes, states).float().clamp_(-1.0, 1.0).cpu().numpy()  # type: ignore[arg-type]
-            for r, pcm in zip(group, audio):
-                r.pending = []
-                out[id(r)] = pcm
-        if due:
-            self._lap("decode", t)
-        return out
+            pcm = None
+            if reply.audio and (done or len(reply.audio) >= reply.chunk_frames):
+                pcm, reply.audio = np.concatenate(reply.audio), []
+            steps.append(Step(pcm=pcm, segment_frames=len(segment.frames), done=done))
+        return steps
 
     def step(self, reply: Reply) -> Step:
         """One frame of one reply (the batched step with one row)."""
@@ -534,12 +525,13 @@ class CsmEngine:
     def step_bytes(self, rows: int, length: int) -> int:
         """Bytes a frame step of ``rows`` rows attending over ``length`` positions must read: the
         backbone's weights once, the depth decoder's once per depth step (K - 1 of them), the codebook
-        heads, and each row's backbone K/V."""
+        heads, the codec's decoder and quantizer (the step decodes its frame), and each row's backbone K/V."""
         from duplex.engine.roofline import weight_bytes
 
         m = self.model
         backbone = weight_bytes(m.backbone_model.layers, m.lm_head)
         depth = weight_bytes(m.depth_decoder.model.layers) * (self.num_codebooks - 1)
         heads = self.codebook_heads.numel() * self.codebook_heads.element_size()
+        codec = weight_bytes(m.codec_model.decoder, m.codec_model.quantizer)
         kv = self.kv.slot_nbytes() * min(length, self.kv.columns) // self.kv.columns
-        return backbone + depth + heads + rows * kv
+        return backbone + depth + heads + codec + rows * kv
