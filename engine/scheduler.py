@@ -105,14 +105,18 @@ class Coalesced:
     items: deque[tuple[Any, asyncio.Future, int]] = field(default_factory=deque)  # (item, future, seq)
     last: float = float("-inf")  # loop time of the last batch
     timer: asyncio.TimerHandle | None = None
+    hurry: bool = False  # an item waiting wants the next tick, whatever the period
     batches: int = 0  # batches run so far
     handled: int = 0  # items they held
 
-    def submit(self, item: Any) -> asyncio.Future:
-        """Queue ``item`` for the next batch of this kind; await the future for its result."""
+    def submit(self, item: Any, *, now: bool = False) -> asyncio.Future:
+        """Queue ``item`` for the next batch of this kind; await the future for its result. ``now``:
+        the batch runs in the next tick, the items waiting with it (a reply start, which the
+        period must not delay, takes the listens waiting along)."""
         loop = self.scheduler._ensure_running()
         future = loop.create_future()
         self.items.append((item, future, self.scheduler._next_seq()))
+        self.hurry = self.hurry or now
         self.scheduler._kick()
         return future
 
@@ -225,7 +229,7 @@ class Scheduler(Generic[S, Out]):
             self._rows = []  # rows of an earlier loop cannot be served on this one
             for kind in self._kinds:  # nor its coalesced items; and this loop's clock starts afresh
                 kind.items.clear()
-                kind.last, kind.timer = float("-inf"), None
+                kind.last, kind.timer, kind.hurry = float("-inf"), None, False
             self._task = loop.create_task(self._dispatch(), name=f"engine-{self.name}")
         return loop
 
@@ -250,13 +254,14 @@ class Scheduler(Generic[S, Out]):
             items = [entry for entry in kind.items if not entry[1].done()]
             kind.items.clear()
             if not items:
+                kind.hurry = False
                 continue
             due = kind.last + kind.period
             if kind.timer is not None:
                 kind.timer.cancel()
                 kind.timer = None
-            if now >= due - 1e-6 or any(job.seq > items[0][2] for job in jobs):  # (timers may fire a hair early)
-                kind.last = now
+            if kind.hurry or now >= due - 1e-6 or any(job.seq > items[0][2] for job in jobs):  # (timers may fire a hair early)
+                kind.last, kind.hurry = now, False
                 batches.append((kind, items))
             else:  # wait for the clock (a job queued behind the items would have made them due)
                 kind.items.extend(items)

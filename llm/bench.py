@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from duplex.engine import fusion
 from duplex.engine.roofline import floor_fraction
-from duplex.stages import Message
+from duplex.stages import Message, frozen
 
 if TYPE_CHECKING:
     from duplex.config import Profile
@@ -154,6 +154,8 @@ async def _bench_one(llm, plan: dict[str, Any], device: str) -> dict[str, Any]:
 async def _batch(llm, history: list[Message], b: int) -> tuple[dict[str, Any], list[str]]:
     """``b`` sessions reply at once (fixed length); then one more reply starts while they decode.
     Returns the figures and the ``b`` replies' texts."""
+    from duplex.llm.stream import Ask
+
     streams = [llm.new_stream(SYSTEM) for _ in range(b + 1)]
     user = Message("user", USER_TURN)
     try:
@@ -176,7 +178,7 @@ async def _batch(llm, history: list[Message], b: int) -> tuple[dict[str, Any], l
         await decoding.wait()  # a new reply joins while the others decode: its prefill runs between steps
         joiner = streams[b]
         t_join = time.perf_counter()
-        await llm.scheduler.run(joiner._reply_start, _begin(joiner), messages)
+        await llm.prefills.submit(Ask(joiner, frozen(messages), _begin(joiner)), now=True)
         first.append(time.perf_counter() - t_join)
         texts = list(await asyncio.gather(*tasks))
         elapsed = time.perf_counter() - start

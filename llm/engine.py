@@ -4,8 +4,9 @@
 the K/V pool with one row per session (each session's attention-sink cache is a
 :class:`~duplex.llm.sink_cache.SinkSlot` on its row) and the batched decode step:
 
-- :meth:`Engine.prefill` runs new tokens into one session's row (listening, the start of a reply,
-  a scoring tail); eager, any length.
+- :meth:`Engine.prefill` runs new tokens into one session's row (a long catch-up, a scoring
+  tail), :meth:`Engine.prefill_rows` several sessions' at once (the listens and reply starts of a
+  tick); eager, any length.
 - :meth:`Engine.decode` runs one token for each of several sessions at once and samples the next
   one inside the step (:mod:`duplex.engine.sampling`, per-row settings and noise). The step's batch
   is the sessions replying, gathered by row index (a session holds its row while it listens, so
@@ -147,8 +148,9 @@ class Engine:
         return F.linear(hidden, self.lm_head, self.lm_bias).float()
 
     @torch.inference_mode()
-    def prefill(self, slot: SinkSlot, ids: Sequence[int]) -> torch.Tensor:
-        """Run ``ids`` after what ``slot`` holds; returns the next-token logits ``[V]`` (fp32)."""
+    def prefill(self, slot: SinkSlot, ids: Sequence[int], at: Sequence[int] | None = None) -> torch.Tensor:
+        """Run ``ids`` after what ``slot`` holds; returns the next-token logits ``[V]`` (fp32) after
+        the last of them, or ``[len(at), V]`` after each of the ids that ``at`` indexes."""
         n = len(ids)
         if slot.length + n > slot.capacity:
             raise RuntimeError(f"sink cache overflow: {slot.length} + {n} > {slot.capacity} slots; "
@@ -156,13 +158,15 @@ class Engine:
         x = F.embedding(torch.as_tensor(list(ids), dtype=torch.long, device=self.device), self.embed)  # [T, H]
         hidden = self.decoder.prefill(x, self.kv, slot.row, slot.length)
         slot.length += n
-        return self._logits(hidden[-1])
+        return self._logits(hidden[-1] if at is None else hidden[list(at)])
 
     @torch.inference_mode()
-    def prefill_rows(self, requests: Sequence[tuple[SinkSlot, Sequence[int]]]) -> list[torch.Tensor]:
+    def prefill_rows(self, requests: Sequence[tuple[SinkSlot, Sequence[int]]],
+                     at: Sequence[Sequence[int]] | None = None) -> list[torch.Tensor]:
         """Several sessions' prefills in one pass (each runs its ``ids`` after what its slot holds);
-        returns each one's next-token logits ``[V]`` (fp32), in order. The pass's batch is the
-        requests, their rows gathered by index."""
+        returns each one's next-token logits ``[V]`` (fp32) after its last id, in order, or with
+        ``at`` ``[len(at[i]), V]`` after each of request ``i``'s ids that ``at[i]`` indexes. The
+        pass's batch is the requests, their rows gathered by index."""
         if not requests:
             return []
         rows = [slot.row for slot, _ in requests]
@@ -178,21 +182,26 @@ class Engine:
         x = F.embedding(tokens.to(self.device), self.embed)  # [N, T, H]
         hidden = self.decoder.prefill_rows(x, rows, [slot.length for slot, _ in requests],
                                            [len(ids) for _, ids in requests], self.kv)
-        last = torch.tensor([len(ids) - 1 for _, ids in requests], device=self.device)
-        logits = self._logits(hidden[torch.arange(len(requests), device=self.device), last])  # [N, V]
+        wanted = at if at is not None else [(len(ids) - 1,) for _, ids in requests]
+        entries = torch.tensor([i for i, k in enumerate(wanted) for _ in k], device=self.device)
+        steps = torch.tensor([j for k in wanted for j in k], device=self.device)
+        logits = self._logits(hidden[entries, steps])  # [sum(len(at[i])), V]
         for slot, ids in requests:
             slot.length += len(ids)
-        return list(logits)
+        parts = logits.split([len(k) for k in wanted])
+        return [part[0] for part in parts] if at is None else list(parts)
 
-    def sample(self, logits: torch.Tensor, draw: Draw) -> int:
-        """One token from ``logits`` ``[V]`` with the same sampler the decode step uses."""
-        if draw.ban_stop:
-            logits = logits.masked_fill(self._stop, float("-inf"))
+    def sample(self, logits: torch.Tensor, draws: Sequence[Draw]) -> list[int]:
+        """One token from each row of ``logits`` ``[N, V]`` with the same sampler the decode step uses,
+        row ``i`` drawn as ``draws[i]`` says (one host sync for all of them)."""
         dev = logits.device
-        token = sample_rows(logits[None], torch.tensor([draw.temperature], device=dev),
-                            torch.tensor([draw.top_p], device=dev), torch.tensor([draw.seed], device=dev),
-                            torch.tensor([draw.counter], device=dev), self._keys, top_k=self.top_k)
-        return int(token[0])
+        ban = torch.tensor([d.ban_stop for d in draws], device=dev)
+        logits = logits.masked_fill(ban[:, None] & self._stop, float("-inf"))
+        tokens = sample_rows(logits, torch.tensor([d.temperature for d in draws], device=dev),
+                             torch.tensor([d.top_p for d in draws], device=dev),
+                             torch.tensor([d.seed for d in draws], device=dev),
+                             torch.tensor([d.counter for d in draws], device=dev), self._keys, top_k=self.top_k)
+        return [int(t) for t in tokens.tolist()]
 
     def _decode_fn(self, b: int, length: int) -> None:
         """The captured step: batch positions ``0..b-1`` from the static buffers, each on its K/V row,

@@ -3,7 +3,8 @@
 :class:`SinkLLM` implements :class:`duplex.stages.LLMModel`. It owns the model's
 :class:`~duplex.llm.engine.Engine` (weights, the K/V pool with one row per session, the batched
 decode step) and its :class:`~duplex.engine.scheduler.Scheduler` (the worker thread; one decode
-step for every replying session per tick, listening prefills and backchannel checks between steps).
+step for every replying session per tick, one prefill pass for the sessions' listens and reply
+starts, backchannel checks between steps).
 Each session's dialogue state lives in a :class:`~duplex.llm.stream.SinkLLMStream`.
 """
 
@@ -14,13 +15,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from duplex.engine.scheduler import Output, Scheduler
 from duplex.errors import ConfigError
 from duplex.llm.chat import ChatFormat, DialogueTokens
 from duplex.llm.context import SinkContext, check_window
 from duplex.llm.engine import Engine
-from duplex.llm.stream import SinkLLMStream
-from duplex.stages import Message
+from duplex.llm.stream import Ask, Listen, SinkLLMStream, Start
 
 USER_TURN_TOKENS = 32  # room for a few words of the user, on top of a whole reply, in "one turn"
 LISTEN_PERIOD_S = 0.08  # listens run together at most this often (one ASR chunk)
@@ -65,9 +67,10 @@ class SinkLLM:
         self.listens = 0  # listen prefills run for all sessions (one per session a listen covers)
         self.scheduler: Scheduler = Scheduler("llm", self._decode_step, device=device, max_batch=slots,
                                               job_budget=4)
-        # every session's new words in one prefill pass, at most once per listen_period (the ASR's
-        # chunk: partials come no faster), never one prefill per partial
-        self.listening = self.scheduler.coalesce(self._listen_batch, period=listen_period)
+        # one prefill pass per tick for every session's new words (at most once per listen_period, the
+        # ASR's chunk: partials come no faster; never one prefill per partial) and every reply start
+        # (which makes the pass due at once)
+        self.prefills = self.scheduler.coalesce(self._prefill_batch, period=listen_period)
 
     @property
     def format(self) -> ChatFormat:
@@ -120,23 +123,63 @@ class SinkLLM:
             outputs[i] = Output((done, text), done=done)
         return outputs
 
-    def _listen_batch(self, items: list[tuple[SinkLLMStream, tuple[Message, ...]]]) -> list[float | None]:
-        """Every waiting session's listen (worker thread): each brings its cache up to its dialogue,
-        and the new tokens of all of them run in one pass (:meth:`Engine.prefill_rows`); returns each
-        one's P(end of message), or None. A failure re-runs each session alone (the scheduler), which
-        plans again from the state the failed pass left (nothing committed)."""
+    def _prefill_batch(self, asks: list[Ask]) -> list[float | None | tuple[bool, str]]:
+        """Every waiting listen and reply start (worker thread), one pass per round: each plans its
+        tokens on its cache (:meth:`SinkLLMStream.plan_listen`, :meth:`SinkLLMStream.plan_start`),
+        the tokens of all of them run at once (:meth:`Engine.prefill_rows`), then the reply starts'
+        first tokens are sampled together. A session asked for twice has its second ask in the next
+        round, after its first; a reply start whose words have no estimate yet is preceded by a
+        listen of them (so the estimate is the one a listen gives; the start runs a round later).
+        Returns each listen's P(end of message) (or None) and each start's (finished, text). A
+        failure re-runs each ask alone (the scheduler), which plans again from the state the failed
+        pass left."""
+        expanded: list[Ask] = []
+        mine: list[int] = []  # where each of ``asks`` is in ``expanded``
+        for ask in asks:
+            if ask.reply is not None and ask.stream.needs_words(ask.messages) and not any(
+                    a.stream is ask.stream and a.reply is None and a.messages == ask.messages for a in expanded):
+                expanded.append(Ask(ask.stream, ask.messages))
+            mine.append(len(expanded))
+            expanded.append(ask)
+        rounds: list[list[int]] = []
+        asked: dict[int, int] = {}
+        for i, ask in enumerate(expanded):
+            k = asked.get(id(ask.stream), 0)
+            asked[id(ask.stream)] = k + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(i)
+        results: list[float | None | tuple[bool, str]] = [None] * len(expanded)
+        for indices in rounds:
+            for i, result in zip(indices, self._prefill_round([expanded[i] for i in indices])):
+                results[i] = result
+        return [results[i] for i in mine]
+
+    def _prefill_round(self, asks: list[Ask]) -> list[float | None | tuple[bool, str]]:
         start = time.perf_counter()
-        plans = [stream.plan_listen(messages) for stream, messages in items]
+        plans = [ask.stream.plan_listen(ask.messages) if ask.reply is None
+                 else ask.stream.plan_start(ask.reply, ask.messages) for ask in asks]
         run = [p for p in plans if p is not None and p.tokens]
         if len(run) == 1:  # alone: its own row only
-            logits = [self.engine.prefill(run[0].ctx.cache, run[0].tokens)]
+            logits = [self.engine.prefill(run[0].ctx.cache, run[0].tokens, at=run[0].at)]
         else:
-            logits = self.engine.prefill_rows([(p.ctx.cache, p.tokens) for p in run])
+            logits = self.engine.prefill_rows([(p.ctx.cache, p.tokens) for p in run], at=[p.at for p in run])
         ran = dict(zip(map(id, run), logits))
-        results = [None if p is None else p.finish(ran.get(id(p))) for p in plans]
-        share = (time.perf_counter() - start) / len(items)
-        for stream, _ in items:
-            stream._listen_s += share
+        results: list[float | None | tuple[bool, str]] = [
+            p.finish(ran.get(id(p))) if isinstance(p, Listen)
+            else None if ask.reply is None  # nothing to estimate
+            else (True, "")  # a reply closed or superseded while its start waited (or started below)
+            for ask, p in zip(asks, plans)]
+        starts = [(i, p) for i, p in enumerate(plans) if isinstance(p, Start)]
+        if starts:
+            first = torch.stack([p.commit(ran.get(id(p))) for _, p in starts])
+            tokens = self.engine.sample(first, [p.stream.draw() for _, p in starts])
+            for (i, p), token in zip(starts, tokens):
+                results[i] = p.stream.started(p.reply, token)
+        share = (time.perf_counter() - start) / len(asks)
+        for ask in asks:
+            if ask.reply is None:
+                ask.stream._listen_s += share
         return results
 
     def close(self) -> None:

@@ -3,11 +3,14 @@
 The session's state (its attention-sink cache on one row of the engine's K/V pool) changes only on
 the engine's worker thread, in the order the scheduler runs the work (:mod:`duplex.engine.scheduler`):
 
-- :meth:`SinkLLMStream.listen` is a job: it brings the cache up to the dialogue with the user's words
-  so far (the last message left open) and returns P(the chat template's end-of-message token), read
-  from the logits of that same prefill.
-- :meth:`SinkLLMStream.reply` starts with a job (prefill up to the generation prompt, sample the
-  first token), then joins the engine's batched decode step as a row: every step runs the last
+- :meth:`SinkLLMStream.listen` brings the cache up to the dialogue with the user's words so far
+  (the last message left open) and returns P(the chat template's end-of-message token), read from
+  the logits of that same prefill.
+- :meth:`SinkLLMStream.listen` and the start of :meth:`SinkLLMStream.reply` (prefill up to the
+  generation prompt, sample the first token) are items of the engine's one prefill pass per tick
+  (:meth:`SinkLLM._prefill_batch`): the listens and reply starts of every session that asked run
+  as one batch, their first tokens sampled together. A reply start makes the pass due at once.
+- :meth:`SinkLLMStream.reply` then joins the engine's batched decode step as a row: every step runs the last
   sampled token of every replying session at once and samples the next ones. Pieces of text come
   back through the row's bounded queue, a few tokens ahead of the consumer at most; closing the
   iterator leaves the step (a step already running lands, no further one starts).
@@ -73,16 +76,23 @@ class Listen:
     messages: Sequence[Message] = ()
     known: float | None = None  # the estimate of these very messages, made before a reply took the cache
 
+    @property
+    def at(self) -> tuple[int, ...]:
+        """The tokens after which the pass returns logits: the last."""
+        return (len(self.tokens) - 1,)
+
     def finish(self, logits: torch.Tensor | None) -> float:
-        """The tokens ran (``logits`` after them; None: there were none): commit or roll back, and
-        return P(end of message)."""
+        """The tokens ran (``logits`` ``[1, V]`` after them; None: there were none): commit or roll
+        back, and return P(end of message)."""
         if self.known is not None:
             return self.known
         ctx = self.ctx
         if logits is None:
             assert ctx.logits is not None and self.mark is None
             logits = ctx.logits
-        elif self.mark is not None:
+        else:
+            logits = logits[-1]
+        if self.mark is not None:
             ctx.end_score(self.mark, len(self.tokens))
         else:
             ctx.commit_prefilled(self.tokens, logits)
@@ -90,6 +100,39 @@ class Listen:
         if self.mark is None:
             self.stream._estimate = (self.messages, p)
         return p
+
+
+@dataclass
+class Start:
+    """One session's reply start, planned: the tokens to run on its cache up to the generation prompt."""
+
+    stream: SinkLLMStream
+    reply: _Reply
+    ctx: SinkContext
+    tokens: list[int]
+
+    @property
+    def at(self) -> tuple[int, ...]:
+        """The tokens after which the pass returns logits: the last."""
+        return (len(self.tokens) - 1,)
+
+    def commit(self, logits: torch.Tensor | None) -> torch.Tensor:
+        """The tokens ran (``logits`` ``[1, V]`` after them; None: there were none): commit them;
+        returns the logits to sample the first token from."""
+        if logits is None:
+            assert self.ctx.logits is not None
+            return self.ctx.logits
+        self.ctx.commit_prefilled(self.tokens, logits[-1])
+        return logits[-1]
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What a session asks of the engine's prefill pass: a listen (``reply`` None) or a reply's start."""
+
+    stream: SinkLLMStream
+    messages: Sequence[Message]
+    reply: _Reply | None = None
 
 
 @dataclass
@@ -129,7 +172,7 @@ class SinkLLMStream:
 
     async def listen(self, messages: Sequence[Message]) -> float | None:
         self._check_open()
-        return await self.model.listening.submit((self, frozen(messages)))
+        return await self.model.prefills.submit(Ask(self, frozen(messages)))
 
     async def reply(self, messages: Sequence[Message]) -> AsyncIterator[str | ToolCall]:
         self._check_open()
@@ -141,7 +184,7 @@ class SinkLLMStream:
         calls = ToolCallText(*markers) if markers is not None and self.tools else None
         row = None
         try:
-            done, text = await scheduler.run(self._reply_start, reply, frozen(messages))
+            done, text = await self.model.prefills.submit(Ask(self, frozen(messages), reply), now=True)
             while True:
                 if not done and row is None:  # decode ahead while the consumer takes this piece
                     row = scheduler.join((self, reply), room=TOKENS_AHEAD)
@@ -241,20 +284,36 @@ class SinkLLMStream:
         settings = self.model.settings
         return Draw(settings.temperature, settings.top_p, settings.seed, self._draws, settings.fixed_length)
 
-    def _reply_start(self, reply: _Reply, messages: Sequence[Message]) -> tuple[bool, str]:
-        """Prefill up to the generation prompt and sample the first token: (finished, new text)."""
+    def needs_words(self, messages: Sequence[Message]) -> bool:
+        """Whether a reply to ``messages`` must first run the user's words left open, for their
+        estimate (no listen of these very words has given it yet)."""
+        known = self._estimate
+        return bool(messages) and messages[-1].role == "user" and (known is None or known[0] != messages)
+
+    def plan_start(self, reply: _Reply, messages: Sequence[Message]) -> Start | None:
+        """The first half of a reply's start (worker thread): the tokens up to the generation prompt
+        on the cache made ready for them; None when the reply was closed or superseded meanwhile.
+        :meth:`SinkLLM._prefill_batch` runs a listen of the user's words first when
+        :meth:`needs_words` (the estimate is then the one a listen of these words gives, whether it
+        comes before the reply or while it runs), then these tokens with other sessions', and
+        samples the first token."""
         if self._active is not reply:
-            return True, ""  # closed or superseded while this job waited
+            return None
         ctx = self._context()
         reply.started = True
-        known = self._estimate
-        if messages and messages[-1].role == "user" and (known is None or known[0] != messages):
-            # the user's words first, open, exactly as a listen runs them: their estimate is the one
-            # a listen of these words gives, whether it comes before the reply or while it runs
+        if self.needs_words(messages):  # (a pass that failed and re-runs alone)
             logits = ctx.sync(messages, open_last=True)
             self._estimate = (messages, token_probability(logits, [self.model.format.end_of_message]))
-        logits = ctx.sync(messages, generation_prompt=True)
-        token = self.model.engine.sample(logits, self.draw())
+        tokens = ctx.plan(messages, generation_prompt=True)
+        if len(tokens) > ctx.max_tail:  # a long catch-up: run it alone, in chunks
+            ctx.extend(tokens)
+            tokens = []
+        else:
+            ctx.reserve(len(tokens))
+        return Start(self, reply, ctx, tokens)
+
+    def started(self, reply: _Reply, token: int) -> tuple[bool, str]:
+        """The pass sampled ``token``, the reply's first: book it; (finished, new text)."""
         self._draws += 1
         return self._took(reply, token)
 

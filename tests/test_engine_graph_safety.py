@@ -116,7 +116,7 @@ def test_llm_decode_step_replays(make_llm, arch):
         last = []
         for slot, n in zip(slots, (5, 17, 30)):
             logits = engine.prefill(slot, torch.randint(0, engine.vocab, (n,), generator=g).tolist())
-            last.append(engine.sample(logits, Draw(0.0, 1.0, 0, 0)))
+            last.append(engine.sample(logits[None], [Draw(0.0, 1.0, 0, 0)])[0])
         draws = [Draw(0.0, 1.0, 0, 0), Draw(0.9, 0.8, 7, 0, ban_stop=True), Draw(1.2, 1.0, 3, 0)]
         groups = [[0], [0, 1], [0, 1, 2], [1, 2], [2], [0, 2], [0, 1, 2]]
         for step, group in enumerate(groups):

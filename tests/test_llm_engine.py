@@ -31,7 +31,7 @@ def _run(engine, prompts, *, together: bool):
     state = []
     for slot, prompt, draw in zip(slots, prompts, DRAWS):
         logits = engine.prefill(slot, prompt)
-        first = engine.sample(logits, draw)
+        first, = engine.sample(logits[None], [draw])
         state.append({"slot": slot, "last": first, "tokens": [first], "logits": [], "draw": draw, "n": 0})
     schedule = [[i for i, (_, join, steps) in enumerate(PLAN) if join <= t < join + steps] for t in range(20)]
     groups = [[i for i in rows] for rows in schedule] if together else \

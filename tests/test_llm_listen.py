@@ -1,9 +1,10 @@
 """Listening on a clock: every session's new words in one prefill pass, never one prefill per partial.
 
 The LLM takes the user's words of all sessions that have new ones together, at most once per listen
-period (one ASR chunk), as one pass over the engine's rows (:meth:`Engine.prefill_rows`). Each
-session's cache, logits and end-of-turn estimate must be those it gets listening alone, whichever
-other sessions share the pass (and whether they are replying meanwhile)."""
+period (one ASR chunk), as one pass over the engine's rows (:meth:`Engine.prefill_rows`); reply
+starts join the same pass (and make it due at once). Each session's cache, logits, end-of-turn
+estimate and reply must be those it gets alone, whichever other sessions share the pass (and
+whether they are replying meanwhile)."""
 
 from __future__ import annotations
 
@@ -34,9 +35,9 @@ async def test_sessions_listening_together_get_what_each_gets_alone(make_llm):
     await asyncio.sleep(0.3)  # ... and has decoded as far ahead as it may: it waits for its reader
     held = list(speaker.context.ids)
     over = [Message("user", "Tell me a story."), Message("assistant", "Once"), Message("user", "wait, stop")]
-    batches = llm.listening.batches
+    batches = llm.prefills.batches
     got = await asyncio.gather(*(s.listen(d) for s, d in zip(together, DIALOGUES)), speaker.listen(over))
-    assert llm.listening.batches == batches + 1  # one pass for all four
+    assert llm.prefills.batches == batches + 1  # one pass for all four
     scored_alone = await speaker.listen(over)  # alone now: the same score, the reply untouched
     assert speaker.context.ids == held
     assert got[-1] == pytest.approx(scored_alone, abs=1e-6)
@@ -59,7 +60,7 @@ async def test_no_prefill_per_partial_only_one_pass_per_listen_period(make_llm):
     per listen period (80 ms), each session is prefilled at most that often, and the passes hold
     several sessions at once."""
     llm = make_llm("qwen2", window=256, max_reply_tokens=16)
-    period = llm.listening.period
+    period = llm.prefills.period
     streams = [llm.new_stream(SHORT_SYSTEM) for _ in range(4)]
     words = "so I was thinking that we could maybe go to the lake this weekend if the weather holds".split()
     said = [1] * len(streams)
@@ -78,7 +79,7 @@ async def test_no_prefill_per_partial_only_one_pass_per_listen_period(make_llm):
             count += 1
         return count
 
-    batches0, handled0 = llm.listening.batches, llm.listening.handled
+    batches0, handled0 = llm.prefills.batches, llm.prefills.handled
     start = time.monotonic()
     speakers = [asyncio.create_task(speak(i)) for i in range(len(streams))]
     listeners = [asyncio.create_task(listen(i)) for i in range(len(streams))]
@@ -87,7 +88,7 @@ async def test_no_prefill_per_partial_only_one_pass_per_listen_period(make_llm):
     counts = await asyncio.gather(*listeners)
     await asyncio.gather(*speakers)
     elapsed = time.monotonic() - start
-    batches, handled = llm.listening.batches - batches0, llm.listening.handled - handled0
+    batches, handled = llm.prefills.batches - batches0, llm.prefills.handled - handled0
     ticks = elapsed / period + 1  # the most passes the clock allows
     print(f"{handled} listens of {len(streams)} sessions in {batches} passes over {elapsed:.2f} s "
           f"(at most {ticks:.1f}); partials {sum(said)}")
@@ -97,3 +98,49 @@ async def test_no_prefill_per_partial_only_one_pass_per_listen_period(make_llm):
     assert handled / batches >= 2.5  # passes are shared
     for s in streams:
         await s.aclose()
+
+
+async def test_reply_starts_of_many_sessions_share_the_pass_and_reply_as_alone(make_llm):
+    """Four listening sessions start replies in the same tick: two whose words a listen already ran,
+    two whose last words are new (each gets a listen of them first, so its estimate is a listen's,
+    and starts a round later). The six asks are one batch of two passes, no prefill of a session
+    alone, and each round's first tokens are sampled in one draw; each reply (sampled, temperature
+    0.7) and estimate equals the one the same session gets alone."""
+    llm = make_llm("qwen2", window=256, max_reply_tokens=12, temperature=0.7)
+    dialogues = [*DIALOGUES, [Message("user", "Tell me a story about a lighthouse.")]]
+
+    async def say(stream, dialogue) -> str:
+        return "".join([piece async for piece in stream.reply(dialogue)])
+
+    heard = [d if i < 2 else [*d[:-1], Message("user", " ".join(d[-1].content.split()[:2]))]
+             for i, d in enumerate(dialogues)]  # what each session's listens ran before the reply
+    together = [llm.new_stream(SHORT_SYSTEM) for _ in dialogues]
+    for stream, words in zip(together, heard):
+        await stream.listen(words)
+    passes = {"rows": 0, "alone": 0, "draws": 0}
+    engine = llm.engine
+    real = {"rows": engine.prefill_rows, "alone": engine.prefill, "draws": engine.sample}
+
+    def counted(kind):
+        def call(*args, **kwargs):
+            passes[kind] += 1
+            return real[kind](*args, **kwargs)
+        return call
+
+    for kind, name in (("rows", "prefill_rows"), ("alone", "prefill"), ("draws", "sample")):
+        setattr(engine, name, counted(kind))
+    batches = llm.prefills.batches
+    texts = await asyncio.gather(*(say(s, d) for s, d in zip(together, dialogues)))
+    assert llm.prefills.batches == batches + 1
+    assert passes == {"rows": 2, "alone": 0, "draws": 2}, passes  # two rounds, each its one draw
+    for kind, name in (("rows", "prefill_rows"), ("alone", "prefill"), ("draws", "sample")):
+        delattr(engine, name)
+    assert any(texts)
+    for i, (stream, dialogue, words, text) in enumerate(zip(together, dialogues, heard, texts)):
+        alone = llm.new_stream(SHORT_SYSTEM)
+        await alone.listen(words)
+        assert await say(alone, dialogue) == text, i
+        assert stream._estimate[1] == pytest.approx(alone._estimate[1], abs=1e-6)
+        await alone.aclose()
+    for stream in together:
+        await stream.aclose()

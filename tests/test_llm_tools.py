@@ -181,7 +181,7 @@ def test_a_tiny_session_calls_a_tool_and_goes_on_from_its_result(jfk16, monkeypa
     call = 'Let me look.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     scripts: dict[int, list[int]] = {}
     shown: list = []  # the tools each reply's system block showed
-    real_start, real_took = SinkLLMStream._reply_start, SinkLLMStream._took
+    real_start, real_took = SinkLLMStream.plan_start, SinkLLMStream._took
 
     def start(self, reply, messages):  # the call first; once the result is in, the rest of the reply
         going_on = bool(messages) and messages[-1].role == "tool"
@@ -193,7 +193,7 @@ def test_a_tiny_session_calls_a_tool_and_goes_on_from_its_result(jfk16, monkeypa
         script = scripts.get(id(reply))
         return real_took(self, reply, script.pop(0) if script else next(iter(self.model.format.stop_ids)))
 
-    monkeypatch.setattr(SinkLLMStream, "_reply_start", start)
+    monkeypatch.setattr(SinkLLMStream, "plan_start", start)
     monkeypatch.setattr(SinkLLMStream, "_took", took)
 
     async def main():
