@@ -148,9 +148,8 @@ class Engine:
         return F.linear(hidden, self.lm_head, self.lm_bias).float()
 
     @torch.inference_mode()
-    def prefill(self, slot: SinkSlot, ids: Sequence[int], at: Sequence[int] | None = None) -> torch.Tensor:
-        """Run ``ids`` after what ``slot`` holds; returns the next-token logits ``[V]`` (fp32) after
-        the last of them, or ``[len(at), V]`` after each of the ids that ``at`` indexes."""
+    def prefill(self, slot: SinkSlot, ids: Sequence[int]) -> torch.Tensor:
+        """Run ``ids`` after what ``slot`` holds; returns the next-token logits ``[V]`` (fp32)."""
         n = len(ids)
         if slot.length + n > slot.capacity:
             raise RuntimeError(f"sink cache overflow: {slot.length} + {n} > {slot.capacity} slots; "
@@ -158,15 +157,13 @@ class Engine:
         x = F.embedding(torch.as_tensor(list(ids), dtype=torch.long, device=self.device), self.embed)  # [T, H]
         hidden = self.decoder.prefill(x, self.kv, slot.row, slot.length)
         slot.length += n
-        return self._logits(hidden[-1] if at is None else hidden[list(at)])
+        return self._logits(hidden[-1])
 
     @torch.inference_mode()
-    def prefill_rows(self, requests: Sequence[tuple[SinkSlot, Sequence[int]]],
-                     at: Sequence[Sequence[int]] | None = None) -> list[torch.Tensor]:
+    def prefill_rows(self, requests: Sequence[tuple[SinkSlot, Sequence[int]]]) -> list[torch.Tensor]:
         """Several sessions' prefills in one pass (each runs its ``ids`` after what its slot holds);
-        returns each one's next-token logits ``[V]`` (fp32) after its last id, in order, or with
-        ``at`` ``[len(at[i]), V]`` after each of request ``i``'s ids that ``at[i]`` indexes. The
-        pass's batch is the requests, their rows gathered by index."""
+        returns each one's next-token logits ``[V]`` (fp32), in order. The pass's batch is the
+        requests, their rows gathered by index."""
         if not requests:
             return []
         rows = [slot.row for slot, _ in requests]
@@ -182,14 +179,11 @@ class Engine:
         x = F.embedding(tokens.to(self.device), self.embed)  # [N, T, H]
         hidden = self.decoder.prefill_rows(x, rows, [slot.length for slot, _ in requests],
                                            [len(ids) for _, ids in requests], self.kv)
-        wanted = at if at is not None else [(len(ids) - 1,) for _, ids in requests]
-        entries = torch.tensor([i for i, k in enumerate(wanted) for _ in k], device=self.device)
-        steps = torch.tensor([j for k in wanted for j in k], device=self.device)
-        logits = self._logits(hidden[entries, steps])  # [sum(len(at[i])), V]
+        last = torch.tensor([len(ids) - 1 for _, ids in requests], device=self.device)
+        logits = self._logits(hidden[torch.arange(len(requests), device=self.device), last])  # [N, V]
         for slot, ids in requests:
             slot.length += len(ids)
-        parts = logits.split([len(k) for k in wanted])
-        return [part[0] for part in parts] if at is None else list(parts)
+        return list(logits)
 
     def sample(self, logits: torch.Tensor, draws: Sequence[Draw]) -> list[int]:
         """One token from each row of ``logits`` ``[N, V]`` with the same sampler the decode step uses,

@@ -161,9 +161,9 @@ class SinkLLM:
                  else ask.stream.plan_start(ask.reply, ask.messages) for ask in asks]
         run = [p for p in plans if p is not None and p.tokens]
         if len(run) == 1:  # alone: its own row only
-            logits = [self.engine.prefill(run[0].ctx.cache, run[0].tokens, at=run[0].at)]
+            logits = [self.engine.prefill(run[0].ctx.cache, run[0].tokens)]
         else:
-            logits = self.engine.prefill_rows([(p.ctx.cache, p.tokens) for p in run], at=[p.at for p in run])
+            logits = self.engine.prefill_rows([(p.ctx.cache, p.tokens) for p in run])
         ran = dict(zip(map(id, run), logits))
         results: list[float | None | tuple[bool, str]] = [
             p.finish(ran.get(id(p))) if isinstance(p, Listen)

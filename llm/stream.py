@@ -76,23 +76,16 @@ class Listen:
     messages: Sequence[Message] = ()
     known: float | None = None  # the estimate of these very messages, made before a reply took the cache
 
-    @property
-    def at(self) -> tuple[int, ...]:
-        """The tokens after which the pass returns logits: the last."""
-        return (len(self.tokens) - 1,)
-
     def finish(self, logits: torch.Tensor | None) -> float:
-        """The tokens ran (``logits`` ``[1, V]`` after them; None: there were none): commit or roll
-        back, and return P(end of message)."""
+        """The tokens ran (``logits`` after them; None: there were none): commit or roll back, and
+        return P(end of message)."""
         if self.known is not None:
             return self.known
         ctx = self.ctx
         if logits is None:
             assert ctx.logits is not None and self.mark is None
             logits = ctx.logits
-        else:
-            logits = logits[-1]
-        if self.mark is not None:
+        elif self.mark is not None:
             ctx.end_score(self.mark, len(self.tokens))
         else:
             ctx.commit_prefilled(self.tokens, logits)
@@ -111,19 +104,14 @@ class Start:
     ctx: SinkContext
     tokens: list[int]
 
-    @property
-    def at(self) -> tuple[int, ...]:
-        """The tokens after which the pass returns logits: the last."""
-        return (len(self.tokens) - 1,)
-
     def commit(self, logits: torch.Tensor | None) -> torch.Tensor:
-        """The tokens ran (``logits`` ``[1, V]`` after them; None: there were none): commit them;
-        returns the logits to sample the first token from."""
+        """The tokens ran (``logits`` after them; None: there were none): commit them; returns the
+        logits to sample the first token from."""
         if logits is None:
             assert self.ctx.logits is not None
             return self.ctx.logits
-        self.ctx.commit_prefilled(self.tokens, logits[-1])
-        return logits[-1]
+        self.ctx.commit_prefilled(self.tokens, logits)
+        return logits
 
 
 @dataclass(frozen=True)
