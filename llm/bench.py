@@ -147,8 +147,47 @@ async def _bench_one(llm, plan: dict[str, Any], device: str) -> dict[str, Any]:
     print(f"  {replies} replies among {scattered['rows_held']} listening sessions, on the highest rows: step "
           f"{scattered['step_ms']:.2f} ms as wide as the replies, {scattered['step_ms_to_highest_row']:.2f} ms "
           f"over every row up to the highest (x{scattered['speedup']})", flush=True)
+    starts = max(plan["batches"])
+    figures["starts"] = together = await _starts(llm, history, starts)
+    print(f"  {starts} replies starting in one tick: {together['together_ms']:.1f} ms for all their first tokens in "
+          f"{together['passes']} prefill pass(es), {together['alone_ms']:.1f} ms one by one "
+          f"(x{together['speedup']})", flush=True)
     figures["device"] = device
     return figures
+
+
+async def _starts(llm, history: list[Message], n: int) -> dict[str, Any]:
+    """``n`` sessions that heard the user's words start their replies in the same tick (their
+    prefills up to the generation prompt run as one pass, their first tokens drawn together) against
+    ``n`` such sessions starting one after another (a pass each): the wall time until every first
+    token is drawn, and the prefill passes the batch took."""
+    from duplex.llm.stream import Ask
+
+    messages = frozen(history + [Message("user", USER_TURN)])
+
+    async def heard() -> list:
+        streams = [llm.new_stream(SYSTEM) for _ in range(n)]
+        for s in streams:
+            await s.listen(messages)
+        return streams
+
+    streams = await heard()
+    passes = llm.prefills.batches
+    t0 = time.perf_counter()
+    await asyncio.gather(*(llm.prefills.submit(Ask(s, messages, _begin(s)), now=True) for s in streams))
+    together = time.perf_counter() - t0
+    passes = llm.prefills.batches - passes
+    for s in streams:
+        await s.aclose()
+    streams = await heard()
+    t0 = time.perf_counter()
+    for s in streams:
+        await llm.prefills.submit(Ask(s, messages, _begin(s)), now=True)
+    alone = time.perf_counter() - t0
+    for s in streams:
+        await s.aclose()
+    return {"sessions": n, "together_ms": round(together * 1e3, 2), "alone_ms": round(alone * 1e3, 2),
+            "passes": passes, "speedup": round(alone / together, 1)}
 
 
 async def _batch(llm, history: list[Message], b: int) -> tuple[dict[str, Any], list[str]]:
