@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from duplex.tts.engine import Sampling
+from duplex.tts.engine import Sampling, SegmentStart
 from tts_fixtures import (collect, jfk24, make_engine, make_tts, one_torch_thread,  # noqa: F401
                           tiny_tts_checkpoint, voice_a)
 
@@ -27,10 +27,14 @@ def _run(engine, *, together: bool, voice=None):
     done = [False] * len(PLAN)
     t = 0
     while not all(done):
-        for i, (text, frames, start, _) in enumerate(PLAN):
-            if not started[i] and t >= start:
-                engine.begin_segment(replies[i], text, frames, stop_at_eos=False)
-                started[i] = True
+        due = [i for i, (_, _, start, _) in enumerate(PLAN) if not started[i] and t >= start]
+        if together:  # the segments starting at one step: one prefill pass
+            starts = [SegmentStart(replies[i], PLAN[i][0], PLAN[i][1], stop_at_eos=False) for i in due]
+            assert engine.begin_segments(starts) == [None] * len(due)
+        for i in due:
+            if not together:
+                engine.begin_segment(replies[i], PLAN[i][0], PLAN[i][1], stop_at_eos=False)
+            started[i] = True
         live = [i for i in range(len(PLAN)) if started[i] and not done[i]]
         groups = [live] if together else [[i] for i in live]
         for group in groups:
@@ -47,16 +51,22 @@ def _run(engine, *, together: bool, voice=None):
     return out
 
 
-def test_batched_frames_equal_each_reply_alone(make_engine, voice_a):
+def test_batched_frames_equal_each_reply_alone(make_engine, voice_a, monkeypatch):
     """Replies with different prompts, voices and seeds, starting at different steps and ending after
     different numbers of frames, sampled (top-k at temperature 0.9): each one's codes are identical
-    and its audio equal to 1e-5 to what it makes stepped alone."""
+    and its audio equal to 1e-5 to what it makes stepped alone. The two replies starting at the
+    first step (one after a voice prompt, one not: their rows at other positions) begin their
+    segments in one prefill pass over both rows."""
     from duplex.tts.voice import check_voice
 
     engine = make_engine(sampling=Sampling())
     voice = engine.encode_voice(check_voice(voice_a), voice_a.text)
     alone = _run(engine, together=False, voice=voice)
+    passes = []
+    prefill_rows = engine.backbone.prefill_rows
+    monkeypatch.setattr(engine.backbone, "prefill_rows", lambda x, rows, *a: passes.append(rows) or prefill_rows(x, rows, *a))
     together = _run(engine, together=True, voice=voice)
+    assert len(passes) == 1 and len(passes[0]) == 2, passes
     for (codes_a, audio_a), (codes_b, audio_b), (_, frames, _, _) in zip(alone, together, PLAN):
         assert codes_a.shape == (frames, engine.num_codebooks)
         assert torch.equal(codes_a, codes_b)

@@ -106,6 +106,16 @@ class Reply:
 
 
 @dataclass(frozen=True)
+class SegmentStart:
+    """A reply's next segment of text, to start (:meth:`CsmEngine.begin_segments`)."""
+
+    reply: Reply
+    text: str
+    max_frames: int
+    stop_at_eos: bool = True
+
+
+@dataclass(frozen=True)
 class Step:
     """What one frame step made for one reply: audio when a chunk was decoded, and whether the segment ended."""
 
@@ -316,22 +326,64 @@ class CsmEngine:
     def free_slots(self) -> int:
         return self.rows.free
 
-    @_no_grad
     def begin_segment(self, reply: Reply, text: str, max_frames: int, *, stop_at_eos: bool = True) -> None:
         """Run the next segment's text after what the reply has said so far (its last token becomes
-        the next frame step's input)."""
+        the next frame step's input): :meth:`begin_segments` for one reply."""
+        result, = self.begin_segments([SegmentStart(reply, text, max_frames, stop_at_eos)])
+        if result is not None:
+            raise result
+
+    @_no_grad
+    def begin_segments(self, starts: Sequence[SegmentStart]) -> list[Exception | None]:
+        """Several replies' next segments at once: each one's text (after its last frame not yet run,
+        and after an end frame if its segment stopped at the frame limit) runs into its row, all of
+        them in one prefill pass over the rows (one reply alone: its own row only); the last token of
+        each becomes its next frame step's input. Returns per start None, or the error that stopped
+        it (nothing of that reply changed)."""
         import torch
 
+        results: list[Exception | None] = [None] * len(starts)
+        planned: list[tuple[SegmentStart, SegmentRecord, int, torch.Tensor]] = []
+        for i, start in enumerate(starts):
+            try:
+                planned.append((start, *self._plan_segment(start)))
+            except (RuntimeError, ValueError) as exc:
+                results[i] = exc
+        runs = [(start.reply, embeds[:-1]) for start, _, _, embeds in planned if embeds.shape[0] > 1]
+        if len(runs) == 1:
+            self._prefill(*runs[0])
+        elif runs:
+            counts = [e.shape[0] for _, e in runs]
+            x = torch.zeros(len(runs), max(counts), runs[0][1].shape[-1], device=self.device, dtype=runs[0][1].dtype)
+            for k, (_, e) in enumerate(runs):
+                x[k, :e.shape[0]] = e
+            self.backbone.prefill_rows(x, [r.row for r, _ in runs], [r.length for r, _ in runs], counts, self.kv)
+            for (reply, _), n in zip(runs, counts):
+                reply.length += n
+        for start, record, max_frames, embeds in planned:
+            reply = start.reply
+            self._inputs[reply.row] = embeds[-1]
+            reply.staged, reply.ended_at_limit = True, False
+            reply.segment, reply.max_frames, reply.stop_at_eos = record, max_frames, start.stop_at_eos
+        return results
+
+    def _plan_segment(self, start: SegmentStart) -> tuple[SegmentRecord, int, torch.Tensor]:
+        """What :meth:`begin_segments` runs for ``start``: its record, its frame limit and the
+        embeddings to feed ``[n, H]`` (the context rebuilt first if they would overflow the row).
+        Raises before changing anything when the segment cannot start."""
+        import torch
+
+        reply = start.reply
         if reply.closed:
             raise RuntimeError("begin_segment on a released reply")
         if reply.segment is not None:
             raise RuntimeError("begin_segment called before the previous segment ended")
-        record = SegmentRecord(text, self.text_ids(text))
+        record = SegmentRecord(start.text, self.text_ids(start.text))
         room = self.max_positions - reply.prefix_length - len(record.ids) - 1
         if room < 1:
             raise ValueError(f"segment of {len(record.ids)} tokens does not fit the model's "
                              f"{self.max_positions} positions after the voice prompt")
-        max_frames = min(max_frames, room)
+        max_frames = min(start.max_frames, room)
         feed = []
         if reply.staged:  # the last frame of the previous segment, not yet run
             feed.append(self._inputs[reply.row][None])
@@ -341,11 +393,7 @@ class CsmEngine:
         embeds = torch.cat(feed)  # [n, H]
         if reply.length + embeds.shape[0] + max_frames + 1 > self.max_positions:
             embeds = self._rebuild(reply, room - max_frames, self._embed_text(record.ids))
-        if embeds.shape[0] > 1:
-            self._prefill(reply, embeds[:-1])
-        self._inputs[reply.row] = embeds[-1]
-        reply.staged, reply.ended_at_limit = True, False
-        reply.segment, reply.max_frames, reply.stop_at_eos = record, max_frames, stop_at_eos
+        return record, max_frames, embeds
 
     def _rebuild(self, reply: Reply, budget: int, text: torch.Tensor) -> torch.Tensor:
         """The context would overflow: restart from the voice prefix plus the newest segments that fit;

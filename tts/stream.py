@@ -3,10 +3,11 @@
 ``synthesize`` speaks one reply. A reader task pulls the LLM's text pieces as they come (so the LLM
 keeps running while the agent speaks) and cuts them into segments (:mod:`duplex.tts.segmenter`);
 the reply loop takes the next segment (merging any that queued up), runs its text into the reply's
-row as a job, then joins the engine's batched frame step as a row (:mod:`duplex.engine.scheduler`):
-every tick makes one frame for every reply being spoken, and decodes the chunks that are due in one
-batched codec call. An :class:`~duplex.stages.AudioChunk` is yielded whenever a chunk of
-``chunk_frames`` frames is decoded. The row's deadline is when its audio would run dry (the time of
+row (the new segments of every reply waiting run as one prefill pass per tick:
+:meth:`~duplex.tts.engine.CsmEngine.begin_segments`), then joins the engine's batched frame step as
+a row (:mod:`duplex.engine.scheduler`): every tick makes one frame for every reply being spoken and
+decodes it to audio in the same step. An :class:`~duplex.stages.AudioChunk` is yielded whenever a
+chunk of ``chunk_frames`` frames is decoded. The row's deadline is when its audio would run dry (the time of
 its first chunk plus the audio made since), so when more replies are ready than one step holds, the
 one closest to a gap goes first, and a new reply (no audio yet) counts as due now. Closing the
 iterator or cancelling its consumer stops it between two frames: at most the frame already being
@@ -20,7 +21,6 @@ prompt of its later replies (CSM otherwise picks a new voice for every reply).
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -32,7 +32,7 @@ import numpy as np
 from duplex.clock import now
 from duplex.engine.scheduler import Output, Scheduler
 from duplex.stages import AudioChunk, VoicePrompt
-from duplex.tts.engine import CsmEngine, Reply, Voice
+from duplex.tts.engine import CsmEngine, Reply, SegmentStart, Voice
 from duplex.tts.segmenter import Segmenter, SegmenterConfig
 from duplex.tts.timing import TYPICAL_FRAMES_PER_CHAR, WordTimer
 from duplex.tts.voice import check_voice
@@ -67,6 +67,8 @@ class CsmTTS:
         self.sample_rate = engine.sample_rate
         self.scheduler: Scheduler = Scheduler("tts", self._frame_step, device=device, max_batch=engine.slots,
                                               job_budget=2)
+        # every reply's new segment of text waiting, in one prefill pass per tick
+        self.segments = self.scheduler.coalesce(engine.begin_segments)
         self.voice: Voice | None = None
         if voice is not None:  # at build time, off the event loop
             self.voice = self.engine.encode_voice(check_voice(voice, self.sample_rate), " ".join(voice.text.split()))
@@ -152,8 +154,7 @@ class CsmTTSStream:
                     self.last_reply = reply
                 frames = settings.fixed_frames or math.ceil(
                     engine.frame_rate * (settings.min_seconds + settings.seconds_per_char * len(segment)))
-                await scheduler.run(functools.partial(engine.begin_segment, stop_at_eos=settings.fixed_frames is None),
-                                    reply, segment, frames)
+                await self.model.segments.submit(SegmentStart(reply, segment, frames, settings.fixed_frames is None))
                 timer.begin_segment(segment, offset)
                 row = scheduler.join(reply, deadline=_run_dry(first_audio, offset, self.sample_rate), room=1)
                 done = False
