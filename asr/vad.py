@@ -3,7 +3,10 @@
 Silero VAD scores 512-sample windows (32 ms at 16 kHz), each prefixed by the last 64 samples of the
 previous window, with a recurrent state. We call its inner network with that state passed explicitly,
 so one loaded network serves every session: a :class:`~duplex.engine.scheduler.Scheduler` stacks the windows
-and states of all sessions that have audio ready into one step. Speech boundaries come from a
+and states of all sessions that have audio ready into one step. The step runs on the agent's device
+(beside the other models on a GPU, so the host's CPU threads are not the VAD's): each session's
+state stays there between steps, the windows of a tick go over in one copy, and the probabilities
+(and peeks) come back in one, the step's only host sync. Speech boundaries come from a
 hysteresis on the probabilities (start above ``threshold`` for ``min_speech_ms``, end below
 ``neg_threshold`` for ``min_silence_ms``) and carry exact stream times; each change of the
 window-by-window decision is a ``VoiceEdge`` (the earliest sign of speech, one window in).
@@ -15,10 +18,12 @@ importing the package (whose import sets torch to one thread for the whole proce
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +32,8 @@ from duplex.config import AgentConfig
 from duplex.errors import ModelNotFoundError
 from duplex.events import SpeechStarted, SpeechStopped, VADEvent, VoiceEdge
 from duplex.engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
 
 PROBS_KEPT = 3000  # windows of probability kept for inspection (96 s): bounded, however long a session runs
 
@@ -59,7 +66,7 @@ PEEK_MIN = 160  # new samples (10 ms) past the last whole window before a peek i
 @dataclass
 class _Request:
     windows: np.ndarray  # [N, CONTEXT + WINDOW] float32
-    state: np.ndarray  # [2, 128] float32
+    state: Any  # [2, 128] float32 tensor on the VAD's device, or None before the first window
     peek: np.ndarray | None = None  # [CONTEXT + WINDOW]: the newest audio, scored from the final state, not kept
 
 
@@ -69,7 +76,7 @@ class VADStreamState:
 
     pending: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     context: np.ndarray = field(default_factory=lambda: np.zeros(CONTEXT, np.float32))
-    state: np.ndarray = field(default_factory=lambda: np.zeros(STATE_SHAPE, np.float32))
+    state: Any = None  # the recurrent state after the last window, on the VAD's device (None: zeros)
     scored: int = 0  # samples scored so far
     speaking: bool = False
     speech_start: int = 0
@@ -91,38 +98,52 @@ class SileroVAD:
         # not in the first second of a conversation.
         with torch.no_grad():
             for batch in (1,) * 8 + (2,) * 4:
-                self._net(torch.zeros(batch, CONTEXT + WINDOW), torch.zeros(2, batch, STATE_SHAPE[1]))
-        self.worker: Scheduler[_Request, tuple[np.ndarray, np.ndarray, float | None]] = Scheduler(
+                self._net(torch.zeros(batch, CONTEXT + WINDOW, device=device),
+                          torch.zeros(2, batch, STATE_SHAPE[1], device=device))
+        self.worker: Scheduler[_Request, tuple[np.ndarray, Any, float | None]] = Scheduler(
             "vad", self._step, device=device, max_batch=max_batch)
 
     def new_stream(self) -> SileroVADStream:
         return SileroVADStream(self)
 
-    def _step(self, requests: Sequence[_Request]) -> list[tuple[np.ndarray, np.ndarray, float | None]]:
-        """Score the windows of many streams, window by window in lockstep, then their peeks (from
-        each stream's final state, which a peek does not change), on the worker thread."""
+    def _step(self, requests: Sequence[_Request]) -> list[tuple[np.ndarray, Any, float | None]]:
+        """Score the windows of many streams in lockstep, then their peeks (from each stream's final
+        state, which a peek does not change), on the worker thread. Window ``k`` of every stream runs
+        as one batch (a stream with fewer windows runs silence there, and keeps its state from
+        before); the states stay on the device, and one copy brings back every probability."""
         import torch
 
-        probs = [np.zeros(len(r.windows), np.float32) for r in requests]
-        states = [r.state for r in requests]
-        peeks: list[float | None] = [None] * len(requests)
-        for k in range(max(len(r.windows) for r in requests)):
-            live = [i for i, r in enumerate(requests) if k < len(r.windows)]
-            x = torch.from_numpy(np.stack([requests[i].windows[k] for i in live])).to(self.device)  # [B, 576]
-            h = torch.from_numpy(np.stack([states[i] for i in live], axis=1)).to(self.device)  # [2, B, 128]
-            out, h = self._net(x, h)
-            out, h = out.float().cpu().numpy(), h.float().cpu().numpy()
-            for j, i in enumerate(live):
-                probs[i][k] = out[j, 0]
-                states[i] = h[:, j]
-        looking = [i for i, r in enumerate(requests) if r.peek is not None]
-        if looking:
-            x = torch.from_numpy(np.stack([r.peek for r in requests if r.peek is not None])).to(self.device)
-            h = torch.from_numpy(np.stack([states[i] for i in looking], axis=1)).to(self.device)
-            out, _ = self._net(x, h)
-            for j, i in enumerate(looking):
-                peeks[i] = float(out[j, 0])
-        return list(zip(probs, states, peeks))
+        b, dev = len(requests), self.device
+        counts = [len(r.windows) for r in requests]
+        depth = max(counts)
+        x = np.zeros((depth, b, CONTEXT + WINDOW), np.float32)
+        for i, r in enumerate(requests):
+            x[:len(r.windows), i] = r.windows
+        windows = torch.from_numpy(x).to(dev, non_blocking=True)
+        zero = torch.zeros(STATE_SHAPE, device=dev)
+        h = torch.stack([zero if r.state is None else r.state for r in requests], dim=1)  # [2, B, 128]
+        after = [h]  # the states after 0, 1, ... windows
+        scores = []
+        for k in range(depth):
+            out, h = self._net(windows[k], h)
+            scores.append(out[:, 0])
+            after.append(h)
+        # each stream's state after its own last window: [B, 2, 128]
+        final = torch.stack(after)[torch.tensor(counts, device=dev), :, torch.arange(b, device=dev)]
+        looking = [r.peek is not None for r in requests]
+        if any(looking):
+            peeks = np.zeros((b, CONTEXT + WINDOW), np.float32)
+            for i, r in enumerate(requests):
+                if r.peek is not None:
+                    peeks[i] = r.peek
+            out, _ = self._net(torch.from_numpy(peeks).to(dev, non_blocking=True), final.transpose(0, 1).contiguous())
+            scores.append(out[:, 0])
+        table = torch.stack(scores).float().cpu().numpy() if scores else np.zeros((0, b), np.float32)  # the one sync
+        results: list[tuple[np.ndarray, Any, float | None]] = []
+        for i, r in enumerate(requests):
+            peek = float(table[depth, i]) if looking[i] else None
+            results.append((table[:counts[i], i].copy(), final[i], peek))
+        return results
 
 
 class SileroVADStream:
@@ -209,5 +230,13 @@ class SileroVADStream:
 
 
 def build_vad(config: AgentConfig, device: str) -> SileroVAD:
-    """The VAD for every profile: real Silero (it is small; CPU is fine even beside a GPU)."""
+    """The VAD for every profile: real Silero, on the agent's device (on a GPU its per-tick step
+    leaves the host's CPU threads alone). A device the TorchScript network cannot run on is reported
+    and the VAD runs on the CPU."""
+    if device != "cpu":
+        try:
+            return SileroVAD(device=device)
+        except Exception as exc:  # (an operator the device lacks: the load's warm-up calls find it)
+            log.warning("the Silero VAD does not run on %s (%s: %s); it runs on the CPU", device,
+                        type(exc).__name__, exc)
     return SileroVAD(device="cpu")

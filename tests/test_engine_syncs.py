@@ -5,7 +5,8 @@ while this one runs. Over a real conversation on the tiny profile (every stage t
 each engine stepping as its captured graph would (``graphs.rehearse``), a *step tick* (rows stepping,
 no job) may wait for the GPU once: the LLM copies its sampled ids, the ASR its labels (a tick
 that only gathers audio for an unfinished chunk copies nothing); the TTS its codes and their audio
-together (the frame step decodes its frame, and a frame that ends the segment is told on the device).
+together (the frame step decodes its frame, and a frame that ends the segment is told on the device);
+the VAD its windows' probabilities and peeks (each session's recurrent state stays on the device).
 Jobs (prefills, scores) are eager and are not counted here.
 """
 
@@ -23,7 +24,7 @@ from duplex.e2e import _schedulers, apply_bench_settings, conversation_script
 from duplex.scenario import run_scenario
 from tests.graph_safety import HostSyncs
 
-BUDGET = {"llm": 1, "asr": 1, "tts": 1}  # host syncs per step tick
+BUDGET = {"vad": 1, "llm": 1, "asr": 1, "tts": 1}  # host syncs per step tick
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +40,6 @@ def syncs_per_tick() -> dict[str, list[int]]:
             getattr(agent.stages, role).engine.graphs.rehearse = True
         agent.stages.asr.graphs.rehearse = True
         for role, scheduler in _schedulers(agent.stages).items():
-            if role not in BUDGET:
-                continue  # the VAD is a CPU model: nothing to wait for
-
             def counted(urgent, states, work, jobs, _tick=scheduler._tick, _role=role):
                 if urgent or work or jobs or not states:
                     return _tick(urgent, states, work, jobs)
