@@ -104,7 +104,7 @@ class SinkContext:
         """The first half of :meth:`sync`: truncate the cache to what it shares with ``messages``
         rendered (or rebuild it, if that is what they need) and return the tokens still to run after
         it. Run them with :meth:`extend`, or with other sessions' in one pass
-        (:meth:`reserve`, the engine's ``prefill_rows``, then :meth:`commit_prefilled`)."""
+        (:meth:`plan_pass`, the engine's ``prefill_rows``, then :meth:`commit_prefilled`)."""
         first_change = self.dialogue.update(messages, open_last=open_last, generation_prompt=generation_prompt)
         last = messages[-1].role if messages else None
         self.open_role = last if open_last else ("assistant" if generation_prompt else None)
@@ -125,6 +125,18 @@ class SinkContext:
                 return []
             self.truncate(self.length - 1)
         return [int(t) for t in self.dialogue.ids(self.end, total)]
+
+    def plan_pass(self, messages: Sequence[Message], *, open_last: bool = False,
+                  generation_prompt: bool = False) -> list[int]:
+        """:meth:`plan`, made ready for a pass of several sessions: room reserved for the tokens it
+        returns, or, for a catch-up longer than :attr:`max_tail`, the tokens run here alone (in
+        chunks) and none returned (the logits are then the cache's)."""
+        tokens = self.plan(messages, open_last=open_last, generation_prompt=generation_prompt)
+        if len(tokens) > self.max_tail:
+            self.extend(tokens)
+            return []
+        self.reserve(len(tokens))
+        return tokens
 
     def commit_prefilled(self, tokens: Sequence[int], logits: torch.Tensor) -> None:
         """A pass of several sessions ran ``tokens`` after what this cache held (room reserved first)."""

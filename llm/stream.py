@@ -259,13 +259,7 @@ class SinkLLMStream:
                 return None  # too long to score on top of the reply; no estimate this time
             tokens = [int(t) for t in tail]
             return Listen(self, ctx, tokens, mark=ctx.begin_score(len(tokens)))
-        tokens = ctx.plan(messages, open_last=True)
-        if len(tokens) > ctx.max_tail:  # a long catch-up: run it alone, in chunks
-            ctx.extend(tokens)
-            tokens = []
-        else:
-            ctx.reserve(len(tokens))
-        return Listen(self, ctx, tokens, messages=messages)
+        return Listen(self, ctx, ctx.plan_pass(messages, open_last=True), messages=messages)
 
     def draw(self) -> Draw:
         """How this session samples its next token."""
@@ -292,13 +286,7 @@ class SinkLLMStream:
         if self.needs_words(messages):  # (a pass that failed and re-runs alone)
             logits = ctx.sync(messages, open_last=True)
             self._estimate = (messages, token_probability(logits, [self.model.format.end_of_message]))
-        tokens = ctx.plan(messages, generation_prompt=True)
-        if len(tokens) > ctx.max_tail:  # a long catch-up: run it alone, in chunks
-            ctx.extend(tokens)
-            tokens = []
-        else:
-            ctx.reserve(len(tokens))
-        return Start(self, reply, ctx, tokens)
+        return Start(self, reply, ctx, ctx.plan_pass(messages, generation_prompt=True))
 
     def started(self, reply: _Reply, token: int) -> tuple[bool, str]:
         """The pass sampled ``token``, the reply's first: book it; (finished, new text)."""
