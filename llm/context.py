@@ -103,8 +103,8 @@ class SinkContext:
              generation_prompt: bool = False) -> list[int]:
         """The first half of :meth:`sync`: truncate the cache to what it shares with ``messages``
         rendered (or rebuild it, if that is what they need) and return the tokens still to run after
-        it. Run them with :meth:`extend`, or with other sessions' in one pass
-        (:meth:`plan_pass`, the engine's ``prefill_rows``, then :meth:`commit_prefilled`)."""
+        it. Run them with :meth:`extend`; :meth:`plan_pass` plans for a pass of several sessions
+        (the engine's ``prefill_rows``, then :meth:`commit_prefilled`)."""
         first_change = self.dialogue.update(messages, open_last=open_last, generation_prompt=generation_prompt)
         last = messages[-1].role if messages else None
         self.open_role = last if open_last else ("assistant" if generation_prompt else None)
