@@ -297,8 +297,13 @@ class Engine:
 
 def token_probability(logits: torch.Tensor, token_ids: Sequence[int]) -> float:
     """Total probability of ``token_ids`` under ``logits`` ``[V]``."""
+    return token_probabilities(logits[None], token_ids)[0]
+
+
+def token_probabilities(logits: torch.Tensor, token_ids: Sequence[int]) -> list[float]:
+    """Total probability of ``token_ids`` under each row of ``logits`` ``[N, V]``, in one host copy."""
     probs = torch.softmax(logits.float(), dim=-1)
-    return float(probs[list(token_ids)].sum())
+    return probs[:, list(token_ids)].sum(-1).tolist()
 
 
 @dataclass

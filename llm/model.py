@@ -21,7 +21,7 @@ from duplex.engine.scheduler import Output, Scheduler
 from duplex.errors import ConfigError
 from duplex.llm.chat import ChatFormat, DialogueTokens
 from duplex.llm.context import SinkContext, check_window
-from duplex.llm.engine import Engine
+from duplex.llm.engine import Engine, token_probabilities
 from duplex.llm.stream import Ask, Listen, SinkLLMStream, Start
 
 USER_TURN_TOKENS = 32  # room for a few words of the user, on top of a whole reply, in "one turn"
@@ -165,11 +165,14 @@ class SinkLLM:
         else:
             logits = self.engine.prefill_rows([(p.ctx.cache, p.tokens) for p in run])
         ran = dict(zip(map(id, run), logits))
-        results: list[float | None | tuple[bool, str]] = [
-            p.finish(ran.get(id(p))) if isinstance(p, Listen)
-            else None if ask.reply is None  # nothing to estimate
-            else (True, "")  # a reply closed or superseded while its start waited (or started below)
-            for ask, p in zip(asks, plans)]
+        # None: a listen with nothing to estimate; (True, ""): a reply closed or superseded while its
+        # start waited (both set below for the plans that ran)
+        results: list[float | None | tuple[bool, str]] = [None if ask.reply is None else (True, "") for ask in asks]
+        listens = [(i, plan, plan.commit(ran.get(id(plan)))) for i, plan in enumerate(plans) if isinstance(plan, Listen)]
+        read = [scores for _, _, scores in listens if scores is not None]
+        estimates = iter(token_probabilities(torch.stack(read), [self.format.end_of_message]) if read else [])
+        for i, listen, scores in listens:  # every listen's estimate in one host copy
+            results[i] = listen.estimated(None if scores is None else next(estimates))
         starts = [(i, p) for i, p in enumerate(plans) if isinstance(p, Start)]
         if starts:
             first = torch.stack([p.commit(ran.get(id(p))) for _, p in starts])

@@ -76,20 +76,27 @@ class Listen:
     messages: Sequence[Message] = ()
     known: float | None = None  # the estimate of these very messages, made before a reply took the cache
 
-    def finish(self, logits: torch.Tensor | None) -> float:
-        """The tokens ran (``logits`` after them; None: there were none): commit or roll back, and
-        return P(end of message)."""
+    def commit(self, logits: torch.Tensor | None) -> torch.Tensor | None:
+        """The tokens ran (``logits`` after them; None: there were none): commit or roll back; returns
+        the logits to read P(end of message) from (None: the estimate was known before)."""
         if self.known is not None:
-            return self.known
+            return None
         ctx = self.ctx
         if logits is None:
             assert ctx.logits is not None and self.mark is None
-            logits = ctx.logits
-        elif self.mark is not None:
+            return ctx.logits
+        if self.mark is not None:
             ctx.end_score(self.mark, len(self.tokens))
         else:
             ctx.commit_prefilled(self.tokens, logits)
-        p = token_probability(logits, [self.stream.model.format.end_of_message])
+        return logits
+
+    def estimated(self, p: float | None) -> float:
+        """P(end of message) read from what :meth:`commit` returned (None: known before): kept as the
+        estimate of these words (unless they were only scored on top of a reply) and returned."""
+        if p is None:
+            assert self.known is not None
+            return self.known
         if self.mark is None:
             self.stream._estimate = (self.messages, p)
         return p

@@ -144,3 +144,37 @@ async def test_reply_starts_of_many_sessions_share_the_pass_and_reply_as_alone(m
         await alone.aclose()
     for stream in together:
         await stream.aclose()
+
+
+async def test_a_prefill_pass_copies_to_the_host_twice_whatever_it_holds(make_llm):
+    """One tick's pass of three listens and two reply starts waits for the device twice: every
+    estimate comes back in one copy and every first token in one draw (each was a sync of its own)."""
+    from tests.graph_safety import HostSyncs
+
+    llm = make_llm("qwen2", window=256, max_reply_tokens=4, temperature=0.0)
+    streams = [llm.new_stream(SHORT_SYSTEM) for _ in range(5)]
+    words = [[Message("user", f"Session {i} says something short")] for i in range(5)]
+    for stream, said in zip(streams, words):
+        await stream.listen([Message("user", said[0].content.split()[0])])
+    for stream, said in zip(streams[3:], words[3:]):
+        await stream.listen(said)  # the starting sessions heard all their words: one round
+    passes: list[tuple[int, list[str]]] = []
+    real = llm._prefill_round
+
+    def counted(asks):
+        with HostSyncs() as syncs:
+            out = real(asks)
+        passes.append((len(asks), list(syncs.counts)))
+        return out
+
+    llm._prefill_round = counted
+
+    async def say(stream, said) -> str:
+        return "".join([piece async for piece in stream.reply(said)])
+
+    await asyncio.gather(*(s.listen(w) for s, w in zip(streams[:3], words[:3])),
+                         *(say(s, w) for s, w in zip(streams[3:], words[3:])))
+    assert len(passes) == 1 and passes[0][0] == 5, passes
+    assert len(passes[0][1]) == 2, passes
+    for stream in streams:
+        await stream.aclose()
