@@ -31,6 +31,7 @@ from duplex.engine.decoder import LeanDecoder
 from duplex.engine.graphs import BucketedStep, buckets_for
 from duplex.engine.sampling import sample as sample_rows
 from duplex.engine.slots import SlotPool
+from duplex.engine.staging import Staged
 from duplex.engine.sampling import token_keys
 from duplex.errors import ConfigError
 from duplex.llm.sink_cache import SinkSlot, rope_inv_freq
@@ -58,12 +59,10 @@ class DecodeRequest:
 class _Buffers:
     """The decode step's static inputs and outputs, one entry per batch position (``slots`` of them)."""
 
-    ints: torch.Tensor  # [6, S] long: token, position, seed, counter, ban, K/V row
-    floats: torch.Tensor  # [2, S] float32: temperature, top_p
+    ints: Staged  # [6, S] long: token, position, seed, counter, ban, K/V row
+    floats: Staged  # [2, S] float32: temperature, top_p
     out: torch.Tensor  # [S] long: the sampled tokens
     logits: torch.Tensor  # [S, V] float32
-    staging_ints: torch.Tensor = field(default=None)  # type: ignore[assignment]  # host copies
-    staging_floats: torch.Tensor = field(default=None)  # type: ignore[assignment]
 
 
 class Engine:
@@ -100,14 +99,11 @@ class Engine:
         self.set_stop_ids(stop_ids)
         self._keys = token_keys(rows, self.device)
         self._buf = _Buffers(
-            ints=torch.zeros(6, slots, dtype=torch.long, device=self.device),
-            floats=torch.ones(2, slots, dtype=torch.float32, device=self.device),
+            ints=Staged((6, slots), torch.long, self.device),
+            floats=Staged((2, slots), torch.float32, self.device, fill=1.0),
             out=torch.zeros(slots, dtype=torch.long, device=self.device),
             logits=torch.zeros(slots, rows, dtype=torch.float32, device=self.device))
-        pin = self.device.type == "cuda"
-        self._buf.staging_ints = torch.zeros(6, slots, dtype=torch.long, pin_memory=pin)
         self._last_step: dict[int, int] = {}  # row -> its batch position in the latest decode step
-        self._buf.staging_floats = torch.zeros(2, slots, dtype=torch.float32, pin_memory=pin)
         # one attention length: sink windows are nearly full once a dialogue runs, so every decode
         # step of a session has the same shapes
         self.graphs = BucketedStep("llm decode", self._decode_fn, buckets_for(slots), (self.kv.columns,),
@@ -201,7 +197,7 @@ class Engine:
         """The captured step: batch positions ``0..b-1`` from the static buffers, each on its K/V row,
         over the whole window."""
         buf = self._buf
-        tokens, positions, seed, counter, ban, rows = buf.ints[:, :b]
+        tokens, positions, seed, counter, ban, rows = buf.ints.buffer[:, :b]
         x = F.embedding(tokens, self.embed)  # [b, H]
         if self.shape_log is not None:
             self.shape_log.append((tuple(x.shape), tuple(positions.shape), tuple(self.kv.keys[0][:b].shape)))
@@ -210,7 +206,7 @@ class Engine:
         logits = logits.masked_fill(ban.bool()[:, None] & self._stop, float("-inf"))
         if self.keep_logits:
             buf.logits[:b] = logits
-        temperature, top_p = buf.floats[:, :b]
+        temperature, top_p = buf.floats.buffer[:, :b]
         buf.out[:b] = self._sample(logits, temperature, top_p, seed, counter, self._keys, top_k=self.top_k)
 
     @torch.inference_mode()
@@ -225,7 +221,7 @@ class Engine:
         if len(set(rows)) < n:
             raise RuntimeError(f"an LLM slot asked for twice in one decode step (rows {rows})")
         bucket = self.graphs.bucket(n)
-        ints, floats = self._buf.staging_ints.numpy(), self._buf.staging_floats.numpy()  # views of the host buffers
+        ints, floats = self._buf.ints.host, self._buf.floats.host
         ints[:, :bucket] = 0
         ints[1, :bucket] = self.kv.scratch_position
         ints[5, :bucket] = self.kv.scratch_row
@@ -236,8 +232,8 @@ class Engine:
                 raise RuntimeError(f"LLM slot {slot.row} is full ({slot.length} positions); evict before decoding")
             ints[:, i] = (r.token, slot.length, d.seed, d.counter, int(d.ban_stop), slot.row)
             floats[:, i] = (d.temperature, d.top_p)
-        self._buf.ints[:, :bucket].copy_(self._buf.staging_ints[:, :bucket], non_blocking=True)
-        self._buf.floats[:, :bucket].copy_(self._buf.staging_floats[:, :bucket], non_blocking=True)
+        self._buf.ints.push(bucket)
+        self._buf.floats.push(bucket)
         self.graphs.run(n, self.kv.columns)
         out = self._buf.out[:bucket].cpu()  # the step's one host sync
         self._last_step = {row: i for i, row in enumerate(rows)}
@@ -255,10 +251,11 @@ class Engine:
     def _prepare(self, b: int) -> None:
         """Harmless inputs for batch positions ``0..b-1``: every one writes only the scratch row's scratch
         column."""
-        self._buf.ints[:, :b] = 0
-        self._buf.ints[1, :b] = self.kv.scratch_position
-        self._buf.ints[5, :b] = self.kv.scratch_row
-        self._buf.floats[:, :b] = 1.0
+        ints, floats = self._buf.ints.buffer, self._buf.floats.buffer
+        ints[:, :b] = 0
+        ints[1, :b] = self.kv.scratch_position
+        ints[5, :b] = self.kv.scratch_row
+        floats[:, :b] = 1.0
 
     def capture(self, progress: Callable[[str], None] | None = None) -> None:
         """Compile the fused layers (CUDA), then warm up and capture the decode step for every bucket

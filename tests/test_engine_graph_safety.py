@@ -107,7 +107,7 @@ def test_llm_decode_step_replays(make_llm, arch):
     buffers, and none is forbidden."""
     llm = make_llm(arch, window=64, slots=4)
     engine = llm.engine
-    trace = StepTrace(engine.graphs, host_buffers=[engine._buf.staging_ints, engine._buf.staging_floats])
+    trace = StepTrace(engine.graphs, host_buffers=[engine._buf.ints.staging, engine._buf.floats.staging])
     try:
         engine.graphs.rehearse = True  # first, each bucket's call as a GPU captures it at load
         engine.capture()
@@ -140,7 +140,7 @@ def test_llm_replies_through_the_scheduler_replay(make_llm):
     """Replies decoded through the scheduler, across evictions and rollbacks (the window is
     small): all of them run in one bucket, and every call matches the first."""
     llm = make_llm("qwen2", window=96, max_reply_tokens=30, temperature=0.8, slots=2)
-    trace = StepTrace(llm.engine.graphs, host_buffers=[llm.engine._buf.staging_ints, llm.engine._buf.staging_floats])
+    trace = StepTrace(llm.engine.graphs, host_buffers=[llm.engine._buf.ints.staging, llm.engine._buf.floats.staging])
     llm.engine.graphs.rehearse = True  # first, each bucket's call as a GPU captures it at load
     llm.engine.capture()
 
@@ -179,7 +179,7 @@ def test_tts_frame_step_replays(make_engine, voice_a):
 
     engine = make_engine(sampling=Sampling(), slots=4)
     voice = engine.encode_voice(check_voice(voice_a), voice_a.text)
-    trace = StepTrace(engine.graphs, host_buffers=[engine._staging_ints, engine._staging_temp])
+    trace = StepTrace(engine.graphs, host_buffers=[engine._ints.staging, engine._temperature.staging])
     try:
         engine.graphs.rehearse = True  # first, each bucket's call as a GPU captures it at load
         engine.capture()

@@ -42,6 +42,7 @@ from duplex.engine.graphs import BucketedStep, buckets_for, lengths_for
 from duplex.engine.sampling import exponential, token_keys
 from duplex.engine.sampling import sample as sample_rows
 from duplex.engine.slots import SlotPool
+from duplex.engine.staging import Staged
 from duplex.tts.codec import StreamingEncoder
 from duplex.tts.slot_codec import SlotDecoder
 
@@ -196,8 +197,8 @@ class CsmEngine:
         self._keys = token_keys(self.codebook_size, dev)
         self._inputs = torch.zeros(slots, self.backbone.hidden, dtype=self.dtype, device=dev)  # next input per row
         # position, seed, frame counter, whether the end frame ends the segment (stop_at_eos)
-        self._ints = torch.zeros(4, slots, dtype=torch.long, device=dev)
-        self._temperature = torch.zeros(slots, dtype=torch.float32, device=dev)
+        self._ints = Staged((4, slots), torch.long, dev)
+        self._temperature = Staged((slots,), torch.float32, dev)
         # the step's output, copied to the host in one piece: each row's codes, then its frame's audio
         self._out = torch.zeros(slots, k + self.frame_size, dtype=torch.float32, device=dev)
         self._rows = torch.arange(slots, device=dev)
@@ -208,9 +209,6 @@ class CsmEngine:
         with torch.no_grad():
             projected = F.linear(self.depth_embed, self.depth_project)  # [K * V, H_depth]
         self._depth_tables = [projected[i * self.vocab_size:(i + 1) * self.vocab_size] for i in range(k)]
-        pin = dev.type == "cuda"
-        self._staging_ints = torch.zeros(4, slots, dtype=torch.long, pin_memory=pin)
-        self._staging_temp = torch.zeros(slots, dtype=torch.float32, pin_memory=pin)
         # attention lengths in powers of two: a reply's row is usually far from full
         self.graphs = BucketedStep("tts frame", self._frame_fn, buckets_for(slots), lengths_for(self.kv.positions),
                                    device=str(dev), graphs=graphs)
@@ -419,8 +417,8 @@ class CsmEngine:
         import torch
         import torch.nn.functional as F
 
-        positions, seed, counter, stop = self._ints[:, :b]
-        temperature = self._temperature[:b]
+        positions, seed, counter, stop = self._ints.buffer[:, :b]
+        temperature = self._temperature.buffer[:b]
         rows = self._rows[:b]
         n_codes, k, top_k = self.codebook_size, self.num_codebooks, self.sampling.top_k
         t = self._lap(None, time.perf_counter())
@@ -475,7 +473,7 @@ class CsmEngine:
                 raise RuntimeError(f"TTS reply row {reply.row} is full ({reply.length} positions)")
         rows = max(r.row for r in replies) + 1
         bucket = self.graphs.bucket(rows)
-        ints, temp = self._staging_ints.numpy(), self._staging_temp.numpy()  # views of the host buffers
+        ints, temp = self._ints.host, self._temperature.host
         ints[:, :bucket] = 0
         ints[0, :bucket] = self.kv.scratch_position
         temp[:bucket] = 0.0
@@ -484,8 +482,8 @@ class CsmEngine:
             temp[reply.row] = self.sampling.temperature
             if self.on_frame is not None:
                 self.on_frame(self.frames_generated)
-        self._ints[:, :bucket].copy_(self._staging_ints[:, :bucket], non_blocking=True)
-        self._temperature[:bucket].copy_(self._staging_temp[:bucket], non_blocking=True)
+        self._ints.push(bucket)
+        self._temperature.push(bucket)
         self.graphs.run(rows, max(r.length for r in replies) + 1)
         out = self._out[:bucket].cpu()  # the step's one host sync: codes and audio
         k = self.num_codebooks
@@ -533,9 +531,9 @@ class CsmEngine:
 
     def _prepare(self, b: int) -> None:
         """Harmless inputs for rows ``0..b-1``: every row writes only its scratch column."""
-        self._ints[:, :b] = 0
-        self._ints[0, :b] = self.kv.scratch_position
-        self._temperature[:b] = 1.0
+        self._ints.buffer[:, :b] = 0
+        self._ints.buffer[0, :b] = self.kv.scratch_position
+        self._temperature.buffer[:b] = 1.0
 
     def capture(self, progress: Callable[[str], None] | None = None) -> None:
         """Compile the fused layers (CUDA), then warm up and capture the frame step for every bucket

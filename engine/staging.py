@@ -1,0 +1,34 @@
+"""Step inputs the host writes before each step: a static device buffer and its pinned host copy.
+
+A captured step reads its inputs (positions, seeds, counters, rows, sampler settings) from static
+device buffers. The host fills a pinned copy of each through a numpy view (no torch op per value),
+then one non-blocking copy per buffer moves the entries this step uses over, in order before the
+step on the same stream. The host writes the copy again only for the next step, after this step's
+one output sync, so a copy in flight is never overwritten.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Staged:
+    """A device buffer of ``shape`` (the step reads :attr:`buffer`) and its host copy (the host
+    writes :attr:`host`, a numpy view of the pinned :attr:`staging` tensor); :meth:`push` copies the
+    first ``n`` entries along the last axis over."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, fill: float = 0) -> None:
+        import torch
+
+        self.buffer = torch.full(shape, fill, dtype=dtype, device=device)
+        self.staging = torch.zeros(shape, dtype=dtype, pin_memory=device.type == "cuda")
+        self.host: np.ndarray = self.staging.numpy()
+
+    def push(self, n: int) -> None:
+        """Copy entries ``[..., :n]`` of the host copy to the device buffer (without waiting)."""
+        self.buffer[..., :n].copy_(self.staging[..., :n], non_blocking=True)
