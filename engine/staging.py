@@ -29,6 +29,8 @@ class Staged:
         self.staging = torch.zeros(shape, dtype=dtype, pin_memory=device.type == "cuda")
         self.host: np.ndarray = self.staging.numpy()
 
-    def push(self, n: int) -> None:
-        """Copy entries ``[..., :n]`` of the host copy to the device buffer (without waiting)."""
-        self.buffer[..., :n].copy_(self.staging[..., :n], non_blocking=True)
+    def push(self, n: int, first: int | None = None) -> None:
+        """Copy entries ``[..., :n]`` of the host copy to the device buffer (without waiting); with
+        ``first``, only ``[:first, ..., :n]`` (the rows of a 2-D buffer the step reads)."""
+        index = (Ellipsis, slice(n)) if first is None else (slice(first), Ellipsis, slice(n))
+        self.buffer[index].copy_(self.staging[index], non_blocking=True)

@@ -5,8 +5,8 @@ the K/V pool with one row per session (each session's attention-sink cache is a
 :class:`~duplex.llm.sink_cache.SinkSlot` on its row) and the batched decode step:
 
 - :meth:`Engine.prefill` runs new tokens into one session's row (a long catch-up, a scoring
-  tail), :meth:`Engine.prefill_rows` several sessions' at once (the listens and reply starts of a
-  tick); eager, any length.
+  tail), eager, any length; :meth:`Engine.prefill_rows` several sessions' at once (the listens and
+  reply starts of a tick), a step over static buffers captured per (batch, tokens) bucket.
 - :meth:`Engine.decode` runs one token for each of several sessions at once and samples the next
   one inside the step (:mod:`duplex.engine.sampling`, per-row settings and noise). The step's batch
   is the sessions replying, gathered by row index (a session holds its row while it listens, so
@@ -53,6 +53,18 @@ class DecodeRequest:
     slot: SinkSlot
     token: int  # run this token at position slot.length ...
     draw: Draw  # ... and sample the next one this way
+
+
+PREFILL_LENGTHS = (8, 16, 32, 64)  # tokens per session a captured prefill pass holds (more: eager)
+
+
+@dataclass
+class _PrefillBuffers:
+    """The prefill pass's static inputs and output, one entry per batch position."""
+
+    tokens: Staged  # [T, S] long: entry i's token j at [j, i] (T: the longest tail a pass takes)
+    meta: Staged  # [3, S] long: K/V row, first position, token count
+    logits: torch.Tensor  # [S, V] float32: each entry's next-token logits after its last token
 
 
 @dataclass
@@ -104,10 +116,19 @@ class Engine:
             out=torch.zeros(slots, dtype=torch.long, device=self.device),
             logits=torch.zeros(slots, rows, dtype=torch.float32, device=self.device))
         self._last_step: dict[int, int] = {}  # row -> its batch position in the latest decode step
+        self._pre = _PrefillBuffers(
+            tokens=Staged((max(window // 2, PREFILL_LENGTHS[-1]), slots), torch.long, self.device),
+            meta=Staged((3, slots), torch.long, self.device),
+            logits=torch.zeros(slots, rows, dtype=torch.float32, device=self.device))
+        self._entries = torch.arange(slots, device=self.device)
         # one attention length: sink windows are nearly full once a dialogue runs, so every decode
         # step of a session has the same shapes
         self.graphs = BucketedStep("llm decode", self._decode_fn, buckets_for(slots), (self.kv.columns,),
                                    device=str(self.device), graphs=graphs)
+        # the prefill pass of several sessions (listens, reply starts), captured per (batch, tokens)
+        # bucket; every entry attends over the whole window, so its shapes are the buckets'
+        self.prefill_graphs = BucketedStep("llm prefill", self._prefill_fn, buckets_for(slots), PREFILL_LENGTHS,
+                                           device=str(self.device), graphs=graphs)
         self.shape_log: list[tuple] | None = None  # tests: the shapes each eager decode step saw
         self._sample = sample_rows
         self.graphs.compiled = fusion.wanted(str(self.device), compile)
@@ -159,27 +180,63 @@ class Engine:
     def prefill_rows(self, requests: Sequence[tuple[SinkSlot, Sequence[int]]]) -> list[torch.Tensor]:
         """Several sessions' prefills in one pass (each runs its ``ids`` after what its slot holds);
         returns each one's next-token logits ``[V]`` (fp32), in order. The pass's batch is the
-        requests, their rows gathered by index."""
+        requests, their rows gathered by index, padded to a batch bucket and a token bucket (a
+        captured graph on CUDA); a pass longer than the longest token bucket runs the same step eagerly."""
         if not requests:
             return []
+        n = len(requests)
         rows = [slot.row for slot, _ in requests]
-        if len(set(rows)) < len(rows):
+        if len(set(rows)) < n:
             raise RuntimeError(f"an LLM slot asked for twice in one prefill (rows {rows})")
         t = max(len(ids) for _, ids in requests)
-        tokens = torch.zeros(len(requests), t, dtype=torch.long)
+        pre = self._pre
+        if t > pre.tokens.host.shape[0]:
+            raise RuntimeError(f"a prefill pass of {t} tokens exceeds the engine's {pre.tokens.host.shape[0]}; "
+                               "run a long catch-up alone")
+        graphs = self.prefill_graphs
+        bucket = graphs.bucket(n)
+        width = graphs.length(t) if t <= graphs.lengths[-1] else t
+        tokens, meta = pre.tokens.host, pre.meta.host
+        tokens[:width, :bucket] = 0
+        meta[:, :bucket] = ((self.kv.scratch_row,), (0,), (0,))
         for i, (slot, ids) in enumerate(requests):
             if slot.length + len(ids) > slot.capacity:
                 raise RuntimeError(f"sink cache overflow: {slot.length} + {len(ids)} > {slot.capacity} slots; "
                                    "evict before writing")
-            tokens[i, :len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
-        x = F.embedding(tokens.to(self.device), self.embed)  # [N, T, H]
-        hidden = self.decoder.prefill_rows(x, rows, [slot.length for slot, _ in requests],
-                                           [len(ids) for _, ids in requests], self.kv)
-        last = torch.tensor([len(ids) - 1 for _, ids in requests], device=self.device)
-        logits = self._logits(hidden[torch.arange(len(requests), device=self.device), last])  # [N, V]
+            tokens[:len(ids), i] = list(ids)
+            meta[:, i] = (slot.row, slot.length, len(ids))
+        pre.tokens.push(bucket, first=width)
+        pre.meta.push(bucket)
+        if width in graphs.lengths:
+            graphs.run(n, width)
+        else:
+            self._prefill_fn(bucket, width)
         for slot, ids in requests:
             slot.length += len(ids)
-        return list(logits)
+        return list(pre.logits[:n].clone())
+
+    def _prefill_fn(self, b: int, t: int) -> None:
+        """The captured pass: entry ``i < b`` runs its first ``count`` of ``t`` token slots into K/V
+        row ``row`` from position ``start`` (its other slots, and padding entries, at the scratch
+        position, which only their scratch column sees), attending over the whole window; its logits
+        after its last token go to the output buffer."""
+        pre = self._pre
+        tokens = pre.tokens.buffer[:t, :b].T  # [b, t]
+        rows, starts, counts = pre.meta.buffer[:, :b]
+        x = F.embedding(tokens, self.embed)  # [b, t, H]
+        step = self.decoder.key_index(t)[None]  # [1, t]
+        positions = torch.where(step < counts[:, None], starts[:, None] + step, self.kv.scratch_position)  # [b, t]
+        length = self.kv.columns
+        mask = self.decoder.key_index(length)[None, None, :] <= positions[:, :, None]  # [b, t, L]
+        hidden = self.decoder.forward(x, positions, self.kv, rows, rows, length, mask)
+        pre.logits[:b] = self._logits(hidden[self._entries[:b], (counts - 1).clamp_min(0)])
+
+    def _prepare_prefill(self, b: int) -> None:
+        """Harmless inputs for entries ``0..b-1`` of the prefill pass: no tokens, the scratch row."""
+        meta = self._pre.meta.buffer
+        meta[0, :b] = self.kv.scratch_row
+        meta[1:, :b] = 0
+        self._pre.tokens.buffer[:, :b] = 0
 
     def sample(self, logits: torch.Tensor, draws: Sequence[Draw]) -> list[int]:
         """One token from each row of ``logits`` ``[N, V]`` with the same sampler the decode step uses,
@@ -265,11 +322,13 @@ class Engine:
                 if self.graphs.compiled:  # prefills of one and of several tokens, into the scratch row
                     fusion.warm_prefills(self.decoder, self.kv, progress, "llm")
                 self.graphs.capture(self._prepare, progress)
+                self.prefill_graphs.capture(self._prepare_prefill, progress)
 
         def eager() -> None:
             self.decoder.layer_fn, self._sample = self.decoder.layer, sample_rows
             self.graphs.compiled = False
             self.graphs.reset()
+            self.prefill_graphs.reset()
 
         self.graphs.compiled = fusion.with_fallback(capture, eager, self.graphs.compiled, progress, "llm")
 

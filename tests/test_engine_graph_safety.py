@@ -165,6 +165,45 @@ def test_llm_replies_through_the_scheduler_replay(make_llm):
     assert trace.problems() == []
 
 
+def test_llm_prefill_pass_replays(make_llm):
+    """The prefill pass of several sessions (listens whose words grow, are revised and are scored
+    on top of replies, and reply starts) through the scheduler, across evictions: every call of a
+    (batch, tokens) bucket runs what its capture call ran, on the same buffers, and none is forbidden."""
+    llm = make_llm("qwen2", window=96, max_reply_tokens=12, temperature=0.8, slots=4)
+    pre = llm.engine._pre
+    trace = StepTrace(llm.engine.prefill_graphs, host_buffers=[pre.tokens.staging, pre.meta.staging])
+    llm.engine.prefill_graphs.rehearse = True  # first, each bucket's call as a GPU captures it at load
+    llm.engine.capture()
+    words = "so I was thinking we could go to the lake this weekend if the weather holds up".split()
+
+    async def main():
+        streams = [llm.new_stream(SHORT_SYSTEM) for _ in range(3)]
+        dialogues: list[list[Message]] = [[] for _ in streams]
+        for turn in range(3):
+            for k in range(2, len(words), 3):  # the words as partials arrive, the last one revised
+                said = [" ".join(words[:k + i] + (["um"] if k % 2 else [])) for i in range(len(streams))]
+                await asyncio.gather(*(s.listen(d + [Message("user", w)]) for s, d, w in zip(streams, dialogues, said)))
+            for d, i in zip(dialogues, range(len(streams))):
+                d.append(Message("user", " ".join(words[: 4 + i + turn])))
+            texts = await asyncio.gather(*(_speak(s, d) for s, d in zip(streams, dialogues)))
+            for d, text in zip(dialogues, texts):
+                d.append(Message("assistant", text))
+        evictions = [s.context.evictions for s in streams]
+        for s in streams:
+            await s.aclose()
+        return evictions
+
+    try:
+        evictions = asyncio.run(main())
+    finally:
+        trace.restore()
+    assert min(evictions) >= 1, evictions
+    replayed = [key for key, calls in trace.calls.items() if len(calls) > 1]  # buckets a session's pass used
+    assert len(replayed) >= 2 and trace.repeated >= 10, {k: len(v) for k, v in trace.calls.items()}
+    assert trace.fewest_ops > 50
+    assert trace.problems() == []
+
+
 async def _speak(stream, dialogue) -> str:
     return "".join([piece async for piece in stream.reply(dialogue)])
 
