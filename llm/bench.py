@@ -125,11 +125,11 @@ async def _bench_one(llm, plan: dict[str, Any], device: str) -> dict[str, Any]:
         row["ops_per_step"] = await run(llm.engine.ops_per_step, b)
         row["floor_fraction"] = floor_fraction(llm.engine.step_bytes(b), row["step_ms"] / 1e3, device)
         if llm.engine.graphs.captured:  # the same, eager, side by side
-            llm.engine.graphs.eager = True
+            llm.engine.graphs.eager = llm.engine.prefill_graphs.eager = True  # the decode steps and the passes
             try:
                 eager, eager_texts = await _batch(llm, history, b)
             finally:
-                llm.engine.graphs.eager = False
+                llm.engine.graphs.eager = llm.engine.prefill_graphs.eager = False
             row.update({f"{k}_eager": v for k, v in eager.items() if k != "batch"})
             # greedy replies: the graph replays must say exactly what the eager steps say
             row["captured_equals_eager"] = texts == eager_texts
