@@ -152,15 +152,9 @@ def test_llm_replies_through_the_scheduler_replay(make_llm):
             for dialogue, text, stream in zip(dialogues, texts, streams):
                 dialogue += [Message("assistant", text[: len(text) // 2]), Message("user", "go on")]
                 await stream.listen(dialogue)
-        evictions = [s.context.evictions for s in streams]
-        for s in streams:
-            await s.aclose()
-        return evictions
+        return await _evictions_then_close(streams)
 
-    try:
-        evictions = asyncio.run(main())
-    finally:
-        trace.restore()
+    evictions = _run_traced(trace, main())
     assert min(evictions) >= 1 and trace.repeated >= 50 and trace.fewest_ops > 50
     assert trace.problems() == []
 
@@ -188,20 +182,30 @@ def test_llm_prefill_pass_replays(make_llm):
             texts = await asyncio.gather(*(_speak(s, d) for s, d in zip(streams, dialogues)))
             for d, text in zip(dialogues, texts):
                 d.append(Message("assistant", text))
-        evictions = [s.context.evictions for s in streams]
-        for s in streams:
-            await s.aclose()
-        return evictions
+        return await _evictions_then_close(streams)
 
-    try:
-        evictions = asyncio.run(main())
-    finally:
-        trace.restore()
+    evictions = _run_traced(trace, main())
     assert min(evictions) >= 1, evictions
     replayed = [key for key, calls in trace.calls.items() if len(calls) > 1]  # buckets a session's pass used
     assert len(replayed) >= 2 and trace.repeated >= 10, {k: len(v) for k, v in trace.calls.items()}
     assert trace.fewest_ops > 50
     assert trace.problems() == []
+
+
+async def _evictions_then_close(streams) -> list[int]:
+    """How often each stream's cache evicted; the streams are closed."""
+    evictions = [s.context.evictions for s in streams]
+    for s in streams:
+        await s.aclose()
+    return evictions
+
+
+def _run_traced(trace: StepTrace, scenario):
+    """Run the ``scenario`` coroutine; the traced step is restored whatever happens."""
+    try:
+        return asyncio.run(scenario)
+    finally:
+        trace.restore()
 
 
 async def _speak(stream, dialogue) -> str:
