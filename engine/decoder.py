@@ -21,7 +21,7 @@ forward); nothing here depends on how a transformers version names its cache arg
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -320,27 +320,21 @@ class LeanDecoder:
         rows = torch.tensor([row], device=self.device)
         return self.forward(x[None], positions, kv, slice(row, row + 1), rows, end, mask)[0]
 
-    def prefill_rows(self, x: torch.Tensor, rows: Sequence[int], starts: Sequence[int], counts: Sequence[int],
+    def prefill_rows(self, x: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
                      kv: SlotKV) -> torch.Tensor:
-        """Several rows' prefills in one pass: entry ``i`` runs ``x[i, :counts[i]]`` into K/V row
-        ``rows[i]`` at positions ``starts[i]..``; ``x`` ``[B, T, hidden]``, ``T >= max(counts)``. Entries
-        with fewer tokens run the rest at the scratch position, which only their scratch column sees.
-        Returns the normed hidden states ``[B, T, hidden]`` (those of the padding are meaningless)."""
+        """Several rows' prefills in one pass of static shapes (a step a CUDA graph can hold): entry
+        ``i`` runs ``x[i, :counts[i]]`` into K/V row ``rows[i]`` at positions ``starts[i]..``; ``x``
+        ``[B, T, hidden]``, ``rows``, ``starts``, ``counts`` ``[B]`` device tensors. An entry's other
+        tokens (all of a padding entry's) run at the scratch position, which only their scratch
+        column sees; attention reads every column of each row, so the shapes are ``B`` and ``T``
+        whatever the rows hold. Returns the normed hidden states ``[B, T, hidden]``."""
         import torch
 
-        b, t, _ = x.shape
-        end = max(s + n for s, n in zip(starts, counts))
-        if end > kv.positions:
-            raise RuntimeError(f"a prefill to position {end} does not fit {kv.positions} positions; "
-                               "evict or truncate first")
-        length = min(kv.columns, -(-end // 8) * 8)  # the keys any row reads, aligned to 8
-        step = torch.arange(t, device=self.device)
-        start = torch.tensor(list(starts), device=self.device)[:, None]
-        count = torch.tensor(list(counts), device=self.device)[:, None]
-        positions = torch.where(step < count, start + step, kv.scratch_position)  # [B, T]
+        step = self.key_index(x.shape[1])[None]  # [1, T]
+        positions = torch.where(step < counts[:, None], starts[:, None] + step, kv.scratch_position)  # [B, T]
+        length = kv.columns
         mask = self.key_index(length)[None, None, :] <= positions[:, :, None]  # [B, T, L]
-        index = torch.tensor(list(rows), device=self.device)
-        return self.forward(x, positions, kv, index, index, length, mask)
+        return self.forward(x, positions, kv, rows, rows, length, mask)
 
     def decode(self, x: torch.Tensor, positions: torch.Tensor, kv: SlotKV, rows: torch.Tensor,
                length: int | None = None, *, read_rows: slice | None = None) -> torch.Tensor:

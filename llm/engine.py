@@ -223,12 +223,7 @@ class Engine:
         pre = self._pre
         tokens = pre.tokens.buffer[:t, :b].T  # [b, t]
         rows, starts, counts = pre.meta.buffer[:, :b]
-        x = F.embedding(tokens, self.embed)  # [b, t, H]
-        step = self.decoder.key_index(t)[None]  # [1, t]
-        positions = torch.where(step < counts[:, None], starts[:, None] + step, self.kv.scratch_position)  # [b, t]
-        length = self.kv.columns
-        mask = self.decoder.key_index(length)[None, None, :] <= positions[:, :, None]  # [b, t, L]
-        hidden = self.decoder.forward(x, positions, self.kv, rows, rows, length, mask)
+        hidden = self.decoder.prefill_rows(F.embedding(tokens, self.embed), rows, starts, counts, self.kv)
         pre.logits[:b] = self._logits(hidden[self._entries[:b], (counts - 1).clamp_min(0)])
 
     def _prepare_prefill(self, b: int) -> None:

@@ -248,6 +248,37 @@ def test_tts_frame_step_replays(make_engine, voice_a):
     assert trace.problems() == []
 
 
+def test_tts_segment_pass_replays(make_engine, voice_a):
+    """Segment passes of three replies at once (first segments with and without a voice prompt,
+    later ones after each reply's frames, texts of different lengths): every call of a (batch,
+    embeddings) bucket runs what its capture call ran, on the same buffers, and none is forbidden."""
+    from duplex.tts.engine import Sampling, SegmentStart
+    from duplex.tts.voice import check_voice
+
+    engine = make_engine(sampling=Sampling(), slots=4)
+    voice = engine.encode_voice(check_voice(voice_a), voice_a.text)
+    trace = StepTrace(engine.segment_graphs, host_buffers=[engine._segment_meta.staging])
+    rounds = [["Hello there.", "A second voice speaks here.", "Third one."],
+              ["Then a little more.", "And it goes on a bit.", "Short."],
+              ["One more time now.", "The last of them here.", "Done, all of it."]]
+    try:
+        engine.segment_graphs.rehearse = True  # first, each bucket's call as a GPU captures it at load
+        engine.capture()
+        replies = [engine.new_reply(voice if i % 2 else None, seed=i + 1, chunk_frames=2) for i in range(3)]
+        for texts in rounds:
+            starts = [SegmentStart(r, text, 3, stop_at_eos=False) for r, text in zip(replies, texts)]
+            assert engine.begin_segments(starts) == [None] * len(starts)
+            while any(r.segment is not None for r in replies):
+                engine.step_frames([r for r in replies if r.segment is not None])
+        for reply in replies:
+            engine.release(reply)
+    finally:
+        trace.restore()
+    replayed = [key for key, calls in trace.calls.items() if len(calls) > 1]
+    assert replayed and trace.repeated >= 2 and trace.fewest_ops > 30, {k: len(v) for k, v in trace.calls.items()}
+    assert trace.problems() == []
+
+
 def test_asr_steady_encoder_step_replays(tiny_nemo, jfk16):
     """The ASR's steady step (subsampling and conformer layers of every later chunk), for sessions
     that start at different times (so first and steady chunks share ticks), end utterances (flushes)

@@ -56,17 +56,17 @@ def test_batched_frames_equal_each_reply_alone(make_engine, voice_a, monkeypatch
     different numbers of frames, sampled (top-k at temperature 0.9): each one's codes are identical
     and its audio equal to 1e-5 to what it makes stepped alone. The two replies starting at the
     first step (one after a voice prompt, one not: their rows at other positions) begin their
-    segments in one prefill pass over both rows."""
+    segments in one pass over both rows (the captured segment step)."""
     from duplex.tts.voice import check_voice
 
     engine = make_engine(sampling=Sampling())
     voice = engine.encode_voice(check_voice(voice_a), voice_a.text)
     alone = _run(engine, together=False, voice=voice)
     passes = []
-    prefill_rows = engine.backbone.prefill_rows
-    monkeypatch.setattr(engine.backbone, "prefill_rows", lambda x, rows, *a: passes.append(rows) or prefill_rows(x, rows, *a))
+    segment_pass = engine._segment_pass
+    monkeypatch.setattr(engine, "_segment_pass", lambda runs: passes.append(len(runs)) or segment_pass(runs))
     together = _run(engine, together=True, voice=voice)
-    assert len(passes) == 1 and len(passes[0]) == 2, passes
+    assert passes == [2], passes
     for (codes_a, audio_a), (codes_b, audio_b), (_, frames, _, _) in zip(alone, together, PLAN):
         assert codes_a.shape == (frames, engine.num_codebooks)
         assert torch.equal(codes_a, codes_b)

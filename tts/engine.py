@@ -106,6 +106,9 @@ class Reply:
         return not self.closed and self.segment is not None
 
 
+SEGMENT_LENGTHS = (16, 32, 64)  # embeddings per reply a captured segment pass holds (more: eager)
+
+
 @dataclass(frozen=True)
 class SegmentStart:
     """A reply's next segment of text, to start (:meth:`CsmEngine.begin_segments`)."""
@@ -209,6 +212,12 @@ class CsmEngine:
         with torch.no_grad():
             projected = F.linear(self.depth_embed, self.depth_project)  # [K * V, H_depth]
         self._depth_tables = [projected[i * self.vocab_size:(i + 1) * self.vocab_size] for i in range(k)]
+        # the segment pass of several replies: each one's embeddings (copied on the device) and where
+        # they go (K/V row, first position, count), captured per (batch, embeddings) bucket
+        self._segment_x = torch.zeros(SEGMENT_LENGTHS[-1], slots, self.backbone.hidden, dtype=self.dtype, device=dev)
+        self._segment_meta = Staged((3, slots), torch.long, dev)
+        self.segment_graphs = BucketedStep("tts segments", self._segment_fn, buckets_for(slots), SEGMENT_LENGTHS,
+                                           device=str(dev), graphs=graphs)
         # attention lengths in powers of two: a reply's row is usually far from full
         self.graphs = BucketedStep("tts frame", self._frame_fn, buckets_for(slots), lengths_for(self.kv.positions),
                                    device=str(dev), graphs=graphs)
@@ -335,10 +344,10 @@ class CsmEngine:
     def begin_segments(self, starts: Sequence[SegmentStart]) -> list[Exception | None]:
         """Several replies' next segments at once: each one's text (after its last frame not yet run,
         and after an end frame if its segment stopped at the frame limit) runs into its row, all of
-        them in one prefill pass over the rows (one reply alone: its own row only); the last token of
-        each becomes its next frame step's input. Returns per start None, or the error that stopped
+        them in one pass over the rows, captured per (batch, embeddings) bucket (one reply alone, or
+        a context rebuilt longer than the longest bucket: eager, each on its own row); the last
+        token of each becomes its next frame step's input. Returns per start None, or the error that stopped
         it (nothing of that reply changed)."""
-        import torch
 
         results: list[Exception | None] = [None] * len(starts)
         planned: list[tuple[SegmentStart, SegmentRecord, int, torch.Tensor]] = []
@@ -348,22 +357,44 @@ class CsmEngine:
             except (RuntimeError, ValueError) as exc:
                 results[i] = exc
         runs = [(start.reply, embeds[:-1]) for start, _, _, embeds in planned if embeds.shape[0] > 1]
-        if len(runs) == 1:
-            self._prefill(*runs[0])
+        longest = max((e.shape[0] for _, e in runs), default=0)
+        if len(runs) == 1 or longest > SEGMENT_LENGTHS[-1]:  # alone (its own row only), or too long to capture
+            for run in runs:
+                self._prefill(*run)
         elif runs:
-            counts = [e.shape[0] for _, e in runs]
-            x = torch.zeros(len(runs), max(counts), runs[0][1].shape[-1], device=self.device, dtype=runs[0][1].dtype)
-            for k, (_, e) in enumerate(runs):
-                x[k, :e.shape[0]] = e
-            self.backbone.prefill_rows(x, [r.row for r, _ in runs], [r.length for r, _ in runs], counts, self.kv)
-            for (reply, _), n in zip(runs, counts):
-                reply.length += n
+            self._segment_pass(runs)
         for start, record, max_frames, embeds in planned:
             reply = start.reply
             self._inputs[reply.row] = embeds[-1]
             reply.staged, reply.ended_at_limit = True, False
             reply.segment, reply.max_frames, reply.stop_at_eos = record, max_frames, start.stop_at_eos
         return results
+
+    def _segment_pass(self, runs: list[tuple[Reply, torch.Tensor]]) -> None:
+        """Run each reply's embeddings ``[n, H]`` after what its row holds, all in one captured pass."""
+        meta = self._segment_meta.host
+        bucket = self.segment_graphs.bucket(len(runs))
+        meta[:, :bucket] = ((self.kv.scratch_row,), (0,), (0,))
+        for i, (reply, embeds) in enumerate(runs):
+            self._segment_x[:embeds.shape[0], i] = embeds
+            meta[:, i] = (reply.row, reply.length, embeds.shape[0])
+        self._segment_meta.push(bucket)
+        self.segment_graphs.run(len(runs), max(e.shape[0] for _, e in runs))
+        for reply, embeds in runs:
+            reply.length += embeds.shape[0]
+
+    def _segment_fn(self, b: int, t: int) -> None:
+        """The captured segment pass: entry ``i < b`` runs its first ``count`` of ``t`` embeddings into
+        K/V row ``row`` from position ``start`` (the others, and padding entries, at the scratch
+        position), attending over the whole row."""
+        rows, starts, counts = self._segment_meta.buffer[:, :b]
+        self.backbone.prefill_rows(self._segment_x[:t, :b].transpose(0, 1), rows, starts, counts, self.kv)
+
+    def _prepare_segments(self, b: int) -> None:
+        """Harmless inputs for entries ``0..b-1`` of the segment pass: no embeddings, the scratch row."""
+        meta = self._segment_meta.buffer
+        meta[0, :b] = self.kv.scratch_row
+        meta[1:, :b] = 0
 
     def _plan_segment(self, start: SegmentStart) -> tuple[SegmentRecord, int, torch.Tensor]:
         """What :meth:`begin_segments` runs for ``start``: its record, its frame limit and the
@@ -547,12 +578,14 @@ class CsmEngine:
                 if self.graphs.compiled:  # text and voice prefills, into the scratch row
                     fusion.warm_prefills(self.backbone, self.kv, progress, "tts")
                 self.graphs.capture(self._prepare, progress)
+                self.segment_graphs.capture(self._prepare_segments, progress)
                 self._inputs.copy_(saved)
 
         def eager() -> None:
             self.backbone.layer_fn, self.depth.layer_fn, self._sample = self.backbone.layer, self.depth.layer, sample_rows
             self.graphs.compiled = False
             self.graphs.reset()
+            self.segment_graphs.reset()
             self._inputs.copy_(saved)
 
         self.graphs.compiled = fusion.with_fallback(capture, eager, self.graphs.compiled, progress, "tts")
