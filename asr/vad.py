@@ -138,7 +138,7 @@ class SileroVAD:
                     peeks[i] = r.peek
             out, _ = self._net(torch.from_numpy(peeks).to(dev, non_blocking=True), final.transpose(0, 1).contiguous())
             scores.append(out[:, 0])
-        table = torch.stack(scores).float().cpu().numpy() if scores else np.zeros((0, b), np.float32)  # the one sync
+        table = torch.stack(scores).float().cpu().numpy()  # the one sync (a request has windows or a peek)
         results: list[tuple[np.ndarray, Any, float | None]] = []
         for i, r in enumerate(requests):
             peek = float(table[depth, i]) if looking[i] else None

@@ -34,3 +34,27 @@ class Staged:
         ``first``, only ``[:first, ..., :n]`` (the rows of a 2-D buffer the step reads)."""
         index = (Ellipsis, slice(n)) if first is None else (slice(first), Ellipsis, slice(n))
         self.buffer[index].copy_(self.staging[index], non_blocking=True)
+
+
+class PassRows(Staged):
+    """Where each entry of a prefill pass of several sessions writes (``[3, S]`` long, staged): its
+    K/V row, first position and token count. Entries past those staged are padding: the scratch
+    row, no tokens (so they write only its scratch column)."""
+
+    def __init__(self, slots: int, device: torch.device, scratch_row: int) -> None:
+        import torch
+
+        super().__init__((3, slots), torch.long, device)
+        self.scratch_row = scratch_row
+
+    def stage(self, bucket: int, entries: list[tuple[int, int, int]]) -> None:
+        """Entries ``(row, start, count)`` first, padding up to ``bucket``, pushed to the device."""
+        self.host[:, :bucket] = ((self.scratch_row,), (0,), (0,))
+        for i, entry in enumerate(entries):
+            self.host[:, i] = entry
+        self.push(bucket)
+
+    def prepare(self, b: int) -> None:
+        """Padding for entries ``0..b-1`` on the device (the harmless inputs of a capture)."""
+        self.buffer[0, :b] = self.scratch_row
+        self.buffer[1:, :b] = 0

@@ -31,7 +31,7 @@ from duplex.engine.decoder import LeanDecoder
 from duplex.engine.graphs import BucketedStep, buckets_for
 from duplex.engine.sampling import sample as sample_rows
 from duplex.engine.slots import SlotPool
-from duplex.engine.staging import Staged
+from duplex.engine.staging import PassRows, Staged
 from duplex.engine.sampling import token_keys
 from duplex.errors import ConfigError
 from duplex.llm.sink_cache import SinkSlot, rope_inv_freq
@@ -63,7 +63,7 @@ class _PrefillBuffers:
     """The prefill pass's static inputs and output, one entry per batch position."""
 
     tokens: Staged  # [T, S] long: entry i's token j at [j, i] (T: the longest tail a pass takes)
-    meta: Staged  # [3, S] long: K/V row, first position, token count
+    meta: PassRows  # [3, S] long: K/V row, first position, token count
     logits: torch.Tensor  # [S, V] float32: each entry's next-token logits after its last token
 
 
@@ -118,7 +118,7 @@ class Engine:
         self._last_step: dict[int, int] = {}  # row -> its batch position in the latest decode step
         self._pre = _PrefillBuffers(
             tokens=Staged((max(window // 2, PREFILL_LENGTHS[-1]), slots), torch.long, self.device),
-            meta=Staged((3, slots), torch.long, self.device),
+            meta=PassRows(slots, self.device, self.kv.scratch_row),
             logits=torch.zeros(slots, rows, dtype=torch.float32, device=self.device))
         self._entries = torch.arange(slots, device=self.device)
         # one attention length: sink windows are nearly full once a dialogue runs, so every decode
@@ -196,17 +196,15 @@ class Engine:
         graphs = self.prefill_graphs
         bucket = graphs.bucket(n)
         width = graphs.length(t) if t <= graphs.lengths[-1] else t
-        tokens, meta = pre.tokens.host, pre.meta.host
+        tokens = pre.tokens.host
         tokens[:width, :bucket] = 0
-        meta[:, :bucket] = ((self.kv.scratch_row,), (0,), (0,))
         for i, (slot, ids) in enumerate(requests):
             if slot.length + len(ids) > slot.capacity:
                 raise RuntimeError(f"sink cache overflow: {slot.length} + {len(ids)} > {slot.capacity} slots; "
                                    "evict before writing")
             tokens[:len(ids), i] = list(ids)
-            meta[:, i] = (slot.row, slot.length, len(ids))
         pre.tokens.push(bucket, first=width)
-        pre.meta.push(bucket)
+        pre.meta.stage(bucket, [(slot.row, slot.length, len(ids)) for slot, ids in requests])
         if width in graphs.lengths:
             graphs.run(n, width)
         else:
@@ -228,9 +226,7 @@ class Engine:
 
     def _prepare_prefill(self, b: int) -> None:
         """Harmless inputs for entries ``0..b-1`` of the prefill pass: no tokens, the scratch row."""
-        meta = self._pre.meta.buffer
-        meta[0, :b] = self.kv.scratch_row
-        meta[1:, :b] = 0
+        self._pre.meta.prepare(b)
         self._pre.tokens.buffer[:, :b] = 0
 
     def sample(self, logits: torch.Tensor, draws: Sequence[Draw]) -> list[int]:

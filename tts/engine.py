@@ -42,7 +42,7 @@ from duplex.engine.graphs import BucketedStep, buckets_for, lengths_for
 from duplex.engine.sampling import exponential, token_keys
 from duplex.engine.sampling import sample as sample_rows
 from duplex.engine.slots import SlotPool
-from duplex.engine.staging import Staged
+from duplex.engine.staging import PassRows, Staged
 from duplex.tts.codec import StreamingEncoder
 from duplex.tts.slot_codec import SlotDecoder
 
@@ -215,7 +215,7 @@ class CsmEngine:
         # the segment pass of several replies: each one's embeddings (copied on the device) and where
         # they go (K/V row, first position, count), captured per (batch, embeddings) bucket
         self._segment_x = torch.zeros(SEGMENT_LENGTHS[-1], slots, self.backbone.hidden, dtype=self.dtype, device=dev)
-        self._segment_meta = Staged((3, slots), torch.long, dev)
+        self._segment_meta = PassRows(slots, dev, self.kv.scratch_row)
         self.segment_graphs = BucketedStep("tts segments", self._segment_fn, buckets_for(slots), SEGMENT_LENGTHS,
                                            device=str(dev), graphs=graphs)
         # attention lengths in powers of two: a reply's row is usually far from full
@@ -344,7 +344,7 @@ class CsmEngine:
     def begin_segments(self, starts: Sequence[SegmentStart]) -> list[Exception | None]:
         """Several replies' next segments at once: each one's text (after its last frame not yet run,
         and after an end frame if its segment stopped at the frame limit) runs into its row, all of
-        them in one pass over the rows, captured per (batch, embeddings) bucket (one reply alone, or
+        them in one pass over the rows, captured per (batch, embeddings) bucket (one reply alone, and
         a context rebuilt longer than the longest bucket: eager, each on its own row); the last
         token of each becomes its next frame step's input. Returns per start None, or the error that stopped
         it (nothing of that reply changed)."""
@@ -357,12 +357,14 @@ class CsmEngine:
             except (RuntimeError, ValueError) as exc:
                 results[i] = exc
         runs = [(start.reply, embeds[:-1]) for start, _, _, embeds in planned if embeds.shape[0] > 1]
-        longest = max((e.shape[0] for _, e in runs), default=0)
-        if len(runs) == 1 or longest > SEGMENT_LENGTHS[-1]:  # alone (its own row only), or too long to capture
-            for run in runs:
+        short = [run for run in runs if run[1].shape[0] <= SEGMENT_LENGTHS[-1]]
+        if len(short) < 2:  # alone (its own row only), or too long to capture: eager, one by one
+            short = []
+        for run in runs:
+            if run[1].shape[0] > SEGMENT_LENGTHS[-1] or not short:
                 self._prefill(*run)
-        elif runs:
-            self._segment_pass(runs)
+        if short:
+            self._segment_pass(short)
         for start, record, max_frames, embeds in planned:
             reply = start.reply
             self._inputs[reply.row] = embeds[-1]
@@ -372,13 +374,10 @@ class CsmEngine:
 
     def _segment_pass(self, runs: list[tuple[Reply, torch.Tensor]]) -> None:
         """Run each reply's embeddings ``[n, H]`` after what its row holds, all in one captured pass."""
-        meta = self._segment_meta.host
-        bucket = self.segment_graphs.bucket(len(runs))
-        meta[:, :bucket] = ((self.kv.scratch_row,), (0,), (0,))
-        for i, (reply, embeds) in enumerate(runs):
+        for i, (_, embeds) in enumerate(runs):
             self._segment_x[:embeds.shape[0], i] = embeds
-            meta[:, i] = (reply.row, reply.length, embeds.shape[0])
-        self._segment_meta.push(bucket)
+        self._segment_meta.stage(self.segment_graphs.bucket(len(runs)),
+                                 [(reply.row, reply.length, embeds.shape[0]) for reply, embeds in runs])
         self.segment_graphs.run(len(runs), max(e.shape[0] for _, e in runs))
         for reply, embeds in runs:
             reply.length += embeds.shape[0]
@@ -389,12 +388,6 @@ class CsmEngine:
         position), attending over the whole row."""
         rows, starts, counts = self._segment_meta.buffer[:, :b]
         self.backbone.prefill_rows(self._segment_x[:t, :b].transpose(0, 1), rows, starts, counts, self.kv)
-
-    def _prepare_segments(self, b: int) -> None:
-        """Harmless inputs for entries ``0..b-1`` of the segment pass: no embeddings, the scratch row."""
-        meta = self._segment_meta.buffer
-        meta[0, :b] = self.kv.scratch_row
-        meta[1:, :b] = 0
 
     def _plan_segment(self, start: SegmentStart) -> tuple[SegmentRecord, int, torch.Tensor]:
         """What :meth:`begin_segments` runs for ``start``: its record, its frame limit and the
@@ -578,7 +571,7 @@ class CsmEngine:
                 if self.graphs.compiled:  # text and voice prefills, into the scratch row
                     fusion.warm_prefills(self.backbone, self.kv, progress, "tts")
                 self.graphs.capture(self._prepare, progress)
-                self.segment_graphs.capture(self._prepare_segments, progress)
+                self.segment_graphs.capture(self._segment_meta.prepare, progress)
                 self._inputs.copy_(saved)
 
         def eager() -> None:
