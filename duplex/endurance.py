@@ -91,7 +91,7 @@ async def endurance(agent: Agent, minutes: float, every_s: float = 60.0) -> list
             await asyncio.sleep(every_s)
             minute += 1
             cache = session.stage_stats().get("llm") or {}
-            totals = (session.partials, session.partial_cpu_s, int(cache.get("listens", 0)),
+            totals = (session.listening.partials, session.listening.partial_cpu_s, int(cache.get("listens", 0)),
                       float(cache.get("listen_s", 0.0)))
             partials, partial_s, listens, listen_s = (a - b for a, b in zip(totals, seen))
             seen = totals

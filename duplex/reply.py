@@ -1,12 +1,16 @@
-"""One reply of the agent as one object: its id, its record, its task, its timing, its events.
+"""One reply of the agent as one handle: its id, its record, its task, its audio, its timing, its events.
 
 A :class:`Reply` is made when the session starts generating (speculatively, as soon as the user's
 speech stops, or at the end of the turn). While it is *speculative* nothing of it reaches the
 user or the record: its audio waits in the playout, held; the events it makes (text, audio) wait
 in :attr:`Reply.held`; its record is detached. Committing it (the turn ended with the words it
-answers) adds the record to the conversation, releases the held events and the audio. Withdrawing
-it (the user went on) cancels its task and drops its audio, and nothing of it remains.
-:meth:`Reply.cancel` is the one way to stop its generation.
+answers) adds the record to the conversation, releases the held events and the audio.
+
+:meth:`Reply.stop` is the one way to stop a reply, whatever it is doing: it cancels the reply's task,
+which closes the LLM token stream and the TTS stream it reads (each engine frees the reply's row
+when its stream closes; a step already running lands and is dropped), and its audio leaves the
+playout at once, so nothing more of it is heard. What the record keeps of a stopped reply (the
+words heard, or nothing) is the session's to decide.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 
 from duplex.conversation import AgentTurn
 from duplex.events import Event
+from duplex.playout import Playout
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Reply:
     record: AgentTurn
     timing: TurnTiming
     speculative: bool
+    playout: Playout  # where its audio goes; it takes this reply's audio from when the reply is made
     task: asyncio.Task[None] | None = None
     held: list[Event] = field(default_factory=list)  # events made while speculative
     cancelled: bool = False  # no more text, audio or events of it (the TTS may still hold some)
@@ -62,16 +68,22 @@ class Reply:
     def __post_init__(self) -> None:
         if not self.speculative:
             self.committed.set()
+        self.playout.start_reply(self.reply_id, held=self.speculative)
 
-    def cancel(self) -> None:
-        """Stop generating (idempotent; a step already running in an engine lands and is dropped)."""
+    def stop(self) -> None:
+        """Stop it: no more generation (its LLM and TTS rows are freed as its task unwinds) and none
+        of its audio plays from the next frame on (a reply being heard fades out). Idempotent."""
         self.cancelled = True
         if self.task is not None and not self.task.done():
             self.task.cancel()
+        if self.playout.active == self.reply_id:
+            self.playout.drop()
 
     def commit(self) -> list[Event]:
-        """It is a real reply now: returns the events held back, in the order they were made."""
+        """It is a real reply now: its audio plays; returns the events held back, in the order they
+        were made."""
         self.speculative = False
         self.committed.set()
+        self.playout.release(self.reply_id)
         held, self.held = self.held, []
         return held

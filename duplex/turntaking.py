@@ -231,10 +231,10 @@ async def _run(agent, scenario: Scenario, truth: Truth) -> tuple[ScenarioRun, di
         if piece is not None:
             piece.start_s, piece.end_s = start_s, start_s + piece.voiced_s
 
-    truth.pushed = lambda: session._pushed / RATE
+    truth.pushed = lambda: session.intake.pushed / RATE
     truth.speaking = lambda: session.policy.user_speaking
     run = await run_scenario(session, scenario.steps, on_step=on_step)
-    return run, dict(session.speculations)
+    return run, dict(session.speaking.speculations)
 
 
 def score(scenario: Scenario, run: ScenarioRun, speculations: dict[str, int]) -> dict[str, Any]:

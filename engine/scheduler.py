@@ -148,6 +148,11 @@ class Scheduler(Generic[S, Out]):
 
     # -- rows --------------------------------------------------------------------------------------
 
+    @property
+    def joined(self) -> int:
+        """Rows stepped now (each leaves when its stream closes)."""
+        return len(self._rows)
+
     def join(self, state: S, *, deadline: float | None = None, room: int = 2) -> Row[S, Out]:
         """Add a row; it is stepped from the next tick on."""
         loop = self._ensure_running()

@@ -290,7 +290,7 @@ def test_an_overload_is_reported_once_not_per_block(vad_model):
         await asyncio.sleep(400)  # the ASR works through its backlog
         session.push_audio(block, 16_000)
         await asyncio.sleep(0.1)
-        dropped = session.dropped_input_s
+        dropped = session.intake.dropped_input_s
         await session.close()
         return [e async for e in errors if isinstance(e, ev.Error) and e.stage == "input"], dropped
 

@@ -29,7 +29,7 @@ def test_a_withdrawn_speculation_leaves_no_trace(vad_model, jfk16):
 
     run = run_virtual(main())
     session, = sessions
-    assert session.speculations["withdrawn"] >= 1 and session.speculations["committed"] == 1
+    assert session.speaking.speculations["withdrawn"] >= 1 and session.speaking.speculations["committed"] == 1
     started, = run.of(ev.ReplyStarted)
     assert {e.reply_id for e in (*run.of(ev.ReplyText), *run.of(ev.ReplyAudio), *run.of(ev.AudioOut),
                                  *run.of(ev.ReplyDone))} == {started.reply_id}
