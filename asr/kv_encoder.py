@@ -100,6 +100,13 @@ class KVEncoder:
             self._positions[frames] = cached
         return cached
 
+    def prepare(self, x: torch.Tensor) -> None:
+        """Project the position table for chunks as long as ``x`` [B, T, d_model] now, at load: a
+        captured step must find it made (made inside a bucket's capture, it would be that graph's
+        work and memory, and the other buckets' calls would differ from their captures)."""
+        _, pos_emb = self.encoder.pos_enc(x=x, cache_len=self.plan.cache_channel)
+        self._projected_positions(pos_emb, x.shape[1])
+
     def encode(self, x: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, Commit]:
         """Pre-encoded frames ``x`` [B, T, d_model] of the sessions in ``slots`` to encoder output
         [B, d_model, T], and the call that advances their caches by the chunk (nothing is written

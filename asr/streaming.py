@@ -27,7 +27,7 @@ from duplex.clock import now
 from duplex.errors import ConfigError
 from duplex.events import INPUT_RATE, TranscriptFinal, TranscriptPartial
 from duplex.engine.graphs import BucketedStep, buckets_for
-from duplex.engine.scheduler import Scheduler
+from duplex.engine.scheduler import CLOCK_S, Scheduler
 from duplex.engine.slots import SlotPool
 from duplex.asr.decoding import Commit, CTCGreedy, RNNTGreedy, Tokens
 from duplex.asr import kv_encoder
@@ -121,8 +121,10 @@ class StreamingASR:
             torch.cuda.synchronize()  # the worker thread runs on a stream of its own
         # The step commits every session's state only once the whole batch has run, so the scheduler
         # re-runs a failed batch row by row and only the failing session gets the error.
+        # On the engines' 20 ms clock (duplex.engine.scheduler): the chunks of many sessions that
+        # complete within one block step together.
         self._batch: Scheduler[SessionState, StepResult] = Scheduler(name, self._step, device=device,
-                                                                     max_batch=max_batch)
+                                                                     max_batch=max_batch, clock=CLOCK_S)
         # session rows of the encoder caches and decoder states; they grow past the batch (eager
         # then), never onto the scratch row
         self.rows = SlotPool("ASR stream slots", None, reserved=(self._scratch,))
@@ -179,8 +181,10 @@ class StreamingASR:
         needed = self.plan.mel_for_chunks(state.n_chunks + 1)
         return self.spec.frames_ready(state.audio.fed) >= needed
 
-    def submit(self, state: SessionState) -> Awaitable[StepResult]:
-        return self._batch.submit(state)
+    def submit(self, state: SessionState, *, behind: bool = False) -> Awaitable[StepResult]:
+        """The next chunk of ``state``, stepped with the other sessions' on the engines' clock;
+        ``behind`` (its stream has more chunks waiting): at the next tick, whatever the clock."""
+        return self._batch.submit(state, key=state, now=behind)
 
     def flush(self, state: SessionState) -> Awaitable[StepResult]:
         return self._batch.run(self._flush, state)
@@ -373,6 +377,10 @@ class StreamingASR:
             self._valid_in[:b] = False
 
         with torch.no_grad():
+            if isinstance(self.layers, kv_encoder.KVEncoder):  # what the steady step makes once, made before any capture
+                prepare(1)
+                steady = pre_encode(self.nemo.encoder, self.plan, self._mel_in[:1].to(self.dtype), first=True)
+                self.layers.prepare(steady[:, self.plan.drop:])
             try:
                 self.graphs.capture(prepare, progress)
             except Exception as exc:  # a module that cannot be captured on this machine: run eagerly
@@ -442,8 +450,10 @@ class ASRSession:
             if pcm.size:
                 self.state.audio.append(pcm)
             events: list[TranscriptPartial | TranscriptFinal] = []
+            behind = False
             while self._model.chunk_ready(self.state):
-                result = await self._land(self._model.submit(self.state))
+                result = await self._land(self._model.submit(self.state, behind=behind))
+                behind = True  # a second chunk in one feed: this stream is catching up
                 events.extend(self._absorb(result, partial=True))
             return events
 

@@ -31,7 +31,7 @@ from duplex.clock import now
 from duplex.config import AgentConfig
 from duplex.errors import ModelNotFoundError
 from duplex.events import SpeechStarted, SpeechStopped, VADEvent, VoiceEdge
-from duplex.engine.scheduler import Scheduler
+from duplex.engine.scheduler import CLOCK_S, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,9 @@ class SileroVAD:
             for batch in (1,) * 8 + (2,) * 4:
                 self._net(torch.zeros(batch, CONTEXT + WINDOW, device=device),
                           torch.zeros(2, batch, STATE_SHAPE[1], device=device))
+        # on the engines' 20 ms clock: the windows every session's block completes, in one step
         self.worker: Scheduler[_Request, tuple[np.ndarray, Any, float | None]] = Scheduler(
-            "vad", self._step, device=device, max_batch=max_batch)
+            "vad", self._step, device=device, max_batch=max_batch, clock=CLOCK_S)
 
     def new_stream(self) -> SileroVADStream:
         return SileroVADStream(self)
@@ -175,7 +176,8 @@ class SileroVADStream:
         windows = np.concatenate([contexts, blocks], axis=1)  # [n, 576]
         if n:
             s.context = blocks[-1, -CONTEXT:].copy()
-        probs, s.state, p = await self.model.worker.submit(_Request(windows, s.state, s.recent.copy() if look else None))
+        probs, s.state, p = await self.model.worker.submit(_Request(windows, s.state, s.recent.copy() if look else None),
+                                                           key=self)
         events = self._detect(probs)
         if p is not None and p >= self.model.settings.threshold and not self._voiced():
             s.peek_voiced = True

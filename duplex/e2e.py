@@ -5,9 +5,9 @@ in on one of them. Reported per turn: voice-to-voice latency (end of user speech
 and its breakdown (ASR final, end-of-turn wait, LLM first token, TTS first audio, first audio out),
 and the barge-in latency (speech onset to agent audio silenced). Then a sweep of concurrent sessions
 (1, 2, 4, 8, 16, 32, 48, 64, stopping after two sizes that fail): per size the input lag (p99, max),
-reply-audio gaps, voice-to-voice p50/p99, each engine's tick time p50/p99, how busy the GPU was, CPU
-seconds per second and LLM listen prefills per session-second; real time is input lag p99 <= 0.25 s
-and max <= 0.5 s with no gap. Results go to ``<out>/e2e.json`` (by ``duplex bench``; its
+reply-audio gaps, voice-to-voice p50/p99, each engine's tick time p50/p99, ticks a second and
+sessions per tick, how busy the GPU was, CPU seconds per second and LLM listen prefills per
+session-second; real time is input lag p99 <= 0.25 s and max <= 0.5 s with no gap. Results go to ``<out>/e2e.json`` (by ``duplex bench``; its
 ``concurrency`` rows and ``max_real_time_sessions``) and ``<out>/e2e.png``.
 """
 
@@ -58,6 +58,7 @@ def conversation_script(quick: bool = False) -> list[Step]:
     return steps
 
 
+BLOCK_S = 0.02  # sessions start spread over one 20 ms block, as real clients' packets arrive
 SIZES = (1, 2, 4, 8, 16, 32, 48, 64)  # concurrent sessions the sweep tries, in order
 LAG_P99_S = 0.25  # real time: input lag p99 at most this, max at most MAX_LAG_S, no reply-audio gap
 
@@ -74,7 +75,10 @@ class Keeping:
         return max(self.lags, default=0.0)
 
 
-async def _run_monitored(agent: Agent, steps: list[Step]) -> tuple[ScenarioRun, Keeping]:
+async def _run_monitored(agent: Agent, steps: list[Step], phase: float = 0.0) -> tuple[ScenarioRun, Keeping]:
+    """Run ``steps`` in a new session, ``phase`` seconds late (sessions' 20 ms blocks, like real
+    clients', do not arrive in step), sampling how it keeps up."""
+    await asyncio.sleep(phase)
     session = agent.session()
     keeping = Keeping()
 
@@ -106,6 +110,8 @@ class ConcurrencyRow(TypedDict):
     voice_to_voice_s: list[float]
     tick_ms_p50: dict[str, float]
     tick_ms_p99: dict[str, float]
+    ticks_per_s: dict[str, float]  # step ticks (a tick with rows) a second, by engine
+    rows_per_tick: dict[str, float]  # sessions in such a tick on average, by engine
     gpu_busy: float | None
     cpu_s_per_s: dict[str, float]
     listen_prefills_per_session_s: float | None
@@ -165,12 +171,14 @@ def core_cpu(agent: Agent) -> Callable[[float], dict[str, float]]:
 
 
 def concurrency_row(n: int, *, lags: list[float], underruns: int, v2v: list[float], ticks: dict[str, list[float]],
-                    gpu: list[float], cpu_s_per_s: dict[str, float], listens: int | None,
-                    wall: float) -> ConcurrencyRow:
+                    rows: dict[str, list[int]], gpu: list[float], cpu_s_per_s: dict[str, float],
+                    listens: int | None, wall: float) -> ConcurrencyRow:
     """One size of a concurrency sweep from what was sampled while ``n`` sessions ran for ``wall``
     seconds: input lags (every 0.1 s), reply-audio gaps, voice-to-voice latencies, each engine's tick
-    times (ms), GPU utilisation samples, CPU seconds per second by process, and LLM listen prefills."""
+    times (ms) and rows stepped per tick, GPU utilisation samples, CPU seconds per second by process,
+    and LLM listen prefills."""
     p99, worst = _quantile(lags, 0.99) or 0.0, max(lags, default=0.0)
+    stepped = {role: [r for r in counts if r] for role, counts in rows.items()}
     return {
         "sessions": n, "real_time": p99 <= LAG_P99_S and worst <= MAX_LAG_S and underruns == 0,
         "input_lag_p99_s": round(p99, 3), "input_lag_max_s": round(worst, 3),
@@ -178,6 +186,8 @@ def concurrency_row(n: int, *, lags: list[float], underruns: int, v2v: list[floa
         "voice_to_voice_s": [round(x, 3) for x in v2v],
         "tick_ms_p50": {role: q for role, v in ticks.items() if (q := _quantile(v, 0.5)) is not None},
         "tick_ms_p99": {role: q for role, v in ticks.items() if (q := _quantile(v, 0.99)) is not None},
+        "ticks_per_s": {role: round(len(v) / wall, 1) for role, v in stepped.items()},
+        "rows_per_tick": {role: round(sum(v) / len(v), 2) for role, v in stepped.items() if v},
         "gpu_busy": round(sum(gpu) / len(gpu), 3) if gpu else None, "cpu_s_per_s": cpu_s_per_s,
         "listen_prefills_per_session_s": None if listens is None else round(listens / n / wall, 2),
         "wall_s": round(wall, 1)}
@@ -185,9 +195,11 @@ def concurrency_row(n: int, *, lags: list[float], underruns: int, v2v: list[floa
 
 def print_row(row: ConcurrencyRow) -> None:
     cpu = ", ".join(f"{name} {value:.2f}" for name, value in row["cpu_s_per_s"].items())
+    ticks = " ".join(f"{role} {rate:.0f} ({row['rows_per_tick'].get(role, 0):.1f})"
+                     for role, rate in row["ticks_per_s"].items())
     print(f"  {row['sessions']:3d} sessions: input lag p99 {row['input_lag_p99_s']:5.2f} s, max "
           f"{row['input_lag_max_s']:5.2f} s, reply-audio gaps {row['underruns']:4d}, v2v p50 {row['v2v_p50_s']} s, "
-          f"CPU s/s {cpu}" + (f", GPU busy {row['gpu_busy']:.0%}" if row["gpu_busy"] is not None else "")
+          f"CPU s/s {cpu}, ticks/s (rows) {ticks}" + (f", GPU busy {row['gpu_busy']:.0%}" if row["gpu_busy"] is not None else "")
           + f", listens {row['listen_prefills_per_session_s']}/session/s -> "
           f"{'real time' if row['real_time'] else 'NOT real time'}", flush=True)
 
@@ -212,20 +224,21 @@ async def sweep(measure: Callable[[int], Awaitable[Row]], max_sessions: int,
 
 
 def engine_ticks(stages: Any, since: dict[str, int] | None = None) -> dict[str, Any]:
-    """Each engine's tick count now (``counts``), the times (ms) of the ticks run since the counts in
-    ``since`` (``ticks``, by engine) and the LLM's listen count (``listens``, None without a counter).
-    The engine core process answers the same for its stages."""
+    """Each engine's tick count now (``counts``), the times (ms) and rows stepped of the ticks run
+    since the counts in ``since`` (``ticks``, ``rows``, by engine) and the LLM's listen count
+    (``listens``, None without a counter). The engine core process answers the same for its stages."""
     schedulers = _schedulers(stages)
+    ran = {role: s.ticks_since(since[role]) for role, s in schedulers.items() if since is not None and role in since}
     return {"counts": {role: s.ticks for role, s in schedulers.items()},
-            "ticks": {role: [1e3 * tick.seconds for tick in s.ticks_since(since[role])]
-                      for role, s in schedulers.items() if since is not None and role in since},
+            "ticks": {role: [1e3 * tick.seconds for tick in ticks] for role, ticks in ran.items()},
+            "rows": {role: [tick.rows for tick in ticks] for role, ticks in ran.items()},
             "listens": getattr(stages.llm, "listens", None)}
 
 
 async def engine_probe(agent: Agent) -> Callable[[], Awaitable[dict[str, Any]]]:
     """Start counting each engine's ticks and the LLM's listens now, in this process or in the agent's
-    engine core; the returned function gives what happened since: ``ticks`` (ms per tick, by engine)
-    and ``listens`` (None without a listen counter)."""
+    engine core; the returned function gives what happened since: ``ticks`` (ms per tick, by engine),
+    ``rows`` (rows stepped per tick, by engine) and ``listens`` (None without a listen counter)."""
     async def read(since: dict[str, int] | None) -> dict[str, Any]:
         if agent.core is not None:
             return await agent.core.engine_ticks(since)
@@ -236,7 +249,7 @@ async def engine_probe(agent: Agent) -> Callable[[], Awaitable[dict[str, Any]]]:
     async def since() -> dict[str, Any]:
         end = await read(start["counts"])
         listens0, listens = start["listens"], end["listens"]
-        return {"ticks": end["ticks"], "listens": None if listens is None or listens0 is None else listens - listens0}
+        return {"ticks": end["ticks"], "rows": end["rows"], "listens": None if listens is None or listens0 is None else listens - listens0}
 
     return since
 
@@ -261,7 +274,7 @@ async def concurrency(agent: Agent, steps: list[Step], max_sessions: int,
         probe, core = await engine_probe(agent), core_cpu(agent)
         t, cpu = now(), time.process_time()
         async with gpu_sampling(agent.config.resolved_device()) as gpu:
-            results = await asyncio.gather(*(_run_monitored(agent, steps) for _ in range(n)))
+            results = await asyncio.gather(*(_run_monitored(agent, steps, BLOCK_S * i / n) for i in range(n)))
         wall, cpu = now() - t, time.process_time() - cpu
         return concurrency_row(
             n, lags=[lag for _, k in results for lag in k.lags], underruns=sum(k.underruns for _, k in results),

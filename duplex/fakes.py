@@ -61,6 +61,7 @@ class FakeASR:
     rms: float = 0.02
     delay_s: float = 0.0
     compute_s: float = 0.0
+    rtf: float = 0.0  # seconds it takes per second of audio fed (over 1: slower than real time)
     fail_at_s: float | None = None
     # benchmarks: the word spoken at input second t (the scenario's own text), instead of a script
     word_at: Callable[[float], str | None] | None = None
@@ -93,8 +94,8 @@ class FakeASRStream:
         return word
 
     async def feed(self, pcm: np.ndarray) -> list[TranscriptPartial | TranscriptFinal]:
-        if self.m.delay_s:
-            await asyncio.sleep(self.m.delay_s)
+        if self.m.delay_s or self.m.rtf:
+            await asyncio.sleep(self.m.delay_s + self.m.rtf * len(pcm) / INPUT_RATE)
         if self.m.compute_s:
             await _compute(self.m.worker, self.m.compute_s)
         if self.m.fail_at_s is not None and self.pos >= self.m.fail_at_s * INPUT_RATE:

@@ -43,6 +43,21 @@ def _cancelling() -> bool:
     return cancelling is None or cancelling() > 0
 
 
+def _take_all(first: object, queue: asyncio.Queue[object], held: list[object] | None = None) -> np.ndarray:
+    """``first`` and every block queued behind it, as one block (a stream that fell behind catches
+    up in one call, not a call per 20 ms); a marker ends the run and goes to ``held``."""
+    assert isinstance(first, np.ndarray)
+    blocks = [first]
+    while not queue.empty():
+        item = queue.get_nowait()
+        if not isinstance(item, np.ndarray):
+            assert held is not None, "a marker in a queue of blocks only"
+            held.append(item)
+            break
+        blocks.append(item)
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+
+
 class Listening:
     """The VAD, ASR and listen tasks of one session (see the module's docstring)."""
 
@@ -64,8 +79,7 @@ class Listening:
         s = self.session
         queue = s.intake.queues["vad"]
         while True:
-            block = await queue.get()
-            assert isinstance(block, np.ndarray)
+            block = _take_all(await queue.get(), queue)
             # while the agent speaks, the VAD also looks at audio short of a whole window: the user's
             # voice pauses the agent up to a window sooner
             found = await self.vad.feed(block, peek=s.policy.phase is Phase.SPEAKING)
@@ -87,8 +101,11 @@ class Listening:
     async def asr_loop(self) -> None:
         s = self.session
         queue = s.intake.queues["asr"]
+        held: list[object] = []  # an endpoint marker met while taking the blocks before it
         while True:
-            item = await queue.get()
+            item = held.pop() if held else await queue.get()
+            if item is not ENDPOINT:
+                item = _take_all(item, queue, held)
             finals: Sequence[ev.TranscriptPartial | ev.TranscriptFinal]
             if item is ENDPOINT:
                 finals = await self.asr.endpoint()

@@ -14,6 +14,19 @@ reach the model in two ways:
   tick while rows are waiting, so a burst of listens never stalls a reply. A job runs whole in its
   tick: listens stay short because each prefills only the words new since the last one.
 
+**The clock** (``clock``, seconds; the VAD's and the ASR's is :data:`CLOCK_S`, one 20 ms audio
+block): a step whose rows come one at a time from many sessions (a VAD window, a few hundred
+microseconds of compute against a millisecond of host overhead per tick) would otherwise tick once
+per session per block, each at batch 1, and one core saturates at a few dozen sessions. A clocked
+scheduler steps rows only at points of a grid of that period on the loop clock (``k * clock``:
+every clocked scheduler of a period shares the grid, so the engines tick in lockstep), so the rows
+that arrive between two points run as one batch. That costs a row up to one period of waiting
+(half on average), so the grid applies only while more than one stream is stepping (a stream
+counts for ``STREAM_SEEN`` periods after its last row, named by ``key`` in :meth:`Scheduler.join`);
+never to a row submitted ``now`` (a stream catching up: the second chunk of one ASR feed), nor to
+a row that has already waited past a point (behind a tick longer than the period). One session
+alone never waits, and jobs and coalesced work never wait for the grid.
+
 Scheduling is deadline-aware: when more rows are ready than ``max_batch``, the rows whose consumers
 run dry soonest (the smallest ``deadline``, a loop time) go first. A step that raises is re-run for
 each row alone (steps commit their state only after success, so a re-run is exact), and only the
@@ -28,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -54,6 +68,8 @@ class Output(Generic[Out]):
 StepFn = Callable[[list[Any]], Sequence[Any]]  # states -> one Output, value or Exception per state
 
 HISTORY = 4096  # ticks the scheduler remembers (benchmarks and tests read the latest)
+STREAM_SEEN = 4  # clock periods a stream counts as stepping after its last row
+CLOCK_S = 0.02  # the shared tick of the engines whose rows come per audio block (VAD, ASR): one 20 ms block
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,8 @@ class Row(Generic[S, Out]):
     state: S
     deadline: float
     room: int  # outputs it may hold before its consumer takes them
+    joined: float = 0.0  # loop time it joined
+    hurry: bool = False  # step it at the next tick, whatever the clock (its stream is behind)
     queue: deque = field(default_factory=deque)  # Output values or one exception
     done: bool = False  # no more steps (finished, failed or left)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -125,9 +143,12 @@ class Scheduler(Generic[S, Out]):
     """Runs ``step`` over the rows that want one and jobs between steps, on one worker thread."""
 
     def __init__(self, name: str, step: StepFn, *, device: str = "cpu", max_batch: int = 32,
-                 job_budget: int = 256, isolate_failures: bool = True) -> None:
+                 job_budget: int = 256, isolate_failures: bool = True, clock: float = 0.0) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if clock < 0:
+            raise ValueError(f"clock must be >= 0 seconds, got {clock}")
+        self.clock = clock  # > 0: rows step on a grid of this period while several streams step
         self.name = name
         self.worker = ModelWorker(name, device)
         self._step = step
@@ -145,18 +166,27 @@ class Scheduler(Generic[S, Out]):
         self._closed = False
         self.history: deque[Tick] = deque(maxlen=HISTORY)  # the latest ticks, for benchmarks and tests
         self.ticks = 0  # ticks run so far
+        self._streams: dict[object, float] = {}  # key -> loop time of its latest row (clocked only)
+        self._point = -1  # the grid point (its index) the latest clocked tick ran at
 
     # -- rows --------------------------------------------------------------------------------------
 
     @property
-    def joined(self) -> int:
+    def active_rows(self) -> int:
         """Rows stepped now (each leaves when its stream closes)."""
         return len(self._rows)
 
-    def join(self, state: S, *, deadline: float | None = None, room: int = 2) -> Row[S, Out]:
-        """Add a row; it is stepped from the next tick on."""
+    def join(self, state: S, *, deadline: float | None = None, room: int = 2, key: object = None,
+             now: bool = False) -> Row[S, Out]:
+        """Add a row; it is stepped from the next tick on (``key``: the stream it is of, which a
+        clocked scheduler counts to know whether several streams are stepping; ``now``: the next
+        tick runs at once, not at the clock's next point, as for a stream catching up)."""
         loop = self._ensure_running()
-        row: Row[S, Out] = Row(state=state, deadline=loop.time() if deadline is None else deadline, room=room)
+        t = loop.time()
+        if self.clock and key is not None:
+            self._streams[key] = t
+        row: Row[S, Out] = Row(state=state, deadline=t if deadline is None else deadline, room=room, joined=t,
+                               hurry=now)
         self._rows.append(row)
         self._kick()
         return row
@@ -181,9 +211,9 @@ class Scheduler(Generic[S, Out]):
         if row in self._rows:
             self._rows.remove(row)
 
-    async def submit(self, state: S, *, deadline: float | None = None) -> Out:
-        """One step for ``state``, batched with whatever else is waiting."""
-        row = self.join(state, deadline=deadline, room=1)
+    async def submit(self, state: S, *, deadline: float | None = None, key: object = None, now: bool = False) -> Out:
+        """One step for ``state``, batched with whatever else is waiting (``key``, ``now``: see :meth:`join`)."""
+        row = self.join(state, deadline=deadline, room=1, key=key, now=now)
         try:
             out = await self.next(row)
         finally:
@@ -232,6 +262,7 @@ class Scheduler(Generic[S, Out]):
             self._loop = loop
             self._wake = asyncio.Event()
             self._rows = []  # rows of an earlier loop cannot be served on this one
+            self._streams, self._point = {}, -1  # nor is its clock this one's
             for kind in self._kinds:  # nor its coalesced items; and this loop's clock starts afresh
                 kind.items.clear()
                 kind.last, kind.timer, kind.hurry = float("-inf"), None, False
@@ -273,6 +304,30 @@ class Scheduler(Generic[S, Out]):
                 kind.timer = self._loop.call_at(due, self._kick)
         return urgent, ready, batches, jobs
 
+    def _until_clock(self) -> float:
+        """Seconds until the next point of the clock's grid when only rows are waiting, all of them
+        since the last point and none in a hurry, and several streams are stepping; else 0 (step
+        now: a row that has waited past a point, as behind a tick longer than the period, never
+        waits again)."""
+        if not self.clock or self._urgent or self._jobs or any(kind.items for kind in self._kinds):
+            return 0.0
+        waiting = [row for row in self._rows if row.wants_step]
+        if not waiting or any(row.hurry for row in waiting):
+            return 0.0
+        assert self._loop is not None
+        now = self._loop.time()
+        seen = now - STREAM_SEEN * self.clock
+        for key in [k for k, t in self._streams.items() if t < seen]:
+            del self._streams[key]
+        if len(self._streams) < 2:
+            return 0.0
+        index = max(math.ceil(now / self.clock - 1e-6), self._point + 1)  # one tick per point
+        point = index * self.clock
+        if min(row.joined for row in waiting) < point - self.clock - 1e-6:
+            return 0.0
+        self._point = index
+        return max(0.0, point - now)
+
     async def _dispatch(self) -> None:
         try:
             await self._loop_forever()
@@ -293,6 +348,9 @@ class Scheduler(Generic[S, Out]):
         assert self._wake is not None
         wake = self._wake
         while True:
+            wait = self._until_clock()
+            if wait > 0:
+                await asyncio.sleep(wait)  # the rows that arrive meanwhile join this tick
             urgent, ready, batches, jobs = self._plan()
             if not (urgent or ready or batches or jobs):
                 await wake.wait()

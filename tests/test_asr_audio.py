@@ -194,3 +194,39 @@ async def test_vad_peek_finds_voice_sooner_and_changes_nothing_else(vad_model, j
         assert early, start
         sooner += early[0].stream_samples < first.stream_samples
     assert sooner >= 1
+
+
+def test_vad_sessions_at_scattered_phases_step_together_on_the_clock_and_stay_exact(vad_model, jfk16):
+    """Four sessions whose 20 ms blocks arrive 5 ms apart (as real peers' do) are stepped together
+    on the engines' 20 ms grid: fewer VAD ticks than periods, several sessions in each (without the
+    clock each window ticked alone), and every session's speech events exactly those of one session
+    fed alone, its probabilities within float rounding of them. On the virtual clock."""
+    import asyncio
+
+    from duplex.clock import run_virtual
+
+    audio = jfk16[:16000 * 3]
+
+    async def feed(stream, phase: float):
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(phase)
+        found, t = [], loop.time()
+        for i in range(0, len(audio), 320):
+            found += await stream.feed(audio[i:i + 320])
+            t += 0.02
+            await asyncio.sleep(max(0.0, t - loop.time()))
+        return [(type(e).__name__, e.stream_samples) for e in found], list(stream.probs)
+
+    async def main(n: int):
+        worker = vad_model.worker
+        start = worker.ticks
+        got = await asyncio.gather(*(feed(vad_model.new_stream(), 0.005 * i) for i in range(n)))
+        return got, worker.ticks_since(start)
+
+    (alone,), _ = run_virtual(main(1))
+    together, ticks = run_virtual(main(4))
+    for events, probs in together:  # the network's batched matmuls round differently from batch 1's
+        assert events == alone[0]
+        assert len(probs) == len(alone[1]) and np.abs(np.array(probs) - np.array(alone[1])).max() < 1e-5
+    assert alone[0] and len(alone[1]) > 80  # speech was found, in ~90 windows
+    assert len(ticks) <= 3 / 0.02 + 1 and sum(t.rows for t in ticks) / len(ticks) > 2  # ~2.5 of 4 have a window

@@ -168,3 +168,66 @@ async def test_coalesced_items_run_together_once_per_period():
     assert [b[1] for b in batches[-3:]] == [("good", "bad"), ("good",), ("bad",)]
     assert kind.batches == 4 and kind.handled == 10  # re-runs of a failed batch are not batches
     await s.aclose()
+
+
+def test_a_clocked_scheduler_steps_many_streams_together_on_its_grid():
+    """Streams that submit one row each at scattered times (as sessions' 20 ms audio blocks arrive)
+    run at most one tick per period of the clock, at the grid's points, every row with its own
+    result; without the clock the same rows tick one by one. On the virtual clock, so exact."""
+    from duplex.clock import run_virtual
+
+    def run(clock: float) -> tuple[list[tuple[str, ...]], list[float], dict[str, list[int]]]:
+        log: list = []
+        walls: list[float] = []
+        got: dict[str, list[int]] = {}
+
+        async def main():
+            s = make(log, clock=clock)
+            original, loop = s._step, asyncio.get_running_loop()
+
+            def step(rows):  # (on the worker thread)
+                walls.append(round(loop.time(), 6))
+                return original(rows)
+
+            s._step = step
+
+            async def stream(name: str, phase: float) -> None:
+                await asyncio.sleep(phase)
+                state = Counter(name, 1000)
+                for _ in range(5):
+                    got.setdefault(name, []).append(await s.submit(state, key=name))
+                    await asyncio.sleep(0.02)
+
+            await asyncio.gather(*(stream(f"s{i}", 0.003 + 0.004 * i) for i in range(4)))
+            await s.aclose()
+
+        run_virtual(main())
+        return [names for kind, names in log if kind == "step"], walls, got
+
+    steps, walls, got = run(0.02)
+    assert got == {f"s{i}": [1, 2, 3, 4, 5] for i in range(4)}
+    assert len(steps) <= 7 and max(len(names) for names in steps) == 4  # 20 rows in a handful of ticks
+    late = [w for w in walls[1:] if abs(w / 0.02 - round(w / 0.02)) > 1e-6]
+    assert not late, f"ticks off the 20 ms grid at {late}"
+    alone, _, got_alone = run(0.0)
+    assert got_alone == got and len(alone) > 2 * len(steps)
+
+
+def test_one_stream_alone_never_waits_for_the_clock():
+    """A clocked scheduler with one stream steps each row at once, as an unclocked one does: the
+    clock only trades waiting for batching when there is something to batch."""
+    from duplex.clock import now, run_virtual
+
+    async def main():
+        s = make([], clock=0.02)
+        state = Counter("a", 1000)
+        waits = []
+        for _ in range(5):
+            await asyncio.sleep(0.0137)
+            start = now()
+            await s.submit(state, key="a")
+            waits.append(now() - start)
+        await s.aclose()
+        return waits
+
+    assert max(run_virtual(main())) < 1e-3

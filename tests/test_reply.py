@@ -46,7 +46,7 @@ def test_one_stop_frees_the_llm_row_the_tts_row_and_the_playout(monkeypatch):
             reply = speaking.current
             assert reply is not None and reply.task is not None
             await _until("the LLM decoding and the TTS speaking",
-                         lambda: llm.scheduler.joined == 1 and tts.engine.rows.held == 1
+                         lambda: llm.scheduler.active_rows == 1 and tts.engine.rows.held == 1
                          and speaking.playout.buffered > 0)
 
             reply.stop()  # the one call
@@ -54,7 +54,7 @@ def test_one_stop_frees_the_llm_row_the_tts_row_and_the_playout(monkeypatch):
             assert speaking.playout.next_frame().reply_id is None
             await asyncio.wait([reply.task])
             await _until("the TTS row given back", lambda: tts.engine.rows.held == 0, 10.0)
-            assert llm.scheduler.joined == 0 and tts.scheduler.joined == 0
+            assert llm.scheduler.active_rows == 0 and tts.scheduler.active_rows == 0
 
             # the rows came back: the next reply takes them and speaks
             speaking.stop(heard=True)

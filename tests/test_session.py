@@ -278,13 +278,13 @@ def test_a_failing_stage_ends_only_its_session_and_keeps_the_record(vad_model, j
 def test_an_overload_is_reported_once_not_per_block(vad_model):
     """Models that fall more than 10 s behind make the session drop input: one error when the
     overload starts and one when it ends, saying how much was dropped (not 50 events a second)."""
-    agent = make_agent(vad_model, asr={"delay_s": 0.5})
+    agent = make_agent(vad_model, asr={"rtf": 4.0})  # 4 s to hear each second: it falls 10 s behind
 
     async def main():
         session = agent.session()
         errors = session.events()
         block = np.zeros(320, np.float32)
-        for _ in range(int(14 / 0.02)):  # 14 s of input: the last ~3.5 s of it dropped
+        for _ in range(int(15 / 0.02)):  # 15 s of input: the last few seconds of it dropped
             session.push_audio(block, 16_000)
             await asyncio.sleep(0.02)
         await asyncio.sleep(400)  # the ASR works through its backlog
