@@ -40,6 +40,7 @@ every tick as compute in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -325,8 +326,10 @@ class Scheduler(Generic[S, Out]):
         point = index * self.clock
         if min(row.joined for row in waiting) < point - self.clock - 1e-6:
             return 0.0
-        self._point = index
-        return max(0.0, point - now)
+        if point - now > 1e-9:
+            return point - now
+        self._point = index  # the tick runs at this point now
+        return 0.0
 
     async def _dispatch(self) -> None:
         try:
@@ -349,8 +352,11 @@ class Scheduler(Generic[S, Out]):
         wake = self._wake
         while True:
             wait = self._until_clock()
-            if wait > 0:
-                await asyncio.sleep(wait)  # the rows that arrive meanwhile join this tick
+            if wait > 0:  # the rows that arrive meanwhile join this tick; a job ends the wait
+                wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wake.wait(), wait)
+                continue
             urgent, ready, batches, jobs = self._plan()
             if not (urgent or ready or batches or jobs):
                 await wake.wait()
