@@ -15,7 +15,7 @@ processes), each engine's tick times, GPU busy, CPU seconds per second of the se
 peers' process, and LLM listens per session-second; plus the peers that got no session or no answer.
 
 Run: ``duplex bench capacity --profile tiny`` (results in ``<out>/capacity.json``); ``--batch 1 8 16``
-picks the sizes (default: 1, 2, 4 on the CPU, up to 64 on a GPU); ``--workers N`` runs the sessions
+picks the sizes (default: 1, 2, 4, 8 on the CPU, up to 64 on a GPU); ``--workers N`` runs the sessions
 as ``duplex serve --workers N`` does (worker processes around one engine core; their CPU is reported
 as ``workers``).
 """
