@@ -7,8 +7,9 @@ and the barge-in latency (speech onset to agent audio silenced). Then a sweep of
 (1, 2, 4, 8, 16, 32, 48, 64, stopping after two sizes that fail): per size the input lag (p99, max),
 reply-audio gaps, voice-to-voice p50/p99, each engine's tick time p50/p99, ticks a second and
 sessions per tick, how busy the GPU was, CPU seconds per second and LLM listen prefills per
-session-second; real time is input lag p99 <= 0.25 s and max <= 0.5 s with no gap. Results go to ``<out>/e2e.json`` (by ``duplex bench``; its
-``concurrency`` rows and ``max_real_time_sessions``) and ``<out>/e2e.png``.
+session-second; real time is input lag p99 <= 0.25 s and max <= 0.5 s with no gap. Results go to
+``<out>/e2e.json`` (by ``duplex bench``; its ``concurrency`` rows and ``max_real_time_sessions``) and
+``<out>/e2e.png``.
 """
 
 from __future__ import annotations
@@ -199,7 +200,8 @@ def print_row(row: ConcurrencyRow) -> None:
                      for role, rate in row["ticks_per_s"].items())
     print(f"  {row['sessions']:3d} sessions: input lag p99 {row['input_lag_p99_s']:5.2f} s, max "
           f"{row['input_lag_max_s']:5.2f} s, reply-audio gaps {row['underruns']:4d}, v2v p50 {row['v2v_p50_s']} s, "
-          f"CPU s/s {cpu}, ticks/s (rows) {ticks}" + (f", GPU busy {row['gpu_busy']:.0%}" if row["gpu_busy"] is not None else "")
+          f"CPU s/s {cpu}, ticks/s (rows) {ticks}"
+          + (f", GPU busy {row['gpu_busy']:.0%}" if row["gpu_busy"] is not None else "")
           + f", listens {row['listen_prefills_per_session_s']}/session/s -> "
           f"{'real time' if row['real_time'] else 'NOT real time'}", flush=True)
 
@@ -249,7 +251,8 @@ async def engine_probe(agent: Agent) -> Callable[[], Awaitable[dict[str, Any]]]:
     async def since() -> dict[str, Any]:
         end = await read(start["counts"])
         listens0, listens = start["listens"], end["listens"]
-        return {"ticks": end["ticks"], "rows": end["rows"], "listens": None if listens is None or listens0 is None else listens - listens0}
+        return {"ticks": end["ticks"], "rows": end["rows"],
+                "listens": None if listens is None or listens0 is None else listens - listens0}
 
     return since
 
