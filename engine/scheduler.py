@@ -107,6 +107,7 @@ class _Job:
     args: tuple
     future: asyncio.Future
     seq: int = 0  # order of submission, shared with coalesced items
+    undo: Callable[[Any], Any] | None = None  # gives back what fn took, when its caller left meanwhile
 
 
 BatchFn = Callable[[list[Any]], Sequence[Any]]  # items -> one result or Exception per item
@@ -232,12 +233,17 @@ class Scheduler(Generic[S, Out]):
 
     # -- jobs --------------------------------------------------------------------------------------
 
-    def run(self, fn: Callable[..., T], *args: Any, urgent: bool = False) -> asyncio.Future[T]:
+    def run(self, fn: Callable[..., T], *args: Any, urgent: bool = False,
+            undo: Callable[[T], Any] | None = None) -> asyncio.Future[T]:
         """Queue ``fn(*args)`` for the worker thread between steps (urgent: before the next step), in
         call order; await the returned future for its result (cancelling it drops a job not started).
-        Coalesced items submitted before a job run before it."""
+        Coalesced items submitted before a job run before it.
+
+        A job that takes something (a row of the engine) names its ``undo``: when the caller is
+        cancelled while the job runs, no one receives the result, so ``undo(result)`` runs next, as a
+        job of its own (a row taken for a reply that was stopped meanwhile is given back, not lost)."""
         loop = self._ensure_running()
-        job = _Job(fn, args, loop.create_future(), self._next_seq())
+        job = _Job(fn, args, loop.create_future(), self._next_seq(), undo)
         (self._urgent if urgent else self._jobs).append(job)
         self._kick()
         return job.future
@@ -389,7 +395,9 @@ class Scheduler(Generic[S, Out]):
                     else:
                         future.set_result(result)
             for job, (ok, value) in zip((*urgent, *late), job_results):
-                if job.future.done():
+                if job.future.done():  # its caller left while it ran
+                    if ok and job.undo is not None:
+                        self.run(job.undo, value)
                     continue
                 if ok:
                     job.future.set_result(value)

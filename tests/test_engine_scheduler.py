@@ -128,6 +128,41 @@ async def test_closing_does_not_swallow_the_callers_cancellation():
         await s.worker.run(lambda: None)
 
 
+async def test_a_job_whose_caller_left_while_it_ran_is_undone():
+    """A job that takes something (a row) and whose caller is cancelled while it runs hands its
+    result to its ``undo``, as the next job; without ``undo`` the result is simply dropped. (This
+    lost a TTS reply row whenever a reply was stopped while its row was being taken.)"""
+    import threading
+
+    s = make([])
+    started, go = threading.Event(), threading.Event()
+    taken: list[int] = []
+    given: list[int] = []
+
+    def take(row: int) -> int:
+        started.set()
+        go.wait(5)
+        taken.append(row)
+        return row
+
+    async def call(undo) -> int:
+        return await s.run(take, len(taken), undo=undo)
+
+    for undo in (given.append, None):
+        started.clear()
+        go.clear()
+        caller = asyncio.create_task(call(undo))
+        assert await asyncio.to_thread(started.wait, 5)  # the job runs on the worker
+        caller.cancel()  # the caller leaves while the job runs on the worker
+        await asyncio.sleep(0)
+        go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await s.run(lambda: None)  # the undo (if any) was queued before this job
+    assert taken == [0, 1] and given == [0]
+    await s.aclose()
+
+
 async def test_coalesced_items_run_together_once_per_period():
     """Items of a coalesced kind submitted within one period wait for the clock and run in one batch;
     a job submitted after an item makes the batch run first (before it, in the same tick); a batch

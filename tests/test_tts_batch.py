@@ -140,6 +140,41 @@ async def test_a_failing_reply_ends_alone(make_tts):
     assert tts.engine.free_slots == tts.engine.slots
 
 
+async def test_a_reply_stopped_while_its_row_is_taken_gives_the_row_back(make_tts):
+    """A reply stopped (its task cancelled) while the engine is taking its row for it: the row comes
+    back, so stopping replies under load never leaks a slot until every new reply is refused."""
+    import threading
+
+    tts = make_tts(chunk_frames=2, fixed_frames=4, seed=5)
+    engine = tts.engine
+    started, go = threading.Event(), threading.Event()
+    take = engine.new_reply
+
+    def slow_take(*args):  # the real job, held until the reply has been stopped
+        started.set()
+        go.wait(5)
+        return take(*args)
+
+    engine.new_reply = slow_take
+    stream = tts.new_stream()
+
+    async def speak():
+        async for _ in stream.synthesize(_text("Hello there.")):
+            pass
+
+    task = asyncio.create_task(speak())
+    assert await asyncio.to_thread(started.wait, 5)  # the job runs on the worker
+    task.cancel()
+    await asyncio.sleep(0)
+    go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await tts.scheduler.run(lambda: None)  # after the row's give-back
+    assert engine.free_slots == engine.slots
+    engine.new_reply = take
+    assert len(np.concatenate([c.pcm for c in await collect(tts.new_stream(), "Hello there.")])) > 0
+
+
 async def _text(text: str):
     yield text
 

@@ -150,7 +150,8 @@ class CsmTTSStream:
                 if segment is _END:
                     break
                 if reply is None:
-                    reply = await scheduler.run(engine.new_reply, voice, seed, settings.chunk_frames)
+                    reply = await scheduler.run(engine.new_reply, voice, seed, settings.chunk_frames,
+                                                undo=engine.release)
                     self.last_reply = reply
                 frames = settings.fixed_frames or math.ceil(
                     engine.frame_rate * (settings.min_seconds + settings.seconds_per_char * len(segment)))
