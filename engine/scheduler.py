@@ -68,6 +68,18 @@ class Output(Generic[Out]):
 
 StepFn = Callable[[list[Any]], Sequence[Any]]  # states -> one Output, value or Exception per state
 
+
+@dataclass(frozen=True)
+class Ahead:
+    """How an engine runs its next step ahead (its rows' inputs are known once a step's outputs are
+    booked, as an LLM's next token): ``launch(states)`` starts the next step of those rows without
+    waiting for it, and the rows' outputs of it are kept with their states; the step function reads
+    them together with any rows it launches itself (one wait for the device), and ``settle()``
+    waits for them and books them when a tick must see every state committed first."""
+
+    launch: Callable[[list[Any]], None]
+    settle: Callable[[], None]
+
 HISTORY = 4096  # ticks the scheduler remembers (benchmarks and tests read the latest)
 STREAM_SEEN = 4  # clock periods a stream counts as stepping after its last row
 CLOCK_S = 0.02  # the shared tick of the engines whose rows come per audio block (VAD, ASR): one 20 ms block
@@ -145,7 +157,8 @@ class Scheduler(Generic[S, Out]):
     """Runs ``step`` over the rows that want one and jobs between steps, on one worker thread."""
 
     def __init__(self, name: str, step: StepFn, *, device: str = "cpu", max_batch: int = 32,
-                 job_budget: int = 256, isolate_failures: bool = True, clock: float = 0.0) -> None:
+                 job_budget: int = 256, isolate_failures: bool = True, clock: float = 0.0,
+                 ahead: Ahead | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if clock < 0:
@@ -154,6 +167,7 @@ class Scheduler(Generic[S, Out]):
         self.name = name
         self.worker = ModelWorker(name, device)
         self._step = step
+        self.ahead = ahead
         self.max_batch = max_batch
         self.job_budget = job_budget
         self.isolate_failures = isolate_failures
@@ -369,11 +383,13 @@ class Scheduler(Generic[S, Out]):
                 wake.clear()
                 continue
             states = [r.state for r in ready]
+            # a row runs ahead only if its consumer has room for that output too
+            roomy = [len(r.queue) + 1 < r.room for r in ready] if self.ahead is not None else []
             started = time.perf_counter()
             work = [(kind, [item for item, _, _ in items]) for kind, items in batches]
             try:
                 job_results, outputs, batch_results, late = await self.worker.run(self._tick, urgent, states, work,
-                                                                                  jobs)
+                                                                                  jobs, roomy)
             except asyncio.CancelledError:
                 for job in (*urgent, *jobs):
                     job.future.cancel()
@@ -417,15 +433,39 @@ class Scheduler(Generic[S, Out]):
             if ready:
                 await asyncio.sleep(0)  # let the consumers take their outputs (and make room) first
 
-    def _tick(self, urgent: list[_Job], states: list[Any], work: list[tuple[Coalesced, list]], jobs: list[_Job]):
-        """Worker thread: urgent jobs, one batched step, the coalesced batches, then the other jobs."""
+    def _tick(self, urgent: list[_Job], states: list[Any], work: list[tuple[Coalesced, list]], jobs: list[_Job],
+              roomy: Sequence[bool] = ()):
+        """Worker thread: urgent jobs, one batched step, the coalesced batches, then the other jobs;
+        then (an engine that runs ahead) the next step of the rows that go on and whose consumers
+        have room for it (``roomy``) is launched, so the device computes it while the host hands
+        these outputs over and plans the next tick. Jobs and coalesced work always see every state
+        committed: a step launched ahead is settled first."""
+        ahead = self.ahead
+        if ahead is not None and (urgent or not states):
+            self._settled(ahead)
         results = [_call(job) for job in urgent]
         outputs: list[Any] = []
         if states:
-            outputs = self._isolated(self._step, states, "a batched step")
+            outputs = self._isolated(self._step, states, "a batched step")  # it settles what ran ahead
+        if ahead is not None and (work or jobs):
+            self._settled(ahead)  # (a step that failed whole may have left it)
         batch_results = [self._isolated(kind.fn, items, "a coalesced batch") for kind, items in work]
         results += [_call(job) for job in jobs]
+        if ahead is not None and states and not self._closed:
+            going = [state for state, out, room in zip(states, outputs, roomy) if room
+                     and not isinstance(out, BaseException) and not (isinstance(out, Output) and out.done)]
+            if going:
+                try:
+                    ahead.launch(going)
+                except Exception as exc:  # each row steps at the next tick instead (and fails there alone)
+                    log.warning("%s: the step ahead of %d rows failed to launch (%s)", self.name, len(going), exc)
         return results, outputs, batch_results, jobs
+
+    def _settled(self, ahead: Ahead) -> None:
+        try:
+            ahead.settle()
+        except Exception as exc:  # the rows it held step again (and fail there alone)
+            log.warning("%s: a step run ahead failed (%s)", self.name, exc)
 
     def _isolated(self, fn: BatchFn, states: list[Any], what: str) -> list[Any]:
         """``fn(states)``; if it raises, ``fn`` again for each state alone (it commits nothing before

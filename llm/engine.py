@@ -55,6 +55,15 @@ class DecodeRequest:
     draw: Draw  # ... and sample the next one this way
 
 
+@dataclass(frozen=True)
+class Launched:
+    """A decode step launched and not yet read: its half of the host table, its rows, its end."""
+
+    half: int
+    n: int
+    event: Any  # a CUDA event recorded after the step's copy out (None on the CPU: the copy is done)
+
+
 PREFILL_LENGTHS = (8, 16, 32, 64)  # tokens per session a captured prefill pass holds (more: eager)
 
 
@@ -116,6 +125,10 @@ class Engine:
             out=torch.zeros(slots, dtype=torch.long, device=self.device),
             logits=torch.zeros(slots, rows, dtype=torch.float32, device=self.device))
         self._last_step: dict[int, int] = {}  # row -> its batch position in the latest decode step
+        # where launched steps leave their sampled ids: two halves, so a step launched ahead and one
+        # launched beside it are read together (pinned: the copies run as the steps end)
+        self._host_out = torch.zeros((2, slots), dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self._half = 0
         self._pre = _PrefillBuffers(
             tokens=Staged((max(window // 2, PREFILL_LENGTHS[-1]), slots), torch.long, self.device),
             meta=PassRows(slots, self.device, self.kv.scratch_row),
@@ -259,13 +272,23 @@ class Engine:
 
     @torch.inference_mode()
     def decode(self, requests: Sequence[DecodeRequest]) -> list[int]:
-        """One batched step: each request's token runs at its slot's next position (written there)
-        and the next token is sampled. Slot lengths are *not* advanced: the caller commits them.
-        The batch is the requests, in order, padded to a bucket on the scratch row."""
+        """One batched step (:meth:`launch`, then :meth:`collect`): each request's token runs at its
+        slot's next position (written there) and the next token is sampled. Slot lengths are *not*
+        advanced: the caller commits them."""
         if not requests:
             return []
+        return self.collect(self.launch(requests))[0]
+
+    @torch.inference_mode()
+    def launch(self, requests: Sequence[DecodeRequest]) -> Launched:
+        """Start one batched decode step without waiting for it: its sampled ids are copied into
+        one half of a pinned host table as the step ends (:meth:`collect` reads them). The batch is
+        the requests, in order, padded to a bucket on the scratch row. At most two launches may be
+        outstanding (the two halves): a step launched ahead and one launched beside it."""
         n = len(requests)
         rows = [r.slot.row for r in requests]
+        if not requests:
+            raise RuntimeError("a decode step of no rows")
         if len(set(rows)) < n:
             raise RuntimeError(f"an LLM slot asked for twice in one decode step (rows {rows})")
         bucket = self.graphs.bucket(n)
@@ -283,9 +306,22 @@ class Engine:
         self._buf.ints.push(bucket)
         self._buf.floats.push(bucket)
         self.graphs.run(n, self.kv.columns)
-        out = self._buf.out[:bucket].cpu()  # the step's one host sync
+        half, self._half = self._half, 1 - self._half
+        self._host_out[half, :bucket].copy_(self._buf.out[:bucket], non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
         self._last_step = {row: i for i, row in enumerate(rows)}
-        return [int(t) for t in out[:n]]
+        return Launched(half, n, event)
+
+    def collect(self, *launched: Launched) -> list[list[int]]:
+        """The sampled ids of steps launched in this order, after one wait for the device (the last
+        one's end) and one read of the host table: the ticks' one host sync."""
+        if launched[-1].event is not None:
+            launched[-1].event.synchronize()
+        table = self._host_out.tolist()
+        return [table[step.half][:step.n] for step in launched]
 
     def last_logits(self, slot: SinkSlot) -> torch.Tensor:
         """The logits the latest decode step computed for ``slot`` (an engine made with ``keep_logits``:

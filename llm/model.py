@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from duplex.engine.scheduler import Output, Scheduler
+from duplex.engine.scheduler import Ahead, Output, Scheduler
 from duplex.errors import ConfigError
 from duplex.llm.chat import ChatFormat, DialogueTokens
 from duplex.llm.context import SinkContext, check_window
-from duplex.llm.engine import Engine, token_probabilities
+from duplex.llm.engine import DecodeRequest, Engine, Launched, token_probabilities
 from duplex.llm.stream import Ask, Listen, SinkLLMStream, Start
 
 USER_TURN_TOKENS = 32  # room for a few words of the user, on top of a whole reply, in "one turn"
@@ -42,6 +42,14 @@ class LLMSettings:
     @property
     def min_turn(self) -> int:
         return self.max_reply_tokens + USER_TURN_TOKENS
+
+
+@dataclass
+class _Ahead:
+    """A decode step launched ahead: its rows (stream, reply, what it runs) and its launch."""
+
+    rows: list[tuple[SinkLLMStream, Any, DecodeRequest]]
+    launched: Launched
 
 
 class SinkLLM:
@@ -65,8 +73,11 @@ class SinkLLM:
         self.format = fmt
         self.answer_ids = _answer_ids(fmt)
         self.listens = 0  # listen prefills run for all sessions (one per session a listen covers)
+        # each tick launches the next decode step of the rows that go on before it returns, so the
+        # device runs it while the host hands the tokens over and plans the next tick
+        self._ahead: _Ahead | None = None
         self.scheduler: Scheduler = Scheduler("llm", self._decode_step, device=device, max_batch=slots,
-                                              job_budget=4)
+                                              job_budget=4, ahead=Ahead(self._launch_ahead, self._settle))
         # one prefill pass per tick for every session's new words (at most once per listen_period, the
         # ASR's chunk: partials come no faster; never one prefill per partial) and every reply start
         # (which makes the pass due at once)
@@ -112,18 +123,54 @@ class SinkLLM:
         return SinkLLMStream(self, system_prompt, tools=tuple(tools))
 
     def _decode_step(self, rows: list[tuple[SinkLLMStream, Any]]) -> list[Output]:
-        """The batched decode step (worker thread): one token for every replying session."""
-        requests = [stream.decode_request(reply) for stream, reply in rows]
-        live = [(i, request) for i, request in enumerate(requests) if request is not None]
-        tokens = self.engine.decode([request for _, request in live])
-        outputs = [Output((True, ""), done=True)] * len(rows)  # closed or superseded meanwhile
-        for (i, request), token in zip(live, tokens):  # commit only once the whole step ran
+        """The batched decode step (worker thread): one token for every replying session. A row whose
+        step ran ahead (:meth:`_launch_ahead`) takes the output it holds; the others are launched
+        now, and both are read with one wait for the device."""
+        pending, self._ahead = self._ahead, None  # (a step that fails re-launches its rows: exact again)
+        running = {id(reply) for _, reply, _ in pending.rows} if pending is not None else set()
+        requests = [None if reply.held is not None or id(reply) in running else stream.decode_request(reply)
+                    for stream, reply in rows]
+        fresh = [(i, request) for i, request in enumerate(requests) if request is not None]
+        steps = [pending.launched] if pending is not None else []
+        if fresh:
+            steps.append(self.engine.launch([request for _, request in fresh]))
+        tokens = self.engine.collect(*steps) if steps else []
+        if pending is not None:
+            self._book(pending.rows, tokens[0])
+        closed: Output[tuple[bool, int | None]] = Output((True, None), done=True)
+        outputs = [closed] * len(rows)  # closed or superseded meanwhile
+        for (i, request), token in zip(fresh, tokens[-1] if fresh else ()):  # commit once the whole step ran
             stream, reply = rows[i]
-            done, text = stream.decoded(reply, request, token)
-            outputs[i] = Output((done, text), done=done)
+            done, said = stream.decoded(reply, request, token)
+            outputs[i] = Output((done, said), done=done)
+        for i, (_, reply) in enumerate(rows):
+            if reply.held is not None:
+                outputs[i], reply.held = reply.held, None
         return outputs
 
-    def _prefill_batch(self, asks: list[Ask]) -> list[float | None | tuple[bool, str]]:
+    def _launch_ahead(self, rows: list[tuple[SinkLLMStream, Any]]) -> None:
+        """Launch the next decode step of ``rows`` (worker thread, at the end of a tick) without
+        waiting: the device runs it while the host hands the tick's tokens over and plans the next."""
+        assert self._ahead is None
+        run = [(stream, reply, request) for stream, reply in rows if reply.held is None
+               for request in [stream.decode_request(reply)] if request is not None]
+        if run:
+            self._ahead = _Ahead(run, self.engine.launch([request for _, _, request in run]))
+
+    def _settle(self) -> None:
+        """Wait for the step launched ahead and book its tokens: its rows hold their outputs."""
+        pending, self._ahead = self._ahead, None
+        if pending is not None:
+            self._book(pending.rows, self.engine.collect(pending.launched)[0])
+
+    @staticmethod
+    def _book(run: list[tuple[SinkLLMStream, Any, DecodeRequest]], tokens: list[int]) -> None:
+        for (stream, reply, request), token in zip(run, tokens):
+            if stream.replying(reply):  # (a reply closed meanwhile: its step is void, its cache unmoved)
+                done, said = stream.decoded(reply, request, token)
+                reply.held = Output((done, said), done=done)
+
+    def _prefill_batch(self, asks: list[Ask]) -> list[float | None | tuple[bool, int | None]]:
         """Every waiting listen and reply start (worker thread), one pass per round: each plans its
         tokens on its cache (:meth:`SinkLLMStream.plan_listen`, :meth:`SinkLLMStream.plan_start`),
         the tokens of all of them run at once (:meth:`Engine.prefill_rows`), then the reply starts'
@@ -149,13 +196,13 @@ class SinkLLM:
             if k == len(rounds):
                 rounds.append([])
             rounds[k].append(i)
-        results: list[float | None | tuple[bool, str]] = [None] * len(expanded)
+        results: list[float | None | tuple[bool, int | None]] = [None] * len(expanded)
         for indices in rounds:
             for i, result in zip(indices, self._prefill_round([expanded[i] for i in indices])):
                 results[i] = result
         return [results[i] for i in mine]
 
-    def _prefill_round(self, asks: list[Ask]) -> list[float | None | tuple[bool, str]]:
+    def _prefill_round(self, asks: list[Ask]) -> list[float | None | tuple[bool, int | None]]:
         start = time.perf_counter()
         plans = [ask.stream.plan_listen(ask.messages) if ask.reply is None
                  else ask.stream.plan_start(ask.reply, ask.messages) for ask in asks]
@@ -165,9 +212,10 @@ class SinkLLM:
         else:
             logits = self.engine.prefill_rows([(p.ctx.cache, p.tokens) for p in run])
         ran = dict(zip(map(id, run), logits))
-        # None: a listen with nothing to estimate; (True, ""): a reply closed or superseded while its
+        # None: a listen with nothing to estimate; (True, None): a reply closed or superseded while its
         # start waited (both set below for the plans that ran)
-        results: list[float | None | tuple[bool, str]] = [None if ask.reply is None else (True, "") for ask in asks]
+        results: list[float | None | tuple[bool, int | None]] = [None if ask.reply is None else (True, None)
+                                                                   for ask in asks]
         listens = [(i, plan, plan.commit(ran.get(id(plan)))) for i, plan in enumerate(plans) if isinstance(plan, Listen)]
         read = [scores for _, _, scores in listens if scores is not None]
         estimates = iter(token_probabilities(torch.stack(read), [self.format.end_of_message]) if read else [])

@@ -62,6 +62,7 @@ class _Reply:
     last: int | None = None  # sampled, not yet run through the model
     count: int = 0
     started: bool = False  # its prefill ran: the cache holds its generation prompt and tokens
+    held: Any = None  # the Output of a decode step run ahead of its consumer's ask (booked, not taken)
 
 
 @dataclass
@@ -179,8 +180,9 @@ class SinkLLMStream:
         calls = ToolCallText(*markers) if markers is not None and self.tools else None
         row = None
         try:
-            done, text = await self.model.prefills.submit(Ask(self, frozen(messages), reply), now=True)
+            done, token = await self.model.prefills.submit(Ask(self, frozen(messages), reply), now=True)
             while True:
+                text = reply.decoder.push(token) if token is not None else ""  # here, not on the engine's thread
                 if not done and row is None:  # decode ahead while the consumer takes this piece
                     row = scheduler.join((self, reply), room=TOKENS_AHEAD)
                 call = None
@@ -200,7 +202,7 @@ class SinkLLMStream:
                 if done:
                     break
                 assert row is not None
-                done, text = (await scheduler.next(row)).value
+                done, token = (await scheduler.next(row)).value
         finally:
             if row is not None:
                 scheduler.leave(row)
@@ -295,8 +297,8 @@ class SinkLLMStream:
             self._estimate = (messages, token_probability(logits, [self.model.format.end_of_message]))
         return Start(self, reply, ctx, ctx.plan_pass(messages, generation_prompt=True))
 
-    def started(self, reply: _Reply, token: int) -> tuple[bool, str]:
-        """The pass sampled ``token``, the reply's first: book it; (finished, new text)."""
+    def started(self, reply: _Reply, token: int) -> tuple[bool, int | None]:
+        """The pass sampled ``token``, the reply's first: book it; (finished, the token to say)."""
         self._draws += 1
         return self._took(reply, token)
 
@@ -308,20 +310,25 @@ class SinkLLMStream:
         ctx.reserve(1)
         return DecodeRequest(ctx.cache, reply.last, self.draw())
 
-    def decoded(self, reply: _Reply, request: DecodeRequest, token: int) -> tuple[bool, str]:
-        """The step ran ``request`` and sampled ``token``: commit both; (finished, new text)."""
+    def replying(self, reply: _Reply) -> bool:
+        """Whether ``reply`` is still this stream's reply on its cache (not closed or superseded)."""
+        return self._active is reply and self._ctx is not None
+
+    def decoded(self, reply: _Reply, request: DecodeRequest, token: int) -> tuple[bool, int | None]:
+        """The step ran ``request`` and sampled ``token``: commit both; (finished, the token to say)."""
         assert self._ctx is not None
         self._ctx.commit_decoded(request.token)
         self._draws += 1
         return self._took(reply, token)
 
-    def _took(self, reply: _Reply, token: int) -> tuple[bool, str]:
-        """Book a sampled token: (finished, new text). A stop token ends the reply before it."""
+    def _took(self, reply: _Reply, token: int) -> tuple[bool, int | None]:
+        """Book a sampled token: (finished, the token to say, None for none). A stop token ends the
+        reply before it. Its text is made by the reply's consumer, off the engine's thread."""
         if token in self.model.format.stop_ids:
-            return True, ""
+            return True, None
         reply.last = token
         reply.count += 1
-        return reply.count >= self.model.settings.max_reply_tokens, reply.decoder.push(token)
+        return reply.count >= self.model.settings.max_reply_tokens, token
 
     def _backchannel(self, messages: Sequence[Message], text: str) -> bool:
         ctx = self._context()

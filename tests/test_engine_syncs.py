@@ -40,12 +40,12 @@ def syncs_per_tick() -> dict[str, list[int]]:
             getattr(agent.stages, role).engine.graphs.rehearse = True
         agent.stages.asr.graphs.rehearse = True
         for role, scheduler in _schedulers(agent.stages).items():
-            def counted(urgent, states, work, jobs, _tick=scheduler._tick, _role=role):
+            def counted(urgent, states, work, jobs, *more, _tick=scheduler._tick, _role=role):
                 if urgent or work or jobs or not states:
-                    return _tick(urgent, states, work, jobs)
+                    return _tick(urgent, states, work, jobs, *more)
                 assert threading.current_thread() is not threading.main_thread()
                 with HostSyncs() as syncs:
-                    out = _tick(urgent, states, work, jobs)
+                    out = _tick(urgent, states, work, jobs, *more)
                 found[_role].append(len(syncs.counts))
                 return out
 

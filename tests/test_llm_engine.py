@@ -170,8 +170,14 @@ async def test_a_failing_session_ends_alone(make_llm):
         out = []
         async for piece in stream.reply(dialogue):
             out.append(piece)
-            if corrupt and len(out) == 2:
-                stream._active.last = 10**9  # no such token: the embedding lookup fails
+            if corrupt and len(out) == 2:  # from now on its steps run a token that does not exist
+                asked = stream.decode_request  # (every step: one may already be running ahead)
+
+                def bad(reply, asked=asked):
+                    request = asked(reply)
+                    return None if request is None else DecodeRequest(request.slot, 10**9, request.draw)
+
+                stream.decode_request = bad  # the embedding lookup fails
         return "".join(out)
 
     results = await asyncio.gather(speak(good, False), speak(bad, True), return_exceptions=True)

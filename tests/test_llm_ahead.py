@@ -1,0 +1,114 @@
+"""The LLM's decode step run ahead: each tick launches the next step of the replies that go on before
+it hands its tokens over, so on a GPU the device computes step k+1 while the host books step k,
+passes its tokens to the sessions and plans the next tick (``Scheduler(ahead=...)``).
+
+What must hold: the replies are token for token those made without running ahead (several sessions
+joining and leaving at different steps, sampled with their seeds); a step is in flight whenever a
+session takes a token in the steady state; each step tick still reads the device once (a step run
+ahead and the steps of rows that join are read together); a reply closed while its next step runs
+ahead leaves its cache as it was, and the stream's next reply is exact."""
+
+from __future__ import annotations
+
+import asyncio
+
+from duplex.stages import Message
+from llm_fixtures import SHORT_SYSTEM, make_llm, tiny_checkpoints, single_torch_thread  # noqa: F401
+
+ASKS = [("Tell me about the train.", 0.0), ("What is the weather like?", 0.2), ("Book a table for four.", 0.05)]
+
+
+async def _replies(llm, delays: tuple[float, ...] = tuple(delay for _, delay in ASKS)) -> list[str]:
+    """Three sessions' replies, each starting after its delay (joining while others decode)."""
+    async def speak(text: str, delay: float) -> str:
+        await asyncio.sleep(delay)
+        stream = llm.new_stream(SHORT_SYSTEM)
+        out = "".join([piece async for piece in stream.reply([Message("user", text)])])
+        await stream.aclose()
+        return out
+
+    return list(await asyncio.gather(*(speak(text, delay) for (text, _), delay in zip(ASKS, delays))))
+
+
+async def test_replies_run_ahead_are_the_replies_made_without(make_llm):
+    """The same three sampled replies with the step run ahead and without it; with it, steps were
+    launched ahead and one of them was in flight at most of the moments a session took a token."""
+    settings = dict(window=192, max_reply_tokens=24, temperature=0.9, seed=7)
+    plain = make_llm("qwen2", **settings)
+    plain.scheduler.ahead = None
+    expected = await _replies(plain)
+
+    llm = make_llm("qwen2", **settings)
+    engine = llm.engine
+    log: list[str] = []
+    launch, collect = engine.launch, engine.collect
+
+    def launched(requests):
+        log.append("launch")
+        return launch(requests)
+
+    def collected(*steps):
+        log.append(f"collect {len(steps)}")
+        return collect(*steps)
+
+    engine.launch, engine.collect = launched, collected
+    took = llm.scheduler.next
+
+    async def next_token(row):
+        out = await took(row)
+        log.append("took")
+        return out
+
+    llm.scheduler.next = next_token
+    got = await _replies(llm)
+    assert got == expected and all(got)
+    in_flight, launches, reads = [], 0, 0
+    for entry in log:
+        if entry == "launch":
+            launches += 1
+        elif entry.startswith("collect"):
+            reads += int(entry.split()[1])
+        else:
+            in_flight.append(launches > reads)
+    assert sum(in_flight) >= 0.8 * len(in_flight), (sum(in_flight), len(in_flight))
+
+
+async def test_rows_that_join_are_read_with_the_step_run_ahead(make_llm):
+    """A tick where sessions join while others' step runs ahead launches the new rows beside it and
+    reads both steps with one wait and one read (tests/test_engine_syncs.py holds every step tick of
+    a real conversation to one host sync)."""
+    llm = make_llm("qwen2", window=192, max_reply_tokens=48, temperature=0.0, fixed_length=True)
+    engine = llm.engine
+    reads: list[int] = []
+    collect = engine.collect
+
+    def collected(*steps):
+        reads.append(len(steps))
+        return collect(*steps)
+
+    engine.collect = collected
+    await _replies(llm, (0.0, 0.03, 0.06))
+    assert reads and max(reads) <= 2 and 2 in reads  # a joining row was read beside a step run ahead
+
+
+async def test_a_reply_closed_while_its_step_runs_ahead_leaves_its_cache_as_it_was(make_llm):
+    """A reply closed after its first words while its next step is in flight: the step is void (its
+    token never reaches the cache or the reader), and the stream's next reply is the one a fresh stream
+    with the same dialogue makes."""
+    llm = make_llm("qwen2", window=192, max_reply_tokens=24, temperature=0.0)
+    stream = llm.new_stream(SHORT_SYSTEM)
+    reply = stream.reply([Message("user", "Tell me about the train.")])
+    first = await reply.__anext__()
+    assert llm._ahead is not None  # its next step was launched before the token reached us
+    ids = list(stream.context.ids)
+    await reply.aclose()
+    await llm.scheduler.run(lambda: None)  # a tick that settles what ran ahead
+    assert llm._ahead is None and list(stream.context.ids) == ids
+    dialogue = [Message("user", "Tell me about the train."), Message("assistant", first.strip()),
+                Message("user", "And the bus?")]
+    again = "".join([p async for p in stream.reply(dialogue)])
+    fresh = llm.new_stream(SHORT_SYSTEM)
+    assert again == "".join([p async for p in fresh.reply(dialogue)])
+    for s in (stream, fresh):
+        await s.aclose()
+    assert llm.engine.free_slots == llm.engine.slots
