@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from duplex.engine.scheduler import Ahead, Output, Scheduler
+from duplex.engine.ahead import RunAhead
+from duplex.engine.scheduler import Output, Scheduler
 from duplex.errors import ConfigError
 from duplex.llm.chat import ChatFormat, DialogueTokens
 from duplex.llm.context import SinkContext, check_window
@@ -45,10 +46,11 @@ class LLMSettings:
 
 
 @dataclass
-class _Ahead:
-    """A decode step launched ahead: its rows (stream, reply, what it runs) and its launch."""
+class _Launch:
+    """A decode step launched: its replies, what each runs, and the engine's launch."""
 
-    rows: list[tuple[SinkLLMStream, Any, DecodeRequest]]
+    states: list[Any]  # the replies (llm.stream._Reply)
+    requests: list[DecodeRequest]
     launched: Launched
 
 
@@ -75,9 +77,10 @@ class SinkLLM:
         self.listens = 0  # listen prefills run for all sessions (one per session a listen covers)
         # each tick launches the next decode step of the rows that go on before it returns, so the
         # device runs it while the host hands the tokens over and plans the next tick
-        self._ahead: _Ahead | None = None
-        self.scheduler: Scheduler = Scheduler("llm", self._decode_step, device=device, max_batch=slots,
-                                              job_budget=4, ahead=Ahead(self._launch_ahead, self._settle))
+        self.run_ahead: RunAhead = RunAhead(self._launch, self._collect, self._book,
+                                            closed=Output((True, None), done=True))
+        self.scheduler: Scheduler = Scheduler("llm", self.run_ahead.step, device=device, max_batch=slots,
+                                              job_budget=4, ahead=self.run_ahead.hooks)
         # one prefill pass per tick for every session's new words (at most once per listen_period, the
         # ASR's chunk: partials come no faster; never one prefill per partial) and every reply start
         # (which makes the pass due at once)
@@ -122,53 +125,32 @@ class SinkLLM:
     def new_stream(self, system_prompt: str, tools: Sequence[dict[str, Any]] = ()) -> SinkLLMStream:
         return SinkLLMStream(self, system_prompt, tools=tuple(tools))
 
-    def _decode_step(self, rows: list[tuple[SinkLLMStream, Any]]) -> list[Output]:
-        """The batched decode step (worker thread): one token for every replying session. A row whose
-        step ran ahead (:meth:`_launch_ahead`) takes the output it holds; the others are launched
-        now, and both are read with one wait for the device."""
-        pending, self._ahead = self._ahead, None  # (a step that fails re-launches its rows: exact again)
-        running = {id(reply) for _, reply, _ in pending.rows} if pending is not None else set()
-        requests = [None if reply.held is not None or id(reply) in running else stream.decode_request(reply)
-                    for stream, reply in rows]
-        fresh = [(i, request) for i, request in enumerate(requests) if request is not None]
-        steps = [pending.launched] if pending is not None else []
-        if fresh:
-            steps.append(self.engine.launch([request for _, request in fresh]))
-        tokens = self.engine.collect(*steps) if steps else []
-        if pending is not None:
-            self._book(pending.rows, tokens[0])
-        closed: Output[tuple[bool, int | None]] = Output((True, None), done=True)
-        outputs = [closed] * len(rows)  # closed or superseded meanwhile
-        for (i, request), token in zip(fresh, tokens[-1] if fresh else ()):  # commit once the whole step ran
-            stream, reply = rows[i]
-            done, said = stream.decoded(reply, request, token)
-            outputs[i] = Output((done, said), done=done)
-        for i, (_, reply) in enumerate(rows):
-            if reply.held is not None:
-                outputs[i], reply.held = reply.held, None
-        return outputs
+    # -- the decode step, run ahead (worker thread; :class:`~duplex.engine.ahead.RunAhead`) -------
 
-    def _launch_ahead(self, rows: list[tuple[SinkLLMStream, Any]]) -> None:
-        """Launch the next decode step of ``rows`` (worker thread, at the end of a tick) without
-        waiting: the device runs it while the host hands the tick's tokens over and plans the next."""
-        assert self._ahead is None
-        run = [(stream, reply, request) for stream, reply in rows if reply.held is None
-               for request in [stream.decode_request(reply)] if request is not None]
-        if run:
-            self._ahead = _Ahead(run, self.engine.launch([request for _, _, request in run]))
+    def _launch(self, replies: list[Any]) -> _Launch | None:
+        """Launch one decode step of those ``replies`` still open (not waiting for it)."""
+        run = [(reply, request) for reply in replies
+               for request in [reply.stream.decode_request(reply)] if request is not None]
+        if not run:
+            return None
+        requests = [request for _, request in run]
+        return _Launch([reply for reply, _ in run], requests, self.engine.launch(requests))
 
-    def _settle(self) -> None:
-        """Wait for the step launched ahead and book its tokens: its rows hold their outputs."""
-        pending, self._ahead = self._ahead, None
-        if pending is not None:
-            self._book(pending.rows, self.engine.collect(pending.launched)[0])
+    def _collect(self, *launches: _Launch) -> list[list[int]]:
+        return self.engine.collect(*(launch.launched for launch in launches))
 
     @staticmethod
-    def _book(run: list[tuple[SinkLLMStream, Any, DecodeRequest]], tokens: list[int]) -> None:
-        for (stream, reply, request), token in zip(run, tokens):
-            if stream.replying(reply):  # (a reply closed meanwhile: its step is void, its cache unmoved)
-                done, said = stream.decoded(reply, request, token)
-                reply.held = Output((done, said), done=done)
+    def _book(launch: _Launch, tokens: list[int]) -> list[Output | None]:
+        """Commit each reply's token (None: a reply closed meanwhile, whose step is void)."""
+        outputs: list[Output | None] = []
+        for reply, request, token in zip(launch.states, launch.requests, tokens):
+            stream = reply.stream
+            if not stream.replying(reply):
+                outputs.append(None)
+                continue
+            done, said = stream.decoded(reply, request, token)
+            outputs.append(Output((done, said), done=done))
+        return outputs
 
     def _prefill_batch(self, asks: list[Ask]) -> list[float | None | tuple[bool, int | None]]:
         """Every waiting listen and reply start (worker thread), one pass per round: each plans its

@@ -62,7 +62,8 @@ class _Reply:
     last: int | None = None  # sampled, not yet run through the model
     count: int = 0
     started: bool = False  # its prefill ran: the cache holds its generation prompt and tokens
-    held: Any = None  # the Output of a decode step run ahead of its consumer's ask (booked, not taken)
+    stream: Any = None  # the SinkLLMStream it belongs to
+    held: Any = None  # its Output of a decode step run ahead (booked, not yet handed out)
 
 
 @dataclass
@@ -173,7 +174,7 @@ class SinkLLMStream:
     async def reply(self, messages: Sequence[Message]) -> AsyncIterator[str | ToolCall]:
         self._check_open()
         scheduler = self.model.scheduler
-        reply = _Reply(TextDecoder(self.model.engine.tokenizer))
+        reply = _Reply(TextDecoder(self.model.engine.tokenizer), stream=self)
         self._active = reply
         speech = SpeechText()
         markers = self.model.format.tool_markers
@@ -184,7 +185,7 @@ class SinkLLMStream:
             while True:
                 text = reply.decoder.push(token) if token is not None else ""  # here, not on the engine's thread
                 if not done and row is None:  # decode ahead while the consumer takes this piece
-                    row = scheduler.join((self, reply), room=TOKENS_AHEAD)
+                    row = scheduler.join(reply, room=TOKENS_AHEAD)
                 call = None
                 if calls is not None:  # a tool call in the text ends the reply there
                     text, call = calls.feed(text)

@@ -99,11 +99,11 @@ async def test_a_reply_closed_while_its_step_runs_ahead_leaves_its_cache_as_it_w
     stream = llm.new_stream(SHORT_SYSTEM)
     reply = stream.reply([Message("user", "Tell me about the train.")])
     first = await reply.__anext__()
-    assert llm._ahead is not None  # its next step was launched before the token reached us
+    assert llm.run_ahead.pending is not None  # its next step was launched before the token reached us
     ids = list(stream.context.ids)
     await reply.aclose()
     await llm.scheduler.run(lambda: None)  # a tick that settles what ran ahead
-    assert llm._ahead is None and list(stream.context.ids) == ids
+    assert llm.run_ahead.pending is None and list(stream.context.ids) == ids
     dialogue = [Message("user", "Tell me about the train."), Message("assistant", first.strip()),
                 Message("user", "And the bus?")]
     again = "".join([p async for p in stream.reply(dialogue)])

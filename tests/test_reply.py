@@ -28,13 +28,13 @@ def test_one_stop_frees_the_llm_row_the_tts_row_and_the_playout(monkeypatch):
     ``Reply.stop()`` its audio is gone from the very next frame, and once its task has unwound the
     LLM steps no row for it and the TTS engine holds no row for it; the session then answers the
     next turn as usual (the rows were given back, not leaked)."""
-    real_step = SinkLLM._decode_step
+    real_collect = SinkLLM._collect
 
-    def slow_step(self, rows):  # the LLM keeps decoding while the TTS speaks (tiny models are fast)
+    def slow_collect(self, *launches):  # the LLM keeps decoding while the TTS speaks (tiny models are fast)
         time.sleep(0.03)
-        return real_step(self, rows)
+        return real_collect(self, *launches)
 
-    monkeypatch.setattr(SinkLLM, "_decode_step", slow_step)
+    monkeypatch.setattr(SinkLLM, "_collect", slow_collect)
 
     async def main():
         agent = await Agent.load(AgentConfig(profile="tiny", device="cpu", engine_slots=2, max_reply_tokens=400))
