@@ -48,14 +48,14 @@ class RunAhead(Generic[S, L]):
     launch: Callable[[list[S]], L | None]
     collect: Callable[..., list[Any]]
     book: Callable[[L, Any], list[Output | None]]
-    closed: Output  # the output of a state that could not step (closed or superseded meanwhile)
+    closed: Output | BaseException  # what a state that could not step gets (closed or superseded meanwhile)
     pending: L | None = None  # the step launched ahead, not yet read
 
     @property
     def hooks(self) -> Ahead:
         return Ahead(self.launch_ahead, self.settle)
 
-    def step(self, states: list[S]) -> list[Output]:
+    def step(self, states: list[S]) -> list[Output | BaseException]:
         """The batched step (worker thread): the rows of the step run ahead take what it made, the
         others are launched now; both are read with one wait. (A step that fails is re-run for each
         row alone by the scheduler: the rows already booked hold their outputs, the others launch
@@ -69,7 +69,7 @@ class RunAhead(Generic[S, L]):
         if launched:
             for step, result in zip(launched, self.collect(*launched)):
                 self._hold(step, result)
-        outputs = []
+        outputs: list[Output | BaseException] = []
         for state in states:
             outputs.append(state.held if state.held is not None else self.closed)
             state.held = None

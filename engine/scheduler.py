@@ -27,6 +27,11 @@ never to a row submitted ``now`` (a stream catching up: the second chunk of one 
 a row that has already waited past a point (behind a tick longer than the period). One session
 alone never waits, and jobs and coalesced work never wait for the grid.
 
+**Running ahead** (``ahead``, :class:`Ahead`; the LLM's and the TTS's, :mod:`duplex.engine.ahead`):
+at the end of a tick the next step of the rows that go on, and whose consumers have room for one more
+output, is launched before the tick returns, so the device computes it while the loop hands this
+tick's outputs over and plans the next. A tick with jobs or coalesced work settles it first.
+
 Scheduling is deadline-aware: when more rows are ready than ``max_batch``, the rows whose consumers
 run dry soonest (the smallest ``deadline``, a loop time) go first. A step that raises is re-run for
 each row alone (steps commit their state only after success, so a re-run is exact), and only the

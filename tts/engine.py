@@ -32,7 +32,7 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -100,6 +100,7 @@ class Reply:
     history: list[SegmentRecord] = field(default_factory=list)
     frames: list[torch.Tensor] = field(default_factory=list)  # every frame of the reply, for inspection
     closed: bool = False
+    held: Any = None  # its Output of a frame step run ahead (booked, not yet handed out)
 
     @property
     def active(self) -> bool:
@@ -117,6 +118,15 @@ class SegmentStart:
     text: str
     max_frames: int
     stop_at_eos: bool = True
+
+
+@dataclass(frozen=True)
+class FrameLaunch:
+    """A frame step launched and not yet read: its replies, its half of the host table, its end."""
+
+    states: list[Reply]
+    half: int
+    event: Any  # a CUDA event recorded after the step's copy out (None on the CPU: the copy is done)
 
 
 @dataclass(frozen=True)
@@ -204,6 +214,11 @@ class CsmEngine:
         self._temperature = Staged((slots,), torch.float32, dev)
         # the step's output, copied to the host in one piece: each row's codes, then its frame's audio
         self._out = torch.zeros(slots, k + self.frame_size, dtype=torch.float32, device=dev)
+        # where launched frame steps leave codes and audio: two halves, so a step run ahead and one
+        # launched beside it are read together (pinned: the copies run as the steps end)
+        self._host_out = torch.zeros((2, slots, k + self.frame_size), dtype=torch.float32,
+                                     pin_memory=dev.type == "cuda")
+        self._half = 0
         self._rows = torch.arange(slots, device=dev)
         self._depth_positions = torch.arange(k, device=dev)
         self._causal2 = torch.ones(2, 2, dtype=torch.bool, device=dev).tril()
@@ -487,9 +502,17 @@ class CsmEngine:
 
     @_no_grad
     def step_frames(self, replies: Sequence[Reply]) -> list[Step]:
-        """One frame for each of ``replies`` (each inside a segment) and its audio, in one batched step;
-        a reply's audio is handed out when its chunk is full or its segment ended."""
+        """One frame for each of ``replies`` (each inside a segment) and its audio, in one batched step
+        (:meth:`launch_frames`, :meth:`collect_frames`, :meth:`book_frames`); a reply's audio is
+        handed out when its chunk is full or its segment ended."""
+        launched = self.launch_frames(replies)
+        return self.book_frames(launched, self.collect_frames(launched)[0])
 
+    @_no_grad
+    def launch_frames(self, replies: Sequence[Reply]) -> FrameLaunch:
+        """Start one frame step of ``replies`` without waiting for it: its codes and audio are copied
+        into one half of a pinned host table as it ends. At most two launches may be outstanding (a
+        step run ahead and one launched beside it)."""
         for reply in replies:
             if not reply.active or not reply.staged:
                 raise RuntimeError("step on a closed reply or outside a segment")
@@ -509,21 +532,44 @@ class CsmEngine:
         self._ints.push(bucket)
         self._temperature.push(bucket)
         self.graphs.run(rows, max(r.length for r in replies) + 1)
-        out = self._out[:bucket].cpu()  # the step's one host sync: codes and audio
+        half, self._half = self._half, 1 - self._half
+        self._host_out[half, :bucket].copy_(self._out[:bucket], non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            import torch
+
+            event = torch.cuda.Event()
+            event.record()
+        return FrameLaunch(list(replies), half, event)
+
+    def collect_frames(self, *launched: FrameLaunch) -> list[np.ndarray]:
+        """The codes and audio of steps launched in this order (``[slots, K + frame_size]`` each), after
+        one wait for the device (the last one's end) and one read of the host table: the tick's one
+        host sync."""
+        if launched[-1].event is not None:
+            launched[-1].event.synchronize()
+        table = self._host_out.cpu().numpy()  # (pinned host memory: no copy; the read a GPU waits for)
+        return [table[step.half] for step in launched]
+
+    def book_frames(self, launched: FrameLaunch, out: np.ndarray) -> list[Step]:
+        """Commit a frame step's codes and audio into its replies; each one's :class:`Step`."""
+        import torch
+
         k = self.num_codebooks
         steps: list[Step] = []
-        for reply in replies:  # commit only once the whole step ran
-            frame = out[reply.row, :k].long()
+        for reply in launched.states:  # commit only once the whole step ran
+            codes = out[reply.row, :k]
+            frame = torch.from_numpy(codes.astype(np.int64))
             reply.length += 1
             reply.drawn += 1
             self.frames_generated += 1
             segment = reply.segment
             assert segment is not None
-            eos = reply.stop_at_eos and not bool(frame.any())
+            eos = reply.stop_at_eos and not codes.any()
             if not eos:
                 segment.frames.append(frame)
                 reply.frames.append(frame)
-                reply.audio.append(out[reply.row, k:].numpy().copy())  # on the CPU, out is the buffer
+                reply.audio.append(out[reply.row, k:].copy())
             done = eos or len(segment.frames) >= reply.max_frames
             if done:
                 reply.history.append(segment)

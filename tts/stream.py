@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 
 from duplex.clock import now
+from duplex.engine.ahead import RunAhead
 from duplex.engine.scheduler import Output, Scheduler
 from duplex.stages import AudioChunk, VoicePrompt
-from duplex.tts.engine import CsmEngine, Reply, SegmentStart, Voice
+from duplex.tts.engine import CsmEngine, FrameLaunch, Reply, SegmentStart, Voice
 from duplex.tts.segmenter import Segmenter, SegmenterConfig
 from duplex.tts.timing import TYPICAL_FRAMES_PER_CHAR, WordTimer
 from duplex.tts.voice import check_voice
@@ -54,6 +55,7 @@ class TTSSettings:
 
 
 _END = object()  # the text ended
+FRAMES_AHEAD = 2  # frames a reply may have made before its reader takes them (one of them run ahead)
 
 
 class CsmTTS:
@@ -65,8 +67,12 @@ class CsmTTS:
         self.device = device
         self.settings = settings or TTSSettings()
         self.sample_rate = engine.sample_rate
-        self.scheduler: Scheduler = Scheduler("tts", self._frame_step, device=device, max_batch=engine.slots,
-                                              job_budget=2)
+        # each tick launches the next frame of the replies that go on before it returns (the next
+        # input stays on the device), so the device runs it while the host hands the audio over
+        self.run_ahead: RunAhead = RunAhead(self._launch, engine.collect_frames, self._book,
+                                            closed=RuntimeError("step on a closed reply or outside a segment"))
+        self.scheduler: Scheduler = Scheduler("tts", self.run_ahead.step, device=device, max_batch=engine.slots,
+                                              job_budget=2, ahead=self.run_ahead.hooks)
         # every reply's new segment of text waiting, in one prefill pass per tick
         self.segments = self.scheduler.coalesce(engine.begin_segments)
         self.voice: Voice | None = None
@@ -85,9 +91,21 @@ class CsmTTS:
         engine's own thread, before the first session needs it."""
         await self.scheduler.run(self.engine.capture, progress)
 
-    def _frame_step(self, replies: list[Reply]) -> list[Output]:
-        """The batched step (worker thread): one frame for every reply being spoken."""
-        return [Output(step, done=step.done) for step in self.engine.step_frames(replies)]
+    def _launch(self, replies: list[Reply]) -> FrameLaunch | None:
+        """Launch one frame step of those ``replies`` inside a segment (worker thread, not waiting)."""
+        live = [reply for reply in replies if reply.active and reply.staged]
+        return self.engine.launch_frames(live) if live else None
+
+    def _book(self, launched: FrameLaunch, out: Any) -> list[Output | None]:
+        """Commit the frames (a reply released meanwhile: its step is void)."""
+        live = [reply for reply in launched.states if not reply.closed]
+        made = self.engine.book_frames(FrameLaunch(live, launched.half, launched.event), out)
+        steps = dict(zip(map(id, live), made))
+        outputs: list[Output | None] = []
+        for reply in launched.states:
+            step = steps.get(id(reply))
+            outputs.append(None if step is None else Output(step, done=step.done))
+        return outputs
 
     async def encode_voice(self, prompt: VoicePrompt) -> Voice:
         """Validate and encode a voice prompt (on the worker thread)."""
@@ -157,7 +175,7 @@ class CsmTTSStream:
                     engine.frame_rate * (settings.min_seconds + settings.seconds_per_char * len(segment)))
                 await self.model.segments.submit(SegmentStart(reply, segment, frames, settings.fixed_frames is None))
                 timer.begin_segment(segment, offset)
-                row = scheduler.join(reply, deadline=_run_dry(first_audio, offset, self.sample_rate), room=1)
+                row = scheduler.join(reply, deadline=_run_dry(first_audio, offset, self.sample_rate), room=FRAMES_AHEAD)
                 done = False
                 while not done:
                     step = (await scheduler.next(row)).value
