@@ -6,9 +6,11 @@ before its tick hands the outputs over (:class:`~duplex.engine.scheduler.Ahead`)
 computes step k+1 while the host passes step k's outputs to the sessions and plans the next tick,
 instead of idling between the two.
 
-:class:`RunAhead` is the scheduler's step function for such an engine. A tick's step reads the step
-launched ahead together with the rows it launches itself (rows that joined meanwhile): one wait for
-the device and one read, so a tick still syncs once. Each row's output of a step run ahead is booked
+:class:`RunAhead` is the scheduler's step function for such an engine. A row that joins while a step
+runs ahead is not launched beside it (a second step in one tick would read every weight twice): it
+joins the launch made at the end of the tick, and gets ``LATER`` (nothing yet) from this one. A tick
+thus launches one step and waits once. (A row put off once that the next launch still leaves out is
+launched on its own the next time, so a row never waits twice.) Each row's output of a step run ahead is booked
 on its state (``state.held``) until the row is stepped: a row whose reader fell behind keeps it. A
 state closed meanwhile gets nothing booked (``book`` says None): its step is void, as if it had not
 run, since an engine's step commits nothing on the host before it is booked.
@@ -22,10 +24,10 @@ its states and gives each one's :class:`~duplex.engine.scheduler.Output` (None: 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from duplex.engine.scheduler import Ahead, Output
+from duplex.engine.scheduler import LATER, Ahead, Output
 
 
 class Holder(Protocol):
@@ -50,20 +52,28 @@ class RunAhead(Generic[S, L]):
     book: Callable[[L, Any], list[Output | None]]
     closed: Output | BaseException  # what a state that could not step gets (closed or superseded meanwhile)
     pending: L | None = None  # the step launched ahead, not yet read
+    _later: dict[int, Any] = field(default_factory=dict)  # rows put off to the next launch, by id
 
     @property
     def hooks(self) -> Ahead:
         return Ahead(self.launch_ahead, self.settle)
 
     def step(self, states: list[S]) -> list[Output | BaseException]:
-        """The batched step (worker thread): the rows of the step run ahead take what it made, the
-        others are launched now; both are read with one wait. (A step that fails is re-run for each
-        row alone by the scheduler: the rows already booked hold their outputs, the others launch
-        again on their unchanged state.)"""
+        """The batched step (worker thread): the rows of the step run ahead take what it made; with
+        none running ahead, the rows are launched now and read; rows that join while one runs ahead
+        get ``LATER`` and join the next launch. (A step that fails is re-run for each row alone by
+        the scheduler: the rows already booked hold their outputs, the others launch again on their
+        unchanged state.)"""
         pending, self.pending = self.pending, None
         running = {id(state) for state in pending.states} if pending is not None else set()
+        new = [state for state in states if state.held is None and id(state) not in running]
+        later: dict[int, S] = {}
+        if pending is not None:  # rows that join wait for the next launch, made at this tick's end
+            later = {id(state): state for state in new if self._later.get(id(state)) is not state}
+            new = [state for state in new if id(state) not in later]
+        self._later = later  # (a row put off once launches on its own next time: it never waits twice)
         launched = [pending] if pending is not None else []
-        fresh = self.launch([state for state in states if state.held is None and id(state) not in running])
+        fresh = self.launch(new) if new else None
         if fresh is not None:
             launched.append(fresh)
         if launched:
@@ -71,7 +81,10 @@ class RunAhead(Generic[S, L]):
                 self._hold(step, result)
         outputs: list[Output | BaseException] = []
         for state in states:
-            outputs.append(state.held if state.held is not None else self.closed)
+            if state.held is not None:
+                outputs.append(state.held)
+            else:
+                outputs.append(LATER if id(state) in later else self.closed)
             state.held = None
         return outputs
 

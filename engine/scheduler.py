@@ -74,6 +74,17 @@ class Output(Generic[Out]):
 StepFn = Callable[[list[Any]], Sequence[Any]]  # states -> one Output, value or Exception per state
 
 
+class _Later:
+    """A step's output for a row that joins the next step instead of this one (nothing to hand out
+    yet; the row stays and is stepped with the others)."""
+
+    def __repr__(self) -> str:
+        return "LATER"
+
+
+LATER: Any = _Later()
+
+
 @dataclass(frozen=True)
 class Ahead:
     """How an engine runs its next step ahead (its rows' inputs are known once a step's outputs are
@@ -425,7 +436,7 @@ class Scheduler(Generic[S, Out]):
                 else:
                     job.future.set_exception(value)
             for row, out in zip(ready, outputs):
-                if row.done:  # left while its step ran
+                if row.done or out is LATER:  # left while its step ran; joins the next step
                     continue
                 if not isinstance(out, (Output, BaseException)):
                     out = Output(out)  # a plain value: one output, the row goes on

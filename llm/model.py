@@ -61,8 +61,8 @@ class SinkLLM:
     batch); ``graphs`` captures the decode step in CUDA graphs on a GPU (see :meth:`warm_up`)."""
 
     def __init__(self, model: Any, tokenizer: Any, device: str, settings: LLMSettings | None = None, *,
-                 slots: int = 4, graphs: bool = True, compile: bool = False, listen_period: float = LISTEN_PERIOD_S
-                 ) -> None:
+                 slots: int = 4, graphs: bool = True, compile: bool = False, listen_period: float = LISTEN_PERIOD_S,
+                 ahead: bool | None = None) -> None:
         self.settings = settings or LLMSettings()
         sliding = getattr(model.config, "sliding_window", None) if model.config.model_type == "mistral" else None
         if sliding and self.settings.window > sliding:
@@ -76,11 +76,13 @@ class SinkLLM:
         self.answer_ids = _answer_ids(fmt)
         self.listens = 0  # listen prefills run for all sessions (one per session a listen covers)
         # each tick launches the next decode step of the rows that go on before it returns, so the
-        # device runs it while the host hands the tokens over and plans the next tick
+        # device runs it while the host hands the tokens over and plans the next tick (``ahead``; by
+        # default on a GPU: on the CPU a step runs as it is launched, so it would gain nothing)
         self.run_ahead: RunAhead = RunAhead(self._launch, self._collect, self._book,
                                             closed=Output((True, None), done=True))
+        on = str(device).startswith("cuda") if ahead is None else ahead
         self.scheduler: Scheduler = Scheduler("llm", self.run_ahead.step, device=device, max_batch=slots,
-                                              job_budget=4, ahead=self.run_ahead.hooks)
+                                              job_budget=4, ahead=self.run_ahead.hooks if on else None)
         # one prefill pass per tick for every session's new words (at most once per listen_period, the
         # ASR's chunk: partials come no faster; never one prefill per partial) and every reply start
         # (which makes the pass due at once)

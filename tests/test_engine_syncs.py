@@ -37,7 +37,9 @@ def syncs_per_tick() -> dict[str, list[int]]:
         apply_bench_settings(config, quick=True)
         agent = await Agent.load(config)
         for role in ("llm", "tts"):
-            getattr(agent.stages, role).engine.graphs.rehearse = True
+            model = getattr(agent.stages, role)
+            model.engine.graphs.rehearse = True
+            model.scheduler.ahead = model.run_ahead.hooks  # their steps run ahead, as on a GPU
         agent.stages.asr.graphs.rehearse = True
         for role, scheduler in _schedulers(agent.stages).items():
             def counted(urgent, states, work, jobs, *more, _tick=scheduler._tick, _role=role):

@@ -73,22 +73,32 @@ async def test_replies_run_ahead_are_the_replies_made_without(make_llm):
     assert sum(in_flight) >= 0.8 * len(in_flight), (sum(in_flight), len(in_flight))
 
 
-async def test_rows_that_join_are_read_with_the_step_run_ahead(make_llm):
-    """A tick where sessions join while others' step runs ahead launches the new rows beside it and
-    reads both steps with one wait and one read (tests/test_engine_syncs.py holds every step tick of
-    a real conversation to one host sync)."""
+async def test_rows_that_join_wait_for_the_next_launch_so_a_tick_launches_one_step(make_llm):
+    """Sessions that join while others' step runs ahead are not launched beside it (that would read
+    every weight twice in one tick): they join the launch made at the tick's end. So no two steps are
+    ever in flight, and every read takes one step (tests/test_engine_syncs.py holds every step tick
+    of a real conversation to one host sync)."""
     llm = make_llm("qwen2", window=192, max_reply_tokens=48, temperature=0.0, fixed_length=True)
     engine = llm.engine
-    reads: list[int] = []
-    collect = engine.collect
+    log: list[int] = []
+    launch, collect = engine.launch, engine.collect
+
+    def launched(requests):
+        log.append(len(requests))
+        return launch(requests)
 
     def collected(*steps):
-        reads.append(len(steps))
+        log.append(-len(steps))
         return collect(*steps)
 
-    engine.collect = collected
-    await _replies(llm, (0.0, 0.03, 0.06))
-    assert reads and max(reads) <= 2 and 2 in reads  # a joining row was read beside a step run ahead
+    engine.launch, engine.collect = launched, collected
+    texts = await _replies(llm, (0.0, 0.03, 0.06))
+    assert all(texts)
+    in_flight = 0
+    for entry in log:
+        in_flight += 1 if entry > 0 else entry
+        assert 0 <= in_flight <= 1, log
+    assert max(entry for entry in log if entry > 0) == 3  # the three replies did share steps
 
 
 async def test_a_reply_closed_while_its_step_runs_ahead_leaves_its_cache_as_it_was(make_llm):

@@ -62,17 +62,19 @@ class CsmTTS:
     """A CSM + Mimi TTS model (the :class:`~duplex.stages.TTSModel` of the real profiles)."""
 
     def __init__(self, engine: CsmEngine, *, device: str = "cpu", settings: TTSSettings | None = None,
-                 voice: VoicePrompt | None = None) -> None:
+                 voice: VoicePrompt | None = None, ahead: bool | None = None) -> None:
         self.engine = engine
         self.device = device
         self.settings = settings or TTSSettings()
         self.sample_rate = engine.sample_rate
         # each tick launches the next frame of the replies that go on before it returns (the next
         # input stays on the device), so the device runs it while the host hands the audio over
+        # (``ahead``; by default on a GPU: on the CPU a step runs as it is launched)
         self.run_ahead: RunAhead = RunAhead(self._launch, engine.collect_frames, self._book,
                                             closed=RuntimeError("step on a closed reply or outside a segment"))
+        on = str(device).startswith("cuda") if ahead is None else ahead
         self.scheduler: Scheduler = Scheduler("tts", self.run_ahead.step, device=device, max_batch=engine.slots,
-                                              job_budget=2, ahead=self.run_ahead.hooks)
+                                              job_budget=2, ahead=self.run_ahead.hooks if on else None)
         # every reply's new segment of text waiting, in one prefill pass per tick
         self.segments = self.scheduler.coalesce(engine.begin_segments)
         self.voice: Voice | None = None
