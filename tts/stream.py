@@ -55,7 +55,7 @@ class TTSSettings:
 
 
 _END = object()  # the text ended
-FRAMES_AHEAD = 2  # frames a reply may have made before its reader takes them (one of them run ahead)
+FRAMES_AHEAD = 2  # frames a reply may have made before its reader takes them, when frames run ahead (else 1)
 
 
 class CsmTTS:
@@ -158,6 +158,7 @@ class CsmTTSStream:
         reader = asyncio.create_task(_read_segments(text, Segmenter(settings.segmenter), queue),
                                      name="tts-text-reader")
         held: deque[Any] = deque()
+        room = FRAMES_AHEAD if scheduler.ahead is not None else 1  # frames made before the reader takes them
         rate = voice.frames / max(len(voice.text), 1) if voice is not None else TYPICAL_FRAMES_PER_CHAR
         timer = WordTimer(engine.frame_size, frames_per_char=rate)
         reply: Reply | None = None
@@ -177,7 +178,7 @@ class CsmTTSStream:
                     engine.frame_rate * (settings.min_seconds + settings.seconds_per_char * len(segment)))
                 await self.model.segments.submit(SegmentStart(reply, segment, frames, settings.fixed_frames is None))
                 timer.begin_segment(segment, offset)
-                row = scheduler.join(reply, deadline=_run_dry(first_audio, offset, self.sample_rate), room=FRAMES_AHEAD)
+                row = scheduler.join(reply, deadline=_run_dry(first_audio, offset, self.sample_rate), room=room)
                 done = False
                 while not done:
                     step = (await scheduler.next(row)).value
