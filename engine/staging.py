@@ -4,12 +4,13 @@ A captured step reads its inputs (positions, seeds, counters, rows, sampler sett
 device buffers. The host fills a pinned copy of each through a numpy view (no torch op per value),
 then one non-blocking copy per buffer moves the entries this step uses over, in order before the
 step on the same stream. The host writes the copy again only for the next step, after this step's
-one output sync, so a copy in flight is never overwritten.
+one output sync, so a copy in flight is never overwritten. Outputs come back the other way through
+a :class:`Readback`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -58,3 +59,37 @@ class PassRows(Staged):
         """Padding for entries ``0..b-1`` on the device (the harmless inputs of a capture)."""
         self.buffer[0, :b] = self.scratch_row
         self.buffer[1:, :b] = 0
+
+
+class Readback:
+    """Where launched steps leave their outputs on the host: a pinned table of two halves ``[2, *shape]``,
+    so a step run ahead and one launched after it never share one (:mod:`duplex.engine.ahead`).
+    :meth:`queue` copies a step's output buffer into the next half as the step ends (no wait) and
+    marks its end; :meth:`read` waits for a mark once and gives the whole table."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        import torch
+
+        self.device = device
+        self.table = torch.zeros((2, *shape), dtype=dtype, pin_memory=device.type == "cuda")
+        self._half = 0
+
+    def queue(self, out: torch.Tensor, n: int) -> tuple[int, Any]:
+        """Copy ``out[:n]`` into the next half once the work queued so far ends; (the half, its end:
+        a CUDA event, None on the CPU where the copy is done already)."""
+        import torch
+
+        half, self._half = self._half, 1 - self._half
+        self.table[half, :n].copy_(out[:n], non_blocking=True)
+        if self.device.type != "cuda":
+            return half, None
+        end = torch.cuda.Event()
+        end.record()
+        return half, end
+
+    def read(self, end: Any) -> torch.Tensor:
+        """The table, once the copy marked ``end`` (and every one before it) has landed: the host's
+        one wait. (``.cpu()`` of pinned host memory copies nothing; the host-sync tests count it.)"""
+        if end is not None:
+            end.synchronize()
+        return self.table.cpu()

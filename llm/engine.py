@@ -31,7 +31,7 @@ from duplex.engine.decoder import LeanDecoder
 from duplex.engine.graphs import BucketedStep, buckets_for
 from duplex.engine.sampling import sample as sample_rows
 from duplex.engine.slots import SlotPool
-from duplex.engine.staging import PassRows, Staged
+from duplex.engine.staging import PassRows, Readback, Staged
 from duplex.engine.sampling import token_keys
 from duplex.errors import ConfigError
 from duplex.llm.sink_cache import SinkSlot, rope_inv_freq
@@ -61,7 +61,7 @@ class Launched:
 
     half: int
     n: int
-    event: Any  # a CUDA event recorded after the step's copy out (None on the CPU: the copy is done)
+    end: Any  # its copy out's end (a CUDA event; None on the CPU, where the copy is done)
 
 
 PREFILL_LENGTHS = (8, 16, 32, 64)  # tokens per session a captured prefill pass holds (more: eager)
@@ -127,8 +127,7 @@ class Engine:
         self._last_step: dict[int, int] = {}  # row -> its batch position in the latest decode step
         # where launched steps leave their sampled ids: two halves, so a step launched ahead and one
         # launched beside it are read together (pinned: the copies run as the steps end)
-        self._host_out = torch.zeros((2, slots), dtype=torch.long, pin_memory=self.device.type == "cuda")
-        self._half = 0
+        self._readback = Readback((slots,), torch.long, self.device)
         self._pre = _PrefillBuffers(
             tokens=Staged((max(window // 2, PREFILL_LENGTHS[-1]), slots), torch.long, self.device),
             meta=PassRows(slots, self.device, self.kv.scratch_row),
@@ -306,21 +305,14 @@ class Engine:
         self._buf.ints.push(bucket)
         self._buf.floats.push(bucket)
         self.graphs.run(n, self.kv.columns)
-        half, self._half = self._half, 1 - self._half
-        self._host_out[half, :bucket].copy_(self._buf.out[:bucket], non_blocking=True)
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
+        half, end = self._readback.queue(self._buf.out, bucket)
         self._last_step = {row: i for i, row in enumerate(rows)}
-        return Launched(half, n, event)
+        return Launched(half, n, end)
 
     def collect(self, *launched: Launched) -> list[list[int]]:
         """The sampled ids of steps launched in this order, after one wait for the device (the last
         one's end) and one read of the host table: the ticks' one host sync."""
-        if launched[-1].event is not None:
-            launched[-1].event.synchronize()
-        table = self._host_out.tolist()
+        table = self._readback.read(launched[-1].end).tolist()
         return [table[step.half][:step.n] for step in launched]
 
     def last_logits(self, slot: SinkSlot) -> torch.Tensor:

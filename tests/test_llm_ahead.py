@@ -14,6 +14,7 @@ import asyncio
 
 from duplex.stages import Message
 from llm_fixtures import SHORT_SYSTEM, make_llm, tiny_checkpoints, single_torch_thread  # noqa: F401
+from step_log import in_flight, in_flight_when_taken, log_steps
 
 ASKS = [("Tell me about the train.", 0.0), ("What is the weather like?", 0.2), ("Book a table for four.", 0.05)]
 
@@ -39,38 +40,11 @@ async def test_replies_run_ahead_are_the_replies_made_without(make_llm):
     expected = await _replies(plain)
 
     llm = make_llm("qwen2", **settings)
-    engine = llm.engine
-    log: list[str] = []
-    launch, collect = engine.launch, engine.collect
-
-    def launched(requests):
-        log.append("launch")
-        return launch(requests)
-
-    def collected(*steps):
-        log.append(f"collect {len(steps)}")
-        return collect(*steps)
-
-    engine.launch, engine.collect = launched, collected
-    took = llm.scheduler.next
-
-    async def next_token(row):
-        out = await took(row)
-        log.append("took")
-        return out
-
-    llm.scheduler.next = next_token
+    log = log_steps(llm.run_ahead, llm.scheduler)
     got = await _replies(llm)
     assert got == expected and all(got)
-    in_flight, launches, reads = [], 0, 0
-    for entry in log:
-        if entry == "launch":
-            launches += 1
-        elif entry.startswith("collect"):
-            reads += int(entry.split()[1])
-        else:
-            in_flight.append(launches > reads)
-    assert sum(in_flight) >= 0.8 * len(in_flight), (sum(in_flight), len(in_flight))
+    taken = in_flight_when_taken(log)
+    assert sum(taken) >= 0.8 * len(taken), (sum(taken), len(taken))
 
 
 async def test_rows_that_join_wait_for_the_next_launch_so_a_tick_launches_one_step(make_llm):
@@ -79,26 +53,12 @@ async def test_rows_that_join_wait_for_the_next_launch_so_a_tick_launches_one_st
     ever in flight, and every read takes one step (tests/test_engine_syncs.py holds every step tick
     of a real conversation to one host sync)."""
     llm = make_llm("qwen2", window=192, max_reply_tokens=48, temperature=0.0, fixed_length=True)
-    engine = llm.engine
-    log: list[int] = []
-    launch, collect = engine.launch, engine.collect
-
-    def launched(requests):
-        log.append(len(requests))
-        return launch(requests)
-
-    def collected(*steps):
-        log.append(-len(steps))
-        return collect(*steps)
-
-    engine.launch, engine.collect = launched, collected
+    log = log_steps(llm.run_ahead, llm.scheduler)
     texts = await _replies(llm, (0.0, 0.03, 0.06))
     assert all(texts)
-    in_flight = 0
-    for entry in log:
-        in_flight += 1 if entry > 0 else entry
-        assert 0 <= in_flight <= 1, log
-    assert max(entry for entry in log if entry > 0) == 3  # the three replies did share steps
+    assert all(0 <= n <= 1 for n in in_flight(log)), log
+    assert all(n == 1 for kind, n in log if kind == "read")
+    assert max(n for kind, n in log if kind == "launch") == 3  # the three replies did share steps
 
 
 async def test_a_reply_closed_while_its_step_runs_ahead_leaves_its_cache_as_it_was(make_llm):

@@ -12,6 +12,7 @@ import asyncio
 
 import numpy as np
 
+from step_log import in_flight, in_flight_when_taken, log_steps
 from tts_fixtures import collect, make_engine, make_tts, one_torch_thread, tiny_tts_checkpoint  # noqa: F401
 
 TEXTS = [("Hello there, how are you today? I am fine.", 0.0), ("A second voice joins in here.", 0.05),
@@ -37,40 +38,13 @@ async def test_audio_made_ahead_is_the_audio_made_without(make_tts):
     expected = await _speak(plain)
 
     tts = make_tts(chunk_frames=1, seed=3)
-    engine = tts.engine
-    log: list[str] = []
-    launch, collect_frames = engine.launch_frames, engine.collect_frames
-
-    def launched(replies):
-        log.append("launch")
-        return launch(replies)
-
-    def collected(*steps):
-        log.append(f"collect {len(steps)}")
-        return collect_frames(*steps)
-
-    engine.launch_frames = launched
-    tts.run_ahead.collect = collected
-    took = tts.scheduler.next
-
-    async def next_frame(row):
-        out = await took(row)
-        log.append("took")
-        return out
-
-    tts.scheduler.next = next_frame
+    log = log_steps(tts.run_ahead, tts.scheduler)
     got = await _speak(tts)
     for (audio, codes), (audio0, codes0) in zip(got, expected):
         assert np.array_equal(codes, codes0) and len(audio) > 0
         # the same samples up to the rounding of a batched step whose rows differ (as alone vs. batched)
         assert audio.shape == audio0.shape and float(np.abs(audio - audio0).max()) <= 1e-5
-    in_flight, launches, reads = [], 0, 0
-    for entry in log:
-        if entry == "launch":
-            launches += 1
-        elif entry.startswith("collect"):
-            reads += int(entry.split()[1])
-        else:
-            in_flight.append(launches > reads)
-    assert sum(in_flight) >= 0.6 * len(in_flight), (sum(in_flight), len(in_flight))
-    assert engine.free_slots == engine.slots
+    taken = in_flight_when_taken(log)
+    assert sum(taken) >= 0.6 * len(taken), (sum(taken), len(taken))
+    assert all(0 <= n <= 1 for n in in_flight(log))
+    assert tts.engine.free_slots == tts.engine.slots

@@ -42,7 +42,7 @@ from duplex.engine.graphs import BucketedStep, buckets_for, lengths_for
 from duplex.engine.sampling import exponential, token_keys
 from duplex.engine.sampling import sample as sample_rows
 from duplex.engine.slots import SlotPool
-from duplex.engine.staging import PassRows, Staged
+from duplex.engine.staging import PassRows, Readback, Staged
 from duplex.tts.codec import StreamingEncoder
 from duplex.tts.slot_codec import SlotDecoder
 
@@ -126,7 +126,7 @@ class FrameLaunch:
 
     states: list[Reply]
     half: int
-    event: Any  # a CUDA event recorded after the step's copy out (None on the CPU: the copy is done)
+    end: Any  # its copy out's end (a CUDA event; None on the CPU, where the copy is done)
 
 
 @dataclass(frozen=True)
@@ -216,9 +216,7 @@ class CsmEngine:
         self._out = torch.zeros(slots, k + self.frame_size, dtype=torch.float32, device=dev)
         # where launched frame steps leave codes and audio: two halves, so a step run ahead and one
         # launched beside it are read together (pinned: the copies run as the steps end)
-        self._host_out = torch.zeros((2, slots, k + self.frame_size), dtype=torch.float32,
-                                     pin_memory=dev.type == "cuda")
-        self._half = 0
+        self._readback = Readback((slots, k + self.frame_size), torch.float32, dev)
         self._rows = torch.arange(slots, device=dev)
         self._depth_positions = torch.arange(k, device=dev)
         self._causal2 = torch.ones(2, 2, dtype=torch.bool, device=dev).tril()
@@ -532,23 +530,14 @@ class CsmEngine:
         self._ints.push(bucket)
         self._temperature.push(bucket)
         self.graphs.run(rows, max(r.length for r in replies) + 1)
-        half, self._half = self._half, 1 - self._half
-        self._host_out[half, :bucket].copy_(self._out[:bucket], non_blocking=True)
-        event = None
-        if self.device.type == "cuda":
-            import torch
-
-            event = torch.cuda.Event()
-            event.record()
-        return FrameLaunch(list(replies), half, event)
+        half, end = self._readback.queue(self._out, bucket)
+        return FrameLaunch(list(replies), half, end)
 
     def collect_frames(self, *launched: FrameLaunch) -> list[np.ndarray]:
         """The codes and audio of steps launched in this order (``[slots, K + frame_size]`` each), after
         one wait for the device (the last one's end) and one read of the host table: the tick's one
         host sync."""
-        if launched[-1].event is not None:
-            launched[-1].event.synchronize()
-        table = self._host_out.cpu().numpy()  # (pinned host memory: no copy; the read a GPU waits for)
+        table = self._readback.read(launched[-1].end).numpy()
         return [table[step.half] for step in launched]
 
     def book_frames(self, launched: FrameLaunch, out: np.ndarray) -> list[Step]:
