@@ -8,23 +8,24 @@ instead of idling between the two.
 
 :class:`RunAhead` is the scheduler's step function for such an engine. A row that joins while a step
 runs ahead is not launched beside it (a second step in one tick would read every weight twice): it
-joins the launch made at the end of the tick, and gets ``LATER`` (nothing yet) from this one. A tick
-thus launches one step and waits once. (A row put off once that the next launch still leaves out is
-launched on its own the next time, so a row never waits twice.) Each row's output of a step run ahead is booked
+joins the launch made at the end of the tick, and gets ``LATER`` (nothing yet) from this one. (A row whose reader has no room
+for one more output is left out of that launch too, and waits until its reader catches up, as
+it would without running ahead.) A tick thus launches one step and waits once. Each row's output of a step run ahead is booked
 on its state (``state.held``) until the row is stepped: a row whose reader fell behind keeps it. A
 state closed meanwhile gets nothing booked (``book`` says None): its step is void, as if it had not
 run, since an engine's step commits nothing on the host before it is booked.
 
-The engine supplies three plain functions: ``launch(states)`` starts one step of those states that
+The engine supplies four plain functions: ``launch(states)`` starts one step of those states that
 can step (its result names them in ``.states``; None when none can), ``collect(*launched)`` waits
 once and reads every launch's result, and ``book(launched, result)`` commits a launch's result into
-its states and gives each one's :class:`~duplex.engine.scheduler.Output` (None: closed meanwhile).
+its states and gives each one's :class:`~duplex.engine.scheduler.Output` (None: closed meanwhile),
+and ``live(state)`` says whether a state can still step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from duplex.engine.scheduler import LATER, Ahead, Output
@@ -50,9 +51,9 @@ class RunAhead(Generic[S, L]):
     launch: Callable[[list[S]], L | None]
     collect: Callable[..., list[Any]]
     book: Callable[[L, Any], list[Output | None]]
+    live: Callable[[S], bool]  # whether a state can still step (not closed or superseded)
     closed: Output | BaseException  # what a state that could not step gets (closed or superseded meanwhile)
     pending: L | None = None  # the step launched ahead, not yet read
-    _later: dict[int, Any] = field(default_factory=dict)  # rows put off to the next launch, by id
 
     @property
     def hooks(self) -> Ahead:
@@ -67,11 +68,10 @@ class RunAhead(Generic[S, L]):
         pending, self.pending = self.pending, None
         running = {id(state) for state in pending.states} if pending is not None else set()
         new = [state for state in states if state.held is None and id(state) not in running]
-        later: dict[int, S] = {}
+        later: set[int] = set()
         if pending is not None:  # rows that join wait for the next launch, made at this tick's end
-            later = {id(state): state for state in new if self._later.get(id(state)) is not state}
-            new = [state for state in new if id(state) not in later]
-        self._later = later  # (a row put off once launches on its own next time: it never waits twice)
+            later = {id(state) for state in new if self.live(state)}
+            new = [state for state in new if id(state) not in later]  # (closed: nothing to launch)
         launched = [pending] if pending is not None else []
         fresh = self.launch(new) if new else None
         if fresh is not None:

@@ -79,6 +79,7 @@ class SinkLLM:
         # device runs it while the host hands the tokens over and plans the next tick (``ahead``; by
         # default on a GPU: on the CPU a step runs as it is launched, so it would gain nothing)
         self.run_ahead: RunAhead = RunAhead(self._launch, self._collect, self._book,
+                                            lambda reply: reply.stream.replying(reply) and reply.last is not None,
                                             closed=Output((True, None), done=True))
         on = str(device).startswith("cuda") if ahead is None else ahead
         self.scheduler: Scheduler = Scheduler("llm", self.run_ahead.step, device=device, max_batch=slots,

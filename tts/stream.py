@@ -71,6 +71,7 @@ class CsmTTS:
         # input stays on the device), so the device runs it while the host hands the audio over
         # (``ahead``; by default on a GPU: on the CPU a step runs as it is launched)
         self.run_ahead: RunAhead = RunAhead(self._launch, engine.collect_frames, self._book,
+                                            lambda reply: reply.active and reply.staged,
                                             closed=RuntimeError("step on a closed reply or outside a segment"))
         on = str(device).startswith("cuda") if ahead is None else ahead
         self.scheduler: Scheduler = Scheduler("tts", self.run_ahead.step, device=device, max_batch=engine.slots,
