@@ -71,7 +71,7 @@ class CsmTTS:
         # input stays on the device), so the device runs it while the host hands the audio over
         # (``ahead``; by default on a GPU: on the CPU a step runs as it is launched)
         self.run_ahead: RunAhead = RunAhead(self._launch, engine.collect_frames, self._book,
-                                            lambda reply: reply.active and reply.staged,
+                                            _steppable,
                                             closed=RuntimeError("step on a closed reply or outside a segment"))
         on = str(device).startswith("cuda") if ahead is None else ahead
         self.scheduler: Scheduler = Scheduler("tts", self.run_ahead.step, device=device, max_batch=engine.slots,
@@ -96,7 +96,7 @@ class CsmTTS:
 
     def _launch(self, replies: list[Reply]) -> FrameLaunch | None:
         """Launch one frame step of those ``replies`` inside a segment (worker thread, not waiting)."""
-        live = [reply for reply in replies if reply.active and reply.staged]
+        live = [reply for reply in replies if _steppable(reply)]
         return self.engine.launch_frames(live) if live else None
 
     def _book(self, launched: FrameLaunch, out: Any) -> list[Output | None]:
@@ -211,6 +211,11 @@ class CsmTTSStream:
 
     async def aclose(self) -> None:
         self.last_reply = None
+
+
+def _steppable(reply: Reply) -> bool:
+    """Whether a reply can take a frame step: open, inside a segment whose input is staged."""
+    return reply.active and reply.staged
 
 
 def _run_dry(first_audio: float | None, samples: int, rate: int) -> float:
