@@ -8,12 +8,12 @@ instead of idling between the two.
 
 :class:`RunAhead` is the scheduler's step function for such an engine. A row that joins while a step
 runs ahead is not launched beside it (a second step in one tick would read every weight twice): it
-joins the launch made at the end of the tick, and gets ``LATER`` (nothing yet) from this one. (A row whose reader has no room
-for one more output is left out of that launch too, and waits until its reader catches up, as
-it would without running ahead.) A tick thus launches one step and waits once. Each row's output of a step run ahead is booked
-on its state (``state.held``) until the row is stepped: a row whose reader fell behind keeps it. A
-state closed meanwhile gets nothing booked (``book`` says None): its step is void, as if it had not
-run, since an engine's step commits nothing on the host before it is booked.
+gets ``LATER`` (nothing yet) from this tick and joins the launch made at its end. A row whose reader
+has no room for one more output is left out of that launch and waits until its reader takes one. A
+tick thus launches one step and waits once. Each row's output of a step run ahead is booked on its
+state (``state.held``) until the row is stepped. A state closed meanwhile gets nothing booked
+(``book`` says None): its step is void, as if it had not run, since an engine's step commits nothing
+on the host before it is booked.
 
 The engine supplies four plain functions: ``launch(states)`` starts one step of those states that
 can step (its result names them in ``.states``; None when none can), ``collect(*launched)`` waits
