@@ -12,6 +12,7 @@ import pytest
 
 from duplex.engine.ahead import RunAhead
 from duplex.engine.scheduler import Output, Scheduler
+from test_engine_scheduler import consume
 
 
 @dataclass(eq=False)
@@ -59,17 +60,11 @@ def make(ahead: bool, log: list) -> tuple[Scheduler, RunAhead]:
 
 async def _drive(s: Scheduler) -> list[list[int]]:
     """Three rows joining at different steps; each row's outputs."""
-    async def consume(limit: int, delay: float) -> list[int]:
+    async def one(limit: int, delay: float) -> list[int]:
         await asyncio.sleep(delay)
-        row = s.join(Row(limit), room=2)
-        out = []
-        while True:
-            item = await s.next(row)
-            out.append(item.value)
-            if item.done:
-                return out
+        return await consume(s, s.join(Row(limit), room=2))
 
-    return list(await asyncio.gather(consume(12, 0.0), consume(8, 0.005), consume(10, 0.01)))
+    return list(await asyncio.gather(one(12, 0.0), one(8, 0.005), one(10, 0.01)))
 
 
 async def test_steps_run_ahead_give_the_plain_outputs_one_step_in_flight_at_a_time():
