@@ -16,8 +16,8 @@ state (``state.held``) until the row is stepped. A state closed meanwhile gets n
 on the host before it is booked.
 
 The engine supplies four plain functions: ``launch(states)`` starts one step of those states that
-can step (its result names them in ``.states``; None when none can), ``collect(*launched)`` waits
-once and reads every launch's result, and ``book(launched, result)`` commits a launch's result into
+can step (its result names them in ``.states``; None when none can), ``collect(launched)`` waits
+for it and reads its result, and ``book(launched, result)`` commits a launch's result into
 its states and gives each one's :class:`~duplex.engine.scheduler.Output` (None: closed meanwhile),
 and ``live(state)`` says whether a state can still step.
 """
@@ -49,7 +49,7 @@ class RunAhead(Generic[S, L]):
     """One engine's step with its next step run ahead (see the module's docstring)."""
 
     launch: Callable[[list[S]], L | None]
-    collect: Callable[..., list[Any]]
+    collect: Callable[[L], Any]
     book: Callable[[L, Any], list[Output | None]]
     live: Callable[[S], bool]  # whether a state can still step (not closed or superseded)
     closed: Output | BaseException  # what a state that could not step gets (closed or superseded meanwhile)
@@ -60,31 +60,24 @@ class RunAhead(Generic[S, L]):
         return Ahead(self.launch_ahead, self.settle)
 
     def step(self, states: list[S]) -> list[Output | BaseException]:
-        """The batched step (worker thread): the rows of the step run ahead take what it made; with
-        none running ahead, the rows are launched now and read; rows that join while one runs ahead
-        get ``LATER`` and join the next launch. (A step that fails is re-run for each row alone by
+        """The batched step (worker thread): the rows of the step run ahead take what it made, and
+        rows that join while it runs get ``LATER`` and join the next launch; with none running ahead,
+        the rows are launched now and read. (A step that fails is re-run for each row alone by
         the scheduler: the rows already booked hold their outputs, the others launch again on their
         unchanged state.)"""
         pending, self.pending = self.pending, None
-        running = {id(state) for state in pending.states} if pending is not None else set()
-        new = [state for state in states if state.held is None and id(state) not in running]
-        later: set[int] = set()
         if pending is not None:  # rows that join wait for the next launch, made at this tick's end
-            later = {id(state) for state in new if self.live(state)}
-            new = [state for state in new if id(state) not in later]  # (closed: nothing to launch)
-        launched = [pending] if pending is not None else []
-        fresh = self.launch(new) if new else None
-        if fresh is not None:
-            launched.append(fresh)
-        if launched:
-            for step, result in zip(launched, self.collect(*launched)):
-                self._hold(step, result)
+            self._hold(pending, self.collect(pending))
+        else:
+            step = self.launch([state for state in states if state.held is None])
+            if step is not None:
+                self._hold(step, self.collect(step))
         outputs: list[Output | BaseException] = []
         for state in states:
             if state.held is not None:
                 outputs.append(state.held)
             else:
-                outputs.append(LATER if id(state) in later else self.closed)
+                outputs.append(LATER if pending is not None and self.live(state) else self.closed)
             state.held = None
         return outputs
 
@@ -97,7 +90,7 @@ class RunAhead(Generic[S, L]):
         """Wait for the step run ahead and book it (before a tick's jobs, which must see it committed)."""
         pending, self.pending = self.pending, None
         if pending is not None:
-            self._hold(pending, self.collect(pending)[0])
+            self._hold(pending, self.collect(pending))
 
     def _hold(self, step: L, result: Any) -> None:
         for state, out in zip(step.states, self.book(step, result)):

@@ -89,9 +89,9 @@ LATER: Any = _Later()
 class Ahead:
     """How an engine runs its next step ahead (its rows' inputs are known once a step's outputs are
     booked, as an LLM's next token): ``launch(states)`` starts the next step of those rows without
-    waiting for it, and the rows' outputs of it are kept with their states; the step function reads
-    them together with any rows it launches itself (one wait for the device), and ``settle()``
-    waits for them and books them when a tick must see every state committed first."""
+    waiting for it, and the rows' outputs of it are kept with their states; the next tick's step
+    reads it (one wait for the device), and ``settle()`` waits for it and books it when a tick must
+    see every state committed first."""
 
     launch: Callable[[list[Any]], None]
     settle: Callable[[], None]

@@ -62,34 +62,32 @@ class PassRows(Staged):
 
 
 class Readback:
-    """Where launched steps leave their outputs on the host: a pinned table of two halves ``[2, *shape]``,
-    so a step run ahead and one launched after it never share one (:mod:`duplex.engine.ahead`).
-    :meth:`queue` copies a step's output buffer into the next half as the step ends (no wait) and
-    marks its end; :meth:`read` waits for a mark once and gives the whole table."""
+    """Where a launched step leaves its outputs on the host: a pinned table ``shape`` (one step is in
+    flight at a time, :mod:`duplex.engine.ahead`, and it is read before the next is launched).
+    :meth:`queue` copies a step's output buffer into it as the step ends (no wait) and marks its end;
+    :meth:`read` waits for the mark once and gives the table."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
         import torch
 
         self.device = device
-        self.table = torch.zeros((2, *shape), dtype=dtype, pin_memory=device.type == "cuda")
-        self._half = 0
+        self.table = torch.zeros(shape, dtype=dtype, pin_memory=device.type == "cuda")
 
-    def queue(self, out: torch.Tensor, n: int) -> tuple[int, Any]:
-        """Copy ``out[:n]`` into the next half once the work queued so far ends; (the half, its end:
-        a CUDA event, None on the CPU where the copy is done already)."""
+    def queue(self, out: torch.Tensor, n: int) -> Any:
+        """Copy ``out[:n]`` into the table once the work queued so far ends; that end (a CUDA event;
+        None on the CPU, where the copy is done already)."""
         import torch
 
-        half, self._half = self._half, 1 - self._half
-        self.table[half, :n].copy_(out[:n], non_blocking=True)
+        self.table[:n].copy_(out[:n], non_blocking=True)
         if self.device.type != "cuda":
-            return half, None
+            return None
         end = torch.cuda.Event()
         end.record()
-        return half, end
+        return end
 
     def read(self, end: Any) -> torch.Tensor:
-        """The table, once the copy marked ``end`` (and every one before it) has landed: the host's
-        one wait. (``.cpu()`` of pinned host memory copies nothing; the host-sync tests count it.)"""
+        """The table, once the copy marked ``end`` has landed: the host's one wait. (``.cpu()`` of
+        pinned host memory copies nothing; the host-sync tests count it.)"""
         if end is not None:
             end.synchronize()
         return self.table.cpu()

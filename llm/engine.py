@@ -57,9 +57,8 @@ class DecodeRequest:
 
 @dataclass(frozen=True)
 class Launched:
-    """A decode step launched and not yet read: its half of the host table, its rows, its end."""
+    """A decode step launched and not yet read: its rows, and its end."""
 
-    half: int
     n: int
     end: Any  # its copy out's end (a CUDA event; None on the CPU, where the copy is done)
 
@@ -125,8 +124,7 @@ class Engine:
             out=torch.zeros(slots, dtype=torch.long, device=self.device),
             logits=torch.zeros(slots, rows, dtype=torch.float32, device=self.device))
         self._last_step: dict[int, int] = {}  # row -> its batch position in the latest decode step
-        # where launched steps leave their sampled ids: two halves, so a step launched ahead and one
-        # launched beside it are read together (pinned: the copies run as the steps end)
+        # where a launched step leaves its sampled ids (pinned: the copy runs as the step ends)
         self._readback = Readback((slots,), torch.long, self.device)
         self._pre = _PrefillBuffers(
             tokens=Staged((max(window // 2, PREFILL_LENGTHS[-1]), slots), torch.long, self.device),
@@ -276,14 +274,13 @@ class Engine:
         advanced: the caller commits them."""
         if not requests:
             return []
-        return self.collect(self.launch(requests))[0]
+        return self.collect(self.launch(requests))
 
     @torch.inference_mode()
     def launch(self, requests: Sequence[DecodeRequest]) -> Launched:
-        """Start one batched decode step without waiting for it: its sampled ids are copied into
-        one half of a pinned host table as the step ends (:meth:`collect` reads them). The batch is
-        the requests, in order, padded to a bucket on the scratch row. At most two launches may be
-        outstanding (the two halves): a step launched ahead and one launched beside it."""
+        """Start one batched decode step without waiting for it: its sampled ids are copied into a
+        pinned host table as the step ends (:meth:`collect` reads them; it comes before the next
+        launch). The batch is the requests, in order, padded to a bucket on the scratch row."""
         n = len(requests)
         rows = [r.slot.row for r in requests]
         if not requests:
@@ -305,15 +302,14 @@ class Engine:
         self._buf.ints.push(bucket)
         self._buf.floats.push(bucket)
         self.graphs.run(n, self.kv.columns)
-        half, end = self._readback.queue(self._buf.out, bucket)
+        end = self._readback.queue(self._buf.out, bucket)
         self._last_step = {row: i for i, row in enumerate(rows)}
-        return Launched(half, n, end)
+        return Launched(n, end)
 
-    def collect(self, *launched: Launched) -> list[list[int]]:
-        """The sampled ids of steps launched in this order, after one wait for the device (the last
-        one's end) and one read of the host table: the ticks' one host sync."""
-        table = self._readback.read(launched[-1].end).tolist()
-        return [table[step.half][:step.n] for step in launched]
+    def collect(self, launched: Launched) -> list[int]:
+        """The sampled ids of the step launched, after one wait for the device and one read of the
+        host table: the tick's one host sync."""
+        return self._readback.read(launched.end)[:launched.n].tolist()
 
     def last_logits(self, slot: SinkSlot) -> torch.Tensor:
         """The logits the latest decode step computed for ``slot`` (an engine made with ``keep_logits``:

@@ -139,8 +139,8 @@ class SinkLLM:
         requests = [request for _, request in run]
         return _Launch([reply for reply, _ in run], requests, self.engine.launch(requests))
 
-    def _collect(self, *launches: _Launch) -> list[list[int]]:
-        return self.engine.collect(*(launch.launched for launch in launches))
+    def _collect(self, launch: _Launch) -> list[int]:
+        return self.engine.collect(launch.launched)
 
     @staticmethod
     def _book(launch: _Launch, tokens: list[int]) -> list[Output | None]:

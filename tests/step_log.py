@@ -8,7 +8,7 @@ from typing import Any
 
 def log_steps(run_ahead: Any, scheduler: Any) -> list[tuple[str, int]]:
     """Wrap ``run_ahead``'s launch and collect and ``scheduler.next``; returns the log they fill:
-    ``("launch", rows)``, ``("read", steps)``, ``("took", 0)``."""
+    ``("launch", rows)``, ``("read", 1)``, ``("took", 0)``."""
     log: list[tuple[str, int]] = []
     launch, collect, take = run_ahead.launch, run_ahead.collect, scheduler.next
 
@@ -18,9 +18,9 @@ def log_steps(run_ahead: Any, scheduler: Any) -> list[tuple[str, int]]:
             log.append(("launch", len(step.states)))
         return step
 
-    def collected(*steps):
-        log.append(("read", len(steps)))
-        return collect(*steps)
+    def collected(step):
+        log.append(("read", 1))
+        return collect(step)
 
     async def taken(row):
         out = await take(row)

@@ -40,9 +40,9 @@ def make(ahead: bool, log: list) -> tuple[Scheduler, RunAhead]:
         time.sleep(0.002)  # the device's time
         return Step(live, [r.value + 1 for r in live])
 
-    def collect(*steps: Step) -> list[list[int]]:
-        log.append(("read", len(steps)))
-        return [s.result for s in steps]
+    def collect(step: Step) -> list[int]:
+        log.append(("read", 1))
+        return step.result
 
     def book(step: Step, result: list[int]) -> list[Output | None]:
         out: list[Output | None] = []

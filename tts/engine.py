@@ -122,10 +122,9 @@ class SegmentStart:
 
 @dataclass(frozen=True)
 class FrameLaunch:
-    """A frame step launched and not yet read: its replies, its half of the host table, its end."""
+    """A frame step launched and not yet read: its replies, and its end."""
 
     states: list[Reply]
-    half: int
     end: Any  # its copy out's end (a CUDA event; None on the CPU, where the copy is done)
 
 
@@ -214,8 +213,7 @@ class CsmEngine:
         self._temperature = Staged((slots,), torch.float32, dev)
         # the step's output, copied to the host in one piece: each row's codes, then its frame's audio
         self._out = torch.zeros(slots, k + self.frame_size, dtype=torch.float32, device=dev)
-        # where launched frame steps leave codes and audio: two halves, so a step run ahead and one
-        # launched beside it are read together (pinned: the copies run as the steps end)
+        # where a launched frame step leaves codes and audio (pinned: the copy runs as the step ends)
         self._readback = Readback((slots, k + self.frame_size), torch.float32, dev)
         self._rows = torch.arange(slots, device=dev)
         self._depth_positions = torch.arange(k, device=dev)
@@ -503,14 +501,13 @@ class CsmEngine:
         """One frame for each of ``replies`` (each inside a segment) and its audio, in one batched step
         (:meth:`launch_frames`, :meth:`collect_frames`, :meth:`book_frames`); a reply's audio is
         handed out when its chunk is full or its segment ended."""
-        launched = self.launch_frames(replies)
-        return self.book_frames(launched, self.collect_frames(launched)[0])
+        return self.book_frames(replies, self.collect_frames(self.launch_frames(replies)))
 
     @_no_grad
     def launch_frames(self, replies: Sequence[Reply]) -> FrameLaunch:
         """Start one frame step of ``replies`` without waiting for it: its codes and audio are copied
-        into one half of a pinned host table as it ends. At most two launches may be outstanding (a
-        step run ahead and one launched beside it)."""
+        into a pinned host table as it ends (:meth:`collect_frames` reads them; it comes before the
+        next launch)."""
         for reply in replies:
             if not reply.active or not reply.staged:
                 raise RuntimeError("step on a closed reply or outside a segment")
@@ -530,23 +527,21 @@ class CsmEngine:
         self._ints.push(bucket)
         self._temperature.push(bucket)
         self.graphs.run(rows, max(r.length for r in replies) + 1)
-        half, end = self._readback.queue(self._out, bucket)
-        return FrameLaunch(list(replies), half, end)
+        return FrameLaunch(list(replies), self._readback.queue(self._out, bucket))
 
-    def collect_frames(self, *launched: FrameLaunch) -> list[np.ndarray]:
-        """The codes and audio of steps launched in this order (``[slots, K + frame_size]`` each), after
-        one wait for the device (the last one's end) and one read of the host table: the tick's one
-        host sync."""
-        table = self._readback.read(launched[-1].end).numpy()
-        return [table[step.half] for step in launched]
+    def collect_frames(self, launched: FrameLaunch) -> np.ndarray:
+        """The codes and audio of the frame step launched (``[slots, K + frame_size]``), after one wait
+        for the device and one read of the host table: the tick's one host sync."""
+        return self._readback.read(launched.end).numpy()
 
-    def book_frames(self, launched: FrameLaunch, out: np.ndarray) -> list[Step]:
-        """Commit a frame step's codes and audio into its replies; each one's :class:`Step`."""
+    def book_frames(self, replies: Sequence[Reply], out: np.ndarray) -> list[Step]:
+        """Commit a frame step's codes and audio into ``replies`` (those it stepped); each one's
+        :class:`Step`."""
         import torch
 
         k = self.num_codebooks
         steps: list[Step] = []
-        for reply in launched.states:  # commit only once the whole step ran
+        for reply in replies:  # commit only once the whole step ran
             codes = out[reply.row, :k]
             frame = torch.from_numpy(codes.astype(np.int64))
             reply.length += 1

@@ -102,7 +102,7 @@ class CsmTTS:
     def _book(self, launched: FrameLaunch, out: Any) -> list[Output | None]:
         """Commit the frames (a reply released meanwhile: its step is void)."""
         live = [reply for reply in launched.states if not reply.closed]
-        made = self.engine.book_frames(FrameLaunch(live, launched.half, launched.end), out)
+        made = self.engine.book_frames(live, out)
         steps = dict(zip(map(id, live), made))
         outputs: list[Output | None] = []
         for reply in launched.states:
