@@ -54,7 +54,20 @@ async def test_rows_that_join_wait_for_the_next_launch_so_a_tick_launches_one_st
     host sync)."""
     llm = make_llm("qwen2", window=192, max_reply_tokens=48, temperature=0.0, fixed_length=True)
     log = log_steps(llm.run_ahead, llm.scheduler)
-    texts = await _replies(llm, (0.0, 0.03, 0.06))
+    started = [asyncio.Event() for _ in ASKS]
+
+    async def speak(i: int) -> str:  # each joins once the one before has said its first words
+        if i:
+            await started[i - 1].wait()
+        stream = llm.new_stream(SHORT_SYSTEM)
+        out = []
+        async for piece in stream.reply([Message("user", ASKS[i][0])]):
+            out.append(piece)
+            started[i].set()
+        await stream.aclose()
+        return "".join(out)
+
+    texts = await asyncio.gather(*(speak(i) for i in range(len(ASKS))))
     assert all(texts)
     assert all(0 <= n <= 1 for n in in_flight(log)), log
     assert max(n for kind, n in log if kind == "launch") == 3  # the three replies did share steps
