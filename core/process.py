@@ -34,7 +34,7 @@ class Connection:
 
     def __init__(self, stages: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.stages = stages
-        self.reader, self.writer = reader, writer
+        self.receiver, self.sender = wire.Receiver(reader), wire.Sender(writer)
         self.streams: dict[int, Any] = {}
         self.iterators: dict[int, AsyncIterator[Any]] = {}
         self.tasks: dict[int, asyncio.Task[None]] = {}  # requests in flight, by request id
@@ -48,7 +48,7 @@ class Connection:
         try:
             while True:
                 try:
-                    message = await wire.read(self.reader)
+                    message = await self.receiver.next()
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
                 self._handle(*message)
@@ -79,7 +79,7 @@ class Connection:
             from duplex.e2e import engine_ticks
 
             rid, since = args
-            self._send("result", rid, engine_ticks(self.stages, since))
+            self._send("result", rid, {**engine_ticks(self.stages, since), "wire": wire.TOTALS.copy()})
         elif kind == "cancel":
             (rid,) = args
             task = self.tasks.get(rid)
@@ -116,8 +116,7 @@ class Connection:
         return task
 
     def _send(self, *message: Any) -> None:
-        if not self.writer.is_closing():
-            wire.write(self.writer, *message)
+        self.sender.send(*message)
 
     async def _call(self, rid: int, sid: int, method: str, params: tuple[Any, ...]) -> None:
         stream = self.streams[sid]

@@ -45,7 +45,8 @@ class Core:
                  process: asyncio.subprocess.Process | None = None, folder: str | None = None) -> None:
         self.path = path  # the core's socket: more frontends connect to it
         self.process, self.folder = process, folder
-        self.reader, self.writer = reader, writer
+        self.writer = writer
+        self.receiver, self.sender = wire.Receiver(reader), wire.Sender(writer)  # after the greeting, read alone
         self.info = info
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[tuple[str, Any]]] = {}
@@ -105,7 +106,7 @@ class Core:
     def send(self, *message: Any) -> None:
         if self.gone is not None:
             raise self.gone
-        wire.write(self.writer, *message)
+        self.sender.send(*message)
 
     def new_id(self) -> int:
         return next(self._ids)
@@ -174,7 +175,7 @@ class Core:
     async def _read_loop(self) -> None:
         try:
             while True:
-                kind, *args = await wire.read(self.reader)
+                kind, *args = await self.receiver.next()
                 if kind == "pull":
                     fid, pull = args
                     self._pulling[fid] = asyncio.create_task(self._pull(fid, pull))
@@ -202,6 +203,7 @@ class Core:
         """Hang up (the core closes this connection's streams) and, when this connection owns the
         process, wait for it (it closes every other frontend's streams and the models, then exits)."""
         if not self.writer.is_closing():
+            self.sender.flush()
             self.writer.close()
         self._reading.cancel()
         await asyncio.gather(self._reading, return_exceptions=True)

@@ -116,6 +116,7 @@ class ConcurrencyRow(TypedDict):
     gpu_busy: float | None
     cpu_s_per_s: dict[str, float]
     listen_prefills_per_session_s: float | None
+    wire_messages_per_write: dict[str, float] | None  # engine core process: each side's messages per socket write
     wall_s: float
 
 
@@ -173,11 +174,12 @@ def core_cpu(agent: Agent) -> Callable[[float], dict[str, float]]:
 
 def concurrency_row(n: int, *, lags: list[float], underruns: int, v2v: list[float], ticks: dict[str, list[float]],
                     rows: dict[str, list[int]], gpu: list[float], cpu_s_per_s: dict[str, float],
-                    listens: int | None, wall: float) -> ConcurrencyRow:
+                    listens: int | None, wall: float,
+                    wire: dict[str, float] | None = None) -> ConcurrencyRow:
     """One size of a concurrency sweep from what was sampled while ``n`` sessions ran for ``wall``
     seconds: input lags (every 0.1 s), reply-audio gaps, voice-to-voice latencies, each engine's tick
     times (ms) and rows stepped per tick, GPU utilisation samples, CPU seconds per second by process,
-    and LLM listen prefills."""
+    LLM listen prefills and, across an engine core's socket, each side's messages per write."""
     p99, worst = _quantile(lags, 0.99) or 0.0, max(lags, default=0.0)
     stepped = {role: [r for r in counts if r] for role, counts in rows.items()}
     return {
@@ -191,7 +193,7 @@ def concurrency_row(n: int, *, lags: list[float], underruns: int, v2v: list[floa
         "rows_per_tick": {role: round(sum(v) / len(v), 2) for role, v in stepped.items() if v},
         "gpu_busy": round(sum(gpu) / len(gpu), 3) if gpu else None, "cpu_s_per_s": cpu_s_per_s,
         "listen_prefills_per_session_s": None if listens is None else round(listens / n / wall, 2),
-        "wall_s": round(wall, 1)}
+        "wire_messages_per_write": wire, "wall_s": round(wall, 1)}
 
 
 def print_row(row: ConcurrencyRow) -> None:
@@ -228,7 +230,8 @@ async def sweep(measure: Callable[[int], Awaitable[Row]], max_sessions: int,
 def engine_ticks(stages: Any, since: dict[str, int] | None = None) -> dict[str, Any]:
     """Each engine's tick count now (``counts``), the times (ms) and rows stepped of the ticks run
     since the counts in ``since`` (``ticks``, ``rows``, by engine) and the LLM's listen count
-    (``listens``, None without a counter). The engine core process answers the same for its stages."""
+    (``listens``, None without a counter). The engine core process answers the same for its stages,
+    with its side of the socket's message and write counts (``wire``)."""
     schedulers = _schedulers(stages)
     ran = {role: s.ticks_since(since[role]) for role, s in schedulers.items() if since is not None and role in since}
     return {"counts": {role: s.ticks for role, s in schedulers.items()},
@@ -237,13 +240,22 @@ def engine_ticks(stages: Any, since: dict[str, int] | None = None) -> dict[str, 
             "listens": getattr(stages.llm, "listens", None)}
 
 
-async def engine_probe(agent: Agent) -> Callable[[], Awaitable[dict[str, Any]]]:
+def per_write(start: dict[str, int], end: dict[str, int]) -> float:
+    """Messages per socket write between two copies of :data:`duplex.core.wire.TOTALS`."""
+    return round((end["messages"] - start["messages"]) / max(end["writes"] - start["writes"], 1), 2)
+
+
+async def engine_probe(agent: Agent, workers: bool = False) -> Callable[[], Awaitable[dict[str, Any]]]:
     """Start counting each engine's ticks and the LLM's listens now, in this process or in the agent's
     engine core; the returned function gives what happened since: ``ticks`` (ms per tick, by engine),
-    ``rows`` (rows stepped per tick, by engine) and ``listens`` (None without a listen counter)."""
+    ``rows`` (rows stepped per tick, by engine), ``listens`` (None without a listen counter) and, with
+    an engine core, ``wire``: messages per socket write of the core (to all its frontends) and, when
+    the sessions run in this process (not in ``workers`` processes), of this side."""
     async def read(since: dict[str, int] | None) -> dict[str, Any]:
         if agent.core is not None:
-            return await agent.core.engine_ticks(since)
+            from duplex.core import wire
+
+            return {**await agent.core.engine_ticks(since), "frontend": wire.TOTALS.copy()}
         return engine_ticks(agent.stages, since)
 
     start = await read(None)
@@ -251,8 +263,13 @@ async def engine_probe(agent: Agent) -> Callable[[], Awaitable[dict[str, Any]]]:
     async def since() -> dict[str, Any]:
         end = await read(start["counts"])
         listens0, listens = start["listens"], end["listens"]
+        wire = None
+        if "wire" in end:
+            wire = {"core": per_write(start["wire"], end["wire"])}
+            if not workers:  # this process's sessions are the core's only frontend
+                wire["frontend"] = per_write(start["frontend"], end["frontend"])
         return {"ticks": end["ticks"], "rows": end["rows"],
-                "listens": None if listens is None or listens0 is None else listens - listens0}
+                "listens": None if listens is None or listens0 is None else listens - listens0, "wire": wire}
 
     return since
 
@@ -362,7 +379,11 @@ def apply_bench_settings(config, quick: bool) -> None:
 
 
 def max_sessions(config, quick: bool) -> int:
-    """The most concurrent sessions the benchmark tries: 8 on the CPU, 4 on a GPU with --quick, else 64."""
+    """The most concurrent sessions the benchmark tries. With models: 8 on the CPU, 4 on a GPU with
+    --quick, else 64. The fake profile's models cost nothing, so its sweep measures the plumbing
+    (sessions, frontends, the engine core's wire) on any machine: 64, 8 with --quick."""
+    if config.profile == "fake":
+        return 8 if quick else 64
     if not config.resolved_device().startswith("cuda"):
         return 8
     return 4 if quick else 64

@@ -132,8 +132,8 @@ async def measure(server, agent, url: str, n: int) -> CapacityRow:
 
     lags: list[float] = []
     underruns: dict[str, int] = {}
-    probe, core = await engine_probe(agent), core_cpu(agent)
     workers_cpu = _workers_cpu(server)
+    probe, core = await engine_probe(agent, workers=workers_cpu is not None), core_cpu(agent)
     t, cpu = now(), time.process_time()
     async with gpu_sampling(agent.config.resolved_device()) as gpu:
         child = await asyncio.create_subprocess_exec(
