@@ -1,5 +1,6 @@
 """`duplex serve --workers 2` as a user runs it: a front process, two worker processes and one engine
-core; real aiortc peers placed on the workers, a worker killed, and Ctrl-C stopping them all."""
+core; real aiortc peers placed on the workers, a worker killed and started again, and Ctrl-C stopping
+them all."""
 
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ async def test_sessions_spread_over_workers_that_share_one_core(jfk_path):
     (speech heard, a reply's audio received) through the one engine core; the status sums the workers;
     a client reconnecting with its resume token continues on the worker that keeps its conversation;
     a Realtime WebSocket client converses through the front's relay to a worker;
-    a worker killed is shown down, its seats gone, and the next offer goes to the survivor; Ctrl-C
-    stops the front, the surviving worker and the core (no process left, exit 0, no traceback)."""
+    a worker killed is shown down, its seats gone, and the next offer goes to the survivor; the front
+    starts it again, and a new session lands on it and is heard; Ctrl-C stops the front, the workers
+    and the core (no process left, exit 0, no traceback)."""
     allow_loopback_candidates()
     proc, url = await _start("--profile", "fake", "--port", "0", "--max-sessions", "4", "--workers", "2")
     base = url.rstrip("/")
@@ -110,6 +112,22 @@ async def test_sessions_spread_over_workers_that_share_one_core(jfk_path):
             async with http.patch(f"{base}/api/offer", data=json.dumps(patch),
                                   headers={"Content-Type": "application/json"}) as r:
                 assert r.status == 503 and "worker-0" in (await r.json())["error"]
+
+            # the front starts the killed worker again (after RESTART_S): its seats come back, and the
+            # next session is placed on it (it has the most room) and converses
+            for _ in range(300):
+                async with http.get(f"{base}/api/status") as r:
+                    status = await r.json()
+                if status["replicas_up"] == 2:
+                    break
+                await asyncio.sleep(0.2)
+            assert status["replicas_up"] == 2 and status["max_sessions"] == 4, status
+            pids_again = {w["name"]: w["pid"] for w in status["replicas"]}
+            assert pids_again["worker-0"] != pids["worker-0"] and pids_again["worker-1"] == pids["worker-1"]
+            again = await connect(base, file_track(jfk48(jfk_path)))
+            clients.append(again)
+            assert again.pc_id.startswith("worker-0.")
+            await again.wait_for("input_audio_buffer.speech_started", timeout=30)
         core = [pid for pid in _children(proc.pid) if b"duplex.core.process" in _command(pid)]
         assert len(core) == 1
         proc.send_signal(signal.SIGINT)
@@ -123,5 +141,67 @@ async def test_sessions_spread_over_workers_that_share_one_core(jfk_path):
     err = (await proc.stderr.read()).decode()
     assert code == 0, err
     assert "Traceback" not in err and "duplex serve: stopped" in err
-    for pid in [pids["worker-1"], *core]:
+    assert "worker worker-0 has gone" in err and "starting it again in 5 s" in err and "worker worker-0 is back" in err
+    for pid in [pids["worker-1"], pids_again["worker-0"], *core]:
         assert not _alive(pid), f"process {pid} outlived duplex serve"
+
+
+class _Process:
+    returncode = -9
+
+    async def wait(self) -> int:
+        return self.returncode
+
+
+class _Launcher:
+    """Starts a stand-in worker, failing the first ``failures`` times; records when each start came."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.starts = failures, []
+
+    async def start(self, index):
+        from duplex.transport.workers import Worker
+
+        self.starts.append(asyncio.get_running_loop().time())
+        if len(self.starts) <= self.failures:
+            raise RuntimeError("the engine core is not there")
+        return Worker(f"worker-{index}", _Process())
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("failures", [0, 2])
+async def test_a_worker_that_goes_is_started_again_later_each_time_it_fails(monkeypatch, failures):
+    """The front starts a worker that went again after RESTART_S, doubling the wait after each start
+    that fails and for a worker that goes again soon after it started; the new worker takes the old
+    one's place (and is itself started again when it goes)."""
+    from duplex.transport import workers
+    from duplex.transport.server import ServerOptions
+
+    monkeypatch.setattr(workers, "RESTART_S", 0.05)
+    monkeypatch.setattr(workers, "RESTART_MAX_S", 0.5)
+    launcher = _Launcher(failures)
+    old = workers.Worker("worker-0", _Process())
+    front = workers.Front({"worker-0": old}, ServerOptions(max_sessions=2), launcher)  # type: ignore[arg-type]
+    went = asyncio.get_running_loop().time()
+    front._gone(old)
+    for _ in range(200):
+        if front.workers["worker-0"] is not old:
+            break
+        await asyncio.sleep(0.01)
+    back = front.workers["worker-0"]
+    assert back is not old and len(launcher.starts) == failures + 1
+    waits = [b - a for a, b in zip([went, *launcher.starts], launcher.starts)]
+    for wait, least in zip(waits, [0.05, 0.1, 0.2]):
+        assert wait >= least * 0.9, waits
+    # it goes again at once: the wait doubles from the last one
+    again = asyncio.get_running_loop().time()
+    front._gone(back)
+    for _ in range(200):
+        if front.workers["worker-0"] is not back:
+            break
+        await asyncio.sleep(0.01)
+    assert front.workers["worker-0"] is not back
+    assert launcher.starts[-1] - again >= 2 * [0.05, 0.1, 0.2][failures] * 0.9
+    await front.close()

@@ -19,7 +19,8 @@ Three kinds of process (see docs/DESIGN.md, "The engine core process"):
 
 The front starts the core (and owns it: when the front ends, so does the core), then the workers,
 which connect to it. A worker that dies takes its sessions with it (their pages are told and may
-connect again, to another worker); the others go on.
+connect again, to another worker); the others go on, and the front starts it again (after
+``RESTART_S``; longer while it keeps dying soon after it starts).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import logging
 import os
 import pickle
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +46,8 @@ from duplex.transport.server import ApiResponse, ServerOptions, Site
 log = logging.getLogger(__name__)
 
 STOP_S = 5.0  # how long a closing worker may take before it is killed
+RESTART_S = 5.0  # a worker that went is started again after this ...
+RESTART_MAX_S = 60.0  # ... doubled, up to this, while it goes again within this of its start
 
 
 @dataclass
@@ -62,9 +67,11 @@ class WorkerSetup:
 class Worker:
     """The front's side of one worker process: its calls, one request each, answered in any order."""
 
-    def __init__(self, name: str, process: asyncio.subprocess.Process, http: str = "") -> None:
+    def __init__(self, name: str, process: asyncio.subprocess.Process, http: str = "",
+                 on_gone: Callable[[Worker], None] | None = None) -> None:
         self.name, self.process = name, process
         self.http = http  # its HTTP's Unix socket (the front relays /v1/realtime there)
+        self.on_gone = on_gone  # told when the worker goes on its own (not when the front hangs up)
         self.writer: asyncio.StreamWriter | None = None
         self.pid: int | None = None
         self._ids = itertools.count(1)
@@ -104,12 +111,11 @@ class Worker:
             pass
         finally:
             self.gone = True
-            if not self._closing:
-                log.warning("worker %s has gone (exit code %s); its sessions have ended", self.name,
-                            self.process.returncode)
             for future in self._waiting.values():
                 if not future.done():
                     future.set_exception(ReplicaDown(f"worker {self.name} has exited"))
+            if not self._closing and self.on_gone is not None:
+                self.on_gone(self)
 
     async def aclose(self) -> None:
         """Hang up (the worker closes its sessions, then exits) and wait for it, killing it after STOP_S."""
@@ -126,14 +132,130 @@ class Worker:
             await self.process.wait()
 
 
-class Front(Site):
-    """The page and the HTTP API of ``duplex serve --workers N`` (see the module docstring)."""
+class Launcher:
+    """Starts worker processes, at first and again after one has gone: each is told its setup on
+    stdin and says hello (or why it could not start) on the front's Unix socket."""
 
-    def __init__(self, workers: dict[str, Worker], options: ServerOptions, runtime: str = "") -> None:
+    def __init__(self, config: AgentConfig, options: ServerOptions, workers: int, core: str, *,
+                 loopback: bool) -> None:
+        import tempfile
+
+        self.config, self.options, self.count, self.core, self.loopback = config, options, workers, core, loopback
+        self.folder = tempfile.mkdtemp(prefix="duplex-front-")  # mode 0700: only this user reaches the socket
+        self.path = os.path.join(self.folder, "front.sock")
+        self.runtime = tempfile.mkdtemp(prefix="duplex-workers-")  # the workers' HTTP sockets
+        self._starting: dict[str, tuple[Worker, asyncio.Future[None]]] = {}
+        self._server: asyncio.AbstractServer | None = None
+
+    async def listen(self) -> None:
+        self._server = await asyncio.start_unix_server(self._accept, path=self.path)
+
+    def seats(self, index: int) -> int:
+        """Worker ``index``'s share of ``max_sessions``."""
+        return self.options.max_sessions // self.count + (index < self.options.max_sessions % self.count)
+
+    async def start(self, index: int, on_gone: Callable[[Worker], None] | None = None) -> Worker:
+        """Start ``worker-<index>`` and wait for its hello (raises what stopped it)."""
+        from dataclasses import replace
+
+        name = f"worker-{index}"
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "duplex.transport.workers", str(os.getpid()), stdin=asyncio.subprocess.PIPE)
+        worker = Worker(name, process, os.path.join(self.runtime, f"{name}.sock"), on_gone)
+        hello: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._starting[name] = (worker, hello)
+        try:
+            assert process.stdin is not None
+            setup = WorkerSetup(self.config, replace(self.options, max_sessions=self.seats(index)), self.core,
+                                self.path, name, self.loopback, logging.getLogger("duplex").getEffectiveLevel(),
+                                worker.http)
+            process.stdin.write(pickle.dumps(setup))
+            await process.stdin.drain()
+            process.stdin.close()
+            await _started(worker, hello)
+        except BaseException:
+            await worker.aclose()
+            raise
+        finally:
+            self._starting.pop(name, None)
+        return worker
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            kind, name, payload = await wire.read(reader)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        if name not in self._starting or self._starting[name][1].done():
+            writer.close()
+            return
+        worker, hello = self._starting[name]
+        if kind == "failed":
+            writer.close()
+            hello.set_exception(payload)
+            return
+        worker.attach(reader, writer, int(payload["pid"]))
+        hello.set_result(None)
+
+    def close(self) -> None:
+        import shutil
+
+        if self._server is not None:
+            self._server.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        shutil.rmtree(self.runtime, ignore_errors=True)
+
+
+class Front(Site):
+    """The page and the HTTP API of ``duplex serve --workers N`` (see the module docstring). A worker
+    that goes is started again (its sessions are lost; the others go on), after ``RESTART_S``, or
+    longer while it keeps going soon after each start."""
+
+    def __init__(self, workers: dict[str, Worker], options: ServerOptions, launcher: Launcher | None = None) -> None:
         self.workers = workers
         self.router = Router(list(workers), self._call)
-        self.runtime = runtime  # the private folder of the workers' HTTP sockets (removed at close)
+        self.launcher = launcher  # starts a worker that went (None: none is started again)
+        self._restarts: dict[str, asyncio.Task[None]] = {}
+        self._started_at = {name: time.monotonic() for name in workers}  # its latest start
+        self._delays: dict[str, float] = {}  # the wait before its latest restart
+        self._closing = False
+        for worker in workers.values():
+            worker.on_gone = self._gone
         super().__init__(options)
+
+    def _gone(self, worker: Worker) -> None:
+        if self._closing or self.launcher is None or worker.name in self._restarts:
+            log.warning("worker %s has gone (exit code %s); its sessions have ended", worker.name,
+                        worker.process.returncode)
+            return
+        self._restarts[worker.name] = asyncio.create_task(self._restart(worker.name))
+
+    async def _restart(self, name: str) -> None:
+        """Start ``name`` again after ``RESTART_S``, doubling the wait (up to ``RESTART_MAX_S``) while
+        it keeps failing to start or going within ``RESTART_MAX_S`` of its start."""
+        assert self.launcher is not None
+        index = int(name.rsplit("-", 1)[1])
+        last, ran = self._delays.get(name), time.monotonic() - self._started_at[name]
+        delay = RESTART_S if last is None or ran >= RESTART_MAX_S else min(2 * last, RESTART_MAX_S)
+        self._delays[name] = delay
+        log.warning("worker %s has gone (exit code %s); its sessions have ended; starting it again in %.0f s",
+                    name, self.workers[name].process.returncode, delay)
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                try:
+                    worker = await self.launcher.start(index)
+                    break
+                except Exception as exc:
+                    delay = min(2 * delay, RESTART_MAX_S)
+                    self._delays[name] = delay
+                    log.warning("worker %s did not start again (%s: %s); trying in %.0f s", name,
+                                type(exc).__name__, exc, delay)
+            worker.on_gone = self._gone
+            self.workers[name] = worker
+            self._started_at[name] = time.monotonic()
+            log.warning("worker %s is back (pid %s)", name, worker.pid)
+        finally:
+            self._restarts.pop(name, None)
 
     async def realtime(self, request):
         """``GET /v1/realtime``, checked here as on one server, then relayed to the worker with the most
@@ -193,70 +315,38 @@ class Front(Site):
         """Start the engine core (it loads the models) and ``workers`` worker processes sharing
         ``options.max_sessions`` seats; the front, and the core's connection (its owner: close the
         front's workers with :meth:`close`, then the core)."""
-        import shutil
-        import tempfile
-        from dataclasses import replace
-
         if not 1 <= workers <= options.max_sessions:
             raise ValueError(f"{workers} workers need 1 to max_sessions ({options.max_sessions}) workers")
 
         from duplex.core.remote import Core
 
         core = await Core.start(config)
-        folder = tempfile.mkdtemp(prefix="duplex-front-")  # mode 0700: only this user reaches the socket
-        path = os.path.join(folder, "front.sock")
-        runtime = tempfile.mkdtemp(prefix="duplex-workers-")  # the workers' HTTP sockets, for as long as they run
-        started: dict[str, Worker] = {}
-        hello: dict[str, asyncio.Future[Any]] = {}
-
-        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                kind, name, payload = await wire.read(reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            if name not in hello or hello[name].done():
-                writer.close()
-                return
-            if kind == "failed":
-                writer.close()
-                hello[name].set_exception(payload)
-                return
-            started[name].attach(reader, writer, int(payload["pid"]))
-            hello[name].set_result(None)
-
-        server = await asyncio.start_unix_server(accept, path=path)
+        launcher = Launcher(config, options, workers, core.path, loopback=loopback)
+        started: list[Worker] = []
         try:
-            for i in range(workers):
-                name = f"worker-{i}"
-                hello[name] = asyncio.get_running_loop().create_future()
-                process = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "duplex.transport.workers", str(os.getpid()), stdin=asyncio.subprocess.PIPE)
-                started[name] = Worker(name, process, os.path.join(runtime, f"{name}.sock"))
-                assert process.stdin is not None
-                seats = options.max_sessions // workers + (i < options.max_sessions % workers)
-                setup = WorkerSetup(config, replace(options, max_sessions=seats), core.path, path, name, loopback,
-                                    logging.getLogger("duplex").getEffectiveLevel(), started[name].http)
-                process.stdin.write(pickle.dumps(setup))
-                await process.stdin.drain()
-                process.stdin.close()
-            await asyncio.gather(*(_started(started[n], hello[n]) for n in started))
+            await launcher.listen()
+            starts = [asyncio.create_task(launcher.start(i)) for i in range(workers)]
+            done = await asyncio.gather(*starts, return_exceptions=True)
+            started = [w for w in done if isinstance(w, Worker)]
+            for outcome in done:
+                if isinstance(outcome, BaseException):
+                    raise outcome
         except BaseException:
-            await asyncio.gather(*(w.aclose() for w in started.values()), return_exceptions=True)
+            await asyncio.gather(*(w.aclose() for w in started), return_exceptions=True)
             await core.aclose()
-            shutil.rmtree(runtime, ignore_errors=True)
+            launcher.close()
             raise
-        finally:
-            server.close()
-            shutil.rmtree(folder, ignore_errors=True)
-        return cls(started, options, runtime), core
+        return cls({w.name: w for w in started}, options, launcher), core
 
     async def close(self) -> None:
-        """Every worker closes its sessions and exits (the app's shutdown runs this)."""
-        import shutil
-
+        """Every worker closes its sessions and exits (the app's shutdown runs this); none starts again."""
+        self._closing = True
+        for task in list(self._restarts.values()):
+            task.cancel()
+        await asyncio.gather(*self._restarts.values(), return_exceptions=True)
         await asyncio.gather(*(w.aclose() for w in self.workers.values()))
-        if self.runtime:
-            shutil.rmtree(self.runtime, ignore_errors=True)
+        if self.launcher is not None:
+            self.launcher.close()
 
 
 async def _relay(outer: Any, inner: Any) -> None:
