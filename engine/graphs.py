@@ -79,6 +79,12 @@ class BucketedStep:
     def captured(self) -> bool:
         return bool(self._graphs)
 
+    @property
+    def replays(self) -> bool:
+        """Whether a step of these buckets is a graph replay (captured, not forced eager): one of a
+        session alone is then cheaper than its own eager pass, whose every kernel is launched."""
+        return self.captured and not self.eager
+
     def capture(self, prepare: Callable[[int], None] | None = None, progress: Callable[[str], None] | None = None,
                 warmup: int = 2) -> None:
         """Warm up and capture every (batch, length) bucket, largest first, into one memory pool (CUDA only).

@@ -186,6 +186,12 @@ class Engine:
         slot.length += n
         return self._logits(hidden[-1])
 
+    def replays_prefill(self, tokens: int) -> bool:
+        """Whether :meth:`prefill_rows` runs a pass of ``tokens`` tokens as a graph replay (on CUDA,
+        graphs on, within the longest token bucket): then a session's prefill alone takes it too,
+        rather than its eager :meth:`prefill` (hundreds of kernels launched one by one)."""
+        return self.prefill_graphs.replays and tokens <= self.prefill_graphs.lengths[-1]
+
     @torch.inference_mode()
     def prefill_rows(self, requests: Sequence[tuple[SinkSlot, Sequence[int]]]) -> list[torch.Tensor]:
         """Several sessions' prefills in one pass (each runs its ``ids`` after what its slot holds);

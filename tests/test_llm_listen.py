@@ -178,3 +178,48 @@ async def test_a_prefill_pass_copies_to_the_host_twice_whatever_it_holds(make_ll
     assert len(passes[0][1]) == 2, passes
     for stream in streams:
         await stream.aclose()
+
+
+async def test_a_session_alone_takes_the_captured_pass_where_it_is_a_replay(make_llm, monkeypatch):
+    """Where the prefill pass is a graph replay (a GPU with graphs; here its buckets are said to
+    replay, so the pass runs the captured step's code eagerly), a session listening or starting a
+    reply alone takes that pass, not an eager prefill of its own row; its cache, estimate and sampled
+    reply are those of the eager prefill (what the CPU, and every test above, runs). Its first
+    listen still builds its context from the system prompt alone (once per session)."""
+    from duplex.engine.graphs import BucketedStep
+
+    dialogue = DIALOGUES[2]
+    first = [Message("user", " ".join(dialogue[0].content.split()[:3]))]
+
+    async def alone(llm, calls=None) -> tuple:
+        stream = llm.new_stream(SHORT_SYSTEM)
+        await stream.listen(first)  # builds the context (system prompt and words), alone
+        if calls is not None:
+            calls.update(rows=0, alone=0)
+        estimate = await stream.listen(dialogue)
+        context = stream.context
+        ids, logits = list(context.ids), context.logits.clone()
+        text = "".join([piece async for piece in stream.reply(dialogue)])
+        await stream.aclose()
+        return estimate, ids, logits, text
+
+    eager = await alone(make_llm("qwen2", window=256, max_reply_tokens=12, temperature=0.7))
+    monkeypatch.setattr(BucketedStep, "replays", property(lambda self: True))
+    llm = make_llm("qwen2", window=256, max_reply_tokens=12, temperature=0.7)
+    calls = {"rows": 0, "alone": 0}
+    engine = llm.engine
+    real = {"rows": engine.prefill_rows, "alone": engine.prefill}
+
+    def counted(kind):
+        def call(*args, **kwargs):
+            calls[kind] += 1
+            return real[kind](*args, **kwargs)
+        return call
+
+    engine.prefill_rows, engine.prefill = counted("rows"), counted("alone")
+    replayed = await alone(llm, calls)
+    assert calls == {"rows": 2, "alone": 0}, calls  # the listen and the reply's start, each a pass
+    assert replayed[0] == pytest.approx(eager[0], abs=1e-6)
+    assert replayed[1] == eager[1]
+    assert float((replayed[2] - eager[2]).abs().max()) < 1e-5
+    assert replayed[3] == eager[3]

@@ -74,6 +74,29 @@ def test_batched_frames_equal_each_reply_alone(make_engine, voice_a, monkeypatch
     assert not torch.equal(alone[0][0][:3], alone[2][0][:3])  # other seeds and texts say other things
 
 
+def test_a_reply_alone_takes_the_captured_segment_pass_where_it_is_a_replay(make_engine, voice_a, monkeypatch):
+    """Where the segment pass is a graph replay (a GPU with graphs; here its buckets are said to
+    replay, so the pass runs the captured step's code eagerly), a reply starting its segment alone
+    takes that pass, not an eager prefill of its own row, and speaks the same codes (audio to 1e-5)
+    as with the eager prefill (what the CPU runs)."""
+    from duplex.engine.graphs import BucketedStep
+    from duplex.tts.voice import check_voice
+
+    engine = make_engine(sampling=Sampling())
+    voice = engine.encode_voice(check_voice(voice_a), voice_a.text)
+    eager = _run(engine, together=False, voice=voice)
+    passes, prefills = [], []
+    segment_pass, prefill = engine._segment_pass, engine._prefill
+    monkeypatch.setattr(engine, "_segment_pass", lambda runs: passes.append(len(runs)) or segment_pass(runs))
+    monkeypatch.setattr(engine, "_prefill", lambda *run: prefills.append(run) or prefill(*run))
+    monkeypatch.setattr(BucketedStep, "replays", property(lambda self: True))
+    replayed = _run(engine, together=False, voice=voice)
+    assert passes == [1] * len(PLAN) and not prefills, (passes, len(prefills))
+    for (codes_a, audio_a), (codes_b, audio_b) in zip(eager, replayed):
+        assert torch.equal(codes_a, codes_b)
+        assert float(np.abs(audio_a - audio_b).max()) <= 1e-5 * max(1e-3, float(np.abs(audio_a).max()))
+
+
 async def test_concurrent_streams_equal_streams_alone(make_tts):
     """Three sessions speaking at once through the scheduler (batched frame steps) make exactly the
     audio each makes alone. (Each text is one segment: how streamed text is cut into segments

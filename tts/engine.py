@@ -369,7 +369,7 @@ class CsmEngine:
                 results[i] = exc
         runs = [(start.reply, embeds[:-1]) for start, _, _, embeds in planned if embeds.shape[0] > 1]
         short = [run for run in runs if run[1].shape[0] <= SEGMENT_LENGTHS[-1]]
-        if len(short) < 2:  # alone (its own row only), or too long to capture: eager, one by one
+        if len(short) < 2 and not self.segment_graphs.replays:  # alone, no graph: its own row only, eager
             short = []
         for run in runs:
             if run[1].shape[0] > SEGMENT_LENGTHS[-1] or not short:
