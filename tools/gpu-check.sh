@@ -3,7 +3,8 @@
 # a kernel launch, a graph-replayed kernel and a host sync cost (tools/launch-costs.py), then
 # `duplex bench asr --quick` (the captured steady ASR step), `duplex bench llm` (Qwen2.5-1.5B, batches
 # 1 8 32), `duplex bench tts` (CSM-1B, batches 1 8 32 64) and `duplex bench e2e` (all three models, a
-# sweep of concurrent sessions in real time), each with CUDA graphs captured and, for llm and tts,
+# sweep of concurrent sessions in real time, the models in the engine core process and the sessions
+# in the bench's, as `duplex serve` splits them for many sessions), each with CUDA graphs captured and, for llm and tts,
 # eager side by side, with the replies of both compared (greedy LLM text, seeded TTS audio: they must
 # be equal). COMPILE=1 fuses the layers with torch.compile (--compile) and compares them with the
 # unfused ones. JSON lands in $OUT (default artifacts/gpu); on the device, as one archive,
@@ -59,7 +60,7 @@ if [ "${COMPILE:-0}" = 1 ]; then LLM+=(--compile); FUSE=(--compile); else FUSE=(
 run asr 90 $DUPLEX bench asr --device "$DEVICE" --profile "$PROFILE" --quick --out "$OUT"
 run llm 110 $DUPLEX bench llm --device "$DEVICE" --profile "$PROFILE" "${LLM[@]}" --batch 1 8 32 --out "$OUT"
 run tts 130 $DUPLEX bench tts --device "$DEVICE" --profile "$PROFILE" "${FUSE[@]}" --batch 1 8 32 64 --out "$OUT"
-run e2e 200 $DUPLEX bench e2e --device "$DEVICE" --profile "$PROFILE" "${FUSE[@]}" --out "$OUT"
+run e2e 200 $DUPLEX bench e2e --device "$DEVICE" --profile "$PROFILE" "${FUSE[@]}" --engine-core process --out "$OUT"
 echo
 if grep -q "DIFFER" "$OUT/llm.log" "$OUT/tts.log" 2>/dev/null; then
   echo "=== captured steps DIFFER from eager ones (see the batch lines above): a regression"; status=1
