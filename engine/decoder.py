@@ -90,6 +90,19 @@ class SlotKV:
         """Bytes one row holds (every layer's keys and values)."""
         return sum(t[0].numel() * t.element_size() for t in (*self.keys, *self.values))
 
+    def keep(self, row: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of positions ``[0, n)`` of row ``row``, every layer's keys and values: a prefix that
+        :meth:`restore` puts at the start of any row (K/V at a position do not depend on the row)."""
+        return [(k[row, :, :n].clone(), v[row, :, :n].clone()) for k, v in zip(self.keys, self.values)]
+
+    def restore(self, row: int, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Write a :meth:`keep` prefix at the start of row ``row``; returns its length."""
+        n = prefix[0][0].shape[1]
+        for (pk, pv), k, v in zip(prefix, self.keys, self.values):
+            k[row, :, :n] = pk
+            v[row, :, :n] = pv
+        return n
+
     def copy_positions(self, src: int, dst: int, start: int, end: int) -> None:
         """Copy positions ``[start, end)`` of row ``src`` to row ``dst``."""
         for t in (*self.keys, *self.values):

@@ -48,7 +48,7 @@ class SinkContext:
     logits: torch.Tensor | None = None  # next-token logits after the last slot, when known
     open_role: str | None = None  # role of a message the cache ends inside (no suffix yet)
     evictions: int = 0
-    prefilled: int = 0  # tokens run through the model (for tests and benchmarks)
+    prefilled: int = 0  # tokens run through the model (for tests and benchmarks; a kept system block is not run)
 
     @classmethod
     def create(cls, engine: Engine, dialogue: DialogueTokens, window: int, *, min_turn: int,
@@ -221,11 +221,24 @@ class SinkContext:
                 start = cut
         self.offset = start
         self.dialogue.prune(start)
-        self.extend(self.dialogue.ids(0, self.sink))
+        self._system_block()
         if total > start:
             self.extend(self.dialogue.ids(start, total))
         assert self.logits is not None
         return self.logits
+
+    def _system_block(self) -> None:
+        """The system block into the empty cache: the K/V and logits the engine kept for the same
+        tokens (another session's, or this one's before a rebuild), else run here and kept."""
+        ids = [int(t) for t in self.dialogue.ids(0, self.sink)]
+        logits = self.engine.system_block(self.cache, ids)
+        if logits is None:
+            self.extend(ids)
+            assert self.logits is not None
+            self.engine.keep_system_block(self.cache, ids, self.logits)
+        else:
+            self.ids.extend(ids)
+            self.logits = logits
 
     # -- replies and scoring ----------------------------------------------------------------------
 

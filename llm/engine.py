@@ -14,11 +14,18 @@ the K/V pool with one row per session (each session's attention-sink cache is a
   shapes depend only on the bucket, so on CUDA each bucket is one captured graph
   (:mod:`duplex.engine.graphs`) and a step costs one replay and one host sync.
 
+- :meth:`Engine.system_block` / :meth:`Engine.keep_system_block`: the K/V and logits of a system
+  block (the tokens every cache starts with, its attention sink), kept for the last
+  ``SYSTEM_BLOCKS_KEPT`` blocks run, so a new session (or a rebuilt cache) whose system prompt was
+  seen before copies them into its row instead of running them (K/V at a position do not depend on
+  the row: the copy is exactly what running them there makes).
+
 Everything here is blocking and runs on the LLM's worker thread.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -64,6 +71,7 @@ class Launched:
 
 
 PREFILL_LENGTHS = (8, 16, 32, 64)  # tokens per session a captured prefill pass holds (more: eager)
+SYSTEM_BLOCKS_KEPT = 8  # system blocks whose K/V new sessions copy (least recently used dropped first)
 
 
 @dataclass
@@ -114,6 +122,9 @@ class Engine:
         self.lm_bias = None if bias is None else bias[: self.vocab]
         self.kv = self.decoder.new_kv(slots)
         self.rows = SlotPool("LLM session slots", slots)
+        # by the block's token ids: (its K/V, every layer; the next-token logits after it)
+        self._systems: OrderedDict[tuple[int, ...], tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]] = (
+            OrderedDict())
         rows = self.vocab
         self._stop = torch.zeros(rows, dtype=torch.bool, device=self.device)
         self.set_stop_ids(stop_ids)
@@ -167,6 +178,26 @@ class Engine:
     @property
     def free_slots(self) -> int:
         return self.rows.free
+
+    def system_block(self, slot: SinkSlot, ids: Sequence[int]) -> torch.Tensor | None:
+        """Put the kept system block ``ids`` at the start of the empty ``slot``; returns the logits
+        after it, or None when no block of these tokens is kept (run them, then :meth:`keep_system_block`)."""
+        if slot.length:
+            raise RuntimeError(f"a system block goes into an empty cache, not one of {slot.length} slots")
+        kept = self._systems.get(tuple(ids))
+        if kept is None:
+            return None
+        self._systems.move_to_end(tuple(ids))
+        prefix, logits = kept
+        slot.length = self.kv.restore(slot.row, prefix)
+        return logits.clone()
+
+    def keep_system_block(self, slot: SinkSlot, ids: Sequence[int], logits: torch.Tensor) -> None:
+        """Keep the system block ``ids`` that ``slot`` starts with (just run) and the logits after it."""
+        self._systems[tuple(ids)] = (self.kv.keep(slot.row, len(ids)), logits.clone())
+        self._systems.move_to_end(tuple(ids))
+        while len(self._systems) > SYSTEM_BLOCKS_KEPT:
+            self._systems.popitem(last=False)
 
     # -- compute -----------------------------------------------------------------------------------
 

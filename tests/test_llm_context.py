@@ -52,7 +52,7 @@ async def test_truncate_then_reprefill_equals_never_prefilled(make_llm, arch):
     assert a.ids == b.ids
     assert max_kv_diff(a, b) < 1e-5
     assert torch.allclose(a.logits, b.logits, atol=1e-5)
-    assert a.prefilled - before < b.prefilled - b.sink  # only the tail after "I want to" ran again
+    assert a.prefilled - before < b.length - b.sink  # only the tail after "I want to" ran again
     await revised.aclose()
     await direct.aclose()
 
@@ -249,3 +249,38 @@ def test_a_partial_does_not_walk_the_dialogue(make_llm):
         first_change = tokens.update(Dialogue(settled, (first.tail[0], Message("user", words))), open_last=True)
         assert first_change > tokens.starts[-1]  # only the open user message changed
     assert Walked.walks == walks
+
+
+async def test_a_new_session_copies_a_system_block_seen_before_exactly(make_llm):
+    """The first session with a system prompt runs it; a later one (and a rebuilt cache) copies its
+    K/V and logits from the engine instead of running it, and holds exactly what running it makes:
+    the same ids, K/V, logits and estimate, bit for bit, and the same sampled reply. Another prompt
+    is run; the engine keeps only the last SYSTEM_BLOCKS_KEPT blocks."""
+    from duplex.llm import engine as engine_module
+
+    llm = make_llm("qwen2", window=256, max_reply_tokens=12, temperature=0.7)
+    words = [Message("user", "Book a table for four people at eight")]
+    first = llm.new_stream(SHORT_SYSTEM)
+    p_first = await first.listen(words)
+    ran_first = first.context.prefilled
+    second = llm.new_stream(SHORT_SYSTEM)
+    p_second = await second.listen(words)
+    a, b = first.context, second.context
+    assert b.prefilled == ran_first - b.sink  # the system block was copied, not run
+    assert a.ids == b.ids and max_kv_diff(a, b) == 0.0 and torch.equal(a.logits, b.logits)
+    assert p_first == p_second
+    said = []
+    for s in (first, second):
+        said.append("".join([piece async for piece in s.reply(words)]))
+    assert said[0] == said[1] and said[0]
+    other = llm.new_stream("You are a pirate. Answer in one short sentence.")
+    await other.listen(words)
+    assert other.context.prefilled > ran_first - b.sink  # another system prompt: run
+    assert len(llm.engine._systems) == 2
+    for s in (first, second, other):
+        await s.aclose()
+    many = [llm.new_stream(f"You are assistant number {i}.") for i in range(engine_module.SYSTEM_BLOCKS_KEPT + 2)]
+    for s in many:
+        await s.listen(words)
+        await s.aclose()
+    assert len(llm.engine._systems) == engine_module.SYSTEM_BLOCKS_KEPT

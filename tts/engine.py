@@ -307,15 +307,9 @@ class CsmEngine:
             embeds = torch.cat([self._embed_text(self.text_ids(voice.text)),
                                 self._embed_frames(voice.codes)[0], self._eos_embed])
             self._prefill(reply, embeds)
-            n = reply.length
-            voice.prefix = [(k[reply.row, :, :n].clone(), v[reply.row, :, :n].clone())
-                            for k, v in zip(self.kv.keys, self.kv.values)]
+            voice.prefix = self.kv.keep(reply.row, reply.length)
         else:
-            n = voice.prefix[0][0].shape[1]
-            for (pk, pv), k, v in zip(voice.prefix, self.kv.keys, self.kv.values):
-                k[reply.row, :, :n] = pk
-                v[reply.row, :, :n] = pv
-            reply.length = n
+            reply.length = self.kv.restore(reply.row, voice.prefix)
         reply.prefix_length = reply.length
 
     # -- one reply -------------------------------------------------------------------------------
