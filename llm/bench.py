@@ -13,7 +13,8 @@ early), through the same engine, scheduler and streams a live session uses:
   said (greedy replies).
 - **TTFT after a user turn**, from the end of the turn to the first reply token: *incremental* (the
   user's words were prefilled word by word while they spoke), *turn-end* (the whole user message is
-  prefilled at the end of the turn) and *cold* (no cache: the whole dialogue is prefilled);
+  prefilled at the end of the turn) and *cold* (a new session: the whole dialogue after its
+  system block is prefilled; the system block, seen before, is copied from the engine);
 - **the sink cache's decode cost**: one session decoding with the cache kept full, evicting a chunk
   every quarter window (many times over the run), against the same session decoding with room to
   spare (no eviction); the step shapes are static, so the difference is the eviction work;
