@@ -6,7 +6,9 @@ the K/V pool with one row per session (each session's attention-sink cache is a
 
 - :meth:`Engine.prefill` runs new tokens into one session's row (a long catch-up, a scoring
   tail), eager, any length; :meth:`Engine.prefill_rows` several sessions' at once (the listens and
-  reply starts of a tick), a step over static buffers captured per (batch, tokens) bucket.
+  reply starts of a tick), a step over static buffers captured per (batch, tokens) bucket;
+  :meth:`Engine.prefill_alone` one session's by whichever of the two is cheaper here (the
+  captured pass where it replays, so a lone listen or a barge-in's backchannel check is one replay).
 - :meth:`Engine.decode` runs one token for each of several sessions at once and samples the next
   one inside the step (:mod:`duplex.engine.sampling`, per-row settings and noise). The step's batch
   is the sessions replying, gathered by row index (a session holds its row while it listens, so
@@ -222,6 +224,14 @@ class Engine:
         graphs on, within the longest token bucket): then a session's prefill alone takes it too,
         rather than its eager :meth:`prefill` (hundreds of kernels launched one by one)."""
         return self.prefill_graphs.replays and tokens <= self.prefill_graphs.lengths[-1]
+
+    def prefill_alone(self, slot: SinkSlot, ids: Sequence[int]) -> torch.Tensor:
+        """One session's ``ids`` after what ``slot`` holds, as cheaply as this device runs them: the
+        captured pass's replay where :meth:`replays_prefill`, else its own eager :meth:`prefill`
+        (which attends only over what the row holds). Returns the next-token logits ``[V]``."""
+        if self.replays_prefill(len(ids)):
+            return self.prefill_rows([(slot, ids)])[0]
+        return self.prefill(slot, ids)
 
     @torch.inference_mode()
     def prefill_rows(self, requests: Sequence[tuple[SinkSlot, Sequence[int]]]) -> list[torch.Tensor]:
