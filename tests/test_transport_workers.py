@@ -40,6 +40,17 @@ def _command(pid: int) -> bytes:
         return f.read()
 
 
+async def _status_when(http, base: str, done, tries: int = 50) -> dict:
+    """The front's /api/status once ``done(status)`` holds (asked every 0.2 s), else the last one."""
+    for _ in range(tries):
+        async with http.get(f"{base}/api/status") as r:
+            status = await r.json()
+        if done(status):
+            break
+        await asyncio.sleep(0.2)
+    return status
+
+
 async def test_sessions_spread_over_workers_that_share_one_core(jfk_path):
     """Two peers land on two different workers (the one with most room first) and both converse
     (speech heard, a reply's audio received) through the one engine core; the status sums the workers;
@@ -70,11 +81,7 @@ async def test_sessions_spread_over_workers_that_share_one_core(jfk_path):
             # a client that reconnects with its resume token is placed on the worker keeping its record
             gone = clients.pop(1)
             await gone.close()
-            for _ in range(50):
-                async with http.get(f"{base}/api/status") as r:
-                    if (await r.json())["sessions"] == 1:
-                        break
-                await asyncio.sleep(0.2)
+            await _status_when(http, base, lambda s: s["sessions"] == 1)
             token = gone.answer["resume_token"]
             assert token.split(".")[0] == gone.pc_id.split(".")[0]
             back = await connect(base, file_track(jfk48(jfk_path)), resume=token)
@@ -98,12 +105,7 @@ async def test_sessions_spread_over_workers_that_share_one_core(jfk_path):
                     assert (await r.json())["sessions"] == 3  # two WebRTC peers and this socket, summed
 
             os.kill(pids["worker-0"], signal.SIGKILL)
-            for _ in range(50):
-                async with http.get(f"{base}/api/status") as r:
-                    status = await r.json()
-                if status["replicas_up"] == 1:
-                    break
-                await asyncio.sleep(0.2)
+            status = await _status_when(http, base, lambda s: s["replicas_up"] == 1)
             assert status["replicas_up"] == 1 and status["max_sessions"] == 2, status
             survivor = await connect(base, file_track(jfk48(jfk_path)))
             clients.append(survivor)
@@ -115,12 +117,7 @@ async def test_sessions_spread_over_workers_that_share_one_core(jfk_path):
 
             # the front starts the killed worker again (after RESTART_S): its seats come back, and the
             # next session is placed on it (it has the most room) and converses
-            for _ in range(300):
-                async with http.get(f"{base}/api/status") as r:
-                    status = await r.json()
-                if status["replicas_up"] == 2:
-                    break
-                await asyncio.sleep(0.2)
+            status = await _status_when(http, base, lambda s: s["replicas_up"] == 2, tries=300)
             assert status["replicas_up"] == 2 and status["max_sessions"] == 4, status
             pids_again = {w["name"]: w["pid"] for w in status["replicas"]}
             assert pids_again["worker-0"] != pids["worker-0"] and pids_again["worker-1"] == pids["worker-1"]
@@ -184,24 +181,25 @@ async def test_a_worker_that_goes_is_started_again_later_each_time_it_fails(monk
     launcher = _Launcher(failures)
     old = workers.Worker("worker-0", _Process())
     front = workers.Front({"worker-0": old}, ServerOptions(max_sessions=2), launcher)  # type: ignore[arg-type]
-    went = asyncio.get_running_loop().time()
-    front._gone(old)
-    for _ in range(200):
-        if front.workers["worker-0"] is not old:
-            break
-        await asyncio.sleep(0.01)
+
+    async def replaced(worker) -> float:
+        """``worker`` goes; returns when, once another has taken its place."""
+        went = asyncio.get_running_loop().time()
+        front._gone(worker)
+        for _ in range(200):
+            if front.workers["worker-0"] is not worker:
+                break
+            await asyncio.sleep(0.01)
+        assert front.workers["worker-0"] is not worker
+        return went
+
+    went = await replaced(old)
     back = front.workers["worker-0"]
-    assert back is not old and len(launcher.starts) == failures + 1
+    assert len(launcher.starts) == failures + 1
     waits = [b - a for a, b in zip([went, *launcher.starts], launcher.starts)]
     for wait, least in zip(waits, [0.05, 0.1, 0.2]):
         assert wait >= least * 0.9, waits
     # it goes again at once: the wait doubles from the last one
-    again = asyncio.get_running_loop().time()
-    front._gone(back)
-    for _ in range(200):
-        if front.workers["worker-0"] is not back:
-            break
-        await asyncio.sleep(0.01)
-    assert front.workers["worker-0"] is not back
+    again = await replaced(back)
     assert launcher.starts[-1] - again >= 2 * [0.05, 0.1, 0.2][failures] * 0.9
     await front.close()
