@@ -15,7 +15,6 @@ the K/V pool with one row per session (each session's attention-sink cache is a
   replying rows are rarely ``0..n-1``), padded to a bucket with entries on the scratch row. Its
   shapes depend only on the bucket, so on CUDA each bucket is one captured graph
   (:mod:`duplex.engine.graphs`) and a step costs one replay and one host sync.
-
 - :meth:`Engine.system_block` / :meth:`Engine.keep_system_block`: the K/V and logits of a system
   block (the tokens every cache starts with, its attention sink), kept for the last
   ``SYSTEM_BLOCKS_KEPT`` blocks run, so a new session (or a rebuilt cache) whose system prompt was

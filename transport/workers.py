@@ -154,14 +154,14 @@ class Launcher:
         """Worker ``index``'s share of ``max_sessions``."""
         return self.options.max_sessions // self.count + (index < self.options.max_sessions % self.count)
 
-    async def start(self, index: int, on_gone: Callable[[Worker], None] | None = None) -> Worker:
+    async def start(self, index: int) -> Worker:
         """Start ``worker-<index>`` and wait for its hello (raises what stopped it)."""
         from dataclasses import replace
 
         name = f"worker-{index}"
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "duplex.transport.workers", str(os.getpid()), stdin=asyncio.subprocess.PIPE)
-        worker = Worker(name, process, os.path.join(self.runtime, f"{name}.sock"), on_gone)
+        worker = Worker(name, process, os.path.join(self.runtime, f"{name}.sock"))
         hello: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._starting[name] = (worker, hello)
         try:
