@@ -203,3 +203,29 @@ async def test_a_worker_that_goes_is_started_again_later_each_time_it_fails(monk
     again = await replaced(back)
     assert launcher.starts[-1] - again >= 2 * [0.05, 0.1, 0.2][failures] * 0.9
     await front.close()
+
+
+async def test_closing_the_front_cancels_a_restart_in_progress(monkeypatch):
+    """A front closed while a worker is being started again cancels that start (the launcher's start
+    closes what it had begun), installs nothing, and leaves no restart behind."""
+    from duplex.transport import workers
+    from duplex.transport.server import ServerOptions
+
+    monkeypatch.setattr(workers, "RESTART_S", 0.01)
+    started, cancelled = asyncio.Event(), []
+
+    class Hanging(_Launcher):
+        async def start(self, index):
+            started.set()
+            try:
+                await asyncio.Event().wait()  # a worker that never says hello
+            except asyncio.CancelledError:
+                cancelled.append(index)
+                raise
+
+    old = workers.Worker("worker-0", _Process())
+    front = workers.Front({"worker-0": old}, ServerOptions(max_sessions=2), Hanging(0))  # type: ignore[arg-type]
+    front._gone(old)
+    await asyncio.wait_for(started.wait(), 5)
+    await front.close()
+    assert cancelled == [0] and front.workers["worker-0"] is old and not front._restarts
