@@ -185,18 +185,20 @@ class Engine:
         after it, or None when no block of these tokens is kept (run them, then :meth:`keep_system_block`)."""
         if slot.length:
             raise RuntimeError(f"a system block goes into an empty cache, not one of {slot.length} slots")
-        kept = self._systems.get(tuple(ids))
+        key = tuple(ids)
+        kept = self._systems.get(key)
         if kept is None:
             return None
-        self._systems.move_to_end(tuple(ids))
+        self._systems.move_to_end(key)
         prefix, logits = kept
         slot.length = self.kv.restore(slot.row, prefix)
         return logits.clone()
 
     def keep_system_block(self, slot: SinkSlot, ids: Sequence[int], logits: torch.Tensor) -> None:
         """Keep the system block ``ids`` that ``slot`` starts with (just run) and the logits after it."""
-        self._systems[tuple(ids)] = (self.kv.keep(slot.row, len(ids)), logits.clone())
-        self._systems.move_to_end(tuple(ids))
+        key = tuple(ids)
+        self._systems[key] = (self.kv.keep(slot.row, len(ids)), logits.clone())
+        self._systems.move_to_end(key)  # (a block kept again moves to the end too)
         while len(self._systems) > SYSTEM_BLOCKS_KEPT:
             self._systems.popitem(last=False)
 
@@ -218,17 +220,12 @@ class Engine:
         slot.length += n
         return self._logits(hidden[-1])
 
-    def replays_prefill(self, tokens: int) -> bool:
-        """Whether :meth:`prefill_rows` runs a pass of ``tokens`` tokens as a graph replay (on CUDA,
-        graphs on, within the longest token bucket): then a session's prefill alone takes it too,
-        rather than its eager :meth:`prefill` (hundreds of kernels launched one by one)."""
-        return self.prefill_graphs.replays and tokens <= self.prefill_graphs.lengths[-1]
-
     def prefill_alone(self, slot: SinkSlot, ids: Sequence[int]) -> torch.Tensor:
         """One session's ``ids`` after what ``slot`` holds, as cheaply as this device runs them: the
-        captured pass's replay where :meth:`replays_prefill`, else its own eager :meth:`prefill`
-        (which attends only over what the row holds). Returns the next-token logits ``[V]``."""
-        if self.replays_prefill(len(ids)):
+        captured pass's replay where the pass replays graphs (CUDA, graphs on) and ``ids`` fit its
+        longest token bucket, else its own eager :meth:`prefill` (which attends only over what the
+        row holds; on a GPU hundreds of kernels launched one by one). Returns the next-token logits ``[V]``."""
+        if self.prefill_graphs.replays and len(ids) <= self.prefill_graphs.lengths[-1]:
             return self.prefill_rows([(slot, ids)])[0]
         return self.prefill(slot, ids)
 
