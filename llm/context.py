@@ -153,7 +153,7 @@ class SinkContext:
         while pos < len(tokens):
             piece = tokens[pos:pos + chunk]
             self.reserve(len(piece))
-            self.logits = self.engine.prefill_alone(self.cache, piece)
+            self.logits, = self.engine.prefills([(self.cache, piece)])
             self.ids.extend(piece)
             self.prefilled += len(piece)
             pos += len(piece)
@@ -246,7 +246,7 @@ class SinkContext:
         """Logits after ``tokens`` appended to what the cache holds, then rolled back exactly."""
         tokens = [int(t) for t in tokens]
         mark = self.begin_score(len(tokens))
-        logits = self.engine.prefill_alone(self.cache, tokens)
+        logits, = self.engine.prefills([(self.cache, tokens)])
         self.end_score(mark, len(tokens))
         return logits
 

@@ -4,11 +4,11 @@
 the K/V pool with one row per session (each session's attention-sink cache is a
 :class:`~duplex.llm.sink_cache.SinkSlot` on its row) and the batched decode step:
 
-- :meth:`Engine.prefill` runs new tokens into one session's row (a long catch-up, a scoring
-  tail), eager, any length; :meth:`Engine.prefill_rows` several sessions' at once (the listens and
-  reply starts of a tick), a step over static buffers captured per (batch, tokens) bucket;
-  :meth:`Engine.prefill_alone` one session's by whichever of the two is cheaper here (the
-  captured pass where it replays, so a lone listen or a barge-in's backchannel check is one replay).
+- :meth:`Engine.prefill` runs new tokens into one session's row, eager, any length;
+  :meth:`Engine.prefill_rows` several sessions' at once (the listens and reply starts of a tick), a
+  step over static buffers captured per (batch, tokens) bucket; :meth:`Engine.prefills` whichever
+  of the two is cheaper here (where the pass replays: a lone listen or a barge-in's backchannel
+  check is one replay, a long catch-up a few, one per piece of the longest bucket).
 - :meth:`Engine.decode` runs one token for each of several sessions at once and samples the next
   one inside the step (:mod:`duplex.engine.sampling`, per-row settings and noise). The step's batch
   is the sessions replying, gathered by row index (a session holds its row while it listens, so
@@ -71,7 +71,7 @@ class Launched:
     end: Any  # its copy out's end (a CUDA event; None on the CPU, where the copy is done)
 
 
-PREFILL_LENGTHS = (8, 16, 32, 64)  # tokens per session a captured prefill pass holds (more: eager)
+PREFILL_LENGTHS = (8, 16, 32, 64)  # tokens per session a captured prefill pass holds (more: in pieces, prefills)
 SYSTEM_BLOCKS_KEPT = 8  # system blocks whose K/V new sessions copy (least recently used dropped first)
 
 
@@ -220,14 +220,31 @@ class Engine:
         slot.length += n
         return self._logits(hidden[-1])
 
-    def prefill_alone(self, slot: SinkSlot, ids: Sequence[int]) -> torch.Tensor:
-        """One session's ``ids`` after what ``slot`` holds, as cheaply as this device runs them: the
-        captured pass's replay where the pass replays graphs (CUDA, graphs on) and ``ids`` fit its
-        longest token bucket, else its own eager :meth:`prefill` (which attends only over what the
-        row holds; on a GPU hundreds of kernels launched one by one). Returns the next-token logits ``[V]``."""
-        if self.prefill_graphs.replays and len(ids) <= self.prefill_graphs.lengths[-1]:
-            return self.prefill_rows([(slot, ids)])[0]
-        return self.prefill(slot, ids)
+    def prefills(self, requests: Sequence[tuple[SinkSlot, Sequence[int]]]) -> list[torch.Tensor]:
+        """Sessions' prefills (each runs its ``ids`` after what its slot holds), as cheaply as this
+        device runs them; returns each one's next-token logits ``[V]`` (fp32), in order.
+
+        Where the pass replays graphs (CUDA, graphs on): replays of :meth:`prefill_rows`, every
+        request cut into pieces of at most its longest token bucket, pass ``k`` running each
+        request's ``k``-th piece (one listen alone is one replay of the batch-1 bucket; a long
+        catch-up, a rebuilt cache or a new system prompt a few, each some hundreds of kernels the
+        host does not launch one by one). Without graphs: one request alone runs its own eager
+        :meth:`prefill` (which attends only over what its row holds), several one pass at their length."""
+        if not requests:
+            return []
+        graphs = self.prefill_graphs
+        if not graphs.replays:
+            if len(requests) == 1:
+                return [self.prefill(*requests[0])]
+            return self.prefill_rows(requests)
+        longest = graphs.lengths[-1]
+        pieces = [[list(ids)[i:i + longest] for i in range(0, max(len(ids), 1), longest)] for _, ids in requests]
+        logits: list[torch.Tensor] = [torch.empty(0)] * len(requests)
+        for k in range(max(map(len, pieces))):
+            live = [i for i, p in enumerate(pieces) if k < len(p)]
+            for i, out in zip(live, self.prefill_rows([(requests[i][0], pieces[i][k]) for i in live])):
+                logits[i] = out
+        return logits
 
     @torch.inference_mode()
     def prefill_rows(self, requests: Sequence[tuple[SinkSlot, Sequence[int]]]) -> list[torch.Tensor]:

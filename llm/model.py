@@ -192,10 +192,7 @@ class SinkLLM:
         plans = [ask.stream.plan_listen(ask.messages) if ask.reply is None
                  else ask.stream.plan_start(ask.reply, ask.messages) for ask in asks]
         run = [p for p in plans if p is not None and p.tokens]
-        if len(run) == 1:
-            logits = [self.engine.prefill_alone(run[0].ctx.cache, run[0].tokens)]
-        else:
-            logits = self.engine.prefill_rows([(p.ctx.cache, p.tokens) for p in run])
+        logits = self.engine.prefills([(p.ctx.cache, p.tokens) for p in run])
         ran = dict(zip(map(id, run), logits))
         # None: a listen with nothing to estimate; (True, None): a reply closed or superseded while its
         # start waited (both set below for the plans that ran)

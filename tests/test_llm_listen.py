@@ -192,11 +192,9 @@ async def test_a_session_alone_takes_the_captured_pass_where_it_is_a_replay(make
     dialogue = DIALOGUES[2]
     first = [Message("user", " ".join(dialogue[0].content.split()[:3]))]
 
-    async def alone(llm, calls=None) -> tuple:
+    async def alone(llm) -> tuple:
         stream = llm.new_stream(SHORT_SYSTEM)
         await stream.listen(first)  # builds the context (system prompt and words), alone
-        if calls is not None:
-            calls.update(rows=0, alone=0)
         estimate = await stream.listen(dialogue)
         context = stream.context
         ids, logits = list(context.ids), context.logits.clone()
@@ -208,24 +206,69 @@ async def test_a_session_alone_takes_the_captured_pass_where_it_is_a_replay(make
 
     eager = await alone(make_llm("qwen2", window=256, max_reply_tokens=12, temperature=0.7))
     monkeypatch.setattr(BucketedStep, "replays", property(lambda self: True))
-    # the tiny tokenizer makes the backchannel question ~90 tokens (Qwen's about 55): a longer bucket
-    monkeypatch.setattr(engine_module, "PREFILL_LENGTHS", (8, 16, 32, 64, 128))
     llm = make_llm("qwen2", window=256, max_reply_tokens=12, temperature=0.7)
-    calls = {"rows": 0, "alone": 0}
+    calls: dict[str, list[int]] = {"rows": [], "alone": []}
     engine = llm.engine
     real = {"rows": engine.prefill_rows, "alone": engine.prefill}
 
     def counted(kind):
-        def call(*args, **kwargs):
-            calls[kind] += 1
-            return real[kind](*args, **kwargs)
+        def call(*args):
+            if kind == "alone" or args[0]:  # (a round with nothing to run passes no request)
+                calls[kind].append(max(len(ids) for _, ids in args[0]) if kind == "rows" else len(args[1]))
+            return real[kind](*args)
         return call
 
     engine.prefill_rows, engine.prefill = counted("rows"), counted("alone")
-    replayed = await alone(llm, calls)
-    # the listen, the reply's start, the two backchannel checks (and the catch-up before the first)
-    assert calls["alone"] == 0 and calls["rows"] >= 4, calls
+    replayed = await alone(llm)
+    # the context (system prompt and first words), the listen, the reply's start, the two backchannel
+    # checks (the tiny tokenizer makes the question about 90 tokens, Qwen's about 55): the ones longer
+    # than the longest bucket in pieces of it
+    longest = engine_module.PREFILL_LENGTHS[-1]
+    assert not calls["alone"] and len(calls["rows"]) >= 5 and max(calls["rows"]) == longest, calls
     assert replayed[0] == pytest.approx(eager[0], abs=1e-6)
     assert replayed[1] == eager[1]
     assert float((replayed[2] - eager[2]).abs().max()) < 1e-5
     assert replayed[3] == eager[3] and replayed[4] == eager[4]
+
+
+def test_prefills_longer_than_the_longest_bucket_replay_in_pieces_beside_short_ones(make_llm, monkeypatch):
+    """Where the prefill pass is a graph replay (said so here, as above), a tick's prefills stay
+    replays when one is longer than the longest token bucket (a long catch-up beside short listens):
+    each is cut into pieces of at most that bucket and pass ``k`` runs every request's ``k``-th piece,
+    so no pass is longer than a bucket. Each session's K/V and logits equal those of the prefills
+    without graphs (one eager pass at the longest entry's length). Fails when a long request makes
+    the whole pass run at its own length."""
+    import torch
+
+    from duplex.engine.graphs import BucketedStep
+    from duplex.llm.engine import PREFILL_LENGTHS
+
+    engine = make_llm("qwen2", window=512).engine
+    g = torch.Generator().manual_seed(0)
+    vocab = engine.embed.shape[0]
+    prefix = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (20, 5, 9)]
+    tail = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (150, 10, 70)]
+
+    def run() -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+        slots = [engine.new_slot() for _ in prefix]
+        for slot, ids in zip(slots, prefix):
+            engine.prefills([(slot, ids)])
+        logits = engine.prefills(list(zip(slots, tail)))
+        kv = [[t[slot.row, :, :slot.length].clone() for t in (*engine.kv.keys, *engine.kv.values)] for slot in slots]
+        for slot in slots:
+            engine.release(slot)
+        return logits, kv
+
+    eager = run()
+    passes = []
+    rows = engine.prefill_rows
+    monkeypatch.setattr(engine, "prefill_rows",
+                        lambda requests: passes.append([len(ids) for _, ids in requests]) or rows(requests))
+    monkeypatch.setattr(BucketedStep, "replays", property(lambda self: True))
+    replayed = run()
+    longest = PREFILL_LENGTHS[-1]
+    assert passes[3:] == [[longest, 10, longest], [longest, 6], [22]], passes  # after the three prefixes
+    for a, b in zip(eager[0], replayed[0]):
+        assert float((a - b).abs().max()) < 1e-5
+    for a, b in zip(eager[1], replayed[1]):
+        assert max(float((x - y).abs().max()) for x, y in zip(a, b)) < 1e-5

@@ -97,6 +97,51 @@ def test_a_reply_alone_takes_the_captured_segment_pass_where_it_is_a_replay(make
         assert float(np.abs(audio_a - audio_b).max()) <= 1e-5 * max(1e-3, float(np.abs(audio_a).max()))
 
 
+def test_a_voice_prompt_and_a_rebuilt_context_replay_in_pieces_where_the_pass_replays(make_engine, voice_a,
+                                                                                        monkeypatch):
+    """Where the segment pass is a graph replay (said so here, as above), the long prefills of one
+    reply (a voice prompt's first use, a context rebuilt when a long reply runs out of positions)
+    run as replays of the pass in pieces of at most its longest bucket, never as an eager prefill of
+    the row, and the reply speaks the same codes (audio to 1e-5) as with the eager prefills."""
+    from duplex.engine.graphs import BucketedStep
+    from duplex.tts.engine import SEGMENT_LENGTHS, Voice
+    from duplex.tts.voice import check_voice
+
+    engine = make_engine(sampling=Sampling())
+    # the voice prompt (98 embeddings) and three segments fill the row; each rebuilt context (the prompt
+    # restored, then the newest segments, over 100 embeddings) is longer than the longest bucket
+    engine.max_positions = 260
+    encoded = engine.encode_voice(check_voice(voice_a), voice_a.text)
+
+    def speak() -> tuple[torch.Tensor, np.ndarray, int]:
+        reply = engine.new_reply(Voice(encoded.text, encoded.codes), seed=5, chunk_frames=5)
+        audio = []
+        for index in range(6):
+            engine.begin_segment(reply, f"Sentence number {index} is said here.", 10, stop_at_eos=False)
+            while not (step := engine.step(reply)).done:
+                audio += [step.pcm] if step.pcm is not None else []
+            audio += [step.pcm] if step.pcm is not None else []
+        out = (torch.stack(reply.frames), np.concatenate(audio), reply.prefix_length)
+        assert len(reply.history) < 6  # the context was rebuilt on the way
+        engine.release(reply)
+        return out
+
+    eager = speak()
+    assert eager[2] > SEGMENT_LENGTHS[-1]  # the voice prompt alone is longer than the longest bucket
+    pieces, rows = [], []
+    segment_pass, prefill = engine._segment_pass, engine.backbone.prefill
+    monkeypatch.setattr(engine, "_segment_pass",
+                        lambda runs: pieces.append(max(e.shape[0] for _, e in runs)) or segment_pass(runs))
+    monkeypatch.setattr(engine.backbone, "prefill", lambda *args: rows.append(args) or prefill(*args))
+    monkeypatch.setattr(BucketedStep, "replays", property(lambda self: True))
+    replayed = speak()
+    assert not rows, len(rows)  # no eager prefill of a row
+    assert max(pieces) == SEGMENT_LENGTHS[-1] and pieces.count(SEGMENT_LENGTHS[-1]) >= 3, pieces  # cut in pieces
+    assert replayed[2] == eager[2]
+    assert torch.equal(replayed[0], eager[0])
+    assert float(np.abs(replayed[1] - eager[1]).max()) <= 1e-5 * max(1e-3, float(np.abs(eager[1]).max()))
+
+
 async def test_concurrent_streams_equal_streams_alone(make_tts):
     """Three sessions speaking at once through the scheduler (batched frame steps) make exactly the
     audio each makes alone. (Each text is one segment: how streamed text is cut into segments

@@ -107,7 +107,7 @@ class Reply:
         return not self.closed and self.segment is not None
 
 
-SEGMENT_LENGTHS = (16, 32, 64)  # embeddings per reply a captured segment pass holds (more: eager)
+SEGMENT_LENGTHS = (16, 32, 64)  # embeddings per reply a captured segment pass holds (more: alone, in pieces)
 
 
 @dataclass(frozen=True)
@@ -277,7 +277,15 @@ class CsmEngine:
         return torch.cat(parts)
 
     def _prefill(self, reply: Reply, embeds: torch.Tensor) -> None:
-        """Run ``embeds`` ``[n, H]`` into the reply's row after what it holds."""
+        """Run ``embeds`` ``[n, H]`` into the reply's row after what it holds, alone: where the segment
+        pass replays graphs, replays of its batch-1 bucket, one per piece of at most its longest
+        bucket (a voice prompt or a rebuilt context is a few replays, not hundreds of kernels the
+        host launches one by one); else an eager prefill of the row."""
+        if self.segment_graphs.replays:
+            longest = SEGMENT_LENGTHS[-1]
+            for start in range(0, embeds.shape[0], longest):
+                self._segment_pass([(reply, embeds[start:start + longest])])
+            return
         self.backbone.prefill(embeds, self.kv, reply.row, reply.length)
         reply.length += embeds.shape[0]
 
@@ -349,9 +357,9 @@ class CsmEngine:
     def begin_segments(self, starts: Sequence[SegmentStart]) -> list[Exception | None]:
         """Several replies' next segments at once: each one's text (after its last frame not yet run,
         and after an end frame if its segment stopped at the frame limit) runs into its row, all of
-        them in one pass over the rows, captured per (batch, embeddings) bucket (one reply alone, and
-        a context rebuilt longer than the longest bucket: eager, each on its own row); the last
-        token of each becomes its next frame step's input. Returns per start None, or the error that stopped
+        them in one pass over the rows, captured per (batch, embeddings) bucket (a context rebuilt
+        longer than the longest bucket, and without graphs one reply alone: :meth:`_prefill`, each
+        on its own row); the last token of each becomes its next frame step's input. Returns per start None, or the error that stopped
         it (nothing of that reply changed)."""
 
         results: list[Exception | None] = [None] * len(starts)
