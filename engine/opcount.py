@@ -48,3 +48,17 @@ def count_ops(fn: Callable[[], Any]) -> Counter[str]:
     with _Count():
         fn()
     return counts
+
+
+def inductor_kernels(code: str) -> list[str]:
+    """The kernels one call of an Inductor-compiled graph launches, read from the module Inductor
+    generated for it (``torch._inductor.utils.run_and_get_code``): its own fused kernels (``cpp_fused_*``
+    on the CPU, ``triton_*`` on a GPU) and the library kernels it calls out to (matrix products,
+    attention), in launch order, by name. (The count of a compiled step, where :func:`count_ops`
+    sees the plain one.)"""
+    import re
+
+    body = code[code.index("def call("):]
+    launch = re.compile(r"^\s+(?:\w+ = )?(cpp_fused_\w+|triton_\w+(?=\.run)|extern_kernels\.\w+|torch\.ops\.\w+\.\w+)"
+                        r"(?:\.run|\.default)?\(", re.M)
+    return [m.group(1) for m in launch.finditer(body)]

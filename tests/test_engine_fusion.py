@@ -57,6 +57,9 @@ def test_eager_layers_swaps_the_plain_layer_in_and_back():
     assert d.layer_fn() == "fused"  # type: ignore[attr-defined]
 
 
+FUSED_LAYER_BUDGET = 12  # the plain layer: 25 (tests/test_engine_kernel_budget.py)
+
+
 @pytest.mark.slow
 def test_the_fused_layer_traces_whole_and_agrees_with_the_plain_one(monkeypatch, tiny_checkpoints):
     """The layer a GPU compiles (``torch.compile``, dynamic shapes, whole: no graph break) compiles on
@@ -64,14 +67,21 @@ def test_the_fused_layer_traces_whole_and_agrees_with_the_plain_one(monkeypatch,
     shapes the engines run: decode steps of several batch sizes over the whole window and over
     shorter attention lengths (the TTS's length buckets), and prefills into rows at other starts. A
     change to the layer that breaks its tracing (a graph break, a shape that depends on data) fails
-    here, not at a GPU's load. What it cannot show is a GPU's own kernels: the stride failure the
-    H200 once hit does not happen on the CPU with or without its fix. (About 50 s, most of it
-    Inductor compiling each variant once; it needs a C++ compiler.)"""
+    here, not at a GPU's load. Each compiled variant launches at most FUSED_LAYER_BUDGET kernels,
+    counted in the code Inductor generates (its fused kernels, the matrix products and the attention
+    it calls out to: the plain layer's 25 or so become 9-10), and a GPU's Triton code comes from the
+    same fusion pass, so a change that splits the layer's fusion fails here too. What it cannot show
+    is a GPU's own kernels: the stride failure the H200 once hit does not happen on the CPU with or
+    without its fix. (About 50 s, most of it Inductor compiling each variant once; it needs a C++
+    compiler.)"""
     import shutil
 
     import torch
 
+    from torch._inductor.utils import run_and_get_code
+
     from duplex.engine.decoder import LeanDecoder
+    from duplex.engine.opcount import inductor_kernels
 
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("Inductor's CPU backend needs a C++ compiler (apt-get install g++)")
@@ -92,8 +102,8 @@ def test_the_fused_layer_traces_whole_and_agrees_with_the_plain_one(monkeypatch,
             plain = run()
         return fused, plain
 
-    cases = []
-    with torch.inference_mode():
+    def run_cases() -> list:
+        cases = []
         for rows, start in ((0, 0), (1, 0), (2, 5)):  # fill some positions of three rows
             x = torch.randn(6, decoder.hidden, generator=g)
             cases.append(both(lambda x=x, rows=rows, start=start: decoder.prefill(x, kv, rows, start)))
@@ -102,6 +112,39 @@ def test_the_fused_layer_traces_whole_and_agrees_with_the_plain_one(monkeypatch,
             positions = torch.tensor([6, 7, 11, 3][:b])
             rows = torch.arange(b)
             cases.append(both(lambda x=x, p=positions, r=rows, n=length: decoder.decode(x, p, kv, r, n)))
+        return cases
+
+    torch._dynamo.reset()  # the layer compiled here, its code generated here (no cached graph reused)
+    with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
+        cases, codes = run_and_get_code(run_cases)
     for fused, plain in cases:
         assert fused.shape == plain.shape
         assert float((fused - plain).abs().max()) <= 1e-4 * float(plain.abs().max()), (fused - plain).abs().max()
+    assert 2 <= len(codes) <= 4, len(codes)  # a variant or two each for prefills and decodes, shared by the layers
+    for code in codes:
+        kernels = inductor_kernels(code)
+        print(f"fused layer: {len(kernels)} kernels: {', '.join(k[:32] for k in kernels)}")
+        assert sum(k.startswith(("extern_kernels.", "torch.ops.")) for k in kernels) >= 5  # it sees the library calls
+        assert len(kernels) <= FUSED_LAYER_BUDGET, kernels
+
+
+def test_the_kernel_count_reads_a_gpus_generated_code_too():
+    """``inductor_kernels`` counts a GPU's Triton launches and library calls as it counts the CPU's
+    kernels (the form of the code Inductor generates for CUDA), and nothing before ``call``."""
+    from duplex.engine.opcount import inductor_kernels
+
+    code = """
+triton_poi_fused_add_0 = async_compile.triton('triton_poi_fused_add_0', '...')
+def call(args):
+    with torch.cuda._DeviceGuard(0):
+        buf0 = empty_strided_cuda((s0, 64), (64, 1), torch.bfloat16)
+        stream0 = get_raw_stream(0)
+        triton_red_fused_mean_mul_pow_rsqrt_0.run(arg1_1, buf0, s0, 64, stream=stream0)
+        extern_kernels.mm(buf0, arg2_1, out=buf1)
+        buf2 = torch.ops.aten._scaled_dot_product_efficient_attention.default(buf1, buf3, buf4, None, False)
+        triton_poi_fused_add_0.run(buf2, buf5, stream=stream0)
+        del buf0
+"""
+    assert inductor_kernels(code) == ["triton_red_fused_mean_mul_pow_rsqrt_0", "extern_kernels.mm",
+                                      "torch.ops.aten._scaled_dot_product_efficient_attention",
+                                      "triton_poi_fused_add_0"]
