@@ -181,6 +181,10 @@ class StreamingASR:
         needed = self.plan.mel_for_chunks(state.n_chunks + 1)
         return self.spec.frames_ready(state.audio.fed) >= needed
 
+    def samples_short(self, state: SessionState) -> int:
+        """Input samples ``state`` still needs before its next chunk is ready (0 once it is)."""
+        return max(0, self.spec.samples_needed(self.plan.mel_for_chunks(state.n_chunks + 1)) - state.audio.fed)
+
     def submit(self, state: SessionState, *, behind: bool = False) -> Awaitable[StepResult]:
         """The next chunk of ``state``, stepped with the other sessions' on the engines' clock;
         ``behind`` (its stream has more chunks waiting): at the next tick, whatever the clock."""
@@ -433,6 +437,10 @@ class ASRSession:
     @property
     def samples_fed(self) -> int:
         return self.state.audio.fed
+
+    def samples_short(self) -> int:
+        """Samples still missing before a feed steps the next chunk (after a feed, at least 1)."""
+        return max(1, self._model.samples_short(self.state))
 
     @property
     def trailing_blank_s(self) -> float:

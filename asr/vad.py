@@ -185,6 +185,10 @@ class SileroVADStream:
             events.append(VoiceEdge(stream_samples=end, wall=now(), at=end - WINDOW, voiced=True))
         return events
 
+    def samples_short(self) -> int:
+        """Samples still missing before a feed without ``peek`` completes a window (1 to WINDOW)."""
+        return WINDOW - len(self.s.pending)
+
     def _voiced(self) -> bool:
         """The window-by-window decision so far: the state, unless a run that may flip it is under
         way, or voice a peek found."""

@@ -131,6 +131,8 @@ class Connection:
             if method == "aclose":
                 self.streams.pop(sid, None)
                 self.settled.pop(sid, None)
+        if method == "feed":  # a VAD's or ASR's: the samples the frontend may hold back before the next
+            value = (value, stream.samples_short())
         self._send("result", rid, value)
 
     async def _next(self, rid: int, iid: int) -> None:

@@ -302,16 +302,49 @@ class RemoteIterator:
         self.done = True
 
 
-class RemoteVADStream(RemoteStream):
+class _HeldFeed(RemoteStream):
+    """A VAD's or ASR's stream in the core, fed audio that it only buffers until a window or chunk is
+    whole: each answer says how many samples are still missing before the next feed does work
+    (``samples_short``, the core's stream owns the count), and blocks that add up to fewer stay here
+    and go with the next block, so a session that listens sends about one feed per window or chunk,
+    not one per 20 ms block. Nothing is late: the core would have done nothing with them sooner."""
+
+    def __init__(self, model: RemoteModel, params: tuple[Any, ...]) -> None:
+        super().__init__(model, params)
+        self._held: list[np.ndarray] = []
+        self._held_samples = 0
+        self._short = 0  # samples the core's stream still misses before a feed does work (0: unknown yet)
+
+    def samples_short(self) -> int:
+        return max(1, self._short - self._held_samples)
+
+    async def _feed(self, pcm: np.ndarray, *more: Any, hold: bool = True) -> list[Any]:
+        self._held.append(pcm)
+        self._held_samples += len(pcm)
+        if hold and self._held_samples < self._short:
+            return []
+        events, self._short = await self._call("feed", self._take(), *more)
+        return events
+
+    def _take(self) -> np.ndarray:
+        held = self._held[0] if len(self._held) == 1 else np.concatenate(self._held)
+        self._held, self._held_samples = [], 0
+        return held
+
+
+class RemoteVADStream(_HeldFeed):
     async def feed(self, pcm: np.ndarray, peek: bool = False) -> list[VADEvent]:
-        return await self._call("feed", pcm, peek)
+        return await self._feed(pcm, peek, hold=not peek)  # a peek looks at the newest audio: sent at once
 
 
-class RemoteASRStream(RemoteStream):
+class RemoteASRStream(_HeldFeed):
     async def feed(self, pcm: np.ndarray) -> list[TranscriptPartial | TranscriptFinal]:
-        return await self._call("feed", pcm)
+        return await self._feed(pcm)
 
     async def endpoint(self) -> list[TranscriptFinal]:
+        if self._held:  # the audio held back first (fewer samples than a chunk: its feed finds nothing)
+            events, self._short = await self._call("feed", self._take())
+            assert not events, events
         return await self._call("endpoint")
 
 

@@ -120,6 +120,10 @@ class FakeASRStream:
         return [TranscriptPartial(stream_samples=self.pos, wall=now(), stable=" ".join(texts[:-1]),
                                   unstable=texts[-1], words=tuple(self.words))]
 
+    def samples_short(self) -> int:
+        """1: it looks at every 10 ms of audio as it comes."""
+        return 1
+
     async def endpoint(self) -> list[TranscriptFinal]:
         words, self.words = self.words, []
         if words:

@@ -120,6 +120,12 @@ class VADStream(Protocol):
         ``peek``: look at the newest audio before its window is whole (voice found sooner)."""
         ...
 
+    def samples_short(self) -> int:
+        """Input samples (at least 1) still missing before a feed without ``peek`` scores a window: a
+        feed of fewer only buffers them and returns nothing, so a caller across a process boundary
+        holds them back and sends them with the next (``duplex.core.remote``)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -135,6 +141,11 @@ class ASRStream(Protocol):
     async def feed(self, pcm: np.ndarray) -> list[TranscriptPartial | TranscriptFinal]:
         """Consume the next input samples; return new partials, and a final where the model itself
         detects the end of an utterance (an end-of-utterance token)."""
+        ...
+
+    def samples_short(self) -> int:
+        """Input samples (at least 1) still missing before a feed steps the model: a feed of fewer
+        only buffers them and returns nothing (as :meth:`VADStream.samples_short`). 1: any feed may."""
         ...
 
     async def endpoint(self) -> list[TranscriptFinal]:

@@ -145,3 +145,29 @@ async def test_cached_keys_step_equals_nemo_step(tiny_nemo, jfk16, context):
     assert [f.text for f in fin_fast] == [f.text for f in fin_nemo]
     _, offline = offline_encoder(tiny_nemo, jfk16[: 6 * 16000], context)
     assert (enc_nemo - offline[:, : enc_nemo.size(1)]).abs().max().item() < 1e-5
+
+
+async def test_a_feed_short_of_samples_short_does_no_work_and_one_reaching_it_steps(tiny_nemo, vad_model, jfk16):
+    """``samples_short`` is what a frontend across the engine core's socket relies on to hold blocks
+    back: for the ASR and the VAD, feeding fewer samples than it says returns nothing and submits no
+    step (the model's scheduler ticks no more), and feeding up to it steps at once. Checked at every
+    stage of a stream: its first chunk, later ones, after an endpoint, and across random packets."""
+    asr, _ = make(tiny_nemo, (70, 1), "rnnt")
+    for stream, scheduler in ((asr.new_stream(), asr._batch), (vad_model.new_stream(), vad_model.worker)):
+        pos, steps = 0, 0
+        for round_ in range(6):
+            short = stream.samples_short()
+            assert short >= 1
+            ticks = scheduler.ticks
+            if short > 1:
+                assert await stream.feed(jfk16[pos:pos + short - 1]) == []
+                pos += short - 1
+                assert scheduler.ticks == ticks and stream.samples_short() == 1
+            await stream.feed(jfk16[pos:pos + 1])
+            pos += 1
+            assert scheduler.ticks > ticks  # the sample that completes the window or chunk steps
+            steps += 1
+            if round_ == 2 and hasattr(stream, "endpoint"):
+                await stream.endpoint()
+        assert steps == 6
+        await stream.aclose()

@@ -2,7 +2,8 @@
 
 - Every stage stream gives across the process boundary exactly what it gives in one process (tiny
   profile, the real models): the VAD's speech boundaries, the ASR's partials and finals, the LLM's
-  end-of-turn estimate, reply and backchannel verdict, and the TTS's audio samples and word timings.
+  end-of-turn estimate, reply and backchannel verdict, and the TTS's audio samples and word timings;
+  the VAD and the ASR are fed once per window and chunk across it, not once per 20 ms block.
 - A reply closed half-way (a barge-in) is closed in the core too: the LLM's reply and the TTS's
   synthesis end there, and the streams a session opened are gone once it closes.
 - A core that dies fails the calls waiting on it and every later one with a clear error, a session
@@ -42,8 +43,9 @@ async def _every_stage(agent: Agent, jfk16: np.ndarray) -> dict[str, object]:
     clip = jfk16[:3 * 16000]
     boundaries, words = [], []
     for i in range(0, len(clip), 320):
-        boundaries += [(type(e).__name__, getattr(e, "start", None), getattr(e, "end", None))
-                       for e in await vad.feed(clip[i:i + 320])]
+        peek = i >= 2 * 16000  # the last second as while the agent speaks: the VAD also peeks
+        boundaries += [(type(e).__name__, getattr(e, "start", None), getattr(e, "end", None),
+                        getattr(e, "stream_samples", None)) for e in await vad.feed(clip[i:i + 320], peek=peek)]
         words += [(type(e).__name__, e.text) for e in await asr.feed(clip[i:i + 320])]
     words += [(type(e).__name__, e.text) for e in await asr.endpoint()]
     estimate = await llm.listen(QUESTION)
@@ -52,7 +54,8 @@ async def _every_stage(agent: Agent, jfk16: np.ndarray) -> dict[str, object]:
     chunks = [chunk async for chunk in tts.synthesize(_text(reply))]
     for stream in (vad, asr, llm, tts):
         await stream.aclose()
-    return {"vad": boundaries, "asr": words, "estimate": estimate, "reply": reply, "backchannel": backchannel,
+    sids = {"vad": getattr(vad, "sid", None), "asr": getattr(asr, "sid", None)}  # (streams in an engine core)
+    return {"sids": sids, "vad": boundaries, "asr": words, "estimate": estimate, "reply": reply, "backchannel": backchannel,
             "audio": np.concatenate([c.pcm for c in chunks]), "words": [w for c in chunks for w in c.words]}
 
 
@@ -71,7 +74,18 @@ def test_every_stage_answers_across_the_process_boundary_as_in_one_process(jfk16
         there = await Agent.load(_config("process"))
         try:
             probe = await engine_probe(there)
+            calls: list[tuple[int, str]] = []
+            call = there.core.call
+            there.core.call = lambda sid, method, params: calls.append((sid, method)) or call(sid, method, params)  # type: ignore[method-assign]
             remote = await _every_stage(there, jfk16)
+            there.core.call = call  # type: ignore[method-assign]
+            # the 20 ms blocks that complete no VAD window or ASR chunk stay here and go with the next
+            # (the answers agree with one process's, below): one feed per window and per chunk reaches
+            # the core (and the first, and the ASR's audio held at its endpoint), not one per block
+            feeds = {role: calls.count((sid, "feed")) for role, sid in remote.pop("sids").items()}  # type: ignore[attr-defined]
+            blocks = 3 * 16000 // 320
+            assert 2 * 16000 // 512 < feeds["vad"] <= 2 * 16000 // 512 + 1 + blocks // 3, feeds  # peeks: every block
+            assert 2 <= feeds["asr"] <= blocks // 4, feeds  # a chunk is 80 ms or longer: 4 blocks or more
             seen = await probe()  # the benches read the core's engines across the boundary
             assert seen["ticks"]["llm"] and seen["ticks"]["tts"] and isinstance(seen["listens"], int)
             assert seen["wire"]["core"] >= 1 and seen["wire"]["frontend"] >= 1  # messages per socket write
