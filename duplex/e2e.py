@@ -117,6 +117,7 @@ class ConcurrencyRow(TypedDict):
     cpu_s_per_s: dict[str, float]
     listen_prefills_per_session_s: float | None
     wire_messages_per_write: dict[str, float] | None  # engine core process: each side's messages per socket write
+    wire_messages_per_session_s: dict[str, float] | None  # and the messages each side sent, per session-second
     wall_s: float
 
 
@@ -175,11 +176,12 @@ def core_cpu(agent: Agent) -> Callable[[float], dict[str, float]]:
 def concurrency_row(n: int, *, lags: list[float], underruns: int, v2v: list[float], ticks: dict[str, list[float]],
                     rows: dict[str, list[int]], gpu: list[float], cpu_s_per_s: dict[str, float],
                     listens: int | None, wall: float,
-                    wire: dict[str, float] | None = None) -> ConcurrencyRow:
+                    wire: dict[str, float] | None = None, messages: dict[str, int] | None = None) -> ConcurrencyRow:
     """One size of a concurrency sweep from what was sampled while ``n`` sessions ran for ``wall``
     seconds: input lags (every 0.1 s), reply-audio gaps, voice-to-voice latencies, each engine's tick
     times (ms) and rows stepped per tick, GPU utilisation samples, CPU seconds per second by process,
-    LLM listen prefills and, across an engine core's socket, each side's messages per write."""
+    LLM listen prefills and, across an engine core's socket, each side's messages per write and the
+    messages it sent."""
     p99, worst = _quantile(lags, 0.99) or 0.0, max(lags, default=0.0)
     stepped = {role: [r for r in counts if r] for role, counts in rows.items()}
     return {
@@ -193,7 +195,10 @@ def concurrency_row(n: int, *, lags: list[float], underruns: int, v2v: list[floa
         "rows_per_tick": {role: round(sum(v) / len(v), 2) for role, v in stepped.items() if v},
         "gpu_busy": round(sum(gpu) / len(gpu), 3) if gpu else None, "cpu_s_per_s": cpu_s_per_s,
         "listen_prefills_per_session_s": None if listens is None else round(listens / n / wall, 2),
-        "wire_messages_per_write": wire, "wall_s": round(wall, 1)}
+        "wire_messages_per_write": wire,
+        "wire_messages_per_session_s": None if messages is None else
+        {side: round(m / n / wall, 1) for side, m in messages.items()},
+        "wall_s": round(wall, 1)}
 
 
 def print_row(row: ConcurrencyRow) -> None:
@@ -204,7 +209,9 @@ def print_row(row: ConcurrencyRow) -> None:
           f"{row['input_lag_max_s']:5.2f} s, reply-audio gaps {row['underruns']:4d}, v2v p50 {row['v2v_p50_s']} s, "
           f"CPU s/s {cpu}, ticks/s (rows) {ticks}"
           + (f", GPU busy {row['gpu_busy']:.0%}" if row["gpu_busy"] is not None else "")
-          + f", listens {row['listen_prefills_per_session_s']}/session/s -> "
+          + f", listens {row['listen_prefills_per_session_s']}/session/s"
+          + (f", wire messages/session/s {row['wire_messages_per_session_s']}" if row["wire_messages_per_session_s"] else "")
+          + " -> "
           f"{'real time' if row['real_time'] else 'NOT real time'}", flush=True)
 
 
@@ -250,7 +257,8 @@ async def engine_probe(agent: Agent, workers: bool = False) -> Callable[[], Awai
     engine core; the returned function gives what happened since: ``ticks`` (ms per tick, by engine),
     ``rows`` (rows stepped per tick, by engine), ``listens`` (None without a listen counter) and, with
     an engine core, ``wire``: messages per socket write of the core (to all its frontends) and, when
-    the sessions run in this process (not in ``workers`` processes), of this side."""
+    the sessions run in this process (not in ``workers`` processes), of this side, and ``messages``:
+    the messages each of them sent."""
     async def read(since: dict[str, int] | None) -> dict[str, Any]:
         if agent.core is not None:
             from duplex.core import wire
@@ -263,13 +271,15 @@ async def engine_probe(agent: Agent, workers: bool = False) -> Callable[[], Awai
     async def since() -> dict[str, Any]:
         end = await read(start["counts"])
         listens0, listens = start["listens"], end["listens"]
-        wire = None
+        wire = messages = None
         if "wire" in end:
-            wire = {"core": per_write(start["wire"], end["wire"])}
-            if not workers:  # this process's sessions are the core's only frontend
-                wire["frontend"] = per_write(start["frontend"], end["frontend"])
+            sides = ["core"] if workers else ["core", "frontend"]  # (this process's sessions: the core's only frontend)
+            totals = {"core": (start["wire"], end["wire"]), "frontend": (start["frontend"], end["frontend"])}
+            wire = {side: per_write(*totals[side]) for side in sides}
+            messages = {side: totals[side][1]["messages"] - totals[side][0]["messages"] for side in sides}
         return {"ticks": end["ticks"], "rows": end["rows"],
-                "listens": None if listens is None or listens0 is None else listens - listens0, "wire": wire}
+                "listens": None if listens is None or listens0 is None else listens - listens0, "wire": wire,
+                "messages": messages}
 
     return since
 

@@ -89,6 +89,7 @@ def test_every_stage_answers_across_the_process_boundary_as_in_one_process(jfk16
             seen = await probe()  # the benches read the core's engines across the boundary
             assert seen["ticks"]["llm"] and seen["ticks"]["tts"] and isinstance(seen["listens"], int)
             assert seen["wire"]["core"] >= 1 and seen["wire"]["frontend"] >= 1  # messages per socket write
+            assert seen["messages"]["frontend"] >= sum(feeds.values()) and seen["messages"]["core"] > 0
             # a reply closed half-way: the TTS's synthesis and the LLM's reply end in the core too
             llm, tts = there.stages.llm.new_stream(""), there.stages.tts.new_stream()
             tokens = llm.reply(QUESTION)
