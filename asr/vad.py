@@ -1,15 +1,17 @@
 """Streaming voice activity detection on Silero VAD, batched across sessions.
 
 Silero VAD scores 512-sample windows (32 ms at 16 kHz), each prefixed by the last 64 samples of the
-previous window, with a recurrent state. We call its inner network with that state passed explicitly,
-so one loaded network serves every session: a :class:`~duplex.engine.scheduler.Scheduler` stacks the windows
-and states of all sessions that have audio ready into one step. The step runs on the agent's device
-(beside the other models on a GPU, so the host's CPU threads are not the VAD's): each session's
-state stays there between steps, the windows of a tick go over in one copy, and the probabilities
-(and peeks) come back in one, the step's only host sync. Speech boundaries come from a
-hysteresis on the probabilities (start above ``threshold`` for ``min_speech_ms``, end below
-``neg_threshold`` for ``min_silence_ms``) and carry exact stream times; each change of the
-window-by-window decision is a ``VoiceEdge`` (the earliest sign of speech, one window in).
+previous window, with a recurrent state. Its network runs as our own step over every session's state
+(:mod:`duplex.asr.silero`: the weights read from the TorchScript file, each stream's state a row of
+one device buffer), so one network serves every session: a
+:class:`~duplex.engine.scheduler.Scheduler` hands the windows of all sessions that have audio ready
+to one step, captured as a CUDA graph per bucket on a GPU. The step runs on the agent's device
+(beside the other models on a GPU, so the host's CPU threads are not the VAD's): the windows of a
+tick go over in one copy, and the probabilities (and peeks) come back in one, the step's only host
+sync. Speech boundaries come from a hysteresis on the probabilities (start above ``threshold`` for
+``min_speech_ms``, end below ``neg_threshold`` for ``min_silence_ms``) and carry exact stream times;
+each change of the window-by-window decision is a ``VoiceEdge`` (the earliest sign of speech, one
+window in).
 
 The weights ship inside the ``silero-vad`` package; we load the TorchScript file directly, without
 importing the package (whose import sets torch to one thread for the whole process).
@@ -23,10 +25,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from duplex.asr.silero import CONTEXT, WINDOW
 from duplex.clock import now
 from duplex.config import AgentConfig
 from duplex.errors import ModelNotFoundError
@@ -37,9 +39,6 @@ log = logging.getLogger(__name__)
 
 PROBS_KEPT = 3000  # windows of probability kept for inspection (96 s): bounded, however long a session runs
 
-WINDOW = 512  # samples per Silero window at 16 kHz
-CONTEXT = 64  # samples of the previous window prefixed to each window
-STATE_SHAPE = (2, 128)  # recurrent state per stream: [2, B, 128] when batched
 
 
 @dataclass
@@ -65,18 +64,18 @@ PEEK_MIN = 160  # new samples (10 ms) past the last whole window before a peek i
 
 @dataclass
 class _Request:
+    row: int  # the stream's state row (asr.silero.SileroStep.rows)
+    fresh: bool  # its state starts from zero (the stream's first windows, or its first since a close)
     windows: np.ndarray  # [N, CONTEXT + WINDOW] float32
-    state: Any  # [2, 128] float32 tensor on the VAD's device, or None before the first window
     peek: np.ndarray | None = None  # [CONTEXT + WINDOW]: the newest audio, scored from the final state, not kept
 
 
 @dataclass
 class VADStreamState:
-    """What one session's VAD carries between packets."""
+    """What one session's VAD carries between packets (its recurrent state stays in the step's rows)."""
 
     pending: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     context: np.ndarray = field(default_factory=lambda: np.zeros(CONTEXT, np.float32))
-    state: Any = None  # the recurrent state after the last window, on the VAD's device (None: zeros)
     scored: int = 0  # samples scored so far
     speaking: bool = False
     speech_start: int = 0
@@ -88,71 +87,39 @@ class VADStreamState:
 class SileroVAD:
     """The VAD model: one Silero network shared by all sessions through a batching worker."""
 
-    def __init__(self, settings: VADSettings | None = None, device: str = "cpu", max_batch: int = 64) -> None:
+    def __init__(self, settings: VADSettings | None = None, device: str = "cpu", max_batch: int = 64, *,
+                 graphs: bool = True) -> None:
         import torch
+
+        from duplex.asr.silero import SileroStep
 
         self.settings = settings or VADSettings()
         self.device = device
-        self._net = torch.jit.load(str(silero_jit_path()), map_location=device)._model.eval()
-        # TorchScript profiles its first calls (about 80 ms each) per input shape: pay that at load,
-        # not in the first second of a conversation.
-        with torch.no_grad():
-            for batch in (1,) * 8 + (2,) * 4:
-                self._net(torch.zeros(batch, CONTEXT + WINDOW, device=device),
-                          torch.zeros(2, batch, STATE_SHAPE[1], device=device))
+        net = torch.jit.load(str(silero_jit_path()), map_location=device)._model.eval()
+        self.net = SileroStep(net, device, max_batch, graphs=graphs)
+        self.net.capture()  # every bucket run once (a device that lacks an operator fails here, at load)
         # on the engines' 20 ms clock: the windows every session's block completes, in one step
-        self.worker: Scheduler[_Request, tuple[np.ndarray, Any, float | None]] = Scheduler(
+        self.worker: Scheduler[_Request, tuple[np.ndarray, float | None]] = Scheduler(
             "vad", self._step, device=device, max_batch=max_batch, clock=CLOCK_S)
 
     def new_stream(self) -> SileroVADStream:
         return SileroVADStream(self)
 
-    def _step(self, requests: Sequence[_Request]) -> list[tuple[np.ndarray, Any, float | None]]:
-        """Score the windows of many streams in lockstep, then their peeks (from each stream's final
-        state, which a peek does not change), on the worker thread. Window ``k`` of every stream runs
-        as one batch (a stream with fewer windows runs silence there, and keeps its state from
-        before); the states stay on the device, and one copy brings back every probability."""
-        import torch
-
-        b, dev = len(requests), self.device
-        counts = [len(r.windows) for r in requests]
-        depth = max(counts)
-        x = np.zeros((depth, b, CONTEXT + WINDOW), np.float32)
-        for i, r in enumerate(requests):
-            x[:len(r.windows), i] = r.windows
-        windows = torch.from_numpy(x).to(dev, non_blocking=True)
-        zero = torch.zeros(STATE_SHAPE, device=dev)
-        h = torch.stack([zero if r.state is None else r.state for r in requests], dim=1)  # [2, B, 128]
-        after = [h]  # the states after 0, 1, ... windows
-        scores = []
-        for k in range(depth):
-            out, h = self._net(windows[k], h)
-            scores.append(out[:, 0])
-            after.append(h)
-        # each stream's state after its own last window: [B, 2, 128]
-        final = torch.stack(after)[torch.tensor(counts, device=dev), :, torch.arange(b, device=dev)]
-        looking = [r.peek is not None for r in requests]
-        if any(looking):
-            peeks = np.zeros((b, CONTEXT + WINDOW), np.float32)
-            for i, r in enumerate(requests):
-                if r.peek is not None:
-                    peeks[i] = r.peek
-            out, _ = self._net(torch.from_numpy(peeks).to(dev, non_blocking=True), final.transpose(0, 1).contiguous())
-            scores.append(out[:, 0])
-        table = torch.stack(scores).float().cpu().numpy()  # the one sync (a request has windows or a peek)
-        results: list[tuple[np.ndarray, Any, float | None]] = []
-        for i, r in enumerate(requests):
-            peek = float(table[depth, i]) if looking[i] else None
-            results.append((table[:counts[i], i].copy(), final[i], peek))
-        return results
+    def _step(self, requests: Sequence[_Request]) -> list[tuple[np.ndarray, float | None]]:
+        """Score the windows of many streams in lockstep, then their peeks (from each stream's state
+        after its windows, which a peek does not change), on the worker thread: one step
+        (:class:`~duplex.asr.silero.SileroStep`, captured on CUDA), one copy back of every probability."""
+        return self.net.run([(r.row, r.fresh, r.windows, r.peek) for r in requests])
 
 
 class SileroVADStream:
-    """One session's VAD (see :class:`VADStreamState`)."""
+    """One session's VAD (see :class:`VADStreamState`); its recurrent state is a row of the step's."""
 
     def __init__(self, model: SileroVAD) -> None:
         self.model = model
         self.s = VADStreamState()
+        self.row: int | None = None  # taken at the first windows, given back at aclose
+        self.fresh = True  # the next step starts its state from zero
         self.probs: deque[float] = deque(maxlen=PROBS_KEPT)  # the latest windows' probabilities, for inspection
 
     async def feed(self, pcm: np.ndarray, peek: bool = False) -> list[VADEvent]:
@@ -176,8 +143,11 @@ class SileroVADStream:
         windows = np.concatenate([contexts, blocks], axis=1)  # [n, 576]
         if n:
             s.context = blocks[-1, -CONTEXT:].copy()
-        probs, s.state, p = await self.model.worker.submit(_Request(windows, s.state, s.recent.copy() if look else None),
-                                                           key=self)
+        if self.row is None:
+            self.row, self.fresh = self.model.net.rows.take(), True
+        probs, p = await self.model.worker.submit(
+            _Request(self.row, self.fresh, windows, s.recent.copy() if look else None), key=self)
+        self.fresh = False
         events = self._detect(probs)
         if p is not None and p >= self.model.settings.threshold and not self._voiced():
             s.peek_voiced = True
@@ -232,16 +202,20 @@ class SileroVADStream:
         return events
 
     async def aclose(self) -> None:
+        """Give the state row back and start over (a later feed is a new stream's first)."""
         self.s = VADStreamState()
+        if self.row is not None:
+            self.model.net.rows.give(self.row)
+            self.row = None
 
 
 def build_vad(config: AgentConfig, device: str) -> SileroVAD:
-    """The VAD for every profile: real Silero, on the agent's device (on a GPU its per-tick step
-    leaves the host's CPU threads alone). A device the TorchScript network cannot run on is reported
-    and the VAD runs on the CPU."""
+    """The VAD for every profile: real Silero, on the agent's device (on a GPU its per-tick step,
+    captured unless ``graphs`` is off, leaves the host's CPU threads alone). A device its network
+    cannot run on is reported and the VAD runs on the CPU."""
     if device != "cpu":
         try:
-            return SileroVAD(device=device)
+            return SileroVAD(device=device, graphs=config.graphs)
         except Exception as exc:  # (an operator the device lacks: the load's warm-up calls find it)
             log.warning("the Silero VAD does not run on %s (%s: %s); it runs on the CPU", device,
                         type(exc).__name__, exc)

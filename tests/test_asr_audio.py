@@ -144,6 +144,42 @@ async def test_cancelled_feed_keeps_state_whole(tiny_nemo, jfk16):
     await asr.aclose()
 
 
+async def test_vad_network_is_silero_s_own(vad_model, jfk16):
+    """Our forward of Silero's network (``duplex.asr.silero``, the weights read from its TorchScript
+    file) gives the TorchScript network's numbers: on random windows and states of five streams at
+    once, and a stream's probabilities over 3 s of speech equal the TorchScript network's run window
+    by window with its own state (to float rounding; on this CPU the same kernels, bit for bit)."""
+    from duplex.asr.silero import CONTEXT, WINDOW, silero_forward
+    from duplex.asr.vad import silero_jit_path
+
+    jit = torch.jit.load(str(silero_jit_path()), map_location="cpu")._model.eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, CONTEXT + WINDOW, generator=g) * 0.1
+    state = torch.randn(2, 5, 128, generator=g) * 0.5
+    with torch.no_grad():
+        want, want_state = jit(x, state)
+        got, h, c = silero_forward(vad_model.net.w, x, state[0], state[1])
+    assert float((got - want[:, 0]).abs().max()) <= 1e-6
+    assert float((torch.stack([h, c]) - want_state).abs().max()) <= 1e-6
+
+    audio = jfk16[:3 * 16000]
+    stream = vad_model.new_stream()
+    for i in range(0, len(audio), 320):
+        await stream.feed(audio[i:i + 320])
+    await stream.aclose()
+    reference, state = [], torch.zeros(2, 1, 128)
+    previous = np.zeros(CONTEXT, np.float32)
+    with torch.no_grad():
+        for k in range(len(audio) // WINDOW):
+            block = audio[k * WINDOW:(k + 1) * WINDOW]
+            out, state = jit(torch.from_numpy(np.concatenate([previous, block]))[None], state)
+            previous = block[-CONTEXT:]
+            reference.append(float(out[0, 0]))
+    assert len(stream.probs) == len(reference) == 93
+    assert np.abs(np.array(stream.probs) - np.array(reference)).max() <= 1e-6
+    assert max(reference) > 0.9 and min(reference) < 0.1  # speech and silence both
+
+
 async def test_vad_voice_edge_comes_one_window_before_speech_started(vad_model, jfk16):
     """On real speech each SpeechStarted is preceded by a voiced VoiceEdge at the same start, one
     32 ms window earlier (min_speech_ms is two windows), and each SpeechStopped by an unvoiced edge

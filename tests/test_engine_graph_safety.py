@@ -312,3 +312,55 @@ def test_asr_steady_encoder_step_replays(tiny_nemo, jfk16):
         trace.restore()
     assert trace.repeated >= 20 and len(trace.calls) >= 2 and trace.fewest_ops > 50
     assert trace.problems() == []
+
+
+def test_vad_step_replays(jfk16):
+    """The VAD's step (every stream's windows of a tick, then their peeks, the states in rows of one
+    buffer), for streams that start at different times, peek while the agent would speak, fall behind
+    (a backlog of ten windows: steps of 4, 4 and 2), close and open again on a reused row: every call
+    of a bucket runs the same ops on the same buffers as its capture call, and none is forbidden (no
+    host staging buffer read, no sync). The streams' probabilities are those each gets alone."""
+    import numpy as np
+
+    from duplex.asr.vad import SileroVAD
+
+    vad = SileroVAD(max_batch=4)
+    net = vad.net
+    staging = [net._windows.staging, net._peeks.staging, net._meta.staging]
+    traces = [StepTrace(step, staging) for step in (net.graphs, net.peek_graphs)]
+    for step in (net.graphs, net.peek_graphs):
+        step.rehearse = True
+    net.capture()  # each bucket's call as a GPU captures it at load
+
+    async def alone(audio, peek_from: int, backlog: bool = False) -> list[float]:
+        stream = vad.new_stream()
+        if backlog:
+            await stream.feed(audio[:10 * 512 + 100])
+            audio = audio[10 * 512 + 100:]
+        for i in range(0, len(audio), 320):
+            await stream.feed(audio[i:i + 320], peek=i >= peek_from)
+        probs = list(stream.probs)
+        await stream.aclose()
+        return probs
+
+    async def main():
+        clips = [jfk16[i * 8000:i * 8000 + 2 * 16000] for i in range(3)]
+
+        async def run(i: int) -> list[float]:
+            await asyncio.sleep(0.01 * i)
+            return await alone(clips[i], peek_from=16000 if i else 0, backlog=i == 2)
+
+        together = await asyncio.gather(*(run(i) for i in range(3)))
+        again = await alone(clips[0], peek_from=0)  # a reused row, fresh
+        return together, again
+
+    try:
+        together, again = asyncio.run(main())
+    finally:
+        for trace in traces:
+            trace.restore()
+    assert np.abs(np.array(again) - np.array(together[0])).max() <= 1e-5
+    for trace in traces:
+        assert trace.repeated >= 10 and trace.fewest_ops > 20, (trace.repeated, trace.fewest_ops)
+        assert trace.problems() == []
+    assert any(depth == 4 for trace in traces for _, depth in trace.calls)  # the backlog's full steps
