@@ -127,12 +127,24 @@ class SileroStep:
                                         graphs=graphs)
 
     def capture(self, progress: Any = None) -> None:
-        """Warm up (and on CUDA capture) every bucket, at load."""
+        """Warm up (and on CUDA capture) every bucket, at load. A capture that fails is reported and
+        the step runs eagerly; an operator the device lacks fails here (the caller then picks the CPU)."""
         import torch
 
         with torch.no_grad():
-            self.graphs.capture(self._prepare, progress)
-            self.peek_graphs.capture(self._prepare, progress)
+            try:
+                self.graphs.capture(self._prepare, progress)
+                self.peek_graphs.capture(self._prepare, progress)
+            except Exception as exc:
+                if not self.graphs.graphs_enabled:
+                    raise
+                log.warning("the VAD's step could not be captured (%s: %s); it runs eagerly", type(exc).__name__, exc)
+                for step in (self.graphs, self.peek_graphs):
+                    step.reset()
+                    step.graphs_enabled = False
+                for b in self.graphs.buckets[-1:]:  # the device runs the step at all
+                    self._prepare(b)
+                    self._fn(b, DEPTHS[-1], peek=True)
 
     def _prepare(self, b: int) -> None:
         """Harmless inputs for entries ``0..b-1``: the scratch row, no windows."""

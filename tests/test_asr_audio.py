@@ -266,3 +266,36 @@ def test_vad_sessions_at_scattered_phases_step_together_on_the_clock_and_stay_ex
         assert len(probs) == len(alone[1]) and np.abs(np.array(probs) - np.array(alone[1])).max() < 1e-5
     assert alone[0] and len(alone[1]) > 80  # speech was found, in ~90 windows
     assert len(ticks) <= 3 / 0.02 + 1 and sum(t.rows for t in ticks) / len(ticks) > 2  # ~2.5 of 4 have a window
+
+
+async def test_a_vad_step_that_cannot_be_captured_runs_eagerly(monkeypatch, caplog, jfk16):
+    """Where capturing the VAD's step fails (a GPU's graph capture raising), the load reports it and
+    the step runs eagerly on the same device, with the same probabilities."""
+    from duplex.asr import silero
+    from duplex.asr.vad import SileroVAD
+    from duplex.engine.graphs import BucketedStep
+
+    plain = SileroVAD(max_batch=2)
+
+    def refuse(self, prepare=None, progress=None, warmup=2):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(BucketedStep, "capture", refuse)
+    monkeypatch.setattr(silero, "BucketedStep", lambda *a, **k: _enabled(BucketedStep(*a, **k)))
+    with caplog.at_level("WARNING"):
+        vad = SileroVAD(max_batch=2)
+    assert "could not be captured" in caplog.text and "runs eagerly" in caplog.text
+    assert not vad.net.graphs.graphs_enabled and not vad.net.peek_graphs.graphs_enabled
+
+    async def probs(model) -> list[float]:
+        stream = model.new_stream()
+        for i in range(0, 16000, 320):
+            await stream.feed(jfk16[i:i + 320])
+        return list(stream.probs)
+
+    assert await probs(vad) == await probs(plain)
+
+
+def _enabled(step):
+    step.graphs_enabled = True  # as on CUDA: capture() is asked to record graphs
+    return step

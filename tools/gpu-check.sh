@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of the engines in one run (about 8 minutes on one H100/H200): package versions, what
-# a kernel launch, a graph-replayed kernel and a host sync cost (tools/launch-costs.py), then
+# a kernel launch, a graph-replayed kernel and a host sync cost (tools/launch-costs.py), the VAD's tick
+# (tools/vad-step-cost.py: its captured step against the TorchScript network it replaced), then
 # `duplex bench asr --quick` (the captured steady ASR step), `duplex bench llm` (Qwen2.5-1.5B, batches
 # 1 8 32), `duplex bench tts` (CSM-1B, batches 1 8 32 64) and `duplex bench e2e` (all three models, a
 # sweep of concurrent sessions in real time, the models in the engine core process and the sessions
@@ -47,6 +48,7 @@ print("cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is
 PY
 status=0
 echo; $PY tools/launch-costs.py --device "$DEVICE" | tee "$OUT/launch-costs.log"
+echo; timeout 60 $PY tools/vad-step-cost.py --device "$DEVICE" --ticks 200 2>&1 | tee "$OUT/vad-step.log"
 run() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
   echo; echo "=== $name ($(date -u +%H:%M:%S))"
