@@ -169,6 +169,36 @@ class Coalesced:
         return future
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What one tick does, decided on the event loop before the worker thread runs it (as vLLM's
+    scheduler output is what its model runner executes): the ``urgent`` jobs, then one batched step
+    of ``rows``, then each coalesced kind's waiting items (``batches``, one batch per kind), then the
+    other ``jobs``. ``roomy``: per row, whether its consumer has room for one more output, so that
+    an engine that runs ahead may launch its next step (:class:`Ahead`)."""
+
+    urgent: tuple[_Job, ...] = ()
+    rows: tuple[Row, ...] = ()
+    batches: tuple[tuple[Coalesced, tuple[tuple[Any, asyncio.Future, int], ...]], ...] = ()
+    jobs: tuple[_Job, ...] = ()
+    roomy: tuple[bool, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.urgent or self.rows or self.batches or self.jobs)
+
+    @property
+    def states(self) -> list[Any]:
+        return [row.state for row in self.rows]
+
+    @property
+    def work(self) -> list[tuple[Coalesced, list[Any]]]:
+        """Each kind's items, as its batch function takes them."""
+        return [(kind, [item for item, _, _ in items]) for kind, items in self.batches]
+
+    def tick(self, seconds: float) -> Tick:
+        return Tick(len(self.rows), len(self.urgent) + len(self.jobs) + len(self.batches), seconds)
+
+
 class Scheduler(Generic[S, Out]):
     """Runs ``step`` over the rows that want one and jobs between steps, on one worker thread."""
 
@@ -310,7 +340,9 @@ class Scheduler(Generic[S, Out]):
         if self._wake is not None:
             self._wake.set()
 
-    def _plan(self) -> tuple[list[_Job], list[Row], list[tuple[Coalesced, list]], list[_Job]]:
+    def _plan(self) -> Plan:
+        """The next tick's :class:`Plan`: the urgent jobs, the rows that want a step (soonest deadline
+        first, at most ``max_batch``), the coalesced kinds that are due, the jobs within the budget."""
         urgent = [j for j in self._urgent if not j.future.done()]
         self._urgent.clear()
         ready = sorted((r for r in self._rows if r.wants_step), key=lambda r: r.deadline)[: self.max_batch]
@@ -335,11 +367,13 @@ class Scheduler(Generic[S, Out]):
                 kind.timer = None
             if kind.hurry or now >= due - 1e-6 or any(job.seq > items[0][2] for job in jobs):  # (timers may fire a hair early)
                 kind.last, kind.hurry = now, False
-                batches.append((kind, items))
+                batches.append((kind, tuple(items)))
             else:  # wait for the clock (a job queued behind the items would have made them due)
                 kind.items.extend(items)
                 kind.timer = self._loop.call_at(due, self._kick)
-        return urgent, ready, batches, jobs
+        # a row runs ahead only if its consumer has room for that output too
+        roomy = tuple(len(r.queue) + 1 < r.room for r in ready) if self.ahead is not None else ()
+        return Plan(tuple(urgent), tuple(ready), tuple(batches), tuple(jobs), roomy)
 
     def _until_clock(self) -> float:
         """Seconds until the next point of the clock's grid when only rows are waiting, all of them
@@ -393,30 +427,24 @@ class Scheduler(Generic[S, Out]):
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(wake.wait(), wait)
                 continue
-            urgent, ready, batches, jobs = self._plan()
-            if not (urgent or ready or batches or jobs):
+            plan = self._plan()
+            if not plan:
                 await wake.wait()
                 wake.clear()
                 continue
-            states = [r.state for r in ready]
-            # a row runs ahead only if its consumer has room for that output too
-            roomy = [len(r.queue) + 1 < r.room for r in ready] if self.ahead is not None else []
             started = time.perf_counter()
-            work = [(kind, [item for item, _, _ in items]) for kind, items in batches]
             try:
-                job_results, outputs, batch_results, late = await self.worker.run(self._tick, urgent, states, work,
-                                                                                  jobs, roomy)
+                job_results, outputs, batch_results = await self.worker.run(self._tick, plan)
             except asyncio.CancelledError:
-                for job in (*urgent, *jobs):
+                for job in (*plan.urgent, *plan.jobs):
                     job.future.cancel()
-                for _, items in batches:
+                for _, items in plan.batches:
                     for _, future, _ in items:
                         future.cancel()
                 raise
-            self.history.append(Tick(len(ready), len(urgent) + len(jobs) + len(batches),
-                                     time.perf_counter() - started))
+            self.history.append(plan.tick(time.perf_counter() - started))
             self.ticks += 1
-            for (kind, items), results in zip(batches, batch_results):
+            for (kind, items), results in zip(plan.batches, batch_results):
                 kind.batches += 1
                 kind.handled += len(items)
                 for (_, future, _), result in zip(items, results):
@@ -426,7 +454,7 @@ class Scheduler(Generic[S, Out]):
                         future.set_exception(result)
                     else:
                         future.set_result(result)
-            for job, (ok, value) in zip((*urgent, *late), job_results):
+            for job, (ok, value) in zip((*plan.urgent, *plan.jobs), job_results):
                 if job.future.done():  # its caller left while it ran
                     if ok and job.undo is not None:
                         self.run(job.undo, value)
@@ -435,7 +463,7 @@ class Scheduler(Generic[S, Out]):
                     job.future.set_result(value)
                 else:
                     job.future.set_exception(value)
-            for row, out in zip(ready, outputs):
+            for row, out in zip(plan.rows, outputs):
                 if row.done or out is LATER:  # left while its step ran; joins the next step
                     continue
                 if not isinstance(out, (Output, BaseException)):
@@ -446,17 +474,17 @@ class Scheduler(Generic[S, Out]):
                     if row in self._rows:
                         self._rows.remove(row)
                 row.ready.set()
-            if ready:
+            if plan.rows:
                 await asyncio.sleep(0)  # let the consumers take their outputs (and make room) first
 
-    def _tick(self, urgent: list[_Job], states: list[Any], work: list[tuple[Coalesced, list]], jobs: list[_Job],
-              roomy: Sequence[bool] = ()):
-        """Worker thread: urgent jobs, one batched step, the coalesced batches, then the other jobs;
-        then (an engine that runs ahead) the next step of the rows that go on and whose consumers
-        have room for it (``roomy``) is launched, so the device computes it while the host hands
-        these outputs over and plans the next tick. Jobs and coalesced work always see every state
-        committed: a step launched ahead is settled first."""
+    def _tick(self, plan: Plan) -> tuple[list[tuple[bool, Any]], list[Any], list[list[Any]]]:
+        """Worker thread: run ``plan``: urgent jobs, one batched step, the coalesced batches, then the
+        other jobs; then (an engine that runs ahead) the next step of the rows that go on and whose
+        consumers have room for it (``plan.roomy``) is launched, so the device computes it while the
+        host hands these outputs over and plans the next tick. Jobs and coalesced work always see
+        every state committed: a step launched ahead is settled first."""
         ahead = self.ahead
+        urgent, states, work, jobs, roomy = plan.urgent, plan.states, plan.work, plan.jobs, plan.roomy
         if ahead is not None and (urgent or not states):
             self._settled(ahead)
         results = [_call(job) for job in urgent]
@@ -475,7 +503,7 @@ class Scheduler(Generic[S, Out]):
                     ahead.launch(going)
                 except Exception as exc:  # each row steps at the next tick instead (and fails there alone)
                     log.warning("%s: the step ahead of %d rows failed to launch (%s)", self.name, len(going), exc)
-        return results, outputs, batch_results, jobs
+        return results, outputs, batch_results
 
     def _settled(self, ahead: Ahead) -> None:
         try:

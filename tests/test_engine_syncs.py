@@ -42,12 +42,12 @@ def syncs_per_tick() -> dict[str, list[int]]:
             model.scheduler.ahead = model.run_ahead.hooks  # their steps run ahead, as on a GPU
         agent.stages.asr.graphs.rehearse = True
         for role, scheduler in _schedulers(agent.stages).items():
-            def counted(urgent, states, work, jobs, *more, _tick=scheduler._tick, _role=role):
-                if urgent or work or jobs or not states:
-                    return _tick(urgent, states, work, jobs, *more)
+            def counted(plan, _tick=scheduler._tick, _role=role):
+                if plan.urgent or plan.batches or plan.jobs or not plan.rows:
+                    return _tick(plan)
                 assert threading.current_thread() is not threading.main_thread()
                 with HostSyncs() as syncs:
-                    out = _tick(urgent, states, work, jobs, *more)
+                    out = _tick(plan)
                 found[_role].append(len(syncs.counts))
                 return out
 
