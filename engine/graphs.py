@@ -60,6 +60,7 @@ class BucketedStep:
         # tests on the CPU: capture() makes each bucket's capture call eagerly, on the inputs a GPU
         # would record it with, so a check can compare every later step with the call a graph holds
         self.rehearse = False
+        self.last: tuple[int, int] | None = None  # the (batch, length) bucket of the latest step
 
     def bucket(self, rows: int) -> int:
         """The smallest bucket holding ``rows`` rows."""
@@ -146,7 +147,7 @@ class BucketedStep:
     def run(self, rows: int, needed: int) -> tuple[int, int]:
         """Run the step for ``rows`` rows and ``needed`` positions (each padded up to a bucket);
         returns the (batch, length) bucket used."""
-        key = (self.bucket(rows), self.length(needed))
+        key = self.last = (self.bucket(rows), self.length(needed))
         graph = None if self.eager else self._graphs.get(key)
         if graph is not None:
             graph.replay()

@@ -124,7 +124,8 @@ async def _bench_one(llm, plan: dict[str, Any], device: str) -> dict[str, Any]:
     for b in plan["batches"]:
         row, texts = await _batch(llm, history, b)
         row["ops_per_step"] = await run(llm.engine.ops_per_step, b)
-        row["floor_fraction"] = floor_fraction(llm.engine.step_bytes(b), row["step_ms"] / 1e3, device)
+        row["floor_fraction"] = floor_fraction(llm.engine.step_bytes(b, row["attention_length"]),
+                                               row["step_ms"] / 1e3, device)
         if llm.engine.graphs.captured:  # the same, eager, side by side
             llm.engine.graphs.eager = llm.engine.prefill_graphs.eager = True  # the decode steps and the passes
             try:
@@ -143,6 +144,17 @@ async def _bench_one(llm, plan: dict[str, Any], device: str) -> dict[str, Any]:
                  f"replies {'equal' if row['captured_equals_eager'] else 'DIFFER'})"
                  if "step_ms_eager" in row else ""), flush=True)
     figures["batches"] = batches
+    # the same largest batch in young dialogues (a system prompt and one turn): its steps read the
+    # K/V of a short length bucket, not the half-full window's
+    b = max(plan["batches"])
+    young, _ = await _batch(llm, [], b)
+    young["ops_per_step"] = batches[-1]["ops_per_step"]
+    young["floor_fraction"] = floor_fraction(llm.engine.step_bytes(b, young["attention_length"]),
+                                             young["step_ms"] / 1e3, device)
+    figures["young"] = young
+    print(f"  batch {b:>3}, young dialogues: step {young['step_ms']:.2f} ms over {young['attention_length']} "
+          f"positions ({batches[-1]['step_ms']:.2f} ms over {batches[-1]['attention_length']}), "
+          f"{young['aggregate_per_s']:.0f} tok/s in all", flush=True)
     replies = max(1, max(plan["batches"]) // 4)
     figures["scattered"] = scattered = await run(_scattered, llm, history, replies)
     print(f"  {replies} replies among {scattered['rows_held']} listening sessions, on the highest rows: step "
@@ -232,7 +244,8 @@ async def _batch(llm, history: list[Message], b: int) -> tuple[dict[str, Any], l
     step_s = statistics.median(steady)
     return {"batch": b, "step_ms": round(step_s * 1e3, 3), "per_session_per_s": round(1.0 / step_s, 2),
             "aggregate_per_s": round(b / step_s, 1), "wall_aggregate_per_s": round(tokens / elapsed, 1),
-            "first_token_ms": round(first[0] * 1e3, 2), "steps": steps}, texts
+            "first_token_ms": round(first[0] * 1e3, 2), "steps": steps,
+            "attention_length": llm.engine.graphs.last[1]}, texts
 
 
 def _begin(stream):

@@ -12,8 +12,8 @@ the K/V pool with one row per session (each session's attention-sink cache is a
 - :meth:`Engine.decode` runs one token for each of several sessions at once and samples the next
   one inside the step (:mod:`duplex.engine.sampling`, per-row settings and noise). The step's batch
   is the sessions replying, gathered by row index (a session holds its row while it listens, so
-  replying rows are rarely ``0..n-1``), padded to a bucket with entries on the scratch row. Its
-  shapes depend only on the bucket, so on CUDA each bucket is one captured graph
+  replying rows are rarely ``0..n-1``), padded to a bucket with entries on the scratch row, and it attends over a length bucket
+  holding its longest row. Its shapes depend only on the buckets, so on CUDA each is one captured graph
   (:mod:`duplex.engine.graphs`) and a step costs one replay and one host sync.
 - :meth:`Engine.system_block` / :meth:`Engine.keep_system_block`: the K/V and logits of a system
   block (the tokens every cache starts with, its attention sink), kept for the last
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from duplex.engine import fusion
 from duplex.engine.decoder import LeanDecoder
-from duplex.engine.graphs import BucketedStep, buckets_for
+from duplex.engine.graphs import BucketedStep, buckets_for, lengths_for
 from duplex.engine.sampling import sample as sample_rows
 from duplex.engine.slots import SlotPool
 from duplex.engine.staging import PassRows, Readback, Staged
@@ -143,9 +143,11 @@ class Engine:
             meta=PassRows(slots, self.device, self.kv.scratch_row),
             logits=torch.zeros(slots, rows, dtype=torch.float32, device=self.device))
         self._entries = torch.arange(slots, device=self.device)
-        # one attention length: sink windows are nearly full once a dialogue runs, so every decode
-        # step of a session has the same shapes
-        self.graphs = BucketedStep("llm decode", self._decode_fn, buckets_for(slots), (self.kv.columns,),
+        # attention lengths in powers of two up to the whole window (every column: aligned rows): a
+        # step reads the K/V of the batch's longest row, rounded up, not the whole window while the
+        # dialogues are young; a sink window, once full, stays full and its steps take the last one
+        lengths = (*(n for n in lengths_for(window) if n < window), self.kv.columns)
+        self.graphs = BucketedStep("llm decode", self._decode_fn, buckets_for(slots), lengths,
                                    device=str(self.device), graphs=graphs)
         # the prefill pass of several sessions (listens, reply starts), captured per (batch, tokens)
         # bucket; every entry attends over the whole window, so its shapes are the buckets'
@@ -313,7 +315,7 @@ class Engine:
 
     def _decode_fn(self, b: int, length: int) -> None:
         """The captured step: batch positions ``0..b-1`` from the static buffers, each on its K/V row,
-        over the whole window."""
+        attending over the first ``length`` positions of the rows (a length bucket holding the longest)."""
         buf = self._buf
         tokens, positions, seed, counter, ban, rows = buf.ints.buffer[:, :b]
         x = F.embedding(tokens, self.embed)  # [b, H]
@@ -361,7 +363,7 @@ class Engine:
             floats[:, i] = (d.temperature, d.top_p)
         self._buf.ints.push(bucket)
         self._buf.floats.push(bucket)
-        self.graphs.run(n, self.kv.columns)
+        self.graphs.run(n, max(r.slot.length for r in requests) + 1)
         end = self._readback.queue(self._buf.out, bucket)
         self._last_step = {row: i for i, row in enumerate(rows)}
         return Launched(n, end)
@@ -416,14 +418,15 @@ class Engine:
         finally:
             self._sample = sample
 
-    def step_bytes(self, rows: int) -> int:
-        """Bytes a decode step of ``rows`` rows must read: the layers' and output layer's weights, and
-        each row's K/V over the whole window."""
+    def step_bytes(self, rows: int, length: int | None = None) -> int:
+        """Bytes a decode step of ``rows`` rows over ``length`` positions (the whole window by
+        default) must read: the layers' and output layer's weights, and each row's K/V over them."""
         from duplex.engine.roofline import weight_bytes
 
         layers = weight_bytes(self.model.model.layers, self.model.model.norm)
         head = self.lm_head.numel() * self.lm_head.element_size()
-        return layers + head + rows * self.kv.slot_nbytes()
+        columns = self.kv.columns if length is None else min(length, self.kv.columns)
+        return layers + head + rows * self.kv.slot_nbytes() * columns // self.kv.columns
 
 
 def token_probability(logits: torch.Tensor, token_ids: Sequence[int]) -> float:

@@ -108,9 +108,44 @@ def test_a_decode_step_is_as_wide_as_its_replies_not_as_the_highest_row(make_llm
         engine.release(slot)
 
 
+def test_a_decode_step_reads_the_length_bucket_of_its_longest_row(make_llm):
+    """With a window of 600 positions the decode step has length buckets 256, 512 and every column:
+    a session holding 20 positions steps over 256 alone, over 512 beside one holding 300, and over
+    the whole window when the buckets are taken away; its token is the same and its logits equal
+    (<= 1e-5) in all three, and so are the long session's alone and together."""
+    engine = make_llm("qwen2", window=600, slots=2).engine
+    engine.keep_logits = True
+    assert engine.graphs.lengths == (256, 512, engine.kv.columns)
+    short, long = engine.new_slot(), engine.new_slot()
+    g = torch.Generator().manual_seed(3)
+    for slot, n in ((short, 20), (long, 300)):
+        engine.prefill(slot, torch.randint(0, engine.vocab, (n,), generator=g).tolist())
+    requests = [DecodeRequest(short, 7, Draw(0.8, 0.9, 1, 1)), DecodeRequest(long, 9, Draw(0.0, 1.0, 2, 1))]
+
+    def step(chosen):  # slot lengths are not advanced: each step runs the same positions again
+        tokens = engine.decode(chosen)
+        return engine.graphs.last, tokens, [engine.last_logits(r.slot) for r in chosen]
+
+    short_alone, long_alone, together = step(requests[:1]), step(requests[1:]), step(requests)
+    lengths = engine.graphs.lengths
+    engine.graphs.lengths = (engine.kv.columns,)
+    try:
+        whole = step(requests)
+    finally:
+        engine.graphs.lengths = lengths
+    assert [short_alone[0], long_alone[0], together[0], whole[0]] == [(1, 256), (1, 512), (2, 512),
+                                                                       (2, engine.kv.columns)]
+    for (_, tokens, logits), rows in ((short_alone, [0]), (long_alone, [1]), (whole, [0, 1])):
+        assert tokens == [together[1][i] for i in rows]
+        assert max(float((a - together[2][i]).abs().max()) for a, i in zip(logits, rows)) <= 1e-5
+    for slot in (short, long):
+        engine.release(slot)
+
+
 def test_every_decode_step_of_a_session_sees_the_same_shapes(make_llm):
     """A reply decoded across many evictions and a rollback runs its decode steps on identical tensor
-    shapes (the full window, whatever the cache holds), which is what lets a GPU replay one graph."""
+    shapes (a window under 256 positions has one length bucket, the whole window, whatever the
+    cache holds), which is what lets a GPU replay one graph."""
     llm = make_llm("qwen2", window=96, max_reply_tokens=40, temperature=0.0, fixed_length=True, slots=1)
 
     async def main():
