@@ -1,7 +1,7 @@
 """Fused kernels for the engines' steps: each decoder layer (and the sampler) compiled by Inductor.
 
-An eager layer is some thirty kernels (two RMSNorms of eight each, RoPE, the K/V writes, attention,
-four matrix products, the gated MLP), most of them tiny: on a GPU the step then waits between kernels
+An eager layer is some fifteen to thirty kernels (two RMSNorms, one fused kernel each on CUDA and
+six on the CPU, RoPE, the K/V writes, attention, four matrix products, the gated MLP), most of them tiny: on a GPU the step then waits between kernels
 rather than on memory. :func:`compile_fn` hands a function to ``torch.compile`` (Inductor), which
 fuses each chain of element-wise work and reductions into one Triton kernel and leaves the matrix
 products and the attention to their own kernels: about ten kernels a layer. The engines compile the
