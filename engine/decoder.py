@@ -268,18 +268,24 @@ class LeanDecoder:
                       [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers], positions)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: SlotKV, rows: slice | torch.Tensor,
-                write_rows: torch.Tensor, length: int, mask: torch.Tensor | None) -> torch.Tensor:
+                write_rows: torch.Tensor, length: int, mask: torch.Tensor | None,
+                tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Run ``x`` ``[B, T, hidden]`` through the layers; returns the normed hidden states ``[B, T, hidden]``.
 
         Token ``(b, t)`` is at RoPE position ``positions[b, t]`` and writes its K/V at
         ``(write_rows[b], positions[b, t])``; attention reads positions ``[0, length)`` of the rows
         ``rows`` (``B`` of them, in the order of ``x``: a slice reads a view, an index tensor gathers),
-        as ``mask`` ``[B, T, length]`` allows (None: every key)."""
+        as ``mask`` ``[B, T, length]`` allows (None: every key). ``tables``: the RoPE rows ``cos`` and
+        ``sin_signed`` of the positions, ``[B or 1, T, 1, D]``, where the caller has them as views (every
+        row at the same known positions); else they are gathered from ``positions``."""
 
         b, t, _ = x.shape
         heads, kv_heads = self.heads, self.kv_heads
-        cos = self.cos[positions][:, :, None]  # [B, T, 1, D]
-        sin = self.sin_signed[positions][:, :, None]
+        if tables is None:
+            cos = self.cos[positions][:, :, None]  # [B, T, 1, D]
+            sin = self.sin_signed[positions][:, :, None]
+        else:
+            cos, sin = tables
         bias = attention_mask(mask, heads // kv_heads, x.dtype)
         row_index = write_rows[:, None].expand(b, t)
         for index, layer in enumerate(self.layers):

@@ -59,7 +59,7 @@ def exponential(seed: torch.Tensor, counter: torch.Tensor, keys: torch.Tensor) -
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor | None, seed: torch.Tensor,
            counter: torch.Tensor, keys: torch.Tensor, *, top_k: int = 0,
-           noise: torch.Tensor | None = None) -> torch.Tensor:
+           noise: torch.Tensor | None = None, hot: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of ``logits`` ``[B, V]`` -> ``[B]`` long.
 
     Rows with ``temperature`` 0 take the argmax; the others sample at their temperature from the top
@@ -68,8 +68,15 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor 
     None: no nucleus step). With ``top_k`` nothing is sorted but the ``k`` kept (``topk`` gives them
     in order) and the noise is hashed for those ``k`` tokens only; without it, the whole vocabulary
     is sorted for the nucleus. ``noise``: the :func:`exponential` noise of every token ``[B, V]``,
-    made beforehand (else made here from ``seed``, ``counter`` and ``keys``)."""
+    made beforehand (else made here from ``seed``, ``counter`` and ``keys``). ``hot``: the rows that
+    sample (``temperature > 0``), given by a caller that draws many times with the same temperatures
+    (the TTS's codebooks of a frame), which then passes ``temperature`` already clamped to 1e-6 or
+    more: both made once, not once a draw."""
     import torch
+
+    if hot is None:
+        hot = temperature > 0
+        temperature = temperature.clamp_min(1e-6)
 
     logits = logits.float()
     vocab = logits.shape[-1]
@@ -79,7 +86,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor 
     else:
         values, ids = logits, None
         greedy = logits.argmax(dim=-1)
-    probs = torch.softmax(values / temperature.clamp_min(1e-6)[:, None], dim=-1)
+    probs = torch.softmax(values / temperature[:, None], dim=-1)
     if top_p is not None:
         off = top_p[:, None] >= 1.0
         if ids is None:
@@ -94,4 +101,4 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor 
         noise = noise.gather(-1, ids)
     race = (probs / noise).argmax(dim=-1)
     drawn = race if ids is None else ids.gather(-1, race[:, None])[:, 0]
-    return torch.where(temperature > 0, drawn, greedy)
+    return torch.where(hot, drawn, greedy)

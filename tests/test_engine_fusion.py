@@ -61,7 +61,7 @@ FUSED_LAYER_BUDGET = 12  # the plain layer: 25 (tests/test_engine_kernel_budget.
 
 
 @pytest.mark.slow
-def test_the_fused_layer_traces_whole_and_agrees_with_the_plain_one(monkeypatch, tiny_checkpoints):
+def test_the_fused_layer_traces_whole_and_agrees_with_the_plain_one(request, tiny_checkpoints):
     """The layer a GPU compiles (``torch.compile``, dynamic shapes, whole: no graph break) compiles on
     the CPU's Inductor too, and gives the plain layer's hidden states (to float rounding) for the
     shapes the engines run: decode steps of several batch sizes over the whole window and over
@@ -88,7 +88,11 @@ def test_the_fused_layer_traces_whole_and_agrees_with_the_plain_one(monkeypatch,
     model, _ = tiny_checkpoints["qwen2"]
     decoder = LeanDecoder(model.model, model.config, positions=63)
     kv = decoder.new_kv(slots=4)
-    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+    # through the config's own patch: a monkeypatch of it deletes the setting when it is undone, and
+    # every later torch.compile in the run (NeMo's modules compile one at import) then fails
+    patch = torch._dynamo.config.patch(suppress_errors=False)
+    patch.__enter__()
+    request.addfinalizer(lambda: patch.__exit__(None, None, None))
     decoder.compile()
     g = torch.Generator().manual_seed(0)
 

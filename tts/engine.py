@@ -467,11 +467,13 @@ class CsmEngine:
         noise = None if greedy else exponential(seed[:, None], counter[:, None] * k + self._depth_positions,
                                                 self._keys)  # [b, K, codes]
 
+        hot, clamped = temperature > 0, temperature.clamp_min(1e-6)  # once for the frame's K draws
+
         def draw(logits: torch.Tensor, index: int) -> torch.Tensor:  # only the codec's codes
             if noise is None:
                 return logits[:, :n_codes].argmax(dim=-1)
-            return self._sample(logits[:, :n_codes], temperature, None, seed, counter, self._keys, top_k=top_k,
-                                noise=noise[:, index])
+            return self._sample(logits[:, :n_codes], clamped, None, seed, counter, self._keys, top_k=top_k,
+                                noise=noise[:, index], hot=hot)
 
         codes = [draw(F.linear(hidden, self.model.lm_head.weight), 0)]
         x = torch.stack([F.linear(hidden, self.depth_project), F.embedding(codes[0], self._depth_tables[0])],
@@ -486,7 +488,10 @@ class CsmEngine:
             x = F.embedding(codes[-1], self._depth_tables[index])[:, None]  # [b, 1, H_depth]
             p = index + 1
             pos = self._depth_positions[p:p + 1].expand(b, 1)
-            h = self.depth.forward(x, pos, self.depth_kv, slice(0, b), rows, p + 1, None)  # sees positions 0..p
+            # every row at position p: its RoPE rows are a view of the tables, not a gather per step
+            tables = (self.depth.cos[None, p:p + 1, None], self.depth.sin_signed[None, p:p + 1, None])
+            h = self.depth.forward(x, pos, self.depth_kv, slice(0, b), rows, p + 1, None,
+                                   tables=tables)  # sees positions 0..p
         frame = torch.stack(codes, dim=1)  # [b, K]
         active = positions < self.kv.scratch_position
         following = self.model.backbone_model.embed_tokens(frame[:, None])[:, 0]  # [b, H]
