@@ -1,9 +1,9 @@
-"""``duplex bench capacity``'s measurement: real aiortc peers in a child process talking to the server.
+"""``duplex bench capacity``'s measurement: real aiortc peers in child processes talking to the server.
 
-Proves the row of one size is measured from both processes: every peer got a session and a whole
-answer, voice-to-voice at the peer's ear is a positive figure for each of them (the child's clock and
-the server's are one), the input lag was sampled from the server's sessions, CPU is reported for the
-server and for the peers' process, and the sessions are gone before the next size starts.
+Proves the row of one size is measured from every process: every peer got a session and a whole
+answer, voice-to-voice at the peer's ear is a positive figure for each of them (the children's clock
+and the server's are one), the input lag was sampled from the server's sessions, CPU is reported for
+the server and for the peers' processes, and the sessions are gone before the next size starts.
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ from tests.transport_fixtures import load_agent, running_server
 
 
 
-async def test_a_size_of_the_sweep_is_measured_through_real_peers():
+async def test_a_size_of_the_sweep_is_measured_through_real_peers(monkeypatch):
+    """Two peers, one per child process (as 64 peers are spread over eight processes of eight)."""
+    from duplex.transport import capacity
     from duplex.transport.capacity import measure
 
+    monkeypatch.setattr(capacity, "PEERS_PER_PROCESS", 1)
     agent = await load_agent()
     try:
         async with running_server(agent, max_sessions=4) as (server, url):
@@ -23,6 +26,7 @@ async def test_a_size_of_the_sweep_is_measured_through_real_peers():
     finally:
         await agent.aclose()
     assert row["sessions"] == 2 and row["no_session"] == 0 and row["unanswered"] == 0, row
+    assert row["peer_processes"] == 2, row
     assert len(row["voice_to_voice_s"]) == 2 and all(0.0 < x < 10.0 for x in row["voice_to_voice_s"]), row
     assert row["input_lag_max_s"] >= row["input_lag_p99_s"] >= 0.0
     assert row["underruns"] == 0 and row["real_time"], row

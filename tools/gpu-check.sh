@@ -9,11 +9,15 @@
 # eager side by side, with the replies of both compared (greedy LLM text, seeded TTS audio: they must
 # be equal). COMPILE=1 fuses the layers with torch.compile (--compile) and compares them with the
 # unfused ones. JSON lands in $OUT (default artifacts/gpu); on the device, as one archive,
-# gpu-check.tgz (the device returns at most 8 files).
+# gpu-check.tgz (the device returns at most 8 files). ONLY=capacity runs `duplex bench capacity`
+# instead (real aiortc peers, eight to a process, into `duplex serve --workers 4` around one engine
+# core; about 5 minutes): its wheels are a second carry, so it is a second call on the same warm machine.
 #
-#   here, once:     bash tools/gpu-wheels.sh      (wheels of the versions CI uses, into .whl/)
+#   here, once:     bash tools/gpu-wheels.sh      (wheels of the versions CI uses, into .whl/ and .whl-transport/)
 #   on the device:  run(command="bash tools/gpu-check.sh", carry=[".whl"], timeout_s=480)
-#   on the CPU:     DEVICE=cpu PROFILE=tiny bash tools/gpu-check.sh   (a smoke run of the same script)
+#   then, warm:     run(command="ONLY=capacity bash tools/gpu-check.sh", carry=[".whl-transport"], timeout_s=420)
+#   on the CPU:     DEVICE=cpu PROFILE=tiny bash tools/gpu-check.sh   (a smoke run of the same script;
+#                   ONLY=capacity DEVICE=cpu PROFILE=tiny for the capacity part)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-artifacts/gpu}
@@ -23,9 +27,14 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 DUPLEX_CACHE=${DUPLEX_CACHE:-/tmp/duplex-cache}
 PY=python3
 if [ -x .venv/bin/python ] && [ "$DEVICE" = cpu ]; then PY=.venv/bin/python; fi
-if [ -d .whl ] && [ "$DEVICE" != cpu ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed"; exit 1; }
+if [ "$DEVICE" != cpu ]; then  # each carried set once per machine (a second call finds the first's)
+  for dir in .whl .whl-transport; do
+    if [ -d "$dir" ] && [ ! -e "/tmp/site/.installed$dir" ]; then
+      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$dir"/*.whl \
+        || { echo "wheel install from $dir failed"; exit 1; }
+      touch "/tmp/site/.installed$dir"
+    fi
+  done
   export PYTHONPATH=/tmp/site
 fi
 if [ "$DEVICE" != cpu ]; then  # the package itself, without dependency resolution (the device brings its own torch)
@@ -37,7 +46,7 @@ $PY - <<'PY'
 import importlib.metadata as m, platform
 print("python", platform.python_version())
 for p in ("torch", "triton", "transformers", "huggingface-hub", "tokenizers", "numpy", "nemo_toolkit", "lightning",
-          "silero-vad", "soxr", "soundfile",
+          "silero-vad", "soxr", "soundfile", "aiortc", "av",
           "omegaconf", "lhotse", "librosa", "duplex"):
     try:
         print(p, m.version(p))
@@ -47,8 +56,6 @@ import torch
 print("cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
 PY
 status=0
-echo; $PY tools/launch-costs.py --device "$DEVICE" | tee "$OUT/launch-costs.log"
-echo; timeout 60 $PY tools/vad-step-cost.py --device "$DEVICE" --ticks 200 2>&1 | tee "$OUT/vad-step.log"
 run() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
   echo; echo "=== $name ($(date -u +%H:%M:%S))"
@@ -57,6 +64,19 @@ run() {  # name, seconds, command...
   echo "=== $name: exit $rc after $((SECONDS - t0)) s"
   [ "$rc" = 0 ] || status=1
 }
+pack() {  # the device returns at most 8 files: one archive of them all
+  if [ "$DEVICE" != cpu ]; then
+    (cd "$OUT" && tar czf gpu-check.tgz --exclude=gpu-check.tgz ./*.log ./*.json 2>/dev/null \
+       && find . -maxdepth 1 -type f ! -name gpu-check.tgz ! -name '*.png' -delete)
+  fi
+}
+if [ "${ONLY:-}" = capacity ]; then
+  run capacity 400 $DUPLEX bench capacity --device "$DEVICE" --profile "$PROFILE" --workers 4 --out "$OUT"
+  pack
+  exit $status
+fi
+echo; $PY tools/launch-costs.py --device "$DEVICE" | tee "$OUT/launch-costs.log"
+echo; timeout 60 $PY tools/vad-step-cost.py --device "$DEVICE" --ticks 200 2>&1 | tee "$OUT/vad-step.log"
 if [ "$PROFILE" = tiny ]; then LLM=(); else LLM=(--llm-model qwen2.5-1.5b); fi
 if [ "${COMPILE:-0}" = 1 ]; then LLM+=(--compile); FUSE=(--compile); else FUSE=(); fi
 run asr 90 $DUPLEX bench asr --device "$DEVICE" --profile "$PROFILE" --quick --out "$OUT"
@@ -70,8 +90,5 @@ elif grep -q "equal)" "$OUT/llm.log" 2>/dev/null; then
   echo "=== captured steps say and make exactly what eager ones do (every batch size, llm and tts)"
 fi
 grep -h "fused layers\|launch costs" "$OUT"/*.log 2>/dev/null
-if [ "$DEVICE" != cpu ]; then  # the device returns at most 8 files: one archive of them all
-  (cd "$OUT" && tar czf gpu-check.tgz --exclude=gpu-check.tgz ./*.log ./*.json 2>/dev/null \
-     && find . -maxdepth 1 -type f ! -name gpu-check.tgz ! -name '*.png' -delete)
-fi
+pack
 exit $status

@@ -3,16 +3,17 @@
 The same sweep as ``bench e2e`` (1, 2, 4, 8, ... sessions, stopping after two sizes that fail), but
 each session is a real aiortc peer talking over loopback to the server ``duplex serve`` runs (its
 :class:`~duplex.transport.server.Server` and agent, in this process), so the figures include Opus,
-SRTP, the jitter buffers and the data channel. The peers run in a child process of their own
-(``python -m duplex.transport.capacity peers URL N``), so this process's CPU seconds are the server's
-(with ``--engine-core process``, the engine core's are reported apart).
+SRTP, the jitter buffers and the data channel. The peers run in child processes of their own, up
+to ``PEERS_PER_PROCESS`` in each (``python -m duplex.transport.capacity peers URL N``), so this
+process's CPU seconds are the server's (with ``--engine-core process``, the engine core's are
+reported apart, and the peers' are their processes' together).
 
 Each peer says JFK's "And so my fellow Americans" and waits for the whole answer. Per size, the row
 of :func:`duplex.e2e.concurrency_row`: the server sessions' input lag (sampled every 0.1 s, p99 and
 max), reply-audio gaps in their playouts, voice-to-voice at the peer's ear (the end of its speech
 leaving to the first loud frame of the answer out of its decoder; one monotonic clock serves both
 processes), each engine's tick times, GPU busy, CPU seconds per second of the server and of the
-peers' process, and LLM listens per session-second; plus the peers that got no session or no answer.
+peers' processes, and LLM listens per session-second; plus the peers that got no session or no answer.
 
 Run: ``duplex bench capacity --profile tiny`` (results in ``<out>/capacity.json``); ``--batch 1 8 16``
 picks the sizes (default: 1, 2, 4, 8 on the CPU, up to 64 on a GPU); ``--workers N`` runs the sessions
@@ -36,6 +37,9 @@ import numpy as np
 from duplex.e2e import ConcurrencyRow
 
 ANSWER_TIMEOUT_S = 90.0  # a peer whose answer has not finished by then counts as unanswered
+# peers a child process runs: one Python process of aiortc peers (Opus both ways, SRTP, a data
+# channel each) fills its core long before 64 of them, and the bench would measure the peers
+PEERS_PER_PROCESS = 8
 LOUD_RMS = 0.03  # a 20 ms block this loud is speech (the file track's own threshold)
 HEARD_PEAK = 0.01  # an agent frame with a sample this loud is heard
 
@@ -101,6 +105,7 @@ class CapacityRow(ConcurrencyRow):
 
     no_session: int
     unanswered: int
+    peer_processes: int
 
 
 async def _sessions(server) -> dict[str, tuple[float, int]]:
@@ -125,8 +130,35 @@ def _workers_cpu(server) -> Callable[[], float] | None:
     return lambda: sum((process_cpu_s(pid) or start[pid]) - start[pid] for pid in pids)
 
 
+async def _run_peers(url: str, n: int) -> dict[str, Any]:
+    """``n`` peers in child processes of up to ``PEERS_PER_PROCESS`` each, all started at once; their
+    rows together and their CPU seconds summed."""
+    shares = [PEERS_PER_PROCESS] * (n // PEERS_PER_PROCESS) + ([n % PEERS_PER_PROCESS] if n % PEERS_PER_PROCESS
+                                                               else [])
+    children = [await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "duplex.transport.capacity", "peers", url, str(k), stdout=asyncio.subprocess.PIPE)
+        for k in shares]
+    try:
+        outs = await asyncio.gather(*(child.communicate() for child in children))
+    finally:
+        for child in children:
+            if child.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.kill()
+                await child.wait()
+    rows: list[dict[str, Any]] = []
+    cpu_s = 0.0
+    for child, (out, _) in zip(children, outs):
+        if child.returncode != 0 or not out.strip():
+            raise RuntimeError(f"a peers' process failed (exit {child.returncode}); its traceback is above")
+        result = json.loads(out.decode().strip().splitlines()[-1])
+        rows += result["peers"]
+        cpu_s += result["cpu_s"]
+    return {"peers": rows, "cpu_s": cpu_s, "processes": len(children)}
+
+
 async def measure(server, agent, url: str, n: int) -> CapacityRow:
-    """``n`` peers (a child process) against ``server``; the sweep row, plus the peers' outcomes."""
+    """``n`` peers (child processes) against ``server``; the sweep row, plus the peers' outcomes."""
     from duplex.clock import now
     from duplex.e2e import concurrency_row, core_cpu, engine_probe, gpu_sampling
 
@@ -136,23 +168,17 @@ async def measure(server, agent, url: str, n: int) -> CapacityRow:
     probe, core = await engine_probe(agent, workers=workers_cpu is not None), core_cpu(agent)
     t, cpu = now(), time.process_time()
     async with gpu_sampling(agent.config.resolved_device()) as gpu:
-        child = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "duplex.transport.capacity", "peers", url, str(n),
-            stdout=asyncio.subprocess.PIPE)
-        reading = asyncio.create_task(child.communicate())
+        reading = asyncio.create_task(_run_peers(url, n))
         while not reading.done():
             for pc_id, (lag, gaps) in (await _sessions(server)).items():
                 lags.append(lag)
                 underruns[pc_id] = gaps
             await asyncio.wait([reading], timeout=0.1)
-        out, _ = reading.result()
+        peers = reading.result()
     wall, cpu = now() - t, time.process_time() - cpu
     cpu_s_per_s = {"server": round(cpu / wall, 3)}
     if workers_cpu is not None:
         cpu_s_per_s["workers"] = round(workers_cpu() / wall, 3)
-    if child.returncode != 0 or not out.strip():
-        raise RuntimeError(f"the peers' process failed (exit {child.returncode}); its traceback is above")
-    peers = json.loads(out.decode().strip().splitlines()[-1])
     for _ in range(100):  # the sessions close as their peers hang up: wait, so sizes do not overlap
         if not await _sessions(server):
             break
@@ -165,7 +191,7 @@ async def measure(server, agent, url: str, n: int) -> CapacityRow:
     no_session = sum(not p["created"] for p in peers["peers"])
     unanswered = sum(p["created"] and not p["answered"] for p in peers["peers"])
     base["real_time"] = base["real_time"] and no_session == 0 and unanswered == 0
-    return CapacityRow(**base, no_session=no_session, unanswered=unanswered)
+    return CapacityRow(**base, no_session=no_session, unanswered=unanswered, peer_processes=peers["processes"])
 
 
 async def _bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -197,7 +223,8 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     try:
         async with server.on_loopback() as url:
             try:
-                print(f"WebRTC peers (a child process) over loopback into the server at {url}:", flush=True)
+                print(f"WebRTC peers (child processes of up to {PEERS_PER_PROCESS}) over loopback into the server "
+                      f"at {url}:", flush=True)
                 rows = await sweep(lambda n: measure(server, agent, url, n), most, sizes)
                 best = max([r["sessions"] for r in rows if r["real_time"]], default=0)
                 print(f"largest number of concurrent WebRTC sessions in real time: {best}")
