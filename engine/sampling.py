@@ -1,7 +1,10 @@
 """Sampling inside a batched step: no host sync, static shapes, per-row settings and reproducible noise.
 
 Every row draws with its own ``seed`` and ``counter`` (the number of draws it made before), from
-noise that is a hash of (seed, counter, token id). A session therefore draws exactly the same tokens
+noise that is a hash of (seed, counter, token id). The host hashes each row's (seed, counter) into
+its *draw key* (:func:`draw_key`, on Python ints or numpy arrays, staged like the step's other
+inputs); the step hashes only the key with the token ids, so the two dozen integer kernels of the
+row's own hash run nowhere on the device. A session therefore draws exactly the same tokens
 whether it is stepped alone or in a batch of any size and composition, and a step can be captured
 in a CUDA graph (no torch generator state, no ``.item()``). The draw is the exponential race
 ``argmax(p / E)``, ``E ~ Exp(1)``, which samples from ``p`` exactly (it is Gumbel-max in another form).
@@ -12,17 +15,19 @@ at all); ``top_k`` is one integer for the whole engine (0 = off), since ``topk``
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+Ints = Any  # a Python int, a numpy int64 array or a torch long tensor: the hash is the same on each
 
 _MASK = 0xFFFFFFFF
 _MUL = 0x45D9F3B  # < 2**27: a 32-bit value times it stays inside int64
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (good avalanche) on int64 tensors holding values in [0, 2**32)."""
+def _mix(x: Ints) -> Ints:
+    """A 32-bit integer hash (good avalanche) of values in [0, 2**32), held in int64 (or Python ints)."""
     x = ((x >> 16) ^ x) * _MUL & _MASK
     x = ((x >> 16) ^ x) * _MUL & _MASK
     return (x >> 16) ^ x
@@ -35,30 +40,35 @@ def token_keys(vocab: int, device) -> torch.Tensor:
     return _mix(torch.arange(vocab, dtype=torch.int64, device=device) + 0x9E3779B9 & _MASK)
 
 
-def uniform(seed: torch.Tensor, counter: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def draw_key(seed: Ints, counter: Ints) -> Ints:
+    """The row's part of the noise hash: one value per (seed, counter), made by the host before the
+    step (numpy arrays for many counters at once: a TTS frame's one per codebook)."""
+    return _mix((seed & _MASK) ^ _mix(counter & _MASK))
+
+
+def uniform(draws: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Uniform noise in (0, 1), float32, a pure function of (seed, counter, token id).
 
-    ``seed`` and ``counter`` are ``[B]`` (or ``[B, K]``: one counter per codebook); ``keys`` are the
-    :func:`token_keys` of the tokens wanted, ``[V]`` for every token or ``[B, k]`` for some tokens of
-    each row. The result is ``[B, V]``, ``[B, k]`` or ``[B, K, V]``: a token's noise is the same
-    whichever of its neighbours are computed with it."""
+    ``draws`` are the rows' :func:`draw_key` values, ``[B]`` (or ``[B, K]``: one counter per
+    codebook); ``keys`` are the :func:`token_keys` of the tokens wanted, ``[V]`` for every token or
+    ``[B, k]`` for some tokens of each row. The result is ``[B, V]``, ``[B, k]`` or ``[B, K, V]``: a
+    token's noise is the same whichever of its neighbours are computed with it."""
     import torch
 
-    row = _mix((seed & _MASK) ^ _mix(counter & _MASK))  # [B] or [B, K]
-    bits = _mix(keys ^ row[..., None]) >> 8  # 24 bits
+    bits = _mix(keys ^ draws[..., None]) >> 8  # 24 bits
     return (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
-def exponential(seed: torch.Tensor, counter: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def exponential(draws: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """``E ~ Exp(1)`` noise of the race (:func:`sample`), shaped as :func:`uniform`'s: made once for many
     draws (every codebook of a frame) in one pass."""
     import torch
 
-    return -torch.log(uniform(seed, counter, keys))
+    return -torch.log(uniform(draws, keys))
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor | None, seed: torch.Tensor,
-           counter: torch.Tensor, keys: torch.Tensor, *, top_k: int = 0,
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor | None, draws: torch.Tensor,
+           keys: torch.Tensor, *, top_k: int = 0,
            noise: torch.Tensor | None = None, hot: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of ``logits`` ``[B, V]`` -> ``[B]`` long.
 
@@ -68,7 +78,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor 
     None: no nucleus step). With ``top_k`` nothing is sorted but the ``k`` kept (``topk`` gives them
     in order) and the noise is hashed for those ``k`` tokens only; without it, the whole vocabulary
     is sorted for the nucleus. ``noise``: the :func:`exponential` noise of every token ``[B, V]``,
-    made beforehand (else made here from ``seed``, ``counter`` and ``keys``). ``hot``: the rows that
+    made beforehand (else made here from the rows' ``draws``, their :func:`draw_key` values, and ``keys``). ``hot``: the rows that
     sample (``temperature > 0``), given by a caller that draws many times with the same temperatures
     (the TTS's codebooks of a frame), which then passes ``temperature`` already clamped to 1e-6 or
     more: both made once, not once a draw."""
@@ -96,7 +106,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor 
         else:  # already in order
             probs = probs.masked_fill((probs.cumsum(-1) - probs > top_p[:, None]) & ~off, 0.0)
     if noise is None:
-        noise = exponential(seed, counter, keys[:vocab] if ids is None else keys[ids])
+        noise = exponential(draws, keys[:vocab] if ids is None else keys[ids])
     elif ids is not None:
         noise = noise.gather(-1, ids)
     race = (probs / noise).argmax(dim=-1)

@@ -40,7 +40,7 @@ from duplex.engine.graphs import BucketedStep, buckets_for, lengths_for
 from duplex.engine.sampling import sample as sample_rows
 from duplex.engine.slots import SlotPool
 from duplex.engine.staging import PassRows, Readback, Staged
-from duplex.engine.sampling import token_keys
+from duplex.engine.sampling import draw_key, token_keys
 from duplex.errors import ConfigError
 from duplex.llm.sink_cache import SinkSlot, rope_inv_freq
 
@@ -131,7 +131,7 @@ class Engine:
         self.set_stop_ids(stop_ids)
         self._keys = token_keys(rows, self.device)
         self._buf = _Buffers(
-            ints=Staged((6, slots), torch.long, self.device),
+            ints=Staged((5, slots), torch.long, self.device),  # token, position, draw key, ban, row
             floats=Staged((2, slots), torch.float32, self.device, fill=1.0),
             out=torch.zeros(slots, dtype=torch.long, device=self.device),
             logits=torch.zeros(slots, rows, dtype=torch.float32, device=self.device))
@@ -309,15 +309,15 @@ class Engine:
         logits = logits.masked_fill(ban[:, None] & self._stop, float("-inf"))
         tokens = sample_rows(logits, torch.tensor([d.temperature for d in draws], device=dev),
                              torch.tensor([d.top_p for d in draws], device=dev),
-                             torch.tensor([d.seed for d in draws], device=dev),
-                             torch.tensor([d.counter for d in draws], device=dev), self._keys, top_k=self.top_k)
+                             torch.tensor([draw_key(d.seed, d.counter) for d in draws], device=dev), self._keys,
+                             top_k=self.top_k)
         return [int(t) for t in tokens.tolist()]
 
     def _decode_fn(self, b: int, length: int) -> None:
         """The captured step: batch positions ``0..b-1`` from the static buffers, each on its K/V row,
         attending over the first ``length`` positions of the rows (a length bucket holding the longest)."""
         buf = self._buf
-        tokens, positions, seed, counter, ban, rows = buf.ints.buffer[:, :b]
+        tokens, positions, draws, ban, rows = buf.ints.buffer[:, :b]
         x = F.embedding(tokens, self.embed)  # [b, H]
         if self.shape_log is not None:
             self.shape_log.append((tuple(x.shape), tuple(positions.shape), tuple(self.kv.keys[0][:b].shape)))
@@ -327,7 +327,7 @@ class Engine:
         if self.keep_logits:
             buf.logits[:b] = logits
         temperature, top_p = buf.floats.buffer[:, :b]
-        buf.out[:b] = self._sample(logits, temperature, top_p, seed, counter, self._keys, top_k=self.top_k)
+        buf.out[:b] = self._sample(logits, temperature, top_p, draws, self._keys, top_k=self.top_k)
 
     @torch.inference_mode()
     def decode(self, requests: Sequence[DecodeRequest]) -> list[int]:
@@ -353,13 +353,13 @@ class Engine:
         ints, floats = self._buf.ints.host, self._buf.floats.host
         ints[:, :bucket] = 0
         ints[1, :bucket] = self.kv.scratch_position
-        ints[5, :bucket] = self.kv.scratch_row
+        ints[4, :bucket] = self.kv.scratch_row
         floats[:, :bucket] = 0.0
         for i, r in enumerate(requests):
             slot, d = r.slot, r.draw
             if slot.length >= slot.capacity:
                 raise RuntimeError(f"LLM slot {slot.row} is full ({slot.length} positions); evict before decoding")
-            ints[:, i] = (r.token, slot.length, d.seed, d.counter, int(d.ban_stop), slot.row)
+            ints[:, i] = (r.token, slot.length, draw_key(d.seed, d.counter), int(d.ban_stop), slot.row)
             floats[:, i] = (d.temperature, d.top_p)
         self._buf.ints.push(bucket)
         self._buf.floats.push(bucket)
@@ -388,7 +388,7 @@ class Engine:
         ints, floats = self._buf.ints.buffer, self._buf.floats.buffer
         ints[:, :b] = 0
         ints[1, :b] = self.kv.scratch_position
-        ints[5, :b] = self.kv.scratch_row
+        ints[4, :b] = self.kv.scratch_row
         floats[:, :b] = 1.0
 
     def capture(self, progress: Callable[[str], None] | None = None) -> None:

@@ -224,7 +224,7 @@ def test_tts_frame_step_replays(make_engine, voice_a):
 
     engine = make_engine(sampling=Sampling(), slots=4)
     voice = engine.encode_voice(check_voice(voice_a), voice_a.text)
-    trace = StepTrace(engine.graphs, host_buffers=[engine._ints.staging, engine._temperature.staging])
+    trace = StepTrace(engine.graphs, host_buffers=[engine._ints.staging, engine._temperature.staging, engine._draws.staging])
     try:
         engine.graphs.rehearse = True  # first, each bucket's call as a GPU captures it at load
         engine.capture()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from duplex.engine.sampling import sample, token_keys, uniform
+from duplex.engine.sampling import draw_key, sample, token_keys, uniform
 
 V = 8
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0, 1.5])
@@ -15,7 +15,7 @@ def _draw(n: int, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 
     """``n`` draws of one session (counters 0..n-1) from LOGITS, as one batch of n rows."""
     keys = token_keys(V, "cpu")
     return sample(LOGITS.expand(n, V), torch.full((n,), temperature), torch.full((n,), top_p),
-                  torch.full((n,), seed, dtype=torch.long), torch.arange(n), keys, top_k=top_k)
+                  draw_key(torch.full((n,), seed, dtype=torch.long), torch.arange(n)), keys, top_k=top_k)
 
 
 def test_draws_follow_the_softmax_distribution():
@@ -51,9 +51,24 @@ def test_a_row_draws_the_same_alone_or_in_any_batch():
     logits = torch.randn(6, V, generator=torch.Generator().manual_seed(1))
     temps, tops = torch.tensor([1.0, 0.0, 0.7, 1.2, 1.0, 0.9]), torch.tensor([1.0, 1.0, 0.9, 1.0, 0.5, 1.0])
     seeds, counters = torch.tensor([1, 2, 3, 1, 5, 6]), torch.tensor([0, 4, 9, 1, 2, 3])
-    batch = sample(logits, temps, tops, seeds, counters, keys)
+    batch = sample(logits, temps, tops, draw_key(seeds, counters), keys)
     for i in range(6):
-        one = sample(logits[i:i + 1], temps[i:i + 1], tops[i:i + 1], seeds[i:i + 1], counters[i:i + 1], keys)
+        one = sample(logits[i:i + 1], temps[i:i + 1], tops[i:i + 1], draw_key(seeds[i:i + 1], counters[i:i + 1]), keys)
         assert int(one[0]) == int(batch[i])
-    u = uniform(torch.tensor([1, 1]), torch.tensor([0, 1]), keys)
+    u = uniform(draw_key(torch.tensor([1, 1]), torch.tensor([0, 1])), keys)
     assert not torch.equal(u[0], u[1]) and float(u.min()) > 0.0 and float(u.max()) < 1.0
+
+
+def test_the_host_makes_the_same_draw_keys_as_the_device_would():
+    """A draw key made on the host (a Python int per row, a numpy array of a frame's codebooks) is
+    the value the same hash gives on a torch tensor, seeds past 32 bits and negative ones included,
+    so a row's noise does not depend on where its key was made."""
+    import numpy as np
+
+    seeds = [0, 7, 2**31 + 5, 2**40 + 3, -1, 123_456_789]
+    counters = [0, 1, 31, 2**20, 5, 999_999]
+    on_device = draw_key(torch.tensor(seeds), torch.tensor(counters)).tolist()
+    assert [draw_key(s, c) for s, c in zip(seeds, counters)] == on_device
+    frame = draw_key(seeds[2], 3 * 32 + np.arange(32, dtype=np.int64))
+    assert frame.tolist() == draw_key(torch.tensor(seeds[2]), 3 * 32 + torch.arange(32)).tolist()
+    assert len(set(on_device)) == len(on_device) and all(0 <= k < 2**32 for k in on_device)

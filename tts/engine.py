@@ -39,7 +39,7 @@ import numpy as np
 from duplex.engine import fusion
 from duplex.engine.decoder import LeanDecoder
 from duplex.engine.graphs import BucketedStep, buckets_for, lengths_for
-from duplex.engine.sampling import exponential, token_keys
+from duplex.engine.sampling import draw_key, exponential, token_keys
 from duplex.engine.sampling import sample as sample_rows
 from duplex.engine.slots import SlotPool
 from duplex.engine.staging import PassRows, Readback, Staged
@@ -208,8 +208,11 @@ class CsmEngine:
         k = self.num_codebooks
         self._keys = token_keys(self.codebook_size, dev)
         self._inputs = torch.zeros(slots, self.backbone.hidden, dtype=self.dtype, device=dev)  # next input per row
-        # position, seed, frame counter, whether the end frame ends the segment (stop_at_eos)
-        self._ints = Staged((4, slots), torch.long, dev)
+        # position, whether the end frame ends the segment (stop_at_eos)
+        self._ints = Staged((2, slots), torch.long, dev)
+        # each row's draw key of each codebook (duplex.engine.sampling.draw_key; made by the host):
+        # codebook i of frame n draws with counter n * K + i
+        self._draws = Staged((k, slots), torch.long, dev)
         self._temperature = Staged((slots,), torch.float32, dev)
         # the step's output, copied to the host in one piece: each row's codes, then its frame's audio
         self._out = torch.zeros(slots, k + self.frame_size, dtype=torch.float32, device=dev)
@@ -217,6 +220,7 @@ class CsmEngine:
         self._readback = Readback((slots, k + self.frame_size), torch.float32, dev)
         self._rows = torch.arange(slots, device=dev)
         self._depth_positions = torch.arange(k, device=dev)
+        self._codebook_ids = np.arange(k, dtype=np.int64)
         self._causal2 = torch.ones(2, 2, dtype=torch.bool, device=dev).tril()
         # codebook i's embedding table, already through the depth decoder's input projection
         # ([V, H_depth] each): a code's input is one lookup
@@ -454,7 +458,8 @@ class CsmEngine:
         import torch
         import torch.nn.functional as F
 
-        positions, seed, counter, stop = self._ints.buffer[:, :b]
+        positions, stop = self._ints.buffer[:, :b]
+        draws = self._draws.buffer[:, :b].T  # [b, K]
         temperature = self._temperature.buffer[:b]
         rows = self._rows[:b]
         n_codes, k, top_k = self.codebook_size, self.num_codebooks, self.sampling.top_k
@@ -462,17 +467,15 @@ class CsmEngine:
         hidden = self.backbone.decode(self._inputs[:b], positions, self.kv, rows, length, read_rows=slice(0, b))
         t = self._lap("backbone", t)
         greedy = self.sampling.temperature <= 0  # fixed for the engine's life: no noise at all
-        # the race's noise for every codebook of the frame at once: codebook i of frame n draws with
-        # counter n * K + i
-        noise = None if greedy else exponential(seed[:, None], counter[:, None] * k + self._depth_positions,
-                                                self._keys)  # [b, K, codes]
+        # the race's noise for every codebook of the frame at once
+        noise = None if greedy else exponential(draws, self._keys)  # [b, K, codes]
 
         hot, clamped = temperature > 0, temperature.clamp_min(1e-6)  # once for the frame's K draws
 
         def draw(logits: torch.Tensor, index: int) -> torch.Tensor:  # only the codec's codes
             if noise is None:
                 return logits[:, :n_codes].argmax(dim=-1)
-            return self._sample(logits[:, :n_codes], clamped, None, seed, counter, self._keys, top_k=top_k,
+            return self._sample(logits[:, :n_codes], clamped, None, draws[:, index], self._keys, top_k=top_k,
                                 noise=noise[:, index], hot=hot)
 
         codes = [draw(F.linear(hidden, self.model.lm_head.weight), 0)]
@@ -522,17 +525,21 @@ class CsmEngine:
                 raise RuntimeError(f"TTS reply row {reply.row} is full ({reply.length} positions)")
         rows = max(r.row for r in replies) + 1
         bucket = self.graphs.bucket(rows)
-        ints, temp = self._ints.host, self._temperature.host
+        ints, temp, draws = self._ints.host, self._temperature.host, self._draws.host
         ints[:, :bucket] = 0
         ints[0, :bucket] = self.kv.scratch_position
         temp[:bucket] = 0.0
+        draws[:, :bucket] = 0
+        codebooks = self._codebook_ids
         for reply in replies:
-            ints[:, reply.row] = (reply.length, reply.seed, reply.drawn, reply.stop_at_eos)
+            ints[:, reply.row] = (reply.length, reply.stop_at_eos)
             temp[reply.row] = self.sampling.temperature
+            draws[:, reply.row] = draw_key(reply.seed, reply.drawn * len(codebooks) + codebooks)
             if self.on_frame is not None:
                 self.on_frame(self.frames_generated)
         self._ints.push(bucket)
         self._temperature.push(bucket)
+        self._draws.push(bucket)
         self.graphs.run(rows, max(r.length for r in replies) + 1)
         return FrameLaunch(list(replies), self._readback.queue(self._out, bucket))
 
@@ -595,6 +602,7 @@ class CsmEngine:
         self._ints.buffer[:, :b] = 0
         self._ints.buffer[0, :b] = self.kv.scratch_position
         self._temperature.buffer[:b] = 1.0
+        self._draws.buffer[:, :b] = 0
 
     def capture(self, progress: Callable[[str], None] | None = None) -> None:
         """Compile the fused layers (CUDA), then warm up and capture the frame step for every bucket
