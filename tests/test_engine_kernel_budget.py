@@ -23,9 +23,9 @@ LAYER_BUDGET = 25
 # the LLM decode step gathers each entry's K and V rows by index (its batch is the replying sessions,
 # wherever their rows are), two kernels per layer the TTS frame step (rows 0..b-1, a view) does not run
 LLM_LAYER_BUDGET = LAYER_BUDGET + 2
-LLM_FIXED_BUDGET = 80  # embedding, RoPE tables, mask, final norm, output layer, top-k sampling with its noise
-TTS_CODEBOOK_BUDGET = 20  # per codebook: its head, the draw from the frame's noise, the depth step's glue
-TTS_FIXED_BUDGET = 80  # the backbone's own glue, the frame's noise for every codebook, the next input
+LLM_FIXED_BUDGET = 60  # embedding, RoPE tables, mask, final norm, output layer, top-k sampling with its noise (52)
+TTS_CODEBOOK_BUDGET = 16  # per codebook: its head, the draw from the frame's noise, the depth step's glue
+TTS_FIXED_BUDGET = 60  # the backbone's own glue, the frame's noise for every codebook, the next input (176 in all at K=8)
 # the frame step ends by decoding its frame (Mimi, duplex.tts.slot_codec): per convolution the kept
 # left context joined, the convolution, the new context kept and committed, its activation or residual
 CODEC_CONV_BUDGET = 7
