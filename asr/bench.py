@@ -18,7 +18,10 @@ as ``lab/fr``):
 - ``live_rtf``: the whole live path at batch 1 (20 ms packets through ``ASRSession.feed``, event loop,
   worker thread), wall time over audio time;
 - ``nemo_step_ms`` / ``nemo_rtf``: NeMo's own ``conformer_stream_step`` on the same chunk (features
-  computed beforehand, as NeMo's streaming buffer does), for reference.
+  computed beforehand, as NeMo's streaming buffer does), for reference;
+- ``ops_per_step`` / ``layers``: the kernels one steady step launches as a GPU captures it (every label
+  step of the static decoding; ``StreamingASR.ops_per_step``, the count the kernel-budget test holds)
+  and the conformer layers they run through.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> dict:
           f"{torch.get_num_threads()} torch threads (built in {time.perf_counter() - t0:.0f} s)")
     header = (f"{'context':>8} {'chunk':>7} " + " ".join(f"{'step@' + str(b):>9}" for b in batches)
               + f" {'RTF@1':>6} {'live':>6} " + " ".join(f"{'rt@' + str(b):>6}" for b in batches)
-              + f" {'nemo':>9} {'nemoRTF':>7} {'lab/fr':>6}")
+              + f" {'nemo':>9} {'nemoRTF':>7} {'lab/fr':>6} {'ops':>6}")
     print(header)
     rows: dict[str, dict] = {}
     for context in contexts:
@@ -63,8 +66,8 @@ def run(args: argparse.Namespace) -> dict:
               + " ".join(f"{row['step_ms'][b]:>7.1f}ms" for b in batches)
               + f" {row['rtf']:>6.3f} {row['live_rtf']:>6.3f} "
               + " ".join(f"{row['rt_streams'][b]:>6.1f}" for b in batches)
-              + f" {row['nemo_step_ms']:>7.1f}ms {row['nemo_rtf']:>7.3f} {row['labels_per_frame']:>6.2f}",
-              flush=True)
+              + f" {row['nemo_step_ms']:>7.1f}ms {row['nemo_rtf']:>7.3f} {row['labels_per_frame']:>6.2f}"
+              + f" {row['ops_per_step']:>6}", flush=True)
     return {"device": device, "model": type(model).__name__, "params_m": round(params, 1),
             "torch_threads": torch.get_num_threads(), "contexts": rows}
 
@@ -106,6 +109,7 @@ async def _measure_on_worker(asr, model, context, device: str, batches, seconds:
 
         await run(tune_label_rate, model)
     await asr.warm_up()  # the steady step captured per batch bucket (CUDA graphs; nothing on the CPU)
+    ops = await run(asr.ops_per_step, 1)  # kernels of the captured step (eager count; the budget test's)
     chunk_s = asr.chunk_seconds
     steps = max(3, round(seconds / chunk_s))  # every chunk of the clip: its label rate is the tuned one
     audio = _audio(chunk_s * (steps + 2) + 1.0)
@@ -130,6 +134,8 @@ async def _measure_on_worker(asr, model, context, device: str, batches, seconds:
         "nemo_step_ms": nemo_ms,
         "nemo_rtf": nemo_ms / 1000 / chunk_s,
         "labels_per_frame": labels / max(frames, 1),
+        "ops_per_step": ops,
+        "layers": len(model.encoder.layers),
     }
 
 

@@ -372,14 +372,30 @@ class StreamingASR:
         on the engine's own thread, before the first session needs it."""
         await self._batch.run(self._capture, progress)
 
+    def _prepare_step(self, b: int) -> None:
+        """Harmless inputs for rows ``0..b-1`` of the steady step: silence, on the scratch slot (a
+        capture, or a count, touches no session's cache)."""
+        self._mel_in[:b] = 0.0
+        self._slots_in[:b] = self._scratch
+        self._valid_in[:b] = False
+
+    def ops_per_step(self, bucket: int = 1) -> int:
+        """Kernels one steady step of ``bucket`` streams launches as a GPU captures it (the static
+        decoding: every label step of every frame), counted eagerly by :mod:`duplex.engine.opcount`.
+        Call it after :meth:`warm_up` (which makes what the step only reads)."""
+        import torch
+
+        rehearse, self.graphs.rehearse = self.graphs.rehearse, True  # the captured decoding, not the eager one
+        try:
+            with torch.no_grad():
+                return self.graphs.ops(self._prepare_step, bucket)
+        finally:
+            self.graphs.rehearse = rehearse
+
     def _capture(self, progress: Callable[[str], None] | None) -> None:
         import torch
 
-        def prepare(b: int) -> None:
-            self._mel_in[:b] = 0.0
-            self._slots_in[:b] = self._scratch  # capture touches no session's cache
-            self._valid_in[:b] = False
-
+        prepare = self._prepare_step
         with torch.no_grad():
             if isinstance(self.layers, kv_encoder.KVEncoder):  # what the steady step makes once, made before any capture
                 prepare(1)

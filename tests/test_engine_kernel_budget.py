@@ -16,6 +16,7 @@ import pytest
 
 from llm_fixtures import make_llm, tiny_checkpoints, single_torch_thread  # noqa: F401
 from tts_fixtures import make_engine, one_torch_thread, tiny_tts_checkpoint  # noqa: F401
+from asr_fixtures import tiny_nemo  # noqa: F401
 
 # fp32 on the CPU: two RMSNorms of 6 (one fused kernel each on CUDA), qkv, RoPE of 4, two K/V writes,
 # attention, 4 GEMMs, silu, mul
@@ -30,6 +31,10 @@ TTS_FIXED_BUDGET = 60  # the backbone's own glue, the frame's noise for every co
 # left context joined, the convolution, the new context kept and committed, its activation or residual
 CODEC_CONV_BUDGET = 7
 CODEC_LAYER_BUDGET = 30  # per Mimi transformer layer: LayerNorms, qkv, RoPE, the window's K/V kept and committed
+# the ASR's steady step (NeMo's FastConformer modules, run by duplex.asr.kv_encoder; 46, 18 and 103 now)
+ASR_LAYER_BUDGET = 50  # per conformer layer: two feed-forwards, rel-pos attention over cached K/V, conv module, norms
+ASR_LABEL_STEP_BUDGET = 20  # per label step of the RNNT decoding: prediction net, joint, argmax, state kept
+ASR_FIXED_BUDGET = 115  # the subsampling, masks, positions, the commits' stacks
 CODEC_FIXED_BUDGET = 30  # beside a lookup and an add per codebook: the mask, RoPE tables, the output's clamp
 
 
@@ -123,3 +128,44 @@ def test_greedy_frames_make_no_noise(make_engine, greedy):
     engine._prepare(1)
     ops = count_ops(lambda: engine._frame_fn(1, engine.graphs.lengths[0]))
     assert (ops["bitwise_xor"] == 0) == greedy
+
+
+def test_the_asr_steady_step_stays_within_its_kernel_budget(tiny_nemo):
+    """One steady ASR step (subsampling, every conformer layer, the RNNT decoding with all its label
+    steps, as a GPU captures it) costs at most ASR_LAYER_BUDGET kernels per conformer layer,
+    ASR_LABEL_STEP_BUDGET per label step (encoder frames x max_symbols) and ASR_FIXED_BUDGET more, the
+    same at batch 1 and 4."""
+    import asyncio
+
+    from duplex.asr.streaming import StreamingASR
+
+    asr = StreamingASR(tiny_nemo, context=(70, 0), max_batch=4)
+    try:
+        asyncio.run(asr.warm_up())
+        encoder = tiny_nemo.encoder
+        layers = len(encoder.layers)
+        assert layers >= 2
+        full = asr.ops_per_step(1)
+        saved = encoder.layers
+        encoder.layers = saved[:layers - 1]
+        try:
+            per_layer = full - asr.ops_per_step(1)
+        finally:
+            encoder.layers = saved
+        symbols = asr.decoder.max_symbols
+        assert symbols >= 2
+        asr.decoder.max_symbols = 1
+        try:
+            per_label_step = (full - asr.ops_per_step(1)) / (asr.plan.out * (symbols - 1))
+        finally:
+            asr.decoder.max_symbols = symbols
+        label_steps = asr.plan.out * symbols
+        fixed = full - layers * per_layer - label_steps * per_label_step
+        print(f"asr steady step: {full} ops ({layers} layers, {label_steps} label steps): {per_layer} per layer, "
+              f"{per_label_step:.0f} per label step, {fixed:.0f} for subsampling and the rest")
+        assert 20 <= per_layer <= ASR_LAYER_BUDGET, per_layer
+        assert 1 <= per_label_step <= ASR_LABEL_STEP_BUDGET, per_label_step
+        assert fixed <= ASR_FIXED_BUDGET, fixed
+        assert full <= asr.ops_per_step(4) <= full + 8  # a batch adds a few layout copies, not kernels per row
+    finally:
+        asr.close()
