@@ -142,6 +142,48 @@ def test_a_decode_step_reads_the_length_bucket_of_its_longest_row(make_llm):
         engine.release(slot)
 
 
+def test_a_reply_that_crosses_a_length_bucket_says_what_the_whole_window_says(make_llm):
+    """A sampled reply through the scheduler (steps run ahead) whose cache grows past 256 positions
+    while it decodes, its steps moving from the 256 bucket to the 512 one: token for token the
+    reply the same session makes when every step reads the whole window."""
+    llm = make_llm("qwen2", window=600, max_reply_tokens=60, temperature=0.8, fixed_length=True, slots=2)
+    engine = llm.engine
+    words = "the train leaves the station at noon and the weather is fine " * 12
+    dialogue = [Message("user", words), Message("assistant", "yes"), Message("user", "tell me about the train")]
+
+    async def reply() -> tuple[str, set[int]]:
+        stream = llm.new_stream(SHORT_SYSTEM)
+        seen: set[int] = set()
+        launch = engine.launch
+
+        def watched(requests):  # the length bucket of every step launched
+            launched = launch(requests)
+            seen.add(engine.graphs.last[1])
+            return launched
+
+        engine.launch = watched
+        try:
+            await stream.listen(dialogue)
+            start = stream.context.length
+            text = "".join([piece async for piece in stream.reply(dialogue)])
+        finally:
+            del engine.launch
+            await stream.aclose()
+        assert start < 256 < start + 60, start  # the reply's steps cross the bucket's end
+        return text, seen
+
+    bucketed, lengths = asyncio.run(reply())
+    assert lengths == {256, 512}, lengths
+    saved = engine.graphs.lengths
+    engine.graphs.lengths = (engine.kv.columns,)
+    try:
+        whole, lengths = asyncio.run(reply())
+    finally:
+        engine.graphs.lengths = saved
+    assert lengths == {engine.kv.columns}
+    assert bucketed == whole and bucketed
+
+
 def test_every_decode_step_of_a_session_sees_the_same_shapes(make_llm):
     """A reply decoded across many evictions and a rollback runs its decode steps on identical tensor
     shapes (a window under 256 positions has one length bucket, the whole window, whatever the
