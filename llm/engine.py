@@ -85,10 +85,20 @@ class _PrefillBuffers:
 
 
 @dataclass
+class _VerdictBuffers:
+    """The verdict step's static inputs and output, one row per batch position."""
+
+    logits: torch.Tensor  # [S, V] float32: the logits each row's verdict reads
+    ints: Staged  # [2, S] long: draw key, ban the stop tokens
+    floats: Staged  # [2, S] float32: temperature, top_p
+    out: torch.Tensor  # [S, 2] float32: P(the estimate's tokens), the token drawn (exact below 2**24)
+
+
+@dataclass
 class _Buffers:
     """The decode step's static inputs and outputs, one entry per batch position (``slots`` of them)."""
 
-    ints: Staged  # [6, S] long: token, position, seed, counter, ban, K/V row
+    ints: Staged  # [5, S] long: token, position, draw key, ban, K/V row
     floats: Staged  # [2, S] float32: temperature, top_p
     out: torch.Tensor  # [S] long: the sampled tokens
     logits: torch.Tensor  # [S, V] float32
@@ -143,6 +153,19 @@ class Engine:
             meta=PassRows(slots, self.device, self.kv.scratch_row),
             logits=torch.zeros(slots, rows, dtype=torch.float32, device=self.device))
         self._entries = torch.arange(slots, device=self.device)
+        # a pass's verdicts (duplex.llm.model): each row's P(end of message) and, for a reply start,
+        # its first token drawn by the decode step's sampler, read back together in one copy
+        if rows >= 1 << 24:
+            raise ConfigError(f"a vocabulary of {rows} tokens: the verdict step carries ids as float32 (< 2**24)")
+        self._verdicts = _VerdictBuffers(
+            logits=torch.zeros(slots, rows, dtype=torch.float32, device=self.device),
+            ints=Staged((2, slots), torch.long, self.device),
+            floats=Staged((2, slots), torch.float32, self.device, fill=1.0),
+            out=torch.zeros(slots, 2, dtype=torch.float32, device=self.device))
+        self._verdict_readback = Readback((slots, 2), torch.float32, self.device)
+        self._estimate_ids = torch.zeros(0, dtype=torch.long, device=self.device)  # set_estimate_ids
+        self.verdict_graphs = BucketedStep("llm verdicts", self._verdict_fn, buckets_for(slots), (1,),
+                                           device=str(self.device), graphs=graphs)
         # attention lengths in powers of two up to the whole window (every column: aligned rows): a
         # step reads the K/V of the batch's longest row, rounded up, not the whole window while the
         # dialogues are young; a sink window, once full, stays full and its steps take the last one
@@ -167,6 +190,19 @@ class Engine:
         ids = sorted(int(t) for t in stop_ids if int(t) < self.vocab)  # the others are never sampled anyway
         if ids:
             self._stop[ids] = True
+
+    def set_estimate_ids(self, ids: Sequence[int]) -> None:
+        """The tokens whose probability a verdict sums (the end of the user's message), in this order,
+        updated in place; their count is part of the verdict step's shapes, so it is set once, at
+        load (a chat format's change keeps it: one end-of-message token)."""
+        wanted = torch.tensor([int(t) for t in ids], dtype=torch.long, device=self.device)
+        if wanted.shape == self._estimate_ids.shape:
+            self._estimate_ids.copy_(wanted)
+        elif self._estimate_ids.numel() == 0:
+            self._estimate_ids = wanted
+        else:
+            raise RuntimeError(f"the verdict step estimates {self._estimate_ids.numel()} tokens; "
+                               f"{wanted.numel()} asked for")
 
     # -- slots -------------------------------------------------------------------------------------
 
@@ -303,15 +339,55 @@ class Engine:
 
     def sample(self, logits: torch.Tensor, draws: Sequence[Draw]) -> list[int]:
         """One token from each row of ``logits`` ``[N, V]`` with the same sampler the decode step uses,
-        row ``i`` drawn as ``draws[i]`` says (one host sync for all of them)."""
-        dev = logits.device
-        ban = torch.tensor([d.ban_stop for d in draws], device=dev)
-        logits = logits.masked_fill(ban[:, None] & self._stop, float("-inf"))
-        tokens = sample_rows(logits, torch.tensor([d.temperature for d in draws], device=dev),
-                             torch.tensor([d.top_p for d in draws], device=dev),
-                             torch.tensor([draw_key(d.seed, d.counter) for d in draws], device=dev), self._keys,
-                             top_k=self.top_k)
-        return [int(t) for t in tokens.tolist()]
+        row ``i`` drawn as ``draws[i]`` says (one host sync for all of them: :meth:`verdicts`)."""
+        return [int(t) for t in self.verdicts(list(logits), list(draws))[1]]
+
+    @torch.inference_mode()
+    def verdicts(self, logits: Sequence[torch.Tensor], draws: Sequence[Draw | None]) -> tuple[list[float], list[int]]:
+        """For each of ``logits`` (``[V]`` each, on the device): the summed probability of the
+        estimate's tokens (:meth:`set_estimate_ids`; what ``token_probabilities`` gives) and a token
+        drawn as ``draws[i]`` says (the decode step's sampler; None: not wanted, the argmax). One step
+        over static buffers (a graph replay on CUDA) and one copy back: the only host sync."""
+        n = len(logits)
+        if n != len(draws):
+            raise ValueError(f"{n} rows of logits and {len(draws)} draws")
+        if not n:
+            return [], []
+        buf = self._verdicts
+        bucket = self.verdict_graphs.bucket(n)
+        torch.stack(list(logits), out=buf.logits[:n])
+        ints, floats = buf.ints.host, buf.floats.host
+        ints[:, :bucket] = 0
+        floats[:, :bucket] = 1.0
+        floats[0, :bucket] = 0.0  # padding and rows with no draw take the argmax
+        for i, d in enumerate(draws):
+            if d is not None:
+                ints[:, i] = (draw_key(d.seed, d.counter), int(d.ban_stop))
+                floats[:, i] = (d.temperature, d.top_p)
+        buf.ints.push(bucket)
+        buf.floats.push(bucket)
+        self.verdict_graphs.run(n, 1)
+        out = self._verdict_readback.read(self._verdict_readback.queue(buf.out, bucket))[:n]
+        return out[:, 0].tolist(), [int(t) for t in out[:, 1].tolist()]
+
+    def _verdict_fn(self, b: int, _length: int) -> None:
+        """The captured verdict step of rows ``0..b-1``: what ``token_probabilities`` and the decode
+        step's sampler compute, from the static buffers."""
+        buf = self._verdicts
+        logits = buf.logits[:b]
+        probs = torch.softmax(logits, dim=-1)
+        buf.out[:b, 0] = probs.index_select(1, self._estimate_ids).sum(-1)
+        draws, ban = buf.ints.buffer[:, :b]
+        temperature, top_p = buf.floats.buffer[:, :b]
+        masked = logits.masked_fill(ban.bool()[:, None] & self._stop, float("-inf"))
+        buf.out[:b, 1] = sample_rows(masked, temperature, top_p, draws, self._keys, top_k=self.top_k).float()
+
+    def _prepare_verdicts(self, b: int) -> None:
+        """Harmless inputs for rows ``0..b-1`` of the verdict step."""
+        buf = self._verdicts
+        buf.logits[:b] = 0.0
+        buf.ints.buffer[:, :b] = 0
+        buf.floats.buffer[:, :b] = 1.0
 
     def _decode_fn(self, b: int, length: int) -> None:
         """The captured step: batch positions ``0..b-1`` from the static buffers, each on its K/V row,
@@ -400,12 +476,14 @@ class Engine:
                     fusion.warm_prefills(self.decoder, self.kv, progress, "llm")
                 self.graphs.capture(self._prepare, progress)
                 self.prefill_graphs.capture(self._prepare_prefill, progress)
+                self.verdict_graphs.capture(self._prepare_verdicts, progress)
 
         def eager() -> None:
             self.decoder.layer_fn, self._sample = self.decoder.layer, sample_rows
             self.graphs.compiled = False
             self.graphs.reset()
             self.prefill_graphs.reset()
+            self.verdict_graphs.reset()
 
         self.graphs.compiled = fusion.with_fallback(capture, eager, self.graphs.compiled, progress, "llm")
 

@@ -15,14 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 
 from duplex.engine.ahead import RunAhead
 from duplex.engine.scheduler import Output, Scheduler
 from duplex.errors import ConfigError
 from duplex.llm.chat import ChatFormat, DialogueTokens
 from duplex.llm.context import SinkContext, check_window
-from duplex.llm.engine import DecodeRequest, Engine, Launched, token_probabilities
+from duplex.llm.engine import DecodeRequest, Engine, Launched
 from duplex.llm.stream import Ask, Listen, SinkLLMStream, Start
 
 USER_TURN_TOKENS = 32  # room for a few words of the user, on top of a whole reply, in "one turn"
@@ -97,6 +96,7 @@ class SinkLLM:
     def format(self, fmt: ChatFormat) -> None:
         self._format = fmt
         self.engine.set_stop_ids(fmt.stop_ids)  # what a fixed-length reply never samples
+        self.engine.set_estimate_ids([fmt.end_of_message])  # what a pass's verdicts estimate
 
     async def warm_up(self, progress: Callable[[str], None] | None = None) -> None:
         """Capture the decode step for every batch bucket (CUDA graphs; nothing on the CPU), on the
@@ -200,15 +200,15 @@ class SinkLLM:
                                                                    for ask in asks]
         listens = [(i, plan, plan.commit(ran.get(id(plan)))) for i, plan in enumerate(plans) if isinstance(plan, Listen)]
         read = [scores for _, _, scores in listens if scores is not None]
-        estimates = iter(token_probabilities(torch.stack(read), [self.format.end_of_message]) if read else [])
-        for i, listen, scores in listens:  # every listen's estimate in one host copy
-            results[i] = listen.estimated(None if scores is None else next(estimates))
-        starts = [(i, p) for i, p in enumerate(plans) if isinstance(p, Start)]
-        if starts:
-            first = torch.stack([p.commit(ran.get(id(p))) for _, p in starts])
-            tokens = self.engine.sample(first, [p.stream.draw() for _, p in starts])
-            for (i, p), token in zip(starts, tokens):
-                results[i] = p.stream.started(p.reply, token)
+        starts = [(i, p, p.commit(ran.get(id(p)))) for i, p in enumerate(plans) if isinstance(p, Start)]
+        # every listen's estimate and every start's first token from one step and one host copy
+        estimates, tokens = self.engine.verdicts(read + [first for _, _, first in starts],
+                                                 [None] * len(read) + [p.stream.draw() for _, p, _ in starts])
+        found = iter(estimates)
+        for i, listen, scores in listens:
+            results[i] = listen.estimated(None if scores is None else next(found))
+        for (i, p, _), token in zip(starts, tokens[len(read):]):
+            results[i] = p.stream.started(p.reply, token)
         share = (time.perf_counter() - start) / len(asks)
         for ask in asks:
             if ask.reply is None:

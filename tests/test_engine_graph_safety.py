@@ -164,11 +164,14 @@ def test_llm_replies_through_the_scheduler_replay(make_llm):
 def test_llm_prefill_pass_replays(make_llm):
     """The prefill pass of several sessions (listens whose words grow, are revised and are scored
     on top of replies, and reply starts) through the scheduler, across evictions: every call of a
-    (batch, tokens) bucket runs what its capture call ran, on the same buffers, and none is forbidden."""
+    (batch, tokens) bucket runs what its capture call ran, on the same buffers, and none is forbidden;
+    so does every call of the verdict step that reads the passes' estimates and first tokens."""
     llm = make_llm("qwen2", window=96, max_reply_tokens=12, temperature=0.8, slots=4)
-    pre = llm.engine._pre
+    pre, verdicts = llm.engine._pre, llm.engine._verdicts
     trace = StepTrace(llm.engine.prefill_graphs, host_buffers=[pre.tokens.staging, pre.meta.staging])
+    judged = StepTrace(llm.engine.verdict_graphs, host_buffers=[verdicts.ints.staging, verdicts.floats.staging])
     llm.engine.prefill_graphs.rehearse = True  # first, each bucket's call as a GPU captures it at load
+    llm.engine.verdict_graphs.rehearse = True
     llm.engine.capture()
     words = "so I was thinking we could go to the lake this weekend if the weather holds up".split()
 
@@ -186,12 +189,18 @@ def test_llm_prefill_pass_replays(make_llm):
                 d.append(Message("assistant", text))
         return await _evictions_then_close(streams)
 
-    evictions = _run_traced(trace, main())
+    try:
+        evictions = _run_traced(trace, main())
+    finally:
+        judged.restore()
     assert min(evictions) >= 1, evictions
     replayed = [key for key, calls in trace.calls.items() if len(calls) > 1]  # buckets a session's pass used
     assert len(replayed) >= 2 and trace.repeated >= 10, {k: len(v) for k, v in trace.calls.items()}
     assert trace.fewest_ops > 50
     assert trace.problems() == []
+    assert judged.repeated >= 10, {k: len(v) for k, v in judged.calls.items()}
+    assert judged.fewest_ops > 10
+    assert judged.problems() == []
 
 
 async def _evictions_then_close(streams) -> list[int]:

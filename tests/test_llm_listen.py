@@ -104,7 +104,7 @@ async def test_reply_starts_of_many_sessions_share_the_pass_and_reply_as_alone(m
     """Four listening sessions start replies in the same tick: two whose words a listen already ran,
     two whose last words are new (each gets a listen of them first, so its estimate is a listen's,
     and starts a round later). The six asks are one batch of two passes, no prefill of a session
-    alone, and each round's first tokens are sampled in one draw; each reply (sampled, temperature
+    alone, and each round's first tokens are sampled in one verdict step; each reply (sampled, temperature
     0.7) and estimate equals the one the same session gets alone."""
     llm = make_llm("qwen2", window=256, max_reply_tokens=12, temperature=0.7)
     dialogues = [*DIALOGUES, [Message("user", "Tell me a story about a lighthouse.")]]
@@ -119,7 +119,7 @@ async def test_reply_starts_of_many_sessions_share_the_pass_and_reply_as_alone(m
         await stream.listen(words)
     passes = {"rows": 0, "alone": 0, "draws": 0}
     engine = llm.engine
-    real = {"rows": engine.prefill_rows, "alone": engine.prefill, "draws": engine.sample}
+    real = {"rows": engine.prefill_rows, "alone": engine.prefill, "draws": engine.verdicts}
 
     def counted(kind):
         def call(*args, **kwargs):
@@ -127,13 +127,13 @@ async def test_reply_starts_of_many_sessions_share_the_pass_and_reply_as_alone(m
             return real[kind](*args, **kwargs)
         return call
 
-    for kind, name in (("rows", "prefill_rows"), ("alone", "prefill"), ("draws", "sample")):
+    for kind, name in (("rows", "prefill_rows"), ("alone", "prefill"), ("draws", "verdicts")):
         setattr(engine, name, counted(kind))
     batches = llm.prefills.batches
     texts = await asyncio.gather(*(say(s, d) for s, d in zip(together, dialogues)))
     assert llm.prefills.batches == batches + 1
     assert passes == {"rows": 2, "alone": 0, "draws": 2}, passes  # two rounds, each its one draw
-    for kind, name in (("rows", "prefill_rows"), ("alone", "prefill"), ("draws", "sample")):
+    for kind, name in (("rows", "prefill_rows"), ("alone", "prefill"), ("draws", "verdicts")):
         delattr(engine, name)
     assert any(texts)
     for i, (stream, dialogue, words, text) in enumerate(zip(together, dialogues, heard, texts)):
@@ -146,9 +146,10 @@ async def test_reply_starts_of_many_sessions_share_the_pass_and_reply_as_alone(m
         await stream.aclose()
 
 
-async def test_a_prefill_pass_copies_to_the_host_twice_whatever_it_holds(make_llm):
-    """One tick's pass of three listens and two reply starts waits for the device twice: every
-    estimate comes back in one copy and every first token in one draw (each was a sync of its own)."""
+async def test_a_prefill_pass_copies_to_the_host_once_whatever_it_holds(make_llm):
+    """One tick's pass of three listens and two reply starts waits for the device once: every
+    estimate and every first token come back in one copy, from one verdict step (each was a sync
+    of its own, and then the estimates and the draws were one each)."""
     from tests.graph_safety import HostSyncs
 
     llm = make_llm("qwen2", window=256, max_reply_tokens=4, temperature=0.0)
@@ -175,7 +176,7 @@ async def test_a_prefill_pass_copies_to_the_host_twice_whatever_it_holds(make_ll
     await asyncio.gather(*(s.listen(w) for s, w in zip(streams[:3], words[:3])),
                          *(say(s, w) for s, w in zip(streams[3:], words[3:])))
     assert len(passes) == 1 and passes[0][0] == 5, passes
-    assert len(passes[0][1]) == 2, passes
+    assert len(passes[0][1]) == 1, passes
     for stream in streams:
         await stream.aclose()
 
