@@ -263,7 +263,8 @@ def test_vad_sessions_at_scattered_phases_step_together_on_the_clock_and_stay_ex
     together, ticks = run_virtual(main(4))
     for events, probs in together:  # the network's batched matmuls round differently from batch 1's
         assert events == alone[0]
-        assert len(probs) == len(alone[1]) and np.abs(np.array(probs) - np.array(alone[1])).max() < 1e-5
+        # the rounding carried through ~90 windows of the LSTM's state: 1.2e-5 seen on one CPU
+        assert len(probs) == len(alone[1]) and np.abs(np.array(probs) - np.array(alone[1])).max() < 5e-5
     assert alone[0] and len(alone[1]) > 80  # speech was found, in ~90 windows
     assert len(ticks) <= 3 / 0.02 + 1 and sum(t.rows for t in ticks) / len(ticks) > 2  # ~2.5 of 4 have a window
 

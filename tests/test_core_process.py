@@ -64,7 +64,15 @@ def _config(engine_core: str, **fields) -> AgentConfig:
                        fixed_lengths=True, **fields)
 
 
-def test_every_stage_answers_across_the_process_boundary_as_in_one_process(jfk16):
+def test_every_stage_answers_across_the_process_boundary_as_in_one_process(jfk16, monkeypatch):
+    import torch
+
+    # both sides on one torch thread (the core process reads OMP_NUM_THREADS at its start): a
+    # reduction split over two threads rounds differently, and the audio is compared bit for bit
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
     async def main():
         here = await Agent.load(_config("thread"))
         try:
@@ -114,7 +122,10 @@ def test_every_stage_answers_across_the_process_boundary_as_in_one_process(jfk16
             await there.aclose()
         return alone, remote
 
-    alone, remote = asyncio.run(main())
+    try:
+        alone, remote = asyncio.run(main())
+    finally:
+        torch.set_num_threads(threads)
     assert alone["vad"] and alone["asr"] and alone["reply"], "the inputs must exercise every stage"
     for key in ("vad", "asr", "estimate", "reply", "backchannel", "words"):
         assert remote[key] == alone[key], key
