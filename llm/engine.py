@@ -12,9 +12,12 @@ the K/V pool with one row per session (each session's attention-sink cache is a
 - :meth:`Engine.decode` runs one token for each of several sessions at once and samples the next
   one inside the step (:mod:`duplex.engine.sampling`, per-row settings and noise). The step's batch
   is the sessions replying, gathered by row index (a session holds its row while it listens, so
-  replying rows are rarely ``0..n-1``), padded to a bucket with entries on the scratch row, and it attends over a length bucket
-  holding its longest row. Its shapes depend only on the buckets, so on CUDA each is one captured graph
-  (:mod:`duplex.engine.graphs`) and a step costs one replay and one host sync.
+  replying rows are rarely ``0..n-1``), padded to a bucket with entries on the scratch row, and
+  it attends over a length bucket holding its longest row. Its shapes depend only on the buckets,
+  so on CUDA each is one captured graph (:mod:`duplex.engine.graphs`) and a step costs one replay
+  and one host sync.
+- :meth:`Engine.verdicts`: after a prefill pass, every listen's P(end of message) and every reply
+  start's first token, from one step (captured per batch bucket) and one copy back.
 - :meth:`Engine.system_block` / :meth:`Engine.keep_system_block`: the K/V and logits of a system
   block (the tokens every cache starts with, its attention sink), kept for the last
   ``SYSTEM_BLOCKS_KEPT`` blocks run, so a new session (or a rebuilt cache) whose system prompt was
