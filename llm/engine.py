@@ -348,7 +348,7 @@ class Engine:
     @torch.inference_mode()
     def verdicts(self, logits: Sequence[torch.Tensor], draws: Sequence[Draw | None]) -> tuple[list[float], list[int]]:
         """For each of ``logits`` (``[V]`` each, on the device): the summed probability of the
-        estimate's tokens (:meth:`set_estimate_ids`; what ``token_probabilities`` gives) and a token
+        estimate's tokens (:meth:`set_estimate_ids`; what ``token_probability`` gives) and a token
         drawn as ``draws[i]`` says (the decode step's sampler; None: not wanted, the argmax). One step
         over static buffers (a graph replay on CUDA) and one copy back: the only host sync."""
         n = len(logits)
@@ -374,7 +374,7 @@ class Engine:
         return out[:, 0].tolist(), [int(t) for t in out[:, 1].tolist()]
 
     def _verdict_fn(self, b: int, _length: int) -> None:
-        """The captured verdict step of rows ``0..b-1``: what ``token_probabilities`` and the decode
+        """The captured verdict step of rows ``0..b-1``: what ``token_probability`` and the decode
         step's sampler compute, from the static buffers."""
         buf = self._verdicts
         logits = buf.logits[:b]
@@ -512,13 +512,14 @@ class Engine:
 
 def token_probability(logits: torch.Tensor, token_ids: Sequence[int]) -> float:
     """Total probability of ``token_ids`` under ``logits`` ``[V]``."""
-    return token_probabilities(logits[None], token_ids)[0]
+    return token_probabilities(logits, [token_ids])[0]
 
 
-def token_probabilities(logits: torch.Tensor, token_ids: Sequence[int]) -> list[float]:
-    """Total probability of ``token_ids`` under each row of ``logits`` ``[N, V]``, in one host copy."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    return probs[:, list(token_ids)].sum(-1).tolist()
+def token_probabilities(logits: torch.Tensor, id_sets: Sequence[Sequence[int]]) -> list[float]:
+    """Total probability of each set of ``id_sets`` under ``logits`` ``[V]``: one softmax, one host
+    copy for all of them (a backchannel check's "yes" and "no" together)."""
+    probs = torch.softmax(logits[None].float(), dim=-1)
+    return torch.cat([probs[:, list(ids)].sum(-1) for ids in id_sets]).tolist()
 
 
 @dataclass

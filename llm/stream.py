@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from duplex.llm.context import SinkContext
-from duplex.llm.engine import DecodeRequest, Draw, TextDecoder, token_probability
+from duplex.llm.engine import DecodeRequest, Draw, TextDecoder, token_probabilities, token_probability
 from duplex.llm.speech_text import SpeechText
 from duplex.stages import Message, frozen
 from duplex.tools import ToolCall, ToolCallText
@@ -342,7 +342,8 @@ class SinkLLMStream:
             return False  # cannot ask within this window: yield, the safe choice
         logits = ctx.score(tail)
         yes_ids, no_ids = self.model.answer_ids
-        return token_probability(logits, yes_ids) > token_probability(logits, no_ids)
+        yes, no = token_probabilities(logits, [yes_ids, no_ids])  # one host copy for both
+        return yes > no
 
     def _close_open(self, ctx: SinkContext) -> str:
         """The text that ends the message the cache currently stops inside, if any."""

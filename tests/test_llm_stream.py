@@ -175,3 +175,26 @@ async def test_sessions_keep_separate_caches(make_llm):
         await s.aclose()
     with pytest.raises(RuntimeError, match="closed"):
         await a.listen([])
+
+
+async def test_a_backchannel_check_waits_for_the_device_once(make_llm):
+    """A barge-in's backchannel check (its question scored on top of the dialogue) reads the
+    probabilities of "yes" and of "no" from one softmax in one host copy (it was one of each)."""
+    from tests.graph_safety import HostSyncs
+
+    llm = make_llm("qwen2", window=256, max_reply_tokens=4)
+    stream = llm.new_stream(SHORT_SYSTEM)
+    said = [Message("user", "tell me about the train")]
+    await stream.listen(said)
+    real, counts = stream._backchannel, []
+
+    def counted(*args):
+        with HostSyncs() as syncs:
+            verdict = real(*args)
+        counts.append(list(syncs.counts))
+        return verdict
+
+    stream._backchannel = counted
+    verdict = await stream.is_backchannel(said, "uh huh")
+    await stream.aclose()
+    assert isinstance(verdict, bool) and len(counts) == 1 and len(counts[0]) == 1, counts
