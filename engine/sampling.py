@@ -78,10 +78,10 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor 
     None: no nucleus step). With ``top_k`` nothing is sorted but the ``k`` kept (``topk`` gives them
     in order) and the noise is hashed for those ``k`` tokens only; without it, the whole vocabulary
     is sorted for the nucleus. ``noise``: the :func:`exponential` noise of every token ``[B, V]``,
-    made beforehand (else made here from the rows' ``draws``, their :func:`draw_key` values, and ``keys``). ``hot``: the rows that
-    sample (``temperature > 0``), given by a caller that draws many times with the same temperatures
-    (the TTS's codebooks of a frame), which then passes ``temperature`` already clamped to 1e-6 or
-    more: both made once, not once a draw."""
+    made beforehand (else made here from the rows' ``draws``, their :func:`draw_key` values, and
+    ``keys``). ``hot``: the rows that sample (``temperature > 0``), given by a caller that draws many
+    times with the same temperatures (the TTS's codebooks of a frame), which then passes
+    ``temperature`` already clamped to 1e-6 or more: both made once, not once a draw."""
     import torch
 
     if hot is None:
