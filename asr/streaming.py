@@ -386,11 +386,13 @@ class StreamingASR:
         import torch
 
         rehearse, self.graphs.rehearse = self.graphs.rehearse, True  # the captured decoding, not the eager one
+        made = dict(self._encoded)  # a captured bucket's outputs are the tensors its replays refill: kept
         try:
             with torch.no_grad():
                 return self.graphs.ops(self._prepare_step, bucket)
         finally:
             self.graphs.rehearse = rehearse
+            self._encoded = made
 
     def _capture(self, progress: Callable[[str], None] | None) -> None:
         import torch

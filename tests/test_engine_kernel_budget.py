@@ -134,14 +134,16 @@ def test_the_asr_steady_step_stays_within_its_kernel_budget(tiny_nemo):
     """One steady ASR step (subsampling, every conformer layer, the RNNT decoding with all its label
     steps, as a GPU captures it) costs at most ASR_LAYER_BUDGET kernels per conformer layer,
     ASR_LABEL_STEP_BUDGET per label step (encoder frames x max_symbols) and ASR_FIXED_BUDGET more, the
-    same at batch 1 and 4."""
+    same at batch 1 and 4; counting leaves the captured buckets' outputs where their replays write."""
     import asyncio
 
     from duplex.asr.streaming import StreamingASR
 
     asr = StreamingASR(tiny_nemo, context=(70, 0), max_batch=4)
     try:
+        asr.graphs.rehearse = True  # each bucket's capture call made as a GPU makes it at load
         asyncio.run(asr.warm_up())
+        captured = dict(asr._encoded)  # what a GPU's replays would refill
         encoder = tiny_nemo.encoder
         layers = len(encoder.layers)
         assert layers >= 2
@@ -167,5 +169,7 @@ def test_the_asr_steady_step_stays_within_its_kernel_budget(tiny_nemo):
         assert 1 <= per_label_step <= ASR_LABEL_STEP_BUDGET, per_label_step
         assert fixed <= ASR_FIXED_BUDGET, fixed
         assert full <= asr.ops_per_step(4) <= full + 8  # a batch adds a few layout copies, not kernels per row
+        # counting ran the step eagerly: the captured buckets' outputs are still the ones replays refill
+        assert captured and all(asr._encoded[b] is step for b, step in captured.items())
     finally:
         asr.close()
