@@ -146,14 +146,15 @@ async def _bench_one(llm, plan: dict[str, Any], device: str) -> dict[str, Any]:
     figures["batches"] = batches
     # the same largest batch in young dialogues (a system prompt and one turn): its steps read the
     # K/V of a short length bucket, not the half-full window's
-    b = max(plan["batches"])
+    largest = max(batches, key=lambda row: row["batch"])
+    b = largest["batch"]
     young, _ = await _batch(llm, [], b)
-    young["ops_per_step"] = batches[-1]["ops_per_step"]
+    young["ops_per_step"] = largest["ops_per_step"]
     young["floor_fraction"] = floor_fraction(llm.engine.step_bytes(b, young["attention_length"]),
                                              young["step_ms"] / 1e3, device)
     figures["young"] = young
     print(f"  batch {b:>3}, young dialogues: step {young['step_ms']:.2f} ms over {young['attention_length']} "
-          f"positions ({batches[-1]['step_ms']:.2f} ms over {batches[-1]['attention_length']}), "
+          f"positions ({largest['step_ms']:.2f} ms over {largest['attention_length']}), "
           f"{young['aggregate_per_s']:.0f} tok/s in all", flush=True)
     replies = max(1, max(plan["batches"]) // 4)
     figures["scattered"] = scattered = await run(_scattered, llm, history, replies)
