@@ -280,7 +280,8 @@ def test_all_slots_in_use_is_a_clear_error(make_llm):
 def test_bench_llm_reports_every_batch_size(tmp_path, capsys, monkeypatch):
     """`duplex bench llm --profile tiny --batch 1 2` measures each batch size through the engine and
     writes step time, per-session and aggregate tokens/s and first-token latency (values not asserted),
-    and the step of one reply among sessions holding every row.
+    and the step of one reply among sessions holding every row, and the largest batch's step in
+    young dialogues with the length bucket each reads.
     With graphs captured, it measures every batch size again eagerly and compares the replies. The CPU
     captures nothing, so here the step claims to be captured and both runs are eager: the comparison
     runs and finds a batch's replies the same from one run to the next."""
@@ -301,6 +302,10 @@ def test_bench_llm_reports_every_batch_size(tmp_path, capsys, monkeypatch):
     assert all(r["captured_equals_eager"] and "step_ms_eager" in r for r in figures["batches"])
     scattered = figures["scattered"]  # one reply on the highest of the 3 rows (largest batch + 1)
     assert scattered["replies"] == 1 and scattered["rows_held"] == 3 and scattered["step_ms"] > 0
+    # each row says which length bucket its steps read; the largest batch again in young dialogues
+    young = figures["young"]
+    assert young["batch"] == 2 and young["step_ms"] > 0 and young["attention_length"] in (192, 200)
+    assert all(r["attention_length"] == young["attention_length"] for r in figures["batches"])  # one length
     out = capsys.readouterr().out
     assert "batch   2" in out and "replies equal" in out
 
