@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-
 from duplex.engine.ahead import RunAhead
 from duplex.engine.scheduler import Output, Scheduler
 from duplex.errors import ConfigError
