@@ -467,13 +467,13 @@ class CsmEngine:
         hidden = self.backbone.decode(self._inputs[:b], positions, self.kv, rows, length, read_rows=slice(0, b))
         t = self._lap("backbone", t)
         greedy = self.sampling.temperature <= 0  # fixed for the engine's life: no noise at all
-        # the race's noise for every codebook of the frame at once
-        noise = None if greedy else exponential(draws, self._keys)  # [b, K, codes]
-
-        hot, clamped = temperature > 0, temperature.clamp_min(1e-6)  # once for the frame's K draws
+        if not greedy:  # the race's noise for every codebook of the frame at once, and the rows'
+            # temperatures clamped and tested once for the frame's K draws
+            noise = exponential(draws, self._keys)  # [b, K, codes]
+            hot, clamped = temperature > 0, temperature.clamp_min(1e-6)
 
         def draw(logits: torch.Tensor, index: int) -> torch.Tensor:  # only the codec's codes
-            if noise is None:
+            if greedy:
                 return logits[:, :n_codes].argmax(dim=-1)
             return self._sample(logits[:, :n_codes], clamped, None, draws[:, index], self._keys, top_k=top_k,
                                 noise=noise[:, index], hot=hot)
