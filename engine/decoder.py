@@ -48,6 +48,9 @@ class LayerWeights:
     gate_up_bias: torch.Tensor | None
     down: torch.Tensor
     down_bias: torch.Tensor | None
+    # True: ``qkv`` (and its bias) already holds the RoPE rotation of one fixed position
+    # (:meth:`LeanDecoder.at_position`), so its queries and keys come out rotated and no RoPE runs
+    rotated: bool = False
 
 
 @dataclass
@@ -269,31 +272,33 @@ class LeanDecoder:
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: SlotKV, rows: slice | torch.Tensor,
                 write_rows: torch.Tensor, length: int, mask: torch.Tensor | None,
-                tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                layers: list[LayerWeights] | None = None) -> torch.Tensor:
         """Run ``x`` ``[B, T, hidden]`` through the layers; returns the normed hidden states ``[B, T, hidden]``.
 
         Token ``(b, t)`` is at RoPE position ``positions[b, t]`` and writes its K/V at
         ``(write_rows[b], positions[b, t])``; attention reads positions ``[0, length)`` of the rows
         ``rows`` (``B`` of them, in the order of ``x``: a slice reads a view, an index tensor gathers),
-        as ``mask`` ``[B, T, length]`` allows (None: every key). ``tables``: the RoPE rows ``cos`` and
-        ``sin_signed`` of the positions, ``[B or 1, T, 1, D]``, where the caller has them as views (every
-        row at the same known positions); else they are gathered from ``positions``."""
+        as ``mask`` ``[B, T, length]`` allows (None: every key). The RoPE rows of ``positions`` are
+        gathered from the tables once for every layer. ``layers``: the layers to run instead of
+        :attr:`layers`: :meth:`at_position`'s where every token sits at that one position (then no
+        RoPE table is read and no rotation runs)."""
 
         b, t, _ = x.shape
         heads, kv_heads = self.heads, self.kv_heads
-        if tables is None:
+        layers = self.layers if layers is None else layers
+        if all(layer.rotated for layer in layers):
+            cos = sin = None
+        else:
             cos = self.cos[positions][:, :, None]  # [B, T, 1, D]
             sin = self.sin_signed[positions][:, :, None]
-        else:
-            cos, sin = tables
         bias = attention_mask(mask, heads // kv_heads, x.dtype)
         row_index = write_rows[:, None].expand(b, t)
-        for index, layer in enumerate(self.layers):
+        for index, layer in enumerate(layers):
             x = self.layer_fn(x, layer, cos, sin, bias, kv.keys[index], kv.values[index], row_index, positions, rows,
                               length)
         return rms_norm(x, self.norm, self.norm_eps)
 
-    def layer(self, x: torch.Tensor, layer: LayerWeights, cos: torch.Tensor, sin: torch.Tensor,
+    def layer(self, x: torch.Tensor, layer: LayerWeights, cos: torch.Tensor | None, sin: torch.Tensor | None,
               bias: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor, row_index: torch.Tensor,
               positions: torch.Tensor, rows: slice | torch.Tensor, length: int) -> torch.Tensor:
         """One layer of :meth:`forward` (what :meth:`compile` fuses): ``x`` ``[B, T, hidden]`` in and out,
@@ -304,7 +309,11 @@ class LeanDecoder:
         heads, kv_heads = self.heads, self.kv_heads
         h = rms_norm(x, layer.norm1, layer.eps1)
         qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(b, t, -1, self.head_dim)
-        if layer.q_norm is not None and layer.k_norm is not None:  # both or neither (checked at load)
+        if layer.rotated:  # the weights rotated the queries and keys (at_position's layers)
+            q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)
+        elif cos is None or sin is None:
+            raise ValueError("a layer whose weights are not rotated needs the RoPE tables")
+        elif layer.q_norm is not None and layer.k_norm is not None:  # both or neither (checked at load)
             q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)  # [B, T, H(kv), D]
             q = rope(rms_norm(q, layer.q_norm, layer.qk_eps), cos, sin)
             k = rope(rms_norm(k, layer.k_norm, layer.qk_eps), cos, sin)
@@ -317,6 +326,41 @@ class LeanDecoder:
         x = _residual_linear(x, attn, layer.out, layer.out_bias)
         gate, up = F.linear(rms_norm(x, layer.norm2, layer.eps2), layer.gate_up, layer.gate_up_bias).chunk(2, -1)
         return _residual_linear(x, self.act(gate) * up, layer.down, layer.down_bias)
+
+    def at_position(self, position: int) -> list[LayerWeights]:
+        """The layers for tokens that all sit at RoPE position ``position`` (a depth decoder's step:
+        every row at the same depth), with that position's rotation folded into the weights.
+
+        RoPE is linear: ``rope(W h + c) = R W h + R c`` with ``R`` the position's rotation, so a
+        ``qkv`` whose query and key rows are ``R W`` (and bias ``R c``) gives the rotated queries and
+        keys from its one matrix product, and the four kernels of each layer's RoPE never run. The
+        rotated weights are made here in fp32 and rounded once to the model's dtype (the same
+        products as :func:`rope`, summed in the matrix product: equal to float rounding, tested), and
+        take a copy of each layer's ``qkv`` per position (the values' rows are the plain ones).
+        Query and key norms (Qwen3) come between the product and the rotation, so such layers
+        cannot be folded."""
+        import dataclasses
+
+        import torch
+
+        if not 0 <= position < self.cos.shape[0]:
+            raise ValueError(f"RoPE position {position} is outside this decoder's {self.cos.shape[0]} positions")
+        if self.layers[0].q_norm is not None:
+            raise ConfigError("layers with query and key norms rotate after the norm: their RoPE cannot be "
+                              "folded into the weights")
+        d, rotated_rows = self.head_dim, (self.heads + self.kv_heads) * self.head_dim
+        cos = self.cos[position].float()[:, None]  # [D, 1]
+        sin = self.sin_signed[position].float()[:, None]
+
+        def rotate(w: torch.Tensor) -> torch.Tensor:  # rows (head, i) of the queries and keys, [rows, ...]
+            x = w[:rotated_rows].float().reshape(self.heads + self.kv_heads, d, -1)
+            turned = x * cos + torch.cat((x[:, d // 2:], x[:, :d // 2]), dim=1) * sin
+            return torch.cat((turned.reshape(rotated_rows, *w.shape[1:]).to(w.dtype), w[rotated_rows:]))
+
+        return [dataclasses.replace(layer, qkv=rotate(layer.qkv),
+                                    qkv_bias=None if layer.qkv_bias is None else rotate(layer.qkv_bias[:, None])[:, 0],
+                                    rotated=True)
+                for layer in self.layers]
 
     def compile(self) -> None:
         """Fuse each layer's kernels (:mod:`duplex.engine.fusion`); compiled on first use of a shape."""

@@ -65,7 +65,8 @@ def test_the_fused_layer_traces_whole_and_agrees_with_the_plain_one(request, tin
     """The layer a GPU compiles (``torch.compile``, dynamic shapes, whole: no graph break) compiles on
     the CPU's Inductor too, and gives the plain layer's hidden states (to float rounding) for the
     shapes the engines run: decode steps of several batch sizes over the whole window and over
-    shorter attention lengths (the TTS's length buckets), and prefills into rows at other starts. A
+    shorter attention lengths (the TTS's length buckets), prefills into rows at other starts, and a
+    depth step whose RoPE is in its weights (``LeanDecoder.at_position``). A
     change to the layer that breaks its tracing (a graph break, a shape that depends on data) fails
     here, not at a GPU's load. Each compiled variant launches at most FUSED_LAYER_BUDGET kernels,
     counted in the code Inductor generates (its fused kernels, the matrix products and the attention
@@ -116,6 +117,11 @@ def test_the_fused_layer_traces_whole_and_agrees_with_the_plain_one(request, tin
             positions = torch.tensor([6, 7, 11, 3][:b])
             rows = torch.arange(b)
             cases.append(both(lambda x=x, p=positions, r=rows, n=length: decoder.decode(x, p, kv, r, n)))
+        # a TTS depth step: every row at one position, its rotation in the weights, no mask
+        folded, rows = decoder.at_position(12), torch.arange(3)
+        x = torch.randn(3, 1, decoder.hidden, generator=g)
+        cases.append(both(lambda: decoder.forward(x, torch.full((3, 1), 12), kv, slice(0, 3), rows, 13, None,
+                                                  layers=folded)))
         return cases
 
     torch._dynamo.reset()  # the layer compiled here, its code generated here (no cached graph reused)
@@ -124,7 +130,8 @@ def test_the_fused_layer_traces_whole_and_agrees_with_the_plain_one(request, tin
     for fused, plain in cases:
         assert fused.shape == plain.shape
         assert float((fused - plain).abs().max()) <= 1e-4 * float(plain.abs().max()), (fused - plain).abs().max()
-    assert 2 <= len(codes) <= 4, len(codes)  # a variant or two each for prefills and decodes, shared by the layers
+    # a variant or two each for prefills, decodes and folded depth steps, shared by the layers
+    assert 3 <= len(codes) <= 6, len(codes)
     for code in codes:
         kernels = inductor_kernels(code)
         print(f"fused layer: {len(kernels)} kernels: {', '.join(k[:32] for k in kernels)}")

@@ -227,6 +227,11 @@ class CsmEngine:
         with torch.no_grad():
             projected = F.linear(self.depth_embed, self.depth_project)  # [K * V, H_depth]
         self._depth_tables = [projected[i * self.vocab_size:(i + 1) * self.vocab_size] for i in range(k)]
+        # the depth steps after the first (every row at depth position p = 2 .. K - 1): the layers
+        # with position p's RoPE folded into their qkv weights, so those steps run no RoPE
+        # (four kernels a layer; a copy of the depth decoder's qkv weights per position)
+        with torch.no_grad():
+            self._depth_at = {p: self.depth.at_position(p) for p in range(2, k)}
         # the segment pass of several replies: each one's embeddings (copied on the device) and where
         # they go (K/V row, first position, count), captured per (batch, embeddings) bucket
         self._segment_x = torch.zeros(SEGMENT_LENGTHS[-1], slots, self.backbone.hidden, dtype=self.dtype, device=dev)
@@ -491,10 +496,9 @@ class CsmEngine:
             x = F.embedding(codes[-1], self._depth_tables[index])[:, None]  # [b, 1, H_depth]
             p = index + 1
             pos = self._depth_positions[p:p + 1].expand(b, 1)
-            # every row at position p: its RoPE rows are a view of the tables, not a gather per step
-            tables = (self.depth.cos[None, p:p + 1, None], self.depth.sin_signed[None, p:p + 1, None])
+            # every row at position p: its rotation is in the weights of _depth_at[p]
             h = self.depth.forward(x, pos, self.depth_kv, slice(0, b), rows, p + 1, None,
-                                   tables=tables)  # sees positions 0..p
+                                   layers=self._depth_at[p])  # sees positions 0..p
         frame = torch.stack(codes, dim=1)  # [b, K]
         active = positions < self.kv.scratch_position
         following = self.model.backbone_model.embed_tokens(frame[:, None])[:, 0]  # [b, H]
