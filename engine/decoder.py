@@ -140,7 +140,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.
     return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), dim=-1), sin_signed)
 
 
-def _fuse(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fuse_linears(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One weight (and bias) for several ``nn.Linear`` on the same input; the modules' own parameters
     become views of it, so the model keeps working and no memory is duplicated."""
     import torch
@@ -231,8 +231,8 @@ class LeanDecoder:
             attn, mlp = layer.self_attn, layer.mlp
             if getattr(attn, "sliding_window", None):
                 raise ConfigError("the lean decoder supports full-attention layers only")
-            qkv, qkv_bias = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
-            gate_up, gate_up_bias = _fuse(mlp.gate_proj, mlp.up_proj)
+            qkv, qkv_bias = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+            gate_up, gate_up_bias = fuse_linears(mlp.gate_proj, mlp.up_proj)
             q_norm = getattr(attn, "q_norm", None)
             k_norm = getattr(attn, "k_norm", None)
             if (q_norm is None) != (k_norm is None):

@@ -40,6 +40,25 @@ def test_codebooks_hold_noise(tiny_codec):
     assert torch.cdist(embed, embed).fill_diagonal_(1.0).min() > 0.1
 
 
+def test_the_code_table_is_mimis_quantizer_decode(tiny_codec):
+    """One lookup in the projected table, summed over codebooks, gives Mimi's own quantizer decode
+    (its per-codebook loop, both groups' output projections, their sum) to float rounding, for every
+    codebook and rows of different codes."""
+    import torch.nn.functional as F
+
+    from duplex.tts.codec import code_table
+
+    k, v = tiny_codec.config.num_quantizers, tiny_codec.config.codebook_size
+    codes = torch.randint(0, v, (3, k, 4), generator=torch.Generator().manual_seed(2))
+    table, offsets = code_table(tiny_codec.quantizer)
+    assert table.shape == (k * v, tiny_codec.config.hidden_size)
+    with torch.no_grad():
+        mimi = tiny_codec.quantizer.decode(codes)  # [B, C, T]
+        ours = F.embedding(codes + offsets, table).sum(dim=1).transpose(1, 2)
+    assert ours.shape == mimi.shape
+    assert relative_error(ours, mimi) < 1e-6
+
+
 @pytest.mark.parametrize("size", [1, 2, 5])
 def test_streaming_decode_equals_one_shot(tiny_codec, codes, one_shot, size):
     """Decoding 1, 2 or 5 frames per call gives one-shot MimiModel.decode's samples to 1e-5 relative,

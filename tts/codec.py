@@ -19,7 +19,7 @@ Codes are ``[B, K, T]`` (K codebooks, T frames at 12.5 Hz); each frame is ``fram
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # heavy imports stay lazy
     import torch
@@ -141,17 +141,63 @@ def _new_window(transformer, batch: int, device, dtype) -> WindowKV:
                     torch.zeros(batch, dtype=torch.long, device=device), torch.zeros(batch, dtype=torch.long, device=device))
 
 
-def transformer_step(transformer, x: torch.Tensor, kv: WindowKV) -> torch.Tensor:
-    """``x`` ``[B, T, C]`` through a ``MimiTransformerModel`` with a sliding-window KV cache.
+@dataclass
+class MimiLayer:
+    """One Mimi transformer layer's weights as :func:`transformer_step` runs it: q/k/v in one matrix
+    (the module's own parameters become views of it), and each layer scale folded into the matrix
+    before it (``s * (W a) = (s W) a``), so each residual add rides in that product's ``addmm``."""
+
+    norm1: Any  # the module's LayerNorm
+    qkv: torch.Tensor  # [(H + 2 H_kv) D, C]
+    qkv_bias: torch.Tensor | None
+    out: torch.Tensor  # o_proj's weight, scaled by the attention's layer scale
+    out_bias: torch.Tensor | None
+    norm2: Any
+    fc1: torch.Tensor
+    fc2: torch.Tensor  # scaled by the MLP's layer scale
+    act: Any
+
+
+def mimi_layers(transformer) -> list[MimiLayer]:
+    """:class:`MimiLayer` weights of every layer of a ``MimiTransformerModel`` (made once, at load)."""
+    import torch
+
+    from duplex.engine.decoder import fuse_linears
+
+    layers = []
+    with torch.no_grad():
+        for layer in transformer.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if mlp.fc1.bias is not None or mlp.fc2.bias is not None:
+                raise ValueError("this Mimi's MLP has biases; the streaming codec supports the released "
+                                 "Mimi's (none)")
+            qkv, qkv_bias = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+            s1, s2 = layer.self_attn_layer_scale.scale, layer.mlp_layer_scale.scale  # [C]
+            layers.append(MimiLayer(
+                norm1=layer.input_layernorm, qkv=qkv, qkv_bias=qkv_bias,
+                out=(attn.o_proj.weight.float() * s1.float()[:, None]).to(qkv.dtype),
+                out_bias=None if attn.o_proj.bias is None else (attn.o_proj.bias * s1).to(qkv.dtype),
+                norm2=layer.post_attention_layernorm, fc1=mlp.fc1.weight,
+                fc2=(mlp.fc2.weight.float() * s2.float()[:, None]).to(qkv.dtype), act=mlp.activation_fn))
+    return layers
+
+
+def transformer_step(transformer, layers: list[MimiLayer], x: torch.Tensor, kv: WindowKV) -> torch.Tensor:
+    """``x`` ``[B, T, C]`` through a ``MimiTransformerModel`` (its :func:`mimi_layers` weights) with a
+    sliding-window KV cache.
 
     The cache has a fixed ``window - 1`` slots per layer; query ``i`` (absolute position ``p + i``)
     sees the keys at positions ``(p + i - window, p + i]``, as the one-shot sliding-window mask does.
+    A layer is 14 kernels (Mimi's own forward, 29): q/k/v in one product, RoPE over queries and keys
+    in one pass (:func:`duplex.engine.decoder.rope`), the layer scales in the output products, whose
+    residual adds ride in their ``addmm``. The same numbers as Mimi's layers to float rounding.
     """
     import torch
     import torch.nn.functional as F
 
-    from transformers.models.mimi.modeling_mimi import apply_rotary_pos_emb
+    from duplex.engine.decoder import rope
 
+    x = x.contiguous()  # the residual stream, [B, T, C] in rows (the first addmm's input at every batch size)
     batch, steps, _ = x.shape
     slots = kv.keys[0].shape[2] if kv.keys else 0
     window = slots + 1
@@ -159,7 +205,9 @@ def transformer_step(transformer, x: torch.Tensor, kv: WindowKV) -> torch.Tensor
     valid = torch.as_tensor(kv.valid, device=device).reshape(-1).expand(batch)  # [B]
     start = torch.as_tensor(kv.position, device=device).reshape(-1).expand(batch)  # [B]
     positions = start[:, None] + torch.arange(steps, device=device)  # [B, T]
-    cos, sin = transformer.rotary_emb(x, positions)
+    cos, sin = transformer.rotary_emb(x, positions)  # [B, T, D], rotate_half's layout
+    half = cos.shape[-1] // 2
+    cos, sin = cos[:, :, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, :, None]
     # mask [B, 1, T, slots + T]: True = may attend
     i = torch.arange(steps, device=device)[None, :, None]
     j = torch.arange(slots, device=device)[None, None, :]
@@ -168,28 +216,36 @@ def transformer_step(transformer, x: torch.Tensor, kv: WindowKV) -> torch.Tensor
     new_ok = ((new_j <= i) & (new_j > i - window)).expand(batch, steps, steps)
     mask = torch.cat([cached_ok, new_ok], dim=2)[:, None]
 
-    for index, layer in enumerate(transformer.layers):
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(batch, steps, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(batch, steps, -1, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(batch, steps, -1, attn.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    attn = transformer.layers[0].self_attn
+    heads, kv_heads, d = attn.num_heads, attn.num_key_value_heads, attn.head_dim
+    for index, (module, layer) in enumerate(zip(transformer.layers, layers)):
+        qkv = F.linear(layer.norm1(x), layer.qkv, layer.qkv_bias).view(batch, steps, -1, d)
+        qk = rope(qkv[:, :, :heads + kv_heads], cos, sin)  # [B, T, H + H_kv, D]
+        q = qk[:, :, :heads].transpose(1, 2)
+        k, v = qk[:, :, heads:].transpose(1, 2), qkv[:, :, heads + kv_heads:].transpose(1, 2)
         keys = torch.cat([kv.keys[index], k], dim=2)
         values = torch.cat([kv.values[index], v], dim=2)
         kv.keys[index] = keys[:, :, keys.shape[2] - slots:]
         kv.values[index] = values[:, :, values.shape[2] - slots:]
-        groups = attn.num_key_value_groups
+        groups = heads // kv_heads
         if groups > 1:
             keys = keys.repeat_interleave(groups, dim=1)
             values = values.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
-        out = attn.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
-        x = x + layer.self_attn_layer_scale(out)
-        x = x + layer.mlp_layer_scale(layer.mlp(layer.post_attention_layernorm(x)))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=module.self_attn.scaling)
+        x = _residual(x, out.transpose(1, 2).reshape(batch, steps, -1), layer.out, layer.out_bias)
+        x = _residual(x, layer.act(F.linear(layer.norm2(x), layer.fc1)), layer.fc2, None)
     kv.valid = (valid + steps).clamp(max=slots)
     kv.position = start + steps
     return x
+
+
+def _residual(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x + linear(h, weight, bias)`` ``[B, T, C]``, the add in the product's epilogue where there is no bias."""
+    import torch
+
+    if bias is not None:
+        return x + torch.nn.functional.linear(h, weight, bias)
+    return torch.addmm(x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1]), weight.t()).view(x.shape)
 
 
 def _seanet_step(prefix: str, seanet, x: torch.Tensor, state: CodecState) -> torch.Tensor:
@@ -223,6 +279,31 @@ def _check_causal(config) -> None:
         raise ValueError("streaming Mimi needs trim_right_ratio=1.0 (all transposed-conv trimming on the right)")
 
 
+def code_table(quantizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mimi's quantizer decode as one lookup: ``(table, offsets)``, every codebook's entries through its
+    group's output projection ``[K * V, C]``, and the first row of codebook ``k`` in it ``[K, 1]``.
+
+    Mimi decodes codes ``[B, K, T]`` as, for each of its two groups (semantic, acoustic), the sum of
+    the group's codebook entries, then the group's output projection (a 1x1 convolution), then the
+    two groups' sum. All of it is linear, so it is the sum of each codebook's projected entry:
+    ``embedding(codes + offsets, table).sum(1)``, three kernels a frame where Mimi's loop launches
+    two per codebook and more (about 70 for CSM's 32 codebooks). Made in fp32, kept in the
+    codec's dtype; equal to Mimi's decode to float rounding (``tests/test_tts_codec.py``)."""
+    import torch
+
+    tables, dtype = [], None
+    for group in (quantizer.semantic_residual_vector_quantizer, quantizer.acoustic_residual_vector_quantizer):
+        project = None if group.output_proj is None else group.output_proj.weight[:, :, 0].float()  # [C, D]
+        for layer in group.layers:
+            entries = layer.codebook.embed  # [V, D]
+            dtype = entries.dtype
+            tables.append(entries.float() if project is None else entries.float() @ project.T)
+    table = torch.cat(tables).to(dtype)
+    size = tables[0].shape[0]
+    offsets = torch.arange(len(tables), device=table.device)[:, None] * size
+    return table, offsets
+
+
 # -- decoder and encoder ---------------------------------------------------------------------------
 
 
@@ -239,6 +320,11 @@ class StreamingDecoder:
         self.frame_size = int(codec.config.frame_size)
         self.num_codebooks = int(codec.config.num_quantizers)
         _check_paddings(decoder)
+        import torch
+
+        with torch.no_grad():
+            self._table, self._offsets = code_table(codec.quantizer)
+        self._layers = mimi_layers(decoder.decoder_transformer)
 
     def new_state(self, batch: int = 1) -> CodecState:
         p = next(self.decoder.parameters())
@@ -248,13 +334,15 @@ class StreamingDecoder:
         """``codes`` ``[B, K, T]`` (the next T frames) -> audio ``[B, T * frame_size]``."""
         if codes.ndim != 3 or codes.shape[1] != self.num_codebooks:
             raise ValueError(f"codes must be [B, {self.num_codebooks}, T], got {tuple(codes.shape)}")
+        import torch.nn.functional as F
+
         decoder = self.decoder
-        latents = self.codec.quantizer.decode(codes)  # [B, C, T]
+        latents = F.embedding(codes + self._offsets, self._table).sum(dim=1).transpose(1, 2)  # [B, C, T]
         p = next(decoder.parameters())
         latents = latents.to(p.dtype)
         x = conv_transpose_step("upsample", decoder.upsample, latents, state) if decoder.upsample is not None \
             else latents  # [B, C, 2T]
-        x = transformer_step(decoder.decoder_transformer, x.transpose(1, 2), state.kv).transpose(1, 2)
+        x = transformer_step(decoder.decoder_transformer, self._layers, x.transpose(1, 2), state.kv).transpose(1, 2)
         audio = _seanet_step("seanet", decoder.decoder_seanet, x, state)  # [B, 1, T * frame_size]
         state.frames += codes.shape[-1]
         return audio[:, 0]
@@ -277,6 +365,7 @@ class StreamingEncoder:
         self.frame_size = int(codec.config.frame_size)
         self.num_codebooks = int(codec.config.num_quantizers)
         _check_paddings(encoder)
+        self._layers = mimi_layers(encoder.encoder_transformer)
 
     def new_state(self, batch: int = 1) -> CodecState:
         p = next(self._encoder.parameters())
@@ -299,7 +388,7 @@ class StreamingEncoder:
         if whole == 0:
             return x.new_zeros(x.shape[0], self.codec.config.hidden_size, 0)
         x = _seanet_step("seanet", encoder.encoder_seanet, x, state)
-        x = transformer_step(encoder.encoder_transformer, x.transpose(1, 2), state.kv).transpose(1, 2)
+        x = transformer_step(encoder.encoder_transformer, self._layers, x.transpose(1, 2), state.kv).transpose(1, 2)
         if encoder.downsample is not None:
             x = conv_step("downsample", encoder.downsample, x, state)
         state.frames += x.shape[-1]
