@@ -31,8 +31,9 @@ LLM_FIXED_BUDGET = 60  # embedding, RoPE tables, mask, final norm, output layer,
 TTS_CODEBOOK_BUDGET = 16  # per codebook: its head, the draw from the frame's noise, the depth step's glue
 TTS_FIXED_BUDGET = 60  # the backbone's own glue, the frame's noise for every codebook, the next input (176 in all at K=8)
 # the frame step ends by decoding its frame (Mimi, duplex.tts.slot_codec): per convolution the kept
-# left context joined, the convolution, the new context kept and committed, its activation or residual
-CODEC_CONV_BUDGET = 7
+# left context joined, the convolution, the new context committed (kept as a view until then), its
+# activation or residual
+CODEC_CONV_BUDGET = 6
 # per Mimi transformer layer (duplex.tts.codec.transformer_step, 16 now; Mimi's own forward 29): two
 # LayerNorms, qkv, RoPE of 3, the window's K/V joined and committed, attention, three products, gelu
 CODEC_LAYER_BUDGET = 18

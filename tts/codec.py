@@ -102,7 +102,9 @@ def conv_step(name: str, conv, x: torch.Tensor, state: CodecState) -> torch.Tens
     elif state.fresh is not None and conv.pad_mode == "replicate":
         context = torch.where(state.fresh[:, None, None], x[..., :1].expand(-1, -1, pad), context)
     full = torch.cat([context, x], dim=-1)
-    state.conv_context[name] = full[..., full.shape[-1] - pad:].clone()
+    # a view of this chunk's input, which nothing writes to (no copy a step: the slot decoder copies
+    # it into its own rows where the row commits)
+    state.conv_context[name] = full[..., full.shape[-1] - pad:]
     return conv.conv(full)
 
 
@@ -122,7 +124,7 @@ def conv_transpose_step(name: str, convtr, x: torch.Tensor, state: CodecState) -
     if tail is not None:
         y = torch.cat([y[..., : tail.shape[-1]] + tail, y[..., tail.shape[-1]:]], dim=-1)
     keep = x.shape[-1] * stride
-    state.overlap[name] = y[..., keep:].clone()
+    state.overlap[name] = y[..., keep:]  # a view, as conv_step's context
     out = y[..., :keep]
     if conv.bias is not None:
         out = out + conv.bias[None, :, None]
