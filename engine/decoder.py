@@ -6,8 +6,8 @@ module reads the weights of a transformers model once (q/k/v and gate/up fused i
 each; the model's own parameters become views of the fused ones, so no memory is duplicated and the
 transformers model stays usable as a reference) and runs the layers itself:
 
-- K/V live in a :class:`SlotKV`: one buffer per layer, ``[slots + 1, H_kv, positions + 1, D]``,
-  allocated once. Row ``r`` is one session's cache, position ``p`` holds the key written at RoPE
+- K/V live in a :class:`SlotKV`: one buffer per layer, ``[slots + 1, 2, H_kv, positions + 1, D]``
+  (keys and values side by side), allocated once. Row ``r`` is one session's cache, position ``p`` holds the key written at RoPE
   position ``p``. The extra row and column are scratch: rows that take part in a batched step
   without a token of their own write there, so a step can cover a fixed range of rows.
 - :meth:`LeanDecoder.forward` takes per-row positions ``[B, T]`` and a boolean mask ``[B, T, L]`` of
@@ -22,7 +22,7 @@ forward); nothing here depends on how a transformers version names its cache arg
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from duplex.errors import ConfigError
@@ -55,28 +55,37 @@ class LayerWeights:
 
 @dataclass
 class SlotKV:
-    """K/V buffers of every layer: ``[slots + 1, H_kv, columns, D]`` each, allocated once.
+    """K/V buffers of every layer, allocated once: one ``[slots + 1, 2, H_kv, columns, D]`` buffer per
+    layer, its keys at ``[:, 0]`` and its values at ``[:, 1]`` (:attr:`keys` and :attr:`values` are
+    those views, ``[slots + 1, H_kv, columns, D]`` each).
 
-    ``columns`` is ``positions + 1`` (the last is the scratch position) rounded up to a multiple of 8,
-    so an attention over all of them has rows aligned for fused attention kernels; the columns after
-    the scratch one are never written and every mask hides them."""
+    Keys and values share a buffer so that a step writes a token's key and value with one kernel
+    (they leave the qkv product side by side) and a decode step gathers its rows' keys and values
+    with one. ``columns`` is ``positions + 1`` (the last is the scratch position) rounded up to a
+    multiple of 8, so an attention over all of them has rows aligned for fused attention kernels; the
+    columns after the scratch one are never written and every mask hides them."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    layers: list[torch.Tensor]
     positions: int = -1  # -1: every column but the last (no padding)
+    keys: list[torch.Tensor] = field(init=False)
+    values: list[torch.Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
+        if any(t.ndim != 5 or t.shape[1] != 2 for t in self.layers):
+            raise ValueError("each layer's K/V buffer is [slots + 1, 2, H_kv, columns, D]")
+        self.keys = [t[:, 0] for t in self.layers]
+        self.values = [t[:, 1] for t in self.layers]
         if self.positions < 0:
-            self.positions = self.keys[0].shape[2] - 1
+            self.positions = self.columns - 1
 
     @property
     def slots(self) -> int:
-        return self.keys[0].shape[0] - 1
+        return self.layers[0].shape[0] - 1
 
     @property
     def columns(self) -> int:
         """Positions an attention may read: ``positions + 1``, padded."""
-        return self.keys[0].shape[2]
+        return self.layers[0].shape[3]
 
     @property
     def scratch_row(self) -> int:
@@ -87,29 +96,29 @@ class SlotKV:
         return self.positions
 
     def nbytes(self) -> int:
-        return sum(t.untyped_storage().nbytes() for t in (*self.keys, *self.values))
+        return sum(t.untyped_storage().nbytes() for t in self.layers)
 
     def slot_nbytes(self) -> int:
         """Bytes one row holds (every layer's keys and values)."""
-        return sum(t[0].numel() * t.element_size() for t in (*self.keys, *self.values))
+        return sum(t[0].numel() * t.element_size() for t in self.layers)
 
-    def keep(self, row: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Copies of positions ``[0, n)`` of row ``row``, every layer's keys and values: a prefix that
-        :meth:`restore` puts at the start of any row (K/V at a position do not depend on the row)."""
-        return [(k[row, :, :n].clone(), v[row, :, :n].clone()) for k, v in zip(self.keys, self.values)]
+    def keep(self, row: int, n: int) -> list[torch.Tensor]:
+        """Copies of positions ``[0, n)`` of row ``row``, every layer's keys and values ``[2, H_kv, n, D]``:
+        a prefix that :meth:`restore` puts at the start of any row (K/V at a position do not depend on
+        the row)."""
+        return [t[row, :, :, :n].clone() for t in self.layers]
 
-    def restore(self, row: int, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    def restore(self, row: int, prefix: list[torch.Tensor]) -> int:
         """Write a :meth:`keep` prefix at the start of row ``row``; returns its length."""
-        n = prefix[0][0].shape[1]
-        for (pk, pv), k, v in zip(prefix, self.keys, self.values):
-            k[row, :, :n] = pk
-            v[row, :, :n] = pv
+        n = prefix[0].shape[2]
+        for kept, t in zip(prefix, self.layers):
+            t[row, :, :, :n] = kept
         return n
 
     def copy_positions(self, src: int, dst: int, start: int, end: int) -> None:
         """Copy positions ``[start, end)`` of row ``src`` to row ``dst``."""
-        for t in (*self.keys, *self.values):
-            t[dst, :, start:end] = t[src, :, start:end]
+        for t in self.layers:
+            t[dst, :, :, start:end] = t[src, :, :, start:end]
 
 
 def padded_columns(positions: int) -> int:
@@ -128,16 +137,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """RoPE in transformers' ``rotate_half`` layout: ``x * cos + rotate_half(x) * sin``, written as
     ``addcmul(x * cos, swap_halves(x), sin_signed)`` (``sin_signed`` is ``sin`` with its first half
     negated): three kernels where transformers' form is six (the negation, the two halves joined, two
     products, the sum), the same products, the second one added without rounding it first (a
-    fused multiply-add where the device has one: in bf16 one rounding fewer than transformers')."""
+    fused multiply-add where the device has one: in bf16 one rounding fewer than transformers').
+    ``out``: where to write the result (``x`` itself may be given: both its reads come first)."""
     import torch
 
     half = x.shape[-1] // 2
-    return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), dim=-1), sin_signed)
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    if out is not None and torch.compiler.is_compiling():  # Dynamo traces no out= into a strided view;
+        return out.copy_(torch.addcmul(x * cos, swapped, sin_signed))  # Inductor fuses the copy in
+    return torch.addcmul(x * cos, swapped, sin_signed, out=out)
 
 
 def fuse_linears(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -268,9 +281,8 @@ class LeanDecoder:
         positions = self.positions if positions is None else positions
         if positions > self.positions:
             raise ValueError(f"{positions} positions asked for; the RoPE tables reach {self.positions}")
-        shape = (slots + 1, self.kv_heads, padded_columns(positions), self.head_dim)
-        return SlotKV([torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers],
-                      [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers], positions)
+        shape = (slots + 1, 2, self.kv_heads, padded_columns(positions), self.head_dim)
+        return SlotKV([torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers], positions)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: SlotKV, rows: slice | torch.Tensor,
                 write_rows: torch.Tensor, length: int, mask: torch.Tensor | None,
@@ -285,9 +297,17 @@ class LeanDecoder:
         :attr:`layers`: :meth:`at_position`'s where every token sits at that one position (then no
         RoPE table is read and no rotation runs)."""
 
+        import torch
+
+        with torch.no_grad():  # inference only (a layer writes its rotated queries and keys in place)
+            return self._forward(x, positions, kv, rows, write_rows, length, mask,
+                                 self.layers if layers is None else layers)
+
+    def _forward(self, x: torch.Tensor, positions: torch.Tensor, kv: SlotKV, rows: slice | torch.Tensor,
+                 write_rows: torch.Tensor, length: int, mask: torch.Tensor | None,
+                 layers: list[LayerWeights]) -> torch.Tensor:
         b, t, _ = x.shape
         heads, kv_heads = self.heads, self.kv_heads
-        layers = self.layers if layers is None else layers
         if all(layer.rotated for layer in layers):
             cos = sin = None
         else:
@@ -296,15 +316,16 @@ class LeanDecoder:
         bias = attention_mask(mask, heads // kv_heads, x.dtype)
         row_index = write_rows[:, None].expand(b, t)
         for index, layer in enumerate(layers):
-            x = self.layer_fn(x, layer, cos, sin, bias, kv.keys[index], kv.values[index], row_index, positions, rows,
-                              length)
+            x = self.layer_fn(x, layer, cos, sin, bias, kv.layers[index], row_index, positions, rows, length)
         return rms_norm(x, self.norm, self.norm_eps)
 
     def layer(self, x: torch.Tensor, layer: LayerWeights, cos: torch.Tensor | None, sin: torch.Tensor | None,
-              bias: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor, row_index: torch.Tensor,
+              bias: torch.Tensor | None, kv: torch.Tensor, row_index: torch.Tensor,
               positions: torch.Tensor, rows: slice | torch.Tensor, length: int) -> torch.Tensor:
         """One layer of :meth:`forward` (what :meth:`compile` fuses): ``x`` ``[B, T, hidden]`` in and out,
-        this layer's K/V written into ``keys``/``values`` at ``(row_index, positions)``."""
+        this layer's keys and values written into its :class:`SlotKV` buffer ``kv`` at ``(row_index,
+        positions)``. The rotated queries and keys are written back into the qkv product, so the new
+        keys and values sit side by side there and go into the buffer in one write."""
         import torch.nn.functional as F
 
         b, t, _ = x.shape
@@ -312,19 +333,19 @@ class LeanDecoder:
         h = rms_norm(x, layer.norm1, layer.eps1)
         qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(b, t, -1, self.head_dim)
         if layer.rotated:  # the weights rotated the queries and keys (at_position's layers)
-            q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)
+            pass
         elif cos is None or sin is None:
             raise ValueError("a layer whose weights are not rotated needs the RoPE tables")
         elif layer.q_norm is not None and layer.k_norm is not None:  # both or neither (checked at load)
-            q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)  # [B, T, H(kv), D]
-            q = rope(rms_norm(q, layer.q_norm, layer.qk_eps), cos, sin)
-            k = rope(rms_norm(k, layer.k_norm, layer.qk_eps), cos, sin)
+            q, k = qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads]  # [B, T, H(kv), D]
+            rope(rms_norm(q, layer.q_norm, layer.qk_eps), cos, sin, out=q)
+            rope(rms_norm(k, layer.k_norm, layer.qk_eps), cos, sin, out=k)
         else:  # queries and keys rotated together
-            qk = rope(qkv[:, :, :heads + kv_heads], cos, sin)
-            q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads:]
-        keys[row_index, :, positions] = k  # [B, T, H_kv, D] into [S, H_kv, P, D]
-        values[row_index, :, positions] = v
-        attn = attention(q, keys[rows, :, :length], values[rows, :, :length], bias, self.scale)
+            qk = qkv[:, :, :heads + kv_heads]
+            rope(qk, cos, sin, out=qk)
+        kv[row_index, :, :, positions] = qkv[:, :, heads:].unflatten(2, (2, kv_heads))  # [B, T, 2, H_kv, D]
+        seen = kv[rows, :, :, :length]  # [B, 2, H_kv, L, D]: a view of rows 0..B-1, or one gather
+        attn = attention(qkv[:, :, :heads], seen[:, 0], seen[:, 1], bias, self.scale)
         x = _residual_linear(x, attn, layer.out, layer.out_bias)
         gate, up = F.linear(rms_norm(x, layer.norm2, layer.eps2), layer.gate_up, layer.gate_up_bias).chunk(2, -1)
         return _residual_linear(x, self.act(gate) * up, layer.down, layer.down_bias)

@@ -137,7 +137,7 @@ class Engine:
         self.kv = self.decoder.new_kv(slots)
         self.rows = SlotPool("LLM session slots", slots)
         # by the block's token ids: (its K/V, every layer; the next-token logits after it)
-        self._systems: OrderedDict[tuple[int, ...], tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]] = (
+        self._systems: OrderedDict[tuple[int, ...], tuple[list[torch.Tensor], torch.Tensor]] = (
             OrderedDict())
         rows = self.vocab
         self._stop = torch.zeros(rows, dtype=torch.bool, device=self.device)

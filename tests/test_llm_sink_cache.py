@@ -81,7 +81,7 @@ def test_truncate_and_evict_bookkeeping():
     inv_freq = torch.ones(2)
     k = torch.zeros(3, 1, 9, 4)  # 2 rows + scratch, 8 positions + scratch
     k[:, 0, :6] = torch.arange(6, dtype=torch.float32)[:, None]
-    pool = SlotKV([k.clone()], [k.clone()])
+    pool = SlotKV([torch.stack([k, k], dim=1)])  # keys and values of each row side by side
     slot = SinkSlot(pool, 1, inv_freq, rerotate=False, length=6)
     ptr = pool.keys[0].data_ptr()
     slot.evict(2, 3)  # drop slots 2, 3, 4

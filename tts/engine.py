@@ -64,7 +64,7 @@ class Voice:
 
     text: str
     codes: torch.Tensor  # [T, K] long
-    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer ([H, n, D], [H, n, D]), once used
+    prefix: list[torch.Tensor] | None = None  # per layer [2, H_kv, n, D] (SlotKV.keep), once used
 
     @property
     def frames(self) -> int:
