@@ -60,33 +60,54 @@ def uniform(draws: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 
 def exponential(draws: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``E ~ Exp(1)`` noise of the race (:func:`sample`), shaped as :func:`uniform`'s: made once for many
-    draws (every codebook of a frame) in one pass."""
+    """``E ~ Exp(1)`` noise of the race (:func:`sample`), shaped as :func:`uniform`'s."""
     import torch
 
     return -torch.log(uniform(draws, keys))
 
 
+def scaled_gumbel(draws: torch.Tensor, keys: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """``T * G``, ``G = -log(E)`` Gumbel noise, for :func:`race`, shaped as :func:`uniform`'s and made
+    once for many draws (every codebook of a TTS frame, ``[B, K, V]``) in one pass; ``temperature``
+    ``[B]`` (0: no noise, the row's draws are its argmax)."""
+    import torch
+
+    g = -torch.log(exponential(draws, keys))
+    return g * temperature.view(-1, *([1] * (g.ndim - 1)))
+
+
+def race(logits: torch.Tensor, noise: torch.Tensor, top_k: int = 0) -> torch.Tensor:
+    """One token per row of ``logits`` ``[B, V]`` -> ``[B]`` long: among the top ``top_k`` logits (all
+    with 0), the argmax of ``logits + noise`` for the row's :func:`scaled_gumbel` noise ``[B, V]``.
+
+    The same exponential race as :func:`sample`'s, in the log domain: ``argmax(p / E)`` with ``p =
+    softmax(l / T)`` is ``argmax(l / T - log E)``, and scaling by ``T > 0`` keeps the argmax, so it
+    draws from the same distribution (the tokens may differ where two candidates tie to float
+    rounding). Without a nucleus step it needs no probabilities: five kernels a draw (top-k, the
+    noise gathered, the sum, its argmax, the id), where :func:`sample` runs eight, and a row of
+    temperature 0 (no noise) takes its argmax with no test of its own. The TTS's 32 draws a frame."""
+    if top_k and top_k < logits.shape[-1]:
+        values, ids = logits.topk(top_k, dim=-1)  # [B, k]
+        best = (values + noise.gather(-1, ids)).argmax(dim=-1)
+        return ids.gather(-1, best[:, None])[:, 0]
+    return (logits + noise).argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor | None, draws: torch.Tensor,
-           keys: torch.Tensor, *, top_k: int = 0,
-           noise: torch.Tensor | None = None, hot: torch.Tensor | None = None) -> torch.Tensor:
+           keys: torch.Tensor, *, top_k: int = 0) -> torch.Tensor:
     """One token per row of ``logits`` ``[B, V]`` -> ``[B]`` long.
 
     Rows with ``temperature`` 0 take the argmax; the others sample at their temperature from the top
     ``top_k`` logits (if ``top_k``), then from the smallest set of those tokens whose probability
     reaches ``top_p`` (the tokens before the one that crosses it, as nucleus sampling keeps them;
     None: no nucleus step). With ``top_k`` nothing is sorted but the ``k`` kept (``topk`` gives them
-    in order) and the noise is hashed for those ``k`` tokens only; without it, the whole vocabulary
-    is sorted for the nucleus. ``noise``: the :func:`exponential` noise of every token ``[B, V]``,
-    made beforehand (else made here from the rows' ``draws``, their :func:`draw_key` values, and
-    ``keys``). ``hot``: the rows that sample (``temperature > 0``), given by a caller that draws many
-    times with the same temperatures (the TTS's codebooks of a frame), which then passes
-    ``temperature`` already clamped to 1e-6 or more: both made once, not once a draw."""
+    in order) and the noise is hashed for those ``k`` tokens only, from the rows' ``draws`` (their
+    :func:`draw_key` values) and the tokens' ``keys``; without it, the whole vocabulary is sorted
+    for the nucleus."""
     import torch
 
-    if hot is None:
-        hot = temperature > 0
-        temperature = temperature.clamp_min(1e-6)
+    hot = temperature > 0
+    temperature = temperature.clamp_min(1e-6)
 
     logits = logits.float()
     vocab = logits.shape[-1]
@@ -105,10 +126,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor 
             probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
         else:  # already in order
             probs = probs.masked_fill((probs.cumsum(-1) - probs > top_p[:, None]) & ~off, 0.0)
-    if noise is None:
-        noise = exponential(draws, keys[:vocab] if ids is None else keys[ids])
-    elif ids is not None:
-        noise = noise.gather(-1, ids)
-    race = (probs / noise).argmax(dim=-1)
-    drawn = race if ids is None else ids.gather(-1, race[:, None])[:, 0]
+    noise = exponential(draws, keys[:vocab] if ids is None else keys[ids])
+    best = (probs / noise).argmax(dim=-1)
+    drawn = best if ids is None else ids.gather(-1, best[:, None])[:, 0]
     return torch.where(hot, drawn, greedy)

@@ -159,3 +159,39 @@ def call(args):
     assert inductor_kernels(code) == ["triton_red_fused_mean_mul_pow_rsqrt_0", "extern_kernels.mm",
                                       "torch.ops.aten._scaled_dot_product_efficient_attention",
                                       "triton_poi_fused_add_0"]
+
+
+@pytest.mark.slow
+def test_the_compiled_samplers_trace_whole_and_draw_the_eager_tokens(request):
+    """The samplers a GPU compiles with the layers (the LLM's ``sample``, the TTS's ``race`` with its
+    frame's ``scaled_gumbel`` noise) compile whole on the CPU's Inductor (dynamic shapes, no graph
+    break) and draw exactly the tokens the eager functions draw, for two batch sizes: a change that
+    breaks their tracing fails here, not at a GPU's load. (Needs a C++ compiler.)"""
+    import shutil
+
+    import torch
+
+    from duplex.engine.sampling import draw_key, race, sample, scaled_gumbel, token_keys
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("Inductor's CPU backend needs a C++ compiler (apt-get install g++)")
+    patch = torch._dynamo.config.patch(suppress_errors=False)
+    patch.__enter__()
+    request.addfinalizer(lambda: patch.__exit__(None, None, None))
+    vocab, k = 300, 20
+    keys = token_keys(vocab, "cpu")
+    compiled_sample, compiled_race = fusion.compile_fn(sample), fusion.compile_fn(race)
+    g = torch.Generator().manual_seed(3)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        for b in (2, 5):
+            logits = torch.randn(b, vocab, generator=g) * 3
+            temperature = torch.tensor([0.0, 0.8, 1.0, 1.3, 0.5])[:b]
+            top_p = torch.tensor([1.0, 0.9, 0.7, 1.0, 0.95])[:b]
+            draws = draw_key(torch.arange(b) + 11, torch.arange(b) * 7)
+            assert torch.equal(compiled_sample(logits, temperature, top_p, draws, keys, top_k=k),
+                               sample(logits, temperature, top_p, draws, keys, top_k=k))
+            frame_draws = draw_key(torch.arange(b)[:, None] + 11, torch.arange(4)[None, :])  # [b, K]
+            noise = scaled_gumbel(frame_draws, keys, temperature)  # [b, K, V]
+            for index in range(4):
+                assert torch.equal(compiled_race(logits, noise[:, index], k), race(logits, noise[:, index], k))

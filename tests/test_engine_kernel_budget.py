@@ -29,8 +29,8 @@ FOLDED_LAYER_BUDGET = LAYER_BUDGET - 3
 # a view) does not run
 LLM_LAYER_BUDGET = LAYER_BUDGET + 1
 LLM_FIXED_BUDGET = 60  # embedding, RoPE tables, mask, final norm, output layer, top-k sampling with its noise (52)
-TTS_CODEBOOK_BUDGET = 16  # per codebook: its head, the draw from the frame's noise, the depth step's glue
-TTS_FIXED_BUDGET = 60  # the backbone's own glue, the frame's noise for every codebook, the next input (176 in all at K=8)
+TTS_CODEBOOK_BUDGET = 13  # per codebook: its head, its draw (race: 5), the next input, the depth step's final norm (6)
+TTS_FIXED_BUDGET = 60  # the backbone's own glue, the frame's noise for every codebook, the next input (153 in all at K=8)
 # the frame step ends by decoding its frame (Mimi, duplex.tts.slot_codec): per convolution the kept
 # left context joined, the convolution, the new context committed (kept as a view until then), its
 # activation or residual

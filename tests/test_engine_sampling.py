@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from duplex.engine.sampling import draw_key, sample, token_keys, uniform
+from duplex.engine.sampling import draw_key, race, sample, scaled_gumbel, token_keys, uniform
 
 V = 8
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0, 1.5])
@@ -72,3 +72,33 @@ def test_the_host_makes_the_same_draw_keys_as_the_device_would():
     frame = draw_key(seeds[2], 3 * 32 + np.arange(32, dtype=np.int64))
     assert frame.tolist() == draw_key(torch.tensor(seeds[2]), 3 * 32 + torch.arange(32)).tolist()
     assert len(set(on_device)) == len(on_device) and all(0 <= k < 2**32 for k in on_device)
+
+
+def _race(n: int, *, temperature: float = 1.0, top_k: int = 0, seed: int = 7) -> torch.Tensor:
+    """``n`` draws of one session through :func:`race` (the TTS's draws), as one batch of n rows."""
+    keys = token_keys(V, "cpu")
+    noise = scaled_gumbel(draw_key(torch.full((n,), seed, dtype=torch.long), torch.arange(n)), keys,
+                          torch.full((n,), temperature))
+    return race(LOGITS.expand(n, V), noise, top_k)
+
+
+def test_the_log_domain_race_draws_the_same_distribution():
+    """The race in the log domain (argmax of logits + T * Gumbel noise, the TTS's draws) lands on each
+    token with the softmax probability at temperature 1 and 0.5 (the same bounds as sample's), draws
+    only the k best with top-k, and the argmax at temperature 0. Made from the same noise as
+    sample()'s race, it draws the same token (they differ only where two candidates tie to float
+    rounding, which these logits never do)."""
+    n = 20_000
+    for temperature in (1.0, 0.5):
+        p = torch.softmax(LOGITS / temperature, -1)
+        drawn = _race(n, temperature=temperature)
+        counts = torch.bincount(drawn, minlength=V).float()
+        expected = n * p
+        sigma = (n * p * (1 - p)).sqrt()
+        assert bool(((counts - expected).abs() <= 5 * sigma + 1).all()), (counts, expected)
+        assert float(((counts - expected) ** 2 / expected.clamp_min(1e-9)).sum()) < 40.0
+        assert torch.equal(drawn, _draw(n, temperature=temperature))
+    assert set(_race(5000, top_k=3).tolist()) == {0, 7, 1}
+    assert torch.equal(_race(5000, top_k=3), _draw(5000, top_k=3))
+    assert set(_race(100, temperature=0.0).tolist()) == {0}
+    assert set(_race(100, temperature=0.0, top_k=3).tolist()) == {0}

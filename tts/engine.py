@@ -39,8 +39,7 @@ import numpy as np
 from duplex.engine import fusion
 from duplex.engine.decoder import LeanDecoder
 from duplex.engine.graphs import BucketedStep, buckets_for, lengths_for
-from duplex.engine.sampling import draw_key, exponential, token_keys
-from duplex.engine.sampling import sample as sample_rows
+from duplex.engine.sampling import draw_key, race, scaled_gumbel, token_keys
 from duplex.engine.slots import SlotPool
 from duplex.engine.staging import PassRows, Readback, Staged
 from duplex.tts.codec import StreamingEncoder
@@ -243,12 +242,12 @@ class CsmEngine:
                                    device=str(dev), graphs=graphs)
         with torch.inference_mode():
             self._eos_embed = self._embed_frames(self._zeros_frame()[None])[0]  # [1, H]
-        self._sample = sample_rows
+        self._race = race
         self.graphs.compiled = fusion.wanted(str(dev), compile)
         if self.graphs.compiled:  # fused layers and sampler (CUDA); compiled in capture(), at load
             self.backbone.compile()
             self.depth.compile()
-            self._sample = fusion.compile_fn(sample_rows)
+            self._race = fusion.compile_fn(race)
 
     # -- prompt pieces ---------------------------------------------------------------------------
 
@@ -472,16 +471,14 @@ class CsmEngine:
         hidden = self.backbone.decode(self._inputs[:b], positions, self.kv, rows, length, read_rows=slice(0, b))
         t = self._lap("backbone", t)
         greedy = self.sampling.temperature <= 0  # fixed for the engine's life: no noise at all
-        if not greedy:  # the race's noise for every codebook of the frame at once, and the rows'
-            # temperatures clamped and tested once for the frame's K draws
-            noise = exponential(draws, self._keys)  # [b, K, codes]
-            hot, clamped = temperature > 0, temperature.clamp_min(1e-6)
+        if not greedy:  # the race's noise for every codebook of the frame at once, scaled by each
+            # row's temperature (0: none, the row's draws are its argmax)
+            noise = scaled_gumbel(draws, self._keys, temperature)  # [b, K, codes]
 
         def draw(logits: torch.Tensor, index: int) -> torch.Tensor:  # only the codec's codes
             if greedy:
                 return logits[:, :n_codes].argmax(dim=-1)
-            return self._sample(logits[:, :n_codes], clamped, None, draws[:, index], self._keys, top_k=top_k,
-                                noise=noise[:, index], hot=hot)
+            return self._race(logits[:, :n_codes], noise[:, index], top_k)
 
         codes = [draw(F.linear(hidden, self.model.lm_head.weight), 0)]
         x = torch.stack([F.linear(hidden, self.depth_project), F.embedding(codes[0], self._depth_tables[0])],
@@ -624,7 +621,7 @@ class CsmEngine:
                 self._inputs.copy_(saved)
 
         def eager() -> None:
-            self.backbone.layer_fn, self.depth.layer_fn, self._sample = self.backbone.layer, self.depth.layer, sample_rows
+            self.backbone.layer_fn, self.depth.layer_fn, self._race = self.backbone.layer, self.depth.layer, race
             self.graphs.compiled = False
             self.graphs.reset()
             self.segment_graphs.reset()
@@ -634,14 +631,14 @@ class CsmEngine:
 
     def ops_per_step(self, bucket: int = 1) -> int:
         """Kernels one frame step of ``bucket`` rows launches (eager; :mod:`duplex.engine.opcount`)."""
-        saved, sample = self._inputs.clone(), self._sample
-        self._sample = sample_rows
+        saved, compiled = self._inputs.clone(), self._race
+        self._race = race
         try:
             with fusion.eager_layers(self.backbone, self.depth):
                 return self.graphs.ops(self._prepare, bucket)
         finally:
             self._inputs.copy_(saved)
-            self._sample = sample
+            self._race = compiled
 
     def step_bytes(self, rows: int, length: int) -> int:
         """Bytes a frame step of ``rows`` rows attending over ``length`` positions must read: the
