@@ -10,13 +10,17 @@ be what the other engines' steps are: static buffers, one CUDA graph per bucket.
 (:class:`~duplex.engine.slots.SlotPool`, the scratch row last), and steps a tick's streams together:
 
 - inputs staged into pinned host copies (``engine.staging.Staged``): each stream's whole windows
-  (up to :data:`DEPTHS`' longest a step; a stream that fell behind further takes several steps),
-  its row, its window count, whether its state starts from zero, and its peek (the newest audio,
-  scored from the state after its windows without keeping what that changes);
+  (up to :data:`CATCH_UP` a tick), its row, its window count, whether its state starts from zero,
+  and its peek (the newest audio, scored from the state after its windows without keeping what
+  that changes), pushed to the device once a tick;
 - the step: window ``k`` of every stream as one batch (a stream with fewer windows keeps its state
   there), then the peeks, the states written back to their rows; captured per (batch, windows)
   bucket on CUDA, with and without peeks (``BucketedStep``);
-- one copy back of every probability: the tick's one host sync.
+- a step holds up to :data:`DEPTHS`' longest (4) windows a stream; a stream that fell further
+  behind takes several steps in its tick, each next one's windows and counts moved into place on
+  the device and each step's probabilities kept there, so the tick still ends with
+- one copy back of every probability: the tick's one host sync (a stream more than
+  :data:`CATCH_UP` windows, a second of audio, behind waits once per second it catches up).
 
 On the CPU (and with ``--no-graphs``) the same step runs eagerly.
 """
@@ -43,6 +47,7 @@ WINDOW = 512  # samples per Silero window at 16 kHz
 CONTEXT = 64  # samples of the previous window prefixed to each window
 STATE = 128  # the LSTM's width: a stream's state is [2, STATE] (h and c)
 DEPTHS = (1, 2, 4)  # whole windows per stream a captured step holds
+CATCH_UP = 32  # windows per stream staged in one tick (a second of audio): several steps, one host sync
 ROWS = 256  # state rows allocated at load (1 KB each); more sessions at once grow them (eager then)
 
 
@@ -116,11 +121,17 @@ class SileroStep:
         self.scratch = ROWS  # the row padding entries read and write
         self.rows = SlotPool("VAD stream rows", None, reserved=(self.scratch,))
         self.states = torch.zeros(ROWS + 1, 2, STATE, device=self.device)
-        self._windows = Staged((DEPTHS[-1], CONTEXT + WINDOW, max_batch), torch.float32, self.device)
+        # a step reads windows [0, 4) of this buffer; a tick stages up to CATCH_UP, and its later
+        # steps move theirs into place on the device
+        self._windows = Staged((CATCH_UP, CONTEXT + WINDOW, max_batch), torch.float32, self.device)
         self._peeks = Staged((CONTEXT + WINDOW, max_batch), torch.float32, self.device)
-        self._meta = Staged((3, max_batch), torch.long, self.device)  # row, windows, starts from zero
+        # row, windows this step, starts from zero, windows this tick (the step reads the first three)
+        self._meta = Staged((4, max_batch), torch.long, self.device)
         self._out = torch.zeros(max_batch, DEPTHS[-1] + 1, device=self.device)  # the last column: the peek
         self._back = Readback((max_batch, DEPTHS[-1] + 1), torch.float32, self.device)
+        # a tick of several steps: each step's probabilities at columns [4k, 4k + 4), the last one's peek after
+        self._caught = torch.zeros(max_batch, CATCH_UP + 1, device=self.device)
+        self._caught_back = Readback((max_batch, CATCH_UP + 1), torch.float32, self.device)
         buckets = buckets_for(max_batch)
         self.graphs = BucketedStep("vad", self._windows_fn, buckets, DEPTHS, device=device, graphs=graphs)
         self.peek_graphs = BucketedStep("vad peek", self._peek_fn, buckets, (0, *DEPTHS), device=device,
@@ -179,49 +190,62 @@ class SileroStep:
 
         b = len(requests)
         self.grow(max(row for row, _, _, _ in requests) + 1)
-        longest = DEPTHS[-1]
         probs: list[list[np.ndarray]] = [[] for _ in requests]
         peeks: list[float | None] = [None] * b
         depth = max(len(r[2]) for r in requests)
-        first = 0
         with torch.no_grad():
-            while True:  # a stream more than `longest` windows behind takes several steps
-                n = min(depth - first, longest)
-                last = first + n >= depth
-                look = last and any(r[3] is not None for r in requests)
-                self._stage(requests, first, n, fresh=first == 0, peek=look)
-                table = self._step(b, n, look)
+            for first in range(0, max(depth, 1), CATCH_UP):  # one pass unless a stream is a second behind
+                n = min(depth - first, CATCH_UP)
+                look = first + n >= depth and any(r[3] is not None for r in requests)
+                table = self._pass(requests, first, n, look)
                 for i, (_, _, windows, peek) in enumerate(requests):
                     probs[i].append(table[i, :max(0, min(n, len(windows) - first))].copy())
                     if look and peek is not None:
-                        peeks[i] = float(table[i, longest])
-                if last:
-                    break
-                first += n
+                        peeks[i] = float(table[i, -1])
         return [(np.concatenate(p), peek) for p, peek in zip(probs, peeks)]
 
-    def _stage(self, requests: Sequence[tuple[int, bool, np.ndarray, np.ndarray | None]], first: int, n: int, *,
-               fresh: bool, peek: bool) -> None:
+    def _pass(self, requests: Sequence[tuple[int, bool, np.ndarray, np.ndarray | None]], first: int, n: int,
+              look: bool) -> np.ndarray:
+        """Windows ``[first, first + n)`` of every stream (``n`` <= CATCH_UP), staged at once and run in
+        steps of up to 4 (the later ones' windows and counts moved into place on the device, each
+        step's probabilities kept on the device), then one copy back: ``[b, n + 1]``, the last
+        column the peeks (when ``look``)."""
+        import torch
+
         b = len(requests)
         bucket = self.graphs.bucket(b)
         meta, windows = self._meta.host, self._windows.host
         meta[0, :bucket], meta[1:, :bucket] = self.scratch, 0
-        for i, (row, starts, x, look) in enumerate(requests):
+        for i, (row, starts, x, peek) in enumerate(requests):
             count = max(0, min(n, len(x) - first))
-            meta[:, i] = (row, count, int(fresh and starts))
+            meta[:, i] = (row, min(count, DEPTHS[-1]), int(first == 0 and starts), count)
             if count:
                 windows[:count, :, i] = x[first:first + count]
-            if peek:
-                self._peeks.host[:, i] = 0 if look is None else look
+            if look:
+                self._peeks.host[:, i] = 0 if peek is None else peek
         self._meta.push(bucket)
         if n:
             self._windows.push(bucket, first=n)
-        if peek:
+        if look:
             self._peeks.push(bucket)
-
-    def _step(self, b: int, n: int, peek: bool) -> np.ndarray:
-        (self.peek_graphs if peek else self.graphs).run(b, n)
-        return self._back.read(self._back.queue(self._out, b)).numpy()
+        steps = max(1, -(-n // DEPTHS[-1]))
+        for k in range(steps):
+            m = min(n - k * DEPTHS[-1], DEPTHS[-1])
+            if k:  # this step's windows and counts into place; no stream starts from zero now
+                self._windows.buffer[:m, :, :bucket] = self._windows.buffer[k * DEPTHS[-1]:k * DEPTHS[-1] + m, :, :bucket]
+                torch.clamp(self._meta.buffer[3, :bucket] - k * DEPTHS[-1], 0, DEPTHS[-1],
+                            out=self._meta.buffer[1, :bucket])
+                self._meta.buffer[2, :bucket] = 0
+            (self.peek_graphs if look and k == steps - 1 else self.graphs).run(b, m)
+            if steps > 1:  # kept on the device: the tick copies back once
+                end = k * DEPTHS[-1] + (DEPTHS[-1] + 1 if k == steps - 1 else DEPTHS[-1])
+                self._caught[:b, k * DEPTHS[-1]:end] = self._out[:b, :end - k * DEPTHS[-1]]
+        if steps == 1:
+            table = self._back.read(self._back.queue(self._out, b)).numpy()
+            return np.concatenate([table[:b, :n], table[:b, -1:]], axis=1)
+        table = self._caught_back.read(self._caught_back.queue(self._caught, b)).numpy()
+        last = (steps - 1) * DEPTHS[-1] + DEPTHS[-1]  # the peek column of the last step
+        return np.concatenate([table[:b, :n], table[:b, last:last + 1]], axis=1)
 
     def _windows_fn(self, b: int, depth: int) -> None:
         self._fn(b, depth, peek=False)
@@ -234,7 +258,7 @@ class SileroStep:
         (an entry keeps its state past its own windows), then their peeks; states written back."""
         import torch
 
-        rows, counts, fresh = self._meta.buffer[:, :b]
+        rows, counts, fresh = self._meta.buffer[:3, :b]
         state = self.states[rows].masked_fill(fresh[:, None, None] > 0, 0.0)  # [b, 2, STATE]
         h, c = state[:, 0], state[:, 1]
         for k in range(depth):

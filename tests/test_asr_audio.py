@@ -269,6 +269,49 @@ def test_vad_sessions_at_scattered_phases_step_together_on_the_clock_and_stay_ex
     assert len(ticks) <= 3 / 0.02 + 1 and sum(t.rows for t in ticks) / len(ticks) > 2  # ~2.5 of 4 have a window
 
 
+def test_a_stream_far_behind_catches_up_with_one_copy_a_second_and_stays_exact(vad_model, jfk16):
+    """A stream 70 windows (2.2 s) behind, stepped in one tick beside a stream with 5 windows and a
+    peek, runs in steps of 4 windows whose inputs and counts move into place on the device: the
+    tick copies back once per 32 windows (3 host syncs here, counted where a GPU would wait; one
+    per step before), and both streams' probabilities are those of their windows run one at a
+    time through the network with their own state (to the rounding a batch of two carries through
+    the LSTM's state, as in the scattered-phases test), the peek too."""
+    import math
+
+    from duplex.asr.silero import CATCH_UP, CONTEXT, WINDOW, silero_forward
+    from tests.graph_safety import HostSyncs
+
+    def windows(audio: np.ndarray, n: int) -> np.ndarray:
+        padded = np.concatenate([np.zeros(CONTEXT, np.float32), audio[:n * WINDOW]])
+        return np.stack([padded[k * WINDOW:k * WINDOW + CONTEXT + WINDOW] for k in range(n)])
+
+    far, near = windows(jfk16, 70), windows(jfk16[16000:], 5)
+    peek = windows(jfk16[16000 + 5 * WINDOW:], 1)[0]
+    net = vad_model.net
+    rows = [net.rows.take(), net.rows.take()]
+    try:
+        with HostSyncs() as syncs:
+            (far_probs, _), (near_probs, near_peek) = net.run([(rows[0], True, far, None), (rows[1], True, near, peek)])
+    finally:
+        for row in rows:
+            net.rows.give(row)
+    assert len(syncs.counts) == math.ceil(70 / CATCH_UP) == 3, syncs.counts
+
+    def alone(x: np.ndarray, extra: np.ndarray | None = None) -> list[float]:
+        h = c = torch.zeros(1, 128)
+        out = []
+        with torch.no_grad():
+            for w in (*x, *([] if extra is None else [extra])):
+                p, h, c = silero_forward(net.w, torch.from_numpy(np.ascontiguousarray(w))[None], h, c)
+                out.append(float(p[0]))
+        return out
+
+    assert len(far_probs) == 70 and np.abs(far_probs - np.array(alone(far))).max() < 5e-5
+    want = alone(near, peek)
+    assert len(near_probs) == 5 and np.abs(near_probs - np.array(want[:5])).max() < 5e-5
+    assert near_peek is not None and abs(near_peek - want[5]) < 5e-5
+
+
 async def test_a_vad_step_that_cannot_be_captured_runs_eagerly(monkeypatch, caplog, jfk16):
     """Where capturing the VAD's step fails (a GPU's graph capture raising), the load reports it and
     the step runs eagerly on the same device, with the same probabilities."""
