@@ -4,6 +4,7 @@ context that is rebuilt (not overflowed) when a long reply runs out of positions
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from duplex.tts.engine import Sampling
@@ -139,3 +140,36 @@ def test_an_end_frame_mid_reply_leaves_no_trace_in_its_audio(make_engine):
     expected = decoder.decode(torch.stack(reply.frames).T[None], decoder.new_state())[0]
     assert len(reply.frames) == 7
     assert np.abs(np.concatenate(audio) - expected.clamp(-1, 1).numpy()).max() < 1e-5 * float(expected.abs().max())
+
+
+@pytest.mark.slow
+def test_a_frame_of_compiled_layers_makes_the_plain_frames_codes(request, make_engine):
+    """The frame step with its backbone and depth layers and its draws compiled by Inductor (what a
+    GPU runs with --compile), here on the CPU's Inductor, makes the seeded reply's codes the plain
+    step makes and its audio to float rounding: the shapes only the TTS traces (the backbone's
+    segment prefill and its frames over a length bucket, the depth decoder's first step of two
+    positions under its mask, the later steps with their RoPE in their weights and no mask) compile
+    whole. It cannot show a GPU's own kernels. (About a minute of compiling; needs a C++ compiler.)"""
+    import shutil
+
+    from duplex.engine import fusion
+    from duplex.engine.sampling import race
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("Inductor's CPU backend needs a C++ compiler (apt-get install g++)")
+    patch = torch._dynamo.config.patch(suppress_errors=False)  # a graph break fails, not falls back
+    patch.__enter__()
+    request.addfinalizer(lambda: patch.__exit__(None, None, None))
+    torch._dynamo.reset()
+    plain, fused = make_engine(), make_engine()
+    fused.backbone.compile()
+    fused.depth.compile()
+    fused._race = fusion.compile_fn(race)
+    made = []
+    for engine in (plain, fused):
+        reply = engine.new_reply(None, seed=3, chunk_frames=2)
+        audio = np.concatenate(run_segment(engine, reply, TEXT, 6))
+        made.append((torch.stack(reply.frames), audio))
+    (plain_codes, plain_audio), (fused_codes, fused_audio) = made
+    assert torch.equal(fused_codes, plain_codes)
+    assert np.abs(fused_audio - plain_audio).max() <= 1e-4 * max(1e-3, np.abs(plain_audio).max())
