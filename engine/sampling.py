@@ -109,15 +109,14 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor 
     hot = temperature > 0
     temperature = temperature.clamp_min(1e-6)
 
-    logits = logits.float()
     vocab = logits.shape[-1]
-    if top_k and top_k < vocab:
-        values, ids = logits.topk(top_k, dim=-1)  # [B, k], best first
+    if top_k and top_k < vocab:  # in the logits' dtype (the same order as in fp32: the cast is exact);
+        values, ids = logits.topk(top_k, dim=-1)  # [B, k], best first; fp32 from the division on
         greedy = ids[:, 0]
     else:
-        values, ids = logits, None
-        greedy = logits.argmax(dim=-1)
-    probs = torch.softmax(values / temperature[:, None], dim=-1)
+        values, ids = logits.float(), None
+        greedy = values.argmax(dim=-1)
+    probs = torch.softmax(values / temperature[:, None], dim=-1)  # fp32 (temperature is)
     if top_p is not None:
         off = top_p[:, None] >= 1.0
         if ids is None:
