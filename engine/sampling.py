@@ -69,11 +69,11 @@ def exponential(draws: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 def scaled_gumbel(draws: torch.Tensor, keys: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """``T * G``, ``G = -log(E)`` Gumbel noise, for :func:`race`, shaped as :func:`uniform`'s and made
     once for many draws (every codebook of a TTS frame, ``[B, K, V]``) in one pass; ``temperature``
-    ``[B]`` (0: no noise, the row's draws are its argmax)."""
+    ``[B]`` (0 or below: no noise, the row's draws are its argmax, as :func:`sample` takes them)."""
     import torch
 
     g = -torch.log(exponential(draws, keys))
-    return g * temperature.view(-1, *([1] * (g.ndim - 1)))
+    return g * temperature.clamp_min(0).view(-1, *([1] * (g.ndim - 1)))
 
 
 def race(logits: torch.Tensor, noise: torch.Tensor, top_k: int = 0) -> torch.Tensor:

@@ -228,7 +228,7 @@ class CsmEngine:
         self._depth_tables = [projected[i * self.vocab_size:(i + 1) * self.vocab_size] for i in range(k)]
         # the depth steps after the first (every row at depth position p = 2 .. K - 1): the layers
         # with position p's RoPE folded into their qkv weights, so those steps run no RoPE
-        # (four kernels a layer; a copy of the depth decoder's qkv weights per position)
+        # (three kernels a layer; a copy of the depth decoder's qkv weights per position)
         with torch.no_grad():
             self._depth_at = {p: self.depth.at_position(p) for p in range(2, k)}
         # the segment pass of several replies: each one's embeddings (copied on the device) and where
