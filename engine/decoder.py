@@ -137,6 +137,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` in :func:`rope`'s form: its first half (over the last dimension) negated."""
+    import torch
+
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """RoPE in transformers' ``rotate_half`` layout: ``x * cos + rotate_half(x) * sin``, written as
     ``addcmul(x * cos, swap_halves(x), sin_signed)`` (``sin_signed`` is ``sin`` with its first half
@@ -212,8 +220,9 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: t
     return out.view(b, kv_heads, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, h * d)
 
 
-def _residual_linear(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x + linear(h)`` ``[B, T, hidden]``, the residual added in the matrix product's epilogue."""
+def residual_linear(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x + linear(h, weight, bias)`` ``[B, T, hidden]``, the residual added in the matrix product's
+    epilogue (``addmm``) where there is no bias."""
     import torch
 
     if bias is not None:
@@ -268,9 +277,8 @@ class LeanDecoder:
         columns = padded_columns(self.positions)
         table = torch.arange(columns, device=self.device)
         cos, sin = inner.rotary_emb(weight.new_zeros(1, dtype=self.dtype), position_ids=table[None, :self.positions + 1])
-        half = self.head_dim // 2
         self.cos = cos[0]  # [P + 1, D]
-        self.sin_signed = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
+        self.sin_signed = signed_sin(sin[0])
         self._key_index = table  # arange, sliced by decode steps (a captured step allocates nothing)
         self.layer_fn: Callable[..., torch.Tensor] = self.layer  # or its compiled form (compile())
 
@@ -346,9 +354,9 @@ class LeanDecoder:
         kv[row_index, :, :, positions] = qkv[:, :, heads:].unflatten(2, (2, kv_heads))  # [B, T, 2, H_kv, D]
         seen = kv[rows, :, :, :length]  # [B, 2, H_kv, L, D]: a view of rows 0..B-1, or one gather
         attn = attention(qkv[:, :, :heads], seen[:, 0], seen[:, 1], bias, self.scale)
-        x = _residual_linear(x, attn, layer.out, layer.out_bias)
+        x = residual_linear(x, attn, layer.out, layer.out_bias)
         gate, up = F.linear(rms_norm(x, layer.norm2, layer.eps2), layer.gate_up, layer.gate_up_bias).chunk(2, -1)
-        return _residual_linear(x, self.act(gate) * up, layer.down, layer.down_bias)
+        return residual_linear(x, self.act(gate) * up, layer.down, layer.down_bias)
 
     def at_position(self, position: int) -> list[LayerWeights]:
         """The layers for tokens that all sit at RoPE position ``position`` (a depth decoder's step:
@@ -372,12 +380,11 @@ class LeanDecoder:
             raise ConfigError("layers with query and key norms rotate after the norm: their RoPE cannot be "
                               "folded into the weights")
         d, rotated_rows = self.head_dim, (self.heads + self.kv_heads) * self.head_dim
-        cos = self.cos[position].float()[:, None]  # [D, 1]
-        sin = self.sin_signed[position].float()[:, None]
+        cos, sin = self.cos[position].float(), self.sin_signed[position].float()  # [D]
 
         def rotate(w: torch.Tensor) -> torch.Tensor:  # rows (head, i) of the queries and keys, [rows, ...]
-            x = w[:rotated_rows].float().reshape(self.heads + self.kv_heads, d, -1)
-            turned = x * cos + torch.cat((x[:, d // 2:], x[:, :d // 2]), dim=1) * sin
+            x = w[:rotated_rows].float().reshape(self.heads + self.kv_heads, d, -1).transpose(1, 2)  # [H, in, D]
+            turned = rope(x, cos, sin).transpose(1, 2)  # each input column's entries rotated as a query is
             return torch.cat((turned.reshape(rotated_rows, *w.shape[1:]).to(w.dtype), w[rotated_rows:]))
 
         return [dataclasses.replace(layer, qkv=rotate(layer.qkv),

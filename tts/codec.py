@@ -197,7 +197,7 @@ def transformer_step(transformer, layers: list[MimiLayer], x: torch.Tensor, kv: 
     import torch
     import torch.nn.functional as F
 
-    from duplex.engine.decoder import rope
+    from duplex.engine.decoder import residual_linear, rope, signed_sin
 
     x = x.contiguous()  # the residual stream, [B, T, C] in rows (the first addmm's input at every batch size)
     batch, steps, _ = x.shape
@@ -208,8 +208,7 @@ def transformer_step(transformer, layers: list[MimiLayer], x: torch.Tensor, kv: 
     start = torch.as_tensor(kv.position, device=device).reshape(-1).expand(batch)  # [B]
     positions = start[:, None] + torch.arange(steps, device=device)  # [B, T]
     cos, sin = transformer.rotary_emb(x, positions)  # [B, T, D], rotate_half's layout
-    half = cos.shape[-1] // 2
-    cos, sin = cos[:, :, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, :, None]
+    cos, sin = cos[:, :, None], signed_sin(sin)[:, :, None]
     # mask [B, 1, T, slots + T]: True = may attend
     i = torch.arange(steps, device=device)[None, :, None]
     j = torch.arange(slots, device=device)[None, None, :]
@@ -234,20 +233,11 @@ def transformer_step(transformer, layers: list[MimiLayer], x: torch.Tensor, kv: 
             keys = keys.repeat_interleave(groups, dim=1)
             values = values.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=module.self_attn.scaling)
-        x = _residual(x, out.transpose(1, 2).reshape(batch, steps, -1), layer.out, layer.out_bias)
-        x = _residual(x, layer.act(F.linear(layer.norm2(x), layer.fc1)), layer.fc2, None)
+        x = residual_linear(x, out.transpose(1, 2).reshape(batch, steps, -1), layer.out, layer.out_bias)
+        x = residual_linear(x, layer.act(F.linear(layer.norm2(x), layer.fc1)), layer.fc2, None)
     kv.valid = (valid + steps).clamp(max=slots)
     kv.position = start + steps
     return x
-
-
-def _residual(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x + linear(h, weight, bias)`` ``[B, T, C]``, the add in the product's epilogue where there is no bias."""
-    import torch
-
-    if bias is not None:
-        return x + torch.nn.functional.linear(h, weight, bias)
-    return torch.addmm(x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1]), weight.t()).view(x.shape)
 
 
 def _seanet_step(prefix: str, seanet, x: torch.Tensor, state: CodecState) -> torch.Tensor:
