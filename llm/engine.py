@@ -382,8 +382,12 @@ class Engine:
         buf.out[:b, 0] = probs.index_select(1, self._estimate_ids).sum(-1)
         draws, ban = buf.ints.buffer[:, :b]
         temperature, top_p = buf.floats.buffer[:, :b]
-        masked = logits.masked_fill(ban.bool()[:, None] & self._stop, float("-inf"))
-        buf.out[:b, 1] = sample_rows(masked, temperature, top_p, draws, self._keys, top_k=self.top_k).float()
+        buf.out[:b, 1] = sample_rows(self._ban_stops(logits, ban), temperature, top_p, draws, self._keys, top_k=self.top_k).float()
+
+    def _ban_stops(self, logits: torch.Tensor, ban: torch.Tensor) -> torch.Tensor:
+        """``logits`` ``[B, V]`` with the stop tokens out of reach in the rows where ``ban`` ``[B]`` is
+        set (a reply that must not end yet), for the decode and verdict steps alike."""
+        return logits.masked_fill(ban.bool()[:, None] & self._stop, float("-inf"))
 
     def _prepare_verdicts(self, b: int) -> None:
         """Harmless inputs for rows ``0..b-1`` of the verdict step."""
@@ -402,7 +406,7 @@ class Engine:
             self.shape_log.append((tuple(x.shape), tuple(positions.shape), tuple(self.kv.keys[0][:b].shape)))
         hidden = self.decoder.decode(x, positions, self.kv, rows, length)
         logits = self._logits(hidden)  # [b, V]
-        logits = logits.masked_fill(ban.bool()[:, None] & self._stop, float("-inf"))
+        logits = self._ban_stops(logits, ban)
         if self.keep_logits:
             buf.logits[:b] = logits
         temperature, top_p = buf.floats.buffer[:, :b]
