@@ -84,7 +84,8 @@ class RNNTGreedy:
         f = self.joint.project_encoder(encoded.transpose(1, 2))  # [B, T, H]
         g = self.g.index_select(0, slots)  # [B, 1, H]
         h, c = self.h.index_select(1, slots), self.c.index_select(1, slots)  # [layers, B, H]
-        out = torch.full((batch, frames, self.max_symbols), -1, dtype=torch.int64, device=encoded.device)
+        emitted: list[torch.Tensor] = []  # [B] per (frame, label step), stacked once at the end
+        none = None  # the label steps an eager frame skipped: nothing emitted
         check_reset = self.reset_ids.numel() > 0
         for t in range(frames):
             active = valid[:, t]
@@ -93,8 +94,11 @@ class RNNTGreedy:
                 label = logits[:, 0, 0].argmax(dim=-1)  # [B]
                 emit = active & (label != self.blank)
                 if not static and not bool(emit.any()):  # the host sync of an eager step
+                    if none is None:
+                        none = torch.full((batch,), -1, dtype=torch.int64, device=encoded.device)
+                    emitted.extend([none] * (self.max_symbols - step))
                     break
-                out[:, t, step] = torch.where(emit, label, -1)
+                emitted.append(torch.where(emit, label, -1))
                 g_new, (h_new, c_new) = self.decoder.predict(label.unsqueeze(1), (h, c), add_sos=False,
                                                              batch_size=batch)
                 g_new = self.joint.project_prednet(g_new)
@@ -110,6 +114,8 @@ class RNNTGreedy:
                 h = torch.where(keep.view(1, -1, 1), h_new, h)
                 c = torch.where(keep.view(1, -1, 1), c_new, c)
                 active = keep
+        out = (torch.stack(emitted, dim=1).view(batch, frames, self.max_symbols) if emitted
+               else torch.full((batch, 0, self.max_symbols), -1, dtype=torch.int64, device=encoded.device))
 
         def apply() -> None:
             self.g.index_copy_(0, slots, g)

@@ -174,13 +174,37 @@ def pre_encode(encoder, plan: ChunkPlan, mel: torch.Tensor, first: bool) -> torc
     """Subsample mel frames ``[B, n_mels, T]`` (pre-encode cache included for later chunks).
 
     Returns ``[B, T', d_model]``: the frames the conformer layers take, first ``drop`` removed for
-    later chunks.
+    later chunks. Every row is whole (no padding), so NeMo's length masks between the convolutions
+    (``MaskedConvSequential``: a multiply by ones before each layer, and the lengths worked out
+    along the way, about 45 kernels) change nothing: a 2-D convolution subsampling runs its layers
+    alone (tested equal to NeMo's ``pre_encode``).
     """
     import torch
 
-    lengths = torch.full((mel.size(0),), mel.size(2), dtype=torch.int64, device=mel.device)
-    x, _ = encoder.pre_encode(x=mel.transpose(1, 2), lengths=lengths)
+    sub = encoder.pre_encode
+    x = mel.transpose(1, 2)  # [B, T, n_mels]
+    if _plain_convolutions(sub, x):
+        h = x.unsqueeze(1)  # [B, 1, T, n_mels]
+        for layer in sub.conv:
+            h = layer(h)
+        b, _, t, _ = h.shape
+        x = sub.out(h.transpose(1, 2).reshape(b, t, -1))
+    else:
+        lengths = torch.full((mel.size(0),), mel.size(2), dtype=torch.int64, device=mel.device)
+        x, _ = sub(x=x, lengths=lengths)
     return x if first else x[:, plan.drop:]
+
+
+def _plain_convolutions(sub, x: torch.Tensor) -> bool:
+    """Whether NeMo's subsampling ``sub`` on ``x`` [B, T, n_mels] is its 2-D convolutions and output
+    product alone (not split into pieces for a huge input, nor a 1-D or stacking subsampling)."""
+    from nemo.collections.asr.parts.submodules.subsampling import ConvSubsampling
+
+    if type(sub) is not ConvSubsampling or not sub.conv2d_subsampling:
+        return False
+    if sub.subsampling_conv_chunking_factor != 1:
+        return False
+    return x.numel() * sub._conv_channels <= 2**31 * sub._stride * sub._stride  # NeMo's own test for splitting
 
 
 def encode(encoder, pool: CachePool, x: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, Commit]:
