@@ -39,13 +39,13 @@ CODEC_CONV_BUDGET = 6
 # LayerNorms, qkv, RoPE of 3, the window's K/V joined and committed, attention, three products, gelu
 CODEC_LAYER_BUDGET = 18
 # the ASR's steady step (NeMo's FastConformer weights folded by duplex.asr.conformer_layer, run by
-# duplex.asr.kv_encoder; 28, 17 and 85 now: NeMo's own layer is 46)
+# duplex.asr.kv_encoder; 28, 17 and 27 now: NeMo's own layer is 46, and its masked subsampling made the rest 103)
 # per conformer layer: two feed-forwards of 5, attention of 8 (norm, [q+u, q+v, k, v] in one product, the
 # window's K/V joined, the position term, its mask added, SDPA, out product, residual), the conv module of
 # 9 (norm, pointwise, GLU, cache joined, depth-wise, its LayerNorm, swish, pointwise, residual), the out norm
 ASR_LAYER_BUDGET = 30
-ASR_LABEL_STEP_BUDGET = 20  # per label step of the RNNT decoding: prediction net, joint, argmax, state kept
-ASR_FIXED_BUDGET = 90  # the subsampling, the mask gathered, positions, the commits' stacks
+ASR_LABEL_STEP_BUDGET = 18  # per label step of the RNNT decoding: prediction net, joint, argmax, state kept
+ASR_FIXED_BUDGET = 35  # the subsampling's convolutions, the mask gathered, the caches' gathers and commits' stacks
 # the codes' lookup (one for every codebook: duplex.tts.codec.code_table), the mask, RoPE tables, the clamp
 CODEC_FIXED_BUDGET = 30
 
