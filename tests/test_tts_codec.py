@@ -62,15 +62,17 @@ def test_the_code_table_is_mimis_quantizer_decode(tiny_codec):
 @pytest.mark.parametrize("size", [1, 2, 5])
 def test_streaming_decode_equals_one_shot(tiny_codec, codes, one_shot, size):
     """Decoding 1, 2 or 5 frames per call gives one-shot MimiModel.decode's samples to 1e-5 relative,
-    while the transformer's KV cache stays bounded by its attention window."""
+    while the transformer's KV cache stays bounded by its attention window: a ring with room for 3
+    positions a call, so it wraps around many times and longer calls run in pieces of 3."""
     decoder = StreamingDecoder(tiny_codec)
-    state = decoder.new_state()
+    state = decoder.new_state(steps=3)
     streamed = torch.cat([decoder.decode(codes[..., i:i + size], state) for i in range(0, FRAMES, size)], dim=-1)
     assert streamed.shape == one_shot.shape == (1, FRAMES * decoder.frame_size)
     assert one_shot.abs().max() > 1e-3  # a real signal, not silence
     assert relative_error(streamed, one_shot) < 1e-5
     window = tiny_codec.config.sliding_window
-    assert all(k.shape[2] == window - 1 for k in state.kv.keys)
+    assert 2 * FRAMES > window + state.kv.steps  # the ring wrapped around: every column was rewritten
+    assert all(t.shape[3] == window - 1 + state.kv.steps for t in state.kv.kv)
     assert state.kv.position == 2 * FRAMES and state.frames == FRAMES
 
 

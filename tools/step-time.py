@@ -2,8 +2,10 @@
 step, every draw, the codec's decode) and the LLM decode step, at batch 1 and 8, with the kernels each
 launches. The fastest of ``--steps`` calls is printed (on a shared CPU the minimum is the figure
 least moved by other work); compare revisions by running this in alternation, one process each.
+``--codec`` times the frame step's codec decode instead, on the full-size Mimi (random weights, its
+250-position attention window full), at batch 1, 8 and 32.
 
-    .venv/bin/python tools/step-time.py [--steps 150]
+    .venv/bin/python tools/step-time.py [--steps 150] [--codec]
 
 One torch thread, as the tests run the tiny models. Kernel counts are those of
 ``tests/test_engine_kernel_budget.py``; absolute times mean little beyond this machine.
@@ -34,8 +36,12 @@ def fastest(fn: Callable[[], None], steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--codec", action="store_true", help="the full-size Mimi's slot decode instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.codec:
+        codec_time(args.steps)
+        return
 
     from duplex.llm.loader import load_checkpoint as load_llm
     from duplex.llm.model import LLMSettings, SinkLLM
@@ -59,6 +65,32 @@ def main() -> None:
                   f"(torch {torch.__version__}, fastest of {args.steps})")
     finally:
         llm.close()
+
+
+def codec_time(steps: int) -> None:
+    """The full-size Mimi's frame decode over static rows (:class:`duplex.tts.slot_codec.SlotDecoder`),
+    each row's attention window full (130 frames decoded first)."""
+    from transformers import MimiConfig, MimiModel
+
+    from duplex.engine.opcount import count_ops
+    from duplex.tts.configs import mimi_kwargs
+    from duplex.tts.loading import fill_codebooks
+    from duplex.tts.slot_codec import SlotDecoder
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        codec = MimiModel(MimiConfig(**mimi_kwargs())).eval()
+        fill_codebooks(codec)
+        slots = SlotDecoder(codec, rows=32)
+        row = []
+        for b in (1, 8, 32):
+            codes = torch.randint(0, 2048, (b, slots.num_codebooks))
+            commit = torch.ones(b, dtype=torch.bool)
+            for _ in range(130):
+                slots.step(codes, commit)
+            row.append(f"batch {b} {fastest(lambda: slots.step(codes, commit), steps):.2f} ms")
+        ops = sum(count_ops(lambda: slots.step(codes[:1], commit[:1])).values())
+    print(f"mimi frame decode: {', '.join(row)}; {ops} ops a step (torch {torch.__version__}, fastest of {steps})")
 
 
 if __name__ == "__main__":

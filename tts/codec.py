@@ -8,8 +8,8 @@ from one chunk to the next lives in a :class:`CodecState`:
   samples of each :class:`MimiConv1d`),
 - the overlap tails of the transposed convolutions (the last ``kernel - stride`` output samples of
   each :class:`MimiConvTranspose1d`, still to be summed with the next chunk's first outputs),
-- the transformer's KV cache, a fixed-size window of the last ``sliding_window - 1`` positions (the
-  attention span of the one-shot model), with absolute RoPE positions.
+- the transformer's KV cache, a ring holding the last ``sliding_window - 1`` positions (the
+  attention span of the one-shot model) and room for the next call's, with absolute RoPE positions.
 
 So decoding frame by frame, or in chunks of any size, gives the samples of one-shot decoding (up to
 float rounding). The weights are the Hugging Face modules' own; only the forward pass is streamed.
@@ -28,21 +28,34 @@ if TYPE_CHECKING:  # heavy imports stay lazy
 
 @dataclass
 class WindowKV:
-    """KV cache of one streaming transformer: the last ``window - 1`` positions of every layer.
+    """Sliding-window KV cache of one streaming transformer: a ring per layer.
 
+    A query at position ``a`` sees the keys of positions ``(a - window, a]``. Each layer keeps its keys
+    and values side by side in a ring of ``window - 1 + steps`` columns, position ``q`` in column
+    ``q mod ring``: a call of up to ``steps`` positions writes its keys and values in place, one kernel
+    a layer, over columns whose positions no query needs any more, and attends over the whole ring
+    under a mask made from the positions (once per call). Nothing is shifted, joined or copied back.
     ``valid`` and ``position`` are per row (``[B]`` long, on the codec's device; an int means every
-    row), so rows of different streams, at different points of their audio, can be decoded in one batch."""
+    row), so rows of different streams, at different points of their audio, can be decoded in one
+    batch. A row whose call is not kept (:mod:`duplex.tts.slot_codec`'s end frame) only keeps its
+    ``valid`` and ``position``: its next call writes the same columns again.
+    """
 
-    keys: list[torch.Tensor]  # per layer [B, H_kv, window - 1, D]
-    values: list[torch.Tensor]
-    valid: torch.Tensor | int = 0  # how many of the slots hold real positions (the newest ones, at the end)
+    kv: list[torch.Tensor]  # per layer [B, 2, H_kv, ring, D]: keys, values
+    window: int  # positions a query sees, itself included
+    valid: torch.Tensor | int = 0  # how many positions before ``position`` are real (at most window - 1)
     position: torch.Tensor | int = 0  # absolute position of the next input step
+
+    @property
+    def steps(self) -> int:
+        """The most positions one call writes (a longer call runs in pieces of this many)."""
+        return self.kv[0].shape[3] - (self.window - 1)
 
     def copy(self) -> WindowKV:
         import torch
 
-        return WindowKV([k.clone() for k in self.keys], [v.clone() for v in self.values],
-                        torch.as_tensor(self.valid).clone(), torch.as_tensor(self.position).clone())
+        return WindowKV([t.clone() for t in self.kv], self.window, torch.as_tensor(self.valid).clone(),
+                        torch.as_tensor(self.position).clone())
 
 
 @dataclass
@@ -131,15 +144,13 @@ def conv_transpose_step(name: str, convtr, x: torch.Tensor, state: CodecState) -
     return out
 
 
-def _new_window(transformer, batch: int, device, dtype) -> WindowKV:
+def _new_window(transformer, batch: int, device, dtype, steps: int) -> WindowKV:
     import torch
 
     cfg = transformer.config
-    slots = max(int(cfg.sliding_window) - 1, 0)
-    shape = (batch, cfg.num_key_value_heads, slots, cfg.head_dim)
-    n = len(transformer.layers)
-    return WindowKV([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
-                    [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+    window = max(int(cfg.sliding_window), 1)
+    shape = (batch, 2, cfg.num_key_value_heads, window - 1 + steps, cfg.head_dim)
+    return WindowKV([torch.zeros(shape, device=device, dtype=dtype) for _ in transformer.layers], window,
                     torch.zeros(batch, dtype=torch.long, device=device), torch.zeros(batch, dtype=torch.long, device=device))
 
 
@@ -188,11 +199,12 @@ def transformer_step(transformer, layers: list[MimiLayer], x: torch.Tensor, kv: 
     """``x`` ``[B, T, C]`` through a ``MimiTransformerModel`` (its :func:`mimi_layers` weights) with a
     sliding-window KV cache.
 
-    The cache has a fixed ``window - 1`` slots per layer; query ``i`` (absolute position ``p + i``)
-    sees the keys at positions ``(p + i - window, p + i]``, as the one-shot sliding-window mask does.
-    A layer is 14 kernels (Mimi's own forward, 29): q/k/v in one product, RoPE over queries and keys
-    in one pass (:func:`duplex.engine.decoder.rope`), the layer scales in the output products, whose
-    residual adds ride in their ``addmm``. The same numbers as Mimi's layers to float rounding.
+    Query ``i`` (absolute position ``p + i``) sees the keys at positions ``(p + i - window, p + i]``,
+    as the one-shot sliding-window mask does. A layer is 12 kernels (Mimi's own forward, 29): q/k/v
+    in one product, RoPE over queries and keys in one pass written back into it
+    (:func:`duplex.engine.decoder.rope`), the new keys and values into the ring in one write, the
+    layer scales in the output products, whose residual adds ride in their ``addmm``. The same numbers
+    as Mimi's layers to float rounding. More than ``kv.steps`` positions run in pieces.
     """
     import torch
     import torch.nn.functional as F
@@ -201,41 +213,44 @@ def transformer_step(transformer, layers: list[MimiLayer], x: torch.Tensor, kv: 
 
     x = x.contiguous()  # the residual stream, [B, T, C] in rows (the first addmm's input at every batch size)
     batch, steps, _ = x.shape
-    slots = kv.keys[0].shape[2] if kv.keys else 0
-    window = slots + 1
+    if steps > kv.steps:
+        return torch.cat([transformer_step(transformer, layers, x[:, i:i + kv.steps], kv)
+                          for i in range(0, steps, kv.steps)], dim=1)
     device = x.device
+    ring = kv.kv[0].shape[3]
     valid = torch.as_tensor(kv.valid, device=device).reshape(-1).expand(batch)  # [B]
     start = torch.as_tensor(kv.position, device=device).reshape(-1).expand(batch)  # [B]
     positions = start[:, None] + torch.arange(steps, device=device)  # [B, T]
     cos, sin = transformer.rotary_emb(x, positions)  # [B, T, D], rotate_half's layout
     cos, sin = cos[:, :, None], signed_sin(sin)[:, :, None]
-    # mask [B, 1, T, slots + T]: True = may attend
-    i = torch.arange(steps, device=device)[None, :, None]
-    j = torch.arange(slots, device=device)[None, None, :]
-    cached_ok = (j >= i) & (j >= slots - valid[:, None, None])  # [B, T, slots]
-    new_j = torch.arange(steps, device=device)[None, None, :]
-    new_ok = ((new_j <= i) & (new_j > i - window)).expand(batch, steps, steps)
-    mask = torch.cat([cached_ok, new_ok], dim=2)[:, None]
+    # the position each ring column holds once this call's are written, and the additive mask [B, 1, T,
+    # ring] of who may see it (additive once here: a boolean one is converted by every layer's attention)
+    last = positions[:, -1:]
+    held = (last - (last - torch.arange(ring, device=device)) % ring)[:, None, :]  # [B, 1, ring]
+    seen = positions[:, :, None]  # [B, T, 1]
+    sees = (held <= seen) & (held > seen - kv.window) & (held >= (start - valid)[:, None, None])
+    mask = torch.where(sees, x.new_zeros(()), x.new_full((), float("-inf")))[:, None]
+    columns = positions % ring  # [B, T]: where this call's keys and values go
+    rows = torch.arange(batch, device=device)[:, None]
 
     attn = transformer.layers[0].self_attn
     heads, kv_heads, d = attn.num_heads, attn.num_key_value_heads, attn.head_dim
+    groups = heads // kv_heads
     for index, (module, layer) in enumerate(zip(transformer.layers, layers)):
         qkv = F.linear(layer.norm1(x), layer.qkv, layer.qkv_bias).view(batch, steps, -1, d)
-        qk = rope(qkv[:, :, :heads + kv_heads], cos, sin)  # [B, T, H + H_kv, D]
-        q = qk[:, :, :heads].transpose(1, 2)
-        k, v = qk[:, :, heads:].transpose(1, 2), qkv[:, :, heads + kv_heads:].transpose(1, 2)
-        keys = torch.cat([kv.keys[index], k], dim=2)
-        values = torch.cat([kv.values[index], v], dim=2)
-        kv.keys[index] = keys[:, :, keys.shape[2] - slots:]
-        kv.values[index] = values[:, :, values.shape[2] - slots:]
-        groups = heads // kv_heads
+        qk = qkv[:, :, :heads + kv_heads]
+        rope(qk, cos, sin, out=qk)  # queries and keys rotated in place: keys and values side by side
+        cache = kv.kv[index]
+        cache[rows, :, :, columns] = qkv[:, :, heads:].unflatten(2, (2, kv_heads))  # [B, T, 2, H_kv, D]
+        keys, values = cache[:, 0], cache[:, 1]  # [B, H_kv, ring, D]
         if groups > 1:
             keys = keys.repeat_interleave(groups, dim=1)
             values = values.repeat_interleave(groups, dim=1)
+        q = qkv[:, :, :heads].transpose(1, 2)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=module.self_attn.scaling)
         x = residual_linear(x, out.transpose(1, 2).reshape(batch, steps, -1), layer.out, layer.out_bias)
         x = residual_linear(x, layer.act(F.linear(layer.norm2(x), layer.fc1)), layer.fc2, None)
-    kv.valid = (valid + steps).clamp(max=slots)
+    kv.valid = (valid + steps).clamp(max=kv.window - 1)
     kv.position = start + steps
     return x
 
@@ -317,10 +332,14 @@ class StreamingDecoder:
         with torch.no_grad():
             self._table, self._offsets = code_table(codec.quantizer)
         self._layers = mimi_layers(decoder.decoder_transformer)
+        # the transformer's positions per frame: the upsampling's stride (Mimi's: 12.5 Hz to 25 Hz)
+        self.steps_per_frame = int(decoder.upsample.conv.stride[0]) if decoder.upsample is not None else 1
 
-    def new_state(self, batch: int = 1) -> CodecState:
+    def new_state(self, batch: int = 1, steps: int = 64) -> CodecState:
+        """A stream's state before its first frame; its transformer takes up to ``steps`` positions a
+        call in one piece (a frame is :attr:`steps_per_frame`)."""
         p = next(self.decoder.parameters())
-        return CodecState(_new_window(self.decoder.decoder_transformer, batch, p.device, p.dtype))
+        return CodecState(_new_window(self.decoder.decoder_transformer, batch, p.device, p.dtype, steps))
 
     def decode(self, codes: torch.Tensor, state: CodecState) -> torch.Tensor:
         """``codes`` ``[B, K, T]`` (the next T frames) -> audio ``[B, T * frame_size]``."""
@@ -359,9 +378,9 @@ class StreamingEncoder:
         _check_paddings(encoder)
         self._layers = mimi_layers(encoder.encoder_transformer)
 
-    def new_state(self, batch: int = 1) -> CodecState:
+    def new_state(self, batch: int = 1, steps: int = 64) -> CodecState:
         p = next(self._encoder.parameters())
-        return CodecState(_new_window(self._encoder.encoder_transformer, batch, p.device, p.dtype))
+        return CodecState(_new_window(self._encoder.encoder_transformer, batch, p.device, p.dtype, steps))
 
     def latents(self, audio: torch.Tensor, state: CodecState) -> torch.Tensor:
         """``audio`` ``[B, n]`` -> continuous latents ``[B, C, frames]`` of the whole frames now complete."""

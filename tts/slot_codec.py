@@ -5,7 +5,7 @@ own, so decoding several replies at once meant stacking their states, decoding, 
 back, after the frame step's codes had been copied to the host (a second host sync in every tick
 where a chunk was due). :class:`SlotDecoder` keeps every stream's state in buffers allocated once,
 one row per TTS reply row (conv left contexts ``[rows, C, pad]``, transposed-conv tails
-``[rows, C, k - s]``, the transformer's window ``[rows, H, window - 1, D]`` with per-row valid
+``[rows, C, k - s]``, the transformer's rings ``[rows, 2, H, window - 1 + 2, D]`` with per-row valid
 counts and positions on the device), and decodes the frame each row just sampled, for rows
 ``0..b-1`` at once, in the frame step itself. The step's shapes depend only on ``b``, it reads and
 writes only device buffers, and it asks the host nothing, so it is part of the captured frame graph
@@ -60,8 +60,10 @@ class SlotDecoder:
                 conv = module.conv
                 self.overlap[name] = torch.zeros(rows, conv.out_channels, conv.kernel_size[0] - conv.stride[0],
                                                  device=self.device, dtype=self.dtype)
-        window = self.streaming.new_state(rows).kv
-        self.keys, self.values = window.keys, window.values
+        # the transformer's rings, one frame's positions of room: a step writes its keys and values in
+        # place, and a row whose frame is not committed writes the same columns again next time
+        window = self.streaming.new_state(rows, steps=self.streaming.steps_per_frame).kv
+        self.rings, self.window = window.kv, window.window
         self.valid = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.position = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.fresh = torch.ones(rows, dtype=torch.bool, device=self.device)  # no frame decoded yet
@@ -91,7 +93,7 @@ class SlotDecoder:
 
     def reset(self, row: int) -> None:
         """Row ``row`` starts a new stream (a new reply on that TTS row)."""
-        for t in (*self.context.values(), *self.overlap.values(), *self.keys, *self.values):
+        for t in (*self.context.values(), *self.overlap.values(), *self.rings):
             t[row].zero_()
         self.valid[row] = 0
         self.position[row] = 0
@@ -103,8 +105,7 @@ class SlotDecoder:
         import torch
 
         b = codes.shape[0]
-        state = CodecState(WindowKV([k[:b] for k in self.keys], [v[:b] for v in self.values],
-                                    self.valid[:b], self.position[:b]),
+        state = CodecState(WindowKV([t[:b] for t in self.rings], self.window, self.valid[:b], self.position[:b]),
                            {n: t[:b] for n, t in self.context.items()}, {n: t[:b] for n, t in self.overlap.items()},
                            fresh=self.fresh[:b] if self._replicate else None)
         audio = self.streaming.decode(codes[:, :, None], state)  # [b, frame_size]
@@ -114,10 +115,6 @@ class SlotDecoder:
             torch.where(keep, state.conv_context[name], buffer[:b], out=buffer[:b])
         for name, buffer in self.overlap.items():
             torch.where(keep, state.overlap[name], buffer[:b], out=buffer[:b])
-        keep4 = commit[:, None, None, None]
-        for buffers, new in ((self.keys, state.kv.keys), (self.values, state.kv.values)):
-            for buffer, t in zip(buffers, new):
-                torch.where(keep4, t, buffer[:b], out=buffer[:b])
         for buffer, counts in ((self.valid, state.kv.valid), (self.position, state.kv.position)):
             torch.where(commit, torch.as_tensor(counts), buffer[:b], out=buffer[:b])
         self.fresh[:b].logical_and_(~commit)
