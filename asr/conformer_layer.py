@@ -17,8 +17,8 @@ runs in about 28 (and each further kernel a GPU would launch for a layout change
 - the feed-forwards' ``fc_factor`` (0.5) is in their second product's weights (exact);
 - an inference BatchNorm after the depth-wise convolution is folded into that convolution.
 
-The layer's keys and values sit side by side (``[..., 2 * d_model]``) so the cache joins, keeps and
-commits both in one kernel. :func:`conformer_step` is the layer's streaming forward; the tests hold
+The layer's keys and values sit side by side (``[..., 2 * d_model]``) in a window with room for the
+chunk's, so a step writes both in one small copy, where joining them to the cache copied it whole. :func:`conformer_step` is the layer's streaming forward; the tests hold
 it to NeMo's own streaming step to 1e-5 (``tests/test_asr_streaming.py``).
 """
 
@@ -145,30 +145,31 @@ def _feed_forward_step(x: torch.Tensor, ff) -> torch.Tensor:
     return x + F.linear(F.silu(F.linear(_layer_norm(x, norm), w1, b1)), w2, b2)
 
 
-def conformer_step(x: torch.Tensor, w: ConformerWeights, kv_cache: torch.Tensor, time_cache: torch.Tensor,
-                   positions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def conformer_step(x: torch.Tensor, w: ConformerWeights, kv_window: torch.Tensor, time_cache: torch.Tensor,
+                   positions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's streaming forward.
 
-    ``x`` [B, T, D] (the chunk's frames), ``kv_cache`` [B, left, 2 D] (the last ``left`` frames'
-    keys and values), ``time_cache`` [B, D, K - 1] (the convolution's), ``positions`` [H, P, d_k]
-    (the window's projected relative positions, P = 2 (left + T) - 1), ``mask`` [B, 1, T, left + T]
-    (additive: 0 or NeMo's ``-INF_VAL``). Returns the layer's output [B, T, D], the window's keys and
-    values [B, left + T, 2 D] and the convolution's window [B, D, K - 1 + T] (their last ``left`` and
-    ``K - 1`` columns are the next caches; nothing is written here).
+    ``x`` [B, T, D] (the chunk's frames); ``kv_window`` [B, left + T, 2 D]: the last ``left`` frames'
+    keys and values, then T columns this step writes the chunk's into (its last ``left`` columns are
+    then the next cache); ``time_cache`` [B, D, K - 1] (the convolution's); ``positions`` [H, P, d_k]
+    (the window's projected relative positions, P = 2 (left + T) - 1); ``mask`` [B, 1, T, left + T]
+    (additive: 0 or NeMo's ``-INF_VAL``). Returns the layer's output [B, T, D] and the convolution's
+    window [B, D, K - 1 + T] (its last ``K - 1`` columns are the next convolution cache). Nothing of
+    the caches' own rows is written here.
     """
     import torch
     import torch.nn.functional as F
 
     batch, frames, d_model = x.shape
     heads, d_k = w.heads, d_model // w.heads
+    window = kv_window.shape[1]
     residual = _feed_forward_step(x, w.ff1)
 
-    # attention: [q + u, q + v, k, v] in one product; the new keys and values join the cached ones
+    # attention: [q + u, q + v, k, v] in one product; the new keys and values go into the window
     qkv = F.linear(_layer_norm(residual, w.attn_norm), *w.qkv)  # [B, T, 4 D]
-    kv = torch.cat([kv_cache, qkv[..., 2 * d_model:]], dim=1)  # [B, L, 2 D]
-    window = kv.shape[1]
-    keys = kv[..., :d_model].unflatten(-1, (heads, d_k)).transpose(1, 2)  # [B, H, L, d_k]
-    values = kv[..., d_model:].unflatten(-1, (heads, d_k)).transpose(1, 2)
+    kv_window[:, window - frames:] = qkv[..., 2 * d_model:]
+    keys = kv_window[..., :d_model].unflatten(-1, (heads, d_k)).transpose(1, 2)  # [B, H, L, d_k]
+    values = kv_window[..., d_model:].unflatten(-1, (heads, d_k)).transpose(1, 2)
     q_u = qkv[..., :d_model].unflatten(-1, (heads, d_k)).transpose(1, 2)  # [B, H, T, d_k]
     q_v = qkv[..., d_model:2 * d_model].unflatten(-1, (heads, d_k)).permute(2, 0, 1, 3)  # [H, B, T, d_k]
     bd = torch.bmm(q_v.reshape(heads, batch * frames, d_k), positions.transpose(1, 2))  # [H, B T, P]
@@ -192,4 +193,4 @@ def conformer_step(x: torch.Tensor, w: ConformerWeights, kv_cache: torch.Tensor,
     residual = residual + h
 
     residual = _feed_forward_step(residual, w.ff2)
-    return _layer_norm(residual, w.out_norm), kv, conv_window
+    return _layer_norm(residual, w.out_norm), conv_window

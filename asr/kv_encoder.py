@@ -43,13 +43,17 @@ def supported(encoder) -> bool:
 class KVCachePool:
     """Per-session caches of the fast step, one slot each, allocated up front and grown by doubling.
 
-    ``kv`` [layers, slots, left, 2 d_model]: projected keys and values of the last ``left`` frames,
-    side by side; ``time`` [layers, slots, d_model, kernel - 1]: the convolution cache (as NeMo's);
-    ``length`` [slots]: how many of the ``left`` frames are real (the rest are masked).
+    ``kv`` [slots, layers, left + room, 2 d_model]: projected keys and values of the last ``left``
+    frames, side by side, then ``room`` columns a chunk's new frames are written into (in the step's
+    gathered copy: the window attention reads is that copy, joined by no ``cat``); ``time`` [layers,
+    slots, d_model, kernel - 1]: the convolution cache (as NeMo's); ``length`` [slots]: how many of
+    the ``left`` frames are real (the rest are masked).
     """
 
     def __init__(self, encoder, plan: ChunkPlan, capacity: int, device: str, dtype: torch.dtype) -> None:
         self.shape = (len(encoder.layers), plan.cache_channel, encoder.d_model, plan.cache_time)
+        # a chunk's frames (a flush's provisional frames are at most about as many), with margin
+        self.room = 2 * plan.out + 1
         self.device, self.dtype = device, dtype
         self.capacity = 0
         self.kv: torch.Tensor  # the three are allocated (and regrown) by grow()
@@ -64,15 +68,16 @@ class KVCachePool:
             return
         capacity, old = max(capacity, 2 * self.capacity), self.capacity
         layers, left, d_model, kernel = self.shape
-        kv = torch.zeros(layers, capacity, left, 2 * d_model, device=self.device, dtype=self.dtype)
+        # slots first: a step gathers its rows' attention caches as whole blocks
+        kv = torch.zeros(capacity, layers, left + self.room, 2 * d_model, device=self.device, dtype=self.dtype)
         time = torch.zeros(layers, capacity, d_model, kernel, device=self.device, dtype=self.dtype)
         length = torch.zeros(capacity, device=self.device, dtype=torch.int64)
         if old:
-            kv[:, :old], time[:, :old], length[:old] = self.kv, self.time, self.length
+            kv[:old], time[:, :old], length[:old] = self.kv, self.time, self.length
         self.kv, self.time, self.length, self.capacity = kv, time, length, capacity
 
     def reset(self, slots: torch.Tensor) -> None:
-        self.kv[:, slots] = 0
+        self.kv[slots] = 0
         self.time[:, slots] = 0
         self.length[slots] = 0
 
@@ -146,23 +151,26 @@ class KVEncoder:
         positions = self._projected_positions(pos_emb, frames)
         # every frame of a chunk is real (the step pads nothing), so NeMo's padding mask is all False
         mask = self._mask_table(frames, x.device, x.dtype).index_select(0, length)  # [B, 1, T, left + T]
-        kv_rows = pool.kv.index_select(1, slots)  # [layers, B, left, 2 D]: every layer's in one gather
+        if frames > pool.room:
+            raise ValueError(f"a chunk of {frames} encoder frames exceeds the caches' room of {pool.room}")
+        # every layer's caches in one gather each; the attention caches with room for the chunk: the
+        # windows the layers write their new keys and values into and read
+        kv_rows = pool.kv.index_select(0, slots)[:, :, :left + frames]  # [B, layers, left + T, 2 D]
         time_rows = pool.time.index_select(1, slots)  # [layers, B, D, K - 1]
-        new_kv, new_time = [], []
+        new_time = []
         for i, weights in enumerate(self.weights):
-            x, kv, conv_window = conformer_layer.conformer_step(x, weights, kv_rows[i], time_rows[i], positions[i],
-                                                                mask)
-            new_kv.append(kv[:, -left:])
+            x, conv_window = conformer_layer.conformer_step(x, weights, kv_rows[:, i], time_rows[i], positions[i],
+                                                            mask)
             new_time.append(conv_window[:, :, -pool.shape[3]:])
 
         # everything the commit writes is made here: the commit itself only copies (it cannot run
         # out of memory half-way and leave one cache advanced and another not)
-        kv_rows, time_rows = torch.stack(new_kv), torch.stack(new_time)
+        kv_next, time_next = kv_rows[:, :, frames:], torch.stack(new_time)
         length_rows = torch.clamp(length + frames, max=left)
 
         def apply() -> None:
-            pool.kv.index_copy_(1, slots, kv_rows)
-            pool.time.index_copy_(1, slots, time_rows)
+            pool.kv[:, :, :left].index_copy_(0, slots, kv_next)
+            pool.time.index_copy_(1, slots, time_next)
             pool.length.index_copy_(0, slots, length_rows)
 
         return x.transpose(1, 2), apply

@@ -65,10 +65,12 @@ def test_the_folded_layer_equals_nemo_conformer_layer(tiny_nemo, norm, frames):
                                               cache_last_channel=channel, cache_last_time=time)
 
         weights = conformer_layer.fold(layer)
-        kv_cache = torch.cat([attn.linear_k(channel), attn.linear_v(channel)], dim=-1)
+        cached = torch.cat([attn.linear_k(channel), attn.linear_v(channel)], dim=-1)  # [B, left, 2 D]
+        room = torch.full((batch, frames, 2 * d_model), 7.0)  # what the step must overwrite with the chunk's
+        kv = torch.cat([cached, room], dim=1)
         positions = attn.linear_pos(pos_emb)[0].view(-1, attn.h, attn.d_k).transpose(0, 1).contiguous()
         mask = (masked.float() * -10000.0).unsqueeze(1)
-        got, kv, conv_window = conformer_layer.conformer_step(x, weights, kv_cache, time, positions, mask)
+        got, conv_window = conformer_layer.conformer_step(x, weights, kv, time, positions, mask)
 
     assert got.shape == want.shape
     assert (got - want).abs().max().item() < 1e-5
