@@ -3,9 +3,11 @@ step, every draw, the codec's decode) and the LLM decode step, at batch 1 and 8,
 launches. The fastest of ``--steps`` calls is printed (on a shared CPU the minimum is the figure
 least moved by other work); compare revisions by running this in alternation, one process each.
 ``--codec`` times the frame step's codec decode instead, on the full-size Mimi (random weights, its
-250-position attention window full), at batch 1, 8 and 32.
+250-position attention window full), at batch 1, 8 and 32; ``--asr`` the ASR's steady step on the
+full-size FastConformer (random weights, two torch threads), at contexts [70,0] and [70,6], batch 1
+and 8.
 
-    .venv/bin/python tools/step-time.py [--steps 150] [--codec]
+    .venv/bin/python tools/step-time.py [--steps 150] [--codec | --asr]
 
 One torch thread, as the tests run the tiny models. Kernel counts are those of
 ``tests/test_engine_kernel_budget.py``; absolute times mean little beyond this machine.
@@ -37,10 +39,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--codec", action="store_true", help="the full-size Mimi's slot decode instead")
+    parser.add_argument("--asr", action="store_true", help="the full-size FastConformer's steady step instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.codec:
         codec_time(args.steps)
+        return
+    if args.asr:
+        asr_time(args.steps)
         return
 
     from duplex.llm.loader import load_checkpoint as load_llm
@@ -91,6 +97,34 @@ def codec_time(steps: int) -> None:
             row.append(f"batch {b} {fastest(lambda: slots.step(codes, commit), steps):.2f} ms")
         ops = sum(count_ops(lambda: slots.step(codes[:1], commit[:1])).values())
     print(f"mimi frame decode: {', '.join(row)}; {ops} ops a step (torch {torch.__version__}, fastest of {steps})")
+
+
+def asr_time(steps: int) -> None:
+    """The full-size FastConformer's steady ASR step (subsampling, every layer, the RNNT decoding as a
+    GPU captures it), on silence in the scratch slot, per context and batch."""
+    import asyncio
+
+    from duplex.asr.streaming import StreamingASR
+    from duplex.asr.synthetic import build_random_large
+
+    torch.set_num_threads(2)  # as duplex bench asr runs it on this machine
+    model = build_random_large("cpu")
+    for context in ((70, 0), (70, 6)):
+        asr = StreamingASR(model, context=context, max_batch=8)
+        try:
+            asyncio.run(asr.warm_up())
+            rehearse, asr.graphs.rehearse = asr.graphs.rehearse, True  # every label step, as captured
+            row = []
+            for b in (1, 8):
+                bucket = asr.graphs.bucket(b)
+                asr._prepare_step(bucket)
+                length = asr.graphs.lengths[-1]
+                row.append(f"batch {b} {fastest(lambda: asr.graphs.fn(bucket, length), steps):.1f} ms")
+            asr.graphs.rehearse = rehearse
+            print(f"asr step {list(context)}: {', '.join(row)}; {asr.ops_per_step(1)} ops a step "
+                  f"(torch {torch.__version__}, fastest of {steps})")
+        finally:
+            asr.close()
 
 
 if __name__ == "__main__":
