@@ -5,7 +5,7 @@ query/key/value products, the two position biases added to the query one at a ti
 division, a softmax between two ``masked_fill``s, a padding copy for the relative shift, a
 ``masked_fill`` of padding the steady step never has, and a scale multiply after each feed-forward.
 :class:`ConformerWeights` folds what is constant at load into the weights, so the same arithmetic
-runs in about 28 (and each further kernel a GPU would launch for a layout change is avoided):
+runs in 28:
 
 - one product makes ``[q + u, q + v, k, v]`` (NeMo's ``pos_bias_u``/``pos_bias_v`` in its bias, the
   ``1/sqrt(d_k)`` scale in the query rows: a power of two for d_k 16 or 64, so exact);
@@ -18,8 +18,10 @@ runs in about 28 (and each further kernel a GPU would launch for a layout change
 - an inference BatchNorm after the depth-wise convolution is folded into that convolution.
 
 The layer's keys and values sit side by side (``[..., 2 * d_model]``) in a window with room for the
-chunk's, so a step writes both in one small copy, where joining them to the cache copied it whole. :func:`conformer_step` is the layer's streaming forward; the tests hold
-it to NeMo's own streaming step to 1e-5 (``tests/test_asr_streaming.py``).
+chunk's, so a step writes both in one small copy, where joining them to the cache copied it whole.
+:func:`conformer_step` is the layer's streaming forward; ``tests/test_asr_conformer_layer.py`` holds
+it to NeMo's ``ConformerLayer`` to 1e-5, and ``tests/test_asr_streaming.py`` the whole stream to
+NeMo's streaming step.
 """
 
 from __future__ import annotations
