@@ -209,7 +209,7 @@ def transformer_step(transformer, layers: list[MimiLayer], x: torch.Tensor, kv: 
     import torch
     import torch.nn.functional as F
 
-    from duplex.engine.decoder import residual_linear, rope, signed_sin
+    from duplex.engine.decoder import attention, attention_mask, residual_linear, rope, signed_sin
 
     x = x.contiguous()  # the residual stream, [B, T, C] in rows (the first addmm's input at every batch size)
     batch, steps, _ = x.shape
@@ -223,32 +223,26 @@ def transformer_step(transformer, layers: list[MimiLayer], x: torch.Tensor, kv: 
     positions = start[:, None] + torch.arange(steps, device=device)  # [B, T]
     cos, sin = transformer.rotary_emb(x, positions)  # [B, T, D], rotate_half's layout
     cos, sin = cos[:, :, None], signed_sin(sin)[:, :, None]
-    # the position each ring column holds once this call's are written, and the additive mask [B, 1, T,
-    # ring] of who may see it (additive once here: a boolean one is converted by every layer's attention)
+    # the position each ring column holds once this call's are written, and who may see it (made
+    # additive once here: a boolean mask is converted by every layer's attention)
     last = positions[:, -1:]
     held = (last - (last - torch.arange(ring, device=device)) % ring)[:, None, :]  # [B, 1, ring]
     seen = positions[:, :, None]  # [B, T, 1]
-    sees = (held <= seen) & (held > seen - kv.window) & (held >= (start - valid)[:, None, None])
-    mask = torch.where(sees, x.new_zeros(()), x.new_full((), float("-inf")))[:, None]
+    sees = (held <= seen) & (held > seen - kv.window) & (held >= (start - valid)[:, None, None])  # [B, T, ring]
+    attn = transformer.layers[0].self_attn
+    heads, kv_heads, d = attn.num_heads, attn.num_key_value_heads, attn.head_dim
+    bias = attention_mask(sees, heads // kv_heads, x.dtype)
     columns = positions % ring  # [B, T]: where this call's keys and values go
     rows = torch.arange(batch, device=device)[:, None]
 
-    attn = transformer.layers[0].self_attn
-    heads, kv_heads, d = attn.num_heads, attn.num_key_value_heads, attn.head_dim
-    groups = heads // kv_heads
     for index, (module, layer) in enumerate(zip(transformer.layers, layers)):
         qkv = F.linear(layer.norm1(x), layer.qkv, layer.qkv_bias).view(batch, steps, -1, d)
         qk = qkv[:, :, :heads + kv_heads]
         rope(qk, cos, sin, out=qk)  # queries and keys rotated in place: keys and values side by side
         cache = kv.kv[index]
         cache[rows, :, :, columns] = qkv[:, :, heads:].unflatten(2, (2, kv_heads))  # [B, T, 2, H_kv, D]
-        keys, values = cache[:, 0], cache[:, 1]  # [B, H_kv, ring, D]
-        if groups > 1:
-            keys = keys.repeat_interleave(groups, dim=1)
-            values = values.repeat_interleave(groups, dim=1)
-        q = qkv[:, :, :heads].transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=module.self_attn.scaling)
-        x = residual_linear(x, out.transpose(1, 2).reshape(batch, steps, -1), layer.out, layer.out_bias)
+        out = attention(qkv[:, :, :heads], cache[:, 0], cache[:, 1], bias, module.self_attn.scaling)
+        x = residual_linear(x, out, layer.out, layer.out_bias)
         x = residual_linear(x, layer.act(F.linear(layer.norm2(x), layer.fc1)), layer.fc2, None)
     kv.valid = (valid + steps).clamp(max=kv.window - 1)
     kv.position = start + steps
