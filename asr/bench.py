@@ -19,9 +19,12 @@ as ``lab/fr``):
   worker thread), wall time over audio time;
 - ``nemo_step_ms`` / ``nemo_rtf``: NeMo's own ``conformer_stream_step`` on the same chunk (features
   computed beforehand, as NeMo's streaming buffer does), for reference;
-- ``ops_per_step`` / ``layers``: the kernels one steady step launches as a GPU captures it (every label
-  step of the static decoding; ``StreamingASR.ops_per_step``, the count the kernel-budget test holds)
-  and the conformer layers they run through.
+- ``ops_per_step`` / ``layers``: the kernels one steady step launches as a GPU captures it (its fixed
+  number of label steps; ``StreamingASR.ops_per_step``, the count the kernel-budget test holds)
+  and the conformer layers they run through;
+- ``redecoded`` (``again``): the share of the captured steady steps whose chunk emitted more labels
+  than their label steps make room for, so that the second captured step decoded it again (None
+  and ``-`` where no step was captured: the CPU, ``--no-graphs``).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> dict:
           f"{torch.get_num_threads()} torch threads (built in {time.perf_counter() - t0:.0f} s)")
     header = (f"{'context':>8} {'chunk':>7} " + " ".join(f"{'step@' + str(b):>9}" for b in batches)
               + f" {'RTF@1':>6} {'live':>6} " + " ".join(f"{'rt@' + str(b):>6}" for b in batches)
-              + f" {'nemo':>9} {'nemoRTF':>7} {'lab/fr':>6} {'ops':>6}")
+              + f" {'nemo':>9} {'nemoRTF':>7} {'lab/fr':>6} {'ops':>6} {'again':>6}")
     print(header)
     rows: dict[str, dict] = {}
     for context in contexts:
@@ -67,9 +70,13 @@ def run(args: argparse.Namespace) -> dict:
               + f" {row['rtf']:>6.3f} {row['live_rtf']:>6.3f} "
               + " ".join(f"{row['rt_streams'][b]:>6.1f}" for b in batches)
               + f" {row['nemo_step_ms']:>7.1f}ms {row['nemo_rtf']:>7.3f} {row['labels_per_frame']:>6.2f}"
-              + f" {row['ops_per_step']:>6}", flush=True)
+              + f" {row['ops_per_step']:>6} {_share(row['redecoded'])}", flush=True)
     return {"device": device, "model": type(model).__name__, "params_m": round(params, 1),
             "torch_threads": torch.get_num_threads(), "contexts": rows}
+
+
+def _share(part: float | None) -> str:
+    return f"{'-':>6}" if part is None else f"{100 * part:>5.1f}%"
 
 
 def _audio(seconds: float):
@@ -114,6 +121,7 @@ async def _measure_on_worker(asr, model, context, device: str, batches, seconds:
     steps = max(3, round(seconds / chunk_s))  # every chunk of the clip: its label rate is the tuned one
     audio = _audio(chunk_s * (steps + 2) + 1.0)
     step_ms, labels, frames = {}, 0, 0
+    asr.steady_steps = asr.redecoded = 0
     for b in batches:
         times, n_labels, n_frames = await run(_timed_steps, asr, b, audio, steps, device)
         step_ms[b] = 1000 * statistics.median(times)
@@ -135,6 +143,7 @@ async def _measure_on_worker(asr, model, context, device: str, batches, seconds:
         "nemo_rtf": nemo_ms / 1000 / chunk_s,
         "labels_per_frame": labels / max(frames, 1),
         "ops_per_step": ops,
+        "redecoded": asr.redecoded / asr.steady_steps if asr.steady_steps else None,
         "layers": len(model.encoder.layers),
     }
 

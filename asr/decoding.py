@@ -84,45 +84,126 @@ class RNNTGreedy:
         f = self.joint.project_encoder(encoded.transpose(1, 2))  # [B, T, H]
         g = self.g.index_select(0, slots)  # [B, 1, H]
         h, c = self.h.index_select(1, slots), self.c.index_select(1, slots)  # [layers, B, H]
-        emitted: list[torch.Tensor] = []  # [B] per (frame, label step), stacked once at the end
+        labels: list[torch.Tensor] = []  # [B] per (frame, label step), stacked once at the end
+        emits: list[torch.Tensor] = []
         none = None  # the label steps an eager frame skipped: nothing emitted
-        check_reset = self.reset_ids.numel() > 0
         for t in range(frames):
             active = valid[:, t]
             for step in range(self.max_symbols):
-                logits = self.joint.joint_after_projection(f[:, t:t + 1], g)  # [B, 1, 1, V+1]
-                label = logits[:, 0, 0].argmax(dim=-1)  # [B]
-                emit = active & (label != self.blank)
+                label, emit = self._choose(f[:, t:t + 1], g, active)
                 if not static and not bool(emit.any()):  # the host sync of an eager step
                     if none is None:
-                        none = torch.full((batch,), -1, dtype=torch.int64, device=encoded.device)
-                    emitted.extend([none] * (self.max_symbols - step))
+                        none = torch.zeros(batch, dtype=torch.bool, device=encoded.device)
+                    labels.extend([label] * (self.max_symbols - step))
+                    emits.extend([none] * (self.max_symbols - step))
                     break
-                emitted.append(torch.where(emit, label, -1))
-                g_new, (h_new, c_new) = self.decoder.predict(label.unsqueeze(1), (h, c), add_sos=False,
-                                                             batch_size=batch)
-                g_new = self.joint.project_prednet(g_new)
-                keep = emit
-                if check_reset:
-                    ended = emit & torch.isin(label, self.reset_ids)
-                    keep = emit & ~ended
-                    # an end-of-utterance label resets the state; decoding resumes on the next frame
-                    g = torch.where(ended.view(-1, 1, 1), self.g0, g)
-                    h = torch.where(ended.view(1, -1, 1), self.h0, h)
-                    c = torch.where(ended.view(1, -1, 1), self.c0, c)
-                g = torch.where(keep.view(-1, 1, 1), g_new, g)
-                h = torch.where(keep.view(1, -1, 1), h_new, h)
-                c = torch.where(keep.view(1, -1, 1), c_new, c)
-                active = keep
-        out = (torch.stack(emitted, dim=1).view(batch, frames, self.max_symbols) if emitted
+                labels.append(label)
+                emits.append(emit)
+                active, g, h, c = self._advance(label, emit, g, h, c)
+        out = (self._emitted(labels, emits).view(batch, frames, self.max_symbols) if labels
                else torch.full((batch, 0, self.max_symbols), -1, dtype=torch.int64, device=encoded.device))
+        return out, self._commit(slots, g, h, c)
 
+    def loop_labels(self, encoded: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, steps: int
+                    ) -> tuple[torch.Tensor, Commit]:
+        """The same decisions as :meth:`labels`, in ``steps`` label steps that loop over labels, not
+        frames, and never ask the host (a step that can be captured in a CUDA graph).
+
+        Each row keeps its own frame: a step joins the row's frame with its last label, and the row
+        moves to the next frame after a blank, an end-of-utterance label or its frame's
+        ``max_symbols``-th label (NeMo's label-looping greedy decoding makes the same walk). So a row
+        needs one step per frame plus one per label, where the frame-looping static decoding runs
+        ``frames * max_symbols`` steps whatever is emitted. ``valid`` [B, T]: a row's valid frames are
+        its last ones (a fresh stream skips its first frames; a padding row has none).
+
+        Returns ``[B, 2 * steps + 1]`` long (:meth:`loop_tokens` reads it): each step's label (-1:
+        none), each step's frame, and 1 where the row reached the end of its frames within the steps;
+        a row that did not (more labels than the steps allow) must be decoded again by :meth:`labels`,
+        and its commit is then that call's. The commit writes the rows' new state."""
+        import torch
+
+        batch, _, frames = encoded.shape
+        f = self.joint.project_encoder(encoded.transpose(1, 2))  # [B, T, H]
+        g = self.g.index_select(0, slots)  # [B, 1, H]
+        h, c = self.h.index_select(1, slots), self.c.index_select(1, slots)  # [layers, B, H]
+        t = frames - valid.sum(dim=1)  # [B] each row's frame: its first valid one
+        # labels emitted on the row's frame so far, modulo max_symbols; counted only where the steps
+        # can reach max_symbols labels on one frame
+        symbols = torch.zeros_like(t) if steps >= self.max_symbols else None
+        labels: list[torch.Tensor] = []
+        emits: list[torch.Tensor] = []
+        at: list[torch.Tensor] = []
+        for _ in range(steps):
+            ft = f.gather(1, t.clamp(max=frames - 1).view(-1, 1, 1).expand(-1, 1, f.size(2)))  # [B, 1, H]
+            label, emit = self._choose(ft, g, t < frames)
+            labels.append(label)
+            emits.append(emit)
+            at.append(t)
+            keep, g, h, c = self._advance(label, emit, g, h, c)
+            if symbols is None:
+                advance = ~keep
+            else:  # 0 after a blank, an end label or the frame's max_symbols-th label
+                symbols = (symbols + 1) * keep % self.max_symbols
+                advance = symbols == 0
+            t = t + advance
+        out = torch.cat([self._emitted(labels, emits), torch.stack([*at, (t >= frames).long()], dim=1)], dim=1)
+        return out, self._commit(slots, g, h, c)
+
+    def _choose(self, f: torch.Tensor, g: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One label step's choice for every row: the argmax of the joint of its frame ``f`` [B, 1, H]
+        and its last label's ``g`` [B, 1, H], and whether it is a label the row emits (not blank, the
+        row ``active``)."""
+        logits = self.joint.joint_after_projection(f, g)  # [B, 1, 1, V+1]
+        label = logits[:, 0, 0].argmax(dim=-1)  # [B]
+        return label, active & (label != self.blank)
+
+    def _advance(self, label: torch.Tensor, emit: torch.Tensor, g: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prediction network's state after the rows' ``label`` where they ``emit`` it (an
+        end-of-utterance label resets it instead), and which rows go on emitting on their frame."""
+        import torch
+
+        batch = label.size(0)
+        g_new, (h_new, c_new) = self.decoder.predict(label.unsqueeze(1), (h, c), add_sos=False, batch_size=batch)
+        g_new = self.joint.project_prednet(g_new)
+        keep = emit
+        if self.reset_ids.numel() > 0:
+            ended = emit & torch.isin(label, self.reset_ids)
+            keep = emit & ~ended
+            # an end-of-utterance label resets the state; decoding resumes on the next frame
+            g = torch.where(ended.view(-1, 1, 1), self.g0, g)
+            h = torch.where(ended.view(1, -1, 1), self.h0, h)
+            c = torch.where(ended.view(1, -1, 1), self.c0, c)
+        g = torch.where(keep.view(-1, 1, 1), g_new, g)
+        h = torch.where(keep.view(1, -1, 1), h_new, h)
+        c = torch.where(keep.view(1, -1, 1), c_new, c)
+        return keep, g, h, c
+
+    @staticmethod
+    def _emitted(labels: list[torch.Tensor], emits: list[torch.Tensor]) -> torch.Tensor:
+        """``[B, steps]``: each step's label where the row emitted it, -1 where not (one pass for all
+        the steps, not one per step)."""
+        import torch
+
+        return torch.where(torch.stack(emits, dim=1), torch.stack(labels, dim=1), -1)
+
+    def _commit(self, slots: torch.Tensor, g: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> Commit:
         def apply() -> None:
             self.g.index_copy_(0, slots, g)
             self.h.index_copy_(1, slots, h)
             self.c.index_copy_(1, slots, c)
 
-        return out, apply
+        return apply
+
+    @staticmethod
+    def loop_tokens(out: torch.Tensor) -> list[Tokens | None]:
+        """Each row's ``(frame, token)`` from :meth:`loop_labels`, None for a row whose steps ended
+        before its frames did (one copy to the host)."""
+        steps = (out.size(1) - 1) // 2
+        rows: list[Tokens | None] = []
+        for row in out.tolist():
+            rows.append([(t, k) for k, t in zip(row[:steps], row[steps:2 * steps]) if k >= 0] if row[-1] else None)
+        return rows
 
     @staticmethod
     def tokens(labels: torch.Tensor) -> list[Tokens]:

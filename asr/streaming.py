@@ -41,6 +41,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Labels per second of audio that the captured decoding of a steady chunk makes room for, beyond one
+# label step per encoder frame (and room for at least MIN_LABEL_ROOM): speech gives 0.2-0.4 labels
+# per 80 ms frame, 2.5-5 a second, so a chunk rarely needs more. A chunk that emits more is
+# decoded again by the frame-looping static decoding (a second captured step, and a second host
+# sync that tick), so the tokens never depend on the room.
+LABELS_PER_SECOND = 18.0
+MIN_LABEL_ROOM = 3
+
 @dataclass(eq=False)
 class SessionState:
     """What one session's stream must keep between chunks (mutated only by the worker in a step)."""
@@ -62,8 +70,10 @@ class _SteadyStep:
 
     encoded: torch.Tensor  # [B, D, out]
     encoder: Commit  # advances the encoder caches of the rows
-    labels: torch.Tensor | None  # [B, out, max_symbols] (RNNT), -1 where none
+    labels: torch.Tensor | None  # RNNT: RNNTGreedy.loop_labels' [B, 2 * steps + 1] if looped, else
+    # RNNTGreedy.labels' [B, out, max_symbols] (-1 where none)
     decoder: Commit | None  # advances the decoding state of the rows (RNNT)
+    looped: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,7 +90,10 @@ class StreamingASR:
     """
 
     def __init__(self, model, *, context: tuple[int, int], device: str = "cpu", decoder: str | None = None,
-                 max_batch: int = 32, fast: bool = True, name: str = "asr", graphs: bool = True) -> None:
+                 max_batch: int = 32, fast: bool = True, name: str = "asr", graphs: bool = True,
+                 label_steps: int | None = None) -> None:
+        import math
+
         import torch
 
         check_cache_aware(model)
@@ -116,7 +129,24 @@ class StreamingASR:
         self._mel_in = torch.zeros(capacity, self.spec.n_mels, self.plan.pre_cache + self.plan.mel, device=device)
         self._slots_in = torch.full((capacity,), self._scratch, dtype=torch.int64, device=device)
         self._valid_in = torch.zeros(capacity, self.plan.out, dtype=torch.bool, device=device)
+        # the steady step's encoder output, kept where both decoding steps read it
+        self._encoded_out = torch.zeros(capacity, int(model.encoder._feat_out), self.plan.out, dtype=self.dtype,
+                                        device=device)
         self._encoded: dict[int, _SteadyStep] = {}  # per bucket: what its step made
+        # The captured step decodes a steady chunk in `label_steps` label steps, one per frame and
+        # room for LABELS_PER_SECOND (RNNTGreedy.loop_labels); a chunk with more labels is decoded
+        # again, frame by frame, by the second captured step (`redecode`, per bucket).
+        full = self.plan.out * getattr(self.decoder, "max_symbols", 1)
+        if label_steps is None:
+            label_steps = self.plan.out + max(MIN_LABEL_ROOM, math.ceil(LABELS_PER_SECOND * self.chunk_seconds))
+        if label_steps < 1:
+            raise ConfigError(f"label_steps must be >= 1, got {label_steps}")
+        self.label_steps = min(label_steps, full)
+        self.redecode = BucketedStep(f"{name} decoding", self._redecode_fn, buckets_for(capacity), (1,),
+                                     device=device, graphs=graphs)
+        self._redecoded: dict[int, tuple[torch.Tensor, Commit]] = {}  # per bucket: what its step made
+        self.steady_steps = 0  # steady steps decoded in the captured step, and of them those decoded again
+        self.redecoded = 0
         if device.startswith("cuda"):
             torch.cuda.synchronize()  # the worker thread runs on a stream of its own
         # The step commits every session's state only once the whole batch has run, so the scheduler
@@ -206,8 +236,9 @@ class StreamingASR:
             # the pools move: the captured steps would read the old ones
             log.warning("%d ASR sessions at once exceed the %d the encoder step was captured for; it runs "
                         "eagerly from now on", top, self._scratch)
-            self.graphs.reset()
-            self.graphs.graphs_enabled = False
+            for step in (self.graphs, self.redecode):
+                step.reset()
+                step.graphs_enabled = False
         self.layers.pool.grow(top)
         self.decoder.grow(top)
         fresh = [s for s in states if s.fresh]
@@ -310,7 +341,8 @@ class StreamingASR:
                 commits.append(commit)
                 for j, i in enumerate(undecoded):
                     tokens[i] = found[j]
-            kept = {b: rows[b].float().cpu() for b, s in enumerate(states) if s.encoded is not None}  # type: ignore[union-attr]
+            kept = {b: rows[b].to("cpu", torch.float32, copy=True)  # type: ignore[union-attr]
+                    for b, s in enumerate(states) if s.encoded is not None}  # a steady row is a view of a buffer
             # the batch succeeded: commit every session's state
             for commit in commits:
                 commit()
@@ -349,8 +381,24 @@ class StreamingASR:
         self._valid_in[n:bucket] = False
         self.graphs.run(n, 1)
         step = self._encoded[bucket]
-        commits = [step.encoder] + ([step.decoder] if step.decoder is not None else [])
-        found = None if step.labels is None else RNNTGreedy.tokens(step.labels[:n])  # the step's one host sync
+        commits = [step.encoder]
+        found: list[Tokens] | None = None
+        if step.labels is not None and step.decoder is not None:
+            if not step.looped:
+                found = RNNTGreedy.tokens(step.labels[:n])  # the step's one host sync
+                commits.append(step.decoder)
+            else:
+                looped = RNNTGreedy.loop_tokens(step.labels[:n])  # the step's one host sync
+                self.steady_steps += 1
+                if all(tokens is not None for tokens in looped):
+                    found = looped  # type: ignore[assignment]
+                    commits.append(step.decoder)
+                else:  # more labels than the loop's steps: every frame's every label step, exactly
+                    self.redecoded += 1
+                    self.redecode.run(n, 1)
+                    labels, decoder = self._redecoded[bucket]
+                    found = RNNTGreedy.tokens(labels[:n])  # a second sync, for this step only
+                    commits.append(decoder)
         return step.encoded[:n], commits, [x[:, -self.plan.pre_cache:].clone() for x in inputs], found
 
     def _encode_fn(self, b: int, length: int) -> None:
@@ -360,12 +408,25 @@ class StreamingASR:
         x = pre_encode(self.nemo.encoder, self.plan, self._mel_in[:b].to(self.dtype), first=True)[:, self.plan.drop:]
         slots = self._slots_in[:b]
         encoded, encoder = self.layers.encode(x, slots)
-        labels, decoder = None, None
+        encoded = self._encoded_out[:b].copy_(encoded)  # where the decoding again reads it (one small copy)
+        labels, decoder, looped = None, None, False
         if isinstance(self.decoder, RNNTGreedy):
-            # captured (or rehearsed for a check), every label step runs; eager, a frame stops early
-            static = self.graphs.graphs_enabled or self.graphs.rehearse
-            labels, decoder = self.decoder.labels(encoded, slots, self._valid_in[:b], static=static)
-        self._encoded[b] = _SteadyStep(encoded, encoder, labels, decoder)
+            # captured (or rehearsed for a check), a fixed number of label steps that loop over labels;
+            # eager, frame by frame, each frame stopping at its first blank (a host sync a label step)
+            looped = self.graphs.graphs_enabled or self.graphs.rehearse
+            if looped:
+                labels, decoder = self.decoder.loop_labels(encoded, slots, self._valid_in[:b], self.label_steps)
+            else:
+                labels, decoder = self.decoder.labels(encoded, slots, self._valid_in[:b], static=False)
+        self._encoded[b] = _SteadyStep(encoded, encoder, labels, decoder, looped)
+
+    def _redecode_fn(self, b: int, length: int) -> None:
+        """The second captured step of bucket ``b``: the steady step's encoder output decoded again with
+        every label step of every frame (:meth:`RNNTGreedy.labels`, static), for a chunk that emitted
+        more labels than the first step's loop makes room for."""
+        assert isinstance(self.decoder, RNNTGreedy)
+        self._redecoded[b] = self.decoder.labels(self._encoded_out[:b], self._slots_in[:b], self._valid_in[:b],
+                                                 static=True)
 
     async def warm_up(self, progress: Callable[[str], None] | None = None) -> None:
         """Capture the steady encoder step for every batch bucket (CUDA graphs; nothing on the CPU),
@@ -403,16 +464,22 @@ class StreamingASR:
                 prepare(1)
                 steady = pre_encode(self.nemo.encoder, self.plan, self._mel_in[:1].to(self.dtype), first=True)
                 self.layers.prepare(steady[:, self.plan.drop:])
+            steps = [self.graphs]
+            if isinstance(self.decoder, RNNTGreedy) and self.label_steps < self.plan.out * self.decoder.max_symbols:
+                steps.append(self.redecode)  # a chunk may emit more labels than the loop's steps
             try:
-                self.graphs.capture(prepare, progress)
+                for step in steps:  # the decoding again reads what the steady step wrote: captured after it
+                    step.rehearse = self.graphs.rehearse
+                    step.capture(prepare, progress)
             except Exception as exc:  # a module that cannot be captured on this machine: run eagerly
                 if not self.graphs.graphs_enabled:
                     raise
                 log.exception("%s: capturing the steady step failed; it runs eagerly", self.graphs.name)
                 if progress is not None:
                     progress(f"{self.graphs.name}: capture failed ({type(exc).__name__}: {exc}); running eagerly")
-                self.graphs.reset()
-                self.graphs.graphs_enabled = False
+                for step in (self.graphs, self.redecode):
+                    step.reset()
+                    step.graphs_enabled = False
 
     def _flush(self, state: SessionState) -> StepResult:
         """Decode what the stream holds beyond its last chunk, provisionally, then reset decoding.

@@ -73,6 +73,40 @@ async def test_sessions_started_at_different_times_batch_exactly(tiny_nemo, jfk1
     await asr.aclose()
 
 
+@pytest.mark.parametrize("context", [(70, 0), (70, 6)], ids=lambda c: f"{c[0]}-{c[1]}")
+async def test_the_captured_decoding_gives_the_tokens_of_the_eager_one(tiny_nemo, jfk16, context):
+    """The steady step as a GPU captures it (rehearsed on the CPU), whose decoding loops over labels in
+    a fixed number of label steps (here one or four more than the chunk's frames), for three sessions started
+    at different times: a chunk that emits more labels than that is decoded again by the second
+    captured step, and every session's tokens equal its run alone, decoded eagerly frame by frame.
+    Both outcomes occur."""
+    from duplex.asr.streaming import StreamingASR
+
+    rate = 16000
+    audio = {"A": jfk16[: 5 * rate], "B": jfk16[2 * rate: 7 * rate], "C": jfk16[5 * rate:]}
+    out, more = {(70, 0): (1, 1), (70, 6): (7, 4)}[context]  # encoder frames per chunk, room for labels
+    asr = StreamingASR(tiny_nemo, context=context, decoder="rnnt", max_batch=4, label_steps=out + more)
+    assert asr.plan.out == out and asr.label_steps == out + more
+    asr.graphs.rehearse = True  # each bucket's capture call made as a GPU makes it at load, then used
+    await asr.warm_up()
+    log = TokenLog(asr)
+    streams = {name: asr.new_stream() for name in audio}
+    period = asr.plan.mel * asr.spec.hop // 320  # 20 ms packets per chunk
+    queues = {name: [pcm[i:i + 320] for i in range(0, pcm.size, 320)] for name, pcm in audio.items()}
+    for i, name in enumerate(audio):
+        queues[name] = [np.zeros(0, dtype=np.float32)] * (i * period) + queues[name]  # joins later
+    while any(queues.values()):
+        ready = [name for name in audio if queues[name]]
+        await asyncio.gather(*(streams[n].feed(queues[n].pop(0)) for n in ready))
+    assert 0 < asr.redecoded < asr.steady_steps, (asr.redecoded, asr.steady_steps)
+    assert max(asr.scheduler.batch_sizes()) >= 2
+    for name, stream in streams.items():
+        _, ref_tokens = await alone(tiny_nemo, context, audio[name], list(audio).index(name))
+        assert log.of(stream) == ref_tokens, name
+        assert len(ref_tokens) > 3
+    await asr.aclose()
+
+
 @pytest.mark.parametrize("where", ["pre-encode", "decoder"])
 async def test_a_failing_session_ends_alone_and_the_others_stay_exact(tiny_nemo, jfk16, where):
     """Three sessions share ASR steps; from its fourth chunk on, C's step fails: its pre-encode cache

@@ -109,3 +109,51 @@ def test_static_decoding_emits_what_the_early_stopping_one_does(tiny_eou_nemo, j
         emitted += int((static >= 0).sum())
         resets += int(torch.isin(static, decoder.reset_ids).sum())
     assert emitted > 10 and resets >= 1  # the comparison saw labels, and resets among them
+
+
+def test_label_looping_decoding_emits_what_the_frame_looping_one_does(tiny_eou_nemo, jfk16):
+    """The captured step's decoding, which loops over labels (each row on its own frame, a fixed
+    number of label steps), emits exactly the labels, and leaves exactly the decoding state, of the
+    frame-looping static decoding, over real speech with end-of-utterance resets, for three sessions
+    at different points with a frame left out by ``valid``; it says a row is unfinished exactly when
+    the row needs more label steps than it was given (one per frame without max_symbols labels, plus
+    one per label), from one step per frame up to every label step of every frame."""
+    from duplex.asr.decoding import RNNTGreedy
+    from duplex.asr.streaming import StreamingASR
+
+    asr = StreamingASR(tiny_eou_nemo, context=(70, 1), max_batch=4)
+    encoded = offline_encoder(tiny_eou_nemo, jfk16[: 6 * 16000], (70, 1))[1][None]  # [1, D, T]
+    decoder = asr.decoder
+    assert isinstance(decoder, RNNTGreedy)
+    frames, symbols = 2, decoder.max_symbols
+    slots = torch.tensor([0, 1, 2])
+    finished = unfinished = resets = 0
+    for i, start in enumerate(range(0, encoded.size(2) - 8, 2)):
+        chunk = torch.stack([encoded[0, :, start:start + 2], encoded[0, :, start + 3:start + 5],
+                             encoded[0, :, start + 6:start + 8]])  # three sessions, two frames each
+        valid = torch.ones(3, 2, dtype=torch.bool)
+        valid[2, 0] = False
+        steps = frames + i % (frames * symbols - frames + 1)  # 2 .. every label step of every frame
+        before = (decoder.g.clone(), decoder.h.clone(), decoder.c.clone())
+        static, commit_static = decoder.labels(chunk, slots, valid, static=True)
+        commit_static()
+        after = (decoder.g.clone(), decoder.h.clone(), decoder.c.clone())
+        decoder.g, decoder.h, decoder.c = (t.clone() for t in before)
+        looped, commit_looped = decoder.loop_labels(chunk, slots, valid, steps)
+        rows = RNNTGreedy.loop_tokens(looped)
+        reference = RNNTGreedy.tokens(static)
+        for r, tokens in enumerate(rows):
+            per_frame = (static[r] >= 0).sum(dim=1)  # labels of each frame
+            needed = sum(min(symbols, int(n) + 1) for n, ok in zip(per_frame, valid[r]) if ok)
+            assert (tokens is not None) == (needed <= steps), (start, r, needed, steps)
+            if tokens is not None:
+                assert tokens == reference[r]
+                finished += 1
+            else:
+                unfinished += 1
+        if all(tokens is not None for tokens in rows):
+            commit_looped()
+            assert all(torch.equal(a, b) for a, b in zip(after, (decoder.g, decoder.h, decoder.c)))
+        decoder.g, decoder.h, decoder.c = after
+        resets += int(torch.isin(static, decoder.reset_ids).sum())
+    assert finished > 20 and unfinished > 5 and resets >= 1  # both outcomes seen, and resets among the labels

@@ -291,14 +291,16 @@ def test_tts_segment_pass_replays(make_engine, voice_a):
 
 
 def test_asr_steady_encoder_step_replays(tiny_nemo, jfk16):
-    """The ASR's steady step (subsampling and conformer layers of every later chunk), for sessions
-    that start at different times (so first and steady chunks share ticks), end utterances (flushes)
-    and leave: every call of a bucket runs the same ops on the same buffers, and none is forbidden."""
+    """The ASR's steady step (subsampling, conformer layers and label-looping decoding of every later
+    chunk) and its second step (the frame-looping decoding of a chunk with more labels than the
+    first step's label steps, here one), for sessions that start at different times (so first and
+    steady chunks share ticks), end utterances (flushes) and leave: every call of a bucket runs the
+    same ops on the same buffers, and none is forbidden."""
     from duplex.asr.streaming import StreamingASR
     from asr_fixtures import packets, stream_all
 
-    asr = StreamingASR(tiny_nemo, context=(70, 0), max_batch=4)
-    trace = StepTrace(asr.graphs)
+    asr = StreamingASR(tiny_nemo, context=(70, 0), max_batch=4, label_steps=1)
+    trace, again = StepTrace(asr.graphs), StepTrace(asr.redecode)
     asr.graphs.rehearse = True  # first, each bucket's call as a GPU captures it at load
 
     async def main():
@@ -321,8 +323,12 @@ def test_asr_steady_encoder_step_replays(tiny_nemo, jfk16):
         asyncio.run(main())
     finally:
         trace.restore()
+        again.restore()
     assert trace.repeated >= 20 and len(trace.calls) >= 2 and trace.fewest_ops > 50
     assert trace.problems() == []
+    assert 0 < asr.redecoded < asr.steady_steps
+    assert again.repeated >= 5 and again.fewest_ops > 20
+    assert again.problems() == []
 
 
 def test_vad_step_replays(jfk16):

@@ -25,12 +25,15 @@ from duplex.scenario import run_scenario
 from tests.graph_safety import HostSyncs
 
 BUDGET = {"vad": 1, "llm": 1, "asr": 1, "tts": 1}  # host syncs per step tick
+# (the ASR's: one more on a tick whose chunk emitted more labels than its captured step's label steps
+# make room for, decoded again by its second captured step; StreamingASR.redecoded counts them)
 
 
 @pytest.fixture(scope="module")
-def syncs_per_tick() -> dict[str, list[int]]:
-    """Host syncs of every step tick of each engine over one spoken turn and its answer."""
-    found: dict[str, list[int]] = defaultdict(list)
+def syncs_per_tick() -> dict[str, list[tuple[int, int]]]:
+    """Host syncs of every step tick of each engine over one spoken turn and its answer, each with the
+    chunks the tick decoded again (the ASR's; 0 for the others)."""
+    found: dict[str, list[tuple[int, int]]] = defaultdict(list)
 
     async def main() -> None:
         config = AgentConfig(profile="tiny", device="cpu")
@@ -40,15 +43,21 @@ def syncs_per_tick() -> dict[str, list[int]]:
             model = getattr(agent.stages, role)
             model.engine.graphs.rehearse = True
             model.scheduler.ahead = model.run_ahead.hooks  # their steps run ahead, as on a GPU
-        agent.stages.asr.graphs.rehearse = True
+        asr = agent.stages.asr
+        asr.graphs.rehearse = True
+
+        def again() -> int:
+            return asr.redecoded
+
         for role, scheduler in _schedulers(agent.stages).items():
             def counted(plan, _tick=scheduler._tick, _role=role):
                 if plan.urgent or plan.batches or plan.jobs or not plan.rows:
                     return _tick(plan)
                 assert threading.current_thread() is not threading.main_thread()
+                before = again()
                 with HostSyncs() as syncs:
                     out = _tick(plan)
-                found[_role].append(len(syncs.counts))
+                found[_role].append((len(syncs.counts), again() - before if _role == "asr" else 0))
                 return out
 
             scheduler._tick = counted
@@ -63,11 +72,12 @@ def syncs_per_tick() -> dict[str, list[int]]:
 
 @pytest.mark.parametrize("role", sorted(BUDGET))
 def test_a_step_tick_waits_for_the_gpu_at_most_its_budget(syncs_per_tick, role):
-    """Every step tick of the engine stays within its budget of host syncs, and there were many."""
-    ticks = syncs_per_tick[role]
-    assert len(ticks) >= 5, f"the conversation made only {len(ticks)} {role} step ticks"
+    """Every step tick of the engine stays within its budget of host syncs (the ASR's one more where the
+    tick decoded a chunk again), and there were many."""
+    found = syncs_per_tick[role]
+    assert len(found) >= 5, f"the conversation made only {len(found)} {role} step ticks"
     if role == "asr":  # a session's first chunk runs eagerly (its shapes differ): the steady ones count
-        first = next(i for i, n in enumerate(ticks) if n > 0)
-        ticks = ticks[first + 1:]
-    assert max(ticks) <= BUDGET[role], (role, ticks)
-    assert ticks.count(1) >= 3, (role, ticks)  # the counter sees the copy a tick makes
+        first = next(i for i, (n, _) in enumerate(found) if n > 0)
+        found = found[first + 1:]
+    assert all(n <= BUDGET[role] + again and again <= 1 for n, again in found), (role, found)
+    assert sum(n - again == 1 for n, again in found) >= 3, (role, found)  # the counter sees the copy a tick makes
