@@ -52,18 +52,11 @@ def uniform(draws: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     ``draws`` are the rows' :func:`draw_key` values, ``[B]`` (or ``[B, K]``: one counter per
     codebook); ``keys`` are the :func:`token_keys` of the tokens wanted, ``[V]`` for every token or
     ``[B, k]`` for some tokens of each row. The result is ``[B, V]``, ``[B, k]`` or ``[B, K, V]``: a
-    token's noise is the same whichever of its neighbours are computed with it."""
-    import torch
-
-    bits = _mix(keys ^ draws[..., None]) >> 8  # 24 bits
-    return (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))
-
-
-def exponential(draws: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``E ~ Exp(1)`` noise of the race (:func:`sample`), shaped as :func:`uniform`'s."""
-    import torch
-
-    return -torch.log(uniform(draws, keys))
+    token's noise is the same whichever of its neighbours are computed with it. Its values are
+    ``(n + 0.5) / 2**23`` for 23 bits ``n`` of the hash, each exact in float32, so none is 0 or 1
+    (24 bits rounded the largest to 1.0, whose race weight is infinite)."""
+    bits = _mix(keys ^ draws[..., None]) >> 9  # 23 bits
+    return (bits + 0.5) * (1.0 / (1 << 23))  # int64 + float: float32, the cast inside the add
 
 
 def scaled_gumbel(draws: torch.Tensor, keys: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -72,8 +65,8 @@ def scaled_gumbel(draws: torch.Tensor, keys: torch.Tensor, temperature: torch.Te
     ``[B]`` (0 or below: no noise, the row's draws are its argmax, as :func:`sample` takes them)."""
     import torch
 
-    g = -torch.log(exponential(draws, keys))
-    return g * temperature.clamp_min(0).view(-1, *([1] * (g.ndim - 1)))
+    log_e = torch.log(-torch.log(uniform(draws, keys)))  # log E, E ~ Exp(1); T * G = -T * log E, exactly
+    return log_e * temperature.clamp_min(0).neg().view(-1, *([1] * (log_e.ndim - 1)))
 
 
 def race(logits: torch.Tensor, noise: torch.Tensor, top_k: int = 0) -> torch.Tensor:
@@ -125,7 +118,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor 
             probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
         else:  # already in order
             probs = probs.masked_fill((probs.cumsum(-1) - probs > top_p[:, None]) & ~off, 0.0)
-    noise = exponential(draws, keys[:vocab] if ids is None else keys[ids])
-    best = (probs / noise).argmax(dim=-1)
+    # the race argmax(p / E), E = -log(u) ~ Exp(1), as argmin(p / log(u)): p / log(u) is -(p / E)
+    # exactly, so the same token (ties included: both take the first), one negation fewer
+    best = (probs / torch.log(uniform(draws, keys[:vocab] if ids is None else keys[ids]))).argmin(dim=-1)
     drawn = best if ids is None else ids.gather(-1, best[:, None])[:, 0]
     return torch.where(hot, drawn, greedy)

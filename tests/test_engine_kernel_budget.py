@@ -28,7 +28,7 @@ FOLDED_LAYER_BUDGET = LAYER_BUDGET - 3
 # wherever their rows are; keys and values in one), a kernel per layer the TTS frame step (rows 0..b-1,
 # a view) does not run
 LLM_LAYER_BUDGET = LAYER_BUDGET + 1
-LLM_FIXED_BUDGET = 60  # embedding, RoPE tables, mask, final norm, output layer, top-k sampling with its noise (52)
+LLM_FIXED_BUDGET = 60  # embedding, RoPE tables, mask, final norm, output layer, top-k sampling with its noise (50)
 TTS_CODEBOOK_BUDGET = 13  # per codebook: its head, its draw (race: 5), the next input, the depth step's final norm (6)
 TTS_FIXED_BUDGET = 60  # the backbone's own glue, the frame's noise for every codebook, the next input (153 in all at K=8)
 # the frame step ends by decoding its frame (Mimi, duplex.tts.slot_codec): per convolution the kept

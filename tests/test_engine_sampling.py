@@ -102,3 +102,18 @@ def test_the_log_domain_race_draws_the_same_distribution():
     assert torch.equal(_race(5000, top_k=3), _draw(5000, top_k=3))
     assert set(_race(100, temperature=0.0).tolist()) == {0}
     assert set(_race(100, temperature=0.0, top_k=3).tolist()) == {0}
+
+
+def test_the_uniform_noise_never_reaches_0_or_1(monkeypatch):
+    """The noise's extreme hash values (all bits clear, all bits set) still give u strictly inside
+    (0, 1) in float32, so no token's race weight p / E is infinite (E = -log u = 0) or its noise
+    degenerate: with 24 bits the largest value rounded to exactly 1.0."""
+    import duplex.engine.sampling as sampling
+
+    keys = token_keys(4, "cpu")
+    for bits in (0, 0xFFFFFFFF):
+        monkeypatch.setattr(sampling, "_mix", lambda x, bits=bits: torch.full_like(x, bits))
+        u = uniform(draw_key(torch.tensor([1]), torch.tensor([0])), keys)
+        assert u.dtype == torch.float32
+        assert 0.0 < float(u.min()) and float(u.max()) < 1.0, (bits, u)
+        assert bool(torch.isfinite(torch.log(-torch.log(u))).all())
