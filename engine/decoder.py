@@ -115,6 +115,14 @@ class SlotKV:
             t[row, :, :, :n] = kept
         return n
 
+    def swap_rows(self, a: int, length_a: int, b: int, length_b: int) -> None:
+        """Exchange the first ``length_a`` positions of row ``a`` and the first ``length_b`` of row
+        ``b`` (what each holds; the positions after them are never read before they are written)."""
+        for t in self.layers:
+            kept = t[a, :, :, :length_a].clone()
+            t[a, :, :, :length_b] = t[b, :, :, :length_b]
+            t[b, :, :, :length_a] = kept
+
     def copy_positions(self, src: int, dst: int, start: int, end: int) -> None:
         """Copy positions ``[start, end)`` of row ``src`` to row ``dst``."""
         for t in self.layers:

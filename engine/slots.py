@@ -56,6 +56,24 @@ class SlotPool:
         self._held.remove(row)
         heapq.heappush(self._given, row)
 
+    def move(self, row: int, to: int) -> None:
+        """The holder of ``row`` holds the free row ``to`` instead, and ``row`` is free again (an engine
+        that packs the rows of a step together moves their contents first)."""
+        if row not in self._held:
+            raise RuntimeError(f"{self.what}: row {row} moved but not held")
+        if to < 0 or to in self._held or to in self._reserved or (self.capacity is not None and to >= self.capacity):
+            raise RuntimeError(f"{self.what}: row {row} moved to row {to}, which is not free")
+        if to < self._next:
+            self._given.remove(to)
+            heapq.heapify(self._given)
+        else:  # never handed out: the rows before it become free rows
+            for skipped in range(self._next, to):
+                if skipped not in self._reserved:
+                    heapq.heappush(self._given, skipped)
+            self._next = to + 1
+        self._held.add(to)
+        self.give(row)
+
     @property
     def held(self) -> int:
         return len(self._held)

@@ -68,9 +68,9 @@ class DecodeRequest:
 
 @dataclass(frozen=True)
 class Launched:
-    """A decode step launched and not yet read: its rows, and its end."""
+    """A decode step launched and not yet read: each request's entry (its row), and the step's end."""
 
-    n: int
+    entries: list[int]
     end: Any  # its copy out's end (a CUDA event; None on the CPU, where the copy is done)
 
 
@@ -136,6 +136,8 @@ class Engine:
         self.lm_bias = None if bias is None else bias[: self.vocab]
         self.kv = self.decoder.new_kv(slots)
         self.rows = SlotPool("LLM session slots", slots)
+        self._holders: dict[int, SinkSlot] = {}  # each held row's slot (the slot owns its row number)
+        self.moves = 0  # rows moved to pack decode steps (a swap counts once)
         # by the block's token ids: (its K/V, every layer; the next-token logits after it)
         self._systems: OrderedDict[tuple[int, ...], tuple[list[torch.Tensor], torch.Tensor]] = (
             OrderedDict())
@@ -211,11 +213,40 @@ class Engine:
 
     def new_slot(self, *, rerotate: bool = True) -> SinkSlot:
         """The lowest free row."""
-        return SinkSlot(self.kv, self.rows.take(), self.inv_freq, rerotate=rerotate)
+        slot = SinkSlot(self.kv, self.rows.take(), self.inv_freq, rerotate=rerotate)
+        self._holders[slot.row] = slot
+        return slot
 
     def release(self, slot: SinkSlot) -> None:
         self.rows.give(slot.row)
+        del self._holders[slot.row]
         slot.length = 0
+
+    def _pack(self, slots: Sequence[SinkSlot]) -> None:
+        """Put the ``n`` slots of a decode step on rows ``0..n-1``, so its attention reads their K/V as
+        a view of the buffers instead of copying every replying row's K/V in every layer and step:
+        a slot on a higher row takes a row below ``n`` that no slot of the step holds, swapping
+        contents with the slot there, if any (the positions each holds, every layer). Slots keep
+        their rows between steps, so a reply moves once, when it joins the replying rows."""
+        n = len(slots)
+        stepping = {id(slot) for slot in slots}
+        movers = [slot for slot in slots if slot.row >= n]
+        if not movers:
+            return
+        targets = [row for row in range(n) if row not in self._holders or id(self._holders[row]) not in stepping]
+        for slot, target in zip(movers, targets):
+            old, other = slot.row, self._holders.get(target)
+            if other is None:  # a free row: the slot's positions move there
+                self.kv.copy_positions(old, target, 0, slot.length)
+                self.rows.move(old, target)
+                del self._holders[old]
+            else:
+                self.kv.swap_rows(old, slot.length, target, other.length)
+                other.row = old
+                self._holders[old] = other
+            slot.row = target
+            self._holders[target] = slot
+            self.moves += 1
 
     @property
     def free_slots(self) -> int:
@@ -404,7 +435,8 @@ class Engine:
         x = F.embedding(tokens, self.embed)  # [b, H]
         if self.shape_log is not None:
             self.shape_log.append((tuple(x.shape), tuple(positions.shape), tuple(self.kv.keys[0][:b].shape)))
-        hidden = self.decoder.decode(x, positions, self.kv, rows, length)
+        # the entries are on rows 0..b-1 (_pack), padding entries write the scratch row: read a view
+        hidden = self.decoder.decode(x, positions, self.kv, rows, length, read_rows=slice(0, b))
         logits = self._logits(hidden)  # [b, V]
         logits = self._ban_stops(logits, ban)
         if self.keep_logits:
@@ -425,21 +457,24 @@ class Engine:
     def launch(self, requests: Sequence[DecodeRequest]) -> Launched:
         """Start one batched decode step without waiting for it: its sampled ids are copied into a
         pinned host table as the step ends (:meth:`collect` reads them; it comes before the next
-        launch). The batch is the requests, in order, padded to a bucket on the scratch row."""
+        launch). The batch is the requests on rows ``0..n-1`` (:meth:`_pack` moves them there), each
+        request's entry its row, padded to a bucket on the scratch row."""
         n = len(requests)
-        rows = [r.slot.row for r in requests]
         if not requests:
             raise RuntimeError("a decode step of no rows")
-        if len(set(rows)) < n:
-            raise RuntimeError(f"an LLM slot asked for twice in one decode step (rows {rows})")
+        if len({id(r.slot) for r in requests}) < n:
+            raise RuntimeError(f"an LLM slot asked for twice in one decode step (rows {[r.slot.row for r in requests]})")
+        self._pack([r.slot for r in requests])
+        rows = [r.slot.row for r in requests]
         bucket = self.graphs.bucket(n)
         ints, floats = self._buf.ints.host, self._buf.floats.host
         ints[:, :bucket] = 0
         ints[1, :bucket] = self.kv.scratch_position
         ints[4, :bucket] = self.kv.scratch_row
         floats[:, :bucket] = 0.0
-        for i, r in enumerate(requests):
+        for r in requests:
             slot, d = r.slot, r.draw
+            i = slot.row  # the entry: rows 0..n-1
             if slot.length >= slot.capacity:
                 raise RuntimeError(f"LLM slot {slot.row} is full ({slot.length} positions); evict before decoding")
             ints[:, i] = (r.token, slot.length, draw_key(d.seed, d.counter), int(d.ban_stop), slot.row)
@@ -448,13 +483,14 @@ class Engine:
         self._buf.floats.push(bucket)
         self.graphs.run(n, max(r.slot.length for r in requests) + 1)
         end = self._readback.queue(self._buf.out, bucket)
-        self._last_step = {row: i for i, row in enumerate(rows)}
-        return Launched(n, end)
+        self._last_step = {row: row for row in rows}
+        return Launched(rows, end)
 
     def collect(self, launched: Launched) -> list[int]:
         """The sampled ids of the step launched, after one wait for the device and one read of the
         host table: the tick's one host sync."""
-        return self._readback.read(launched.end)[:launched.n].tolist()
+        ids = self._readback.read(launched.end)[:len(launched.entries)].tolist()
+        return [ids[i] for i in launched.entries]
 
     def last_logits(self, slot: SinkSlot) -> torch.Tensor:
         """The logits the latest decode step computed for ``slot`` (an engine made with ``keep_logits``:

@@ -46,6 +46,23 @@ def test_an_unbounded_pool_grows_past_its_reserved_row():
         pool.free
 
 
+def test_a_holder_moves_to_a_free_row_and_its_old_row_is_free_again():
+    """A move (the LLM packing a decode step's rows) takes a free row, given back or never handed out
+    (the rows skipped on the way become free, the reserved one never), and frees the old one; moving
+    onto a held, reserved or missing row, or from a row not held, raises."""
+    pool = SlotPool("LLM session slots", 6, reserved=(4,))
+    rows = [pool.take() for _ in range(3)]
+    pool.give(1)
+    pool.move(2, 1)  # a row given back
+    assert 1 in pool and 2 not in pool and pool.held == 2
+    pool.move(0, 5)  # never handed out: 2 and 3 are free, 4 stays reserved
+    assert 0 not in pool and 5 in pool and [pool.take() for _ in range(3)] == [0, 2, 3]
+    assert rows == [0, 1, 2] and pool.free == 0
+    for row, to, message in ((0, 1, "not free"), (0, 4, "not free"), (0, 6, "not free"), (4, 1, "not held")):
+        with pytest.raises(RuntimeError, match=message):
+            pool.move(row, to)
+
+
 def test_the_engines_hold_their_rows_in_one_pool(make_llm, make_engine):
     """The LLM's session slots and the TTS's reply slots are SlotPools: an LLM slot released twice
     raises, and every row comes back."""

@@ -79,10 +79,65 @@ def test_batched_decode_equals_each_session_alone_and_the_model(make_llm, tiny_c
     assert sampled[0] != sampled[1]  # different settings and seeds draw differently
 
 
+def test_sessions_moved_to_pack_decode_steps_keep_their_dialogues(make_llm):
+    """Six sessions on rows 0-5 decode in changing subsets (a high row alone, two high rows, a row
+    given back and a free row moved into, a new session on the lowest free row): each step's slots
+    are moved onto rows 0..n-1, and every session's tokens and logits (<= 1e-5) are those of its
+    steps in an engine of its own, whichever rows it was moved through."""
+    shared = make_llm("qwen2", window=64, slots=6).engine
+    shared.keep_logits = True
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, shared.vocab, (n,), generator=g).tolist() for n in (4, 7, 5, 9, 3, 6, 8)]
+    draws = [Draw(0.0 if i % 2 else 0.9, 0.9, 20 + i, 0) for i in range(7)]
+    plan = [[5], [4, 5], [1, 5], "release 2", [3, 4, 5], "new 6", [6, 0, 5], [2, 4]]  # session numbers
+    own: dict[int, object] = {}
+    slots: dict[int, object] = {}
+    found: dict[int, list] = {i: [] for i in range(7)}
+
+    def start(i: int) -> None:
+        slots[i] = shared.new_slot()
+        shared.prefill(slots[i], prompts[i])
+        own[i] = make_llm("qwen2", window=64, slots=1).engine
+        own[i].keep_logits = True
+        alone = own[i].new_slot()
+        own[i].prefill(alone, prompts[i])
+        own[i].alone = alone
+
+    for i in range(6):
+        start(i)
+    last = {i: prompts[i][-1] for i in range(7)}
+    for step in plan:
+        if step == "release 2":
+            shared.release(slots.pop(2))
+            continue
+        if step == "new 6":
+            free = sorted(set(range(6)) - {slot.row for slot in slots.values()})
+            start(6)
+            assert slots[6].row == free[0] == 4  # the row session 4 left when it moved into the freed row 2
+            continue
+        step = [i if i != 2 else 6 for i in step] if 2 not in slots else step
+        requests = [DecodeRequest(slots[i], last[i], draws[i]) for i in step]
+        tokens = shared.decode(requests)
+        assert sorted(slots[i].row for i in step) == list(range(len(step)))
+        for i, token in zip(step, tokens):
+            mine = own[i].decode([DecodeRequest(own[i].alone, last[i], draws[i])])[0]
+            found[i].append((token, mine, float((shared.last_logits(slots[i])
+                                                 - own[i].last_logits(own[i].alone)).abs().max())))
+            slots[i].length += 1
+            own[i].alone.length += 1
+            last[i] = token
+    assert shared.moves >= 4
+    for i, steps in found.items():
+        assert all(token == mine and gap <= 1e-5 for token, mine, gap in steps), (i, steps)
+    assert sum(len(steps) for steps in found.values()) == 13
+
+
 def test_a_decode_step_is_as_wide_as_its_replies_not_as_the_highest_row(make_llm):
-    """Four sessions hold rows 0-3 and only the one on row 3 replies: the decode step runs one entry
-    (its row gathered by index), not four, leaves the other sessions' K/V untouched, and gives that
-    session the same token and logits (<= 1e-5) as a step in which all four reply."""
+    """Four sessions hold rows 0-3 and only the one on row 3 replies: the decode step runs one entry,
+    not four, on row 0, where that session's K/V moved (swapped with the session there, so the step
+    reads its rows as a view, not a copy); every session's K/V is what it was, on whichever row, and
+    the replying session gets the same token and logits (<= 1e-5) as in a step in which all four
+    reply, where nothing moves."""
     engine = make_llm("qwen2", window=64, slots=4).engine
     engine.keep_logits = True
     slots = [engine.new_slot() for _ in range(4)]
@@ -91,15 +146,21 @@ def test_a_decode_step_is_as_wide_as_its_replies_not_as_the_highest_row(make_llm
     for slot, n in zip(slots, (5, 9, 3, 7)):
         engine.prefill(slot, torch.randint(0, engine.vocab, (n,), generator=g).tolist())
     requests = [DecodeRequest(slot, 11 + i, Draw(0.8, 0.9, i, 1)) for i, slot in enumerate(slots)]
-    others = [(k[:3].clone(), v[:3].clone()) for k, v in zip(engine.kv.keys, engine.kv.values)]
+
+    def held(slot):  # every layer's keys and values of the positions the slot holds
+        return [t[slot.row, :, :, :slot.length].clone() for t in engine.kv.layers]
+
+    before = [held(slot) for slot in slots]
     engine.shape_log = []
     alone = engine.decode(requests[3:])
     alone_logits = engine.last_logits(slots[3])
     shapes, engine.shape_log = engine.shape_log, None
     assert [x for x, _, _ in shapes] == [(1, engine.decoder.hidden)]
-    for (k, v), (k0, v0) in zip(zip(engine.kv.keys, engine.kv.values), others):
-        assert torch.equal(k[:3], k0) and torch.equal(v[:3], v0)
+    assert [s.row for s in slots] == [3, 1, 2, 0] and engine.moves == 1
+    for slot, kept in zip(slots, before):
+        assert all(torch.equal(now, then) for now, then in zip(held(slot), kept))
     together = engine.decode(requests)  # slot lengths were not advanced: the same positions again
+    assert engine.moves == 1
     assert together[3] == alone[0]
     assert float((engine.last_logits(slots[3]) - alone_logits).abs().max()) <= 1e-5
     with pytest.raises(RuntimeError, match="twice"):

@@ -2,7 +2,7 @@
 ~100 positions) over the 256-position bucket against the same step over the whole 2,048-token window,
 for batches 1, 8 and 32, with a model of Qwen2.5-1.5B's layer geometry (hidden 1536, 12 query and 2
 K/V heads of 128, MLP 8960; random weights, ``--layers`` of them, a small vocabulary) and the bytes
-each must read (weights, and per row the K/V that attention gathers and reads).
+each must read (weights, and per row the K/V that attention reads).
 
     .venv/bin/python tools/llm-length-cost.py [--device cpu] [--layers 2] [--steps 20]
 
@@ -66,11 +66,11 @@ def main() -> None:
         (bucket_s, bucket_n), (whole_s, whole_n) = times["bucket"], times["whole window"]
         layers = engine.step_bytes(b, 0)  # weights only
         kv_bytes = lambda n: b * engine.kv.slot_nbytes() * n // engine.kv.columns  # noqa: E731
-        # attention gathers each row's K/V over the length (a read and a write), then reads the copy
+        # attention reads each row's K/V over the length once (the step's rows are 0..b-1: a view)
         print(f"batch {b:>2}: step over {bucket_n} positions {bucket_s * 1e3:.2f} ms, over {whole_n} "
               f"{whole_s * 1e3:.2f} ms (x{whole_s / bucket_s:.2f}); bytes moved per step "
-              f"{(layers + 3 * kv_bytes(bucket_n)) / 1e6:.0f} MB vs {(layers + 3 * kv_bytes(whole_n)) / 1e6:.0f} MB "
-              f"(x{(layers + 3 * kv_bytes(whole_n)) / (layers + 3 * kv_bytes(bucket_n)):.2f})", flush=True)
+              f"{(layers + kv_bytes(bucket_n)) / 1e6:.0f} MB vs {(layers + kv_bytes(whole_n)) / 1e6:.0f} MB "
+              f"(x{(layers + kv_bytes(whole_n)) / (layers + kv_bytes(bucket_n)):.2f})", flush=True)
 
 
 if __name__ == "__main__":
