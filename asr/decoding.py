@@ -11,6 +11,12 @@ blanks), so a stream decoded chunk by chunk gives the tokens the offline decoder
 
 End-of-utterance labels (``reset_ids``, e.g. ``<EOU>``) are emitted and then reset the session's
 decoding state, so the next utterance decodes from a clean start.
+
+RNNT decoding runs three ways, with the same decisions: frame by frame, each frame stopping at its
+first blank (eager: a host sync a label step); frame by frame with every label step of every frame
+(static: nothing asks the host); and looping over labels in a fixed number of label steps, each row
+on its own frame (:meth:`RNNTGreedy.loop_labels`, what the captured ASR step runs; a row that needs
+more steps says so, and the static decoding decodes its chunk again).
 """
 
 from __future__ import annotations

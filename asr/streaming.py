@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -92,8 +93,6 @@ class StreamingASR:
     def __init__(self, model, *, context: tuple[int, int], device: str = "cpu", decoder: str | None = None,
                  max_batch: int = 32, fast: bool = True, name: str = "asr", graphs: bool = True,
                  label_steps: int | None = None) -> None:
-        import math
-
         import torch
 
         check_cache_aware(model)
