@@ -118,6 +118,7 @@ class ConcurrencyRow(TypedDict):
     listen_prefills_per_session_s: float | None
     wire_messages_per_write: dict[str, float] | None  # engine core process: each side's messages per socket write
     wire_messages_per_session_s: dict[str, float] | None  # and the messages each side sent, per session-second
+    asr_decoded_again: float | None  # share of the ASR's captured steady steps decoded again (None: none captured)
     wall_s: float
 
 
@@ -176,12 +177,13 @@ def core_cpu(agent: Agent) -> Callable[[float], dict[str, float]]:
 def concurrency_row(n: int, *, lags: list[float], underruns: int, v2v: list[float], ticks: dict[str, list[float]],
                     rows: dict[str, list[int]], gpu: list[float], cpu_s_per_s: dict[str, float],
                     listens: int | None, wall: float,
-                    wire: dict[str, float] | None = None, messages: dict[str, int] | None = None) -> ConcurrencyRow:
+                    wire: dict[str, float] | None = None, messages: dict[str, int] | None = None,
+                    asr_steps: tuple[int, int] | None = None) -> ConcurrencyRow:
     """One size of a concurrency sweep from what was sampled while ``n`` sessions ran for ``wall``
     seconds: input lags (every 0.1 s), reply-audio gaps, voice-to-voice latencies, each engine's tick
     times (ms) and rows stepped per tick, GPU utilisation samples, CPU seconds per second by process,
-    LLM listen prefills and, across an engine core's socket, each side's messages per write and the
-    messages it sent."""
+    LLM listen prefills, the ASR's captured steady steps and those of them decoded again (``asr_steps``)
+    and, across an engine core's socket, each side's messages per write and the messages it sent."""
     p99, worst = _quantile(lags, 0.99) or 0.0, max(lags, default=0.0)
     stepped = {role: [r for r in counts if r] for role, counts in rows.items()}
     return {
@@ -198,6 +200,7 @@ def concurrency_row(n: int, *, lags: list[float], underruns: int, v2v: list[floa
         "wire_messages_per_write": wire,
         "wire_messages_per_session_s": None if messages is None else
         {side: round(m / n / wall, 1) for side, m in messages.items()},
+        "asr_decoded_again": round(asr_steps[1] / asr_steps[0], 3) if asr_steps and asr_steps[0] else None,
         "wall_s": round(wall, 1)}
 
 
@@ -211,6 +214,7 @@ def print_row(row: ConcurrencyRow) -> None:
           + (f", GPU busy {row['gpu_busy']:.0%}" if row["gpu_busy"] is not None else "")
           + f", listens {row['listen_prefills_per_session_s']}/session/s"
           + (f", wire messages/session/s {row['wire_messages_per_session_s']}" if row["wire_messages_per_session_s"] else "")
+          + (f", ASR steps decoded again {row['asr_decoded_again']:.1%}" if row["asr_decoded_again"] is not None else "")
           + " -> "
           f"{'real time' if row['real_time'] else 'NOT real time'}", flush=True)
 
@@ -237,14 +241,16 @@ async def sweep(measure: Callable[[int], Awaitable[Row]], max_sessions: int,
 def engine_ticks(stages: Any, since: dict[str, int] | None = None) -> dict[str, Any]:
     """Each engine's tick count now (``counts``), the times (ms) and rows stepped of the ticks run
     since the counts in ``since`` (``ticks``, ``rows``, by engine) and the LLM's listen count
-    (``listens``, None without a counter). The engine core process answers the same for its stages,
-    with its side of the socket's message and write counts (``wire``)."""
+    (``listens``, None without a counter), and the ASR's captured steady steps and those of them
+    decoded again (``asr_steps``, counts so far). The engine core process answers the same for its
+    stages, with its side of the socket's message and write counts (``wire``)."""
     schedulers = _schedulers(stages)
     ran = {role: s.ticks_since(since[role]) for role, s in schedulers.items() if since is not None and role in since}
     return {"counts": {role: s.ticks for role, s in schedulers.items()},
             "ticks": {role: [1e3 * tick.seconds for tick in ticks] for role, ticks in ran.items()},
             "rows": {role: [tick.rows for tick in ticks] for role, ticks in ran.items()},
-            "listens": getattr(stages.llm, "listens", None)}
+            "listens": getattr(stages.llm, "listens", None),
+            "asr_steps": (getattr(stages.asr, "steady_steps", 0), getattr(stages.asr, "redecoded", 0))}
 
 
 def per_write(start: dict[str, int], end: dict[str, int]) -> float:
@@ -277,9 +283,10 @@ async def engine_probe(agent: Agent, workers: bool = False) -> Callable[[], Awai
             totals = {"core": (start["wire"], end["wire"]), "frontend": (start["frontend"], end["frontend"])}
             wire = {side: per_write(*totals[side]) for side in sides}
             messages = {side: totals[side][1]["messages"] - totals[side][0]["messages"] for side in sides}
+        (steps0, again0), (steps, again) = start["asr_steps"], end["asr_steps"]
         return {"ticks": end["ticks"], "rows": end["rows"],
                 "listens": None if listens is None or listens0 is None else listens - listens0, "wire": wire,
-                "messages": messages}
+                "messages": messages, "asr_steps": (steps - steps0, again - again0)}
 
     return since
 

@@ -96,6 +96,7 @@ def test_every_stage_answers_across_the_process_boundary_as_in_one_process(jfk16
             assert 2 <= feeds["asr"] <= blocks // 4, feeds  # a chunk is 80 ms or longer: 4 blocks or more
             seen = await probe()  # the benches read the core's engines across the boundary
             assert seen["ticks"]["llm"] and seen["ticks"]["tts"] and isinstance(seen["listens"], int)
+            assert seen["asr_steps"] == (0, 0)  # the CPU's ASR decodes eagerly: no captured steady step
             assert seen["wire"]["core"] >= 1 and seen["wire"]["frontend"] >= 1  # messages per socket write
             assert seen["messages"]["frontend"] >= sum(feeds.values()) and seen["messages"]["core"] > 0
             # a reply closed half-way: the TTS's synthesis and the LLM's reply end in the core too

@@ -38,3 +38,14 @@ def test_simulate_tiny_runs_all_real_stages(jfk_path, tmp_path, capsys):
     assert user["role"] == "user" and user["text"] == turn["text"]
     assert agent["role"] == "assistant" and agent["heard"]
     assert agent["heard"] == " ".join(w["text"] for w in agent["words"][: len(agent["heard"].split())])
+
+
+def test_a_sweep_row_gives_the_share_of_asr_steps_decoded_again():
+    """A concurrency row says which share of the ASR's captured steady steps decoded their chunk again
+    (more labels than the step's label steps make room for), and None where no step was captured."""
+    from duplex.e2e import concurrency_row
+
+    common = dict(lags=[0.01], underruns=0, v2v=[], ticks={}, rows={}, gpu=[], cpu_s_per_s={}, listens=None, wall=2.0)
+    assert concurrency_row(2, asr_steps=(40, 3), **common)["asr_decoded_again"] == 0.075
+    assert concurrency_row(2, asr_steps=(0, 0), **common)["asr_decoded_again"] is None
+    assert concurrency_row(2, **common)["asr_decoded_again"] is None
