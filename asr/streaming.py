@@ -407,13 +407,13 @@ class StreamingASR:
         x = pre_encode(self.nemo.encoder, self.plan, self._mel_in[:b].to(self.dtype), first=True)[:, self.plan.drop:]
         slots = self._slots_in[:b]
         encoded, encoder = self.layers.encode(x, slots)
-        encoded = self._encoded_out[:b].copy_(encoded)  # where the decoding again reads it (one small copy)
         labels, decoder, looped = None, None, False
         if isinstance(self.decoder, RNNTGreedy):
             # captured (or rehearsed for a check), a fixed number of label steps that loop over labels;
             # eager, frame by frame, each frame stopping at its first blank (a host sync a label step)
             looped = self.graphs.graphs_enabled or self.graphs.rehearse
             if looped:
+                encoded = self._encoded_out[:b].copy_(encoded)  # where the decoding again reads it (one small copy)
                 labels, decoder = self.decoder.loop_labels(encoded, slots, self._valid_in[:b], self.label_steps)
             else:
                 labels, decoder = self.decoder.labels(encoded, slots, self._valid_in[:b], static=False)

@@ -150,7 +150,7 @@ class Engine:
             floats=Staged((2, slots), torch.float32, self.device, fill=1.0),
             out=torch.zeros(slots, dtype=torch.long, device=self.device),
             logits=torch.zeros(slots, rows, dtype=torch.float32, device=self.device))
-        self._last_step: dict[int, int] = {}  # row -> its batch position in the latest decode step
+        self._last_step: set[int] = set()  # rows of the latest decode step (each row its batch position)
         # where a launched step leaves its sampled ids (pinned: the copy runs as the step ends)
         self._readback = Readback((slots,), torch.long, self.device)
         self._pre = _PrefillBuffers(
@@ -483,7 +483,7 @@ class Engine:
         self._buf.floats.push(bucket)
         self.graphs.run(n, max(r.slot.length for r in requests) + 1)
         end = self._readback.queue(self._buf.out, bucket)
-        self._last_step = {row: row for row in rows}
+        self._last_step = set(rows)
         return Launched(rows, end)
 
     def collect(self, launched: Launched) -> list[int]:
@@ -499,7 +499,7 @@ class Engine:
             raise RuntimeError("this engine keeps no logits: make it with keep_logits=True")
         if slot.row not in self._last_step:
             raise RuntimeError(f"LLM slot {slot.row} took no part in the latest decode step")
-        return self._buf.logits[self._last_step[slot.row]].clone()
+        return self._buf.logits[slot.row].clone()
 
     def _prepare(self, b: int) -> None:
         """Harmless inputs for batch positions ``0..b-1``: every one writes only the scratch row's scratch

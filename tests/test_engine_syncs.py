@@ -45,19 +45,15 @@ def syncs_per_tick() -> dict[str, list[tuple[int, int]]]:
             model.scheduler.ahead = model.run_ahead.hooks  # their steps run ahead, as on a GPU
         asr = agent.stages.asr
         asr.graphs.rehearse = True
-
-        def again() -> int:
-            return asr.redecoded
-
         for role, scheduler in _schedulers(agent.stages).items():
             def counted(plan, _tick=scheduler._tick, _role=role):
                 if plan.urgent or plan.batches or plan.jobs or not plan.rows:
                     return _tick(plan)
                 assert threading.current_thread() is not threading.main_thread()
-                before = again()
+                before = asr.redecoded
                 with HostSyncs() as syncs:
                     out = _tick(plan)
-                found[_role].append((len(syncs.counts), again() - before if _role == "asr" else 0))
+                found[_role].append((len(syncs.counts), asr.redecoded - before if _role == "asr" else 0))
                 return out
 
             scheduler._tick = counted
