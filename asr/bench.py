@@ -22,6 +22,10 @@ as ``lab/fr``):
 - ``ops_per_step`` / ``layers``: the kernels one steady step launches as a GPU captures it (its fixed
   number of label steps; ``StreamingASR.ops_per_step``, the count the kernel-budget test holds)
   and the conformer layers they run through;
+- ``flush_ms`` / ``flush_eager_ms`` / ``flush_frames`` / ``flush_ops`` (``flush``): an endpoint's flush
+  of a stream half a chunk past its last one (the encoder frames it holds), captured (one replay; None
+  where not captured: the CPU, ``--no-graphs``) and eager, median ms, and the kernels of the captured
+  one (counted eagerly, on the CPU too);
 - ``redecoded`` (``again``): the share of the captured steady steps whose chunk emitted more labels
   than their label steps make room for, so that the second captured step decoded it again (None
   and ``-`` where no step was captured: the CPU, ``--no-graphs``).
@@ -59,7 +63,7 @@ def run(args: argparse.Namespace) -> dict:
           f"{torch.get_num_threads()} torch threads (built in {time.perf_counter() - t0:.0f} s)")
     header = (f"{'context':>8} {'chunk':>7} " + " ".join(f"{'step@' + str(b):>9}" for b in batches)
               + f" {'RTF@1':>6} {'live':>6} " + " ".join(f"{'rt@' + str(b):>6}" for b in batches)
-              + f" {'nemo':>9} {'nemoRTF':>7} {'lab/fr':>6} {'ops':>6} {'again':>6}")
+              + f" {'nemo':>9} {'nemoRTF':>7} {'lab/fr':>6} {'ops':>6} {'again':>6}  flush (captured/eager)")
     print(header)
     rows: dict[str, dict] = {}
     for context in contexts:
@@ -70,9 +74,16 @@ def run(args: argparse.Namespace) -> dict:
               + f" {row['rtf']:>6.3f} {row['live_rtf']:>6.3f} "
               + " ".join(f"{row['rt_streams'][b]:>6.1f}" for b in batches)
               + f" {row['nemo_step_ms']:>7.1f}ms {row['nemo_rtf']:>7.3f} {row['labels_per_frame']:>6.2f}"
-              + f" {row['ops_per_step']:>6} {_share(row['redecoded'])}", flush=True)
+              + f" {row['ops_per_step']:>6} {_share(row['redecoded'])} {_flush(row)}", flush=True)
     return {"device": device, "model": type(model).__name__, "params_m": round(params, 1),
             "torch_threads": torch.get_num_threads(), "contexts": rows}
+
+
+def _flush(row: dict) -> str:
+    """The flush column: its frames, the captured and eager times, the captured kernels."""
+    captured = "-" if row["flush_ms"] is None else f"{row['flush_ms']:.1f}"
+    return (f"{row['flush_frames']} fr {captured}/{row['flush_eager_ms']:.1f} ms"
+            + ("" if row["flush_ops"] is None else f", {row['flush_ops']} kernels captured"))
 
 
 def _share(part: float | None) -> str:
@@ -127,6 +138,7 @@ async def _measure_on_worker(asr, model, context, device: str, batches, seconds:
         step_ms[b] = 1000 * statistics.median(times)
         labels, frames = labels + n_labels, frames + n_frames
     live_rtf = await _live(asr, audio[: int(16000 * seconds)])
+    flush = await run(_flush_ms, asr, audio, device, 5 if len(batches) < 3 else 10)
     try:  # a reference only: NeMo's own step must not sink the benchmark (say, in bf16 on a GPU)
         nemo_ms = await run(_nemo_step_ms, model, context, audio, steps)
     except Exception as exc:  # noqa: BLE001
@@ -144,6 +156,7 @@ async def _measure_on_worker(asr, model, context, device: str, batches, seconds:
         "labels_per_frame": labels / max(frames, 1),
         "ops_per_step": ops,
         "redecoded": asr.redecoded / asr.steady_steps if asr.steady_steps else None,
+        **flush,
         "layers": len(model.encoder.layers),
     }
 
@@ -166,6 +179,42 @@ def _timed_steps(asr, batch: int, audio, steps: int, device: str) -> tuple[list[
         labels += sum(len(r.tokens) for r in results)
         frames += len(results) * asr.plan.out
     return times, labels, frames
+
+
+def _flush_ms(asr, audio, device: str, reps: int) -> dict:
+    """An endpoint's flush (the audio after a stream's last chunk, encoded provisionally and decoded)
+    of a stream three chunks in and half a chunk more: its encoder frames (``flush_frames``), the
+    median time of ``reps`` flushes captured (``flush_ms``; None where the flush is not captured) and
+    eager (``flush_eager_ms``), and the kernels of the captured one (``flush_ops``)."""
+    from duplex.asr.streaming import SessionState
+
+    state = SessionState(slot=0)
+    state.audio.append(audio[:asr.spec.samples_needed(asr.plan.mel_for_chunks(4)) + int(8000 * asr.chunk_seconds)])
+    while asr.chunk_ready(state):
+        asr._step([state])
+    skip = state.skip_until
+    pending = asr.spec.offline_frames(state.audio.fed) - state.n_mel
+    frames = asr._subsample([state], asr._new_mel([state], [pending]))[0][0].size(0)  # what the flush encodes
+
+    def median_ms(eager: bool) -> float:
+        asr.flushes.eager, times = eager, []
+        for _ in range(reps):
+            state.skip_until = skip  # the same frames each time (a flush marks them done)
+            _sync(device)
+            t0 = time.perf_counter()
+            asr._flush(state)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(times)
+
+    try:
+        eager_ms = median_ms(True)
+        captured_ms = median_ms(False) if asr.flushes.captured else None
+    finally:
+        asr.flushes.eager = False
+    captured = frames in asr.flushes.lengths
+    return {"flush_frames": frames, "flush_ms": captured_ms, "flush_eager_ms": eager_ms,
+            "flush_ops": asr.ops_per_flush(frames) if captured else None}
 
 
 async def _live(asr, audio) -> float:

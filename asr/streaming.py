@@ -146,6 +146,26 @@ class StreamingASR:
         self._redecoded: dict[int, tuple[torch.Tensor, Commit]] = {}  # per bucket: what its step made
         self.steady_steps = 0  # steady steps decoded in the captured step, and of them those decoded again
         self.redecoded = 0
+        # An endpoint's flush (the audio after a stream's last chunk, encoded provisionally and decoded)
+        # is on the path from the end of speech to the final transcript: captured per number of
+        # encoder frames (1 .. the caches' room) at batch 1, its decoding looping over labels as the
+        # steady step's does (RNNT heads and the cached-keys encoder; others flush eagerly).
+        self._flush_room = self.label_steps - self.plan.out  # label steps beyond one per frame
+        self.flushes = BucketedStep(f"{name} flush", self._flush_fn, (1,), self._flush_lengths(), device=device,
+                                    graphs=graphs)
+        # a flush with more labels than that is decoded again, frame by frame (a second captured step
+        # per length, reading the first one's encoder output from a static buffer)
+        self.flushes_again = BucketedStep(f"{name} flush decoding", self._flush_again_fn, (1,),
+                                          self._flush_lengths(), device=device, graphs=graphs)
+        room = max(self.layers.pool.room if self.fast else 0, 1)
+        self._flush_x = torch.zeros(1, room, int(model.encoder.d_model), dtype=self.dtype, device=device)
+        self._flush_slot = torch.full((1,), self._scratch, dtype=torch.int64, device=device)
+        self._flush_valid = torch.zeros(1, room, dtype=torch.bool, device=device)
+        self._flush_encoded = torch.zeros(1, int(model.encoder._feat_out), room, dtype=self.dtype, device=device)
+        self._flushed: dict[int, torch.Tensor] = {}  # per length: the labels of its step, and of its second
+        self._flushed_again: dict[int, torch.Tensor] = {}
+        self.captured_flushes = 0  # flushes decoded by their captured step, and of them those decoded again
+        self.flushes_decoded_again = 0
         if device.startswith("cuda"):
             torch.cuda.synchronize()  # the worker thread runs on a stream of its own
         # The step commits every session's state only once the whole batch has run, so the scheduler
@@ -235,7 +255,7 @@ class StreamingASR:
             # the pools move: the captured steps would read the old ones
             log.warning("%d ASR sessions at once exceed the %d the encoder step was captured for; it runs "
                         "eagerly from now on", top, self._scratch)
-            for step in (self.graphs, self.redecode):
+            for step in (self.graphs, self.redecode, self.flushes, self.flushes_again):
                 step.reset()
                 step.graphs_enabled = False
         self.layers.pool.grow(top)
@@ -427,6 +447,64 @@ class StreamingASR:
         self._redecoded[b] = self.decoder.labels(self._encoded_out[:b], self._slots_in[:b], self._valid_in[:b],
                                                  static=True)
 
+    def _flush_lengths(self) -> tuple[int, ...]:
+        """The flush lengths (encoder frames) captured: every one the cached-keys encoder takes, for an
+        RNNT head; none otherwise (the flush then runs eagerly, as on the CPU)."""
+        if not (self.fast and isinstance(self.decoder, RNNTGreedy)):
+            return ()
+        return tuple(range(1, self.layers.pool.room + 1))
+
+    def _flush_captured(self, frames: int) -> bool:
+        """Whether a flush of ``frames`` encoder frames runs its captured step (or its rehearsal; not when
+        a benchmark sets ``flushes.eager`` to compare with the eager flush)."""
+        return (self.fast and isinstance(self.decoder, RNNTGreedy) and frames in self.flushes.lengths
+                and (self.flushes.captured or self.flushes.rehearse) and not self.flushes.eager)
+
+    def flush_label_steps(self, frames: int) -> int:
+        """Label steps of the captured flush of ``frames`` encoder frames: one per frame and the steady
+        step's room for labels, in proportion to the frames (at least ``MIN_LABEL_ROOM``, or the
+        steady room if less; at most every label step of every frame)."""
+        assert isinstance(self.decoder, RNNTGreedy)
+        room = max(min(MIN_LABEL_ROOM, self._flush_room), math.ceil(self._flush_room * frames / self.plan.out))
+        return max(1, min(frames + room, frames * self.decoder.max_symbols))
+
+    def _flush_fn(self, b: int, frames: int) -> None:
+        """The captured flush of ``frames`` encoder frames (batch 1): the static frames encoded from the
+        stream's caches (nothing committed) and decoded from its decoding state by label looping; the
+        encoder output and the labels are kept for :meth:`_flush` (a replay refills the same tensors)."""
+        assert isinstance(self.decoder, RNNTGreedy)
+        encoded, _ = self.layers.encode(self._flush_x[:, :frames], self._flush_slot)  # provisional
+        encoded = self._flush_encoded[:, :, :frames].copy_(encoded)  # where the decoding again reads it
+        labels, _ = self.decoder.loop_labels(encoded, self._flush_slot, self._flush_valid[:, :frames],
+                                             self.flush_label_steps(frames))
+        self._flushed[frames] = labels
+
+    def _flush_again_fn(self, b: int, frames: int) -> None:
+        """The second captured flush step of ``frames`` frames: the first one's encoder output decoded
+        again with every label step of every frame (:meth:`RNNTGreedy.labels`, static), for a flush that
+        emitted more labels than the first one's label steps make room for."""
+        assert isinstance(self.decoder, RNNTGreedy)
+        self._flushed_again[frames], _ = self.decoder.labels(
+            self._flush_encoded[:, :, :frames], self._flush_slot, self._flush_valid[:, :frames], static=True)
+
+    def _prepare_flush(self, b: int) -> None:
+        """Harmless inputs for the flush step: no frames valid, on the scratch slot."""
+        self._flush_x.zero_()
+        self._flush_slot.fill_(self._scratch)
+        self._flush_valid.fill_(False)
+
+    def ops_per_flush(self, frames: int) -> int:
+        """Kernels the captured flush of ``frames`` encoder frames launches (as a GPU captures it), counted
+        eagerly; call it after :meth:`warm_up`."""
+        import torch
+
+        made = dict(self._flushed)  # a captured length's outputs are the tensors its replays refill: kept
+        try:
+            with torch.no_grad():
+                return self.flushes.ops(self._prepare_flush, 1, frames)
+        finally:
+            self._flushed = made
+
     async def warm_up(self, progress: Callable[[str], None] | None = None) -> None:
         """Capture the steady encoder step for every batch bucket (CUDA graphs; nothing on the CPU),
         on the engine's own thread, before the first session needs it."""
@@ -463,22 +541,52 @@ class StreamingASR:
                 prepare(1)
                 steady = pre_encode(self.nemo.encoder, self.plan, self._mel_in[:1].to(self.dtype), first=True)
                 self.layers.prepare(steady[:, self.plan.drop:])
-            steps = [self.graphs]
+            steps = [(self.graphs, prepare)]
             if isinstance(self.decoder, RNNTGreedy) and self.label_steps < self.plan.out * self.decoder.max_symbols:
-                steps.append(self.redecode)  # a chunk may emit more labels than the loop's steps
+                steps.append((self.redecode, prepare))  # a chunk may emit more labels than the loop's steps
             try:
-                for step in steps:  # the decoding again reads what the steady step wrote: captured after it
+                for step, ready in steps:  # the decoding again reads what the steady step wrote: captured after it
                     step.rehearse = self.graphs.rehearse
-                    step.capture(prepare, progress)
+                    step.capture(ready, progress)
             except Exception as exc:  # a module that cannot be captured on this machine: run eagerly
                 if not self.graphs.graphs_enabled:
                     raise
                 log.exception("%s: capturing the steady step failed; it runs eagerly", self.graphs.name)
                 if progress is not None:
                     progress(f"{self.graphs.name}: capture failed ({type(exc).__name__}: {exc}); running eagerly")
-                for step in (self.graphs, self.redecode):
+                for step in (self.graphs, self.redecode, self.flushes, self.flushes_again):
                     step.reset()
                     step.graphs_enabled = False
+                return
+            if self.fast and isinstance(self.decoder, RNNTGreedy):
+                self._capture_flushes(progress)
+
+    def _capture_flushes(self, progress: Callable[[str], None] | None) -> None:
+        """Capture the flush of every length (the steady step's capture went well); one that fails
+        leaves the flushes eager and the steady step captured."""
+        lengths = []
+        for frames in self.flushes.lengths:  # positions and masks of every flush length, made now
+            try:
+                self.layers.prepare(self._flush_x[:, :frames])
+                lengths.append(frames)
+            except ValueError:  # an attention context this many frames cannot take: never flushed so
+                pass
+        self.flushes.lengths = self.flushes_again.lengths = tuple(lengths)
+        if not lengths:
+            return
+        try:
+            for step in (self.flushes, self.flushes_again):  # the second reads what the first wrote
+                step.rehearse = self.graphs.rehearse
+                step.capture(self._prepare_flush, progress)
+        except Exception as exc:
+            if not self.flushes.graphs_enabled:
+                raise
+            log.exception("%s: capture failed; endpoints flush eagerly", self.flushes.name)
+            if progress is not None:
+                progress(f"{self.flushes.name}: capture failed ({type(exc).__name__}: {exc}); flushing eagerly")
+            for step in (self.flushes, self.flushes_again):
+                step.reset()
+                step.graphs_enabled = False
 
     def _flush(self, state: SessionState) -> StepResult:
         """Decode what the stream holds beyond its last chunk, provisionally, then reset decoding.
@@ -498,11 +606,26 @@ class StreamingASR:
             if pending > 0:
                 mel = self._new_mel([state], [pending])
                 x = self._subsample([state], mel)[0][0].unsqueeze(0)
-                if x.size(1) > 0:
-                    encoded, _ = self.layers.encode(x, slots)  # provisional: the caches are not advanced
-                    found = self.decoder.decode(encoded, slots, self._valid([state], x.size(1)))[0][0]
+                frames = x.size(1)
+                if frames > 0:
+                    valid = self._valid([state], frames)
+                    found: Tokens | None
+                    if self._flush_captured(frames):  # one replay, one host sync
+                        self._flush_x[:, :frames] = x
+                        self._flush_slot.fill_(state.slot)
+                        self._flush_valid[:, :frames] = valid
+                        self.flushes.run(1, frames)
+                        self.captured_flushes += 1
+                        found = RNNTGreedy.loop_tokens(self._flushed[frames])[0]
+                        if found is None:  # more labels than its label steps: decoded again, a second sync
+                            self.flushes_decoded_again += 1
+                            self.flushes_again.run(1, frames)
+                            found = RNNTGreedy.tokens(self._flushed_again[frames])[0]
+                    else:
+                        encoded, _ = self.layers.encode(x, slots)  # provisional: the caches are not advanced
+                        found = self.decoder.decode(encoded, slots, valid)[0][0]
                     tokens = [(state.n_enc + t, k) for t, k in found]
-                    state.skip_until = max(state.skip_until, state.n_enc + x.size(1))
+                    state.skip_until = max(state.skip_until, state.n_enc + frames)
             self.decoder.reset(slots)
             return StepResult(tokens, state.audio.fed)
 

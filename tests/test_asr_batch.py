@@ -107,6 +107,48 @@ async def test_the_captured_decoding_gives_the_tokens_of_the_eager_one(tiny_nemo
     await asr.aclose()
 
 
+@pytest.mark.parametrize("context", [(70, 0), (70, 6)], ids=lambda c: f"{c[0]}-{c[1]}")
+async def test_the_captured_flush_gives_the_tokens_of_the_eager_one(tiny_nemo, jfk16, context):
+    """An endpoint's flush as a GPU captures it (rehearsed on the CPU: the frames after the stream's
+    last chunk encoded and decoded by label looping, one step per number of frames) gives the tokens,
+    at the frames, of the eager flush (frame by frame, each frame stopping at its first blank): at
+    cuts 40 ms apart over a chunk and more, so every number of frames a stream holds is flushed, and
+    flushed again 0.3 s later (the frames the first flush covered are skipped). With little room for
+    labels, some flushes emit more than their label steps allow: decoded again, exactly. Both occur."""
+    from duplex.asr.streaming import StreamingASR
+
+    out, more = {(70, 0): (1, 1), (70, 6): (7, 4)}[context]  # encoder frames per chunk, room for labels
+    captured = StreamingASR(tiny_nemo, context=context, decoder="rnnt", max_batch=2, label_steps=out + more)
+    captured.graphs.rehearse = True  # each capture call made as a GPU makes it at load, then used
+    await captured.warm_up()
+    assert captured.flushes.lengths == tuple(range(1, 2 * out + 2))  # every length the caches take
+    lengths: list[int] = []
+    run = captured.flushes.run
+    captured.flushes.run = lambda rows, needed: lengths.append(needed) or run(rows, needed)
+    eager = StreamingASR(tiny_nemo, context=context, decoder="rnnt", max_batch=2)
+    await eager.warm_up()
+    logs = {asr: TokenLog(asr) for asr in (captured, eager)}
+    found: dict[StreamingASR, list] = {captured: [], eager: []}
+    for k in range(16):
+        cut = 16000 + 640 * k
+        for asr in (captured, eager):  # one after the other: the two share the NeMo model
+            stream = asr.new_stream()
+            await stream_all(stream, packets(jfk16[:cut], seed=k))
+            finals = await stream.endpoint()
+            await stream_all(stream, packets(jfk16[cut:cut + 4800], seed=k + 1))
+            finals += await stream.endpoint()
+            # (taken out of the log: a later stream's state may be given the same id)
+            found[asr].append(([f.text for f in finals], logs[asr].tokens.pop(id(stream.state), None)))
+            await stream.aclose()
+    assert found[captured] == found[eager]
+    assert captured.captured_flushes == len(lengths) >= 24 and eager.captured_flushes == 0
+    assert len(set(lengths)) >= min(out, 4), sorted(set(lengths))
+    assert 0 < captured.flushes_decoded_again < captured.captured_flushes
+    assert sum(kind == "flush" for _, tokens in found[eager] for kind, _, _ in tokens or []) >= 10
+    await captured.aclose()
+    await eager.aclose()
+
+
 @pytest.mark.parametrize("where", ["pre-encode", "decoder"])
 async def test_a_failing_session_ends_alone_and_the_others_stay_exact(tiny_nemo, jfk16, where):
     """Three sessions share ASR steps; from its fourth chunk on, C's step fails: its pre-encode cache

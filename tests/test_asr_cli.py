@@ -53,7 +53,9 @@ def test_transcribe_other_rates_and_bad_options(tmp_path, jfk16, capsys):
 
 def test_bench_smoke(tmp_path, capsys, tiny_nemo):
     """`duplex bench asr --quick` runs end to end (on the tiny model here) and returns, per latency,
-    step times at batch 1 and 8, RTF, real-time stream counts, the live path's RTF and NeMo's step."""
+    step times at batch 1 and 8, RTF, real-time stream counts, the live path's RTF and NeMo's step,
+    and an endpoint's flush: its frames, its eager time and the captured one's kernels (no time for
+    the captured one on the CPU, where nothing is captured)."""
     from duplex.asr.bench import run
 
     args = build_parser().parse_args(["bench", "asr", "--profile", "tiny", "--quick", "--device", "cpu",
@@ -66,4 +68,6 @@ def test_bench_smoke(tmp_path, capsys, tiny_nemo):
         assert set(row["step_ms"]) == {1, 8} and all(v > 0 for v in row["step_ms"].values())
         assert np.isclose(row["rtf"], row["step_ms"][1] / row["chunk_ms"])
         assert row["live_rtf"] > 0 and row["nemo_step_ms"] > 0
+        assert row["flush_frames"] >= 1 and row["flush_eager_ms"] > 0 and row["flush_ms"] is None
+        assert row["flush_ops"] > row["layers"] * 20
     assert "[70,6]" in capsys.readouterr().out

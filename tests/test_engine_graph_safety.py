@@ -292,15 +292,17 @@ def test_tts_segment_pass_replays(make_engine, voice_a):
 
 def test_asr_steady_encoder_step_replays(tiny_nemo, jfk16):
     """The ASR's steady step (subsampling, conformer layers and label-looping decoding of every later
-    chunk) and its second step (the frame-looping decoding of a chunk with more labels than the
-    first step's label steps, here one), for sessions that start at different times (so first and
-    steady chunks share ticks), end utterances (flushes) and leave: every call of a bucket runs the
-    same ops on the same buffers, and none is forbidden."""
+    chunk), its second step (the frame-looping decoding of a chunk with more labels than the
+    first step's label steps, here one) and the captured flush of an endpoint (with its second step,
+    the same for a flush), for sessions that
+    start at different times (so first and steady chunks share ticks), end utterances (flushes) and
+    leave: every call of a bucket runs the same ops on the same buffers, and none is forbidden."""
     from duplex.asr.streaming import StreamingASR
     from asr_fixtures import packets, stream_all
 
     asr = StreamingASR(tiny_nemo, context=(70, 0), max_batch=4, label_steps=1)
     trace, again = StepTrace(asr.graphs), StepTrace(asr.redecode)
+    flush, flush_again = StepTrace(asr.flushes), StepTrace(asr.flushes_again)
     asr.graphs.rehearse = True  # first, each bucket's call as a GPU captures it at load
 
     async def main():
@@ -324,11 +326,17 @@ def test_asr_steady_encoder_step_replays(tiny_nemo, jfk16):
     finally:
         trace.restore()
         again.restore()
+        flush.restore()
+        flush_again.restore()
     assert trace.repeated >= 20 and len(trace.calls) >= 2 and trace.fewest_ops > 50
     assert trace.problems() == []
     assert 0 < asr.redecoded < asr.steady_steps
     assert again.repeated >= 5 and again.fewest_ops > 20
     assert again.problems() == []
+    assert asr.captured_flushes == 3 and flush.repeated >= 3 and flush.fewest_ops > 50, (flush.repeated,)
+    assert flush.problems() == []
+    assert asr.flushes_decoded_again >= 1 and flush_again.fewest_ops > 20
+    assert flush_again.problems() == []
 
 
 def test_vad_step_replays(jfk16):

@@ -195,3 +195,30 @@ def test_the_asr_steady_step_stays_within_its_kernel_budget(tiny_nemo):
         assert captured and all(asr._encoded[b] is step for b, step in captured.items())
     finally:
         asr.close()
+
+
+def test_the_asr_captured_flush_stays_within_its_kernel_budget(tiny_nemo):
+    """An endpoint's flush as a GPU captures it (the frames after the last chunk through every conformer
+    layer, then the label-looping decoding) costs, for every number of frames, at most the steady
+    step's budgets: ASR_LAYER_BUDGET per layer, ASR_LABEL_STEP_BUDGET per label step and
+    ASR_FIXED_BUDGET more, in one replay where the eager flush launched each kernel and waited for the
+    device at every label step; counting leaves the captured outputs where their replays write."""
+    import asyncio
+
+    from duplex.asr.streaming import StreamingASR
+
+    asr = StreamingASR(tiny_nemo, context=(70, 6), max_batch=2)
+    try:
+        asr.graphs.rehearse = True
+        asyncio.run(asr.warm_up())
+        captured = dict(asr._flushed)
+        layers = len(tiny_nemo.encoder.layers)
+        counts = {frames: asr.ops_per_flush(frames) for frames in asr.flushes.lengths}
+        print("asr captured flush, ops by encoder frames:", counts)
+        assert len(counts) == 2 * asr.plan.out + 1
+        for frames, ops in counts.items():
+            budget = layers * ASR_LAYER_BUDGET + asr.flush_label_steps(frames) * ASR_LABEL_STEP_BUDGET + ASR_FIXED_BUDGET
+            assert ops <= budget, (frames, ops, budget)
+        assert captured and all(asr._flushed[n] is out for n, out in captured.items())
+    finally:
+        asr.close()

@@ -5,9 +5,11 @@ least moved by other work); compare revisions by running this in alternation, on
 ``--codec`` times the frame step's codec decode instead, on the full-size Mimi (random weights, its
 250-position attention window full), at batch 1, 8 and 32; ``--asr`` the ASR's steady step on the
 full-size FastConformer (random weights, two torch threads), at contexts [70,0] and [70,6], batch 1
-and 8.
+and 8; ``--flush`` counts the kernels of an endpoint's flush on that model at [70,6], eager against
+captured, over the speech of duplex/data/jfk.flac cut at points 0.125 s apart (no timing: what a
+flush costs a GPU is its host launches and syncs eager, one replay captured).
 
-    .venv/bin/python tools/step-time.py [--steps 150] [--codec | --asr]
+    .venv/bin/python tools/step-time.py [--steps 150] [--codec | --asr | --flush]
 
 One torch thread, as the tests run the tiny models. Kernel counts are those of
 ``tests/test_engine_kernel_budget.py``; absolute times mean little beyond this machine.
@@ -40,6 +42,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--codec", action="store_true", help="the full-size Mimi's slot decode instead")
     parser.add_argument("--asr", action="store_true", help="the full-size FastConformer's steady step instead")
+    parser.add_argument("--flush", action="store_true", help="the full-size FastConformer's flush, eager and captured")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.codec:
@@ -47,6 +50,9 @@ def main() -> None:
         return
     if args.asr:
         asr_time(args.steps)
+        return
+    if args.flush:
+        flush_cost()
         return
 
     from duplex.llm.loader import load_checkpoint as load_llm
@@ -125,6 +131,70 @@ def asr_time(steps: int) -> None:
                   f"(torch {torch.__version__}, fastest of {steps})")
         finally:
             asr.close()
+
+
+def flush_cost() -> None:
+    """Kernels of an endpoint's flush (``StreamingASR._flush``: the audio after the last chunk encoded
+    provisionally and decoded) on the full-size FastConformer at [70,6], for streams of the jfk speech
+    cut at 2.0, 2.125, ... 3.0 s (its blank bias tuned to about 0.3 labels a frame, as ``duplex bench asr``
+    tunes it): eager, every kernel launched from the host (and a host sync each
+    label step); captured, the mel frames and subsampling launched from the host, then one replay."""
+    import asyncio
+    from pathlib import Path
+
+    from duplex.asr.streaming import StreamingASR
+    from duplex.asr.synthetic import build_random_large, tune_label_rate
+    from duplex.audio import read_audio
+    from duplex.engine.opcount import count_ops
+
+    torch.set_num_threads(2)
+    pcm, _ = read_audio(Path(__file__).parent.parent / "duplex" / "data" / "jfk.flac", 16000)
+    model = build_random_large("cpu")
+    eager, captured = (StreamingASR(model, context=(70, 6), max_batch=1) for _ in range(2))
+    model.encoder.set_default_att_context_size([70, 6])
+    with torch.no_grad():
+        rate = tune_label_rate(model)  # about 0.3 labels a frame, as speech gives (bench asr's tuning)
+    captured.graphs.rehearse = True  # the captured calls, made eagerly
+
+    async def count(asr: StreamingASR, cut: int) -> tuple[int, int]:
+        stream = asr.new_stream()
+        for i in range(0, cut, 320):
+            await stream.feed(pcm[i:min(i + 320, cut)])
+        state = stream.state
+        frames: list[int] = []
+        run = asr.flushes.run
+        asr.flushes.run = lambda rows, needed: frames.append(needed) or run(rows, needed)
+        try:
+            ops = await asr.scheduler.run(lambda: sum(count_ops(lambda: asr._flush(state)).values()))
+        finally:
+            asr.flushes.run = run
+            await stream.aclose()
+        return ops, frames[0] if frames else 0
+
+    async def main() -> None:
+        for asr in (eager, captured):
+            await asr.warm_up()
+        print(f"asr flush [70,6] (torch {torch.__version__}, {rate:.2f} labels a frame): ops launched from the host, "
+              "eager against captured")
+        totals = [0, 0, 0]
+        for k in range(9):
+            cut = 32000 + 2000 * k
+            plain, _ = await count(eager, cut)
+            again = captured.flushes_decoded_again
+            both, frames = await count(captured, cut)
+            graph = captured.ops_per_flush(frames) if frames else 0
+            note = ""
+            if captured.flushes_decoded_again > again:  # its second step: every label step of every frame
+                note = f", decoded again: a second replay of {captured.flushes_again.ops(captured._prepare_flush, 1, frames)} kernels"
+            print(f"  cut {cut / 16000:.3f} s, {frames} encoder frames: eager {plain} ops; captured {both - graph} "
+                  f"ops + one replay of {graph} kernels{note}")
+            totals = [totals[0] + plain, totals[1] + both - graph, totals[2] + graph]
+        print(f"  mean over 9 flushes: eager {totals[0] / 9:.0f} ops; captured {totals[1] / 9:.0f} ops + a replay of "
+              f"{totals[2] / 9:.0f} kernels")
+        for asr in (eager, captured):
+            await asr.aclose()
+
+    asyncio.run(main())
 
 
 if __name__ == "__main__":
