@@ -157,7 +157,7 @@ class StreamingASR:
         # per length, reading the first one's encoder output from a static buffer)
         self.flushes_again = BucketedStep(f"{name} flush decoding", self._flush_again_fn, (1,),
                                           self._flush_lengths(), device=device, graphs=graphs)
-        room = max(self.layers.pool.room if self.fast else 0, 1)
+        room = max(self.layers.pool.room if isinstance(self.layers, kv_encoder.KVEncoder) else 0, 1)
         self._flush_x = torch.zeros(1, room, int(model.encoder.d_model), dtype=self.dtype, device=device)
         self._flush_slot = torch.full((1,), self._scratch, dtype=torch.int64, device=device)
         self._flush_valid = torch.zeros(1, room, dtype=torch.bool, device=device)
@@ -450,7 +450,7 @@ class StreamingASR:
     def _flush_lengths(self) -> tuple[int, ...]:
         """The flush lengths (encoder frames) captured: every one the cached-keys encoder takes, for an
         RNNT head; none otherwise (the flush then runs eagerly, as on the CPU)."""
-        if not (self.fast and isinstance(self.decoder, RNNTGreedy)):
+        if not (isinstance(self.layers, kv_encoder.KVEncoder) and isinstance(self.decoder, RNNTGreedy)):
             return ()
         return tuple(range(1, self.layers.pool.room + 1))
 
@@ -564,6 +564,7 @@ class StreamingASR:
     def _capture_flushes(self, progress: Callable[[str], None] | None) -> None:
         """Capture the flush of every length (the steady step's capture went well); one that fails
         leaves the flushes eager and the steady step captured."""
+        assert isinstance(self.layers, kv_encoder.KVEncoder)
         lengths = []
         for frames in self.flushes.lengths:  # positions and masks of every flush length, made now
             try:
