@@ -2,7 +2,7 @@
 # Every GPU figure of the engines in one run (about 8 minutes on one H100/H200): package versions, what
 # a kernel launch, a graph-replayed kernel and a host sync cost (tools/launch-costs.py), the VAD's tick
 # (tools/vad-step-cost.py: its captured step against the TorchScript network it replaced), then
-# `duplex bench asr --quick` (the captured steady ASR step), `duplex bench llm` (Qwen2.5-1.5B, batches
+# `duplex bench asr --quick` (the captured steady ASR step and endpoint flush), `duplex bench llm` (Qwen2.5-1.5B, batches
 # 1 8 32), `duplex bench tts` (CSM-1B, batches 1 8 32 64) and `duplex bench e2e` (all three models, a
 # sweep of concurrent sessions in real time, the models in the engine core process and the sessions
 # in the bench's, as `duplex serve` splits them for many sessions), each with CUDA graphs captured and, for llm and tts,
