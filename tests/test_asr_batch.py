@@ -114,7 +114,8 @@ async def test_the_captured_flush_gives_the_tokens_of_the_eager_one(tiny_nemo, j
     at the frames, of the eager flush (frame by frame, each frame stopping at its first blank): at
     cuts 40 ms apart over a chunk and more, so every number of frames a stream holds is flushed, and
     flushed again 0.3 s later (the frames the first flush covered are skipped). With little room for
-    labels, some flushes emit more than their label steps allow: decoded again, exactly. Both occur."""
+    labels, some flushes emit more than their label steps allow: decoded again by the second captured
+    step, exactly. Both occur."""
     from duplex.asr.streaming import StreamingASR
 
     out, more = {(70, 0): (1, 1), (70, 6): (7, 4)}[context]  # encoder frames per chunk, room for labels
