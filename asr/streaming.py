@@ -457,7 +457,7 @@ class StreamingASR:
     def _flush_captured(self, frames: int) -> bool:
         """Whether a flush of ``frames`` encoder frames runs its captured step (or its rehearsal; not when
         a benchmark sets ``flushes.eager`` to compare with the eager flush)."""
-        return (self.fast and isinstance(self.decoder, RNNTGreedy) and frames in self.flushes.lengths
+        return (frames in self.flushes.lengths  # (none but for an RNNT head on the cached-keys encoder)
                 and (self.flushes.captured or self.flushes.rehearse) and not self.flushes.eager)
 
     def flush_label_steps(self, frames: int) -> int:
@@ -558,7 +558,7 @@ class StreamingASR:
                     step.reset()
                     step.graphs_enabled = False
                 return
-            if self.fast and isinstance(self.decoder, RNNTGreedy):
+            if self.flushes.lengths:
                 self._capture_flushes(progress)
 
     def _capture_flushes(self, progress: Callable[[str], None] | None) -> None:

@@ -136,8 +136,8 @@ def asr_time(steps: int) -> None:
 def flush_cost() -> None:
     """Kernels of an endpoint's flush (``StreamingASR._flush``: the audio after the last chunk encoded
     provisionally and decoded) on the full-size FastConformer at [70,6], for streams of the jfk speech
-    cut at 2.0, 2.125, ... 3.0 s (its blank bias tuned to about 0.3 labels a frame, as ``duplex bench asr``
-    tunes it): eager, every kernel launched from the host (and a host sync each
+    cut at 2.0, 2.125, ... 3.0 s (its blank bias tuned so that about 0.3 of the frames emit, as ``duplex
+    bench asr`` tunes it; random weights then emit bursts of labels, so the labels a frame are printed): eager, every kernel launched from the host (and a host sync each
     label step); captured, the mel frames and subsampling launched from the host, then one replay."""
     import asyncio
     from pathlib import Path
@@ -153,7 +153,7 @@ def flush_cost() -> None:
     eager, captured = (StreamingASR(model, context=(70, 6), max_batch=1) for _ in range(2))
     model.encoder.set_default_att_context_size([70, 6])
     with torch.no_grad():
-        rate = tune_label_rate(model)  # about 0.3 labels a frame, as speech gives (bench asr's tuning)
+        rate = tune_label_rate(model)  # labels in about 0.3 of the frames (bench asr's tuning); returns labels a frame
     captured.graphs.rehearse = True  # the captured calls, made eagerly
 
     async def count(asr: StreamingASR, cut: int) -> tuple[int, int]:
